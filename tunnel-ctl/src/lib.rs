@@ -1,0 +1,28 @@
+//! `tunnel-ctl`: the controller of the tunnel. One binary runs the daemons (server, client, MAP-E
+//! CE/BR, the monitor) and the management commands that talk to them.
+//!
+//! The library half exists so that the integration tests can load the same embedded eBPF object
+//! and speak the same management protocol as the binary.
+
+pub mod cli;
+pub mod dataplane;
+pub mod instance;
+pub mod mgmt;
+pub mod monitor;
+pub mod report;
+
+/// Resolves on SIGINT or SIGTERM and says which.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handling the default action (exit) applies; wait forever.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

@@ -1,0 +1,191 @@
+//! The management socket: one JSON object per line each way, on `/run/tunnel/INSTANCE.sock`
+//! (mode 0600, so only root can talk to a daemon).
+//!
+//! Request: `{"cmd":"stats"}`. Response: `{"ok":{...}}` or `{"error":"what went wrong"}`.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use crate::instance::{Instance, RUN_DIR};
+
+/// Longest request line a daemon accepts.
+const MAX_REQUEST: usize = 64 * 1024;
+/// How long a management command waits for a daemon's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// What the daemon is and does.
+    Status,
+    /// Counter name → value.
+    Stats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// What a daemon answers requests with.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: Request) -> Response;
+}
+
+/// The bound socket of a daemon; removes the socket file when dropped.
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the instance's socket. Fails with a clear message when another daemon of the same
+/// instance is running; removes a stale socket left by a killed one.
+pub fn bind(instance: &Instance) -> Result<Listener> {
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    let path = instance.socket_path();
+    if path.exists() {
+        if StdUnixStream::connect(&path).is_ok() {
+            bail!(
+                "instance '{}' is already running (socket {}); stop it or pick another --instance",
+                instance.name(),
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(Listener { listener, path })
+}
+
+impl Listener {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests until the task is dropped. One task per connection; a bad client only
+    /// gets an error answer.
+    pub async fn serve(&self, handler: Arc<dyn Handler>) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let handler = handler.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(stream, handler).await {
+                            debug!("management connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("management socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = TokioBufReader::new(read.take_limit()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handler.handle(request),
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+trait TakeLimit: Sized {
+    fn take_limit(self) -> tokio::io::Take<Self>;
+}
+
+impl<T: tokio::io::AsyncRead> TakeLimit for T {
+    fn take_limit(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, MAX_REQUEST as u64)
+    }
+}
+
+/// Sends one request to the daemon of `instance` and returns its answer.
+pub fn request(instance: &Instance, request: &Request) -> Result<serde_json::Value> {
+    let path = instance.socket_path();
+    let stream = StdUnixStream::connect(&path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+                "no daemon is running for instance '{}' ({} missing or stale); start one, or pass --instance",
+                instance.name(),
+                path.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied on {}: management commands need root",
+                path.display()
+            ),
+            _ => format!("connecting to {}: {e}", path.display()),
+        };
+        anyhow!(hint)
+    })?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading the answer from {}", path.display()))?;
+    if answer.is_empty() {
+        bail!("the daemon closed {} without answering", path.display());
+    }
+    match serde_json::from_str::<Response>(&answer).context("daemon sent a malformed answer")? {
+        Response::Ok(value) => Ok(value),
+        Response::Error(message) => Err(anyhow!("daemon: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes() {
+        assert_eq!(
+            serde_json::to_string(&Request::Stats).unwrap(),
+            r#"{"cmd":"stats"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Error("x".into())).unwrap(),
+            r#"{"error":"x"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"ok":{"a":1}}"#).unwrap(),
+            Response::Ok(serde_json::json!({"a": 1}))
+        );
+    }
+}

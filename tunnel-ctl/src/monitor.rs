@@ -1,0 +1,110 @@
+//! `tunnel-ctl monitor`: attaches the counting programs to interfaces and serves the counters.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Result;
+use aya::Ebpf;
+use serde_json::json;
+use tracing::{info, warn};
+use tunnel_common::names::{PROG_MONITOR_EGRESS, PROG_MONITOR_INGRESS};
+
+use crate::{
+    cli::{DirectionArg, MonitorArgs},
+    dataplane::{self, bpffs, tc::Direction},
+    instance::Instance,
+    mgmt::{self, Handler, Request, Response},
+};
+
+struct Monitor {
+    instance: Instance,
+    ebpf: Mutex<Ebpf>,
+    devs: Vec<String>,
+    directions: Vec<Direction>,
+    started: Instant,
+}
+
+impl Handler for Monitor {
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Ok(json!({
+                "role": "monitor",
+                "instance": self.instance.name(),
+                "pid": std::process::id(),
+                "uptime_s": self.started.elapsed().as_secs(),
+                "interfaces": self.devs,
+                "directions": self.directions.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+                "pin_dir": self.instance.pin_dir(),
+            })),
+            Request::Stats => {
+                let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+                match dataplane::stats::read(&ebpf) {
+                    Ok(counters) => Response::Ok(json!(counters)),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                }
+            }
+        }
+    }
+}
+
+/// Removes the instance's pins on every exit path except SIGKILL (then they keep the
+/// programs attached and the next start re-adopts them).
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(e) = bpffs::remove_pins(&self.0) {
+            warn!("removing pins: {e:#}");
+        }
+    }
+}
+
+pub async fn run(args: MonitorArgs) -> Result<()> {
+    let instance = args.instance.instance;
+    let listener = mgmt::bind(&instance)?;
+    let pin_dir = instance.pin_dir();
+    let directions = match args.direction {
+        DirectionArg::Ingress => vec![Direction::Ingress],
+        DirectionArg::Egress => vec![Direction::Egress],
+        DirectionArg::Both => vec![Direction::Ingress, Direction::Egress],
+    };
+
+    let mut ebpf = dataplane::load(&pin_dir)?;
+    let _pins = PinGuard(pin_dir.clone());
+    for dev in &args.devs {
+        for &direction in &directions {
+            let program = match direction {
+                Direction::Ingress => PROG_MONITOR_INGRESS,
+                Direction::Egress => PROG_MONITOR_EGRESS,
+            };
+            dataplane::tc::attach_pinned(&mut ebpf, program, dev, direction, &pin_dir)?;
+        }
+    }
+    info!(
+        instance = instance.name(),
+        "counting packets on {} ({}); socket {}, pins {}",
+        args.devs.join(", "),
+        directions
+            .iter()
+            .map(|d| d.as_str())
+            .collect::<Vec<_>>()
+            .join("+"),
+        listener.path().display(),
+        pin_dir.display()
+    );
+
+    let monitor = Arc::new(Monitor {
+        instance,
+        ebpf: Mutex::new(ebpf),
+        devs: args.devs,
+        directions,
+        started: Instant::now(),
+    });
+    tokio::select! {
+        () = listener.serve(monitor.clone()) => {}
+        signal = crate::shutdown_signal() => info!("{signal}: detaching and removing pins"),
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Helpers shared by the eBPF programs. The programs themselves are in `main.rs` (the `tunnel`
+//! binary, built for `bpfel-unknown-none`).
+#![no_std]
+
+pub mod stats;
