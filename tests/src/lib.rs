@@ -1,1 +1,450 @@
+//! The network-namespace lab used by the integration tests and by `cargo xtask demo`.
+//!
+//! A [`Lab`] creates uniquely named namespaces (`tnl-<pid>-<seq>-<role>`), veth pairs between
+//! them, and daemons inside them, and removes all of it when dropped: daemons stopped, namespaces
+//! deleted, BPF pins and sockets of its instances removed. Names carry the creating process's
+//! pid, so [`Lab::new`] can remove what an earlier, killed run left behind (only our own prefix,
+//! only when that pid is gone).
+//!
+//! Addresses follow SPEC §9: IPv6 2001:db8::/32, IPv4 192.0.2.0/24 (internet hosts),
+//! 198.51.100.0/24 (4over6 pool), 203.0.113.0/24 (MAP-E).
+use std::{
+    fs,
+    os::unix::{net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, Result, anyhow, bail};
+
+/// Every namespace, instance and socket the lab makes starts with this.
+pub const PREFIX: &str = "tnl";
+const NETNS_DIR: &str = "/run/netns";
+const PIN_ROOT: &str = "/sys/fs/bpf/tunnel";
+const RUN_DIR: &str = "/run/tunnel";
+/// How long a daemon gets to open its management socket.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+static STALE_CLEANUP: Once = Once::new();
+
+/// Path of the `tunnel-ctl` binary under test: `$TUNNEL_CTL`, else the workspace's
+/// `target/debug/tunnel-ctl` (`cargo xtask test` builds it and sets the variable).
+pub fn tunnel_ctl_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("TUNNEL_CTL") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tunnel-ctl"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (cargo build -p tunnel-ctl), or run cargo xtask test",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A network namespace of the lab.
+#[derive(Clone, Debug)]
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    /// A command that runs inside this namespace (network namespace only: the host's /sys,
+    /// bpffs and /run stay visible, so pins and management sockets work as on a real host).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={NETNS_DIR}/{}", self.name))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `argv` in the namespace; fails (with its stderr) if it exits non-zero.
+    pub fn run(&self, argv: &[&str]) -> Result<String> {
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+        let out = self.command(program).args(args).output()?;
+        check(&format!("[{}] {}", self.name, argv.join(" ")), out)
+    }
+
+    /// Runs `argv` and returns its output whatever the exit status.
+    pub fn output(&self, argv: &[&str]) -> Result<Output> {
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+        Ok(self.command(program).args(args).output()?)
+    }
+
+    /// `ip <args>` in the namespace.
+    pub fn ip(&self, args: &str) -> Result<String> {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args.split_whitespace())
+            .output()?;
+        check(&format!("[{}] ip {args}", self.name), out)
+    }
+
+    /// `sysctl -w key=value` in the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run(&["sysctl", "-q", "-w", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Sends `count` pings to `addr` (0.1 s apart, 2 s deadline each) and returns how many
+    /// were answered.
+    pub fn ping(&self, addr: &str, count: u32) -> Result<u32> {
+        let out = self.output(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.1",
+            "-W",
+            "2",
+            addr,
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "5 packets transmitted, 5 received, 0% packet loss, time 402ms"
+        let received = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .and_then(|l| l.split(',').nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "[{}] ping {addr}: no summary in output: {text}{}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        Ok(received)
+    }
+}
+
+fn check(what: &str, out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what}: {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A `tunnel-ctl` daemon running in a namespace; its output goes to a log file.
+pub struct Daemon {
+    pub instance: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; returns the exit status code (None when killed).
+    pub fn stop(&mut self) -> Option<i32> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.code();
+        }
+        self.signal(libc::SIGCONT);
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+/// Namespaces, veths, daemons and instances of one test or demo; all removed on drop.
+pub struct Lab {
+    id: String,
+    dir: PathBuf,
+    namespaces: Vec<Ns>,
+    daemons: Vec<Daemon>,
+    instances: Vec<String>,
+}
+
+impl Lab {
+    /// A new, empty lab. The first lab of a process also removes leftovers of killed runs.
+    pub fn new() -> Result<Lab> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the namespace lab needs root (network namespaces, BPF)");
+        }
+        STALE_CLEANUP.call_once(|| remove_leftovers(|pid| !pid_alive(pid)));
+        let pid = std::process::id();
+        let id = format!("{PREFIX}-{pid}-{}", SEQ.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(&id);
+        fs::create_dir_all(&dir)?;
+        Ok(Lab {
+            id,
+            dir,
+            namespaces: Vec::new(),
+            daemons: Vec::new(),
+            instances: Vec::new(),
+        })
+    }
+
+    /// The lab's unique id (`tnl-<pid>-<seq>`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A scratch directory removed with the lab.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates namespace `<id>-<role>` with loopback up.
+    pub fn ns(&mut self, role: &str) -> Result<Ns> {
+        let name = format!("{}-{role}", self.id);
+        run_host(&["ip", "netns", "add", &name])?;
+        let ns = Ns { name };
+        self.namespaces.push(ns.clone());
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    /// A veth pair `a_if` (in `a`) ⇄ `b_if` (in `b`), both up.
+    pub fn veth(&mut self, a: &Ns, a_if: &str, b: &Ns, b_if: &str) -> Result<()> {
+        a.ip(&format!(
+            "link add {a_if} type veth peer name {b_if} netns {}",
+            b.name
+        ))?;
+        a.ip(&format!("link set {a_if} up"))?;
+        b.ip(&format!("link set {b_if} up"))?;
+        Ok(())
+    }
+
+    /// A unique instance name `<id>-<role>`, whose pins and socket the lab removes on drop.
+    pub fn instance(&mut self, role: &str) -> String {
+        let name = format!("{}-{role}", self.id);
+        self.instances.push(name.clone());
+        name
+    }
+
+    /// Starts `tunnel-ctl <args> --instance <instance>` in `ns` and waits (bounded) until its
+    /// management socket answers. Fails with the daemon's log if it exits first.
+    pub fn spawn_daemon(&mut self, ns: &Ns, instance: &str, args: &[&str]) -> Result<&mut Daemon> {
+        if !self.instances.iter().any(|i| i == instance) {
+            self.instances.push(instance.to_owned());
+        }
+        let log = self.dir.join(format!("{instance}.log"));
+        let log_file = fs::File::create(&log)?;
+        let mut cmd = ns.command(tunnel_ctl_bin()?);
+        cmd.args(args)
+            .args(["--instance", instance])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        // If the test process dies, its daemons get SIGTERM (clean shutdown, pins removed).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning tunnel-ctl")?;
+        self.daemons.push(Daemon {
+            instance: instance.to_owned(),
+            child,
+            log,
+        });
+        let daemon = self.daemons.last_mut().expect("just pushed");
+        let socket = Path::new(RUN_DIR).join(format!("{instance}.sock"));
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                bail!(
+                    "tunnel-ctl {} exited ({status}) before serving {}:\n{}",
+                    args.join(" "),
+                    socket.display(),
+                    daemon.log()
+                );
+            }
+            if UnixStream::connect(&socket).is_ok() {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tunnel-ctl {} did not open {} within {:?}:\n{}",
+                    args.join(" "),
+                    socket.display(),
+                    DAEMON_START_TIMEOUT,
+                    daemon.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Runs a management command (`tunnel-ctl <args>`), which needs no namespace: the socket
+    /// is a path. Returns stdout; fails with stderr on a non-zero exit.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl_output(args)?;
+        check(&format!("tunnel-ctl {}", args.join(" ")), out)
+    }
+
+    /// Like [`Lab::ctl`] but returns the whole output whatever the exit status.
+    pub fn ctl_output(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(tunnel_ctl_bin()?).args(args).output()?)
+    }
+
+    /// `tunnel-ctl <cmd> --json --instance <instance>`, parsed.
+    pub fn ctl_json(&self, cmd: &str, instance: &str) -> Result<serde_json::Value> {
+        let out = self.ctl(&[cmd, "--json", "--instance", instance])?;
+        serde_json::from_str(&out).with_context(|| format!("{cmd} --json printed {out:?}"))
+    }
+
+    /// Stops every daemon (SIGTERM, then SIGKILL), deletes the namespaces, removes pins and
+    /// sockets. Called by drop; safe to call twice.
+    pub fn teardown(&mut self) {
+        for daemon in &mut self.daemons {
+            daemon.stop();
+        }
+        self.daemons.clear();
+        for ns in self.namespaces.drain(..) {
+            let _ = run_host(&["ip", "netns", "del", &ns.name]);
+        }
+        for instance in self.instances.drain(..) {
+            remove_instance_files(&instance);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn run_host(argv: &[&str]) -> Result<String> {
+    let out = Command::new(argv[0]).args(&argv[1..]).output()?;
+    check(&argv.join(" "), out)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid in a `tnl-<pid>-...` name.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?.strip_prefix('-')?;
+    rest.split('-').next()?.parse().ok()
+}
+
+fn remove_instance_files(instance: &str) {
+    let pins = Path::new(PIN_ROOT).join(instance);
+    if let Ok(entries) = fs::read_dir(&pins) {
+        for entry in entries.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        let _ = fs::remove_dir(&pins);
+    }
+    let _ = fs::remove_dir(PIN_ROOT); // only if empty
+    let _ = fs::remove_file(Path::new(RUN_DIR).join(format!("{instance}.sock")));
+}
+
+/// Removes namespaces, pins, sockets and daemons named `tnl-<pid>-...` for every pid that
+/// `owned` accepts. Used at start for dead pids, and by the demo's Ctrl-C handler for its own.
+pub fn remove_leftovers(owned: impl Fn(u32) -> bool) {
+    // Daemons first: they hold namespaces and pins.
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for entry in procs.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_ours = args.iter().any(|a| a.ends_with("tunnel-ctl"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--instance" && owner_pid(&w[1]).is_some_and(&owned));
+            if is_ours && pid as u32 != std::process::id() {
+                // SAFETY: kill(2) on a pid we just identified as a leftover daemon.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+    for dir in [NETNS_DIR, PIN_ROOT, RUN_DIR] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !owner_pid(&name).is_some_and(&owned) {
+                continue;
+            }
+            match dir {
+                NETNS_DIR => {
+                    let _ = run_host(&["ip", "netns", "del", &name]);
+                }
+                PIN_ROOT => remove_instance_files(&name),
+                _ => {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// Removes everything this process's labs made; for Ctrl-C handlers (drop does not run there).
+pub fn remove_own_leftovers() {
+    let me = std::process::id();
+    remove_leftovers(|pid| pid == me);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_only_our_prefix() {
+        assert_eq!(owner_pid("tnl-123-4-client"), Some(123));
+        assert_eq!(owner_pid("tnl-123"), Some(123));
+        assert_eq!(owner_pid("tnlx-123-4"), None);
+        assert_eq!(owner_pid("other-123-4"), None);
+        assert_eq!(owner_pid("tnl-abc-4"), None);
+    }
+}

@@ -58,8 +58,23 @@ impl Drop for Listener {
     }
 }
 
+/// Fails with a clear message when a daemon of `instance` is already running. Daemons call it
+/// before touching anything, and [`bind`] once they are ready to serve.
+pub fn ensure_not_running(instance: &Instance) -> Result<()> {
+    let path = instance.socket_path();
+    if StdUnixStream::connect(&path).is_ok() {
+        bail!(
+            "instance '{}' is already running (socket {}); stop it or pick another --instance",
+            instance.name(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Binds the instance's socket. Fails with a clear message when another daemon of the same
-/// instance is running; removes a stale socket left by a killed one.
+/// instance is running; removes a stale socket left by a killed one. Bind when ready to
+/// serve: tools wait for the socket to know that the daemon is up.
 pub fn bind(instance: &Instance) -> Result<Listener> {
     std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
     let path = instance.socket_path();

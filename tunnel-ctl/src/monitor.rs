@@ -63,7 +63,7 @@ impl Drop for PinGuard {
 
 pub async fn run(args: MonitorArgs) -> Result<()> {
     let instance = args.instance.instance;
-    let listener = mgmt::bind(&instance)?;
+    mgmt::ensure_not_running(&instance)?;
     let pin_dir = instance.pin_dir();
     let directions = match args.direction {
         DirectionArg::Ingress => vec![Direction::Ingress],
@@ -82,6 +82,7 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
             dataplane::tc::attach_pinned(&mut ebpf, program, dev, direction, &pin_dir)?;
         }
     }
+    let listener = mgmt::bind(&instance)?;
     info!(
         instance = instance.name(),
         "counting packets on {} ({}); socket {}, pins {}",

@@ -1,0 +1,98 @@
+//! The monitor daemon counts live traffic on a veth in a namespace, and `tunnel-ctl stats`
+//! reports it.
+use anyhow::Result;
+use tunnel_tests::Lab;
+
+fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats has no integer {name}: {stats}"))
+}
+
+#[test]
+fn pings_across_a_veth_are_counted() -> Result<()> {
+    const N: u32 = 20;
+    let mut lab = Lab::new()?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.veth(&a, "veth-a", &b, "veth-b")?;
+    a.ip("addr add 192.0.2.1/24 dev veth-a")?;
+    b.ip("addr add 192.0.2.2/24 dev veth-b")?;
+
+    let instance = lab.instance("mon");
+    lab.spawn_daemon(&b, &instance, &["monitor", "--dev", "veth-b"])?;
+    let before = lab.ctl_json("stats", &instance)?;
+
+    let answered = a.ping("192.0.2.2", N)?;
+    assert_eq!(answered, N, "every ping should be answered");
+
+    let after = lab.ctl_json("stats", &instance)?;
+    let rx = counter(&after, "monitor_ingress_ipv4") - counter(&before, "monitor_ingress_ipv4");
+    let tx = counter(&after, "monitor_egress_ipv4") - counter(&before, "monitor_egress_ipv4");
+    assert!(rx >= u64::from(N), "ingress IPv4 rose by {rx}, expected >= {N}");
+    assert!(tx >= u64::from(N), "egress IPv4 rose by {tx}, expected >= {N}");
+
+    let status = lab.ctl_json("status", &instance)?;
+    assert_eq!(status["role"], "monitor");
+    assert_eq!(status["interfaces"][0], "veth-b");
+    Ok(())
+}
+
+#[test]
+fn clean_stop_detaches_and_removes_pins() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.veth(&a, "veth-a", &b, "veth-b")?;
+    let instance = lab.instance("mon");
+    let pin_dir = std::path::Path::new("/sys/fs/bpf/tunnel").join(&instance);
+    let socket = std::path::Path::new("/run/tunnel").join(format!("{instance}.sock"));
+
+    let daemon = lab.spawn_daemon(&b, &instance, &["monitor", "--dev", "veth-b"])?;
+    // The pinned link is a live TCX link (type 11) with a program.
+    let link_pin = pin_dir.join("link_monitor_ingress_veth-b");
+    let link: serde_json::Value = serde_json::from_str(&b.run(&[
+        "bpftool",
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        link_pin.to_str().unwrap(),
+    ])?)?;
+    assert_eq!(link["type"], 11, "not a TCX link: {link}");
+    let link_id = link["id"].to_string();
+    assert!(pin_dir.join("TUNNEL_STATS").exists(), "stats map not pinned");
+    assert!(pin_dir.join("link_monitor_ingress_veth-b").exists(), "link not pinned");
+    assert_eq!(daemon.stop(), Some(0), "daemon log:\n{}", daemon.log());
+    assert!(!pin_dir.exists(), "pins left behind in {}", pin_dir.display());
+    assert!(!socket.exists(), "socket left behind");
+
+    // The link is gone from the kernel, so the program is detached.
+    let out = b.output(&["bpftool", "link", "show", "id", &link_id])?;
+    assert!(!out.status.success(), "link {link_id} still exists after stop");
+    Ok(())
+}
+
+#[test]
+fn second_daemon_on_the_same_instance_is_refused() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.veth(&a, "veth-a", &b, "veth-b")?;
+    let instance = lab.instance("mon");
+    lab.spawn_daemon(&b, &instance, &["monitor", "--dev", "veth-b"])?;
+    let out = b.output(&[
+        tunnel_tests::tunnel_ctl_bin()?.to_str().unwrap(),
+        "monitor",
+        "--dev",
+        "veth-b",
+        "--instance",
+        &instance,
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already running"), "stderr: {stderr}");
+    // The first daemon still answers.
+    lab.ctl_json("stats", &instance)?;
+    Ok(())
+}
