@@ -11,6 +11,10 @@ fn main() -> anyhow::Result<()> {
     let root_dir = root_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", root_dir.display()))?;
+    // aya-build replays the nested cargo's stderr as `cargo:warning`s (and cargo replays those
+    // on every build); keep that cargo quiet so only real diagnostics show up.
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "tunnel-ebpf",

@@ -267,7 +267,10 @@ impl Lab {
         let mut cmd = ns.command(tunnel_ctl_bin()?);
         cmd.args(args)
             .args(["--instance", instance])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

@@ -29,7 +29,10 @@ fn every_subcommand_has_help_with_instance_and_an_example() -> Result<()> {
     for cmd in ["monitor", "status", "stats"] {
         let (code, stdout, _) = run(&[cmd, "--help"])?;
         assert_eq!(code, Some(0), "{cmd} --help");
-        assert!(stdout.contains("--instance"), "{cmd} --help lacks --instance");
+        assert!(
+            stdout.contains("--instance"),
+            "{cmd} --help lacks --instance"
+        );
         assert!(stdout.contains("Example"), "{cmd} --help lacks an example");
     }
     let (_, stdout, _) = run(&["stats", "--help"])?;
@@ -49,8 +52,15 @@ fn unknown_flag_is_one_line_and_exit_2() -> Result<()> {
         let (code, stdout, stderr) = run(args)?;
         assert_eq!(code, Some(2), "{args:?}: stderr {stderr}");
         assert!(stdout.is_empty(), "{args:?}: stdout {stdout}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: stderr not one line:\n{stderr}");
-        assert!(stderr.starts_with("tunnel-ctl: error: "), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: stderr not one line:\n{stderr}"
+        );
+        assert!(
+            stderr.starts_with("tunnel-ctl: error: "),
+            "{args:?}: {stderr}"
+        );
     }
     Ok(())
 }

@@ -47,10 +47,25 @@ fn monitor_counts_by_protocol_and_passes_packets_unchanged() -> Result<()> {
     let mut ebpf = dataplane::load(&pin_dir)?;
 
     let cases: [(&str, Vec<u8>, u32, Counter); 4] = [
-        (PROG_MONITOR_INGRESS, ipv4_udp(), 7, Counter::MonitorIngressIpv4),
-        (PROG_MONITOR_INGRESS, ipv6_udp(), 5, Counter::MonitorIngressIpv6),
+        (
+            PROG_MONITOR_INGRESS,
+            ipv4_udp(),
+            7,
+            Counter::MonitorIngressIpv4,
+        ),
+        (
+            PROG_MONITOR_INGRESS,
+            ipv6_udp(),
+            5,
+            Counter::MonitorIngressIpv6,
+        ),
         (PROG_MONITOR_INGRESS, arp(), 3, Counter::MonitorIngressOther),
-        (PROG_MONITOR_EGRESS, ipv4_udp(), 11, Counter::MonitorEgressIpv4),
+        (
+            PROG_MONITOR_EGRESS,
+            ipv4_udp(),
+            11,
+            Counter::MonitorEgressIpv4,
+        ),
     ];
     for (program, packet, repeat, expected) in cases {
         let before = dataplane::stats::read(&ebpf)?;
@@ -65,7 +80,10 @@ fn monitor_counts_by_protocol_and_passes_packets_unchanged() -> Result<()> {
             repeat,
             ..Default::default()
         })?;
-        assert_eq!(result.return_value, TC_ACT_OK, "{program} must pass packets");
+        assert_eq!(
+            result.return_value, TC_ACT_OK,
+            "{program} must pass packets"
+        );
         assert_eq!(
             &out[..result.data_size_out as usize],
             &packet[..],
@@ -74,7 +92,11 @@ fn monitor_counts_by_protocol_and_passes_packets_unchanged() -> Result<()> {
         let after = dataplane::stats::read(&ebpf)?;
         for counter in Counter::ALL {
             let delta = after[counter.name()] - before[counter.name()];
-            let want = if *counter == expected { u64::from(repeat) } else { 0 };
+            let want = if *counter == expected {
+                u64::from(repeat)
+            } else {
+                0
+            };
             assert_eq!(delta, want, "{program}: counter {}", counter.name());
         }
     }

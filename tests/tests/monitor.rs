@@ -29,8 +29,14 @@ fn pings_across_a_veth_are_counted() -> Result<()> {
     let after = lab.ctl_json("stats", &instance)?;
     let rx = counter(&after, "monitor_ingress_ipv4") - counter(&before, "monitor_ingress_ipv4");
     let tx = counter(&after, "monitor_egress_ipv4") - counter(&before, "monitor_egress_ipv4");
-    assert!(rx >= u64::from(N), "ingress IPv4 rose by {rx}, expected >= {N}");
-    assert!(tx >= u64::from(N), "egress IPv4 rose by {tx}, expected >= {N}");
+    assert!(
+        rx >= u64::from(N),
+        "ingress IPv4 rose by {rx}, expected >= {N}"
+    );
+    assert!(
+        tx >= u64::from(N),
+        "egress IPv4 rose by {tx}, expected >= {N}"
+    );
 
     let status = lab.ctl_json("status", &instance)?;
     assert_eq!(status["role"], "monitor");
@@ -61,15 +67,28 @@ fn clean_stop_detaches_and_removes_pins() -> Result<()> {
     ])?)?;
     assert_eq!(link["type"], 11, "not a TCX link: {link}");
     let link_id = link["id"].to_string();
-    assert!(pin_dir.join("TUNNEL_STATS").exists(), "stats map not pinned");
-    assert!(pin_dir.join("link_monitor_ingress_veth-b").exists(), "link not pinned");
+    assert!(
+        pin_dir.join("TUNNEL_STATS").exists(),
+        "stats map not pinned"
+    );
+    assert!(
+        pin_dir.join("link_monitor_ingress_veth-b").exists(),
+        "link not pinned"
+    );
     assert_eq!(daemon.stop(), Some(0), "daemon log:\n{}", daemon.log());
-    assert!(!pin_dir.exists(), "pins left behind in {}", pin_dir.display());
+    assert!(
+        !pin_dir.exists(),
+        "pins left behind in {}",
+        pin_dir.display()
+    );
     assert!(!socket.exists(), "socket left behind");
 
     // The link is gone from the kernel, so the program is detached.
     let out = b.output(&["bpftool", "link", "show", "id", &link_id])?;
-    assert!(!out.status.success(), "link {link_id} still exists after stop");
+    assert!(
+        !out.status.success(),
+        "link {link_id} still exists after stop"
+    );
     Ok(())
 }
 

@@ -42,7 +42,9 @@ pub enum Command {
     /// per CPU, and passed on untouched. Stop it with Ctrl-C or SIGTERM; that detaches the
     /// programs and removes the pins. After SIGKILL the pinned links keep counting, and the
     /// next start of the same --instance re-adopts them.
-    #[command(after_help = "Example:\n  tunnel-ctl monitor --dev eth0 --dev eth1 --direction ingress --instance lab")]
+    #[command(
+        after_help = "Example:\n  tunnel-ctl monitor --dev eth0 --dev eth1 --direction ingress --instance lab"
+    )]
     Monitor(MonitorArgs),
 
     /// Show what a running daemon is doing (role, interfaces, uptime).

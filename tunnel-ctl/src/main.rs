@@ -13,15 +13,14 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
-    let result = match cli.command {
-        Command::Monitor(args) => run_daemon(monitor::run(args)),
-        Command::Status(q) => {
-            mgmt::request(&q.instance.instance, &Request::Status).map(|v| report::print(&v, q.json))
-        }
-        Command::Stats(q) => {
-            mgmt::request(&q.instance.instance, &Request::Stats).map(|v| report::print(&v, q.json))
-        }
-    };
+    let result =
+        match cli.command {
+            Command::Monitor(args) => run_daemon(monitor::run(args)),
+            Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)
+                .map(|v| report::print(&v, q.json)),
+            Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)
+                .map(|v| report::print(&v, q.json)),
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

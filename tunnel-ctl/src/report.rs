@@ -4,7 +4,10 @@ use serde_json::Value;
 /// Prints `value` as pretty JSON, or as `key  value` lines for a flat object.
 pub fn print(value: &Value, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
         return;
     }
     match value {

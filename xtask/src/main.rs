@@ -1,1 +1,154 @@
-fn main(){}
+//! `cargo xtask`: the project's own build, setup and test commands.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod install;
+mod setup;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, set up, test and demo the tunnel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker, test tools (apt).
+    /// Idempotent: a second run checks, installs nothing and says so.
+    Setup,
+    /// Build tunnel-ctl with its embedded eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Install tunnel-ctl into PREFIX/bin and example systemd units into
+    /// PREFIX/lib/systemd/system.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+    },
+    /// Run every test: unit, eBPF (BPF_PROG_TEST_RUN) and network-namespace integration
+    /// tests. Needs root. Extra arguments go to `cargo test` (e.g. a test name filter).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, create a throwaway namespace lab, show the tunnel working, remove everything.
+    Demo,
+    /// cargo fmt --check and cargo clippy -D warnings over the workspace.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(setup::Mode::Verbose),
+        Cmd::Build { release } => setup::run(setup::Mode::Quiet).and_then(|()| build(release)),
+        Cmd::Install { prefix } => {
+            setup::run(setup::Mode::Quiet).and_then(|()| install::run(&prefix))
+        }
+        Cmd::Test { args } => setup::run(setup::Mode::Quiet).and_then(|()| test(&args)),
+        Cmd::Demo => setup::run(setup::Mode::Quiet).and_then(|()| demo::run()),
+        Cmd::Lint => setup::run(setup::Mode::Quiet).and_then(|()| lint()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds tunnel-ctl and returns the binary's path.
+pub fn build(release: bool) -> Result<()> {
+    build_bin(release).map(|_| ())
+}
+
+pub fn build_bin(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "tunnel-ctl"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root().join("target").join(profile).join("tunnel-ctl"))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "{what} needs root (network namespaces, BPF): run it as root, e.g. sudo -E cargo xtask ..."
+        );
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root("cargo xtask test")?;
+    let bin = build_bin(false)?;
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "tunnel-ebpf"])
+        .args(args)
+        .env("TUNNEL_CTL", bin))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "tunnel-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}

@@ -19,7 +19,7 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub fn ensure_mounted() -> Result<()> {
     let root = Path::new(BPFFS_ROOT);
     let st = statfs(root).with_context(|| format!("statfs {BPFFS_ROOT}"))?;
-    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+    if st.filesystem_type().0 == BPF_FS_MAGIC {
         return Ok(());
     }
     info!("{BPFFS_ROOT} is not a BPF filesystem; mounting bpffs there");
@@ -34,11 +34,6 @@ pub fn ensure_mounted() -> Result<()> {
         format!("mounting bpffs on {BPFFS_ROOT} (run as root, or mount it: mount -t bpf bpf {BPFFS_ROOT})")
     })?;
     Ok(())
-}
-
-/// Whether `path` is on a mounted bpffs.
-pub fn is_mounted() -> bool {
-    statfs(BPFFS_ROOT).is_ok_and(|st| st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 /// Removes every pin under `dir` and the directory itself, then its parent if that is left

@@ -1,0 +1,257 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks, and nothing else.
+//!
+//! Checks are cheap (a few process spawns), so every other xtask command runs them first.
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::run as run_cmd;
+
+/// bpf-linker release known to work with the pinned aya versions.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Commands the tests and the demo use → the Debian package that provides each.
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+    ("ping", "iputils-ping"),
+    ("iperf3", "iperf3"),
+    ("tcpdump", "tcpdump"),
+    ("nft", "nftables"),
+    ("bpftool", "bpftool"),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `cargo xtask setup`: report every check.
+    Verbose,
+    /// Before another command: silent unless something is installed.
+    Quiet,
+}
+
+pub fn run(mode: Mode) -> Result<()> {
+    let start = Instant::now();
+    add_cargo_bin_to_path();
+    let mut installed: Vec<String> = Vec::new();
+
+    let say = |msg: &str| {
+        if mode == Mode::Verbose {
+            println!("setup: {msg}");
+        }
+    };
+
+    if !nightly_installed()? {
+        println!("setup: installing the nightly toolchain with rust-src (for the eBPF target)");
+        run_cmd(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        installed.push("nightly toolchain".into());
+    } else {
+        say("nightly toolchain: present");
+    }
+
+    let sysroot = nightly_sysroot()?;
+    if !sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        println!("setup: installing rust-src for nightly (build-std=core)");
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        installed.push("rust-src".into());
+    } else {
+        say("nightly rust-src: present");
+    }
+
+    match bpf_linker_version() {
+        Some(v) => say(&format!("bpf-linker: {v}")),
+        None => {
+            install_bpf_linker(&sysroot)?;
+            installed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        }
+    }
+
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(cmd, _)| find_in_path(cmd).is_none())
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        say(&format!(
+            "test tools ({}): present",
+            DEBIAN_TOOLS
+                .iter()
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    } else {
+        install_debian(&missing)?;
+        installed.extend(missing.iter().map(|p| format!("apt:{p}")));
+    }
+
+    let took = start.elapsed().as_secs_f32();
+    if installed.is_empty() {
+        say(&format!(
+            "nothing to install, everything is present ({took:.1} s)"
+        ));
+    } else {
+        println!("setup: installed {} ({took:.1} s)", installed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo install` puts bpf-linker in $CARGO_HOME/bin; make sure children find it there even
+/// when the caller's PATH lacks it.
+fn add_cargo_bin_to_path() {
+    let cargo_bin = cargo_home().join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    if !env::split_paths(&path).any(|p| p == cargo_bin) {
+        let mut paths: Vec<PathBuf> = vec![cargo_bin];
+        paths.extend(env::split_paths(&path));
+        if let Ok(joined) = env::join_paths(paths) {
+            // SAFETY: xtask is single-threaded at this point.
+            unsafe { env::set_var("PATH", joined) };
+        }
+    }
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
+}
+
+pub fn find_in_path(cmd: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        env::split_paths(&env::var_os("PATH").unwrap_or_default()).collect();
+    // Root's tools live in sbin, which a non-login PATH may lack.
+    dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join(cmd)).find(|p| p.is_file())
+}
+
+fn nightly_installed() -> Result<bool> {
+    let out = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup (is rustup installed?)")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly")))
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("running rustc +nightly")?;
+    if !out.status.success() {
+        bail!(
+            "rustc +nightly --print sysroot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The installed bpf-linker's version, if it runs (it links nightly's LLVM dynamically, so a
+/// nightly update can break it; then it is reinstalled).
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The recipe from DEVELOPERS.md: build bpf-linker against the LLVM that ships with nightly.
+fn install_bpf_linker(sysroot: &Path) -> Result<()> {
+    let verbose = Command::new("rustc").args(["+nightly", "-vV"]).output()?;
+    let verbose = String::from_utf8_lossy(&verbose.stdout);
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .ok_or_else(|| anyhow!("no LLVM version in `rustc +nightly -vV`"))?
+        .to_owned();
+    let lib_dir = sysroot.join("lib");
+    // The real shared object (libLLVM.so.22.1-rust-...), not the libLLVM-22-rust-*.so linker
+    // script next to it.
+    let libllvm = std::fs::read_dir(&lib_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}.")))
+        })
+        .ok_or_else(|| anyhow!("no libLLVM.so.{llvm_major}.* in {}", lib_dir.display()))?;
+    let prefix = env::temp_dir().join(format!("tunnel-llvm-{llvm_major}"));
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm_major} (1-3 min)"
+    );
+    let mut rustflags = OsString::from("-C link-arg=-Wl,-rpath,");
+    rustflags.push(lib_dir.as_os_str());
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix)
+            .env("RUSTFLAGS", rustflags),
+    )?;
+    bpf_linker_version().ok_or_else(|| anyhow!("bpf-linker was installed but does not run"))?;
+    Ok(())
+}
+
+fn install_debian(packages: &[&str]) -> Result<()> {
+    if find_in_path("apt-get").is_none() {
+        bail!(
+            "missing tools; install these packages with your package manager: {}",
+            packages.join(" ")
+        );
+    }
+    println!("setup: apt-get install {}", packages.join(" "));
+    run_cmd(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
+}
