@@ -1,7 +1,28 @@
 //! Command-line interface (SPEC §10). Every daemon and management command takes `--instance`.
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::instance::{DEFAULT_INSTANCE, Instance, parse_instance};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    instance::{DEFAULT_INSTANCE, Instance, parse_instance},
+    pool::Range4,
+};
+
+/// clap value parser for durations: `20s`, `2m`, `1h`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like 20s, 2m, 1h)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
 
 const EXAMPLES: &str = "\
 Examples:
@@ -46,6 +67,38 @@ pub enum Command {
         after_help = "Example:\n  tunnel-ctl monitor --dev eth0 --dev eth1 --direction ingress --instance lab"
     )]
     Monitor(MonitorArgs),
+
+    /// Daemon: the 4over6 concentrator (seed-004 TCP control protocol, IPv4 pool, in-band TUN).
+    ///
+    /// Clients connect over TCP (IPv6, or IPv4-mapped), ask for an address (100), get a lease
+    /// (101 "<ipv4> 0.0.0.0 <dns1> <dns2> <dns3>") and exchange IPv4 packets in 102/103 frames;
+    /// the server writes them to a TUN device routed for the pool. Keepalives (104) go both
+    /// ways; a silent client is dropped after --timeout and its address held for it for --hold.
+    #[command(after_help = "Example:
+  tunnel-ctl server --listen [::]:5678 --pool 198.51.100.2-198.51.100.128 \\
+      --gateway 198.51.100.1 --dns 192.0.2.53,192.0.2.54 --instance concentrator
+
+The server enables net.ipv4.ip_forward; the IPv4 side needs a route for the pool back
+to this host.")]
+    Server(ServerArgs),
+
+    /// Daemon: a 4over6 client (in-band mode): lease an IPv4 address and route IPv4 through
+    /// the server.
+    ///
+    /// Connects, asks for an address, configures a TUN device with it and (unless
+    /// --no-default-route) routes all IPv4 through it (0.0.0.0/1 and 128.0.0.0/1, leaving any
+    /// existing default route alone). Reconnects with capped exponential backoff and gets the
+    /// same address back within the server's hold time.
+    #[command(after_help = "Example:
+  tunnel-ctl client --server [2001:db8:100::1]:5678 --instance uplink")]
+    Client(ClientArgs),
+
+    /// List a server's leases (address, client, mode, since).
+    ///
+    /// With --json: a list of objects with ipv4, client, mode, since (RFC 3339).
+    #[command(after_help = "Example:
+  tunnel-ctl leases --instance concentrator --json")]
+    Leases(QueryArgs),
 
     /// Show what a running daemon is doing (role, interfaces, uptime).
     #[command(after_help = "Example:\n  tunnel-ctl status --instance lab --json")]
@@ -92,6 +145,88 @@ pub struct MonitorArgs {
     /// Which side of the interfaces to count.
     #[arg(long, value_enum, default_value_t = DirectionArg::Both)]
     pub direction: DirectionArg,
+
+    #[command(flatten)]
+    pub instance: InstanceArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TimerArgs {
+    /// Send a keepalive (104) this often.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+
+    /// Close the session after hearing nothing for this long.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// TCP address to listen on; [::] also accepts IPv4 (mapped) clients.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "[::]:5678")]
+    pub listen: SocketAddr,
+
+    /// Client addresses: FIRST-LAST, a CIDR, or one address; repeat or comma-separate.
+    #[arg(long, value_name = "RANGE", required = true, value_delimiter = ',')]
+    pub pool: Vec<Range4>,
+
+    /// The server's own address on the TUN device (never leased).
+    #[arg(long, value_name = "IPV4")]
+    pub gateway: Ipv4Addr,
+
+    /// DNS servers announced in 101 (comma-separated, up to 3 used). Default: the IPv4
+    /// nameservers of /etc/resolv.conf.
+    #[arg(long, value_name = "IPV4,...", value_delimiter = ',')]
+    pub dns: Vec<Ipv4Addr>,
+
+    #[command(flatten)]
+    pub timers: TimerArgs,
+
+    /// Keep a released address for its last client this long (same IPv6 → same IPv4).
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    pub hold: Duration,
+
+    /// Name of the TUN device.
+    #[arg(long, value_name = "NAME", default_value = "tun4o6")]
+    pub tun: String,
+
+    /// Only accept clients from these prefixes (repeatable). Default: everyone.
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<IpNet>,
+
+    /// Refuse new sessions beyond this many (110 "server full").
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_sessions: usize,
+
+    #[command(flatten)]
+    pub instance: InstanceArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The server's control address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub server: SocketAddr,
+
+    /// Name of the TUN device.
+    #[arg(long, value_name = "NAME", default_value = "tun4o6")]
+    pub tun: String,
+
+    /// Do not route IPv4 through the tunnel (only the leased address is configured).
+    #[arg(long)]
+    pub no_default_route: bool,
+
+    /// Write the leased DNS servers to this resolv.conf-style file.
+    #[arg(long, value_name = "FILE")]
+    pub write_resolv_conf: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub timers: TimerArgs,
+
+    /// Longest wait between reconnection attempts (backoff doubles from 1s up to this).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
 
     #[command(flatten)]
     pub instance: InstanceArg,

@@ -5,11 +5,20 @@
 //! and speak the same management protocol as the binary.
 
 pub mod cli;
+pub mod client;
+pub mod counters;
 pub mod dataplane;
+pub mod dns;
 pub mod instance;
 pub mod mgmt;
 pub mod monitor;
+pub mod netlink;
+pub mod packet;
+pub mod pool;
+pub mod protocol;
 pub mod report;
+pub mod server;
+pub mod tundev;
 
 /// Resolves on SIGINT or SIGTERM and says which.
 pub async fn shutdown_signal() -> &'static str {

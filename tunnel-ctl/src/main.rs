@@ -4,7 +4,7 @@ use clap::Parser as _;
 use tunnel_ctl::{
     cli::{Cli, Command},
     mgmt::{self, Request},
-    monitor, report,
+    client, monitor, report, server,
 };
 
 fn main() -> ExitCode {
@@ -16,6 +16,11 @@ fn main() -> ExitCode {
     let result =
         match cli.command {
             Command::Monitor(args) => run_daemon(monitor::run(args)),
+        Command::Server(args) => run_daemon(server::run(args)),
+        Command::Client(args) => run_daemon(client::run(args)),
+        Command::Leases(q) => {
+            mgmt::request(&q.instance.instance, &Request::Leases).map(|v| report::print(&v, q.json))
+        }
             Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)
                 .map(|v| report::print(&v, q.json)),
             Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)

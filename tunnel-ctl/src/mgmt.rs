@@ -32,6 +32,8 @@ pub enum Request {
     Status,
     /// Counter name → value.
     Stats,
+    /// The lease table (servers).
+    Leases,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -45,6 +45,7 @@ impl Handler for Monitor {
                     Err(e) => Response::Error(format!("{e:#}")),
                 }
             }
+            other => Response::Error(format!("a monitor daemon does not answer {other:?}")),
         }
     }
 }

@@ -1,0 +1,53 @@
+//! Userspace counters of the daemons (sessions, frames, drops per reason). They are reported by
+//! `tunnel-ctl stats` next to the eBPF counters, under the same "name → integer" shape.
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Declares a struct of named `AtomicU64` counters with `snapshot()`.
+#[macro_export]
+macro_rules! counters {
+    ($vis:vis struct $name:ident { $( $(#[$doc:meta])* $field:ident, )* }) => {
+        #[derive(Default, Debug)]
+        $vis struct $name {
+            $( $(#[$doc])* pub $field: $crate::counters::Counter, )*
+        }
+
+        impl $name {
+            /// Counter name → value, every counter included.
+            pub fn snapshot(&self) -> std::collections::BTreeMap<&'static str, u64> {
+                let mut out = std::collections::BTreeMap::new();
+                $( out.insert(stringify!($field), self.$field.get()); )*
+                out
+            }
+        }
+    };
+}
+
+/// One monotonically increasing counter.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Merges several snapshots into one object for `stats --json`.
+pub fn merge<'a>(parts: impl IntoIterator<Item = BTreeMap<&'a str, u64>>) -> BTreeMap<&'a str, u64> {
+    let mut out = BTreeMap::new();
+    for part in parts {
+        out.extend(part);
+    }
+    out
+}

@@ -1,0 +1,78 @@
+//! Links, addresses and routes through rtnetlink.
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, anyhow};
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// A netlink connection (its driver runs as a tokio task).
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn connect() -> Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The interface index of `name`.
+    pub async fn index(&self, name: &str) -> Result<u32> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let link = links
+            .try_next()
+            .await
+            .with_context(|| format!("looking up interface {name}"))?
+            .ok_or_else(|| anyhow!("no interface named {name}"))?;
+        Ok(link.header.index)
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn up(&self, index: u32, mtu: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .context("setting link up")
+    }
+
+    /// Adds (or keeps) `addr/prefix` on the link.
+    pub async fn add_address(&self, index: u32, addr: IpAddr, prefix: u8) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, addr, prefix)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding address {addr}/{prefix}"))
+    }
+
+    /// Removes every IPv4 address of the link.
+    pub async fn flush_ipv4(&self, index: u32) -> Result<()> {
+        let mut addrs = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = addrs.try_next().await? {
+            if msg.header.family == rtnetlink::packet_route::AddressFamily::Inet {
+                self.handle.address().del(msg).execute().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes `net` out of the link (replacing a route to the same prefix).
+    pub async fn route_v4(&self, net: Ipv4Net, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding route {net}"))
+    }
+}

@@ -1,0 +1,141 @@
+//! The ASCII payloads: 101 (IPv4 lease) and 110 (error).
+use std::{fmt, net::Ipv4Addr};
+
+/// The 101 payload: `"<ipv4> <route> <dns1> <dns2> <dns3>"`, then optional `key=value` tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease4 {
+    pub addr: Ipv4Addr,
+    /// 0.0.0.0 = default route.
+    pub route: Ipv4Addr,
+    pub dns: [Ipv4Addr; 3],
+    /// Extra `key=value` tokens (e.g. `mtu=1460`), kept in order; old clients ignore them.
+    pub extra: Vec<(String, String)>,
+}
+
+impl fmt::Display for Lease4 {
+    /// Exactly the SPEC §3 text: no trailing space, no NUL.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} {} {}",
+            self.addr, self.route, self.dns[0], self.dns[1], self.dns[2]
+        )?;
+        for (k, v) in &self.extra {
+            write!(f, " {k}={v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TextError {
+    #[error("101 text is not ASCII")]
+    NotAscii,
+    #[error("101 text has {0} fields, expected at least 5 (ip route dns dns dns)")]
+    TooFewFields(usize),
+    #[error("101 field {field} is not an IPv4 address: {value:?}")]
+    BadAddress { field: &'static str, value: String },
+}
+
+impl Lease4 {
+    /// Parses a 101 payload as servers send it: tolerates a trailing space, a trailing NUL (some
+    /// servers count it in `length`), and unknown extra tokens.
+    pub fn parse(data: &[u8]) -> Result<Lease4, TextError> {
+        let text = std::str::from_utf8(data).map_err(|_| TextError::NotAscii)?;
+        let text = text.trim_end_matches(['\0', ' ', '\n', '\r']);
+        let fields: Vec<&str> = text.split_ascii_whitespace().collect();
+        if fields.len() < 5 {
+            return Err(TextError::TooFewFields(fields.len()));
+        }
+        let ip = |i: usize, field: &'static str| {
+            fields[i].parse::<Ipv4Addr>().map_err(|_| TextError::BadAddress {
+                field,
+                value: fields[i].to_owned(),
+            })
+        };
+        let extra = fields[5..]
+            .iter()
+            .filter_map(|t| t.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(Lease4 {
+            addr: ip(0, "ip")?,
+            route: ip(1, "route")?,
+            dns: [ip(2, "dns1")?, ip(3, "dns2")?, ip(4, "dns3")?],
+            extra,
+        })
+    }
+
+    /// An extra token's value.
+    pub fn extra(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Pads or cuts a DNS list to the three the 101 text carries (repeating the last; 0.0.0.0 when
+/// there is none).
+pub fn three_dns(servers: &[Ipv4Addr]) -> [Ipv4Addr; 3] {
+    let last = servers.last().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+    [0, 1, 2].map(|i| servers.get(i).copied().unwrap_or(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Lease4 {
+        Lease4 {
+            addr: "198.51.100.2".parse().unwrap(),
+            route: Ipv4Addr::UNSPECIFIED,
+            dns: three_dns(&["192.0.2.53".parse().unwrap(), "192.0.2.54".parse().unwrap()]),
+            extra: vec![],
+        }
+    }
+
+    #[test]
+    fn formats_exactly_the_spec_text() {
+        assert_eq!(
+            sample().to_string(),
+            "198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54"
+        );
+    }
+
+    #[test]
+    fn parses_trailing_space_nul_and_extras() {
+        let want = sample();
+        for text in [
+            "198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54",
+            "198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54 ",
+            "198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54\0",
+            "198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54 \0",
+        ] {
+            assert_eq!(Lease4::parse(text.as_bytes()).unwrap(), want, "{text:?}");
+        }
+        let with_extra =
+            Lease4::parse(b"198.51.100.2 0.0.0.0 192.0.2.53 192.0.2.54 192.0.2.54 mtu=1460 x")
+                .unwrap();
+        assert_eq!(with_extra.extra("mtu"), Some("1460"));
+    }
+
+    #[test]
+    fn rejects_short_or_bad_text() {
+        assert_eq!(
+            Lease4::parse(b"198.51.100.2 0.0.0.0"),
+            Err(TextError::TooFewFields(2))
+        );
+        assert!(matches!(
+            Lease4::parse(b"198.51.100.999 0.0.0.0 a b c"),
+            Err(TextError::BadAddress { field: "ip", .. })
+        ));
+    }
+
+    #[test]
+    fn dns_padding() {
+        let a: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        assert_eq!(three_dns(&[a]), [a, a, a]);
+        assert_eq!(three_dns(&[]), [Ipv4Addr::UNSPECIFIED; 3]);
+    }
+}

@@ -1,0 +1,399 @@
+//! One TCP session of the concentrator: admission, lease, in-band data, keepalive, timeout.
+//! Whatever goes wrong in a session ends that session only.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+use tokio_util::{codec::Framed, sync::CancellationToken};
+use tracing::{info, warn};
+
+use super::{
+    Server,
+    state::{Grant, SessionHandle},
+};
+use crate::{
+    packet::{self, BadPacket},
+    protocol::{Frame, FrameCodec, FrameError, MsgType, text::Lease4},
+};
+
+/// Packets waiting for a slow session; beyond this its own packets are dropped, nobody else's.
+const SESSION_QUEUE: usize = 512;
+/// 103 frames written per flush when packets queue up.
+const WRITE_BATCH: usize = 64;
+
+/// Logs the 1st, 2nd, 4th, 8th... occurrence: a misbehaving client cannot flood the log.
+#[derive(Default)]
+struct Throttle(u64);
+
+impl Throttle {
+    fn hit(&mut self) -> bool {
+        self.0 += 1;
+        self.0.is_power_of_two()
+    }
+}
+
+pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
+    let id = server.next_session.fetch_add(1, Ordering::Relaxed);
+    let peer_ip = peer.ip().to_canonical();
+    let mut framed = Framed::new(stream, FrameCodec);
+
+    if !server.allowed(peer.ip()) {
+        server.stats.sessions_refused_not_allowed.inc();
+        info!(%peer, session = id, "refused: {peer_ip} is outside --allow");
+        refuse(&server, &mut framed, &format!("not allowed: {peer_ip} is outside the server's allowed prefixes")).await;
+        return;
+    }
+    let full = {
+        let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
+        let full = state.sessions >= server.cfg.max_sessions;
+        if !full {
+            state.sessions += 1;
+        }
+        full
+    };
+    if full {
+        server.stats.sessions_refused_full.inc();
+        let max = server.cfg.max_sessions;
+        info!(%peer, session = id, "refused: --max-sessions {max} reached");
+        refuse(&server, &mut framed, &format!("server full: {max} sessions (--max-sessions)")).await;
+        return;
+    }
+    server.stats.sessions_opened.inc();
+    info!(%peer, session = id, "connected");
+
+    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    let handle = SessionHandle {
+        id,
+        peer: peer.ip(),
+        tx,
+        last_rx: Arc::new(AtomicU64::new(server.now_ms())),
+        cancel: CancellationToken::new(),
+    };
+    let mut session = Session {
+        server: server.clone(),
+        handle,
+        peer,
+        lease: None,
+        log_no_lease: Throttle::default(),
+        log_bad_packet: Throttle::default(),
+    };
+    let reason = session.serve(&mut framed, rx).await;
+
+    let lease = session.lease;
+    {
+        let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.sessions -= 1;
+        if let Some(addr) = lease {
+            state.release(addr, id);
+        }
+    }
+    server.stats.sessions_closed.inc();
+    match lease {
+        Some(addr) => info!(%peer, session = id, "closed ({reason}); lease {addr} released"),
+        None => info!(%peer, session = id, "closed ({reason})"),
+    }
+}
+
+/// Sends a 110 and lets the connection close.
+async fn refuse(server: &Server, framed: &mut Framed<TcpStream, FrameCodec>, text: &str) {
+    let send = framed.send(Frame::text(MsgType::Error, text));
+    if tokio::time::timeout(Duration::from_secs(2), send).await.is_ok() {
+        server.stats.frames_out.inc();
+    }
+}
+
+struct Session {
+    server: Arc<Server>,
+    handle: SessionHandle,
+    peer: SocketAddr,
+    lease: Option<Ipv4Addr>,
+    log_no_lease: Throttle,
+    log_bad_packet: Throttle,
+}
+
+type Conn = Framed<TcpStream, FrameCodec>;
+
+impl Session {
+    /// Runs until the session ends; returns why.
+    async fn serve(&mut self, framed: &mut Conn, mut rx: mpsc::Receiver<Bytes>) -> String {
+        let cfg = self.server.cfg.clone();
+        let mut keepalive = tokio::time::interval_at(Instant::now() + cfg.keepalive, cfg.keepalive);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + cfg.timeout;
+        let cancel = self.handle.cancel.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    self.server.stats.sessions_replaced.inc();
+                    self.lease = None; // moved to the new session
+                    return "replaced by a new connection from the same client".into();
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    self.server.stats.sessions_timed_out.inc();
+                    return format!("timeout: nothing received for {:?}", cfg.timeout);
+                }
+                item = framed.next() => match item {
+                    None => return "peer closed the connection".into(),
+                    Some(Err(e)) => {
+                        self.count_frame_error(&e);
+                        return format!("protocol error: {e}");
+                    }
+                    Some(Ok(frame)) => {
+                        deadline = Instant::now() + cfg.timeout;
+                        self.handle.last_rx.store(self.server.now_ms(), Ordering::Relaxed);
+                        self.server.stats.frames_in.inc();
+                        if let Some(reason) = self.on_frame(frame, framed).await {
+                            return reason;
+                        }
+                    }
+                },
+                Some(pkt) = rx.recv() => {
+                    if let Err(reason) = self.write_packets(pkt, &mut rx, framed).await {
+                        return reason;
+                    }
+                }
+                _ = keepalive.tick() => {
+                    self.server.stats.keepalives_out.inc();
+                    if let Err(reason) = self.send(framed, Frame::empty(MsgType::Keepalive)).await {
+                        return reason;
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_frame_error(&self, e: &FrameError) {
+        let s = &self.server.stats;
+        match e {
+            FrameError::TooShort(_) => s.protocol_error_frame_too_short.inc(),
+            FrameError::TooLong(_) | FrameError::DataTooLong(_) => {
+                s.protocol_error_frame_too_long.inc()
+            }
+            FrameError::UnknownType(_) => s.protocol_error_unknown_type.inc(),
+            FrameError::Io(_) => s.protocol_error_io.inc(),
+        }
+        if !matches!(e, FrameError::Io(_)) {
+            warn!(peer = %self.peer, session = self.handle.id, "protocol error: {e}; closing");
+        }
+    }
+
+    /// Sends one frame (flushed), bounded by the timeout so a client that stopped reading
+    /// cannot pin the session forever.
+    async fn send(&self, framed: &mut Conn, frame: Frame) -> Result<(), String> {
+        match tokio::time::timeout(self.server.cfg.timeout, framed.send(frame)).await {
+            Ok(Ok(())) => {
+                self.server.stats.frames_out.inc();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("write error: {e}")),
+            Err(_) => Err(format!(
+                "client stopped reading for {:?}",
+                self.server.cfg.timeout
+            )),
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch) as 103 frames, one flush.
+    async fn write_packets(
+        &self,
+        first: Bytes,
+        rx: &mut mpsc::Receiver<Bytes>,
+        framed: &mut Conn,
+    ) -> Result<(), String> {
+        let mut frames = vec![Frame::new(MsgType::DataReply, first)];
+        while frames.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(p) => frames.push(Frame::new(MsgType::DataReply, p)),
+                Err(_) => break,
+            }
+        }
+        let n = frames.len() as u64;
+        let write = async {
+            for f in frames {
+                framed.feed(f).await?;
+            }
+            framed.flush().await
+        };
+        match tokio::time::timeout(self.server.cfg.timeout, write).await {
+            Ok(Ok(())) => {
+                self.server.stats.frames_out.add(n);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("write error: {e}")),
+            Err(_) => Err(format!(
+                "client stopped reading for {:?}",
+                self.server.cfg.timeout
+            )),
+        }
+    }
+
+    /// Handles one frame; `Some(reason)` ends the session.
+    async fn on_frame(&mut self, frame: Frame, framed: &mut Conn) -> Option<String> {
+        match frame.kind {
+            MsgType::AddrRequest => self.on_addr_request(framed).await,
+            MsgType::DataRequest => {
+                self.on_data(&frame.data).await;
+                None
+            }
+            MsgType::Keepalive => {
+                self.server.stats.keepalives_in.inc();
+                None
+            }
+            MsgType::NativeRequest | MsgType::Ipv6Request => {
+                self.server.stats.unsupported_request.inc();
+                let what = if frame.kind == MsgType::NativeRequest {
+                    "native mode (105)"
+                } else {
+                    "IPv6 (107)"
+                };
+                let text = format!("not supported: {what} is not enabled on this server");
+                info!(peer = %self.peer, session = self.handle.id, "{text}");
+                let _ = self.send(framed, Frame::text(MsgType::Error, &text)).await;
+                Some(text)
+            }
+            other => {
+                self.server.stats.protocol_error_unexpected_type.inc();
+                warn!(
+                    peer = %self.peer,
+                    session = self.handle.id,
+                    "protocol error: clients do not send type {}; closing",
+                    other.code()
+                );
+                Some(format!(
+                    "protocol error: unexpected type {} from a client",
+                    other.code()
+                ))
+            }
+        }
+    }
+
+    async fn on_addr_request(&mut self, framed: &mut Conn) -> Option<String> {
+        let addr = match self.lease {
+            // Some clients resend 100 until they see 101: same lease again.
+            Some(addr) => addr,
+            None => {
+                let stale_ms = self.server.cfg.keepalive.as_millis() as u64;
+                let grant = {
+                    let mut state = self.server.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.grant(&self.handle, self.server.now_ms(), stale_ms)
+                };
+                match grant {
+                    Grant::New(addr) => {
+                        info!(peer = %self.peer, session = self.handle.id, "leased {addr}");
+                        addr
+                    }
+                    Grant::TakenOver(addr, old) => {
+                        info!(
+                            peer = %self.peer,
+                            session = self.handle.id,
+                            "leased {addr} (taken over from silent session {old} of the same client)"
+                        );
+                        addr
+                    }
+                    Grant::Exhausted => {
+                        self.server.stats.pool_exhausted.inc();
+                        let text = {
+                            let state = self.server.state.lock().unwrap_or_else(|p| p.into_inner());
+                            format!(
+                                "pool exhausted: all {} addresses of pool {} are leased",
+                                state.pool.capacity(),
+                                state.pool.describe()
+                            )
+                        };
+                        warn!(peer = %self.peer, session = self.handle.id, "{text}");
+                        let _ = self.send(framed, Frame::text(MsgType::Error, &text)).await;
+                        return Some(text);
+                    }
+                }
+            }
+        };
+        if self.lease.is_none() {
+            self.server.stats.leases_granted.inc();
+            self.lease = Some(addr);
+        }
+        let text = Lease4 {
+            addr,
+            route: Ipv4Addr::UNSPECIFIED,
+            dns: self.server.cfg.dns,
+            extra: vec![],
+        }
+        .to_string();
+        // 101 goes out on its own write (some clients cannot take it batched with a 104).
+        self.send(framed, Frame::text(MsgType::AddrReply, &text))
+            .await
+            .err()
+    }
+
+    /// A 102: each IPv4 packet whose source is the lease goes to the TUN; the rest is dropped
+    /// and counted.
+    async fn on_data(&mut self, data: &[u8]) {
+        let server = self.server.clone();
+        let stats = &server.stats;
+        let Some(lease) = self.lease else {
+            stats.drop_data_before_lease.inc();
+            if self.log_no_lease.hit() {
+                warn!(
+                    peer = %self.peer,
+                    session = self.handle.id,
+                    "102 before any lease (100); packet dropped (occurrence {})",
+                    self.log_no_lease.0
+                );
+            }
+            return;
+        };
+        let (packets, malformed_tail) = packet::split_packets(data);
+        if malformed_tail {
+            stats.drop_malformed_packet.inc();
+            self.log_bad(format_args!("malformed packet data in 102"));
+        }
+        for pkt in packets {
+            match packet::ipv4_addrs(pkt) {
+                Ok((src, _)) if src == lease => {
+                    match server.tun.send(pkt).await {
+                        Ok(_) => {
+                            stats.inband_packets_to_tun.inc();
+                            stats.inband_bytes_to_tun.add(pkt.len() as u64);
+                        }
+                        Err(e) => {
+                            stats.drop_tun_write_error.inc();
+                            self.log_bad(format_args!("TUN write failed: {e}"));
+                        }
+                    }
+                }
+                Ok((src, _)) => {
+                    stats.drop_spoofed_source.inc();
+                    self.log_bad(format_args!("source {src} is not the lease {lease}; dropped"));
+                }
+                Err(BadPacket::NotIpv4) => {
+                    stats.drop_not_ipv4.inc();
+                    self.log_bad(format_args!("IPv6 packet without an IPv6 lease; dropped"));
+                }
+                Err(BadPacket::Malformed) => {
+                    stats.drop_malformed_packet.inc();
+                    self.log_bad(format_args!("malformed IPv4 packet; dropped"));
+                }
+            }
+        }
+    }
+
+    fn log_bad(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.log_bad_packet.hit() {
+            warn!(
+                peer = %self.peer,
+                session = self.handle.id,
+                "{what} (bad packet {})",
+                self.log_bad_packet.0
+            );
+        }
+    }
+}
+

@@ -1,0 +1,21 @@
+//! The TUN device: the slow path's door between the kernel's routing and the controller.
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use tun::AsyncDevice;
+
+/// Default MTU of the TUN device; a 103 frame then stays within 2053 bytes (SPEC §3).
+pub const TUN_MTU: u32 = 1500;
+
+/// Creates (or opens) TUN device `name` without packet information headers. Addresses, MTU
+/// and routes are set with rtnetlink by the caller.
+pub fn create(name: &str) -> Result<Arc<AsyncDevice>> {
+    let mut config = tun::Configuration::default();
+    config.tun_name(name);
+    config.platform_config(|p| {
+        p.ensure_root_privileges(true);
+    });
+    let dev = tun::create_as_async(&config)
+        .with_context(|| format!("creating TUN device {name} (needs root and /dev/net/tun)"))?;
+    Ok(Arc::new(dev))
+}
