@@ -79,6 +79,26 @@ impl Ns {
         Ok(self.command(program).args(args).output()?)
     }
 
+    /// Runs `f` on a thread that has entered this namespace, and returns its result. Sockets
+    /// created inside belong to the namespace and can be used from any thread afterwards.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("{NETNS_DIR}/{}", self.name);
+        let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: setns on a valid namespace fd affects only this thread.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(anyhow!("setns {path}: {}", std::io::Error::last_os_error()));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+
     /// `ip <args>` in the namespace.
     pub fn ip(&self, args: &str) -> Result<String> {
         let out = Command::new("ip")
@@ -316,6 +336,22 @@ impl Lab {
         }
     }
 
+    /// The pid of the running daemon of `instance`.
+    pub fn spawn_daemon_pid(&self, instance: &str) -> Option<u32> {
+        self.daemons
+            .iter()
+            .find(|d| d.instance == instance)
+            .map(Daemon::pid)
+    }
+
+    /// What the daemon of `instance` has logged so far.
+    pub fn daemon_log(&self, instance: &str) -> Option<String> {
+        self.daemons
+            .iter()
+            .find(|d| d.instance == instance)
+            .map(Daemon::log)
+    }
+
     /// Runs a management command (`tunnel-ctl <args>`), which needs no namespace: the socket
     /// is a path. Returns stdout; fails with stderr on a non-zero exit.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
@@ -437,6 +473,30 @@ pub fn remove_own_leftovers() {
     let me = std::process::id();
     remove_leftovers(|pid| pid == me);
 }
+
+/// Waits until `check` returns `Ok(Some(value))`, polling every 50 ms for at most `limit`.
+/// The last error or "still waiting" becomes the failure message.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "condition not met".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub mod fourover6;
+pub mod transfer;
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,16 @@ fn run(args: &[&str]) -> Result<(Option<i32>, String, String)> {
 fn top_level_help_lists_the_commands() -> Result<()> {
     let (code, stdout, _) = run(&["--help"])?;
     assert_eq!(code, Some(0));
-    for word in ["monitor", "status", "stats", "Examples:", "/run/tunnel/"] {
+    for word in [
+        "monitor",
+        "server",
+        "client",
+        "leases",
+        "status",
+        "stats",
+        "Examples:",
+        "/run/tunnel/",
+    ] {
         assert!(stdout.contains(word), "--help lacks {word:?}:\n{stdout}");
     }
     Ok(())
@@ -26,7 +35,7 @@ fn top_level_help_lists_the_commands() -> Result<()> {
 
 #[test]
 fn every_subcommand_has_help_with_instance_and_an_example() -> Result<()> {
-    for cmd in ["monitor", "status", "stats"] {
+    for cmd in ["monitor", "server", "client", "leases", "status", "stats"] {
         let (code, stdout, _) = run(&[cmd, "--help"])?;
         assert_eq!(code, Some(0), "{cmd} --help");
         assert!(
@@ -71,5 +80,57 @@ fn management_command_without_a_daemon_says_what_to_do() -> Result<()> {
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no daemon is running"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn bad_flag_values_name_the_flag_and_exit_2() -> Result<()> {
+    for (args, flag) in [
+        (
+            &[
+                "server",
+                "--pool",
+                "198.51.100.9-198.51.100.2",
+                "--gateway",
+                "198.51.100.1",
+            ][..],
+            "--pool",
+        ),
+        (
+            &[
+                "server",
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--gateway",
+                "nope",
+            ],
+            "--gateway",
+        ),
+        (
+            &[
+                "server",
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--gateway",
+                "198.51.100.1",
+                "--keepalive",
+                "soon",
+            ],
+            "--keepalive",
+        ),
+        (&["client", "--server", "2001:db8::1"], "--server"),
+    ] {
+        let (code, _, stderr) = run(args)?;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: error does not name {flag}: {stderr}"
+        );
+    }
     Ok(())
 }

@@ -23,9 +23,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-
 const EXAMPLES: &str = "\
 Examples:
+  # a 4over6 concentrator handing out 198.51.100.2-128 to clients over IPv6
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 --instance hub
+  tunnel-ctl leases --instance hub
+  # a client on an IPv6-only network
+  tunnel-ctl client --server [2001:db8:100::1]:5678
   # count packets on eth0 with the eBPF pipeline (daemon; Ctrl-C stops it and removes its pins)
   tunnel-ctl monitor --dev eth0 --instance lab
   # from another shell: what it is doing, and its counters

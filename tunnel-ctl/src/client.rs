@@ -117,7 +117,10 @@ pub async fn run(args: ClientArgs) -> Result<()> {
     let mgmt = mgmt::bind(&instance)?;
     info!(
         "4over6 client for {} (TUN {}, keepalive {:?}, timeout {:?})",
-        client.args.server, client.args.tun, client.args.timers.keepalive, client.args.timers.timeout
+        client.args.server,
+        client.args.tun,
+        client.args.timers.keepalive,
+        client.args.timers.timeout
     );
     tokio::select! {
         () = tun_reader(client.clone(), tx) => {}
@@ -199,7 +202,12 @@ async fn session(
     let server = client.args.server;
     let stream = tokio::time::timeout(timers.timeout, TcpStream::connect(server))
         .await
-        .map_err(|_| anyhow!("connecting to {server}: no answer within {:?}", timers.timeout))?
+        .map_err(|_| {
+            anyhow!(
+                "connecting to {server}: no answer within {:?}",
+                timers.timeout
+            )
+        })?
         .with_context(|| format!("connecting to {server}"))?;
     let _ = stream.set_nodelay(true);
     client.stats.connects.inc();
@@ -218,7 +226,8 @@ async fn session(
             // Two halves instead of a default route: more specific than any existing default,
             // and gone with the TUN device.
             for net in ["0.0.0.0/1", "128.0.0.0/1"] {
-                nl.route_v4(net.parse::<Ipv4Net>().expect("valid"), index).await?;
+                nl.route_v4(net.parse::<Ipv4Net>().expect("valid"), index)
+                    .await?;
             }
         }
         *configured = Some(lease.addr);

@@ -44,7 +44,9 @@ impl Counter {
 }
 
 /// Merges several snapshots into one object for `stats --json`.
-pub fn merge<'a>(parts: impl IntoIterator<Item = BTreeMap<&'a str, u64>>) -> BTreeMap<&'a str, u64> {
+pub fn merge<'a>(
+    parts: impl IntoIterator<Item = BTreeMap<&'a str, u64>>,
+) -> BTreeMap<&'a str, u64> {
     let mut out = BTreeMap::new();
     for part in parts {
         out.extend(part);

@@ -3,8 +3,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tunnel_ctl::{
     cli::{Cli, Command},
+    client,
     mgmt::{self, Request},
-    client, monitor, report, server,
+    monitor, report, server,
 };
 
 fn main() -> ExitCode {
@@ -16,11 +17,10 @@ fn main() -> ExitCode {
     let result =
         match cli.command {
             Command::Monitor(args) => run_daemon(monitor::run(args)),
-        Command::Server(args) => run_daemon(server::run(args)),
-        Command::Client(args) => run_daemon(client::run(args)),
-        Command::Leases(q) => {
-            mgmt::request(&q.instance.instance, &Request::Leases).map(|v| report::print(&v, q.json))
-        }
+            Command::Server(args) => run_daemon(server::run(args)),
+            Command::Client(args) => run_daemon(client::run(args)),
+            Command::Leases(q) => mgmt::request(&q.instance.instance, &Request::Leases)
+                .map(|v| report::print(&v, q.json)),
             Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)
                 .map(|v| report::print(&v, q.json)),
             Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)

@@ -20,7 +20,12 @@ impl Netlink {
 
     /// The interface index of `name`.
     pub async fn index(&self, name: &str) -> Result<u32> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         let link = links
             .try_next()
             .await
@@ -52,7 +57,12 @@ impl Netlink {
 
     /// Removes every IPv4 address of the link.
     pub async fn flush_ipv4(&self, index: u32) -> Result<()> {
-        let mut addrs = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         while let Some(msg) = addrs.try_next().await? {
             if msg.header.family == rtnetlink::packet_route::AddressFamily::Inet {
                 self.handle.address().del(msg).execute().await?;

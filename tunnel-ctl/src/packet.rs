@@ -99,7 +99,10 @@ mod tests {
         let p = udp4([198, 51, 100, 2], 1);
         assert_eq!(
             ipv4_addrs(&p).unwrap(),
-            ("198.51.100.2".parse().unwrap(), "192.0.2.2".parse().unwrap())
+            (
+                "198.51.100.2".parse().unwrap(),
+                "192.0.2.2".parse().unwrap()
+            )
         );
         assert_eq!(destination(&p), Some("192.0.2.2".parse().unwrap()));
     }

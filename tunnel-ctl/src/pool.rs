@@ -111,7 +111,9 @@ impl Pool {
     pub fn new(ranges: &[Range4], exclude: &[Ipv4Addr], hold: Duration) -> Result<Pool, String> {
         let total: u64 = ranges.iter().map(Range4::len).sum();
         if total > MAX_POOL {
-            return Err(format!("pool of {total} addresses is larger than {MAX_POOL}"));
+            return Err(format!(
+                "pool of {total} addresses is larger than {MAX_POOL}"
+            ));
         }
         let mut seen = HashSet::new();
         let mut free = VecDeque::new();
@@ -265,14 +267,16 @@ mod tests {
         let b = pool.allocate(client(2), t0).unwrap();
         assert_ne!(a, b);
         // The original client gets its address back.
-        assert_eq!(pool.allocate(client(1), t0 + Duration::from_secs(10)), Some(a));
+        assert_eq!(
+            pool.allocate(client(1), t0 + Duration::from_secs(10)),
+            Some(a)
+        );
     }
 
     #[test]
     fn held_addresses_are_reused_when_nothing_else_is_free() {
         let t0 = Instant::now();
-        let mut pool =
-            Pool::new(&[r("198.51.100.2")], &[], Duration::from_secs(300)).unwrap();
+        let mut pool = Pool::new(&[r("198.51.100.2")], &[], Duration::from_secs(300)).unwrap();
         let a = pool.allocate(client(1), t0).unwrap();
         pool.release(a, client(1), t0);
         assert_eq!(pool.allocate(client(2), t0), Some(a));
@@ -283,7 +287,14 @@ mod tests {
 
     #[test]
     fn rejects_overlap_and_empty() {
-        assert!(Pool::new(&[r("198.51.100.2-198.51.100.5"), r("198.51.100.5")], &[], Duration::ZERO).is_err());
+        assert!(
+            Pool::new(
+                &[r("198.51.100.2-198.51.100.5"), r("198.51.100.5")],
+                &[],
+                Duration::ZERO
+            )
+            .is_err()
+        );
         let only: Ipv4Addr = "198.51.100.1".parse().unwrap();
         assert!(Pool::new(&[r("198.51.100.1")], &[only], Duration::ZERO).is_err());
     }

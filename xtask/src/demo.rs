@@ -5,7 +5,12 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use tunnel_tests::{Lab, remove_own_leftovers};
+use tunnel_tests::{
+    Lab,
+    fourover6::{FourOverSix, INTERNET_HOST, SERVER},
+    remove_own_leftovers,
+    transfer::tcp_transfer,
+};
 
 use crate::build_bin;
 
@@ -21,7 +26,7 @@ pub fn run() -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let result = monitor_demo();
+    let result = fourover6_demo().and_then(|()| monitor_demo());
     match &result {
         Ok(()) => println!("\ndemo: done; namespaces, daemons, sockets and pins removed."),
         Err(_) => println!("\ndemo: failed; the lab has been removed."),
@@ -33,10 +38,94 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
 }
 
-/// Until the control plane lands: the eBPF counting program on live traffic.
+/// The main job: a 4over6 concentrator with two IPv6-only clients.
+fn fourover6_demo() -> Result<()> {
+    const MB: usize = 10;
+    println!("tunnel demo, part 1: a 4over6 concentrator and two IPv6-only clients");
+    step(
+        1,
+        "Building a lab: server, internet host, two clients with IPv6-only links",
+    );
+    let mut t = FourOverSix::start(&[
+        "--pool",
+        "198.51.100.2-198.51.100.128",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53,192.0.2.54",
+    ])?;
+    println!(
+        "    server   {}  listens on {SERVER}; pool 198.51.100.2-198.51.100.128 on TUN tun4o6",
+        t.server.name
+    );
+    println!(
+        "    internet {}  192.0.2.2/24, routes 198.51.100.0/24 back to the server",
+        t.internet.name
+    );
+    let mut clients = Vec::new();
+    step(
+        2,
+        "Starting `tunnel-ctl client --server [2001:db8:100::1]:5678` in each client namespace",
+    );
+    for _ in 0..2 {
+        let ns = t.client_ns()?;
+        let (instance, addr) = t.start_client(&ns, &[])?;
+        println!(
+            "    client   {}  has no IPv4 of its own; leased {addr} over the TCP control channel",
+            ns.name
+        );
+        clients.push((ns, instance, addr));
+    }
+    step(
+        3,
+        &format!(
+            "Each client pings {INTERNET_HOST} and sends {MB} MB over TCP to it, through the tunnel"
+        ),
+    );
+    for (i, (ns, _, addr)) in clients.iter().enumerate() {
+        let answered = ns.ping(INTERNET_HOST, 3)?;
+        println!("    {addr}: {answered}/3 pings answered");
+        if answered != 3 {
+            bail!("client {addr}: only {answered} of 3 pings were answered");
+        }
+        let to = format!("{INTERNET_HOST}:{}", 9000 + i).parse()?;
+        let started = std::time::Instant::now();
+        tcp_transfer(ns, &t.internet, to, MB << 20, i as u64 + 1)?;
+        println!(
+            "    {addr}: {MB} MB arrived byte-identical in {:.2} s (in-band: 102/103 frames over TCP)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    step(
+        4,
+        &format!(
+            "Lease table (`tunnel-ctl leases --instance {}`)",
+            t.server_instance
+        ),
+    );
+    for line in t
+        .lab
+        .ctl(&["leases", "--instance", &t.server_instance])?
+        .lines()
+    {
+        println!("    {line}");
+    }
+    step(5, "Server counters that moved (`tunnel-ctl stats`)");
+    let stats = t.server_stats()?;
+    if let Some(map) = stats.as_object() {
+        for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+            println!("    {k:<28} {v}");
+        }
+    }
+    step(6, "Stopping clients and server, removing the lab");
+    t.lab.teardown();
+    Ok(())
+}
+
+/// The eBPF counting program on live traffic (the pipeline the fast path builds on).
 fn monitor_demo() -> Result<()> {
     const PINGS: u32 = 10;
-    println!("tunnel demo: the eBPF pipeline on live traffic");
+    println!("\ntunnel demo, part 2: the eBPF pipeline on live traffic");
 
     let mut lab = Lab::new()?;
     step(

@@ -48,10 +48,12 @@ impl Lease4 {
             return Err(TextError::TooFewFields(fields.len()));
         }
         let ip = |i: usize, field: &'static str| {
-            fields[i].parse::<Ipv4Addr>().map_err(|_| TextError::BadAddress {
-                field,
-                value: fields[i].to_owned(),
-            })
+            fields[i]
+                .parse::<Ipv4Addr>()
+                .map_err(|_| TextError::BadAddress {
+                    field,
+                    value: fields[i].to_owned(),
+                })
         };
         let extra = fields[5..]
             .iter()

@@ -145,15 +145,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         [] => {
             let found = dns::system_nameservers();
             if found.is_empty() {
-                warn!("no IPv4 nameserver in /etc/resolv.conf; clients get 0.0.0.0 as DNS (pass --dns)");
+                warn!(
+                    "no IPv4 nameserver in /etc/resolv.conf; clients get 0.0.0.0 as DNS (pass --dns)"
+                );
             }
             three_dns(&found)
         }
         list => three_dns(list),
     };
 
-    let listener = bind_dual_stack(args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let tun = setup_tun(&args).await?;
     let server = Arc::new(Server {
         cfg: Config {

@@ -48,7 +48,12 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     if !server.allowed(peer.ip()) {
         server.stats.sessions_refused_not_allowed.inc();
         info!(%peer, session = id, "refused: {peer_ip} is outside --allow");
-        refuse(&server, &mut framed, &format!("not allowed: {peer_ip} is outside the server's allowed prefixes")).await;
+        refuse(
+            &server,
+            &mut framed,
+            &format!("not allowed: {peer_ip} is outside the server's allowed prefixes"),
+        )
+        .await;
         return;
     }
     let full = {
@@ -63,7 +68,12 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         server.stats.sessions_refused_full.inc();
         let max = server.cfg.max_sessions;
         info!(%peer, session = id, "refused: --max-sessions {max} reached");
-        refuse(&server, &mut framed, &format!("server full: {max} sessions (--max-sessions)")).await;
+        refuse(
+            &server,
+            &mut framed,
+            &format!("server full: {max} sessions (--max-sessions)"),
+        )
+        .await;
         return;
     }
     server.stats.sessions_opened.inc();
@@ -105,7 +115,10 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
 /// Sends a 110 and lets the connection close.
 async fn refuse(server: &Server, framed: &mut Framed<TcpStream, FrameCodec>, text: &str) {
     let send = framed.send(Frame::text(MsgType::Error, text));
-    if tokio::time::timeout(Duration::from_secs(2), send).await.is_ok() {
+    if tokio::time::timeout(Duration::from_secs(2), send)
+        .await
+        .is_ok()
+    {
         server.stats.frames_out.inc();
     }
 }
@@ -130,8 +143,8 @@ impl Session {
         let mut deadline = Instant::now() + cfg.timeout;
         let cancel = self.handle.cancel.clone();
         loop {
+            // Not biased: a client flooding us with 102s must not starve its own 103s.
             tokio::select! {
-                biased;
                 () = cancel.cancelled() => {
                     self.server.stats.sessions_replaced.inc();
                     self.lease = None; // moved to the new session
@@ -281,7 +294,8 @@ impl Session {
             // Some clients resend 100 until they see 101: same lease again.
             Some(addr) => addr,
             None => {
-                let stale_ms = self.server.cfg.keepalive.as_millis() as u64;
+                // A live client sends something at least every keepalive interval.
+                let stale_ms = (self.server.cfg.keepalive.as_millis() * 3 / 2) as u64;
                 let grant = {
                     let mut state = self.server.state.lock().unwrap_or_else(|p| p.into_inner());
                     state.grant(&self.handle, self.server.now_ms(), stale_ms)
@@ -357,21 +371,21 @@ impl Session {
         }
         for pkt in packets {
             match packet::ipv4_addrs(pkt) {
-                Ok((src, _)) if src == lease => {
-                    match server.tun.send(pkt).await {
-                        Ok(_) => {
-                            stats.inband_packets_to_tun.inc();
-                            stats.inband_bytes_to_tun.add(pkt.len() as u64);
-                        }
-                        Err(e) => {
-                            stats.drop_tun_write_error.inc();
-                            self.log_bad(format_args!("TUN write failed: {e}"));
-                        }
+                Ok((src, _)) if src == lease => match server.tun.send(pkt).await {
+                    Ok(_) => {
+                        stats.inband_packets_to_tun.inc();
+                        stats.inband_bytes_to_tun.add(pkt.len() as u64);
                     }
-                }
+                    Err(e) => {
+                        stats.drop_tun_write_error.inc();
+                        self.log_bad(format_args!("TUN write failed: {e}"));
+                    }
+                },
                 Ok((src, _)) => {
                     stats.drop_spoofed_source.inc();
-                    self.log_bad(format_args!("source {src} is not the lease {lease}; dropped"));
+                    self.log_bad(format_args!(
+                        "source {src} is not the lease {lease}; dropped"
+                    ));
                 }
                 Err(BadPacket::NotIpv4) => {
                     stats.drop_not_ipv4.inc();
@@ -396,4 +410,3 @@ impl Session {
         }
     }
 }
-
