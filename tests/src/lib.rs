@@ -495,6 +495,13 @@ pub fn wait_for<T>(
     }
 }
 
+/// An integer counter from a `stats --json` object; panics with the object if it is missing.
+pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats has no integer {name}: {stats}"))
+}
+
 pub mod fourover6;
 pub mod transfer;
 

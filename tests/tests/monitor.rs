@@ -1,13 +1,7 @@
 //! The monitor daemon counts live traffic on a veth in a namespace, and `tunnel-ctl stats`
 //! reports it.
 use anyhow::Result;
-use tunnel_tests::Lab;
-
-fn counter(stats: &serde_json::Value, name: &str) -> u64 {
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats has no integer {name}: {stats}"))
-}
+use tunnel_tests::{Lab, counter};
 
 #[test]
 fn pings_across_a_veth_are_counted() -> Result<()> {
