@@ -427,3 +427,46 @@ fn bad_input_ends_only_its_own_session_while_a_transfer_runs() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn allow_list_and_session_limit_refuse_with_110() -> Result<()> {
+    let mut t = FourOverSix::start(&server_args(&[
+        "--allow",
+        "2001:db8:1::/64",
+        "--max-sessions",
+        "2",
+    ]))?;
+    let allowed = t.client_ns()?;
+    let outside = t.client_ns()?; // 2001:db8:2::2
+
+    let mut refused = RawPeer::connect(&outside)?;
+    let (kind, data) = refused.recv_skip_keepalive()?;
+    let text = String::from_utf8_lossy(&data);
+    assert_eq!(kind, 110, "{text}");
+    assert!(
+        text.contains("not allowed") && text.contains("2001:db8:2::2"),
+        "{text}"
+    );
+    assert!(refused.closed_within(Duration::from_secs(5))?);
+    assert!(
+        t.leases()?.is_empty(),
+        "a refused client must never get an address"
+    );
+
+    let mut first = RawPeer::connect(&allowed)?;
+    first.lease()?;
+    let mut second = RawPeer::connect(&allowed)?;
+    second.send(104, &[])?;
+    let mut third = RawPeer::connect(&allowed)?;
+    let (kind, data) = third.recv_skip_keepalive()?;
+    let text = String::from_utf8_lossy(&data);
+    assert_eq!(kind, 110, "{text}");
+    assert!(text.contains("server full"), "{text}");
+    // The admitted sessions are untouched.
+    let again = first.lease()?;
+    assert!(again.starts_with("198.51.100."), "{again}");
+    let stats = t.server_stats()?;
+    assert_eq!(counter(&stats, "sessions_refused_not_allowed"), 1);
+    assert_eq!(counter(&stats, "sessions_refused_full"), 1);
+    Ok(())
+}
