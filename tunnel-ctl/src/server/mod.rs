@@ -62,6 +62,7 @@ counters! {
         drop_malformed_packet,
         drop_not_ipv4,
         drop_no_lease_for_destination,
+        drop_tun_not_ipv4,
         drop_session_queue_full,
         drop_tun_write_error,
     }
@@ -264,8 +265,10 @@ async fn tun_reader(server: Arc<Server>) {
             }
         };
         let pkt = &buf[..n];
+        // IPv6 here is the kernel's own chatter on the TUN (router solicitations, MLD) until
+        // IPv6 leases exist.
         let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
-            server.stats.drop_no_lease_for_destination.inc();
+            server.stats.drop_tun_not_ipv4.inc();
             continue;
         };
         let tx = {
