@@ -455,8 +455,9 @@ fn allow_list_and_session_limit_refuse_with_110() -> Result<()> {
 
     let mut first = RawPeer::connect(&allowed)?;
     first.lease()?;
+    // A full round trip, so this session is admitted before the next connection is accepted.
     let mut second = RawPeer::connect(&allowed)?;
-    second.send(104, &[])?;
+    second.lease()?;
     let mut third = RawPeer::connect(&allowed)?;
     let (kind, data) = third.recv_skip_keepalive()?;
     let text = String::from_utf8_lossy(&data);
