@@ -178,11 +178,6 @@ impl Daemon {
         self.child.id()
     }
 
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Sends `signal` (e.g. `libc::SIGSTOP`).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid.

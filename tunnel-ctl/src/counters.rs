@@ -1,9 +1,6 @@
 //! Userspace counters of the daemons (sessions, frames, drops per reason). They are reported by
 //! `tunnel-ctl stats` next to the eBPF counters, under the same "name → integer" shape.
-use std::{
-    collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Declares a struct of named `AtomicU64` counters with `snapshot()`.
 #[macro_export]
@@ -41,15 +38,4 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
-}
-
-/// Merges several snapshots into one object for `stats --json`.
-pub fn merge<'a>(
-    parts: impl IntoIterator<Item = BTreeMap<&'a str, u64>>,
-) -> BTreeMap<&'a str, u64> {
-    let mut out = BTreeMap::new();
-    for part in parts {
-        out.extend(part);
-    }
-    out
 }

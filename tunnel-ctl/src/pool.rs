@@ -29,10 +29,6 @@ impl Range4 {
         false
     }
 
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        self.first <= a && a <= self.last
-    }
-
     /// The smallest set of CIDRs that covers the range (for routes).
     pub fn subnets(&self) -> Vec<Ipv4Net> {
         ipnet::Ipv4Subnets::new(self.first, self.last, 0).collect()
@@ -139,10 +135,6 @@ impl Pool {
         })
     }
 
-    pub fn ranges(&self) -> &[Range4] {
-        &self.ranges
-    }
-
     /// Human description, e.g. `198.51.100.2-198.51.100.4`.
     pub fn describe(&self) -> String {
         self.ranges
@@ -158,10 +150,6 @@ impl Pool {
 
     pub fn in_use(&self) -> usize {
         self.in_use.len()
-    }
-
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        self.ranges.iter().any(|r| r.contains(a))
     }
 
     /// An address for `client`: the one it held within the hold time if still free, else a
@@ -188,18 +176,6 @@ impl Pool {
         self.held.retain(|_, (a, _)| *a != addr);
         self.in_use.insert(addr);
         Some(addr)
-    }
-
-    /// Takes `addr` for `client` if it is free (re-adopting persisted leases).
-    pub fn claim(&mut self, addr: Ipv4Addr) -> bool {
-        match self.free.iter().position(|&a| a == addr) {
-            Some(pos) => {
-                self.free.remove(pos);
-                self.in_use.insert(addr);
-                true
-            }
-            None => false,
-        }
     }
 
     /// Returns `addr` to the pool, held for `client` until the hold time passes.
