@@ -4,5 +4,6 @@
 //! counter indices, and the `#[repr(C)]` layouts of map keys and values.
 #![no_std]
 
+pub mod fastpath;
 pub mod names;
 pub mod stats;

@@ -39,6 +39,35 @@ counters! {
     MonitorEgressIpv6 = "monitor_egress_ipv6",
     /// Other frames seen by a monitor program on egress.
     MonitorEgressOther = "monitor_egress_other",
+
+    /// Server: packets from native clients decapsulated (GSO segments counted one by one).
+    Decap = "fastpath_decap_packets",
+    /// Server: decapsulated packets forwarded by the program itself (FIB lookup + redirect).
+    DecapRedirected = "fastpath_decap_redirected",
+    /// Server: packets to native leases encapsulated and sent toward the client.
+    Encap = "fastpath_encap_packets",
+    /// Server: IPv4-in-IPv6 to our tunnel address from an IPv6 source with no binding.
+    DropUnboundSource = "drop_unbound_source",
+    /// Server: inner IPv4 source is not the lease bound to the outer source.
+    DropInnerSourceNotLease = "drop_inner_source_not_lease",
+    /// Server: next header 4 but the inner packet is not IPv4.
+    DropInnerNotIpv4 = "drop_inner_not_ipv4",
+    /// Server: inner IPv4 header truncated or inconsistent.
+    DropInnerMalformed = "drop_inner_malformed",
+    /// Packets to a native lease too big for the tunnel: left to the slow path (ICMP).
+    SlowPathTooBig = "slowpath_too_big",
+    /// Packets whose TTL would expire here: left to the kernel (ICMP time exceeded).
+    SlowPathTtl = "slowpath_ttl_expired",
+    /// No IPv6 route or neighbour toward a client: dropped.
+    DropNoRoute = "drop_no_route_to_client",
+    /// A packet rewrite (adjust_room, store) failed: dropped.
+    DropRewriteFailed = "drop_rewrite_failed",
+    /// SYNs whose MSS option was lowered to fit the tunnel.
+    MssClamped = "mss_clamped",
+    /// Native client: IPv4 packets encapsulated toward the server.
+    ClientEncap = "client_encap_packets",
+    /// Native client: packets from the server decapsulated.
+    ClientDecap = "client_decap_packets",
 }
 
 /// Number of slots in the stats map.

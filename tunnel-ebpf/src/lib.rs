@@ -2,4 +2,8 @@
 //! binary, built for `bpfel-unknown-none`).
 #![no_std]
 
+pub mod maps;
+pub mod mss;
+pub mod packet;
+pub mod route;
 pub mod stats;

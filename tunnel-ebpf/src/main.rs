@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod client;
 mod monitor;
+mod server;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,6 +2,7 @@
 //! attachment and map reads. The rest of the controller goes through this module.
 
 pub mod bpffs;
+pub mod fastpath;
 pub mod loader;
 pub mod stats;
 pub mod tc;

@@ -1,0 +1,441 @@
+//! BPF_PROG_TEST_RUN unit tests of the fast-path programs on crafted packets: decapsulation
+//! (accept and each reject), encapsulation, MSS clamping, checksums checked by etherparse.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Result, bail};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4HeaderSlice, Ipv6Header, Ipv6HeaderSlice,
+    PacketBuilder, TcpHeaderSlice, TcpOptionElement,
+};
+use tunnel_common::{
+    fastpath::TunnelConfig,
+    names::{PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    stats::Counter,
+};
+use tunnel_ctl::dataplane::{self, fastpath::Maps, fastpath::v4_key};
+use tunnel_tests::Lab;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const TUNNEL: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 4);
+const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+const STRANGER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 99);
+const LEASE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+const NEIGH_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x22];
+
+fn config(v6_ifindex: u32) -> TunnelConfig {
+    TunnelConfig {
+        local: TUNNEL.octets(),
+        remote: [0; 16],
+        ipv4: 0,
+        v6_ifindex,
+        tun_ifindex: 0,
+        inner_mtu: 1460,
+        mss: 1420,
+        hop_limit: 64,
+        enabled: 1,
+        _pad: [0; 2],
+    }
+}
+
+/// IPv4 + UDP (no Ethernet).
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .udp(4000, 7)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// IPv4 + TCP SYN announcing MSS 1460 (no Ethernet).
+fn ipv4_syn(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .tcp(40000, 80, 1, 64240)
+        .syn()
+        .options(&[
+            TcpOptionElement::MaximumSegmentSize(1460),
+            TcpOptionElement::SelectiveAcknowledgementPermitted,
+            TcpOptionElement::Noop,
+            TcpOptionElement::WindowScale(7),
+        ])
+        .unwrap()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+fn ethernet(ether_type: EtherType, l3: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: MAC_A,
+        destination: MAC_B,
+        ether_type,
+    }
+    .write(&mut out)
+    .unwrap();
+    out.extend_from_slice(l3);
+    out
+}
+
+/// Ethernet + IPv6 (next header 4) + `inner`.
+fn in_ipv6(src: Ipv6Addr, dst: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let mut l3 = Vec::new();
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: inner.len() as u16,
+        next_header: IpNumber::IPV4,
+        hop_limit: 64,
+        source: src.octets(),
+        destination: dst.octets(),
+    }
+    .write(&mut l3)
+    .unwrap();
+    l3.extend_from_slice(inner);
+    ethernet(EtherType::IPV6, &l3)
+}
+
+fn run(ebpf: &mut Ebpf, program: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let prog: &mut SchedClassifier = ebpf.program_mut(program).unwrap().try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    let mut out = vec![0u8; packet.len() + 128];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+fn delta(ebpf: &Ebpf, before: &dataplane::stats::Counters, counter: Counter) -> u64 {
+    dataplane::stats::read(ebpf).unwrap()[counter.name()] - before[counter.name()]
+}
+
+fn assert_ipv4_checksum(ip: &[u8]) -> Result<()> {
+    let slice = Ipv4HeaderSlice::from_slice(ip)?;
+    let header = slice.to_header();
+    if header.calc_header_checksum() != slice.header_checksum() {
+        bail!("IPv4 header checksum is wrong");
+    }
+    Ok(())
+}
+
+/// The MSS option of a TCP SYN in `ip` (IPv4), after checking the TCP checksum.
+fn syn_mss(ip: &[u8]) -> Result<u16> {
+    let ip_slice = Ipv4HeaderSlice::from_slice(ip)?;
+    let header = ip_slice.to_header();
+    let tcp = TcpHeaderSlice::from_slice(&ip[ip_slice.slice().len()..])?;
+    let payload = &ip[ip_slice.slice().len() + tcp.slice().len()..];
+    let want = tcp.to_header().calc_checksum_ipv4(&header, payload)?;
+    if want != tcp.checksum() {
+        bail!("TCP checksum is wrong after the rewrite");
+    }
+    for opt in tcp.options_iterator() {
+        if let Ok(TcpOptionElement::MaximumSegmentSize(mss)) = opt {
+            return Ok(mss);
+        }
+    }
+    bail!("no MSS option")
+}
+
+/// The MAC address of `dev` in `ns` (sysfs shows the test's own namespace, so ask `ip`).
+fn link_mac(ns: &tunnel_tests::Ns, dev: &str) -> Result<[u8; 6]> {
+    let text = ns.ip(&format!("-o link show {dev}"))?;
+    let hex = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no MAC in {text}"))?;
+    let mut mac = [0u8; 6];
+    for (i, part) in hex.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+struct Fixture {
+    lab: Lab,
+    ebpf: Ebpf,
+    maps: Maps,
+}
+
+fn fixture(role: &str) -> Result<Fixture> {
+    let mut lab = Lab::new()?;
+    let instance = lab.instance(role);
+    let pin_dir = std::path::Path::new("/sys/fs/bpf/tunnel").join(&instance);
+    let mut ebpf = dataplane::load(&pin_dir)?;
+    let maps = Maps::take(&mut ebpf)?;
+    Ok(Fixture { lab, ebpf, maps })
+}
+
+#[test]
+fn server_decap_accepts_bound_clients_and_drops_each_violation() -> Result<()> {
+    let Fixture {
+        lab: _lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("decap")?;
+    maps.set_config(&config(0))?;
+    maps.bind(CLIENT, LEASE)?;
+
+    // Accepted: the output is exactly the inner packet behind the same Ethernet addresses.
+    let inner = ipv4_udp(LEASE, HOST, b"hello");
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = run(
+        &mut ebpf,
+        PROG_SERVER_DECAP,
+        &in_ipv6(CLIENT, TUNNEL, &inner),
+    )?;
+    // No route in this namespace: the kernel gets the decapsulated packet.
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, ethernet(EtherType::IPV4, &inner));
+    assert_eq!(delta(&ebpf, &before, Counter::Decap), 1);
+
+    // Rejected, each under its own reason.
+    let mut ipv6_inner = Vec::new();
+    PacketBuilder::ipv6(STRANGER.octets(), CLIENT.octets(), 64)
+        .udp(1, 2)
+        .write(&mut ipv6_inner, b"x")?;
+    let cases = [
+        (
+            in_ipv6(STRANGER, TUNNEL, &inner),
+            Counter::DropUnboundSource,
+        ),
+        (
+            in_ipv6(
+                CLIENT,
+                TUNNEL,
+                &ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x"),
+            ),
+            Counter::DropInnerSourceNotLease,
+        ),
+        (
+            in_ipv6(CLIENT, TUNNEL, &ipv6_inner),
+            Counter::DropInnerNotIpv4,
+        ),
+        (
+            in_ipv6(CLIENT, TUNNEL, &inner[..12]),
+            Counter::DropInnerMalformed,
+        ),
+    ];
+    for (packet, reason) in cases {
+        let before = dataplane::stats::read(&ebpf)?;
+        let (verdict, _) = run(&mut ebpf, PROG_SERVER_DECAP, &packet)?;
+        assert_eq!(verdict, TC_ACT_SHOT, "{}", reason.name());
+        assert_eq!(delta(&ebpf, &before, reason), 1, "{}", reason.name());
+        assert_eq!(
+            delta(&ebpf, &before, Counter::Decap),
+            0,
+            "{}",
+            reason.name()
+        );
+    }
+
+    // Not ours: other destinations and plain IPv6 pass untouched and uncounted.
+    let elsewhere = in_ipv6(CLIENT, STRANGER, &inner);
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = run(&mut ebpf, PROG_SERVER_DECAP, &elsewhere)?;
+    assert_eq!((verdict, &out), (TC_ACT_OK, &elsewhere));
+    assert_eq!(delta(&ebpf, &before, Counter::DropUnboundSource), 0);
+
+    // After unbinding, the client is a stranger.
+    maps.unbind(CLIENT, LEASE)?;
+    let (verdict, _) = run(
+        &mut ebpf,
+        PROG_SERVER_DECAP,
+        &in_ipv6(CLIENT, TUNNEL, &inner),
+    )?;
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(maps.bindings(), (vec![], 0));
+    Ok(())
+}
+
+#[test]
+fn decap_clamps_the_mss_of_syns_and_keeps_the_checksum_valid() -> Result<()> {
+    let Fixture {
+        lab: _lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("mss")?;
+    maps.set_config(&config(0))?;
+    maps.bind(CLIENT, LEASE)?;
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = run(
+        &mut ebpf,
+        PROG_SERVER_DECAP,
+        &in_ipv6(CLIENT, TUNNEL, &ipv4_syn(LEASE, HOST)),
+    )?;
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(syn_mss(&out[14..])?, 1420);
+    assert_eq!(delta(&ebpf, &before, Counter::MssClamped), 1);
+
+    // A smaller MSS is left alone.
+    maps.set_config(&TunnelConfig {
+        mss: 1460,
+        ..config(0)
+    })?;
+    let (_, out) = run(
+        &mut ebpf,
+        PROG_SERVER_DECAP,
+        &in_ipv6(CLIENT, TUNNEL, &ipv4_syn(LEASE, HOST)),
+    )?;
+    assert_eq!(syn_mss(&out[14..])?, 1460);
+    Ok(())
+}
+
+#[test]
+fn server_encap_wraps_packets_to_native_leases_toward_the_client() -> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("encap")?;
+    // A namespace where the client is an on-link neighbour of interface v6.
+    let ns = lab.ns("encap")?;
+    let peer = lab.ns("peer")?;
+    lab.veth(&ns, "v6", &peer, "p")?;
+    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    // A router: the program uses the FIB helper, which fills in the MAC addresses itself.
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.ip(&format!(
+        "-6 neigh replace {CLIENT} lladdr 02:00:00:00:00:22 dev v6 nud permanent"
+    ))?;
+    let ifindex = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let mac = link_mac(&ns, "v6")?;
+    maps.set_config(&config(ifindex))?;
+    maps.bind(CLIENT, LEASE)?;
+
+    let inner = ipv4_udp(HOST, LEASE, b"hello client");
+    let packet = ethernet(EtherType::IPV4, &inner);
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| run(&mut ebpf, PROG_SERVER_ENCAP, &packet))??;
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "encapsulated packets are redirected; counters {:?}",
+        dataplane::stats::read(&ebpf)?
+    );
+    assert_eq!(delta(&ebpf, &before, Counter::Encap), 1);
+    assert_eq!(
+        &out[0..6],
+        &NEIGH_MAC,
+        "destination MAC from the neighbour table"
+    );
+    assert_eq!(&out[6..12], &mac, "source MAC of the IPv6 interface");
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    let outer = Ipv6HeaderSlice::from_slice(&out[14..])?;
+    assert_eq!(outer.source_addr(), TUNNEL);
+    assert_eq!(outer.destination_addr(), CLIENT);
+    assert_eq!(outer.next_header(), IpNumber::IPV4);
+    assert_eq!(outer.hop_limit(), 64);
+    assert_eq!(outer.payload_length() as usize, inner.len());
+    let got_inner = &out[54..];
+    assert_eq!(got_inner.len(), inner.len());
+    assert_eq!(got_inner[8], inner[8] - 1, "TTL decremented");
+    assert_ipv4_checksum(got_inner)?;
+    assert_eq!(&got_inner[20..], &inner[20..], "payload unchanged");
+
+    // Too big for the tunnel: left to the slow path, unchanged.
+    let big = ethernet(EtherType::IPV4, &ipv4_udp(HOST, LEASE, &[0u8; 1460]));
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| run(&mut ebpf, PROG_SERVER_ENCAP, &big))??;
+    assert_eq!((verdict, &out), (TC_ACT_OK, &big));
+    assert_eq!(delta(&ebpf, &before, Counter::SlowPathTooBig), 1);
+
+    // Addresses without a binding (in-band leases, anything else) pass untouched.
+    let other = ethernet(
+        EtherType::IPV4,
+        &ipv4_udp(HOST, Ipv4Addr::new(198, 51, 100, 3), b"x"),
+    );
+    let (verdict, out) = ns.enter(|| run(&mut ebpf, PROG_SERVER_ENCAP, &other))??;
+    assert_eq!((verdict, &out), (TC_ACT_OK, &other));
+
+    // SYN-ACKs toward the client get their MSS clamped too.
+    let syn = ethernet(EtherType::IPV4, &ipv4_syn(HOST, LEASE));
+    let (verdict, out) = ns.enter(|| run(&mut ebpf, PROG_SERVER_ENCAP, &syn))??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(syn_mss(&out[54..])?, 1420);
+    Ok(())
+}
+
+#[test]
+fn client_programs_mirror_the_server() -> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("client")?;
+    let ns = lab.ns("cli")?;
+    let peer = lab.ns("gw")?;
+    lab.veth(&ns, "v6", &peer, "p")?;
+    ns.ip(&format!("-6 addr add {CLIENT}/64 dev v6 nodad"))?;
+    ns.ip("-6 route add 2001:db8:100::/48 via 2001:db8:1::1 dev v6")?;
+    ns.ip("-6 neigh replace 2001:db8:1::1 lladdr 02:00:00:00:00:22 dev v6 nud permanent")?;
+    let ifindex = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    maps.set_config(&TunnelConfig {
+        local: CLIENT.octets(),
+        remote: TUNNEL.octets(),
+        ipv4: v4_key(LEASE),
+        ..config(ifindex)
+    })?;
+
+    // Egress: the lease's packets are wrapped toward the server. A client host does not
+    // forward IPv6, so the FIB helper declines and the program hands the packet to the
+    // kernel's neighbour output (which fills in the MAC addresses after the program).
+    let inner = ipv4_udp(LEASE, HOST, b"up");
+    let (verdict, out) = ns.enter(|| {
+        run(
+            &mut ebpf,
+            PROG_CLIENT_ENCAP,
+            &ethernet(EtherType::IPV4, &inner),
+        )
+    })??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    let outer = Ipv6HeaderSlice::from_slice(&out[14..])?;
+    assert_eq!(
+        (outer.source_addr(), outer.destination_addr()),
+        (CLIENT, TUNNEL)
+    );
+    assert_eq!(
+        &out[54..],
+        &inner[..],
+        "a client does not route: TTL unchanged"
+    );
+
+    // Other sources are not the tunnel's.
+    let foreign = ethernet(EtherType::IPV4, &ipv4_udp(HOST, LEASE, b"x"));
+    let (verdict, out) = ns.enter(|| run(&mut ebpf, PROG_CLIENT_ENCAP, &foreign))??;
+    assert_eq!((verdict, &out), (TC_ACT_OK, &foreign));
+
+    // Ingress: packets from the server to us are unwrapped; from anyone else, left alone.
+    let down = ipv4_udp(HOST, LEASE, b"down");
+    let (verdict, out) = run(
+        &mut ebpf,
+        PROG_CLIENT_DECAP,
+        &in_ipv6(TUNNEL, CLIENT, &down),
+    )?;
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, ethernet(EtherType::IPV4, &down))
+    );
+    let spoof = in_ipv6(STRANGER, CLIENT, &down);
+    let (verdict, out) = run(&mut ebpf, PROG_CLIENT_DECAP, &spoof)?;
+    assert_eq!((verdict, out), (TC_ACT_OK, spoof));
+    Ok(())
+}

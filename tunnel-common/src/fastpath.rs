@@ -1,0 +1,83 @@
+//! Keys and values of the fast-path maps (SPEC §2, §5). `#[repr(C)]` without implicit padding:
+//! the eBPF programs and the controller read the same bytes.
+//!
+//! Addresses are kept as the bytes they have on the wire (network order), so the programs can
+//! compare them with packet fields without swapping.
+
+/// IPv4 address as a map key: the four wire bytes read as a native `u32`
+/// (`u32::from_ne_bytes(addr.octets())` in userspace).
+pub type Ipv4Key = u32;
+
+/// IPv6 address as a map key: its sixteen wire bytes.
+pub type Ipv6Key = [u8; 16];
+
+/// Value of [`crate::names::BIND_BY_V6`]: what a native client (keyed by its tunnel IPv6
+/// address) may send as inner IPv4 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding4 {
+    /// The lease, wire order (see [`Ipv4Key`]).
+    pub ipv4: Ipv4Key,
+    /// Port-set id for shared addresses (`psid_len == 0`: the whole address).
+    pub psid: u16,
+    pub psid_len: u8,
+    pub psid_offset: u8,
+}
+
+/// Value of [`crate::names::BIND_BY_V4`]: where packets to a lease go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding6 {
+    /// The client's tunnel IPv6 address (outer destination).
+    pub client: Ipv6Key,
+}
+
+/// The single entry of [`crate::names::TUNNEL_CONFIG`]. A server fills `local`, the interface
+/// indexes and the MTU; a native client also fills `remote` and `ipv4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// Our tunnel endpoint (outer source of what we encapsulate, outer destination of what we
+    /// accept).
+    pub local: Ipv6Key,
+    /// Client only: the server's tunnel endpoint.
+    pub remote: Ipv6Key,
+    /// Client only: the lease (inner source of what we encapsulate).
+    pub ipv4: Ipv4Key,
+    /// The IPv6-side interface (outer packets leave through it).
+    pub v6_ifindex: u32,
+    /// Server only: the TUN (slow path); packets routed there are left to the kernel.
+    pub tun_ifindex: u32,
+    /// Largest inner IPv4 packet that fits: outer MTU − 40.
+    pub inner_mtu: u16,
+    /// TCP MSS written into SYNs that announce more: `inner_mtu` − 40.
+    pub mss: u16,
+    /// Outer hop limit.
+    pub hop_limit: u8,
+    /// Non-zero once the controller has filled the entry; until then programs pass everything.
+    pub enabled: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Size of the outer header we add and remove.
+pub const IPV6_HEADER_LEN: u16 = 40;
+/// IPv4 header (20) + TCP header (20): the MSS is the inner MTU minus this.
+pub const TCP_IPV4_OVERHEAD: u16 = 40;
+/// Default outer hop limit.
+pub const DEFAULT_HOP_LIMIT: u8 = 64;
+/// Bindings a server can hold (both maps).
+pub const MAX_BINDINGS: u32 = 65_536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, no padding (checked below).
+    unsafe impl aya::Pod for super::Binding4 {}
+    unsafe impl aya::Pod for super::Binding6 {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+}
+
+// No implicit padding: the sizes equal the sums of the fields.
+const _: () = assert!(core::mem::size_of::<Binding4>() == 8);
+const _: () = assert!(core::mem::size_of::<Binding6>() == 16);
+const _: () =
+    assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);

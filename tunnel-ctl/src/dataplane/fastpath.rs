@@ -1,0 +1,140 @@
+//! The controller's handle on the fast-path maps: the tunnel configuration and the bindings
+//! {client IPv6 ↔ lease IPv4} in both directions. The lease table decides; this module only
+//! mirrors its decisions into the maps.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError},
+};
+use tunnel_common::{
+    fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, TunnelConfig},
+    names::{BIND_BY_V4, BIND_BY_V6, TUNNEL_CONFIG},
+};
+
+pub fn v4_key(addr: Ipv4Addr) -> Ipv4Key {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub fn v4_from_key(key: Ipv4Key) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// The maps, taken out of a loaded object (the object keeps the programs and the counters).
+pub struct Maps {
+    config: Array<MapData, TunnelConfig>,
+    by_v6: HashMap<MapData, Ipv6Key, Binding4>,
+    by_v4: HashMap<MapData, Ipv4Key, Binding6>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("opening map {name}"))
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
+        Ok(Maps {
+            config: take(ebpf, TUNNEL_CONFIG)?,
+            by_v6: take(ebpf, BIND_BY_V6)?,
+            by_v4: take(ebpf, BIND_BY_V4)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<TunnelConfig> {
+        self.config
+            .get(&0, 0)
+            .context("reading the tunnel configuration")
+    }
+
+    /// Writes the configuration; the programs act on it from the next packet on.
+    pub fn set_config(&mut self, cfg: &TunnelConfig) -> Result<()> {
+        self.config
+            .set(0, cfg, 0)
+            .context("writing the tunnel configuration")
+    }
+
+    /// Installs (or confirms) `client` ↔ `ipv4`. The IPv6 → IPv4 direction goes in last so
+    /// that a client is never accepted before its return path exists.
+    pub fn bind(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
+        self.by_v4
+            .insert(
+                v4_key(ipv4),
+                Binding6 {
+                    client: client.octets(),
+                },
+                0,
+            )
+            .with_context(|| format!("binding {ipv4} → {client} (map {BIND_BY_V4} full?)"))?;
+        self.by_v6
+            .insert(
+                client.octets(),
+                Binding4 {
+                    ipv4: v4_key(ipv4),
+                    ..Default::default()
+                },
+                0,
+            )
+            .with_context(|| format!("binding {client} → {ipv4} (map {BIND_BY_V6} full?)"))
+    }
+
+    /// Removes `client` ↔ `ipv4`; entries already gone are fine. Only removes an entry that
+    /// still points at the other half, so a rebinding done meanwhile is left alone.
+    pub fn unbind(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
+        if let Ok(b) = self.by_v6.get(&client.octets(), 0)
+            && b.ipv4 == v4_key(ipv4)
+        {
+            remove_ok(self.by_v6.remove(&client.octets()))?;
+        }
+        if let Ok(b) = self.by_v4.get(&v4_key(ipv4), 0)
+            && b.client == client.octets()
+        {
+            remove_ok(self.by_v4.remove(&v4_key(ipv4)))?;
+        }
+        Ok(())
+    }
+
+    /// Every binding, as seen from the IPv4 side, and the count of IPv6-side entries.
+    pub fn bindings(&self) -> (Vec<(Ipv4Addr, Ipv6Addr)>, usize) {
+        let v4 = self
+            .by_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (v4_from_key(k), Ipv6Addr::from(v.client)))
+            .collect();
+        let v6 = self.by_v6.keys().filter_map(Result::ok).count();
+        (v4, v6)
+    }
+
+    /// Removes every binding whose pair `keep` rejects (reconciling after a restart).
+    pub fn retain(&mut self, keep: impl Fn(Ipv4Addr, Ipv6Addr) -> bool) -> Result<usize> {
+        let mut removed = 0;
+        let v4: Vec<(Ipv4Key, Binding6)> = self.by_v4.iter().filter_map(Result::ok).collect();
+        for (k, v) in v4 {
+            if !keep(v4_from_key(k), Ipv6Addr::from(v.client)) {
+                remove_ok(self.by_v4.remove(&k))?;
+                removed += 1;
+            }
+        }
+        let v6: Vec<(Ipv6Key, Binding4)> = self.by_v6.iter().filter_map(Result::ok).collect();
+        for (k, v) in v6 {
+            if !keep(v4_from_key(v.ipv4), Ipv6Addr::from(k)) {
+                remove_ok(self.by_v6.remove(&k))?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn remove_ok(r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing a binding"),
+    }
+}

@@ -1,0 +1,94 @@
+//! A native client's data path (SPEC §5.2, the mirror image of the server).
+//!
+//! How IPv4 reaches `client_encap`: the controller puts the lease on the IPv6 interface as a
+//! /32 and routes 0.0.0.0/1 + 128.0.0.0/1 via 192.0.0.1 (RFC 7335's softwire next hop) on
+//! that interface, with a permanent neighbour entry for it, so the kernel emits ordinary
+//! Ethernet + IPv4 frames there without ever ARPing. On egress the program wraps the lease's
+//! IPv4 packets in IPv6 to the server and fixes the MAC addresses from the IPv6 FIB. On
+//! ingress `client_decap` unwraps IPv4-in-IPv6 from the server to us, and the kernel delivers
+//! the inner packet locally (the lease is a local address).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use network_types::ip::Ipv6Hdr;
+use tunnel_common::stats::Counter;
+use tunnel_ebpf::{
+    maps::config,
+    mss,
+    packet::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, eq16},
+    route::{self, Forward},
+    stats::{count, count_n},
+};
+
+const PASS: i32 = TC_ACT_OK as i32;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[classifier]
+pub fn client_encap(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IP) {
+        return PASS;
+    }
+    let Some(ip) = Ipv4Info::load(&ctx, ETH_LEN) else {
+        return PASS;
+    };
+    if ip.src() != cfg.ipv4 {
+        // Not the tunnel's traffic (the interface may carry native IPv4 too).
+        return PASS;
+    }
+    if mss::clamp(&ctx, ETH_LEN, &ip, cfg.mss) {
+        count(Counter::MssClamped);
+    }
+    let segs = packet::segments(&ctx);
+    if packet::encapsulate(&ctx, &cfg.local, &cfg.remote, &ip, cfg.hop_limit).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    match route::forward_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex, true) {
+        Forward::Verdict(v) => {
+            count_n(Counter::ClientEncap, segs);
+            v
+        }
+        Forward::NoRoute | Forward::Excluded => {
+            count(Counter::DropNoRoute);
+            DROP
+        }
+    }
+}
+
+#[classifier]
+pub fn client_decap(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
+        return PASS;
+    }
+    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return PASS;
+    };
+    if outer.next_hdr != IPPROTO_IPIP
+        || !eq16(&outer.dst_addr, &cfg.local)
+        || !eq16(&outer.src_addr, &cfg.remote)
+    {
+        return PASS;
+    }
+    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
+        count(Counter::DropInnerNotIpv4);
+        return DROP;
+    };
+    if inner.dst() != cfg.ipv4 {
+        count(Counter::DropInnerSourceNotLease);
+        return DROP;
+    }
+    if mss::clamp(&ctx, INNER_OFF, &inner, cfg.mss) {
+        count(Counter::MssClamped);
+    }
+    let segs = packet::segments(&ctx);
+    if packet::decapsulate(&ctx).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    count_n(Counter::ClientDecap, segs);
+    PASS
+}

@@ -1,0 +1,175 @@
+//! Header offsets and small packet operations shared by the programs. Reads and writes go
+//! through `bpf_skb_load_bytes` / `bpf_skb_store_bytes`, which also work on non-linear skbs
+//! (GSO packets whose headers are not all in the linear part).
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    programs::TcContext,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+use tunnel_common::fastpath::IPV6_HEADER_LEN;
+
+pub const ETH_LEN: usize = 14;
+/// Offset of the EtherType in the Ethernet header.
+const ETH_PROTO_OFF: usize = 12;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// Where the inner IPv4 header starts in an encapsulated frame.
+pub const INNER_OFF: usize = ETH_LEN + IPV6_HEADER_LEN as usize;
+
+/// The EtherType of the frame.
+#[inline(always)]
+pub fn eth_proto(ctx: &TcContext) -> Option<u16> {
+    ctx.load::<[u8; 2]>(ETH_PROTO_OFF)
+        .ok()
+        .map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+fn set_eth_proto(ctx: &TcContext, proto: u16) -> Result<(), ()> {
+    ctx.store(ETH_PROTO_OFF, &proto.to_be_bytes(), 0)
+        .map_err(|_| ())
+}
+
+/// 16-byte equality without a memcmp call (BPF has none).
+#[inline(always)]
+pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a0, a1) = a.split_at(8);
+    let (b0, b1) = b.split_at(8);
+    u64::from_ne_bytes(a0.try_into().unwrap_or([0; 8]))
+        == u64::from_ne_bytes(b0.try_into().unwrap_or([1; 8]))
+        && u64::from_ne_bytes(a1.try_into().unwrap_or([0; 8]))
+            == u64::from_ne_bytes(b1.try_into().unwrap_or([1; 8]))
+}
+
+/// The parts of an IPv4 header the programs decide on.
+pub struct Ipv4Info {
+    pub hdr: Ipv4Hdr,
+    /// Header length in bytes (20-60).
+    pub ihl: usize,
+    pub tot_len: u16,
+}
+
+impl Ipv4Info {
+    /// Reads and sanity-checks the IPv4 header at `off`.
+    #[inline(always)]
+    pub fn load(ctx: &TcContext, off: usize) -> Option<Ipv4Info> {
+        let hdr: Ipv4Hdr = ctx.load(off).ok()?;
+        if hdr.vihl >> 4 != 4 {
+            return None;
+        }
+        let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
+        let tot_len = u16::from_be_bytes(hdr.tot_len);
+        if ihl < 20 || (tot_len as usize) < ihl {
+            return None;
+        }
+        Some(Ipv4Info { hdr, ihl, tot_len })
+    }
+
+    pub fn src(&self) -> u32 {
+        u32::from_ne_bytes(self.hdr.src_addr)
+    }
+
+    pub fn dst(&self) -> u32 {
+        u32::from_ne_bytes(self.hdr.dst_addr)
+    }
+
+    pub fn dont_fragment(&self) -> bool {
+        self.hdr.frags[0] & 0x40 != 0
+    }
+
+    /// Offset 0 (the first or only fragment): the transport header is here.
+    pub fn first_fragment(&self) -> bool {
+        u16::from_be_bytes(self.hdr.frags) & 0x1fff == 0
+    }
+}
+
+/// The length of the largest packet this skb will become on the wire: its IPv4 total length,
+/// or for a GSO skb one segment (headers + gso_size).
+#[inline(always)]
+pub fn wire_len(ctx: &TcContext, ip_off: usize, ip: &Ipv4Info) -> usize {
+    // SAFETY: reading fields of the context the kernel handed us.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    if gso_size == 0 {
+        return ip.tot_len as usize;
+    }
+    let l4 = match ip.hdr.proto {
+        IPPROTO_TCP => ctx
+            .load::<u8>(ip_off + ip.ihl + 12)
+            .map(|b| ((b >> 4) as usize) * 4)
+            .unwrap_or(60),
+        IPPROTO_UDP => 8,
+        _ => 60,
+    };
+    ip.ihl + l4 + gso_size
+}
+
+/// How many wire packets this skb stands for (GSO segments, or 1).
+#[inline(always)]
+pub fn segments(ctx: &TcContext) -> u64 {
+    // SAFETY: reading a field of the context.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs };
+    if segs == 0 { 1 } else { segs as u64 }
+}
+
+/// Decrements the TTL of the IPv4 header at `off` and fixes its checksum.
+#[inline(always)]
+pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), ()> {
+    let old = [ip.hdr.ttl, ip.hdr.proto];
+    let new = [ip.hdr.ttl.wrapping_sub(1), ip.hdr.proto];
+    ctx.store(off + 8, &new, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(
+        off + 10,
+        u16::from_ne_bytes(old) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .map_err(|_| ())
+}
+
+/// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet.
+/// GSO packets keep their segment size (the MSS already accounts for the tunnel).
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &TcContext,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    inner: &Ipv4Info,
+    hop_limit: u8,
+) -> Result<(), ()> {
+    let tos = inner.hdr.tos;
+    let outer = Ipv6Hdr {
+        vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
+        payload_len: inner.tot_len.to_be_bytes(),
+        next_hdr: IPPROTO_IPIP,
+        hop_limit,
+        src_addr: *src,
+        dst_addr: *dst,
+    };
+    ctx.adjust_room(
+        IPV6_HEADER_LEN as i32,
+        BPF_ADJ_ROOM_MAC,
+        (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
+    )
+    .map_err(|_| ())?;
+    ctx.store(ETH_LEN, &outer, 0).map_err(|_| ())?;
+    set_eth_proto(ctx, ETH_P_IPV6)
+}
+
+/// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
+/// as IPv4 from here on (skb->protocol follows the DECAP flag).
+#[inline(always)]
+pub fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
+    ctx.adjust_room(
+        -(IPV6_HEADER_LEN as i32),
+        BPF_ADJ_ROOM_MAC,
+        (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
+    )
+    .map_err(|_| ())?;
+    set_eth_proto(ctx, ETH_P_IP)
+}

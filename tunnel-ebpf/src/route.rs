@@ -1,0 +1,157 @@
+//! Sending rewritten packets on: FIB lookup, MAC rewrite, redirect (or neighbour resolution
+//! by the kernel when the next hop's MAC is not known yet).
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
+        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Result of a forwarding attempt.
+pub enum Forward {
+    /// The program's verdict (redirect, or OK when already on the right egress).
+    Verdict(i32),
+    /// No usable route: the caller decides (drop, or leave it to the kernel).
+    NoRoute,
+    /// The route leads to `ifindex`, which the caller wants left to the kernel.
+    Excluded,
+}
+
+#[inline(always)]
+fn zeroed() -> bpf_fib_lookup {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
+    unsafe { mem::zeroed() }
+}
+
+/// Sends the IPv6 packet we just built (outer `src` → `dst`) out of the interface the FIB
+/// picks, as if this host originated it. `oif` is the IPv6-side interface; `current` is the
+/// interface the program runs on and `egress` tells whether it runs on egress there (then a
+/// packet already on the right interface just continues).
+#[inline(always)]
+pub fn forward_v6(
+    ctx: &TcContext,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    oif: u32,
+    egress: bool,
+) -> Forward {
+    let mut p = zeroed();
+    p.family = AF_INET6;
+    p.ifindex = oif;
+    p.__bindgen_anon_3.ipv6_src = words(src);
+    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    match finish(ctx, &mut p, BPF_FIB_LOOKUP_OUTPUT, egress, 0) {
+        // The FIB helper refuses when IPv6 forwarding is off on `oif` (a client host, or a
+        // server that does not forward IPv6): the kernel's own output route lookup and
+        // neighbour resolution still work, at the cost of doing them after we return.
+        Forward::NoRoute => redirect_neigh(oif, None),
+        other => other,
+    }
+}
+
+/// `bpf_redirect_neigh` toward `nh` on `ifindex`, or with the kernel's route lookup when `nh`
+/// is None.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32, nh: Option<&mut bpf_redir_neigh>) -> Forward {
+    let (ptr, len) = match nh {
+        Some(nh) => (
+            nh as *mut bpf_redir_neigh,
+            mem::size_of::<bpf_redir_neigh>() as i32,
+        ),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: `ptr` is null (with length 0) or points to a live struct of that length.
+    let verdict = unsafe { bpf_redirect_neigh(ifindex, ptr, len, 0) };
+    if verdict == TC_ACT_REDIRECT as i64 {
+        Forward::Verdict(TC_ACT_REDIRECT as i32)
+    } else {
+        Forward::NoRoute
+    }
+}
+
+/// Forwards a decapsulated IPv4 packet the way the kernel's router would (the caller has
+/// decremented the TTL), unless the route leads to `exclude` (the TUN: the slow path).
+#[inline(always)]
+pub fn forward_v4(ctx: &TcContext, src: u32, dst: u32, tos: u8, exclude: u32) -> Forward {
+    let mut p = zeroed();
+    p.family = AF_INET;
+    // SAFETY: reading a field of the context.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    p.__bindgen_anon_2.tos = tos;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    finish(ctx, &mut p, 0, false, exclude)
+}
+
+#[inline(always)]
+fn finish(
+    ctx: &TcContext,
+    p: &mut bpf_fib_lookup,
+    flags: u32,
+    egress: bool,
+    exclude: u32,
+) -> Forward {
+    // SAFETY: the helper reads and writes `p`, whose size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            p,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    } as u32;
+    if exclude != 0 && p.ifindex == exclude {
+        return Forward::Excluded;
+    }
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&p.dmac);
+            macs[6..].copy_from_slice(&p.smac);
+            if ctx.store(0, &macs, 0).is_err() {
+                return Forward::NoRoute;
+            }
+            // SAFETY: reading a field of the context.
+            let current = unsafe { (*ctx.skb.skb).ifindex };
+            if egress && p.ifindex == current {
+                return Forward::Verdict(TC_ACT_OK as i32);
+            }
+            // SAFETY: plain helper call.
+            Forward::Verdict(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The kernel resolves the next hop (ND/ARP) and queues the packet meanwhile.
+            // SAFETY: plain data; the union member matches the family.
+            let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
+            if p.family == AF_INET6 {
+                nh.nh_family = AF_INET6 as u32;
+                // SAFETY: after the lookup the destination field holds the next hop.
+                nh.__bindgen_anon_1.ipv6_nh = unsafe { p.__bindgen_anon_4.ipv6_dst };
+            } else {
+                nh.nh_family = AF_INET as u32;
+                // SAFETY: as above, IPv4 member.
+                nh.__bindgen_anon_1.ipv4_nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
+            }
+            redirect_neigh(p.ifindex, Some(&mut nh))
+        }
+        _ => Forward::NoRoute,
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        w[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        i += 1;
+    }
+    w
+}
