@@ -1,12 +1,15 @@
 //! The 4over6 topology (SPEC §9): clients ⇄ (IPv6 only) ⇄ server ⇄ (IPv4) ⇄ internet.
 //!
 //! ```text
-//!  client i  v6 2001:db8:i::2/64 ──veth── c<i> 2001:db8:i::1/64   server (lo 2001:db8:100::1)
-//!                                                 inet0 192.0.2.1/24 ──veth── eth0 192.0.2.2/24  internet
+//!  client i  v6 2001:db8:i::2/64 ─veth─ c<i> 2001:db8:i::1/64  core (IPv6 router)
+//!                                       srv  2001:db8:ff::2/64 ─veth─ up6 2001:db8:ff::1/64  server
+//!     server lo 2001:db8:100::1 (control), 2001:db8:100::4 (native tunnel endpoint)
+//!     server inet0 192.0.2.1/24 ─veth─ eth0 192.0.2.2/24  internet
 //! ```
-//! Clients have no IPv4 except what the tunnel gives them. The internet host routes the pool
-//! (198.51.100.0/24) back to the server.
-use std::time::Duration;
+//! Clients have no IPv4 except what the tunnel gives them. The server has one IPv6-side
+//! interface (`up6`, its `--v6-dev` in native mode) and one IPv4-side (`inet0`, `--v4-dev`).
+//! The internet host routes the pool (198.51.100.0/24) back to the server.
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 
@@ -16,52 +19,95 @@ use crate::{Lab, Ns, wait_for};
 pub const SERVER: &str = "[2001:db8:100::1]:5678";
 /// The internet host.
 pub const INTERNET_HOST: &str = "192.0.2.2";
+/// The server's native tunnel endpoint.
+pub const TUNNEL_ADDR: &str = "2001:db8:100::4";
+/// Server flags that enable native mode in this topology.
+pub const NATIVE_ARGS: &[&str] = &[
+    "--v6-dev",
+    "up6",
+    "--v4-dev",
+    "inet0",
+    "--tunnel-addr",
+    TUNNEL_ADDR,
+];
 
 pub struct FourOverSix {
     pub lab: Lab,
     pub server: Ns,
+    pub core: Ns,
     pub internet: Ns,
     pub server_instance: String,
+    /// The server's full command line (to restart it the same way).
+    pub server_args: Vec<String>,
     clients: u32,
 }
 
 impl FourOverSix {
-    /// Builds server and internet namespaces and starts `tunnel-ctl server <server_args>`.
+    /// Builds server, core and internet namespaces and starts `tunnel-ctl server
+    /// <server_args>` (with a lease file in the lab's directory).
     pub fn start(server_args: &[&str]) -> Result<FourOverSix> {
         let mut lab = Lab::new()?;
         let server = lab.ns("srv")?;
+        let core = lab.ns("core")?;
         let internet = lab.ns("inet")?;
         server.ip("addr add 2001:db8:100::1/128 dev lo")?;
+        server.ip(&format!("addr add {TUNNEL_ADDR}/128 dev lo"))?;
+        lab.veth(&server, "up6", &core, "srv")?;
+        server.ip("addr add 2001:db8:ff::1/64 dev up6 nodad")?;
+        core.ip("addr add 2001:db8:ff::2/64 dev srv nodad")?;
+        server.ip("-6 route add 2001:db8::/32 via 2001:db8:ff::2")?;
+        core.ip("-6 route add 2001:db8:100::/48 via 2001:db8:ff::1")?;
+        core.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         lab.veth(&server, "inet0", &internet, "eth0")?;
         server.ip("addr add 192.0.2.1/24 dev inet0")?;
         internet.ip("addr add 192.0.2.2/24 dev eth0")?;
         internet.ip("route add 198.51.100.0/24 via 192.0.2.1")?;
         let server_instance = lab.instance("server");
-        let mut args = vec!["server"];
-        args.extend_from_slice(server_args);
-        lab.spawn_daemon(&server, &server_instance, &args)?;
-        Ok(FourOverSix {
+        let state_dir: PathBuf = lab.dir().join("state");
+        let mut args: Vec<String> = vec!["server".into()];
+        args.extend(server_args.iter().map(|a| a.to_string()));
+        args.extend(["--state-dir".into(), state_dir.display().to_string()]);
+        let mut t = FourOverSix {
             lab,
             server,
+            core,
             internet,
             server_instance,
+            server_args: args,
             clients: 0,
-        })
+        };
+        t.start_server()?;
+        Ok(t)
     }
 
-    /// A new client namespace with an IPv6-only link to the server; returns it.
+    /// As [`FourOverSix::start`], with native mode enabled on the server.
+    pub fn start_native(server_args: &[&str]) -> Result<FourOverSix> {
+        let mut args = server_args.to_vec();
+        args.extend_from_slice(NATIVE_ARGS);
+        FourOverSix::start(&args)
+    }
+
+    /// (Re)starts the server daemon with its command line.
+    pub fn start_server(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
+        let (server, instance) = (self.server.clone(), self.server_instance.clone());
+        self.lab.spawn_daemon(&server, &instance, &args)?;
+        Ok(())
+    }
+
+    /// A new client namespace with an IPv6-only link to the core router; returns it.
     pub fn client_ns(&mut self) -> Result<Ns> {
         self.clients += 1;
         let i = self.clients;
         let ns = self.lab.ns(&format!("c{i}"))?;
-        let server_side = format!("c{i}");
-        self.lab.veth(&ns, "v6", &self.server, &server_side)?;
+        let core_side = format!("c{i}");
+        self.lab.veth(&ns, "v6", &self.core, &core_side)?;
         ns.ip(&format!("addr add 2001:db8:{i}::2/64 dev v6 nodad"))?;
-        self.server.ip(&format!(
-            "addr add 2001:db8:{i}::1/64 dev {server_side} nodad"
+        self.core.ip(&format!(
+            "addr add 2001:db8:{i}::1/64 dev {core_side} nodad"
         ))?;
         ns.ip(&format!(
-            "-6 route add 2001:db8:100::/64 via 2001:db8:{i}::1"
+            "-6 route add 2001:db8:100::/48 via 2001:db8:{i}::1"
         ))?;
         Ok(ns)
     }
@@ -93,6 +139,13 @@ impl FourOverSix {
     pub fn leases(&self) -> Result<Vec<serde_json::Value>> {
         let v = self.lab.ctl_json("leases", &self.server_instance)?;
         Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Starts a native-mode client on `ns`'s `v6` interface; returns instance and address.
+    pub fn start_native_client(&mut self, ns: &Ns, extra: &[&str]) -> Result<(String, String)> {
+        let mut args = vec!["--mode", "native", "--v6-dev", "v6"];
+        args.extend_from_slice(extra);
+        self.start_client(ns, &args)
     }
 
     /// The server's `stats --json`.

@@ -184,6 +184,12 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
+    /// SIGKILL (no clean shutdown: pins and files stay), and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then SIGKILL after 5 s; returns the exit status code (None when killed).
     pub fn stop(&mut self) -> Option<i32> {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -277,7 +283,16 @@ impl Lab {
         if !self.instances.iter().any(|i| i == instance) {
             self.instances.push(instance.to_owned());
         }
-        let log = self.dir.join(format!("{instance}.log"));
+        // A restarted daemon gets its own log file next to its predecessor's.
+        let runs = self
+            .daemons
+            .iter()
+            .filter(|d| d.instance == instance)
+            .count();
+        let log = match runs {
+            0 => self.dir.join(format!("{instance}.log")),
+            n => self.dir.join(format!("{instance}.{n}.log")),
+        };
         let log_file = fs::File::create(&log)?;
         let mut cmd = ns.command(tunnel_ctl_bin()?);
         cmd.args(args)
@@ -331,18 +346,28 @@ impl Lab {
         }
     }
 
-    /// The pid of the running daemon of `instance`.
+    /// The pid of the latest daemon of `instance`.
     pub fn spawn_daemon_pid(&self, instance: &str) -> Option<u32> {
         self.daemons
             .iter()
+            .rev()
             .find(|d| d.instance == instance)
             .map(Daemon::pid)
     }
 
-    /// What the daemon of `instance` has logged so far.
+    /// The latest daemon started for `instance`.
+    pub fn daemon(&mut self, instance: &str) -> Option<&mut Daemon> {
+        self.daemons
+            .iter_mut()
+            .rev()
+            .find(|d| d.instance == instance)
+    }
+
+    /// What the latest daemon of `instance` has logged so far.
     pub fn daemon_log(&self, instance: &str) -> Option<String> {
         self.daemons
             .iter()
+            .rev()
             .find(|d| d.instance == instance)
             .map(Daemon::log)
     }

@@ -2,7 +2,8 @@
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -82,19 +83,28 @@ pub enum Command {
   tunnel-ctl server --listen [::]:5678 --pool 198.51.100.2-198.51.100.128 \\
       --gateway 198.51.100.1 --dns 192.0.2.53,192.0.2.54 --instance concentrator
 
+  # with the eBPF fast path for clients that ask for native mode (105/106)
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \
+      --v6-dev eth0 --v4-dev eth1 --tunnel-addr 2001:db8:100::4 --instance concentrator
+
 The server enables net.ipv4.ip_forward; the IPv4 side needs a route for the pool back
-to this host.")]
+to this host, and with native mode the IPv6 side a route for --tunnel-addr to it.
+Leases are saved in --state-dir; after a crash or upgrade the next start re-adopts them
+and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     Server(ServerArgs),
 
-    /// Daemon: a 4over6 client (in-band mode): lease an IPv4 address and route IPv4 through
-    /// the server.
+    /// Daemon: a 4over6 client: lease an IPv4 address and route IPv4 through the server.
     ///
-    /// Connects, asks for an address, configures a TUN device with it and (unless
-    /// --no-default-route) routes all IPv4 through it (0.0.0.0/1 and 128.0.0.0/1, leaving any
-    /// existing default route alone). Reconnects with capped exponential backoff and gets the
-    /// same address back within the server's hold time.
-    #[command(after_help = "Example:
-  tunnel-ctl client --server [2001:db8:100::1]:5678 --instance uplink")]
+    /// Connects, asks for an address and (unless --no-default-route) routes all IPv4 through
+    /// the tunnel (0.0.0.0/1 and 128.0.0.0/1, leaving any existing default route alone).
+    /// In-band mode (default) carries packets in 102/103 frames through a TUN device. Native
+    /// mode (--mode native --v6-dev IFACE) asks the server for the fast path (105/106): eBPF
+    /// on IFACE wraps IPv4 in IPv6 straight to the server, nothing goes through userspace.
+    /// Reconnects with capped exponential backoff and gets the same address back within the
+    /// server's hold time; in native mode forwarding continues while reconnecting.
+    #[command(after_help = "Examples:
+  tunnel-ctl client --server [2001:db8:100::1]:5678 --instance uplink
+  tunnel-ctl client --server [2001:db8:100::1]:5678 --mode native --v6-dev eth0")]
     Client(ClientArgs),
 
     /// List a server's leases (address, client, mode, since).
@@ -203,8 +213,35 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_sessions: usize,
 
+    /// Native mode: the IPv6-side interface where clients' IPv4-in-IPv6 arrives (enables
+    /// 105/106; needs --v4-dev).
+    #[arg(long, value_name = "IFACE", requires = "v4_dev")]
+    pub v6_dev: Option<String>,
+
+    /// Native mode: the IPv4-side interface where traffic to native clients arrives.
+    #[arg(long, value_name = "IFACE", requires = "v6_dev")]
+    pub v4_dev: Option<String>,
+
+    /// Native mode: the server's tunnel endpoint (outer address of native packets). Default:
+    /// the --listen address when that is a specific IPv6 address.
+    #[arg(long, value_name = "IPV6")]
+    pub tunnel_addr: Option<Ipv6Addr>,
+
+    /// Where leases are saved so that a restarted server re-adopts them.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
+    pub state_dir: PathBuf,
+
     #[command(flatten)]
     pub instance: InstanceArg,
+}
+
+/// How a client carries its IPv4 traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientMode {
+    /// 102/103 frames over the TCP session through a TUN device (works with any server).
+    Inband,
+    /// IPv4-in-IPv6 by eBPF on --v6-dev, after the server grants 105/106.
+    Native,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -213,7 +250,15 @@ pub struct ClientArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub server: SocketAddr,
 
-    /// Name of the TUN device.
+    /// In-band (TUN, 102/103) or native (eBPF IPv4-in-IPv6 on --v6-dev).
+    #[arg(long, value_enum, default_value_t = ClientMode::Inband)]
+    pub mode: ClientMode,
+
+    /// Native mode: the interface that reaches the server over IPv6.
+    #[arg(long, value_name = "IFACE", required_if_eq("mode", "native"))]
+    pub v6_dev: Option<String>,
+
+    /// Name of the TUN device (in-band mode).
     #[arg(long, value_name = "NAME", default_value = "tun4o6")]
     pub tun: String,
 

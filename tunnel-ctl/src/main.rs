@@ -52,12 +52,19 @@ fn usage_error(e: clap::Error) -> ExitCode {
             ExitCode::SUCCESS
         };
     }
+    // The first paragraph, on one line: "error: the following required arguments were not
+    // provided:" is followed by the indented list of them.
     let rendered = e.render().to_string();
-    let first = rendered
+    let first: Vec<&str> = rendered
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("bad usage")
-        .trim_start_matches("error: ");
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let first = match first.join(" ") {
+        s if s.is_empty() => "bad usage".to_owned(),
+        s => s.trim_start_matches("error: ").to_owned(),
+    };
     eprintln!("tunnel-ctl: error: {first} (see tunnel-ctl --help)");
     ExitCode::from(2)
 }

@@ -1,10 +1,17 @@
 //! Links, addresses and routes through rtnetlink.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkUnspec, RouteMessageBuilder,
+    packet_route::{
+        link::LinkAttribute,
+        neighbour::NeighbourState,
+        route::{RouteAttribute, RouteFlags, RouteMetric},
+    },
+};
 
 /// A netlink connection (its driver runs as a tokio task).
 pub struct Netlink {
@@ -32,6 +39,97 @@ impl Netlink {
             .with_context(|| format!("looking up interface {name}"))?
             .ok_or_else(|| anyhow!("no interface named {name}"))?;
         Ok(link.header.index)
+    }
+
+    /// The link's MTU and MAC address (empty for L3 devices).
+    pub async fn mtu_and_mac(&self, index: u32) -> Result<(u32, Vec<u8>)> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .with_context(|| format!("looking up interface {index}"))?
+            .ok_or_else(|| anyhow!("no interface with index {index}"))?;
+        let mut mtu = None;
+        let mut mac = Vec::new();
+        for attr in link.attributes {
+            match attr {
+                LinkAttribute::Mtu(m) => mtu = Some(m),
+                LinkAttribute::Address(a) => mac = a,
+                _ => {}
+            }
+        }
+        Ok((
+            mtu.ok_or_else(|| anyhow!("interface {index} has no MTU"))?,
+            mac,
+        ))
+    }
+
+    /// A permanent neighbour entry `addr` → `mac` on the link (replacing any).
+    pub async fn permanent_neighbour(&self, index: u32, addr: IpAddr, mac: &[u8]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, addr)
+            .link_layer_address(mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding neighbour {addr}"))
+    }
+
+    /// Routes `net` via `gateway` on the link even though no subnet of it is on-link, with a
+    /// path MTU (replacing a route to the same prefix).
+    pub async fn route_v4_onlink(
+        &self,
+        net: Ipv4Net,
+        gateway: Ipv4Addr,
+        index: u32,
+        mtu: u32,
+    ) -> Result<()> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .gateway(gateway)
+            .output_interface(index)
+            .build();
+        msg.header.flags |= RouteFlags::Onlink;
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding route {net} via {gateway}"))
+    }
+
+    /// Removes `addr/prefix` from the link if it is there.
+    pub async fn del_address(&self, index: u32, addr: IpAddr) -> Result<()> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr)
+            .execute();
+        while let Some(msg) = addrs.try_next().await? {
+            self.handle.address().del(msg).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the IPv4 route to `net` out of the link, if any.
+    pub async fn del_route_v4(&self, net: Ipv4Net, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("removing route {net}"))
     }
 
     /// Sets the MTU and brings the link up.

@@ -1,7 +1,10 @@
 //! Just enough IP parsing for the slow path: versions, lengths and addresses, with etherparse.
 use std::net::{IpAddr, Ipv4Addr};
 
-use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice};
+use etherparse::{
+    Icmpv4Type, Ipv4Header, Ipv4HeaderSlice, Ipv6HeaderSlice, PacketBuilder,
+    icmpv4::DestUnreachableHeader,
+};
 
 /// Why a packet from a client was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,58 @@ pub fn destination(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Whether the IPv4 packet has Don't Fragment set.
+pub fn dont_fragment(packet: &[u8]) -> bool {
+    Ipv4HeaderSlice::from_slice(packet).is_ok_and(|h| h.dont_fragment())
+}
+
+/// ICMP "fragmentation needed" (type 3 code 4) from `router` back to the source of `packet`,
+/// announcing `mtu`; None for packets that must not get an ICMP error (ICMP errors
+/// themselves are not special-cased: RFC 1812 allows errors about echo and such).
+pub fn icmp_frag_needed(packet: &[u8], router: Ipv4Addr, mtu: u16) -> Option<Vec<u8>> {
+    let h = Ipv4HeaderSlice::from_slice(packet).ok()?;
+    // The original header plus the first 8 bytes of its payload (RFC 792).
+    let quoted = &packet[..(h.slice().len() + 8).min(packet.len())];
+    let mut out = Vec::with_capacity(28 + quoted.len());
+    PacketBuilder::ipv4(router.octets(), h.source_addr().octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ))
+        .write(&mut out, quoted)
+        .ok()?;
+    Some(out)
+}
+
+/// Splits an IPv4 packet (DF clear) into fragments of at most `mtu` bytes (RFC 791). None if
+/// it cannot be parsed or the MTU cannot hold a header plus 8 bytes.
+pub fn fragment_ipv4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
+    let slice = Ipv4HeaderSlice::from_slice(packet).ok()?;
+    let header = slice.to_header();
+    let hlen = slice.slice().len();
+    let total = usize::from(header.total_len).min(packet.len());
+    let payload = packet.get(hlen..total)?;
+    let chunk = (mtu.checked_sub(hlen)? / 8) * 8;
+    if chunk == 0 {
+        return None;
+    }
+    let base = header.fragment_offset.byte_offset() as usize;
+    let mut out = Vec::new();
+    for (i, piece) in payload.chunks(chunk).enumerate() {
+        let mut h: Ipv4Header = header.clone();
+        let offset = base + i * chunk;
+        let last = (i + 1) * chunk >= payload.len();
+        h.more_fragments = header.more_fragments || !last;
+        h.fragment_offset = etherparse::IpFragOffset::try_new((offset / 8) as u16).ok()?;
+        h.set_payload_len(piece.len()).ok()?;
+        h.header_checksum = h.calc_header_checksum();
+        let mut bytes = Vec::with_capacity(hlen + piece.len());
+        h.write(&mut bytes).ok()?;
+        bytes.extend_from_slice(piece);
+        out.push(bytes);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use etherparse::PacketBuilder;
@@ -105,5 +160,46 @@ mod tests {
             )
         );
         assert_eq!(destination(&p), Some("192.0.2.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn icmp_frag_needed_quotes_the_packet_and_announces_the_mtu() {
+        let p = udp4([198, 51, 100, 2], 1500);
+        let icmp = icmp_frag_needed(&p, "198.51.100.1".parse().unwrap(), 1460).unwrap();
+        let parsed = etherparse::SlicedPacket::from_ip(&icmp).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(
+            ip.header().destination_addr(),
+            Ipv4Addr::new(198, 51, 100, 2)
+        );
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = parsed.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1460
+            })
+        );
+        assert_eq!(icmp.payload(), &p[..28]);
+    }
+
+    #[test]
+    fn fragments_reassemble_to_the_original() {
+        let p = udp4([198, 51, 100, 2], 3000);
+        let frags = fragment_ipv4(&p, 1460).unwrap();
+        assert_eq!(frags.len(), 3);
+        let mut payload = Vec::new();
+        for (i, f) in frags.iter().enumerate() {
+            assert!(f.len() <= 1460);
+            let h = Ipv4HeaderSlice::from_slice(f).unwrap();
+            assert_eq!(h.more_fragments(), i + 1 < frags.len());
+            assert_eq!(h.fragments_offset().byte_offset() as usize, payload.len());
+            assert_eq!(h.to_header().calc_header_checksum(), h.header_checksum());
+            payload.extend_from_slice(&f[20..]);
+        }
+        assert_eq!(payload, &p[20..]);
     }
 }

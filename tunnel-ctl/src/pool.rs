@@ -178,6 +178,20 @@ impl Pool {
         Some(addr)
     }
 
+    /// Takes `addr` out of the free list (a lease restored after a restart). False when it is
+    /// not a free address of this pool.
+    pub fn reserve(&mut self, addr: Ipv4Addr) -> bool {
+        match self.free.iter().position(|&a| a == addr) {
+            Some(pos) => {
+                self.free.remove(pos);
+                self.held.retain(|_, (a, _)| *a != addr);
+                self.in_use.insert(addr);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Returns `addr` to the pool, held for `client` until the hold time passes.
     pub fn release(&mut self, addr: Ipv4Addr, client: Ipv6Addr, now: Instant) {
         if self.in_use.remove(&addr) {

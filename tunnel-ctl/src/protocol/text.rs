@@ -1,5 +1,44 @@
-//! The ASCII payloads: 101 (IPv4 lease) and 110 (error).
-use std::{fmt, net::Ipv4Addr};
+//! The ASCII payloads: 101 (IPv4 lease), 106 (native mode granted) and 110 (error).
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+/// The 106 payload: `"<server-tunnel-ipv6> <mtu>"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NativeGrant {
+    pub tunnel: Ipv6Addr,
+    /// Inner (IPv4) MTU.
+    pub mtu: u16,
+}
+
+impl NativeGrant {
+    /// Parses a 106 payload; tolerant of trailing spaces and NULs like the 101 parser.
+    pub fn parse(data: &[u8]) -> Result<NativeGrant, String> {
+        let text = String::from_utf8_lossy(data);
+        let mut fields = text
+            .trim_end_matches(['\0', ' ', '\n', '\r'])
+            .split_ascii_whitespace();
+        let (Some(addr), Some(mtu)) = (fields.next(), fields.next()) else {
+            return Err(format!("106 {text:?}: expected \"<ipv6> <mtu>\""));
+        };
+        let tunnel = addr
+            .parse()
+            .map_err(|_| format!("106: {addr:?} is not an IPv6 address"))?;
+        let mtu: u16 = mtu
+            .parse()
+            .ok()
+            .filter(|m| *m >= 576)
+            .ok_or_else(|| format!("106: {mtu:?} is not an MTU (576-65535)"))?;
+        Ok(NativeGrant { tunnel, mtu })
+    }
+}
+
+impl fmt::Display for NativeGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.tunnel, self.mtu)
+    }
+}
 
 /// The 101 payload: `"<ipv4> <route> <dns1> <dns2> <dns3>"`, then optional `key=value` tokens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,5 +178,14 @@ mod tests {
         let a: Ipv4Addr = "192.0.2.1".parse().unwrap();
         assert_eq!(three_dns(&[a]), [a, a, a]);
         assert_eq!(three_dns(&[]), [Ipv4Addr::UNSPECIFIED; 3]);
+    }
+
+    #[test]
+    fn native_grant_round_trips_and_rejects_garbage() {
+        let g = NativeGrant::parse(b"2001:db8:100::4 1460\0").unwrap();
+        assert_eq!(g.to_string(), "2001:db8:100::4 1460");
+        assert!(NativeGrant::parse(b"2001:db8:100::4").is_err());
+        assert!(NativeGrant::parse(b"198.51.100.1 1460").is_err());
+        assert!(NativeGrant::parse(b"2001:db8::1 12").is_err());
     }
 }

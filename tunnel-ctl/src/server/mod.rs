@@ -4,7 +4,8 @@
 //! [`session`] task runs per TCP connection, and the TUN reader here routes packets from the
 //! kernel to the session that holds the destination's lease.
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
@@ -12,7 +13,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::Notify,
+};
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 
@@ -28,10 +32,13 @@ use crate::{
     tundev,
 };
 
+pub mod native;
+pub mod persist;
 pub mod session;
 pub mod state;
 
-use state::State;
+use native::{Native, NativeArgs};
+use state::{Ended, Route, State};
 
 counters! {
     pub struct ServerStats {
@@ -65,6 +72,15 @@ counters! {
         drop_tun_not_ipv4,
         drop_session_queue_full,
         drop_tun_write_error,
+        native_granted,
+        native_refused,
+        leases_restored,
+        leases_restored_expired,
+        slowpath_native_packets,
+        slowpath_icmp_frag_needed,
+        slowpath_fragmented,
+        drop_slowpath_send_error,
+        drop_slowpath_unfragmentable,
     }
 }
 
@@ -86,6 +102,13 @@ pub struct Server {
     pub tun: Arc<AsyncDevice>,
     pub started: Instant,
     pub next_session: AtomicU64,
+    /// The fast path, when --v6-dev/--v4-dev are given.
+    pub native: Option<Native>,
+    /// The TUN's address: source of the ICMP errors the slow path sends.
+    pub gateway: Ipv4Addr,
+    /// Wakes the lease-file writer.
+    pub leases_changed: Notify,
+    state_path: PathBuf,
     instance: Instance,
     listen: SocketAddr,
     tun_name: String,
@@ -95,6 +118,18 @@ impl Server {
     /// Milliseconds since the server started (cheap timestamps for liveness).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Undoes the fast-path part of ended leases and schedules a lease-file write.
+    pub fn ended(&self, ended: &[Ended]) {
+        if let Some(native) = &self.native {
+            for e in ended {
+                if let Some(t) = e.tunnel {
+                    native.unbind(t, e.ipv4);
+                }
+            }
+        }
+        self.leases_changed.notify_one();
     }
 
     /// Whether `peer` may connect (`--allow`; IPv4-mapped peers match IPv4 prefixes too).
@@ -115,6 +150,17 @@ impl Handler for Server {
         match request {
             Request::Status => {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let native = self.native.as_ref().map(|n| {
+                    let (v4, v6) = n.binding_counts();
+                    json!({
+                        "tunnel_addr": n.tunnel_addr.to_string(),
+                        "v6_dev": n.v6_dev,
+                        "v4_dev": n.v4_dev,
+                        "inner_mtu": n.inner_mtu,
+                        "bindings_v4": v4,
+                        "bindings_v6": v6,
+                    })
+                });
                 Response::Ok(json!({
                     "role": "server",
                     "instance": self.instance.name(),
@@ -126,9 +172,23 @@ impl Handler for Server {
                     "pool_size": state.pool.capacity(),
                     "leases": state.pool.in_use(),
                     "sessions": state.sessions,
+                    "native": native,
+                    "state_file": self.state_path,
                 }))
             }
-            Request::Stats => Response::Ok(json!(self.stats.snapshot())),
+            Request::Stats => {
+                let mut all = serde_json::Map::new();
+                for (k, v) in self.stats.snapshot() {
+                    all.insert(k.to_string(), json!(v));
+                }
+                if let Some(native) = &self.native {
+                    match native.counters() {
+                        Ok(c) => all.extend(c.into_iter().map(|(k, v)| (k.to_string(), json!(v)))),
+                        Err(e) => return Response::Error(format!("{e:#}")),
+                    }
+                }
+                Response::Ok(serde_json::Value::Object(all))
+            }
             Request::Leases => {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 Response::Ok(json!(state.lease_list()))
@@ -155,9 +215,61 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         list => three_dns(list),
     };
 
+    let tunnel_addr = match (&args.v6_dev, args.tunnel_addr, args.listen.ip()) {
+        (None, _, _) => None,
+        (Some(_), Some(a), _) => Some(a),
+        (Some(_), None, IpAddr::V6(a)) if !a.is_unspecified() => Some(a),
+        (Some(_), None, _) => anyhow::bail!(
+            "native mode needs --tunnel-addr (the IPv6 address clients send IPv4-in-IPv6 to), \
+             or a specific IPv6 --listen address to use as such"
+        ),
+    };
+
     let listener =
         bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let tun = setup_tun(&args).await?;
+    let nl = Netlink::connect()?;
+    let (tun, tun_index) = setup_tun(&nl, &args).await?;
+    let native = match (&args.v6_dev, &args.v4_dev, tunnel_addr) {
+        (Some(v6_dev), Some(v4_dev), Some(tunnel_addr)) => Some(
+            Native::start(
+                &nl,
+                NativeArgs {
+                    v6_dev,
+                    v4_dev,
+                    tunnel_addr,
+                    tun_index,
+                    pin_dir: instance.pin_dir(),
+                },
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    // From here on a clean exit removes the pins (detaching the fast path); SIGKILL leaves
+    // them for the next start to re-adopt.
+    let _pins = PinGuard(native.is_some().then(|| instance.pin_dir()));
+
+    let state_path = persist::path(&args.state_dir, instance.name());
+    let mut state = State::new(pool);
+    let saved = persist::load(&state_path);
+    for (lease, why) in state.restore(&saved, args.timers.timeout) {
+        warn!(
+            "not restoring saved lease {} of {}: {why}",
+            lease.ipv4, lease.client
+        );
+    }
+    let restored = state.lease_list().len();
+    if restored > 0 {
+        info!(
+            "restored {restored} leases from {}; their clients have {:?} to reconnect",
+            state_path.display(),
+            args.timers.timeout
+        );
+    }
+    if let Some(native) = &native {
+        native.reconcile(&state.bindings())?;
+    }
+
     let server = Arc::new(Server {
         cfg: Config {
             keepalive: args.timers.keepalive,
@@ -166,15 +278,22 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             max_sessions: args.max_sessions,
             allow: args.allow.clone(),
         },
-        state: std::sync::Mutex::new(State::new(pool)),
+        state: std::sync::Mutex::new(state),
         stats: ServerStats::default(),
         tun,
         started: Instant::now(),
         next_session: AtomicU64::new(1),
+        native,
+        gateway: args.gateway,
+        leases_changed: Notify::new(),
+        state_path,
         instance: instance.clone(),
         listen: args.listen,
         tun_name: args.tun.clone(),
     });
+    server.stats.leases_restored.add(restored as u64);
+    // Saved leases that were not restored must leave the file too.
+    server.leases_changed.notify_one();
     let mgmt = mgmt::bind(&instance)?;
     info!(
         "serving 4over6 on {} (pool {}, gateway {}, TUN {}, DNS {} {} {}, keepalive {:?}, timeout {:?}, hold {:?})",
@@ -189,14 +308,80 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         args.timers.timeout,
         args.hold
     );
+    if let Some(n) = &server.native {
+        info!(
+            "native mode: tunnel address {}, IPv6 side {}, IPv4 side {}, inner MTU {}",
+            n.tunnel_addr, n.v6_dev, n.v4_dev, n.inner_mtu
+        );
+    }
 
     tokio::select! {
         () = accept_loop(server.clone(), listener) => {}
         () = tun_reader(server.clone()) => {}
         () = mgmt.serve(server.clone()) => {}
+        () = lease_file_writer(server.clone()) => {}
+        () = expire_restored(server.clone()) => {}
         signal = crate::shutdown_signal() => info!("{signal}: closing all sessions"),
     }
+    save_leases(&server);
     Ok(())
+}
+
+/// Removes the instance's pins on every exit path except SIGKILL.
+struct PinGuard(Option<PathBuf>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0
+            && let Err(e) = crate::dataplane::bpffs::remove_pins(dir)
+        {
+            warn!("removing pins: {e:#}");
+        }
+    }
+}
+
+fn save_leases(server: &Server) {
+    let saved = server
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .saved();
+    if let Err(e) = persist::save(&server.state_path, &saved) {
+        warn!("saving leases: {e:#}");
+    }
+}
+
+/// Writes the lease file after changes, at most every 100 ms (bursts coalesce).
+async fn lease_file_writer(server: Arc<Server>) {
+    loop {
+        server.leases_changed.notified().await;
+        let s = server.clone();
+        let _ = tokio::task::spawn_blocking(move || save_leases(&s)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Releases restored leases whose clients did not come back within the timeout.
+async fn expire_restored(server: Arc<Server>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let ended = server
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire_restored(std::time::Instant::now());
+        if !ended.is_empty() {
+            for e in &ended {
+                info!(
+                    "restored lease {} expired: its client did not reconnect",
+                    e.ipv4
+                );
+            }
+            server.stats.leases_restored_expired.add(ended.len() as u64);
+            server.ended(&ended);
+        }
+    }
 }
 
 /// `[::]:port` with IPV6_V6ONLY off, so IPv4 clients connect too (as IPv4-mapped).
@@ -215,9 +400,8 @@ fn bind_dual_stack(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Creates the TUN, gives it the gateway address, routes the pool to it, enables forwarding.
-async fn setup_tun(args: &ServerArgs) -> Result<Arc<AsyncDevice>> {
+async fn setup_tun(nl: &Netlink, args: &ServerArgs) -> Result<(Arc<AsyncDevice>, u32)> {
     let tun = tundev::create(&args.tun)?;
-    let nl = Netlink::connect()?;
     let index = nl.index(&args.tun).await?;
     nl.up(index, tundev::TUN_MTU).await?;
     nl.add_address(index, IpAddr::V4(args.gateway), 32).await?;
@@ -232,7 +416,7 @@ async fn setup_tun(args: &ServerArgs) -> Result<Arc<AsyncDevice>> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .context("enabling net.ipv4.ip_forward")?;
     }
-    Ok(tun)
+    Ok((tun, index))
 }
 
 async fn accept_loop(server: Arc<Server>, listener: TcpListener) {
@@ -271,22 +455,62 @@ async fn tun_reader(server: Arc<Server>) {
             server.stats.drop_tun_not_ipv4.inc();
             continue;
         };
-        let tx = {
+        let route = {
             let state = server.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.sender_for(dst)
+            state.route(dst)
         };
-        match tx {
-            Some(tx) => match tx.try_send(Bytes::copy_from_slice(pkt)) {
+        match route {
+            Some(Route::Inband(tx)) => match tx.try_send(Bytes::copy_from_slice(pkt)) {
                 Ok(()) => {
                     server.stats.inband_packets_from_tun.inc();
                     server.stats.inband_bytes_from_tun.add(n as u64);
                 }
                 Err(_) => server.stats.drop_session_queue_full.inc(),
             },
+            Some(Route::Native(client)) => slow_path_to_native(&server, client, pkt).await,
             None => {
                 server.stats.drop_no_lease_for_destination.inc();
                 debug!("TUN packet to {dst}: no lease, dropped");
             }
         }
+    }
+}
+
+/// A packet for a native client that the fast path left to the kernel (too big for the
+/// tunnel, or from this host or an in-band client): ICMP fragmentation-needed back to the
+/// sender for DF packets, IPv4 fragments otherwise, sent as IPv4-in-IPv6.
+async fn slow_path_to_native(server: &Server, client: Ipv6Addr, pkt: &[u8]) {
+    let Some(native) = &server.native else {
+        return;
+    };
+    let stats = &server.stats;
+    let mtu = usize::from(native.inner_mtu);
+    if pkt.len() <= mtu {
+        match native.send_encapsulated(client, pkt) {
+            Ok(()) => stats.slowpath_native_packets.inc(),
+            Err(_) => stats.drop_slowpath_send_error.inc(),
+        }
+        return;
+    }
+    if packet::dont_fragment(pkt) {
+        match packet::icmp_frag_needed(pkt, server.gateway, native.inner_mtu) {
+            Some(icmp) => match server.tun.send(&icmp).await {
+                Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
+                Err(_) => stats.drop_tun_write_error.inc(),
+            },
+            None => stats.drop_slowpath_unfragmentable.inc(),
+        }
+        return;
+    }
+    match packet::fragment_ipv4(pkt, mtu) {
+        Some(frags) => {
+            stats.slowpath_fragmented.inc();
+            for f in frags {
+                if native.send_encapsulated(client, &f).is_err() {
+                    stats.drop_slowpath_send_error.inc();
+                }
+            }
+        }
+        None => stats.drop_slowpath_unfragmentable.inc(),
     }
 }

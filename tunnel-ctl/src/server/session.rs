@@ -1,7 +1,7 @@
 //! One TCP session of the concentrator: admission, lease, in-band data, keepalive, timeout.
 //! Whatever goes wrong in a session ends that session only.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,7 +21,10 @@ use super::{
 };
 use crate::{
     packet::{self, BadPacket},
-    protocol::{Frame, FrameCodec, FrameError, MsgType, text::Lease4},
+    protocol::{
+        Frame, FrameCodec, FrameError, MsgType,
+        text::{Lease4, NativeGrant},
+    },
 };
 
 /// Packets waiting for a slow session; beyond this its own packets are dropped, nobody else's.
@@ -92,18 +95,20 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         handle,
         peer,
         lease: None,
+        native: false,
         log_no_lease: Throttle::default(),
         log_bad_packet: Throttle::default(),
     };
     let reason = session.serve(&mut framed, rx).await;
 
     let lease = session.lease;
-    {
+    let ended = {
         let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
         state.sessions -= 1;
-        if let Some(addr) = lease {
-            state.release(addr, id);
-        }
+        lease.and_then(|addr| state.release(addr, id))
+    };
+    if let Some(ended) = ended {
+        server.ended(&[ended]);
     }
     server.stats.sessions_closed.inc();
     match lease {
@@ -128,6 +133,8 @@ struct Session {
     handle: SessionHandle,
     peer: SocketAddr,
     lease: Option<Ipv4Addr>,
+    /// The lease is in native mode (bound in the fast path).
+    native: bool,
     log_no_lease: Throttle,
     log_bad_packet: Throttle,
 }
@@ -261,6 +268,9 @@ impl Session {
                 self.server.stats.keepalives_in.inc();
                 None
             }
+            MsgType::NativeRequest if self.server.native.is_some() => {
+                self.on_native_request(&frame.data, framed).await
+            }
             MsgType::NativeRequest | MsgType::Ipv6Request => {
                 self.server.stats.unsupported_request.inc();
                 let what = if frame.kind == MsgType::NativeRequest {
@@ -305,6 +315,14 @@ impl Session {
                         info!(peer = %self.peer, session = self.handle.id, "leased {addr}");
                         addr
                     }
+                    Grant::Restored(addr) => {
+                        info!(
+                            peer = %self.peer,
+                            session = self.handle.id,
+                            "leased {addr} again (saved before the server restarted)"
+                        );
+                        addr
+                    }
                     Grant::TakenOver(addr, old) => {
                         info!(
                             peer = %self.peer,
@@ -333,6 +351,14 @@ impl Session {
         if self.lease.is_none() {
             self.server.stats.leases_granted.inc();
             self.lease = Some(addr);
+            // A restored or taken-over lease may already be native.
+            let state = self.server.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.native = matches!(
+                state.lease_of(addr, self.handle.id),
+                Some((super::state::Mode::Native, _))
+            );
+            drop(state);
+            self.server.leases_changed.notify_one();
         }
         let text = Lease4 {
             addr,
@@ -347,9 +373,105 @@ impl Session {
             .err()
     }
 
+    /// A 105: bind the lease to the client's IPv6 address in the fast path and answer 106
+    /// "<tunnel-addr> <mtu>". The endpoint must be the session's own address: a client cannot
+    /// point another host's traffic somewhere else.
+    async fn on_native_request(&mut self, data: &[u8], framed: &mut Conn) -> Option<String> {
+        let server = self.server.clone();
+        let native = server.native.as_ref().expect("checked by the caller");
+        let (addr, endpoint) = match self.bind_native(data) {
+            Ok(pair) => pair,
+            Err(text) => {
+                server.stats.native_refused.inc();
+                warn!(peer = %self.peer, session = self.handle.id, "105 refused: {text}");
+                let _ = self.send(framed, Frame::text(MsgType::Error, &text)).await;
+                return Some(text);
+            }
+        };
+        self.native = true;
+        server.stats.native_granted.inc();
+        server.leases_changed.notify_one();
+        info!(
+            peer = %self.peer,
+            session = self.handle.id,
+            "native mode for {addr}: {endpoint} ↔ {} (inner MTU {})",
+            native.tunnel_addr,
+            native.inner_mtu
+        );
+        let reply = NativeGrant {
+            tunnel: native.tunnel_addr,
+            mtu: native.inner_mtu,
+        }
+        .to_string();
+        self.send(framed, Frame::text(MsgType::NativeReply, &reply))
+            .await
+            .err()
+    }
+
+    /// Checks a 105 and installs the binding; Err is the 110 text.
+    fn bind_native(&self, data: &[u8]) -> Result<(Ipv4Addr, Ipv6Addr), String> {
+        let native = self.server.native.as_ref().expect("checked by the caller");
+        let addr = self
+            .lease
+            .ok_or("native mode (105) before a lease: send 100 first")?;
+        let peer = match self.peer.ip() {
+            IpAddr::V6(p) if p.to_ipv4_mapped().is_none() => p,
+            _ => return Err("native mode needs a client connected over IPv6".into()),
+        };
+        let text = String::from_utf8_lossy(data);
+        let text = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+        let endpoint = if text.is_empty() {
+            peer
+        } else {
+            text.parse::<Ipv6Addr>()
+                .map_err(|_| format!("bad 105: {text:?} is not an IPv6 address"))?
+        };
+        if endpoint != peer {
+            return Err(format!(
+                "native endpoint {endpoint} is not this session's address {peer}"
+            ));
+        }
+        self.server
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_native(addr, self.handle.id, endpoint)?;
+        if let Err(e) = native.bind(endpoint, addr) {
+            self.server
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_inband(addr, self.handle.id);
+            return Err(format!("fast path unavailable: {e:#}"));
+        }
+        Ok((addr, endpoint))
+    }
+
+    /// A 102 on a native lease: the client went back to in-band (an old client, or a
+    /// fallback); its binding goes so that its traffic takes the TUN again.
+    fn leave_native(&mut self, addr: Ipv4Addr) {
+        self.native = false;
+        let old = self
+            .server
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_inband(addr, self.handle.id);
+        if let (Some(t), Some(native)) = (old, &self.server.native) {
+            native.unbind(t, addr);
+            info!(peer = %self.peer, session = self.handle.id, "{addr} back to in-band");
+        }
+        self.server.leases_changed.notify_one();
+    }
+
     /// A 102: each IPv4 packet whose source is the lease goes to the TUN; the rest is dropped
     /// and counted.
     async fn on_data(&mut self, data: &[u8]) {
+        if self.native
+            && let Some(addr) = self.lease
+        {
+            self.leave_native(addr);
+        }
         let server = self.server.clone();
         let stats = &server.stats;
         let Some(lease) = self.lease else {

@@ -1,23 +1,25 @@
-//! The lease table and the pool: the server's single source of truth.
+//! The lease table and the pool: the server's single source of truth. The fast-path maps and
+//! the saved lease file are derived from it.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::persist::SavedLease;
 use crate::pool::Pool;
 
 /// How a client's traffic flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Inband,
@@ -39,9 +41,16 @@ pub struct SessionHandle {
 
 #[derive(Debug)]
 pub struct Lease {
-    pub session: SessionHandle,
+    /// The client's address (canonical: IPv4 clients as IPv4).
+    pub client: IpAddr,
+    /// None for a lease restored after a restart whose client has not reconnected yet.
+    pub session: Option<SessionHandle>,
     pub since: SystemTime,
     pub mode: Mode,
+    /// Native mode: the client's tunnel endpoint, bound in the fast-path maps.
+    pub tunnel: Option<Ipv6Addr>,
+    /// Restored leases are released if their client is not back by then.
+    pub restored_until: Option<Instant>,
 }
 
 /// One row of `tunnel-ctl leases --json`.
@@ -51,7 +60,17 @@ pub struct LeaseRow {
     pub client: String,
     pub mode: Mode,
     pub since: String,
-    pub session: u64,
+    /// The session holding it; null while a restored lease waits for its client.
+    pub session: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<Ipv6Addr>,
+}
+
+/// A lease that ended: what must be undone in the fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    pub ipv4: Ipv4Addr,
+    pub tunnel: Option<Ipv6Addr>,
 }
 
 pub struct State {
@@ -65,6 +84,8 @@ pub enum Grant {
     New(Ipv4Addr),
     /// Taken over from a silent earlier session of the same client.
     TakenOver(Ipv4Addr, u64),
+    /// Saved before a restart and now claimed by its client.
+    Restored(Ipv4Addr),
     Exhausted,
 }
 
@@ -77,62 +98,182 @@ impl State {
         }
     }
 
-    /// An address for `session`. If a silent (no frame for `stale_ms`) session of the same
-    /// client still holds one, that session is cancelled and its address moves over, so a
-    /// client that reconnects before the server noticed its old connection died keeps its
-    /// address.
+    /// Re-creates saved leases (no session yet) for `grace`. Returns those it could not
+    /// restore (address outside the pool or duplicated), with the reason.
+    pub fn restore(
+        &mut self,
+        saved: &[SavedLease],
+        grace: Duration,
+    ) -> Vec<(SavedLease, &'static str)> {
+        let until = Instant::now() + grace;
+        let mut rejected = Vec::new();
+        for s in saved {
+            if !self.pool.reserve(s.ipv4) {
+                rejected.push((s.clone(), "address not free in the current pool"));
+                continue;
+            }
+            let since = humantime::parse_rfc3339(&s.since).unwrap_or_else(|_| SystemTime::now());
+            self.leases.insert(
+                s.ipv4,
+                Lease {
+                    client: s.client.to_canonical(),
+                    session: None,
+                    since,
+                    mode: s.mode,
+                    tunnel: s.tunnel.filter(|_| s.mode == Mode::Native),
+                    restored_until: Some(until),
+                },
+            );
+        }
+        rejected
+    }
+
+    /// An address for `session`: its restored lease if it had one, else the lease of a silent
+    /// (no frame for `stale_ms`) earlier session of the same client, which is cancelled, else
+    /// a new one from the pool.
     pub fn grant(&mut self, session: &SessionHandle, now_ms: u64, stale_ms: u64) -> Grant {
+        let client = session.peer.to_canonical();
+        let restored = self
+            .leases
+            .iter()
+            .find(|(_, l)| l.client == client && l.session.is_none())
+            .map(|(a, _)| *a);
+        if let Some(addr) = restored {
+            let lease = self.leases.get_mut(&addr).expect("found above");
+            lease.session = Some(session.clone());
+            lease.restored_until = None;
+            return Grant::Restored(addr);
+        }
         let stale = self
             .leases
             .iter()
-            .find(|(_, l)| {
-                l.session.peer == session.peer
-                    && l.session.id != session.id
-                    && now_ms.saturating_sub(l.session.last_rx.load(Ordering::Relaxed)) > stale_ms
+            .filter_map(|(a, l)| l.session.as_ref().map(|s| (a, l, s)))
+            .find(|(_, l, s)| {
+                l.client == client
+                    && s.id != session.id
+                    && now_ms.saturating_sub(s.last_rx.load(Ordering::Relaxed)) > stale_ms
             })
-            .map(|(a, l)| (*a, l.session.id));
+            .map(|(a, _, s)| (*a, s.id));
         if let Some((addr, old_id)) = stale {
-            let old = self.leases.remove(&addr).expect("found above");
-            old.session.cancel.cancel();
-            self.insert(addr, session);
+            let lease = self.leases.get_mut(&addr).expect("found above");
+            if let Some(old) = lease.session.replace(session.clone()) {
+                old.cancel.cancel();
+            }
             return Grant::TakenOver(addr, old_id);
         }
         match self.pool.allocate(v6_key(session.peer), Instant::now()) {
             Some(addr) => {
-                self.insert(addr, session);
+                self.leases.insert(
+                    addr,
+                    Lease {
+                        client,
+                        session: Some(session.clone()),
+                        since: SystemTime::now(),
+                        mode: Mode::Inband,
+                        tunnel: None,
+                        restored_until: None,
+                    },
+                );
                 Grant::New(addr)
             }
             None => Grant::Exhausted,
         }
     }
 
-    fn insert(&mut self, addr: Ipv4Addr, session: &SessionHandle) {
-        self.leases.insert(
-            addr,
-            Lease {
-                session: session.clone(),
-                since: SystemTime::now(),
-                mode: Mode::Inband,
-            },
-        );
+    /// The lease's current mode and binding, if `session_id` holds it.
+    pub fn lease_of(&self, addr: Ipv4Addr, session_id: u64) -> Option<(Mode, Option<Ipv6Addr>)> {
+        self.leases
+            .get(&addr)
+            .filter(|l| l.session.as_ref().is_some_and(|s| s.id == session_id))
+            .map(|l| (l.mode, l.tunnel))
+    }
+
+    /// Switches `session_id`'s lease on `addr` to native mode with endpoint `tunnel`. Fails
+    /// when another lease is bound to that endpoint.
+    pub fn set_native(
+        &mut self,
+        addr: Ipv4Addr,
+        session_id: u64,
+        tunnel: Ipv6Addr,
+    ) -> Result<(), String> {
+        if let Some((other, _)) = self
+            .leases
+            .iter()
+            .find(|(a, l)| **a != addr && l.tunnel == Some(tunnel))
+        {
+            return Err(format!(
+                "{tunnel} is already the native endpoint of lease {other}"
+            ));
+        }
+        match self.leases.get_mut(&addr) {
+            Some(l) if l.session.as_ref().is_some_and(|s| s.id == session_id) => {
+                l.mode = Mode::Native;
+                l.tunnel = Some(tunnel);
+                Ok(())
+            }
+            _ => Err("the lease is no longer held by this session".into()),
+        }
+    }
+
+    /// Back to in-band (the client sent 102 on a native lease); returns the old binding.
+    pub fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
+        match self.leases.get_mut(&addr) {
+            Some(l) if l.session.as_ref().is_some_and(|s| s.id == session_id) => {
+                l.mode = Mode::Inband;
+                l.tunnel.take()
+            }
+            _ => None,
+        }
     }
 
     /// Ends `session`'s lease on `addr` (if it still holds it) and returns the address to the
     /// pool, held for the same client.
-    pub fn release(&mut self, addr: Ipv4Addr, session_id: u64) -> bool {
+    pub fn release(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ended> {
         match self.leases.get(&addr) {
-            Some(l) if l.session.id == session_id => {
-                let peer = l.session.peer;
-                self.leases.remove(&addr);
-                self.pool.release(addr, v6_key(peer), Instant::now());
-                true
+            Some(l) if l.session.as_ref().is_some_and(|s| s.id == session_id) => {
+                Some(self.remove(addr))
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    pub fn sender_for(&self, addr: Ipv4Addr) -> Option<mpsc::Sender<Bytes>> {
-        self.leases.get(&addr).map(|l| l.session.tx.clone())
+    fn remove(&mut self, addr: Ipv4Addr) -> Ended {
+        let lease = self.leases.remove(&addr).expect("caller checked");
+        self.pool
+            .release(addr, v6_key(lease.client), Instant::now());
+        Ended {
+            ipv4: addr,
+            tunnel: lease.tunnel,
+        }
+    }
+
+    /// Releases restored leases whose client did not come back in time.
+    pub fn expire_restored(&mut self, now: Instant) -> Vec<Ended> {
+        let expired: Vec<Ipv4Addr> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.session.is_none() && l.restored_until.is_some_and(|t| t <= now))
+            .map(|(a, _)| *a)
+            .collect();
+        expired.into_iter().map(|a| self.remove(a)).collect()
+    }
+
+    /// Where a packet to `addr` goes: the in-band session's queue, or the native endpoint.
+    pub fn route(&self, addr: Ipv4Addr) -> Option<Route> {
+        let l = self.leases.get(&addr)?;
+        match (l.mode, l.tunnel, &l.session) {
+            (Mode::Native, Some(t), _) => Some(Route::Native(t)),
+            (_, _, Some(s)) => Some(Route::Inband(s.tx.clone())),
+            _ => None,
+        }
+    }
+
+    /// Native bindings of all leases.
+    pub fn bindings(&self) -> Vec<(Ipv4Addr, Ipv6Addr)> {
+        self.leases
+            .iter()
+            .filter_map(|(a, l)| l.tunnel.map(|t| (*a, t)))
+            .collect()
     }
 
     pub fn lease_list(&self) -> Vec<LeaseRow> {
@@ -141,20 +282,41 @@ impl State {
             .iter()
             .map(|(addr, l)| LeaseRow {
                 ipv4: *addr,
-                client: l.session.peer.to_canonical().to_string(),
+                client: l.client.to_string(),
                 mode: l.mode,
                 since: humantime::format_rfc3339_seconds(l.since).to_string(),
-                session: l.session.id,
+                session: l.session.as_ref().map(|s| s.id),
+                tunnel: l.tunnel,
             })
             .collect();
         rows.sort_by_key(|r| r.ipv4);
         rows
     }
+
+    /// What goes into the lease file.
+    pub fn saved(&self) -> Vec<SavedLease> {
+        self.lease_list()
+            .into_iter()
+            .map(|r| SavedLease {
+                ipv4: r.ipv4,
+                client: self.leases[&r.ipv4].client,
+                mode: r.mode,
+                since: r.since,
+                tunnel: r.tunnel,
+            })
+            .collect()
+    }
+}
+
+/// Where the TUN reader sends a packet.
+pub enum Route {
+    Inband(mpsc::Sender<Bytes>),
+    Native(Ipv6Addr),
 }
 
 /// Pool holds are keyed by IPv6 address; IPv4 peers use their mapped form.
-fn v6_key(peer: IpAddr) -> std::net::Ipv6Addr {
-    match peer {
+fn v6_key(peer: IpAddr) -> Ipv6Addr {
+    match peer.to_canonical() {
         IpAddr::V6(a) => a,
         IpAddr::V4(a) => a.to_ipv6_mapped(),
     }

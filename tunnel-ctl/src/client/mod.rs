@@ -1,8 +1,12 @@
-//! `tunnel-ctl client`: a 4over6 client in in-band mode.
+//! `tunnel-ctl client`: a 4over6 client, in-band or native.
 //!
-//! The TUN device lives as long as the daemon; sessions come and go. The TUN reader feeds a
-//! queue that the current session drains into 102 frames; while disconnected the queue fills
-//! and further packets are dropped and counted.
+//! In-band: the TUN device lives as long as the daemon; sessions come and go. The TUN reader
+//! feeds a queue that the current session drains into 102 frames; while disconnected the queue
+//! fills and further packets are dropped and counted.
+//!
+//! Native ([`native`]): after the lease, a 105 asks for the fast path; the 106 configures the
+//! eBPF programs on `--v6-dev`. The data path outlives sessions: while reconnecting (a server
+//! restart, say) packets keep flowing, and a reconnect that gets the same lease changes nothing.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -19,12 +23,19 @@ use tokio_util::codec::Framed;
 use tracing::{info, warn};
 use tun::AsyncDevice;
 
+pub mod native;
+
+use native::{Applied, NativePath};
+
 use crate::{
-    cli::ClientArgs,
+    cli::{ClientArgs, ClientMode},
     counters,
     mgmt::{self, Handler, Request, Response},
     netlink::Netlink,
-    protocol::{Frame, FrameCodec, MsgType, text::Lease4},
+    protocol::{
+        Frame, FrameCodec, MsgType,
+        text::{Lease4, NativeGrant},
+    },
     tundev,
 };
 
@@ -47,6 +58,7 @@ counters! {
         drop_while_disconnected,
         drop_tun_write_error,
         drop_unexpected_frame,
+        native_granted,
     }
 }
 
@@ -67,7 +79,10 @@ struct Client {
     args: ClientArgs,
     stats: ClientStats,
     status: Mutex<Status>,
-    tun: Arc<AsyncDevice>,
+    /// In-band mode.
+    tun: Option<Arc<AsyncDevice>>,
+    /// Native mode.
+    native: Option<NativePath>,
     started: Instant,
 }
 
@@ -86,11 +101,36 @@ impl Handler for Client {
                     "ipv4": st.lease.as_ref().map(|l| l.addr.to_string()),
                     "dns": st.lease.as_ref().map(|l| l.dns.map(|d| d.to_string())),
                     "since": st.since.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                    "tun": self.args.tun,
+                    "mode": match self.args.mode {
+                        ClientMode::Inband => "inband",
+                        ClientMode::Native => "native",
+                    },
+                    "tun": self.tun.as_ref().map(|_| &self.args.tun),
+                    "native": self.native.as_ref().map(|n| json!({
+                        "v6_dev": n.v6_dev,
+                        "configured": n.applied().map(|a| json!({
+                            "ipv4": a.lease.to_string(),
+                            "local": a.local.to_string(),
+                            "server_tunnel": a.grant.tunnel.to_string(),
+                            "inner_mtu": a.grant.mtu,
+                        })),
+                    })),
                     "last_error": st.last_error,
                 }))
             }
-            Request::Stats => Response::Ok(json!(self.stats.snapshot())),
+            Request::Stats => {
+                let mut all = serde_json::Map::new();
+                for (k, v) in self.stats.snapshot() {
+                    all.insert(k.to_string(), json!(v));
+                }
+                if let Some(native) = &self.native {
+                    match native.counters() {
+                        Ok(c) => all.extend(c.into_iter().map(|(k, v)| (k.to_string(), json!(v)))),
+                        Err(e) => return Response::Error(format!("{e:#}")),
+                    }
+                }
+                Response::Ok(serde_json::Value::Object(all))
+            }
             Request::Leases => {
                 Response::Error("a client has no lease table; see `tunnel-ctl status`".into())
             }
@@ -101,40 +141,66 @@ impl Handler for Client {
 pub async fn run(args: ClientArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
     mgmt::ensure_not_running(&instance)?;
-    let tun = tundev::create(&args.tun)?;
     let nl = Netlink::connect()?;
-    let index = nl.index(&args.tun).await?;
-    nl.up(index, tundev::TUN_MTU).await?;
+    let (tun, index, native) = match args.mode {
+        ClientMode::Inband => {
+            let tun = tundev::create(&args.tun)?;
+            let index = nl.index(&args.tun).await?;
+            nl.up(index, tundev::TUN_MTU).await?;
+            (Some(tun), index, None)
+        }
+        ClientMode::Native => {
+            let dev = args
+                .v6_dev
+                .as_deref()
+                .ok_or_else(|| anyhow!("--mode native needs --v6-dev IFACE"))?;
+            let path =
+                NativePath::start(&nl, dev, instance.pin_dir(), !args.no_default_route).await?;
+            (None, 0, Some(path))
+        }
+    };
 
     let client = Arc::new(Client {
         args,
         stats: ClientStats::default(),
         status: Mutex::new(Status::default()),
         tun,
+        native,
         started: Instant::now(),
     });
     let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
     let mgmt = mgmt::bind(&instance)?;
     info!(
-        "4over6 client for {} (TUN {}, keepalive {:?}, timeout {:?})",
+        "4over6 client for {} ({}, keepalive {:?}, timeout {:?})",
         client.args.server,
-        client.args.tun,
+        match &client.native {
+            Some(n) => format!("native mode on {}", n.v6_dev),
+            None => format!("in-band mode, TUN {}", client.args.tun),
+        },
         client.args.timers.keepalive,
         client.args.timers.timeout
     );
     tokio::select! {
         () = tun_reader(client.clone(), tx) => {}
-        () = connection_loop(client.clone(), nl, index, rx) => {}
+        () = connection_loop(client.clone(), &nl, index, rx) => {}
         () = mgmt.serve(client.clone()) => {}
         signal = crate::shutdown_signal() => info!("{signal}: disconnecting"),
+    }
+    if let Some(native) = &client.native {
+        native.teardown(&nl).await;
     }
     Ok(())
 }
 
 async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
+    let Some(tun) = client.tun.clone() else {
+        // Native mode: nothing to read; keep the sender alive so the session's queue stays open.
+        let _keep = tx;
+        return std::future::pending().await;
+    };
     let mut buf = vec![0u8; 65536];
     loop {
-        match client.tun.recv(&mut buf).await {
+        match tun.recv(&mut buf).await {
             Ok(n) => {
                 if tx.try_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
                     client.stats.drop_while_disconnected.inc();
@@ -151,7 +217,7 @@ async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
 /// Connects, serves, reconnects with capped exponential backoff, forever.
 async fn connection_loop(
     client: Arc<Client>,
-    nl: Netlink,
+    nl: &Netlink,
     index: u32,
     mut rx: mpsc::Receiver<Bytes>,
 ) {
@@ -159,7 +225,7 @@ async fn connection_loop(
     let mut configured: Option<Ipv4Addr> = None;
     loop {
         let started = Instant::now();
-        let result = session(&client, &nl, index, &mut configured, &mut rx).await;
+        let result = session(&client, nl, index, &mut configured, &mut rx).await;
         {
             let mut st = client.status.lock().unwrap_or_else(|p| p.into_inner());
             if st.connected {
@@ -219,7 +285,37 @@ async fn session(
         .map_err(|_| anyhow!("no lease (101) from {server} within {:?}", timers.timeout))??;
     client.stats.leases.inc();
 
-    if *configured != Some(lease.addr) {
+    if let Some(native) = &client.native {
+        let local = match framed.get_ref().local_addr()?.ip() {
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
+            other => {
+                bail!("native mode needs an IPv6 connection to the server (local address {other})")
+            }
+        };
+        framed
+            .send(Frame::text(MsgType::NativeRequest, &local.to_string()))
+            .await?;
+        client.stats.frames_out.inc();
+        let grant = tokio::time::timeout(timers.timeout, wait_for_native(client, &mut framed))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "no answer (106) to native mode from {server} within {:?}",
+                    timers.timeout
+                )
+            })??;
+        client.stats.native_granted.inc();
+        native
+            .apply(
+                nl,
+                Applied {
+                    lease: lease.addr,
+                    local,
+                    grant,
+                },
+            )
+            .await?;
+    } else if *configured != Some(lease.addr) {
         nl.flush_ipv4(index).await?;
         nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
         if !client.args.no_default_route {
@@ -285,6 +381,33 @@ async fn wait_for_lease(client: &Client, framed: &mut Conn) -> Result<Lease4> {
     bail!("server closed the connection before sending a lease")
 }
 
+/// Waits for the 106 after a 105 (keepalives and a repeated 101 may come first).
+async fn wait_for_native(client: &Client, framed: &mut Conn) -> Result<NativeGrant> {
+    while let Some(frame) = framed.next().await {
+        let frame = frame?;
+        client.stats.frames_in.inc();
+        match frame.kind {
+            MsgType::NativeReply => {
+                return NativeGrant::parse(&frame.data).map_err(|e| anyhow!("bad 106: {e}"));
+            }
+            MsgType::Keepalive => client.stats.keepalives_in.inc(),
+            MsgType::AddrReply => {}
+            MsgType::Error => {
+                client.stats.server_errors.inc();
+                bail!(
+                    "server refused native mode: {}",
+                    String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
+                );
+            }
+            other => {
+                client.stats.drop_unexpected_frame.inc();
+                warn!("ignoring type {} while waiting for 106", other.code());
+            }
+        }
+    }
+    bail!("server closed the connection before answering native mode")
+}
+
 async fn serve(
     client: &Client,
     framed: &mut Conn,
@@ -313,12 +436,15 @@ async fn serve(
                     deadline = tokio::time::Instant::now() + timers.timeout;
                     stats.frames_in.inc();
                     match frame.kind {
-                        MsgType::DataReply => match client.tun.send(&frame.data).await {
-                            Ok(_) => {
-                                stats.inband_packets_from_server.inc();
-                                stats.inband_bytes_from_server.add(frame.data.len() as u64);
-                            }
-                            Err(_) => stats.drop_tun_write_error.inc(),
+                        MsgType::DataReply => match &client.tun {
+                            Some(tun) => match tun.send(&frame.data).await {
+                                Ok(_) => {
+                                    stats.inband_packets_from_server.inc();
+                                    stats.inband_bytes_from_server.add(frame.data.len() as u64);
+                                }
+                                Err(_) => stats.drop_tun_write_error.inc(),
+                            },
+                            None => stats.drop_unexpected_frame.inc(),
                         },
                         MsgType::Keepalive => stats.keepalives_in.inc(),
                         MsgType::AddrReply => {} // a repeated 101

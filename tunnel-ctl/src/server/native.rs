@@ -1,0 +1,220 @@
+//! The server's native mode: the eBPF fast path (SPEC §5.2) and its userspace slow path.
+//!
+//! The programs are attached with pinned links and the maps are pinned, so a controller that
+//! crashes leaves forwarding running; the next start re-adopts both (see `dataplane::tc`).
+//! Packets to a native lease that still reach the TUN (too big for the tunnel, sent by this
+//! host or by an in-band client) are handled here: ICMP fragmentation-needed for DF packets,
+//! IPv4 fragments otherwise, sent as IPv4-in-IPv6 through a raw socket.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::Ebpf;
+use tracing::{info, warn};
+use tunnel_common::{
+    fastpath::{DEFAULT_HOP_LIMIT, IPV6_HEADER_LEN, TCP_IPV4_OVERHEAD, TunnelConfig},
+    names::{PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+};
+
+use crate::{
+    dataplane::{
+        self, bpffs,
+        fastpath::Maps,
+        stats::Counters,
+        tc::{self, Direction},
+    },
+    netlink::Netlink,
+};
+
+/// What the server needs to run native mode.
+pub struct NativeArgs<'a> {
+    pub v6_dev: &'a str,
+    pub v4_dev: &'a str,
+    pub tunnel_addr: Ipv6Addr,
+    pub tun_index: u32,
+    pub pin_dir: PathBuf,
+}
+
+pub struct Native {
+    pub tunnel_addr: Ipv6Addr,
+    /// Announced in 106: outer MTU − 40.
+    pub inner_mtu: u16,
+    pub v6_dev: String,
+    pub v4_dev: String,
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+    raw: OwnedFd,
+    pin_dir: PathBuf,
+}
+
+impl Native {
+    /// Loads (re-adopting pinned maps), configures and attaches the fast path.
+    pub async fn start(nl: &Netlink, args: NativeArgs<'_>) -> Result<Native> {
+        let v6_index = nl
+            .index(args.v6_dev)
+            .await
+            .with_context(|| format!("--v6-dev {}", args.v6_dev))?;
+        nl.index(args.v4_dev)
+            .await
+            .with_context(|| format!("--v4-dev {}", args.v4_dev))?;
+        let (v6_mtu, _) = nl.mtu_and_mac(v6_index).await?;
+        let inner_mtu =
+            u16::try_from(v6_mtu.saturating_sub(u32::from(IPV6_HEADER_LEN))).unwrap_or(u16::MAX);
+        if inner_mtu < 576 {
+            bail!(
+                "--v6-dev {} has MTU {v6_mtu}: too small to carry IPv4 (needs at least 616)",
+                args.v6_dev
+            );
+        }
+        let mut ebpf = dataplane::load(&args.pin_dir)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        let previous = maps.config()?;
+        maps.set_config(&TunnelConfig {
+            local: args.tunnel_addr.octets(),
+            v6_ifindex: v6_index,
+            tun_ifindex: args.tun_index,
+            inner_mtu,
+            mss: inner_mtu - TCP_IPV4_OVERHEAD,
+            hop_limit: DEFAULT_HOP_LIMIT,
+            enabled: 1,
+            ..Default::default()
+        })?;
+        if previous.enabled != 0 {
+            info!(
+                "re-adopting the pinned fast path in {}",
+                args.pin_dir.display()
+            );
+        }
+        tc::attach_pinned(
+            &mut ebpf,
+            PROG_SERVER_DECAP,
+            args.v6_dev,
+            Direction::Ingress,
+            &args.pin_dir,
+        )?;
+        tc::attach_pinned(
+            &mut ebpf,
+            PROG_SERVER_ENCAP,
+            args.v4_dev,
+            Direction::Ingress,
+            &args.pin_dir,
+        )?;
+        let raw = raw_socket(args.tunnel_addr)?;
+        Ok(Native {
+            tunnel_addr: args.tunnel_addr,
+            inner_mtu,
+            v6_dev: args.v6_dev.to_owned(),
+            v4_dev: args.v4_dev.to_owned(),
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(maps),
+            raw,
+            pin_dir: args.pin_dir,
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn bind(&self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
+        self.maps().bind(client, ipv4)
+    }
+
+    pub fn unbind(&self, client: Ipv6Addr, ipv4: Ipv4Addr) {
+        if let Err(e) = self.maps().unbind(client, ipv4) {
+            warn!("removing binding {ipv4} ↔ {client}: {e:#}");
+        }
+    }
+
+    /// Makes the maps hold exactly `keep` (after a restart: the restored native leases).
+    pub fn reconcile(&self, keep: &[(Ipv4Addr, Ipv6Addr)]) -> Result<()> {
+        let mut maps = self.maps();
+        let removed = maps.retain(|v4, v6| keep.contains(&(v4, v6)))?;
+        if removed > 0 {
+            info!("removed {removed} pinned bindings that no saved lease accounts for");
+        }
+        for &(v4, v6) in keep {
+            maps.bind(v6, v4)?;
+        }
+        Ok(())
+    }
+
+    /// (IPv4-side bindings, IPv6-side bindings) currently in the maps.
+    pub fn binding_counts(&self) -> (usize, usize) {
+        let (v4, v6) = self.maps().bindings();
+        (v4.len(), v6)
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        dataplane::stats::read(&ebpf)
+    }
+
+    /// Sends an IPv4 packet to a native client as IPv4-in-IPv6 from the tunnel address.
+    pub fn send_encapsulated(&self, client: Ipv6Addr, packet: &[u8]) -> std::io::Result<()> {
+        let dst = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(client, 0, 0, 0));
+        nix::sys::socket::sendto(
+            self.raw.as_raw_fd(),
+            packet,
+            &dst,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+    }
+
+    /// Clean shutdown: detach (by removing the link pins) and drop the maps.
+    pub fn remove_pins(&self) {
+        if let Err(e) = bpffs::remove_pins(&self.pin_dir) {
+            warn!("removing pins: {e:#}");
+        }
+    }
+}
+
+/// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be
+/// configured on an interface: IPV6_FREEBIND). It only sends; its receive buffer is minimal.
+fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_IPIP,
+        )
+    };
+    if fd < 0 {
+        return Err(anyhow!(
+            "opening a raw IPv6 socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let small: libc::c_int = 1;
+    // SAFETY: setsockopt with pointers to live locals of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_FREEBIND,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+    }
+    let local = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(tunnel_addr, 0, 0, 0));
+    nix::sys::socket::bind(fd.as_raw_fd(), &local)
+        .with_context(|| format!("binding the slow-path raw socket to {tunnel_addr}"))?;
+    Ok(fd)
+}
