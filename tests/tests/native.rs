@@ -2,7 +2,7 @@
 //! ends, anti-spoofing, hitless server restart, bindings that follow the lease table, and
 //! TCP that fits the tunnel without fragments.
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -85,7 +85,9 @@ fn native_client_pings_and_streams_200mb_on_the_fast_path() -> Result<()> {
 
     let before = t.server_stats()?;
     let len = 200 << 20;
+    let started = Instant::now();
     tcp_transfer(&ns, &t.internet, "192.0.2.2:9100".parse()?, len, 42)?;
+    let took = started.elapsed();
     let after = t.server_stats()?;
     let d = |name: &str| counter(&after, name) - counter(&before, name);
     let decap = d("fastpath_decap_packets");
@@ -103,10 +105,358 @@ fn native_client_pings_and_streams_200mb_on_the_fast_path() -> Result<()> {
         "{tun} packets on the TUN vs {} on the fast path",
         decap + encap
     );
+    eprintln!("200 MB in {took:?}: {decap} decapsulated, {encap} encapsulated, {tun} on the TUN");
     let client_stats = t.lab.ctl_json("stats", &client)?;
     assert!(
         counter(&client_stats, "client_encap_packets") >= decap,
         "{client_stats}"
     );
+    Ok(())
+}
+
+#[test]
+fn inband_and_native_clients_work_at_the_same_time() -> Result<()> {
+    let mut t = start(&[])?;
+    let native_ns = t.client_ns()?;
+    let inband_ns = t.client_ns()?;
+    let (_, native_addr) = t.start_native_client(&native_ns, &[])?;
+    let (_, inband_addr) = t.start_client(&inband_ns, &[])?;
+    assert_ne!(native_addr, inband_addr);
+    let modes: Vec<(String, String)> = t
+        .leases()?
+        .iter()
+        .map(|l| {
+            (
+                l["ipv4"].as_str().unwrap_or("").into(),
+                l["mode"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    assert!(
+        modes.contains(&(native_addr.clone(), "native".into())),
+        "{modes:?}"
+    );
+    assert!(
+        modes.contains(&(inband_addr.clone(), "inband".into())),
+        "{modes:?}"
+    );
+
+    // Both transfer at once.
+    let internet = t.internet.clone();
+    std::thread::scope(|s| -> Result<()> {
+        let a = s.spawn(|| {
+            tcp_transfer(
+                &native_ns,
+                &internet,
+                "192.0.2.2:9201".parse()?,
+                20 << 20,
+                1,
+            )
+        });
+        let b = s.spawn(|| {
+            tcp_transfer(
+                &inband_ns,
+                &internet,
+                "192.0.2.2:9202".parse()?,
+                20 << 20,
+                2,
+            )
+        });
+        a.join()
+            .map_err(|_| anyhow!("native transfer panicked"))?
+            .context("native client")?;
+        b.join()
+            .map_err(|_| anyhow!("in-band transfer panicked"))?
+            .context("in-band client")?;
+        Ok(())
+    })?;
+    assert_eq!(native_ns.ping(INTERNET_HOST, 2)?, 2);
+    assert_eq!(inband_ns.ping(INTERNET_HOST, 2)?, 2);
+    // And they reach each other (native → TUN → in-band; in-band → TUN → raw IPv4-in-IPv6).
+    assert_eq!(native_ns.ping(&inband_addr, 2)?, 2, "native → in-band");
+    assert_eq!(inband_ns.ping(&native_addr, 2)?, 2, "in-band → native");
+    let stats = t.server_stats()?;
+    assert!(counter(&stats, "fastpath_decap_packets") > 5_000, "{stats}");
+    assert!(counter(&stats, "inband_packets_to_tun") > 5_000, "{stats}");
+    assert!(counter(&stats, "slowpath_native_packets") >= 2, "{stats}");
+    Ok(())
+}
+
+/// A raw IPv6 socket for next header 4 in the current namespace, bound to `src`.
+fn raw_ipip(src: Ipv6Addr) -> Result<OwnedFd> {
+    // SAFETY: socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_IPIP) };
+    if fd < 0 {
+        bail!("raw socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, 0));
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr)?;
+    Ok(fd)
+}
+
+fn send_ipip(fd: &OwnedFd, inner: &[u8]) -> Result<()> {
+    let dst = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(TUNNEL_ADDR.parse()?, 0, 0, 0));
+    nix::sys::socket::sendto(
+        fd.as_raw_fd(),
+        inner,
+        &dst,
+        nix::sys::socket::MsgFlags::empty(),
+    )?;
+    Ok(())
+}
+
+fn udp4(src: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src.octets(), [192, 0, 2, 2], 64)
+        .udp(5555, 9300)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+#[test]
+fn crafted_tunnel_packets_never_reach_the_internet_and_are_counted_per_reason() -> Result<()> {
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    let (_, addr) = t.start_native_client(&ns, &[])?;
+    let lease: Ipv4Addr = addr.parse()?;
+    ns.ip("addr add 2001:db8:1::99/64 dev v6 nodad")?;
+    let bound: Ipv6Addr = "2001:db8:1::2".parse()?;
+    let stranger: Ipv6Addr = "2001:db8:1::99".parse()?;
+
+    let sink = t.internet.enter(|| UdpSocket::bind("192.0.2.2:9300"))??;
+    sink.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let before = t.server_stats()?;
+    let mut ipv6_inner = Vec::new();
+    PacketBuilder::ipv6(
+        bound.octets(),
+        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+        64,
+    )
+    .udp(1, 2)
+    .write(&mut ipv6_inner, b"v6 inside")?;
+    ns.enter(|| -> Result<()> {
+        let from_stranger = raw_ipip(stranger)?;
+        let from_client = raw_ipip(bound)?;
+        send_ipip(&from_stranger, &udp4(lease, b"unbound outer source"))?;
+        send_ipip(
+            &from_client,
+            &udp4("198.51.100.77".parse()?, b"inner source not the lease"),
+        )?;
+        send_ipip(&from_client, &ipv6_inner)?;
+        // The control: the same path, everything right. It arrives after the others would.
+        send_ipip(&from_client, &udp4(lease, b"legitimate"))?;
+        Ok(())
+    })??;
+    let mut buf = [0u8; 2048];
+    let (n, from) = sink
+        .recv_from(&mut buf)
+        .context("the legitimate packet did not arrive")?;
+    assert_eq!(
+        &buf[..n],
+        b"legitimate",
+        "first datagram to reach the internet host"
+    );
+    assert_eq!(from.ip().to_string(), addr);
+    let after = t.server_stats()?;
+    for reason in [
+        "drop_unbound_source",
+        "drop_inner_source_not_lease",
+        "drop_inner_not_ipv4",
+    ] {
+        assert_eq!(
+            counter(&after, reason) - counter(&before, reason),
+            1,
+            "{reason}: {after}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> {
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    let (client, addr) = t.start_native_client(&ns, &[])?;
+    let leases_before = t.leases()?;
+
+    // 500 pings 10 ms apart (5 s); the server is killed and restarted in the middle.
+    let ping = ns
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            "500",
+            "-W",
+            "1",
+            INTERNET_HOST,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    t.start_server()?;
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u32 = text
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
+        .ok_or_else(|| anyhow!("no ping summary in {text}"))?;
+    eprintln!("{received}/500 pings answered around the server's SIGKILL and restart");
+    assert!(
+        received >= 495,
+        "{received}/500 pings answered around the restart:\n{text}"
+    );
+
+    // Same leases (address, client, mode, since), and the client has its address.
+    let strip = |v: &[serde_json::Value]| -> Vec<(String, String, String, String)> {
+        v.iter()
+            .map(|l| {
+                (
+                    l["ipv4"].to_string(),
+                    l["client"].to_string(),
+                    l["mode"].to_string(),
+                    l["since"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&t.leases()?), strip(&leases_before));
+    let again = t.wait_connected(&client, Duration::from_secs(15))?;
+    assert_eq!(again, addr);
+    wait_for(
+        "the lease to be held by the new session",
+        Duration::from_secs(10),
+        || {
+            Ok(t.leases()?
+                .first()
+                .is_some_and(|l| !l["session"].is_null())
+                .then_some(()))
+        },
+    )?;
+    assert_eq!(strip(&t.leases()?), strip(&leases_before));
+    assert_eq!(ns.ping(INTERNET_HOST, 2)?, 2);
+    Ok(())
+}
+
+#[test]
+fn bindings_follow_the_clients_and_are_gone_when_they_leave() -> Result<()> {
+    let mut t = start(&["--keepalive", "1s", "--timeout", "3s"])?;
+    let a_ns = t.client_ns()?;
+    let b_ns = t.client_ns()?;
+    let (a, a_addr) = t.start_native_client(&a_ns, &["--keepalive", "1s", "--timeout", "3s"])?;
+    let (b, b_addr) = t.start_native_client(&b_ns, &["--keepalive", "1s", "--timeout", "3s"])?;
+    assert_eq!(bindings(&t)?, (2, 2));
+    assert_eq!(
+        t.internet.ping(&a_addr, 1)?,
+        1,
+        "the internet reaches a native client"
+    );
+
+    // One disconnects cleanly, the other goes silent and times out.
+    t.lab.daemon(&a).expect("client a").stop();
+    t.lab.daemon(&b).expect("client b").signal(libc::SIGSTOP);
+    wait_for("every binding to go", Duration::from_secs(15), || {
+        Ok((bindings(&t)? == (0, 0)).then_some(()))
+    })?;
+    assert!(t.leases()?.is_empty());
+
+    let encap = stat(&t, "fastpath_encap_packets")?;
+    let no_lease = stat(&t, "drop_no_lease_for_destination")?;
+    assert_eq!(t.internet.ping(&a_addr, 1)?, 0);
+    assert_eq!(t.internet.ping(&b_addr, 1)?, 0);
+    assert_eq!(
+        stat(&t, "fastpath_encap_packets")?,
+        encap,
+        "nothing encapsulated any more"
+    );
+    assert!(stat(&t, "drop_no_lease_for_destination")? >= no_lease + 2);
+    t.lab.daemon(&b).expect("client b").signal(libc::SIGCONT);
+    Ok(())
+}
+
+/// `(name, value)` pairs of one protocol line pair in /proc/net/snmp of `ns`.
+fn snmp(ns: &Ns, proto: &str) -> Result<Vec<(String, u64)>> {
+    let text = ns.run(&["cat", "/proc/net/snmp"])?;
+    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {proto} lines in /proc/net/snmp");
+    };
+    Ok(names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .map(|(n, v)| (n.to_owned(), v.parse().unwrap_or(0)))
+        .collect())
+}
+
+fn snmp_sum(ns: &Ns, proto: &str, names: &[&str]) -> Result<u64> {
+    Ok(snmp(ns, proto)?
+        .into_iter()
+        .filter(|(n, _)| names.contains(&n.as_str()))
+        .map(|(_, v)| v)
+        .sum())
+}
+
+#[test]
+fn tcp_over_1500_byte_links_needs_no_fragments_and_no_icmp() -> Result<()> {
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    t.start_native_client(&ns, &[])?;
+    let watched = [&ns, &t.server, &t.internet];
+    let frag = |n: &Ns| snmp_sum(n, "Ip", &["FragCreates", "FragOKs", "ReasmReqds"]);
+    let icmp = |n: &Ns| snmp_sum(n, "Icmp", &["InDestUnreachs", "OutDestUnreachs"]);
+    let before: Vec<(u64, u64)> = watched
+        .iter()
+        .map(|n| Ok((frag(n)?, icmp(n)?)))
+        .collect::<Result<_>>()?;
+
+    // Both directions, and the MSS each end uses.
+    let listener = t
+        .internet
+        .enter(|| std::net::TcpListener::bind("192.0.2.2:9400"))??;
+    let server = std::thread::spawn(move || -> Result<u32> {
+        use std::io::{Read as _, Write as _};
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mss = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::TcpMaxSeg)?;
+        let mut got = vec![0u8; 8 << 20];
+        conn.read_exact(&mut got)?;
+        conn.write_all(&got)?;
+        Ok(mss)
+    });
+    let mut conn = ns.enter(|| std::net::TcpStream::connect("192.0.2.2:9400"))??;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let client_mss = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::TcpMaxSeg)?;
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        use std::io::{Read as _, Write as _};
+        let writer = conn.try_clone()?;
+        let sent = data.clone();
+        let w = std::thread::spawn(move || -> std::io::Result<()> { (&writer).write_all(&sent) });
+        let mut back = vec![0u8; data.len()];
+        conn.read_exact(&mut back)?;
+        w.join().map_err(|_| anyhow!("writer panicked"))??;
+        assert!(back == data, "echoed bytes differ");
+    }
+    let server_mss = server.join().map_err(|_| anyhow!("server panicked"))??;
+    assert!(
+        server_mss <= 1420,
+        "the internet host sends segments of {server_mss} bytes"
+    );
+    assert!(
+        client_mss <= 1420,
+        "the client sends segments of {client_mss} bytes"
+    );
+    for (n, (f0, i0)) in watched.iter().zip(before) {
+        assert_eq!(frag(n)? - f0, 0, "IPv4 fragments in {}", n.name);
+        assert_eq!(icmp(n)? - i0, 0, "ICMP unreachable in {}", n.name);
+    }
     Ok(())
 }

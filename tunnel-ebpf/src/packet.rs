@@ -22,6 +22,10 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Where the inner IPv4 header starts in an encapsulated frame.
 pub const INNER_OFF: usize = ETH_LEN + IPV6_HEADER_LEN as usize;
 
+/// A packet rewrite helper (adjust_room, store, checksum) failed; the packet is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct RewriteFailed;
+
 /// The EtherType of the frame.
 #[inline(always)]
 pub fn eth_proto(ctx: &TcContext) -> Option<u16> {
@@ -31,9 +35,9 @@ pub fn eth_proto(ctx: &TcContext) -> Option<u16> {
 }
 
 #[inline(always)]
-fn set_eth_proto(ctx: &TcContext, proto: u16) -> Result<(), ()> {
+fn set_eth_proto(ctx: &TcContext, proto: u16) -> Result<(), RewriteFailed> {
     ctx.store(ETH_PROTO_OFF, &proto.to_be_bytes(), 0)
-        .map_err(|_| ())
+        .map_err(|_| RewriteFailed)
 }
 
 /// 16-byte equality without a memcmp call (BPF has none).
@@ -119,17 +123,17 @@ pub fn segments(ctx: &TcContext) -> u64 {
 
 /// Decrements the TTL of the IPv4 header at `off` and fixes its checksum.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), ()> {
+pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), RewriteFailed> {
     let old = [ip.hdr.ttl, ip.hdr.proto];
     let new = [ip.hdr.ttl.wrapping_sub(1), ip.hdr.proto];
-    ctx.store(off + 8, &new, 0).map_err(|_| ())?;
+    ctx.store(off + 8, &new, 0).map_err(|_| RewriteFailed)?;
     ctx.l3_csum_replace(
         off + 10,
         u16::from_ne_bytes(old) as u64,
         u16::from_ne_bytes(new) as u64,
         2,
     )
-    .map_err(|_| ())
+    .map_err(|_| RewriteFailed)
 }
 
 /// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet.
@@ -141,7 +145,7 @@ pub fn encapsulate(
     dst: &[u8; 16],
     inner: &Ipv4Info,
     hop_limit: u8,
-) -> Result<(), ()> {
+) -> Result<(), RewriteFailed> {
     let tos = inner.hdr.tos;
     let outer = Ipv6Hdr {
         vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
@@ -156,20 +160,20 @@ pub fn encapsulate(
         BPF_ADJ_ROOM_MAC,
         (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
     )
-    .map_err(|_| ())?;
-    ctx.store(ETH_LEN, &outer, 0).map_err(|_| ())?;
+    .map_err(|_| RewriteFailed)?;
+    ctx.store(ETH_LEN, &outer, 0).map_err(|_| RewriteFailed)?;
     set_eth_proto(ctx, ETH_P_IPV6)
 }
 
 /// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
 /// as IPv4 from here on (skb->protocol follows the DECAP flag).
 #[inline(always)]
-pub fn decapsulate(ctx: &TcContext) -> Result<(), ()> {
+pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
     ctx.adjust_room(
         -(IPV6_HEADER_LEN as i32),
         BPF_ADJ_ROOM_MAC,
         (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
     )
-    .map_err(|_| ())?;
+    .map_err(|_| RewriteFailed)?;
     set_eth_proto(ctx, ETH_P_IP)
 }

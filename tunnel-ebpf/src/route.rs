@@ -11,6 +11,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
+/// The verdicts as the programs return them.
+const VERDICT_OK: i32 = TC_ACT_OK as _;
+const VERDICT_REDIRECT: i32 = TC_ACT_REDIRECT as _;
+
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -69,8 +73,8 @@ fn redirect_neigh(ifindex: u32, nh: Option<&mut bpf_redir_neigh>) -> Forward {
     };
     // SAFETY: `ptr` is null (with length 0) or points to a live struct of that length.
     let verdict = unsafe { bpf_redirect_neigh(ifindex, ptr, len, 0) };
-    if verdict == TC_ACT_REDIRECT as i64 {
-        Forward::Verdict(TC_ACT_REDIRECT as i32)
+    if verdict == VERDICT_REDIRECT as i64 {
+        Forward::Verdict(VERDICT_REDIRECT)
     } else {
         Forward::NoRoute
     }
@@ -121,7 +125,7 @@ fn finish(
             // SAFETY: reading a field of the context.
             let current = unsafe { (*ctx.skb.skb).ifindex };
             if egress && p.ifindex == current {
-                return Forward::Verdict(TC_ACT_OK as i32);
+                return Forward::Verdict(VERDICT_OK);
             }
             // SAFETY: plain helper call.
             Forward::Verdict(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
