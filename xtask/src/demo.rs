@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use tunnel_tests::{
     Lab,
-    fourover6::{FourOverSix, INTERNET_HOST, SERVER},
+    fourover6::{FourOverSix, INTERNET_HOST, SERVER, TUNNEL_ADDR},
     remove_own_leftovers,
     transfer::tcp_transfer,
 };
@@ -40,13 +40,15 @@ fn step(n: u32, text: &str) {
 
 /// The main job: a 4over6 concentrator with two IPv6-only clients.
 fn fourover6_demo() -> Result<()> {
-    const MB: usize = 10;
-    println!("tunnel demo, part 1: a 4over6 concentrator and two IPv6-only clients");
+    const MB: usize = 50;
+    println!(
+        "tunnel demo, part 1: a 4over6 concentrator and two IPv6-only clients (in-band and native)"
+    );
     step(
         1,
         "Building a lab: server, internet host, two clients with IPv6-only links",
     );
-    let mut t = FourOverSix::start(&[
+    let mut t = FourOverSix::start_native(&[
         "--pool",
         "198.51.100.2-198.51.100.128",
         "--gateway",
@@ -59,22 +61,30 @@ fn fourover6_demo() -> Result<()> {
         t.server.name
     );
     println!(
+        "             eBPF fast path: decap on up6 (IPv6 side), encap on inet0 (IPv4 side), tunnel address {TUNNEL_ADDR}"
+    );
+    println!(
         "    internet {}  192.0.2.2/24, routes 198.51.100.0/24 back to the server",
         t.internet.name
     );
     let mut clients = Vec::new();
     step(
         2,
-        "Starting `tunnel-ctl client --server [2001:db8:100::1]:5678` in each client namespace",
+        "Starting `tunnel-ctl client --server [2001:db8:100::1]:5678` in one client namespace \
+         and the same with `--mode native --v6-dev v6` in the other",
     );
-    for _ in 0..2 {
+    for mode in ["in-band", "native"] {
         let ns = t.client_ns()?;
-        let (instance, addr) = t.start_client(&ns, &[])?;
+        let (_instance, addr) = if mode == "native" {
+            t.start_native_client(&ns, &[])?
+        } else {
+            t.start_client(&ns, &[])?
+        };
         println!(
-            "    client   {}  has no IPv4 of its own; leased {addr} over the TCP control channel",
+            "    client   {}  has no IPv4 of its own; leased {addr} over the TCP control channel ({mode})",
             ns.name
         );
-        clients.push((ns, instance, addr));
+        clients.push((ns, mode, addr));
     }
     step(
         3,
@@ -82,7 +92,7 @@ fn fourover6_demo() -> Result<()> {
             "Each client pings {INTERNET_HOST} and sends {MB} MB over TCP to it, through the tunnel"
         ),
     );
-    for (i, (ns, _, addr)) in clients.iter().enumerate() {
+    for (i, (ns, mode, addr)) in clients.iter().enumerate() {
         let answered = ns.ping(INTERNET_HOST, 3)?;
         println!("    {addr}: {answered}/3 pings answered");
         if answered != 3 {
@@ -91,8 +101,13 @@ fn fourover6_demo() -> Result<()> {
         let to = format!("{INTERNET_HOST}:{}", 9000 + i).parse()?;
         let started = std::time::Instant::now();
         tcp_transfer(ns, &t.internet, to, MB << 20, i as u64 + 1)?;
+        let how = if *mode == "native" {
+            "native: IPv4-in-IPv6 by eBPF, never in userspace"
+        } else {
+            "in-band: 102/103 frames over TCP through the controller"
+        };
         println!(
-            "    {addr}: {MB} MB arrived byte-identical in {:.2} s (in-band: 102/103 frames over TCP)",
+            "    {addr}: {MB} MB arrived byte-identical in {:.2} s ({how})",
             started.elapsed().as_secs_f64()
         );
     }
