@@ -68,6 +68,9 @@ counters! {
     ClientEncap = "client_encap_packets",
     /// Native client: packets from the server decapsulated.
     ClientDecap = "client_decap_packets",
+    /// Native client: a packet from the server whose inner destination is not our lease
+    /// (or not IPv4): dropped.
+    ClientDropNotForLease = "client_drop_not_for_lease",
 }
 
 /// Number of slots in the stats map.

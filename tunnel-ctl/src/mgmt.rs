@@ -206,3 +206,18 @@ mod tests {
         );
     }
 }
+
+/// The answer to `stats`: the controller's counters, plus the eBPF counters when the daemon
+/// runs a data path (an error reading them is the answer then).
+pub fn counters_response(
+    controller: std::collections::BTreeMap<&'static str, u64>,
+    ebpf: Option<Result<crate::dataplane::stats::Counters>>,
+) -> Response {
+    let mut all: std::collections::BTreeMap<&'static str, u64> = controller;
+    match ebpf {
+        Some(Ok(c)) => all.extend(c),
+        Some(Err(e)) => return Response::Error(format!("{e:#}")),
+        None => {}
+    }
+    Response::Ok(serde_json::json!(all))
+}

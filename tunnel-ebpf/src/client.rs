@@ -16,7 +16,6 @@ use network_types::ip::Ipv6Hdr;
 use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
     maps::config,
-    mss,
     packet::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, eq16},
     route::{self, Forward},
     stats::{count, count_n},
@@ -38,14 +37,11 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         // Not the tunnel's traffic (the interface may carry native IPv4 too).
         return PASS;
     }
-    if mss::clamp(&ctx, ETH_LEN, &ip, cfg.mss) {
-        count(Counter::MssClamped);
-    }
-    let segs = packet::segments(&ctx);
-    if packet::encapsulate(&ctx, &cfg.local, &cfg.remote, &ip, cfg.hop_limit).is_err() {
-        count(Counter::DropRewriteFailed);
+    let Ok(segs) =
+        packet::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
+    else {
         return DROP;
-    }
+    };
     match route::forward_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex, true) {
         Forward::Verdict(v) => {
             count_n(Counter::ClientEncap, segs);
@@ -73,22 +69,12 @@ pub fn client_decap(ctx: TcContext) -> i32 {
     {
         return PASS;
     }
-    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
-        count(Counter::DropInnerNotIpv4);
+    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF).filter(|i| i.dst() == cfg.ipv4) else {
+        count(Counter::ClientDropNotForLease);
         return DROP;
     };
-    if inner.dst() != cfg.ipv4 {
-        count(Counter::DropInnerSourceNotLease);
-        return DROP;
+    match packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {
+        Ok(()) => PASS,
+        Err(_) => DROP,
     }
-    if mss::clamp(&ctx, INNER_OFF, &inner, cfg.mss) {
-        count(Counter::MssClamped);
-    }
-    let segs = packet::segments(&ctx);
-    if packet::decapsulate(&ctx).is_err() {
-        count(Counter::DropRewriteFailed);
-        return DROP;
-    }
-    count_n(Counter::ClientDecap, segs);
-    PASS
 }

@@ -9,7 +9,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
-use tunnel_common::fastpath::IPV6_HEADER_LEN;
+use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
+
+use crate::stats::{count, count_n};
 
 pub const ETH_LEN: usize = 14;
 /// Offset of the EtherType in the Ethernet header.
@@ -176,4 +178,49 @@ pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
     )
     .map_err(|_| RewriteFailed)?;
     set_eth_proto(ctx, ETH_P_IP)
+}
+
+/// Clamps the MSS of the inner IPv4 packet (at [`INNER_OFF`]) to `mss`, removes the outer
+/// header and counts the packet's segments under `counter`. On failure the reason is counted
+/// and the caller drops the packet.
+#[inline(always)]
+pub fn unwrap_counted(
+    ctx: &TcContext,
+    inner: &Ipv4Info,
+    mss: u16,
+    counter: Counter,
+) -> Result<(), RewriteFailed> {
+    if crate::mss::clamp(ctx, INNER_OFF, inner, mss) {
+        count(Counter::MssClamped);
+    }
+    let segs = segments(ctx);
+    if decapsulate(ctx).is_err() {
+        count(Counter::DropRewriteFailed);
+        return Err(RewriteFailed);
+    }
+    count_n(counter, segs);
+    Ok(())
+}
+
+/// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it
+/// in IPv6 `src` → `dst`. Returns its segment count, to be counted once it is on its way;
+/// failures are counted here.
+#[inline(always)]
+pub fn wrap_clamped(
+    ctx: &TcContext,
+    ip: &Ipv4Info,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    mss: u16,
+    hop_limit: u8,
+) -> Result<u64, RewriteFailed> {
+    if crate::mss::clamp(ctx, ETH_LEN, ip, mss) {
+        count(Counter::MssClamped);
+    }
+    let segs = segments(ctx);
+    if encapsulate(ctx, src, dst, ip, hop_limit).is_err() {
+        count(Counter::DropRewriteFailed);
+        return Err(RewriteFailed);
+    }
+    Ok(segs)
 }

@@ -16,7 +16,6 @@ use network_types::ip::Ipv6Hdr;
 use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
     maps::{BIND_BY_V4, BIND_BY_V6, config},
-    mss,
     packet::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, eq16},
     route::{self, Forward},
     stats::{count, count_n},
@@ -61,15 +60,10 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         count(Counter::DropInnerSourceNotLease);
         return DROP;
     }
-    if mss::clamp(&ctx, INNER_OFF, &inner, cfg.mss) {
-        count(Counter::MssClamped);
-    }
     let segs = packet::segments(&ctx);
-    if packet::decapsulate(&ctx).is_err() {
-        count(Counter::DropRewriteFailed);
+    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap).is_err() {
         return DROP;
     }
-    count_n(Counter::Decap, segs);
 
     // Forward it ourselves when the FIB has a plain route; the kernel handles the rest
     // (local delivery, the TUN, expiring TTLs, unresolved routes).
@@ -119,16 +113,20 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         count(Counter::SlowPathTtl);
         return PASS;
     }
-    if mss::clamp(&ctx, ETH_LEN, &ip, cfg.mss) {
-        count(Counter::MssClamped);
-    }
-    let segs = packet::segments(&ctx);
-    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err()
-        || packet::encapsulate(&ctx, &cfg.local, &binding.client, &ip, cfg.hop_limit).is_err()
-    {
+    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
+    let Ok(segs) = packet::wrap_clamped(
+        &ctx,
+        &ip,
+        &cfg.local,
+        &binding.client,
+        cfg.mss,
+        cfg.hop_limit,
+    ) else {
+        return DROP;
+    };
     match route::forward_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex, false) {
         Forward::Verdict(v) => {
             count_n(Counter::Encap, segs);

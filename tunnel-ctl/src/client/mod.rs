@@ -118,19 +118,10 @@ impl Handler for Client {
                     "last_error": st.last_error,
                 }))
             }
-            Request::Stats => {
-                let mut all = serde_json::Map::new();
-                for (k, v) in self.stats.snapshot() {
-                    all.insert(k.to_string(), json!(v));
-                }
-                if let Some(native) = &self.native {
-                    match native.counters() {
-                        Ok(c) => all.extend(c.into_iter().map(|(k, v)| (k.to_string(), json!(v)))),
-                        Err(e) => return Response::Error(format!("{e:#}")),
-                    }
-                }
-                Response::Ok(serde_json::Value::Object(all))
-            }
+            Request::Stats => mgmt::counters_response(
+                self.stats.snapshot(),
+                self.native.as_ref().map(|n| n.counters()),
+            ),
             Request::Leases => {
                 Response::Error("a client has no lease table; see `tunnel-ctl status`".into())
             }

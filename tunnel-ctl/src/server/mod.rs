@@ -176,19 +176,10 @@ impl Handler for Server {
                     "state_file": self.state_path,
                 }))
             }
-            Request::Stats => {
-                let mut all = serde_json::Map::new();
-                for (k, v) in self.stats.snapshot() {
-                    all.insert(k.to_string(), json!(v));
-                }
-                if let Some(native) = &self.native {
-                    match native.counters() {
-                        Ok(c) => all.extend(c.into_iter().map(|(k, v)| (k.to_string(), json!(v)))),
-                        Err(e) => return Response::Error(format!("{e:#}")),
-                    }
-                }
-                Response::Ok(serde_json::Value::Object(all))
-            }
+            Request::Stats => mgmt::counters_response(
+                self.stats.snapshot(),
+                self.native.as_ref().map(|n| n.counters()),
+            ),
             Request::Leases => {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 Response::Ok(json!(state.lease_list()))
