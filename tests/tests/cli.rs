@@ -134,3 +134,54 @@ fn bad_flag_values_name_the_flag_and_exit_2() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn mape_calc_reproduces_rfc7597_example_1_as_json() -> Result<()> {
+    let (code, stdout, stderr) = run(&[
+        "mape",
+        "calc",
+        "--rule-ipv6",
+        "2001:db8::/40",
+        "--rule-ipv4",
+        "192.0.2.0/24",
+        "--ea-len",
+        "16",
+        "--psid-offset",
+        "6",
+        "--prefix",
+        "2001:db8:12:3400::/56",
+        "--json",
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(v["ipv4"], "192.0.2.18");
+    assert_eq!(
+        (v["psid"].as_u64(), v["psid_len"].as_u64()),
+        (Some(0x34), Some(8))
+    );
+    assert_eq!(v["psid_offset"], 6);
+    assert_eq!(v["ea_len"], 16);
+    assert_eq!(v["port_count"], 252);
+    assert_eq!(v["port_ranges"][0], serde_json::json!([1232, 1235]));
+    assert_eq!(v["ce_ipv6"], "2001:db8:12:3400:0:c000:212:34");
+    Ok(())
+}
+
+#[test]
+fn mape_calc_says_when_no_rule_covers_the_prefix() -> Result<()> {
+    let (code, _, stderr) = run(&[
+        "mape",
+        "calc",
+        "--profile",
+        "ocn",
+        "--prefix",
+        "2409:10:1234:5600::/56",
+    ])?;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("no ocn rule covers 2409:10:1234:5600::/56"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    Ok(())
+}

@@ -107,6 +107,10 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
   tunnel-ctl client --server [2001:db8:100::1]:5678 --mode native --v6-dev eth0")]
     Client(ClientArgs),
 
+    /// MAP-E (RFC 7597): calculate a CE's address and port set.
+    #[command(subcommand)]
+    Mape(MapeCommand),
+
     /// List a server's leases (address, client, mode, since).
     ///
     /// With --json: a list of objects with ipv4, client, mode, since (RFC 3339).
@@ -233,6 +237,63 @@ pub struct ServerArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MapeCommand {
+    /// Compute the shared IPv4 address, PSID, port set, CE IPv6 address and BR from a Basic
+    /// Mapping Rule (or a shipped profile) and the line's end-user IPv6 prefix.
+    ///
+    /// Port set (SPEC §6): with PSID offset a, PSID length k and m = 16 - a - k, the ports
+    /// are (j << (16-a)) | (psid << m) | i for j = 1 .. 2^a-1 and i = 0 .. 2^m-1.
+    #[command(after_help = "Examples:
+  # OCN Virtual Connect (63 blocks of 16 ports) and v6plus (15 blocks of 16)
+  tunnel-ctl mape calc --profile ocn --prefix 2400:4050:1234:5600::/56
+  tunnel-ctl mape calc --profile v6plus --prefix 240b:10:abcd:ef00::/56 --json
+  # any rule: RFC 7597 Appendix A, example 1
+  tunnel-ctl mape calc --rule-ipv6 2001:db8::/40 --rule-ipv4 192.0.2.0/24 --ea-len 16 \\
+      --psid-offset 6 --prefix 2001:db8:12:3400::/56")]
+    Calc(MapeCalcArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MapeCalcArgs {
+    /// A shipped rule table: v6plus or ocn.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// Custom rule: the rule IPv6 prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub rule_ipv6: Option<ipnet::Ipv6Net>,
+
+    /// Custom rule: the rule IPv4 prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub rule_ipv4: Option<ipnet::Ipv4Net>,
+
+    /// Custom rule: EA-bits length (0-48).
+    #[arg(long, value_name = "N")]
+    pub ea_len: Option<u8>,
+
+    /// Custom rule: PSID offset a (default 6).
+    #[arg(long, value_name = "A")]
+    pub psid_offset: Option<u8>,
+
+    /// Custom rule: the BR's IPv6 address.
+    #[arg(long, value_name = "IPV6")]
+    pub br: Option<Ipv6Addr>,
+
+    /// CE interface-id layout (profiles default to draft03, custom rules to rfc7597).
+    #[arg(long, value_enum)]
+    pub interface_id: Option<crate::mape::rule::InterfaceId>,
+
+    /// The line's end-user IPv6 prefix (delegated prefix), e.g. 2400:4050:1234:5600::/56.
+    #[arg(long, value_name = "IPV6PREFIX")]
+    pub prefix: ipnet::Ipv6Net,
+
+    /// Print JSON (ipv4, psid, psid_len, psid_offset, ea_len, port_count, port_ranges,
+    /// ce_ipv6, br).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How a client carries its IPv4 traffic.

@@ -10,6 +10,7 @@ pub mod counters;
 pub mod dataplane;
 pub mod dns;
 pub mod instance;
+pub mod mape;
 pub mod mgmt;
 pub mod monitor;
 pub mod netlink;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tunnel_ctl::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, MapeCommand},
     client,
     mgmt::{self, Request},
     monitor, report, server,
@@ -19,6 +19,13 @@ fn main() -> ExitCode {
             Command::Monitor(args) => run_daemon(monitor::run(args)),
             Command::Server(args) => run_daemon(server::run(args)),
             Command::Client(args) => run_daemon(client::run(args)),
+            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args).map(|m| {
+                if args.json {
+                    report::print(&serde_json::json!(m), true);
+                } else {
+                    println!("{}", m.describe());
+                }
+            }),
             Command::Leases(q) => mgmt::request(&q.instance.instance, &Request::Leases)
                 .map(|v| report::print(&v, q.json)),
             Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)

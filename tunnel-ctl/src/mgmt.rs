@@ -186,6 +186,21 @@ pub fn request(instance: &Instance, request: &Request) -> Result<serde_json::Val
     }
 }
 
+/// The answer to `stats`: the controller's counters, plus the eBPF counters when the daemon
+/// runs a data path (an error reading them is the answer then).
+pub fn counters_response(
+    controller: std::collections::BTreeMap<&'static str, u64>,
+    ebpf: Option<Result<crate::dataplane::stats::Counters>>,
+) -> Response {
+    let mut all: std::collections::BTreeMap<&'static str, u64> = controller;
+    match ebpf {
+        Some(Ok(c)) => all.extend(c),
+        Some(Err(e)) => return Response::Error(format!("{e:#}")),
+        None => {}
+    }
+    Response::Ok(serde_json::json!(all))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,19 +220,4 @@ mod tests {
             Response::Ok(serde_json::json!({"a": 1}))
         );
     }
-}
-
-/// The answer to `stats`: the controller's counters, plus the eBPF counters when the daemon
-/// runs a data path (an error reading them is the answer then).
-pub fn counters_response(
-    controller: std::collections::BTreeMap<&'static str, u64>,
-    ebpf: Option<Result<crate::dataplane::stats::Counters>>,
-) -> Response {
-    let mut all: std::collections::BTreeMap<&'static str, u64> = controller;
-    match ebpf {
-        Some(Ok(c)) => all.extend(c),
-        Some(Err(e)) => return Response::Error(format!("{e:#}")),
-        None => {}
-    }
-    Response::Ok(serde_json::json!(all))
 }

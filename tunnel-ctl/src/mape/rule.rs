@@ -1,0 +1,245 @@
+//! MAP-E Basic Mapping Rules and the calculation of RFC 7597 §5-§6: from a rule and an
+//! end-user IPv6 prefix, the shared IPv4 address, the PSID and its port set, and the CE's
+//! IPv6 address.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::Serialize;
+
+/// Layout of the CE's interface identifier (SPEC §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceId {
+    /// RFC 7597 §6: 16 zero bits | IPv4 (32) | PSID (16, right-aligned).
+    Rfc7597,
+    /// draft-ietf-softwire-map-03 (v6plus, OCN; OpenWrt's `legacymap`):
+    /// 8 zero bits | IPv4 (32) | PSID (16) | 8 zero bits.
+    Draft03,
+}
+
+/// A Basic Mapping Rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub ipv6: Ipv6Net,
+    pub ipv4: Ipv4Net,
+    /// EA-bits length (0-48).
+    pub ea_len: u8,
+    /// PSID offset `a` (0-15; RFC default 6).
+    pub psid_offset: u8,
+    pub br: Option<Ipv6Addr>,
+    pub interface_id: InterfaceId,
+}
+
+/// The result of applying a rule to an end-user prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mapping {
+    pub ipv4: Ipv4Addr,
+    pub psid: u16,
+    pub psid_len: u8,
+    pub psid_offset: u8,
+    pub ea_len: u8,
+    pub port_count: u32,
+    /// Inclusive `[first, last]` ranges, ascending.
+    pub port_ranges: Vec<[u16; 2]>,
+    pub ce_ipv6: Ipv6Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub br: Option<Ipv6Addr>,
+    pub rule_ipv6: Ipv6Net,
+    pub rule_ipv4: Ipv4Net,
+}
+
+impl Mapping {
+    /// The text form of `mape calc`: one fact per line, port ranges as `first-last`.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "ipv4         {}\npsid         {} (length {}, offset {})\nports        {} in {} blocks\nce_ipv6      {}\n",
+            self.ipv4,
+            self.psid,
+            self.psid_len,
+            self.psid_offset,
+            self.port_count,
+            self.port_ranges.len(),
+            self.ce_ipv6
+        );
+        if let Some(br) = self.br {
+            out += &format!("br           {br}\n");
+        }
+        out += &format!(
+            "rule         {} -> {}, EA bits {}\nport_ranges  ",
+            self.rule_ipv6, self.rule_ipv4, self.ea_len
+        );
+        let ranges: Vec<String> = self
+            .port_ranges
+            .iter()
+            .map(|[f, l]| format!("{f}-{l}"))
+            .collect();
+        out += &ranges.join(" ");
+        out
+    }
+}
+
+impl Rule {
+    /// Checks RFC 7597 §5's constraints; the error says which and why.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ea_len > 48 {
+            return Err(format!(
+                "EA-bits length {} is out of range 0-48",
+                self.ea_len
+            ));
+        }
+        let q = 32 - self.ipv4.prefix_len();
+        if self.ea_len < q {
+            return Err(format!(
+                "EA-bits length {} is shorter than the {q} IPv4 suffix bits of {}: that would \
+                 delegate an IPv4 prefix, which this calculator does not do",
+                self.ea_len, self.ipv4
+            ));
+        }
+        let k = self.ea_len - q;
+        if k > 16 || u32::from(self.psid_offset) + u32::from(k) > 16 {
+            return Err(format!(
+                "PSID offset {} + PSID length {k} exceed the 16 port bits",
+                self.psid_offset
+            ));
+        }
+        if u32::from(self.ipv6.prefix_len()) + u32::from(self.ea_len) > 64 {
+            return Err(format!(
+                "rule prefix {} + {} EA bits go past /64",
+                self.ipv6, self.ea_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the rule covers `prefix` (and the prefix holds all the EA bits).
+    pub fn covers(&self, prefix: &Ipv6Net) -> bool {
+        self.ipv6.contains(prefix)
+    }
+
+    /// Applies the rule to the end-user prefix.
+    pub fn map(&self, prefix: &Ipv6Net) -> Result<Mapping, String> {
+        self.validate()?;
+        if !self.covers(prefix) {
+            return Err(format!("rule {} does not cover {prefix}", self.ipv6));
+        }
+        let r6 = u32::from(self.ipv6.prefix_len());
+        let o = u32::from(self.ea_len);
+        if u32::from(prefix.prefix_len()) < r6 + o {
+            return Err(format!(
+                "end-user prefix {prefix} is shorter than rule prefix /{r6} + {o} EA bits = /{}",
+                r6 + o
+            ));
+        }
+        let bits = u128::from(prefix.network());
+        let ea = if o == 0 {
+            0
+        } else {
+            (bits >> (128 - r6 - o)) & ((1u128 << o) - 1)
+        } as u64;
+        let q = 32 - u32::from(self.ipv4.prefix_len());
+        let k = o - q;
+        let suffix = (ea >> k) as u32;
+        let psid = (ea & ((1u64 << k) - 1)) as u16;
+        let ipv4 = Ipv4Addr::from(u32::from(self.ipv4.network()) | suffix);
+        let (port_ranges, port_count) = port_set(self.psid_offset, k as u8, psid);
+        Ok(Mapping {
+            ipv4,
+            psid,
+            psid_len: k as u8,
+            psid_offset: self.psid_offset,
+            ea_len: self.ea_len,
+            port_count,
+            port_ranges,
+            ce_ipv6: ce_address(prefix, ipv4, psid, self.interface_id),
+            br: self.br,
+            rule_ipv6: self.ipv6,
+            rule_ipv4: self.ipv4,
+        })
+    }
+}
+
+/// The ports of PSID `psid` (length `k`, offset `a`), as inclusive ranges: with
+/// m = 16 − a − k, `(j << (16−a)) | (psid << m) | i` for j = 1 … 2^a−1 (j = 0 when a = 0)
+/// and i = 0 … 2^m−1 (SPEC §6, RFC 7597 §5.1).
+pub fn port_set(a: u8, k: u8, psid: u16) -> (Vec<[u16; 2]>, u32) {
+    let m = 16 - u32::from(a) - u32::from(k);
+    let blocks: Vec<u32> = if a == 0 {
+        vec![0]
+    } else {
+        (1..(1u32 << a)).collect()
+    };
+    let mut ranges = Vec::with_capacity(blocks.len());
+    for j in blocks {
+        let first = (j << (16 - u32::from(a))) | (u32::from(psid) << m);
+        let last = first | ((1 << m) - 1);
+        ranges.push([first as u16, last as u16]);
+    }
+    let count = ranges.iter().map(|[f, l]| u32::from(l - f) + 1).sum();
+    (ranges, count)
+}
+
+/// The CE's address: the end-user prefix's first /64 with the interface id of `layout`.
+pub fn ce_address(prefix: &Ipv6Net, ipv4: Ipv4Addr, psid: u16, layout: InterfaceId) -> Ipv6Addr {
+    let subnet = u128::from(prefix.network()) & !((1u128 << 64) - 1);
+    let v4 = u128::from(u32::from(ipv4));
+    let iid = match layout {
+        InterfaceId::Rfc7597 => (v4 << 16) | u128::from(psid),
+        InterfaceId::Draft03 => (v4 << 24) | (u128::from(psid) << 8),
+    };
+    Ipv6Addr::from(subnet | iid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rfc_rule() -> Rule {
+        Rule {
+            ipv6: "2001:db8::/40".parse().unwrap(),
+            ipv4: "192.0.2.0/24".parse().unwrap(),
+            ea_len: 16,
+            psid_offset: 6,
+            br: None,
+            interface_id: InterfaceId::Rfc7597,
+        }
+    }
+
+    /// RFC 7597 Appendix A, example 1: end-user prefix 2001:db8:0012:3400::/56.
+    #[test]
+    fn rfc7597_example_1() {
+        let m = rfc_rule()
+            .map(&"2001:db8:12:3400::/56".parse().unwrap())
+            .unwrap();
+        assert_eq!(m.ipv4, Ipv4Addr::new(192, 0, 2, 18));
+        assert_eq!((m.psid, m.psid_len), (0x34, 8));
+        assert_eq!(
+            m.ce_ipv6,
+            "2001:db8:12:3400:0:c000:212:34"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+        );
+        // a = 6, k = 8, m = 2: 63 blocks of 4 ports.
+        assert_eq!(m.port_count, 252);
+        assert_eq!(m.port_ranges.len(), 63);
+        assert_eq!(m.port_ranges[0], [1232, 1235]);
+        assert_eq!(m.port_ranges[62], [64720, 64723]);
+    }
+
+    #[test]
+    fn validation_errors_name_the_problem() {
+        let mut r = rfc_rule();
+        r.ea_len = 49;
+        assert!(r.validate().unwrap_err().contains("0-48"));
+        let mut r = rfc_rule();
+        r.ea_len = 4;
+        assert!(r.validate().unwrap_err().contains("IPv4 suffix"));
+        let err = rfc_rule()
+            .map(&"2001:db9::/56".parse().unwrap())
+            .unwrap_err();
+        assert!(err.contains("does not cover"), "{err}");
+        let err = rfc_rule()
+            .map(&"2001:db8::/48".parse().unwrap())
+            .unwrap_err();
+        assert!(err.contains("shorter"), "{err}");
+    }
+}
