@@ -94,13 +94,14 @@ impl Netlink {
         msg.header.flags |= RouteFlags::Onlink;
         msg.attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
+        self.replace_route(msg)
             .await
             .with_context(|| format!("adding route {net} via {gateway}"))
+    }
+
+    /// Adds the route, replacing one to the same prefix.
+    async fn replace_route(&self, msg: rtnetlink::packet_route::route::RouteMessage) -> Result<()> {
+        Ok(self.handle.route().add(msg).replace().execute().await?)
     }
 
     /// Removes `addr/prefix` from the link if it is there.
@@ -175,11 +176,7 @@ impl Netlink {
             .destination_prefix(net.network(), net.prefix_len())
             .output_interface(index)
             .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
+        self.replace_route(msg)
             .await
             .with_context(|| format!("adding route {net}"))
     }

@@ -7,22 +7,17 @@
 //! IPv4 packets in IPv6 to the server and fixes the MAC addresses from the IPv6 FIB. On
 //! ingress `client_decap` unwraps IPv4-in-IPv6 from the server to us, and the kernel delivers
 //! the inner packet locally (the lease is a local address).
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
     maps::config,
-    packet::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, eq16},
+    packet::{
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+    },
     route::{self, Forward},
     stats::{count, count_n},
 };
-
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
 pub fn client_encap(ctx: TcContext) -> i32 {
@@ -73,7 +68,7 @@ pub fn client_decap(ctx: TcContext) -> i32 {
         return DROP;
     };
     match packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {
-        Ok(()) => PASS,
+        Ok(_) => PASS,
         Err(_) => DROP,
     }
 }

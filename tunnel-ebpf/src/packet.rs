@@ -24,6 +24,10 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Where the inner IPv4 header starts in an encapsulated frame.
 pub const INNER_OFF: usize = ETH_LEN + IPV6_HEADER_LEN as usize;
 
+/// The verdicts the programs return.
+pub const PASS: i32 = aya_ebpf::bindings::TC_ACT_OK as _;
+pub const DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as _;
+
 /// A packet rewrite helper (adjust_room, store, checksum) failed; the packet is dropped.
 #[derive(Debug, Clone, Copy)]
 pub struct RewriteFailed;
@@ -181,15 +185,15 @@ pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
 }
 
 /// Clamps the MSS of the inner IPv4 packet (at [`INNER_OFF`]) to `mss`, removes the outer
-/// header and counts the packet's segments under `counter`. On failure the reason is counted
-/// and the caller drops the packet.
+/// header and counts the packet's segments under `counter`, returning their number. On failure
+/// the reason is counted and the caller drops the packet.
 #[inline(always)]
 pub fn unwrap_counted(
     ctx: &TcContext,
     inner: &Ipv4Info,
     mss: u16,
     counter: Counter,
-) -> Result<(), RewriteFailed> {
+) -> Result<u64, RewriteFailed> {
     if crate::mss::clamp(ctx, INNER_OFF, inner, mss) {
         count(Counter::MssClamped);
     }
@@ -199,7 +203,7 @@ pub fn unwrap_counted(
         return Err(RewriteFailed);
     }
     count_n(counter, segs);
-    Ok(())
+    Ok(segs)
 }
 
 /// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it

@@ -7,22 +7,17 @@
 //! `server_encap` runs on ingress of the IPv4 side: IPv4 to a native lease is encapsulated
 //! toward the client and redirected out of the IPv6 side. Everything else passes, so the kernel
 //! routes the pool to the TUN and in-band clients keep working (the slow path).
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
     maps::{BIND_BY_V4, BIND_BY_V6, config},
-    packet::{self, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, eq16},
+    packet::{
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+    },
     route::{self, Forward},
     stats::{count, count_n},
 };
-
-const PASS: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
 pub fn server_decap(ctx: TcContext) -> i32 {
@@ -60,10 +55,9 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         count(Counter::DropInnerSourceNotLease);
         return DROP;
     }
-    let segs = packet::segments(&ctx);
-    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap).is_err() {
+    let Ok(segs) = packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
         return DROP;
-    }
+    };
 
     // Forward it ourselves when the FIB has a plain route; the kernel handles the rest
     // (local delivery, the TUN, expiring TTLs, unresolved routes).

@@ -348,55 +348,64 @@ async fn session(
 }
 
 async fn wait_for_lease(client: &Client, framed: &mut Conn) -> Result<Lease4> {
-    while let Some(frame) = framed.next().await {
-        let frame = frame?;
-        client.stats.frames_in.inc();
-        match frame.kind {
-            MsgType::AddrReply => {
-                return Lease4::parse(&frame.data).context("bad 101 from the server");
-            }
-            MsgType::Keepalive => client.stats.keepalives_in.inc(),
-            MsgType::Error => {
-                client.stats.server_errors.inc();
-                bail!(
-                    "server refused: {}",
-                    String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
-                );
-            }
-            other => {
-                client.stats.drop_unexpected_frame.inc();
-                warn!("ignoring type {} before the lease", other.code());
-            }
-        }
-    }
-    bail!("server closed the connection before sending a lease")
+    wait_for_reply(
+        client,
+        framed,
+        MsgType::AddrReply,
+        "a lease",
+        "server refused",
+        |d| Lease4::parse(d).context("bad 101 from the server"),
+    )
+    .await
 }
 
 /// Waits for the 106 after a 105 (keepalives and a repeated 101 may come first).
 async fn wait_for_native(client: &Client, framed: &mut Conn) -> Result<NativeGrant> {
+    wait_for_reply(
+        client,
+        framed,
+        MsgType::NativeReply,
+        "an answer to native mode",
+        "server refused native mode",
+        |d| NativeGrant::parse(d).map_err(|e| anyhow!("bad 106: {e}")),
+    )
+    .await
+}
+
+/// Reads frames until one of type `want` arrives and parses it. Keepalives and repeated 101s
+/// are fine meanwhile; a 110 ends the wait with `refused: <reason>`.
+async fn wait_for_reply<T>(
+    client: &Client,
+    framed: &mut Conn,
+    want: MsgType,
+    waiting_for: &str,
+    refused: &str,
+    parse: impl Fn(&[u8]) -> Result<T>,
+) -> Result<T> {
     while let Some(frame) = framed.next().await {
         let frame = frame?;
         client.stats.frames_in.inc();
         match frame.kind {
-            MsgType::NativeReply => {
-                return NativeGrant::parse(&frame.data).map_err(|e| anyhow!("bad 106: {e}"));
-            }
+            kind if kind == want => return parse(&frame.data),
             MsgType::Keepalive => client.stats.keepalives_in.inc(),
             MsgType::AddrReply => {}
             MsgType::Error => {
                 client.stats.server_errors.inc();
                 bail!(
-                    "server refused native mode: {}",
+                    "{refused}: {}",
                     String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
                 );
             }
             other => {
                 client.stats.drop_unexpected_frame.inc();
-                warn!("ignoring type {} while waiting for 106", other.code());
+                warn!(
+                    "ignoring type {} while waiting for {waiting_for}",
+                    other.code()
+                );
             }
         }
     }
-    bail!("server closed the connection before answering native mode")
+    bail!("server closed the connection before sending {waiting_for}")
 }
 
 async fn serve(

@@ -295,16 +295,19 @@ impl State {
 
     /// What goes into the lease file.
     pub fn saved(&self) -> Vec<SavedLease> {
-        self.lease_list()
-            .into_iter()
-            .map(|r| SavedLease {
-                ipv4: r.ipv4,
-                client: self.leases[&r.ipv4].client,
-                mode: r.mode,
-                since: r.since,
-                tunnel: r.tunnel,
+        let mut saved: Vec<SavedLease> = self
+            .leases
+            .iter()
+            .map(|(addr, l)| SavedLease {
+                ipv4: *addr,
+                client: l.client,
+                mode: l.mode,
+                since: humantime::format_rfc3339_seconds(l.since).to_string(),
+                tunnel: l.tunnel,
             })
-            .collect()
+            .collect();
+        saved.sort_by_key(|s| s.ipv4);
+        saved
     }
 }
 
