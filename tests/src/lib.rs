@@ -523,6 +523,7 @@ pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
 }
 
 pub mod fourover6;
+pub mod mape;
 pub mod transfer;
 
 #[cfg(test)]

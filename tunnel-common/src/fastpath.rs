@@ -33,7 +33,9 @@ pub struct Binding6 {
 }
 
 /// The single entry of [`crate::names::TUNNEL_CONFIG`]. A server fills `local`, the interface
-/// indexes and the MTU; a native client also fills `remote` and `ipv4`.
+/// indexes and the MTU; a native client also fills `remote` and `ipv4`. A MAP-E CE fills
+/// `local` (its CE address), `remote` (the BR), `ipv4` (the shared address), `v6_ifindex`
+/// (WAN) and `tun_ifindex`; a BR fills `local` (the BR address) and `v6_ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TunnelConfig {

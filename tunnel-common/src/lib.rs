@@ -5,5 +5,6 @@
 #![no_std]
 
 pub mod fastpath;
+pub mod mape;
 pub mod names;
 pub mod stats;

@@ -13,6 +13,13 @@ pub const BIND_BY_V6: &str = "BIND_BY_V6";
 /// Hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::Binding6`].
 pub const BIND_BY_V4: &str = "BIND_BY_V4";
 
+/// MAP-E CE: hash [`crate::mape::NatKey`] (LAN host, remote) → [`crate::mape::NatOut`].
+pub const NAT_OUT: &str = "NAT_OUT";
+/// MAP-E CE: hash [`crate::mape::NatKey`] (external port, remote) → [`crate::mape::NatIn`].
+pub const NAT_IN: &str = "NAT_IN";
+/// MAP-E BR: LPM trie [`crate::mape::RuleKey`] (rule IPv4 prefix) → [`crate::mape::MapRule`].
+pub const BR_RULES: &str = "BR_RULES";
+
 /// TC program that classifies and counts packets on ingress (no rewriting).
 pub const PROG_MONITOR_INGRESS: &str = "monitor_ingress";
 /// TC program that classifies and counts packets on egress (no rewriting).
@@ -26,8 +33,25 @@ pub const PROG_CLIENT_ENCAP: &str = "client_encap";
 /// Native client, ingress of its IPv6 interface: decapsulate packets from the server.
 pub const PROG_CLIENT_DECAP: &str = "client_decap";
 
+/// MAP-E CE, ingress of the LAN side: NAPT into the port set and encapsulate to the BR.
+pub const PROG_CE_OUT: &str = "ce_out";
+/// MAP-E CE, ingress of the WAN side: decapsulate from the BR and NAPT back to the LAN.
+pub const PROG_CE_IN: &str = "ce_in";
+/// MAP-E BR, ingress of the IPv6 side: check a CE's source against the rules, decapsulate.
+pub const PROG_BR_DECAP: &str = "br_decap";
+/// MAP-E BR, ingress of the IPv4 side: compute the CE address, encapsulate.
+pub const PROG_BR_ENCAP: &str = "br_encap";
+
 /// Every map the controller expects to find in the object.
-pub const ALL_MAPS: &[&str] = &[STATS_MAP, TUNNEL_CONFIG, BIND_BY_V6, BIND_BY_V4];
+pub const ALL_MAPS: &[&str] = &[
+    STATS_MAP,
+    TUNNEL_CONFIG,
+    BIND_BY_V6,
+    BIND_BY_V4,
+    NAT_OUT,
+    NAT_IN,
+    BR_RULES,
+];
 /// Every program the controller expects to find in the object.
 pub const ALL_PROGRAMS: &[&str] = &[
     PROG_MONITOR_INGRESS,
@@ -36,4 +60,8 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_SERVER_ENCAP,
     PROG_CLIENT_ENCAP,
     PROG_CLIENT_DECAP,
+    PROG_CE_OUT,
+    PROG_CE_IN,
+    PROG_BR_DECAP,
+    PROG_BR_ENCAP,
 ];

@@ -71,6 +71,32 @@ counters! {
     /// Native client: a packet from the server whose inner destination is not our lease
     /// (or not IPv4): dropped.
     ClientDropNotForLease = "client_drop_not_for_lease",
+
+    /// MAP-E CE: LAN packets translated into the port set and encapsulated to the BR.
+    CeNaptOut = "mape_ce_napt_out_packets",
+    /// MAP-E CE: packets from the BR decapsulated and translated back to a LAN host.
+    CeNaptIn = "mape_ce_napt_in_packets",
+    /// MAP-E CE: ICMP errors from the BR handed to the controller (they need the flow table).
+    CeSlowPathIn = "mape_ce_slowpath_in_packets",
+    /// MAP-E CE: packets from the BR for a port and remote with no mapping: dropped.
+    CeDropInNoMapping = "mape_ce_drop_in_no_mapping",
+    /// MAP-E CE: IPv4-in-IPv6 to our address whose outer source is not the BR: dropped.
+    CeDropNotFromBr = "mape_ce_drop_not_from_br",
+    /// MAP-E CE: inbound non-first IPv4 fragments (no ports to map): dropped.
+    CeDropFragment = "mape_ce_drop_fragment",
+    /// MAP-E BR: packets from CEs checked and decapsulated.
+    BrDecap = "mape_br_decap_packets",
+    /// MAP-E BR: packets to CEs encapsulated.
+    BrEncap = "mape_br_encap_packets",
+    /// MAP-E BR: inner source port outside the port set of the CE that sent it: dropped.
+    BrDropPortOutsideSet = "mape_br_drop_port_outside_set",
+    /// MAP-E BR: outer source is not the CE address the rule gives for the inner source:
+    /// dropped.
+    BrDropSourceMismatch = "mape_br_drop_source_mismatch",
+    /// MAP-E BR: inner source covered by no rule: dropped.
+    BrDropNoRule = "mape_br_drop_no_rule",
+    /// MAP-E BR: no port to check or route by (non-first fragment, unknown protocol): dropped.
+    BrDropNoPort = "mape_br_drop_no_port",
 }
 
 /// Number of slots in the stats map.

@@ -128,6 +128,22 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     /// zeros included.
     #[command(after_help = "Example:\n  tunnel-ctl stats --instance lab --json")]
     Stats(QueryArgs),
+
+    /// List a MAP-E CE's NAPT mappings (protocol, LAN endpoint, external port, remote, kind,
+    /// idle time).
+    ///
+    /// With --json: a list of objects with proto, lan, external_port, remote ("*" for
+    /// forwards and endpoint-independent mappings), kind, idle_ms.
+    #[command(after_help = "Example:\n  tunnel-ctl nat --instance home --json")]
+    Nat(QueryArgs),
+
+    /// Manage a MAP-E CE's static port forwards at runtime.
+    #[command(subcommand)]
+    #[command(after_help = "Examples:
+  tunnel-ctl forward add 1680=192.168.1.10:80/tcp --instance home
+  tunnel-ctl forward del 1680/tcp --instance home
+  tunnel-ctl forward list --instance home")]
+    Forward(ForwardCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -254,10 +270,45 @@ pub enum MapeCommand {
   tunnel-ctl mape calc --rule-ipv6 2001:db8::/40 --rule-ipv4 192.0.2.0/24 --ea-len 16 \\
       --psid-offset 6 --prefix 2001:db8:12:3400::/56")]
     Calc(MapeCalcArgs),
+
+    /// Daemon: a MAP-E CE. NAPT of the LAN into the line's shared IPv4 address and port set,
+    /// IPv4-in-IPv6 to the BR, all in eBPF after each flow's first packet.
+    ///
+    /// The first packet of a new flow reaches the controller through a TUN device (routed
+    /// for 0.0.0.0/1 and 128.0.0.0/1 unless --no-default-route): it picks an external port
+    /// from the set, spreading flows over every block, installs both directions in the maps
+    /// and sends the packet on. A port is reused toward different remotes (port saving); when
+    /// every port toward one remote is taken, new flows there fail at once (ICMP
+    /// administratively prohibited) and are counted (port_exhausted). Idle mappings expire
+    /// per protocol (see the timeouts). `tunnel-ctl nat` lists the mappings.
+    #[command(after_help = "Examples:
+  # OCN Virtual Connect on eth0 (the ONU side), LAN on br-lan, a web server forwarded
+  tunnel-ctl mape ce --wan eth0 --lan br-lan --profile ocn \\
+      --prefix 2400:4050:1234:5600::/56 --forward 1680=192.168.1.10:80/tcp
+  # any rule (the test lab's): BR given explicitly
+  tunnel-ctl mape ce --wan wan0 --lan lan0 --rule-ipv6 2001:db8::/40 \\
+      --rule-ipv4 203.0.113.0/24 --ea-len 16 --psid-offset 6 \\
+      --br 2001:db8:ffff::1 --prefix 2001:db8:12:a400::/56
+
+The upstream must route the end-user prefix to --wan; nothing needs to be configured on it.
+The CE enables net.ipv4.ip_forward.")]
+    Ce(MapeCeArgs),
+
+    /// Daemon: a MAP-E BR (stateless). Checks each CE's source against the rules and
+    /// decapsulates; encapsulates toward the CE address computed from destination and port.
+    #[command(after_help = "Example:
+  tunnel-ctl mape br --v6-dev eth0 --v4-dev eth1 --br-addr 2001:db8:ffff::1 \\
+      --rule 2001:db8::/40,203.0.113.0/24,16,6
+
+Packets from a CE whose inner source port is outside its set, or whose outer source is not
+the address the rule gives, are dropped and counted (mape_br_drop_*). The IPv4 side must route
+the rule prefixes to this host; it routes them to its TUN for the slow path (too big).")]
+    Br(MapeBrArgs),
 }
 
+/// Which Basic Mapping Rule: a shipped profile, or the rule's parameters.
 #[derive(Debug, Clone, Args)]
-pub struct MapeCalcArgs {
+pub struct RuleArgs {
     /// A shipped rule table: v6plus or ocn.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
@@ -289,11 +340,124 @@ pub struct MapeCalcArgs {
     /// The line's end-user IPv6 prefix (delegated prefix), e.g. 2400:4050:1234:5600::/56.
     #[arg(long, value_name = "IPV6PREFIX")]
     pub prefix: ipnet::Ipv6Net,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MapeCalcArgs {
+    #[command(flatten)]
+    pub rule: RuleArgs,
 
     /// Print JSON (ipv4, psid, psid_len, psid_offset, ea_len, port_count, port_ranges,
     /// ce_ipv6, br).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NatTimeouts {
+    /// Idle timeout of an established TCP mapping (RFC 5382: at least 2h4m).
+    #[arg(long, value_name = "DURATION", default_value = "2h4m", value_parser = parse_duration)]
+    pub tcp_timeout: Duration,
+
+    /// Idle timeout of a TCP mapping that is opening or closing (SYN only, FIN or RST seen).
+    #[arg(long, value_name = "DURATION", default_value = "4m", value_parser = parse_duration)]
+    pub tcp_transitory_timeout: Duration,
+
+    /// Idle timeout of a UDP mapping (RFC 4787: at least 2m).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub udp_timeout: Duration,
+
+    /// Idle timeout of an ICMP echo mapping.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub icmp_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MapeCeArgs {
+    /// The IPv6 (IPoE) side: IPv4-in-IPv6 to and from the BR goes through it.
+    #[arg(long, value_name = "IFACE")]
+    pub wan: String,
+
+    /// The IPv4 LAN side: its hosts are translated into the port set.
+    #[arg(long, value_name = "IFACE")]
+    pub lan: String,
+
+    #[command(flatten)]
+    pub rule: RuleArgs,
+
+    /// Static port forward EXTPORT=IPV4:PORT[/tcp|/udp] (both protocols without a suffix);
+    /// EXTPORT must be in the port set. Repeatable.
+    #[arg(long, value_name = "EXTPORT=IPV4:PORT[/PROTO]")]
+    pub forward: Vec<crate::mape::ForwardSpec>,
+
+    /// Endpoint-independent mapping for UDP: one external port per LAN socket, open to every
+    /// remote (helps games and VoIP; uses the port set faster).
+    #[arg(long)]
+    pub udp_eim: bool,
+
+    #[command(flatten)]
+    pub timeouts: NatTimeouts,
+
+    /// Name of the TUN device (the slow path: first packets of new flows).
+    #[arg(long, value_name = "NAME", default_value = "mape0")]
+    pub tun: String,
+
+    /// Do not route IPv4 into MAP-E (0.0.0.0/1 and 128.0.0.0/1 via the TUN); route it yourself.
+    #[arg(long)]
+    pub no_default_route: bool,
+
+    #[command(flatten)]
+    pub instance: InstanceArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MapeBrArgs {
+    /// The IPv6 side, toward the CEs.
+    #[arg(long, value_name = "IFACE")]
+    pub v6_dev: String,
+
+    /// The IPv4 side, toward the internet.
+    #[arg(long, value_name = "IFACE")]
+    pub v4_dev: String,
+
+    /// The BR's IPv6 address (CEs send to it; the IPv6 side must route it here).
+    #[arg(long, value_name = "IPV6")]
+    pub br_addr: Ipv6Addr,
+
+    /// A mapping rule IPV6PREFIX,IPV4PREFIX,EA_LEN[,PSID_OFFSET] (offset defaults to 6).
+    /// Repeatable; the longest IPv4 prefix wins.
+    #[arg(long, value_name = "RULE", required = true)]
+    pub rule: Vec<crate::mape::rule::RuleSpec>,
+
+    /// CE interface-id layout of the rules.
+    #[arg(long, value_enum, default_value_t = crate::mape::rule::InterfaceId::Rfc7597)]
+    pub interface_id: crate::mape::rule::InterfaceId,
+
+    /// Name of the TUN device (the slow path: packets too big for the tunnel).
+    #[arg(long, value_name = "NAME", default_value = "mapebr0")]
+    pub tun: String,
+
+    #[command(flatten)]
+    pub instance: InstanceArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ForwardCommand {
+    /// Add a forward: EXTPORT=IPV4:PORT[/tcp|/udp].
+    Add {
+        spec: crate::mape::ForwardSpec,
+        #[command(flatten)]
+        instance: InstanceArg,
+    },
+    /// Remove the forward on EXTPORT (both protocols unless /tcp or /udp is given).
+    Del {
+        #[arg(value_name = "EXTPORT[/PROTO]")]
+        port: String,
+        #[command(flatten)]
+        instance: InstanceArg,
+    },
+    /// List the forwards.
+    List(QueryArgs),
 }
 
 /// How a client carries its IPv4 traffic.

@@ -19,6 +19,7 @@ pub mod pool;
 pub mod protocol;
 pub mod report;
 pub mod server;
+pub mod softwire;
 pub mod tundev;
 
 /// Resolves on SIGINT or SIGTERM and says which.

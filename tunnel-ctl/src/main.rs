@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tunnel_ctl::{
-    cli::{Cli, Command, MapeCommand},
+    cli::{Cli, Command, ForwardCommand, MapeCommand},
     client,
     mgmt::{self, Request},
     monitor, report, server,
@@ -19,7 +19,9 @@ fn main() -> ExitCode {
             Command::Monitor(args) => run_daemon(monitor::run(args)),
             Command::Server(args) => run_daemon(server::run(args)),
             Command::Client(args) => run_daemon(client::run(args)),
-            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args).map(|m| {
+            Command::Mape(MapeCommand::Ce(args)) => run_daemon(tunnel_ctl::mape::ce::run(args)),
+            Command::Mape(MapeCommand::Br(args)) => run_daemon(tunnel_ctl::mape::br::run(args)),
+            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule).map(|m| {
                 if args.json {
                     report::print(&serde_json::json!(m), true);
                 } else {
@@ -32,6 +34,32 @@ fn main() -> ExitCode {
                 .map(|v| report::print(&v, q.json)),
             Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)
                 .map(|v| report::print(&v, q.json)),
+            Command::Nat(q) => mgmt::request(&q.instance.instance, &Request::Nat)
+                .map(|v| report::print(&v, q.json)),
+            Command::Forward(ForwardCommand::Add { spec, instance }) => mgmt::request(
+                &instance.instance,
+                &Request::ForwardAdd {
+                    spec: format!(
+                        "{}={}/{}",
+                        spec.ext_port,
+                        spec.lan,
+                        spec.protos
+                            .iter()
+                            .map(|p| tunnel_ctl::mape::table::proto_name(*p))
+                            .collect::<Vec<_>>()
+                            .join("+")
+                    ),
+                },
+            )
+            .map(|v| report::print(&v, false)),
+            Command::Forward(ForwardCommand::Del { port, instance }) => {
+                mgmt::request(&instance.instance, &Request::ForwardDel { port })
+                    .map(|v| report::print(&v, false))
+            }
+            Command::Forward(ForwardCommand::List(q)) => {
+                mgmt::request(&q.instance.instance, &Request::ForwardList)
+                    .map(|v| report::print(&v, q.json))
+            }
         };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,37 @@ pub enum Request {
     Stats,
     /// The lease table (servers).
     Leases,
+    /// The NAPT mappings (MAP-E CE).
+    Nat,
+    /// Add a static port forward `EXTPORT=IPV4:PORT[/PROTO]` (MAP-E CE).
+    ForwardAdd { spec: String },
+    /// Remove the forward on `EXTPORT[/PROTO]` (MAP-E CE).
+    ForwardDel { port: String },
+    /// The static port forwards (MAP-E CE).
+    ForwardList,
+}
+
+impl Request {
+    /// What the request asks about, for "this daemon has no …" answers.
+    fn subject(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Stats => "counters",
+            Request::Leases => "lease table (leases are a server's)",
+            Request::Nat => "NAT table (that is a MAP-E CE's)",
+            Request::ForwardAdd { .. } | Request::ForwardDel { .. } | Request::ForwardList => {
+                "port forwards (those are a MAP-E CE's)"
+            }
+        }
+    }
+}
+
+/// The answer of a daemon of kind `role` to a request it has nothing for.
+pub fn not_supported(role: &str, request: &Request) -> Response {
+    Response::Error(format!(
+        "a {role} has no {}; check --instance",
+        request.subject()
+    ))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

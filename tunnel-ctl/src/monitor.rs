@@ -1,6 +1,5 @@
 //! `tunnel-ctl monitor`: attaches the counting programs to interfaces and serves the counters.
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -8,7 +7,7 @@ use std::{
 use anyhow::Result;
 use aya::Ebpf;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 use tunnel_common::names::{PROG_MONITOR_EGRESS, PROG_MONITOR_INGRESS};
 
 use crate::{
@@ -45,19 +44,7 @@ impl Handler for Monitor {
                     Err(e) => Response::Error(format!("{e:#}")),
                 }
             }
-            other => Response::Error(format!("a monitor daemon does not answer {other:?}")),
-        }
-    }
-}
-
-/// Removes the instance's pins on every exit path except SIGKILL (then they keep the
-/// programs attached and the next start re-adopts them).
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Err(e) = bpffs::remove_pins(&self.0) {
-            warn!("removing pins: {e:#}");
+            other => mgmt::not_supported("monitor", &other),
         }
     }
 }
@@ -73,7 +60,7 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
     };
 
     let mut ebpf = dataplane::load(&pin_dir)?;
-    let _pins = PinGuard(pin_dir.clone());
+    let _pins = bpffs::PinGuard(Some(pin_dir.clone()));
     for dev in &args.devs {
         for &direction in &directions {
             let program = match direction {

@@ -82,6 +82,31 @@ pub fn icmp_frag_needed(packet: &[u8], router: Ipv4Addr, mtu: u16) -> Option<Vec
     Some(out)
 }
 
+/// How an IPv4 packet goes into a tunnel whose inner MTU is `mtu`.
+pub enum Fit {
+    /// It fits as it is.
+    Whole,
+    /// DF clear: these fragments go instead.
+    Fragments(Vec<Vec<u8>>),
+    /// DF set: this ICMP fragmentation-needed goes back to the sender instead.
+    TooBig(Vec<u8>),
+    /// Cannot be parsed, fragmented or answered: dropped.
+    Unfragmentable,
+}
+
+/// Decides [`Fit`] for `pkt`; ICMP errors come from `icmp_src`.
+pub fn fit(pkt: &[u8], mtu: u16, icmp_src: Ipv4Addr) -> Fit {
+    if pkt.len() <= usize::from(mtu) {
+        return Fit::Whole;
+    }
+    let found = if dont_fragment(pkt) {
+        icmp_frag_needed(pkt, icmp_src, mtu).map(Fit::TooBig)
+    } else {
+        fragment_ipv4(pkt, usize::from(mtu)).map(Fit::Fragments)
+    };
+    found.unwrap_or(Fit::Unfragmentable)
+}
+
 /// Splits an IPv4 packet (DF clear) into fragments of at most `mtu` bytes (RFC 791). None if
 /// it cannot be parsed or the MTU cannot hold a header plus 8 bytes.
 pub fn fragment_ipv4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {

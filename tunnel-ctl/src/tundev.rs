@@ -19,3 +19,13 @@ pub fn create(name: &str) -> Result<Arc<AsyncDevice>> {
         .with_context(|| format!("creating TUN device {name} (needs root and /dev/net/tun)"))?;
     Ok(Arc::new(dev))
 }
+
+/// Turns on net.ipv4.ip_forward if it is off, logging `why`.
+pub fn ensure_ipv4_forwarding(why: &str) -> Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path).unwrap_or_default().trim() != "1" {
+        tracing::info!("enabling net.ipv4.ip_forward ({why})");
+        std::fs::write(path, "1").context("enabling net.ipv4.ip_forward")?;
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 pub mod maps;
 pub mod mss;
+pub mod nat;
 pub mod packet;
 pub mod route;
 pub mod stats;

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+mod br;
+mod ce;
 mod client;
 mod monitor;
 mod server;

@@ -1,9 +1,12 @@
 //! The fast-path maps. Their names are `tunnel_common::names`; the controller owns every write.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, LpmTrie},
 };
-use tunnel_common::fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig};
+use tunnel_common::{
+    fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
+    mape::{MAX_NAT_ENTRIES, MAX_RULES, MapRule, NatIn, NatKey, NatOut},
+};
 
 /// This instance's endpoint, interfaces and MTU (one entry).
 #[map]
@@ -16,6 +19,18 @@ pub static BIND_BY_V6: HashMap<Ipv6Key, Binding4> = HashMap::pinned(MAX_BINDINGS
 /// Server: lease → native client's tunnel IPv6 (encapsulation).
 #[map]
 pub static BIND_BY_V4: HashMap<Ipv4Key, Binding6> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// MAP-E CE: LAN flow → external port (the controller creates every entry).
+#[map]
+pub static NAT_OUT: HashMap<NatKey, NatOut> = HashMap::pinned(MAX_NAT_ENTRIES, 0);
+
+/// MAP-E CE: (external port, remote) → LAN host.
+#[map]
+pub static NAT_IN: HashMap<NatKey, NatIn> = HashMap::pinned(MAX_NAT_ENTRIES, 0);
+
+/// MAP-E BR: the mapping rules by IPv4 prefix (longest match).
+#[map]
+pub static BR_RULES: LpmTrie<Ipv4Key, MapRule> = LpmTrie::pinned(MAX_RULES, 0);
 
 /// The configuration, once the controller has written it.
 #[inline(always)]

@@ -122,9 +122,7 @@ impl Handler for Client {
                 self.stats.snapshot(),
                 self.native.as_ref().map(|n| n.counters()),
             ),
-            Request::Leases => {
-                Response::Error("a client has no lease table; see `tunnel-ctl status`".into())
-            }
+            other => mgmt::not_supported("client", &other),
         }
     }
 }

@@ -64,3 +64,17 @@ pub fn create_pin_dir(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
     Ok(dir.to_path_buf())
 }
+
+/// Removes an instance's pins when dropped: on every exit path except SIGKILL (then the pinned
+/// links keep the programs attached and the next start re-adopts them). None: nothing pinned.
+pub struct PinGuard(pub Option<PathBuf>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0
+            && let Err(e) = remove_pins(dir)
+        {
+            warn!("removing pins: {e:#}");
+        }
+    }
+}

@@ -28,7 +28,8 @@ pub struct Maps {
     by_v4: HashMap<MapData, Ipv4Key, Binding6>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+/// Takes map `name` out of the object as `T`.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {

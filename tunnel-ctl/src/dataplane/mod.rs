@@ -4,6 +4,7 @@
 pub mod bpffs;
 pub mod fastpath;
 pub mod loader;
+pub mod nat;
 pub mod stats;
 pub mod tc;
 

@@ -1,14 +1,22 @@
-//! MAP-E (RFC 7597, SPEC §6). So far: the rule calculator (`tunnel-ctl mape calc`).
+//! MAP-E (RFC 7597, SPEC §6): the rule calculator (`mape calc`), the CE (`mape ce`: NAPT
+//! into the port set) and the BR (`mape br`).
+pub mod br;
+pub mod ce;
 pub mod profiles;
 pub mod rule;
+pub mod table;
+pub mod translate;
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::cli::MapeCalcArgs;
-use rule::{InterfaceId, Mapping, Rule};
+use std::net::SocketAddrV4;
 
-/// `tunnel-ctl mape calc`.
-pub fn calc(args: &MapeCalcArgs) -> Result<Mapping> {
+use crate::cli::RuleArgs;
+use rule::{InterfaceId, Mapping, Rule};
+use table::{TCP, UDP};
+
+/// `tunnel-ctl mape calc` (and the CE's own mapping).
+pub fn calc(args: &RuleArgs) -> Result<Mapping> {
     let mapping = match (&args.profile, &args.rule_ipv6, &args.rule_ipv4, args.ea_len) {
         (Some(name), None, None, None) => profiles::Profile::by_name(name)
             .ok_or_else(|| {
@@ -37,4 +45,76 @@ pub fn calc(args: &MapeCalcArgs) -> Result<Mapping> {
         mapping.ce_ipv6 = rule::ce_address(&args.prefix, mapping.ipv4, mapping.psid, layout);
     }
     Ok(mapping)
+}
+
+/// A static port forward as written on the command line: `EXTPORT=IPV4:PORT[/tcp|/udp]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardSpec {
+    pub ext_port: u16,
+    pub lan: SocketAddrV4,
+    /// The protocols (both without a suffix).
+    pub protos: Vec<u8>,
+}
+
+impl std::str::FromStr for ForwardSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<ForwardSpec, String> {
+        const FORM: &str = "write EXTPORT=IPV4:PORT[/tcp|/udp], e.g. 1680=192.168.1.10:80/tcp";
+        let (ext, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("forward {s:?} has no '='; {FORM}"))?;
+        let (lan, protos) = match rest.rsplit_once('/') {
+            Some((lan, p)) => (
+                lan,
+                parse_protos(p)
+                    .ok_or_else(|| format!("unknown protocol {p:?} in {s:?}; {FORM}"))?,
+            ),
+            None => (rest, vec![TCP, UDP]),
+        };
+        Ok(ForwardSpec {
+            ext_port: ext
+                .trim()
+                .parse()
+                .map_err(|e| format!("external port {ext:?}: {e}; {FORM}"))?,
+            lan: lan
+                .trim()
+                .parse()
+                .map_err(|e| format!("LAN endpoint {lan:?}: {e}; {FORM}"))?,
+            protos,
+        })
+    }
+}
+
+/// `tcp`, `udp` → their numbers.
+pub fn parse_protos(p: &str) -> Option<Vec<u8>> {
+    match p.trim().to_ascii_lowercase().as_str() {
+        "tcp" => Some(vec![TCP]),
+        "udp" => Some(vec![UDP]),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_specs() {
+        let f: ForwardSpec = "1680=198.51.100.10:80/tcp".parse().unwrap();
+        assert_eq!(f.ext_port, 1680);
+        assert_eq!(f.lan, "198.51.100.10:80".parse().unwrap());
+        assert_eq!(f.protos, vec![TCP]);
+        let both: ForwardSpec = "1680=198.51.100.10:80".parse().unwrap();
+        assert_eq!(both.protos, vec![TCP, UDP]);
+        for bad in [
+            "1680",
+            "x=198.51.100.10:80",
+            "1680=198.51.100.10",
+            "1680=198.51.100.10:80/sctp",
+        ] {
+            let err = bad.parse::<ForwardSpec>().unwrap_err();
+            assert!(err.contains("EXTPORT=IPV4:PORT"), "{bad}: {err}");
+        }
+    }
 }

@@ -181,12 +181,87 @@ pub fn port_set(a: u8, k: u8, psid: u16) -> (Vec<[u16; 2]>, u32) {
 /// The CE's address: the end-user prefix's first /64 with the interface id of `layout`.
 pub fn ce_address(prefix: &Ipv6Net, ipv4: Ipv4Addr, psid: u16, layout: InterfaceId) -> Ipv6Addr {
     let subnet = u128::from(prefix.network()) & !((1u128 << 64) - 1);
-    let v4 = u128::from(u32::from(ipv4));
-    let iid = match layout {
-        InterfaceId::Rfc7597 => (v4 << 16) | u128::from(psid),
-        InterfaceId::Draft03 => (v4 << 24) | (u128::from(psid) << 8),
-    };
-    Ipv6Addr::from(subnet | iid)
+    let iid = tunnel_common::mape::interface_id(layout.code(), u32::from(ipv4), psid);
+    Ipv6Addr::from(subnet | u128::from(iid))
+}
+
+impl InterfaceId {
+    /// The layout's code in [`tunnel_common::mape::MapRule::iid_layout`].
+    pub fn code(self) -> u8 {
+        match self {
+            InterfaceId::Rfc7597 => tunnel_common::mape::IID_RFC7597,
+            InterfaceId::Draft03 => tunnel_common::mape::IID_DRAFT03,
+        }
+    }
+}
+
+/// A rule as the BR takes it on the command line: `IPV6PREFIX,IPV4PREFIX,EA_LEN[,PSID_OFFSET]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub ipv6: Ipv6Net,
+    pub ipv4: Ipv4Net,
+    pub ea_len: u8,
+    pub psid_offset: u8,
+}
+
+impl std::str::FromStr for RuleSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RuleSpec, String> {
+        const FORM: &str = "write IPV6PREFIX,IPV4PREFIX,EA_LEN[,PSID_OFFSET], e.g. 2001:db8::/40,203.0.113.0/24,16,6";
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        if !(3..=4).contains(&parts.len()) {
+            return Err(format!("rule {s:?} has {} fields; {FORM}", parts.len()));
+        }
+        let spec = RuleSpec {
+            ipv6: parts[0]
+                .parse()
+                .map_err(|e| format!("rule IPv6 prefix {:?}: {e}; {FORM}", parts[0]))?,
+            ipv4: parts[1]
+                .parse()
+                .map_err(|e| format!("rule IPv4 prefix {:?}: {e}; {FORM}", parts[1]))?,
+            ea_len: parts[2]
+                .parse()
+                .map_err(|e| format!("EA length {:?}: {e}; {FORM}", parts[2]))?,
+            psid_offset: match parts.get(3) {
+                Some(a) => a
+                    .parse()
+                    .map_err(|e| format!("PSID offset {a:?}: {e}; {FORM}"))?,
+                None => 6,
+            },
+        };
+        spec.rule(InterfaceId::Rfc7597).validate()?;
+        Ok(spec)
+    }
+}
+
+impl RuleSpec {
+    pub fn rule(&self, interface_id: InterfaceId) -> Rule {
+        Rule {
+            ipv6: self.ipv6.trunc(),
+            ipv4: self.ipv4.trunc(),
+            ea_len: self.ea_len,
+            psid_offset: self.psid_offset,
+            br: None,
+            interface_id,
+        }
+    }
+}
+
+impl Rule {
+    /// The rule as the BR's programs take it.
+    pub fn to_map_rule(&self) -> tunnel_common::mape::MapRule {
+        tunnel_common::mape::MapRule {
+            ipv6_hi: (u128::from(self.ipv6.network()) >> 64) as u64,
+            ipv4: u32::from(self.ipv4.network()),
+            ipv6_len: self.ipv6.prefix_len(),
+            ipv4_len: self.ipv4.prefix_len(),
+            ea_len: self.ea_len,
+            psid_offset: self.psid_offset,
+            iid_layout: self.interface_id.code(),
+            _pad: [0; 7],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +298,28 @@ mod tests {
         assert_eq!(m.port_ranges.len(), 63);
         assert_eq!(m.port_ranges[0], [1232, 1235]);
         assert_eq!(m.port_ranges[62], [64720, 64723]);
+    }
+
+    /// The BR's per-packet arithmetic (tunnel-common, also run by eBPF) agrees with the
+    /// calculator for every PSID's first port.
+    #[test]
+    fn map_rule_agrees_with_the_calculator() {
+        let rule = rfc_rule();
+        let m = rule.map(&"2001:db8:12:3400::/56".parse().unwrap()).unwrap();
+        let mr = rule.to_map_rule();
+        let port = m.port_ranges[5][0];
+        assert_eq!(mr.psid_of(port), Some(m.psid));
+        assert_eq!(
+            Ipv6Addr::from(mr.ce_address(u32::from(m.ipv4), m.psid)),
+            m.ce_ipv6
+        );
+        let spec: RuleSpec = "2001:db8::/40,192.0.2.0/24,16,6".parse().unwrap();
+        assert_eq!(spec.rule(InterfaceId::Rfc7597), rule);
+        let err = "2001:db8::/40,192.0.2.0/24"
+            .parse::<RuleSpec>()
+            .unwrap_err();
+        assert!(err.contains("IPV6PREFIX,IPV4PREFIX,EA_LEN"), "{err}");
+        assert!("2001:db8::/40,192.0.2.0/24,49".parse::<RuleSpec>().is_err());
     }
 
     #[test]

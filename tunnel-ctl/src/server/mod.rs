@@ -184,6 +184,7 @@ impl Handler for Server {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 Response::Ok(json!(state.lease_list()))
             }
+            other => mgmt::not_supported("server", &other),
         }
     }
 }
@@ -238,7 +239,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     };
     // From here on a clean exit removes the pins (detaching the fast path); SIGKILL leaves
     // them for the next start to re-adopt.
-    let _pins = PinGuard(native.is_some().then(|| instance.pin_dir()));
+    let _pins = crate::dataplane::bpffs::PinGuard(native.is_some().then(|| instance.pin_dir()));
 
     let state_path = persist::path(&args.state_dir, instance.name());
     let mut state = State::new(pool);
@@ -318,19 +319,6 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
-/// Removes the instance's pins on every exit path except SIGKILL.
-struct PinGuard(Option<PathBuf>);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0
-            && let Err(e) = crate::dataplane::bpffs::remove_pins(dir)
-        {
-            warn!("removing pins: {e:#}");
-        }
-    }
-}
-
 fn save_leases(server: &Server) {
     let saved = server
         .state
@@ -401,12 +389,7 @@ async fn setup_tun(nl: &Netlink, args: &ServerArgs) -> Result<(Arc<AsyncDevice>,
             nl.route_v4(net, index).await?;
         }
     }
-    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
-    if forwarding.trim() != "1" {
-        info!("enabling net.ipv4.ip_forward (clients' traffic is routed through this host)");
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .context("enabling net.ipv4.ip_forward")?;
-    }
+    tundev::ensure_ipv4_forwarding("clients' traffic is routed through this host")?;
     Ok((tun, index))
 }
 
@@ -475,26 +458,16 @@ async fn slow_path_to_native(server: &Server, client: Ipv6Addr, pkt: &[u8]) {
         return;
     };
     let stats = &server.stats;
-    let mtu = usize::from(native.inner_mtu);
-    if pkt.len() <= mtu {
-        match native.send_encapsulated(client, pkt) {
+    match packet::fit(pkt, native.inner_mtu, server.gateway) {
+        packet::Fit::Whole => match native.send_encapsulated(client, pkt) {
             Ok(()) => stats.slowpath_native_packets.inc(),
             Err(_) => stats.drop_slowpath_send_error.inc(),
-        }
-        return;
-    }
-    if packet::dont_fragment(pkt) {
-        match packet::icmp_frag_needed(pkt, server.gateway, native.inner_mtu) {
-            Some(icmp) => match server.tun.send(&icmp).await {
-                Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
-                Err(_) => stats.drop_tun_write_error.inc(),
-            },
-            None => stats.drop_slowpath_unfragmentable.inc(),
-        }
-        return;
-    }
-    match packet::fragment_ipv4(pkt, mtu) {
-        Some(frags) => {
+        },
+        packet::Fit::TooBig(icmp) => match server.tun.send(&icmp).await {
+            Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
+            Err(_) => stats.drop_tun_write_error.inc(),
+        },
+        packet::Fit::Fragments(frags) => {
             stats.slowpath_fragmented.inc();
             for f in frags {
                 if native.send_encapsulated(client, &f).is_err() {
@@ -502,6 +475,6 @@ async fn slow_path_to_native(server: &Server, client: Ipv6Addr, pkt: &[u8]) {
                 }
             }
         }
-        None => stats.drop_slowpath_unfragmentable.inc(),
+        packet::Fit::Unfragmentable => stats.drop_slowpath_unfragmentable.inc(),
     }
 }

@@ -6,13 +6,12 @@
 //! host or by an in-band client) are handled here: ICMP fragmentation-needed for DF packets,
 //! IPv4 fragments otherwise, sent as IPv4-in-IPv6 through a raw socket.
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::Mutex,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use tracing::{info, warn};
 use tunnel_common::{
@@ -28,6 +27,7 @@ use crate::{
         tc::{self, Direction},
     },
     netlink::Netlink,
+    softwire::Softwire,
 };
 
 /// What the server needs to run native mode.
@@ -47,7 +47,7 @@ pub struct Native {
     pub v4_dev: String,
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
-    raw: OwnedFd,
+    raw: Softwire,
     pin_dir: PathBuf,
 }
 
@@ -103,7 +103,7 @@ impl Native {
             Direction::Ingress,
             &args.pin_dir,
         )?;
-        let raw = raw_socket(args.tunnel_addr)?;
+        let raw = Softwire::open(args.tunnel_addr)?;
         Ok(Native {
             tunnel_addr: args.tunnel_addr,
             inner_mtu,
@@ -156,15 +156,7 @@ impl Native {
 
     /// Sends an IPv4 packet to a native client as IPv4-in-IPv6 from the tunnel address.
     pub fn send_encapsulated(&self, client: Ipv6Addr, packet: &[u8]) -> std::io::Result<()> {
-        let dst = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(client, 0, 0, 0));
-        nix::sys::socket::sendto(
-            self.raw.as_raw_fd(),
-            packet,
-            &dst,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        )
-        .map(|_| ())
-        .map_err(std::io::Error::from)
+        self.raw.send(client, packet)
     }
 
     /// Clean shutdown: detach (by removing the link pins) and drop the maps.
@@ -173,48 +165,4 @@ impl Native {
             warn!("removing pins: {e:#}");
         }
     }
-}
-
-/// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be
-/// configured on an interface: IPV6_FREEBIND). It only sends; its receive buffer is minimal.
-fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_IPIP,
-        )
-    };
-    if fd < 0 {
-        return Err(anyhow!(
-            "opening a raw IPv6 socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let small: libc::c_int = 1;
-    // SAFETY: setsockopt with pointers to live locals of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_FREEBIND,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&small as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-    }
-    let local = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(tunnel_addr, 0, 0, 0));
-    nix::sys::socket::bind(fd.as_raw_fd(), &local)
-        .with_context(|| format!("binding the slow-path raw socket to {tunnel_addr}"))?;
-    Ok(fd)
 }

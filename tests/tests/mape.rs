@@ -1,0 +1,406 @@
+//! MAP-E (SPEC §6, issue "MAP-E"): LAN host → CE (eBPF NAPT into the port set) → BR →
+//! internet host, and back.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tunnel_tests::{
+    counter,
+    mape::{
+        Capture, INTERNET_HOST, LAN_HOST, MapeLab, RULE_16, RULE_252, SHARED, udp_echo,
+        udp_roundtrip,
+    },
+    transfer::tcp_transfer,
+    wait_for,
+};
+
+/// The ports of PSID 0xa4 under RULE_252: (j << 10) | (0xa4 << 2) | i.
+fn in_set_252(port: u16) -> bool {
+    port >= 1024 && (port >> 2) & 0xff == 0xa4
+}
+
+/// The ports of PSID 0xa40 under RULE_16.
+fn in_set_16(port: u16) -> bool {
+    port >> 4 == 0xa40
+}
+
+fn stat(v: &serde_json::Value, name: &str) -> u64 {
+    counter(v, name)
+}
+
+#[test]
+fn lan_reaches_the_internet_through_ce_and_br_inside_the_port_set() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let capture = Capture::start(&t.internet, "eth0")?;
+    let echo = udp_echo(&t.internet, SocketAddrV4::new(INTERNET_HOST, 7))?;
+
+    // ICMP echo: the first request takes the slow path, the rest the fast path.
+    assert_eq!(t.lan.ping(&INTERNET_HOST.to_string(), 5)?, 5, "pings lost");
+    // UDP echo, several sockets.
+    for i in 0..5u8 {
+        udp_roundtrip(&t.lan, SocketAddrV4::new(INTERNET_HOST, 7), &[i; 100])?;
+    }
+    // 20 MB of TCP, byte for byte.
+    tcp_transfer(
+        &t.lan,
+        &t.internet,
+        SocketAddr::from((INTERNET_HOST, 5001)),
+        20 << 20,
+        7,
+    )?;
+    echo.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = capture.stop()?;
+
+    let mut per_proto = BTreeMap::new();
+    for s in &seen {
+        assert_eq!(s.src, SHARED, "packet without the shared address: {s:?}");
+        if s.proto != 1 || s.port.is_some() {
+            let port = s.port.expect("TCP/UDP have ports");
+            assert!(in_set_252(port), "port {port} outside the set: {s:?}");
+        }
+        *per_proto.entry(s.proto).or_insert(0u64) += 1;
+    }
+    for proto in [1u8, 6, 17] {
+        assert!(
+            per_proto.get(&proto).copied().unwrap_or(0) > 0,
+            "no protocol {proto} seen: {per_proto:?}"
+        );
+    }
+    let ce = t.ce_stats()?;
+    assert!(stat(&ce, "mape_ce_napt_out_packets") > 1000, "{ce}");
+    assert!(stat(&ce, "mape_ce_napt_in_packets") > 10, "{ce}");
+    let br = t.br_stats()?;
+    assert_eq!(stat(&br, "mape_br_drop_port_outside_set"), 0, "{br}");
+    assert_eq!(stat(&br, "mape_br_drop_source_mismatch"), 0, "{br}");
+    Ok(())
+}
+
+/// Sends one UDP datagram from a fresh socket in the LAN to `to` (nobody needs to answer).
+fn udp_send(t: &MapeLab, to: SocketAddrV4) -> Result<std::net::UdpSocket> {
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.send_to(b"x", to)?;
+    Ok(sock)
+}
+
+/// External ports of the CE's mappings of `proto`.
+fn external_ports(t: &MapeLab, proto: &str) -> Result<Vec<u16>> {
+    Ok(t.nat()?
+        .iter()
+        .filter(|m| m["proto"] == proto)
+        .filter_map(|m| m["external_port"].as_u64())
+        .map(|p| p as u16)
+        .collect())
+}
+
+#[test]
+fn six_hundred_flows_spread_evenly_over_every_block() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let capture = Capture::start(&t.internet, "eth0")?;
+    let mut sockets = Vec::new();
+    for i in 0..600u16 {
+        sockets.push(udp_send(&t, SocketAddrV4::new(INTERNET_HOST, 10_000 + i))?);
+    }
+    wait_for("600 UDP mappings", Duration::from_secs(20), || {
+        Ok((external_ports(&t, "udp")?.len() == 600).then_some(()))
+    })?;
+    // What left the BR, as the internet host saw it.
+    let seen = capture.stop()?;
+    let ports: Vec<u16> = seen
+        .iter()
+        .filter(|s| s.proto == 17)
+        .filter_map(|s| s.port)
+        .collect();
+    assert_eq!(
+        ports.len(),
+        600,
+        "datagrams seen at the internet host; BR {} CE {}",
+        t.br_stats()?,
+        t.ce_stats()?
+    );
+    let mut per_block: BTreeMap<u16, usize> = BTreeMap::new();
+    for p in &ports {
+        assert!(in_set_252(*p), "port {p} outside the set");
+        *per_block.entry(p >> 10).or_default() += 1;
+    }
+    assert_eq!(per_block.len(), 63, "blocks used: {per_block:?}");
+    let (min, max) = (
+        per_block.values().min().copied().unwrap_or(0),
+        per_block.values().max().copied().unwrap_or(0),
+    );
+    assert!(
+        max <= 2 * min,
+        "uneven: min {min}, max {max}: {per_block:?}"
+    );
+    drop(sockets);
+    Ok(())
+}
+
+/// Opens a TCP connection from the LAN host to `to`, within `limit`.
+fn connect(t: &MapeLab, to: SocketAddrV4, limit: Duration) -> std::io::Result<TcpStream> {
+    t.lan
+        .enter(|| TcpStream::connect_timeout(&SocketAddr::V4(to), limit))
+        .map_err(std::io::Error::other)?
+}
+
+#[test]
+fn a_sixteen_port_set_exhausts_per_destination_only() -> Result<()> {
+    let t = MapeLab::start(&RULE_16, &[])?;
+    // Five listening destinations on the internet host; accepted connections stay open.
+    let mut listeners = Vec::new();
+    for port in 5001..=5005u16 {
+        let l = t
+            .internet
+            .enter(|| TcpListener::bind(SocketAddrV4::new(INTERNET_HOST, port)))??;
+        listeners.push(l);
+    }
+    let mut open = Vec::new();
+    for port in 5001..=5004u16 {
+        for _ in 0..16 {
+            let c = connect(
+                &t,
+                SocketAddrV4::new(INTERNET_HOST, port),
+                Duration::from_secs(5),
+            )
+            .with_context(|| format!("flow to port {port}"))?;
+            open.push(c);
+        }
+    }
+    assert_eq!(open.len(), 64);
+    let ports = external_ports(&t, "tcp")?;
+    assert_eq!(ports.len(), 64);
+    assert!(ports.iter().all(|p| in_set_16(*p)), "{ports:?}");
+    assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 16);
+
+    let before = stat(&t.ce_stats()?, "port_exhausted");
+    let started = Instant::now();
+    let refused = connect(
+        &t,
+        SocketAddrV4::new(INTERNET_HOST, 5001),
+        Duration::from_secs(5),
+    );
+    let took = started.elapsed();
+    assert!(
+        refused.is_err(),
+        "a 17th flow to one destination got through"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the 17th flow took {took:?} to fail"
+    );
+    assert!(stat(&t.ce_stats()?, "port_exhausted") > before);
+    // A fifth destination still has the whole set.
+    connect(
+        &t,
+        SocketAddrV4::new(INTERNET_HOST, 5005),
+        Duration::from_secs(5),
+    )
+    .context("flow to a fifth destination")?;
+    drop(listeners);
+    Ok(())
+}
+
+#[test]
+fn port_forward_reaches_the_lan_host_and_outside_ports_are_refused() -> Result<()> {
+    let forward = format!("1680={LAN_HOST}:80/tcp");
+    let t = MapeLab::start(&RULE_252, &["--forward", &forward])?;
+    let server = t
+        .lan
+        .enter(|| TcpListener::bind(SocketAddrV4::new(LAN_HOST, 80)))??;
+    let accept = std::thread::spawn(move || -> Result<SocketAddr> {
+        let (mut c, peer) = server.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf)?;
+        c.write_all(&buf)?;
+        Ok(peer)
+    });
+    let mut c = t
+        .internet
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(SHARED, 1680)),
+                Duration::from_secs(5),
+            )
+        })?
+        .context("connecting to the shared address's forwarded port")?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"hello")?;
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back)?;
+    assert_eq!(&back, b"hello");
+    let peer = accept.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(INTERNET_HOST));
+
+    let out = t.lab.ctl_output(&[
+        "forward",
+        "add",
+        &format!("1232={LAN_HOST}:81/tcp"),
+        "--instance",
+        &t.ce_instance,
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("outside this CE's port set"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn br_drops_ports_outside_the_set_and_spoofed_sources() -> Result<()> {
+    use std::net::Ipv6Addr;
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let sink = t
+        .internet
+        .enter(|| std::net::UdpSocket::bind(SocketAddrV4::new(INTERNET_HOST, 7000)))??;
+    sink.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let ce_addr: Ipv6Addr = "2001:db8:12:a400:0:cb00:7112:a4".parse()?;
+    let spoofed: Ipv6Addr = "2001:db8:12:a400::99".parse()?;
+    let inner = |sport: u16, payload: &[u8]| -> Vec<u8> {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ipv4(SHARED.octets(), INTERNET_HOST.octets(), 64)
+            .udp(sport, 7000)
+            .write(&mut out, payload)
+            .expect("valid packet");
+        out
+    };
+    let before = t.br_stats()?;
+    send_ipip(&t, ce_addr, &inner(1232, b"bad port"))?; // PSID 0x34, not ours
+    send_ipip(&t, ce_addr, &inner(80, b"no psid"))?; // below 1024: no CE owns it
+    send_ipip(&t, spoofed, &inner(1680, b"spoofed"))?; // right port, wrong outer source
+    send_ipip(&t, ce_addr, &inner(1681, b"legit"))?;
+    let mut buf = [0u8; 64];
+    let (n, _) = sink
+        .recv_from(&mut buf)
+        .context("the legitimate datagram")?;
+    assert_eq!(
+        &buf[..n],
+        b"legit",
+        "something else reached the internet first"
+    );
+    let after = t.br_stats()?;
+    let delta = |name: &str| stat(&after, name) - stat(&before, name);
+    assert_eq!(delta("mape_br_drop_port_outside_set"), 2, "{after}");
+    assert_eq!(delta("mape_br_drop_source_mismatch"), 1, "{after}");
+    Ok(())
+}
+
+/// Sends `inner` as IPv4-in-IPv6 from the CE namespace with outer source `src` to the BR.
+fn send_ipip(t: &MapeLab, src: std::net::Ipv6Addr, inner: &[u8]) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let br: std::net::Ipv6Addr = tunnel_tests::mape::BR_ADDR.parse()?;
+    t.ce.enter(|| -> Result<()> {
+        // SAFETY: plain socket(2); owned at once.
+        let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_IPIP) };
+        if raw < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        // SAFETY: pointer and size of a live c_int.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_FREEBIND,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        nix::sys::socket::bind(
+            fd.as_raw_fd(),
+            &nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(src, 0, 0, 0)),
+        )?;
+        nix::sys::socket::sendto(
+            fd.as_raw_fd(),
+            inner,
+            &nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(br, 0, 0, 0)),
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        Ok(())
+    })?
+}
+
+/// LAN host's TCP segment counters (out, in) from /proc/net/snmp.
+fn tcp_segments(t: &MapeLab) -> Result<(u64, u64)> {
+    let snmp = t.lan.run(&["cat", "/proc/net/snmp"])?;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (lines.next(), lines.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Tcp lines in /proc/net/snmp");
+    };
+    let map: BTreeMap<&str, u64> = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter_map(|(n, v)| Some((n, v.parse().ok()?)))
+        .collect();
+    Ok((map["OutSegs"], map["InSegs"]))
+}
+
+#[test]
+fn after_the_first_packet_a_transfer_stays_in_the_ebpf_fast_path() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let before = t.ce_stats()?;
+    let (out0, in0) = tcp_segments(&t)?;
+    tcp_transfer(
+        &t.lan,
+        &t.internet,
+        SocketAddr::from((INTERNET_HOST, 5002)),
+        100 << 20,
+        9,
+    )?;
+    let after = t.ce_stats()?;
+    let (out1, in1) = tcp_segments(&t)?;
+    let delta = |name: &str| stat(&after, name) - stat(&before, name);
+    let packets = (out1 - out0) + (in1 - in0);
+    let fast = delta("mape_ce_napt_out_packets") + delta("mape_ce_napt_in_packets");
+    let slow = delta("slowpath_out_packets");
+    println!("LAN host TCP segments {packets}, eBPF NAPT {fast}, slow path {slow}");
+    assert_eq!(slow, 1, "only the SYN takes the slow path: {after}");
+    assert!(
+        fast as f64 >= 0.99 * (packets - 1) as f64,
+        "eBPF counted {fast} of {packets} segments"
+    );
+    Ok(())
+}
+
+#[test]
+fn idle_udp_mappings_expire_and_their_ports_are_used_again() -> Result<()> {
+    let t = MapeLab::start(&RULE_16, &["--udp-timeout", "2s"])?;
+    let to = SocketAddrV4::new(INTERNET_HOST, 9000);
+    let mut sockets = Vec::new();
+    for _ in 0..16 {
+        sockets.push(udp_send(&t, to)?);
+    }
+    let first: BTreeSet<u16> = wait_for("16 UDP mappings", Duration::from_secs(5), || {
+        let p = external_ports(&t, "udp")?;
+        Ok((p.len() == 16).then(|| p.into_iter().collect()))
+    })?;
+    assert_eq!(first.len(), 16);
+    // The set is used up toward this destination.
+    let before = stat(&t.ce_stats()?, "port_exhausted");
+    sockets.push(udp_send(&t, to)?);
+    wait_for(
+        "the 17th flow to be refused",
+        Duration::from_secs(5),
+        || Ok((stat(&t.ce_stats()?, "port_exhausted") > before).then_some(())),
+    )?;
+    // Idle for the timeout: gone from the table.
+    wait_for("the mappings to expire", Duration::from_secs(15), || {
+        Ok(external_ports(&t, "udp")?.is_empty().then_some(()))
+    })?;
+    assert!(stat(&t.ce_stats()?, "mappings_expired") >= 16);
+    // New flows get the same ports again.
+    for _ in 0..16 {
+        sockets.push(udp_send(&t, to)?);
+    }
+    let second: BTreeSet<u16> = wait_for("16 new UDP mappings", Duration::from_secs(5), || {
+        let p = external_ports(&t, "udp")?;
+        Ok((p.len() == 16).then(|| p.into_iter().collect()))
+    })?;
+    assert_eq!(first, second);
+    Ok(())
+}

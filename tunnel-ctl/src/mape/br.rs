@@ -1,0 +1,276 @@
+//! `tunnel-ctl mape br`: the MAP-E BR daemon (SPEC §6). Stateless: it writes the rules into
+//! `BR_RULES`, attaches `br_decap` (IPv6 side) and `br_encap` (IPv4 side), and handles on its
+//! TUN the packets toward CEs that the programs leave to the kernel (too big for the tunnel:
+//! fragments, or ICMP fragmentation-needed for DF packets).
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::Ebpf;
+use serde_json::json;
+use tracing::{info, warn};
+use tun::AsyncDevice;
+use tunnel_common::{
+    fastpath::{DEFAULT_HOP_LIMIT, IPV6_HEADER_LEN, TCP_IPV4_OVERHEAD, TunnelConfig},
+    mape::MapRule,
+    names::{PROG_BR_DECAP, PROG_BR_ENCAP},
+};
+
+use super::{
+    rule::Rule,
+    table::{ICMP, TCP, UDP},
+};
+use crate::{
+    cli::MapeBrArgs,
+    counters,
+    dataplane::{
+        self,
+        bpffs::PinGuard,
+        fastpath::{Maps, v4_key},
+        nat::BrRules,
+        tc::{self, Direction},
+    },
+    instance::Instance,
+    mgmt::{self, Handler, Request, Response},
+    netlink::Netlink,
+    packet::{self, Fit},
+    softwire::Softwire,
+    tundev,
+};
+
+counters! {
+    pub struct BrStats {
+        slowpath_packets,
+        slowpath_icmp_frag_needed,
+        slowpath_fragmented,
+        drop_slowpath_no_rule,
+        drop_slowpath_no_port,
+        drop_unfragmentable,
+        drop_send_error,
+        drop_tun_write_error,
+    }
+}
+
+struct Br {
+    rules: Vec<Rule>,
+    br_addr: Ipv6Addr,
+    inner_mtu: u16,
+    stats: BrStats,
+    ebpf: Mutex<Ebpf>,
+    tun: Arc<AsyncDevice>,
+    softwire: Softwire,
+    instance: Instance,
+    started: Instant,
+    v6_dev: String,
+    v4_dev: String,
+}
+
+impl Handler for Br {
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Ok(json!({
+                "role": "mape-br",
+                "instance": self.instance.name(),
+                "pid": std::process::id(),
+                "uptime_s": self.started.elapsed().as_secs(),
+                "br_addr": self.br_addr.to_string(),
+                "v6_dev": self.v6_dev,
+                "v4_dev": self.v4_dev,
+                "inner_mtu": self.inner_mtu,
+                "rules": self.rules.iter().map(|r| json!({
+                    "ipv6": r.ipv6.to_string(),
+                    "ipv4": r.ipv4.to_string(),
+                    "ea_len": r.ea_len,
+                    "psid_offset": r.psid_offset,
+                })).collect::<Vec<_>>(),
+            })),
+            Request::Stats => mgmt::counters_response(self.stats.snapshot(), {
+                let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+                Some(dataplane::stats::read(&ebpf))
+            }),
+            other => mgmt::not_supported("MAP-E BR", &other),
+        }
+    }
+}
+
+pub async fn run(args: MapeBrArgs) -> Result<()> {
+    let instance = args.instance.instance.clone();
+    mgmt::ensure_not_running(&instance)?;
+    let rules: Vec<Rule> = args
+        .rule
+        .iter()
+        .map(|spec| spec.rule(args.interface_id))
+        .collect();
+    for (i, a) in rules.iter().enumerate() {
+        if rules[i + 1..].iter().any(|b| b.ipv4 == a.ipv4) {
+            bail!("two --rule options map the same IPv4 prefix {}", a.ipv4);
+        }
+    }
+    let nl = Netlink::connect()?;
+    let v6_index = nl
+        .index(&args.v6_dev)
+        .await
+        .with_context(|| format!("--v6-dev {}", args.v6_dev))?;
+    nl.index(&args.v4_dev)
+        .await
+        .with_context(|| format!("--v4-dev {}", args.v4_dev))?;
+    let (v6_mtu, _) = nl.mtu_and_mac(v6_index).await?;
+    let inner_mtu =
+        u16::try_from(v6_mtu.saturating_sub(u32::from(IPV6_HEADER_LEN))).unwrap_or(u16::MAX);
+    if inner_mtu < 576 {
+        bail!(
+            "--v6-dev {} has MTU {v6_mtu}: too small to carry IPv4 (needs 616)",
+            args.v6_dev
+        );
+    }
+
+    let tun = tundev::create(&args.tun)?;
+    let tun_index = nl.index(&args.tun).await?;
+    nl.up(tun_index, tundev::TUN_MTU).await?;
+    for r in &rules {
+        nl.route_v4(r.ipv4, tun_index).await?;
+    }
+    tundev::ensure_ipv4_forwarding("CEs' traffic is routed through this host")?;
+
+    let pin_dir = instance.pin_dir();
+    let mut ebpf = dataplane::load(&pin_dir)?;
+    let _pins = PinGuard(Some(pin_dir.clone()));
+    let mut config = Maps::take(&mut ebpf)?;
+    let mut table = BrRules::take(&mut ebpf)?;
+    let entries: Vec<(u32, u8, MapRule)> = rules
+        .iter()
+        .map(|r| {
+            (
+                v4_key(r.ipv4.network()),
+                r.ipv4.prefix_len(),
+                r.to_map_rule(),
+            )
+        })
+        .collect();
+    table.replace_all(&entries)?;
+    config.set_config(&TunnelConfig {
+        local: args.br_addr.octets(),
+        v6_ifindex: v6_index,
+        tun_ifindex: tun_index,
+        inner_mtu,
+        mss: inner_mtu - TCP_IPV4_OVERHEAD,
+        hop_limit: DEFAULT_HOP_LIMIT,
+        enabled: 1,
+        ..Default::default()
+    })?;
+    tc::attach_pinned(
+        &mut ebpf,
+        PROG_BR_DECAP,
+        &args.v6_dev,
+        Direction::Ingress,
+        &pin_dir,
+    )?;
+    tc::attach_pinned(
+        &mut ebpf,
+        PROG_BR_ENCAP,
+        &args.v4_dev,
+        Direction::Ingress,
+        &pin_dir,
+    )?;
+    let softwire = Softwire::open(args.br_addr)?;
+
+    let br = Arc::new(Br {
+        rules,
+        br_addr: args.br_addr,
+        inner_mtu,
+        stats: BrStats::default(),
+        ebpf: Mutex::new(ebpf),
+        tun,
+        softwire,
+        instance: instance.clone(),
+        started: Instant::now(),
+        v6_dev: args.v6_dev.clone(),
+        v4_dev: args.v4_dev.clone(),
+    });
+    let mgmt = mgmt::bind(&instance)?;
+    for r in &br.rules {
+        info!(
+            "MAP-E BR {}: rule {} ↔ {} (EA {}, PSID offset {})",
+            args.br_addr, r.ipv6, r.ipv4, r.ea_len, r.psid_offset
+        );
+    }
+    tokio::select! {
+        () = tun_reader(br.clone()) => {}
+        () = mgmt.serve(br.clone()) => {}
+        signal = crate::shutdown_signal() => info!("{signal}: stopping"),
+    }
+    Ok(())
+}
+
+/// The port a packet toward a CE is mapped by (destination port, ICMP echo identifier).
+fn port_toward_ce(pkt: &[u8]) -> Option<u16> {
+    let h = etherparse::Ipv4HeaderSlice::from_slice(pkt).ok()?;
+    if h.fragments_offset().value() != 0 {
+        return None;
+    }
+    let l4 = pkt.get(h.slice().len()..)?;
+    match h.protocol().0 {
+        TCP | UDP => Some(u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?])),
+        ICMP if matches!(l4.first(), Some(0 | 8)) => {
+            Some(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]))
+        }
+        _ => None,
+    }
+}
+
+async fn tun_reader(br: Arc<Br>) {
+    let mut buf = vec![0u8; 65536];
+    let stats = &br.stats;
+    loop {
+        let n = match br.tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("reading TUN: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let pkt = &buf[..n];
+        let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
+            continue;
+        };
+        let Some(rule) = br
+            .rules
+            .iter()
+            .filter(|r| r.ipv4.contains(&dst))
+            .max_by_key(|r| r.ipv4.prefix_len())
+        else {
+            stats.drop_slowpath_no_rule.inc();
+            continue;
+        };
+        let mr = rule.to_map_rule();
+        let Some(psid) = port_toward_ce(pkt).and_then(|p| mr.psid_of(p)) else {
+            stats.drop_slowpath_no_port.inc();
+            continue;
+        };
+        let ce = Ipv6Addr::from(mr.ce_address(u32::from(dst), psid));
+        // ICMP errors come "from" the destination, like a router on its last hop.
+        match packet::fit(pkt, br.inner_mtu, dst) {
+            Fit::Whole => match br.softwire.send(ce, pkt) {
+                Ok(()) => stats.slowpath_packets.inc(),
+                Err(_) => stats.drop_send_error.inc(),
+            },
+            Fit::TooBig(icmp) => match br.tun.send(&icmp).await {
+                Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
+                Err(_) => stats.drop_tun_write_error.inc(),
+            },
+            Fit::Fragments(frags) => {
+                stats.slowpath_fragmented.inc();
+                for f in frags {
+                    if br.softwire.send(ce, &f).is_err() {
+                        stats.drop_send_error.inc();
+                    }
+                }
+            }
+            Fit::Unfragmentable => stats.drop_unfragmentable.inc(),
+        }
+    }
+}

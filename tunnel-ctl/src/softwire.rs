@@ -1,0 +1,76 @@
+//! Sending IPv4-in-IPv6 (next header 4) from userspace: the slow paths of the server, the
+//! MAP-E CE and the BR hand the kernel an IPv4 packet and let it add the IPv6 header.
+use std::{
+    net::{Ipv6Addr, SocketAddrV6},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+
+/// A raw IPv6 socket bound to a tunnel endpoint, for sending only.
+pub struct Softwire(OwnedFd);
+
+impl Softwire {
+    /// Opens the socket with `local` as the outer source.
+    pub fn open(local: Ipv6Addr) -> Result<Softwire> {
+        raw_socket(local).map(Softwire)
+    }
+
+    /// Sends `packet` (IPv4) to `remote` wrapped in IPv6; never blocks (a full socket buffer
+    /// is an error the caller counts).
+    pub fn send(&self, remote: Ipv6Addr, packet: &[u8]) -> std::io::Result<()> {
+        let dst = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(remote, 0, 0, 0));
+        nix::sys::socket::sendto(
+            self.0.as_raw_fd(),
+            packet,
+            &dst,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+    }
+}
+
+/// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be
+/// configured on an interface: IPV6_FREEBIND). It only sends; its receive buffer is minimal.
+fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_IPIP,
+        )
+    };
+    if fd < 0 {
+        return Err(anyhow!(
+            "opening a raw IPv6 socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let small: libc::c_int = 1;
+    // SAFETY: setsockopt with pointers to live locals of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_FREEBIND,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+    }
+    let local = nix::sys::socket::SockaddrIn6::from(SocketAddrV6::new(tunnel_addr, 0, 0, 0));
+    nix::sys::socket::bind(fd.as_raw_fd(), &local)
+        .with_context(|| format!("binding the slow-path raw socket to {tunnel_addr}"))?;
+    Ok(fd)
+}

@@ -1,0 +1,146 @@
+//! The MAP-E BR (SPEC §6): stateless, driven by the rules in `BR_RULES`.
+//!
+//! `br_decap` runs on ingress of the IPv6 side: IPv4-in-IPv6 to the BR address is accepted
+//! only when its outer source is the CE address that the rule computes from the inner source
+//! address and port; then it is unwrapped and forwarded. `br_encap` runs on ingress of the
+//! IPv4 side: a packet to an address that a rule covers goes to the CE address computed from
+//! its destination address and port.
+use aya_ebpf::{macros::classifier, maps::lpm_trie::Key, programs::TcContext};
+use network_types::ip::Ipv6Hdr;
+use tunnel_common::{
+    mape::{IID_DRAFT03, MapRule},
+    stats::Counter,
+};
+use tunnel_ebpf::{
+    maps::{BR_RULES, config},
+    nat,
+    packet::{
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+    },
+    route::{self, Forward},
+    stats::{count, count_n},
+};
+
+/// The most specific rule covering `addr` (wire order).
+#[inline(always)]
+fn rule_for(addr: u32) -> Option<&'static MapRule> {
+    BR_RULES.get(Key::new(32, addr))
+}
+
+/// The PSID written in a CE address's interface id.
+#[inline(always)]
+fn psid_in(rule: &MapRule, ce: &[u8; 16]) -> u16 {
+    if rule.iid_layout == IID_DRAFT03 {
+        u16::from_be_bytes([ce[13], ce[14]])
+    } else {
+        u16::from_be_bytes([ce[14], ce[15]])
+    }
+}
+
+#[classifier]
+pub fn br_decap(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
+        return PASS;
+    }
+    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return PASS;
+    };
+    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+        return PASS;
+    }
+    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
+        count(Counter::DropInnerMalformed);
+        return DROP;
+    };
+    let Some(rule) = rule_for(inner.src()) else {
+        count(Counter::BrDropNoRule);
+        return DROP;
+    };
+    let Some(port) = nat::br_port(&ctx, INNER_OFF, &inner, true) else {
+        count(Counter::BrDropNoPort);
+        return DROP;
+    };
+    let src = u32::from_be(inner.src());
+    let expected = rule.psid_of(port).map(|psid| rule.ce_address(src, psid));
+    if !expected.is_some_and(|e| eq16(&e, &outer.src_addr)) {
+        // A CE that is who it says (its address matches the rule for the PSID it carries)
+        // but used a port outside its set, or a source the rule does not give at all.
+        let own = rule.ce_address(src, psid_in(rule, &outer.src_addr));
+        if eq16(&own, &outer.src_addr) {
+            count(Counter::BrDropPortOutsideSet);
+        } else {
+            count(Counter::BrDropSourceMismatch);
+        }
+        return DROP;
+    }
+    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
+        return DROP;
+    }
+    if inner.hdr.ttl <= 1 {
+        count(Counter::SlowPathTtl);
+        return PASS;
+    }
+    match route::forward_v4(
+        &ctx,
+        inner.src(),
+        inner.dst(),
+        inner.hdr.tos,
+        cfg.tun_ifindex,
+    ) {
+        Forward::Verdict(v) => {
+            if packet::decrement_ttl(&ctx, ETH_LEN, &inner).is_err() {
+                count(Counter::DropRewriteFailed);
+                return DROP;
+            }
+            v
+        }
+        Forward::NoRoute | Forward::Excluded => PASS,
+    }
+}
+
+#[classifier]
+pub fn br_encap(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IP) {
+        return PASS;
+    }
+    let Some(ip) = Ipv4Info::load(&ctx, ETH_LEN) else {
+        return PASS;
+    };
+    let Some(rule) = rule_for(ip.dst()) else {
+        return PASS;
+    };
+    let Some(psid) = nat::br_port(&ctx, ETH_LEN, &ip, false).and_then(|p| rule.psid_of(p)) else {
+        count(Counter::BrDropNoPort);
+        return DROP;
+    };
+    let ce = rule.ce_address(u32::from_be(ip.dst()), psid);
+    if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
+        // The kernel routes the rule prefixes to the TUN; the controller answers with ICMP
+        // fragmentation-needed or fragments it.
+        count(Counter::SlowPathTooBig);
+        return PASS;
+    }
+    if ip.hdr.ttl <= 1 {
+        count(Counter::SlowPathTtl);
+        return PASS;
+    }
+    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    let Ok(segs) = packet::wrap_clamped(&ctx, &ip, &cfg.local, &ce, cfg.mss, cfg.hop_limit) else {
+        return DROP;
+    };
+    match route::forward_v6(&ctx, &cfg.local, &ce, cfg.v6_ifindex, false) {
+        Forward::Verdict(v) => {
+            count_n(Counter::BrEncap, segs);
+            v
+        }
+        Forward::NoRoute | Forward::Excluded => {
+            count(Counter::DropNoRoute);
+            DROP
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The MAP-E CE's fast path (SPEC §6).
+//!
+//! `ce_out` runs on ingress of the LAN side: an IPv4 packet of a flow the controller has
+//! mapped gets the shared address and its external port, is wrapped in IPv6 to the BR and
+//! redirected out of the WAN. A packet with no mapping passes: the kernel routes it to the TUN,
+//! where the controller picks a port, installs both directions and sends it on (the slow path).
+//!
+//! `ce_in` runs on ingress of the WAN side: IPv4-in-IPv6 from the BR to our CE address whose
+//! (external port, remote) is mapped is unwrapped, translated back to the LAN host and
+//! forwarded. ICMP errors go to the controller through the TUN (they are mapped by the packet
+//! they quote); anything else unsolicited is dropped and counted.
+use aya_ebpf::{
+    helpers::generated::bpf_redirect, macros::classifier, maps::HashMap, programs::TcContext,
+};
+use network_types::ip::Ipv6Hdr;
+use tunnel_common::{mape::NatKey, stats::Counter};
+use tunnel_ebpf::{
+    maps::{NAT_IN, NAT_OUT, config},
+    nat::{self, Classified, DST_ADDR, SRC_ADDR},
+    packet::{
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+    },
+    route::{self, Forward},
+    stats::{count, count_n},
+};
+
+/// The exact entry for `key`, else its wildcard (remote 0.0.0.0:0: port forwards and
+/// endpoint-independent mappings).
+#[inline(always)]
+fn lookup<V>(map: &HashMap<NatKey, V>, key: &NatKey) -> Option<*mut V> {
+    map.get_ptr_mut(key).or_else(|| {
+        let wildcard = NatKey {
+            remote_ip: 0,
+            remote_port: 0,
+            ..*key
+        };
+        map.get_ptr_mut(&wildcard)
+    })
+}
+
+#[classifier]
+pub fn ce_out(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IP) {
+        return PASS;
+    }
+    let Some(ip) = Ipv4Info::load(&ctx, ETH_LEN) else {
+        return PASS;
+    };
+    if !ip.first_fragment() {
+        return PASS;
+    }
+    let Classified::Flow(flow) = nat::classify(&ctx, ETH_LEN, &ip, true) else {
+        return PASS;
+    };
+    let Some(entry) = lookup(&NAT_OUT, &flow.key) else {
+        return PASS;
+    };
+    if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
+        // The controller answers with ICMP fragmentation-needed or fragments it.
+        count(Counter::SlowPathTooBig);
+        return PASS;
+    }
+    if ip.hdr.ttl <= 1 {
+        count(Counter::SlowPathTtl);
+        return PASS;
+    }
+    // SAFETY: `entry` comes from a successful lookup and stays valid for this program run;
+    // fields are read and updated in place.
+    let ext_port = unsafe {
+        nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
+        (*entry).ext_port
+    };
+    if nat::rewrite(&ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
+        || packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err()
+    {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    let Ok(segs) = packet::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
+    else {
+        return DROP;
+    };
+    match route::forward_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex, false) {
+        Forward::Verdict(v) => {
+            count_n(Counter::CeNaptOut, segs);
+            v
+        }
+        Forward::NoRoute | Forward::Excluded => {
+            count(Counter::DropNoRoute);
+            DROP
+        }
+    }
+}
+
+#[classifier]
+pub fn ce_in(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
+        return PASS;
+    }
+    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return PASS;
+    };
+    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+        return PASS;
+    }
+    if !eq16(&outer.src_addr, &cfg.remote) {
+        count(Counter::CeDropNotFromBr);
+        return DROP;
+    }
+    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
+        count(Counter::DropInnerMalformed);
+        return DROP;
+    };
+    if inner.dst() != cfg.ipv4 {
+        count(Counter::CeDropInNoMapping);
+        return DROP;
+    }
+    if !inner.first_fragment() {
+        count(Counter::CeDropFragment);
+        return DROP;
+    }
+    let flow = match nat::classify(&ctx, INNER_OFF, &inner, false) {
+        Classified::Flow(flow) => flow,
+        Classified::IcmpError => {
+            if packet::decapsulate(&ctx).is_err() {
+                count(Counter::DropRewriteFailed);
+                return DROP;
+            }
+            count(Counter::CeSlowPathIn);
+            // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
+            return unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+        }
+        Classified::Other => {
+            count(Counter::CeDropInNoMapping);
+            return DROP;
+        }
+    };
+    let Some(entry) = lookup(&NAT_IN, &flow.key) else {
+        count(Counter::CeDropInNoMapping);
+        return DROP;
+    };
+    // SAFETY: as in ce_out.
+    let (lan_ip, lan_port) = unsafe {
+        nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
+        ((*entry).lan_ip, (*entry).lan_port)
+    };
+    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
+        return DROP;
+    }
+    // The IPv4 header now follows the Ethernet header.
+    if nat::rewrite(&ctx, ETH_LEN, &inner, DST_ADDR, lan_ip, &flow, lan_port).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    if inner.hdr.ttl <= 1 {
+        count(Counter::SlowPathTtl);
+        return PASS;
+    }
+    match route::forward_v4(&ctx, inner.src(), lan_ip, inner.hdr.tos, cfg.tun_ifindex) {
+        Forward::Verdict(v) => {
+            if packet::decrement_ttl(&ctx, ETH_LEN, &inner).is_err() {
+                count(Counter::DropRewriteFailed);
+                return DROP;
+            }
+            v
+        }
+        Forward::NoRoute | Forward::Excluded => PASS,
+    }
+}
