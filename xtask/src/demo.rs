@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use tunnel_tests::{
     Lab,
     fourover6::{FourOverSix, INTERNET_HOST, SERVER, TUNNEL_ADDR},
+    mape::{self, MapeLab, RULE_252},
     remove_own_leftovers,
     transfer::tcp_transfer,
 };
@@ -26,7 +27,9 @@ pub fn run() -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let result = fourover6_demo().and_then(|()| monitor_demo());
+    let result = fourover6_demo()
+        .and_then(|()| mape_demo())
+        .and_then(|()| monitor_demo());
     match &result {
         Ok(()) => println!("\ndemo: done; namespaces, daemons, sockets and pins removed."),
         Err(_) => println!("\ndemo: failed; the lab has been removed."),
@@ -137,10 +140,87 @@ fn fourover6_demo() -> Result<()> {
     Ok(())
 }
 
+/// A MAP-E line: LAN host → CE → BR → internet host.
+fn mape_demo() -> Result<()> {
+    const MB: usize = 50;
+    println!("\ntunnel demo, part 2: a MAP-E CE and BR (RFC 7597), as on a v6plus/OCN line");
+    step(
+        1,
+        "Building a lab: LAN host, CE, BR and internet host; only IPv6 between CE and BR",
+    );
+    let forward = format!("1680={}:80/tcp", mape::LAN_HOST);
+    let t = MapeLab::start(&RULE_252, &["--forward", &forward])?;
+    let status = t.lab.ctl_json("status", &t.ce_instance)?;
+    let field = |k: &str| match &status[k] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "    rule {} <-> {}, EA {} bits, PSID offset {}; end-user prefix {}",
+        RULE_252.ipv6, RULE_252.ipv4, RULE_252.ea_len, RULE_252.psid_offset, RULE_252.prefix
+    );
+    println!(
+        "    CE {}: shared IPv4 {}, PSID {}, {} ports; CE address {}; BR {}",
+        t.ce.name,
+        field("ipv4"),
+        field("psid"),
+        field("port_count"),
+        field("ce_ipv6"),
+        field("br")
+    );
+    step(
+        2,
+        &format!(
+            "The LAN host {} pings {} and sends {MB} MB over TCP to it",
+            mape::LAN_HOST,
+            mape::INTERNET_HOST
+        ),
+    );
+    let answered = t.lan.ping(&mape::INTERNET_HOST.to_string(), 3)?;
+    println!("    {answered}/3 pings answered");
+    if answered != 3 {
+        bail!("only {answered} of 3 pings were answered through MAP-E");
+    }
+    let started = std::time::Instant::now();
+    tcp_transfer(
+        &t.lan,
+        &t.internet,
+        std::net::SocketAddr::from((mape::INTERNET_HOST, 9100)),
+        MB << 20,
+        42,
+    )?;
+    println!(
+        "    {MB} MB arrived byte-identical in {:.2} s (NAPT + encapsulation in eBPF after the first packet)",
+        started.elapsed().as_secs_f64()
+    );
+    step(
+        3,
+        &format!(
+            "NAPT mappings (`tunnel-ctl nat --instance {}`): ports only from the set; the forward {forward}",
+            t.ce_instance
+        ),
+    );
+    for line in t.lab.ctl(&["nat", "--instance", &t.ce_instance])?.lines() {
+        println!("    {line}");
+    }
+    step(4, "CE and BR counters that moved");
+    for (who, stats) in [("CE", t.ce_stats()?), ("BR", t.br_stats()?)] {
+        if let Some(map) = stats.as_object() {
+            for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+                println!("    {who} {k:<32} {v}");
+            }
+        }
+    }
+    step(5, "Stopping CE and BR, removing the lab");
+    let mut t = t;
+    t.lab.teardown();
+    Ok(())
+}
+
 /// The eBPF counting program on live traffic (the pipeline the fast path builds on).
 fn monitor_demo() -> Result<()> {
     const PINGS: u32 = 10;
-    println!("\ntunnel demo, part 2: the eBPF pipeline on live traffic");
+    println!("\ntunnel demo, part 3: the eBPF pipeline on live traffic");
 
     let mut lab = Lab::new()?;
     step(
