@@ -133,6 +133,18 @@ impl Netlink {
             .with_context(|| format!("removing route {net}"))
     }
 
+    /// The largest IPv4 packet that fits in IPv4-in-IPv6 over link `index` (named `what` in
+    /// errors): its MTU − 40, at least 576.
+    pub async fn inner_mtu(&self, index: u32, what: &str) -> Result<u16> {
+        let (mtu, _) = self.mtu_and_mac(index).await?;
+        let overhead = u32::from(tunnel_common::fastpath::IPV6_HEADER_LEN);
+        let inner = u16::try_from(mtu.saturating_sub(overhead)).unwrap_or(u16::MAX);
+        if inner < 576 {
+            anyhow::bail!("{what} has MTU {mtu}: too small to carry IPv4 (needs at least 616)");
+        }
+        Ok(inner)
+    }
+
     /// Sets the MTU and brings the link up.
     pub async fn up(&self, index: u32, mtu: u32) -> Result<()> {
         self.handle

@@ -1,11 +1,13 @@
 //! Sending IPv4-in-IPv6 (next header 4) from userspace: the slow paths of the server, the
 //! MAP-E CE and the BR hand the kernel an IPv4 packet and let it add the IPv6 header.
 use std::{
-    net::{Ipv6Addr, SocketAddrV6},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV6},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::{Context as _, Result, anyhow};
+
+use crate::packet::Fit;
 
 /// A raw IPv6 socket bound to a tunnel endpoint, for sending only.
 pub struct Softwire(OwnedFd);
@@ -29,6 +31,44 @@ impl Softwire {
         .map(|_| ())
         .map_err(std::io::Error::from)
     }
+
+    /// Sends `packet` to `remote` if it fits `mtu`, else its fragments (DF clear); a DF
+    /// packet that does not fit is not sent: the ICMP fragmentation-needed (from `icmp_src`)
+    /// for its sender is returned instead.
+    pub fn send_fitted(
+        &self,
+        remote: Ipv6Addr,
+        packet: &[u8],
+        mtu: u16,
+        icmp_src: Ipv4Addr,
+    ) -> Sent {
+        match crate::packet::fit(packet, mtu, icmp_src) {
+            Fit::Whole => match self.send(remote, packet) {
+                Ok(()) => Sent::Whole,
+                Err(_) => Sent::Failed,
+            },
+            Fit::Fragments(frags) => {
+                if frags.iter().all(|f| self.send(remote, f).is_ok()) {
+                    Sent::Fragmented
+                } else {
+                    Sent::Failed
+                }
+            }
+            Fit::TooBig(icmp) => Sent::TooBig(icmp),
+            Fit::Unfragmentable => Sent::Unfragmentable,
+        }
+    }
+}
+
+/// What [`Softwire::send_fitted`] did.
+pub enum Sent {
+    Whole,
+    Fragmented,
+    /// Not sent: too big with DF; this ICMP error goes back to the sender.
+    TooBig(Vec<u8>),
+    Unfragmentable,
+    /// The socket refused (buffer full): dropped.
+    Failed,
 }
 
 /// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be

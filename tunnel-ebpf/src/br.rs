@@ -77,26 +77,7 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
         return DROP;
     }
-    if inner.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
-        return PASS;
-    }
-    match route::forward_v4(
-        &ctx,
-        inner.src(),
-        inner.dst(),
-        inner.hdr.tos,
-        cfg.tun_ifindex,
-    ) {
-        Forward::Verdict(v) => {
-            if packet::decrement_ttl(&ctx, ETH_LEN, &inner).is_err() {
-                count(Counter::DropRewriteFailed);
-                return DROP;
-            }
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => PASS,
-    }
+    route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0
 }
 
 #[classifier]

@@ -154,18 +154,5 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    if inner.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
-        return PASS;
-    }
-    match route::forward_v4(&ctx, inner.src(), lan_ip, inner.hdr.tos, cfg.tun_ifindex) {
-        Forward::Verdict(v) => {
-            if packet::decrement_ttl(&ctx, ETH_LEN, &inner).is_err() {
-                count(Counter::DropRewriteFailed);
-                return DROP;
-            }
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => PASS,
-    }
+    route::forward_unwrapped(&ctx, &inner, lan_ip, cfg.tun_ifindex).0
 }

@@ -10,6 +10,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
+use tunnel_common::stats::Counter;
+
+use crate::{
+    packet::{DROP, ETH_LEN, Ipv4Info, PASS, decrement_ttl},
+    stats::count,
+};
 
 /// The verdicts as the programs return them.
 const VERDICT_OK: i32 = TC_ACT_OK as _;
@@ -92,6 +98,28 @@ pub fn forward_v4(ctx: &TcContext, src: u32, dst: u32, tos: u8, exclude: u32) ->
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
     finish(ctx, &mut p, 0, false, exclude)
+}
+
+/// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped; header
+/// `inner`, destination `dst`) as the kernel's router would: TTL checked and decremented, FIB
+/// lookup, redirect. Routes to `exclude` (the TUN), local delivery, unresolved routes and
+/// expiring TTLs are left to the kernel. Returns the verdict and whether we redirected it.
+#[inline(always)]
+pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u32) -> (i32, bool) {
+    if inner.hdr.ttl <= 1 {
+        count(Counter::SlowPathTtl);
+        return (PASS, false);
+    }
+    match forward_v4(ctx, inner.src(), dst, inner.hdr.tos, exclude) {
+        Forward::Verdict(v) => {
+            if decrement_ttl(ctx, ETH_LEN, inner).is_err() {
+                count(Counter::DropRewriteFailed);
+                return (DROP, false);
+            }
+            (v, true)
+        }
+        Forward::NoRoute | Forward::Excluded => (PASS, false),
+    }
 }
 
 #[inline(always)]

@@ -59,29 +59,13 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         return DROP;
     };
 
-    // Forward it ourselves when the FIB has a plain route; the kernel handles the rest
-    // (local delivery, the TUN, expiring TTLs, unresolved routes).
-    if inner.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
-        return PASS;
+    // Forward it ourselves when the FIB has a plain route; the kernel handles the rest.
+    let (verdict, redirected) =
+        route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex);
+    if redirected {
+        count_n(Counter::DecapRedirected, segs);
     }
-    match route::forward_v4(
-        &ctx,
-        inner.src(),
-        inner.dst(),
-        inner.hdr.tos,
-        cfg.tun_ifindex,
-    ) {
-        Forward::Verdict(v) => {
-            if packet::decrement_ttl(&ctx, ETH_LEN, &inner).is_err() {
-                count(Counter::DropRewriteFailed);
-                return DROP;
-            }
-            count_n(Counter::DecapRedirected, segs);
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => PASS,
-    }
+    verdict
 }
 
 #[classifier]

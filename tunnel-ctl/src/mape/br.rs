@@ -14,7 +14,7 @@ use serde_json::json;
 use tracing::{info, warn};
 use tun::AsyncDevice;
 use tunnel_common::{
-    fastpath::{DEFAULT_HOP_LIMIT, IPV6_HEADER_LEN, TCP_IPV4_OVERHEAD, TunnelConfig},
+    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     mape::MapRule,
     names::{PROG_BR_DECAP, PROG_BR_ENCAP},
 };
@@ -36,8 +36,8 @@ use crate::{
     instance::Instance,
     mgmt::{self, Handler, Request, Response},
     netlink::Netlink,
-    packet::{self, Fit},
-    softwire::Softwire,
+    packet,
+    softwire::{Sent, Softwire},
     tundev,
 };
 
@@ -117,15 +117,9 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
     nl.index(&args.v4_dev)
         .await
         .with_context(|| format!("--v4-dev {}", args.v4_dev))?;
-    let (v6_mtu, _) = nl.mtu_and_mac(v6_index).await?;
-    let inner_mtu =
-        u16::try_from(v6_mtu.saturating_sub(u32::from(IPV6_HEADER_LEN))).unwrap_or(u16::MAX);
-    if inner_mtu < 576 {
-        bail!(
-            "--v6-dev {} has MTU {v6_mtu}: too small to carry IPv4 (needs 616)",
-            args.v6_dev
-        );
-    }
+    let inner_mtu = nl
+        .inner_mtu(v6_index, &format!("--v6-dev {}", args.v6_dev))
+        .await?;
 
     let tun = tundev::create(&args.tun)?;
     let tun_index = nl.index(&args.tun).await?;
@@ -253,24 +247,15 @@ async fn tun_reader(br: Arc<Br>) {
         };
         let ce = Ipv6Addr::from(mr.ce_address(u32::from(dst), psid));
         // ICMP errors come "from" the destination, like a router on its last hop.
-        match packet::fit(pkt, br.inner_mtu, dst) {
-            Fit::Whole => match br.softwire.send(ce, pkt) {
-                Ok(()) => stats.slowpath_packets.inc(),
-                Err(_) => stats.drop_send_error.inc(),
-            },
-            Fit::TooBig(icmp) => match br.tun.send(&icmp).await {
+        match br.softwire.send_fitted(ce, pkt, br.inner_mtu, dst) {
+            Sent::Whole => stats.slowpath_packets.inc(),
+            Sent::Fragmented => stats.slowpath_fragmented.inc(),
+            Sent::TooBig(icmp) => match br.tun.send(&icmp).await {
                 Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
                 Err(_) => stats.drop_tun_write_error.inc(),
             },
-            Fit::Fragments(frags) => {
-                stats.slowpath_fragmented.inc();
-                for f in frags {
-                    if br.softwire.send(ce, &f).is_err() {
-                        stats.drop_send_error.inc();
-                    }
-                }
-            }
-            Fit::Unfragmentable => stats.drop_unfragmentable.inc(),
+            Sent::Unfragmentable => stats.drop_unfragmentable.inc(),
+            Sent::Failed => stats.drop_send_error.inc(),
         }
     }
 }

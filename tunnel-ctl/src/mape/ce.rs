@@ -6,19 +6,19 @@
 //! from the internet), expiry of idle mappings, and the management commands (`nat`,
 //! `forward`, `stats`, `status`).
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use aya::Ebpf;
 use ipnet::Ipv4Net;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 use tunnel_common::{
-    fastpath::{DEFAULT_HOP_LIMIT, IPV6_HEADER_LEN, TCP_IPV4_OVERHEAD, TunnelConfig},
+    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     mape::{NAT_FIN_RST, NAT_SEEN, NatIn, NatOut},
     names::{PROG_CE_IN, PROG_CE_OUT},
 };
@@ -42,8 +42,8 @@ use crate::{
     instance::Instance,
     mgmt::{self, Handler, Request, Response},
     netlink::Netlink,
-    packet::{self, Fit},
-    softwire::Softwire,
+    packet,
+    softwire::{Sent, Softwire},
     tundev,
 };
 
@@ -322,15 +322,9 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
     nl.index(&args.lan)
         .await
         .with_context(|| format!("--lan {}", args.lan))?;
-    let (wan_mtu, _) = nl.mtu_and_mac(wan_index).await?;
-    let inner_mtu =
-        u16::try_from(wan_mtu.saturating_sub(u32::from(IPV6_HEADER_LEN))).unwrap_or(u16::MAX);
-    if inner_mtu < 576 {
-        bail!(
-            "--wan {} has MTU {wan_mtu}: too small to carry IPv4 (needs 616)",
-            args.wan
-        );
-    }
+    let inner_mtu = nl
+        .inner_mtu(wan_index, &format!("--wan {}", args.wan))
+        .await?;
     let mss = inner_mtu - TCP_IPV4_OVERHEAD;
 
     let tun = tundev::create(&args.tun)?;
@@ -517,21 +511,15 @@ async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
         return;
     }
     translate::translate_out(pkt, ce.mapping.ipv4, entry.ext_port, ce.mss);
-    let src = Ipv4Addr::UNSPECIFIED;
-    match packet::fit(pkt, ce.inner_mtu, src) {
-        Fit::Whole => match ce.softwire.send(ce.br, pkt) {
-            Ok(()) => stats.slowpath_out_packets.inc(),
-            Err(_) => stats.drop_send_error.inc(),
-        },
-        Fit::Fragments(frags) => {
-            stats.slowpath_fragmented.inc();
-            for f in frags {
-                if ce.softwire.send(ce.br, &f).is_err() {
-                    stats.drop_send_error.inc();
-                }
-            }
-        }
-        Fit::TooBig(_) | Fit::Unfragmentable => stats.drop_unfragmentable.inc(),
+    // DF packets that are too big were answered above; the rest fits or is fragmented.
+    match ce
+        .softwire
+        .send_fitted(ce.br, pkt, ce.inner_mtu, *flow.remote.ip())
+    {
+        Sent::Whole => stats.slowpath_out_packets.inc(),
+        Sent::Fragmented => stats.slowpath_fragmented.inc(),
+        Sent::TooBig(_) | Sent::Unfragmentable => stats.drop_unfragmentable.inc(),
+        Sent::Failed => stats.drop_send_error.inc(),
     }
 }
 

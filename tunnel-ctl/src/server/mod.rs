@@ -29,6 +29,7 @@ use crate::{
     packet,
     pool::Pool,
     protocol::text::three_dns,
+    softwire::Sent,
     tundev,
 };
 
@@ -458,23 +459,14 @@ async fn slow_path_to_native(server: &Server, client: Ipv6Addr, pkt: &[u8]) {
         return;
     };
     let stats = &server.stats;
-    match packet::fit(pkt, native.inner_mtu, server.gateway) {
-        packet::Fit::Whole => match native.send_encapsulated(client, pkt) {
-            Ok(()) => stats.slowpath_native_packets.inc(),
-            Err(_) => stats.drop_slowpath_send_error.inc(),
-        },
-        packet::Fit::TooBig(icmp) => match server.tun.send(&icmp).await {
+    match native.send_fitted(client, pkt, server.gateway) {
+        Sent::Whole => stats.slowpath_native_packets.inc(),
+        Sent::Fragmented => stats.slowpath_fragmented.inc(),
+        Sent::TooBig(icmp) => match server.tun.send(&icmp).await {
             Ok(_) => stats.slowpath_icmp_frag_needed.inc(),
             Err(_) => stats.drop_tun_write_error.inc(),
         },
-        packet::Fit::Fragments(frags) => {
-            stats.slowpath_fragmented.inc();
-            for f in frags {
-                if native.send_encapsulated(client, &f).is_err() {
-                    stats.drop_slowpath_send_error.inc();
-                }
-            }
-        }
-        packet::Fit::Unfragmentable => stats.drop_slowpath_unfragmentable.inc(),
+        Sent::Unfragmentable => stats.drop_slowpath_unfragmentable.inc(),
+        Sent::Failed => stats.drop_slowpath_send_error.inc(),
     }
 }

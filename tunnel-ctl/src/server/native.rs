@@ -11,11 +11,11 @@ use std::{
     sync::Mutex,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use tracing::{info, warn};
 use tunnel_common::{
-    fastpath::{DEFAULT_HOP_LIMIT, IPV6_HEADER_LEN, TCP_IPV4_OVERHEAD, TunnelConfig},
+    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     names::{PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
 };
 
@@ -27,7 +27,7 @@ use crate::{
         tc::{self, Direction},
     },
     netlink::Netlink,
-    softwire::Softwire,
+    softwire::{Sent, Softwire},
 };
 
 /// What the server needs to run native mode.
@@ -61,15 +61,9 @@ impl Native {
         nl.index(args.v4_dev)
             .await
             .with_context(|| format!("--v4-dev {}", args.v4_dev))?;
-        let (v6_mtu, _) = nl.mtu_and_mac(v6_index).await?;
-        let inner_mtu =
-            u16::try_from(v6_mtu.saturating_sub(u32::from(IPV6_HEADER_LEN))).unwrap_or(u16::MAX);
-        if inner_mtu < 576 {
-            bail!(
-                "--v6-dev {} has MTU {v6_mtu}: too small to carry IPv4 (needs at least 616)",
-                args.v6_dev
-            );
-        }
+        let inner_mtu = nl
+            .inner_mtu(v6_index, &format!("--v6-dev {}", args.v6_dev))
+            .await?;
         let mut ebpf = dataplane::load(&args.pin_dir)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let previous = maps.config()?;
@@ -154,9 +148,11 @@ impl Native {
         dataplane::stats::read(&ebpf)
     }
 
-    /// Sends an IPv4 packet to a native client as IPv4-in-IPv6 from the tunnel address.
-    pub fn send_encapsulated(&self, client: Ipv6Addr, packet: &[u8]) -> std::io::Result<()> {
-        self.raw.send(client, packet)
+    /// Sends an IPv4 packet to a native client as IPv4-in-IPv6 from the tunnel address,
+    /// fragmented or answered with ICMP from `icmp_src` when it does not fit.
+    pub fn send_fitted(&self, client: Ipv6Addr, packet: &[u8], icmp_src: Ipv4Addr) -> Sent {
+        self.raw
+            .send_fitted(client, packet, self.inner_mtu, icmp_src)
     }
 
     /// Clean shutdown: detach (by removing the link pins) and drop the maps.
