@@ -167,6 +167,58 @@ fn mape_calc_reproduces_rfc7597_example_1_as_json() -> Result<()> {
     Ok(())
 }
 
+/// RFC 7597 Appendix A, example 5: a full IPv4 address shared by explicit port parameters.
+#[test]
+fn mape_calc_reproduces_rfc7597_example_5_with_explicit_psid() -> Result<()> {
+    let (code, stdout, stderr) = run(&[
+        "mape",
+        "calc",
+        "--rule-ipv6",
+        "2001:db8:12:3400::/56",
+        "--rule-ipv4",
+        "192.0.2.1/32",
+        "--ea-len",
+        "0",
+        "--psid",
+        "0x34",
+        "--psid-len",
+        "8",
+        "--prefix",
+        "2001:db8:12:3400::/56",
+        "--json",
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(v["ipv4"], "192.0.2.1");
+    assert_eq!(
+        (v["psid"].as_u64(), v["psid_len"].as_u64()),
+        (Some(0x34), Some(8))
+    );
+    assert_eq!(v["port_count"], 252);
+    assert_eq!(v["port_ranges"][1], serde_json::json!([2256, 2259]));
+    assert_eq!(v["ce_ipv6"], "2001:db8:12:3400:0:c000:201:34");
+    // The PSID needs its length, and an EA-carried PSID cannot be overridden.
+    let (code, _, stderr) = run(&[
+        "mape",
+        "calc",
+        "--rule-ipv6",
+        "2001:db8::/40",
+        "--rule-ipv4",
+        "192.0.2.0/24",
+        "--ea-len",
+        "16",
+        "--psid",
+        "0x34",
+        "--psid-len",
+        "8",
+        "--prefix",
+        "2001:db8:12:3400::/56",
+    ])?;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("already carry a 8-bit PSID"), "{stderr}");
+    Ok(())
+}
+
 #[test]
 fn mape_calc_says_when_no_rule_covers_the_prefix() -> Result<()> {
     let (code, _, stderr) = run(&[

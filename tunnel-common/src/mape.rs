@@ -75,12 +75,15 @@ impl MapRule {
 
 /// The PSID (length `k`, offset `a`) that owns `port`: with m = 16 − a − k the port is
 /// `j << (16 − a) | psid << m | i`. None when a > 0 and j = 0 (the ports below 2^(16−a) belong
-/// to no CE) or when a + k > 16.
+/// to no CE) or when a + k > 16. With k = 0 nothing is shared: every port is PSID 0's.
 #[inline(always)]
 pub fn psid_of(a: u8, k: u8, port: u16) -> Option<u16> {
     let (a, k, port) = (a as u32, k as u32, port as u32);
     if a + k > 16 {
         return None;
+    }
+    if k == 0 {
+        return Some(0);
     }
     if a > 0 && port >> (16 - a) == 0 {
         return None;

@@ -268,7 +268,10 @@ pub enum MapeCommand {
   tunnel-ctl mape calc --profile v6plus --prefix 240b:10:abcd:ef00::/56 --json
   # any rule: RFC 7597 Appendix A, example 1
   tunnel-ctl mape calc --rule-ipv6 2001:db8::/40 --rule-ipv4 192.0.2.0/24 --ea-len 16 \\
-      --psid-offset 6 --prefix 2001:db8:12:3400::/56")]
+      --psid-offset 6 --prefix 2001:db8:12:3400::/56
+  # no EA bits, a full IPv4 address shared by explicit PSID (Appendix A, example 5)
+  tunnel-ctl mape calc --rule-ipv6 2001:db8:12:3400::/56 --rule-ipv4 192.0.2.1/32 \\
+      --ea-len 0 --psid 0x34 --psid-len 8 --prefix 2001:db8:12:3400::/56")]
     Calc(MapeCalcArgs),
 
     /// Daemon: a MAP-E CE. NAPT of the LAN into the line's shared IPv4 address and port set,
@@ -328,6 +331,16 @@ pub struct RuleArgs {
     /// Custom rule: PSID offset a (default 6).
     #[arg(long, value_name = "A")]
     pub psid_offset: Option<u8>,
+
+    /// Custom rule with explicit port parameters (RFC 7598 S46_PORTPARAMS): the PSID,
+    /// decimal or 0x-hex. Only for a rule whose EA bits hold no PSID (a full IPv4 address
+    /// shared by port set); needs --psid-len.
+    #[arg(long, value_name = "PSID", value_parser = parse_u16_any_radix, requires = "psid_len")]
+    pub psid: Option<u16>,
+
+    /// Custom rule with explicit port parameters: the PSID length k (1-16); needs --psid.
+    #[arg(long, value_name = "K", requires = "psid")]
+    pub psid_len: Option<u8>,
 
     /// Custom rule: the BR's IPv6 address.
     #[arg(long, value_name = "IPV6")]
@@ -504,6 +517,16 @@ pub struct ClientArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+}
+
+/// A number in decimal or with a `0x` prefix in hex (PSIDs are usually written in hex).
+fn parse_u16_any_radix(s: &str) -> Result<u16, String> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e} (write decimal or 0x-hex, 0-65535)"))
 }
 
 #[cfg(test)]

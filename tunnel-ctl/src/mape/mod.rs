@@ -17,6 +17,9 @@ use table::{TCP, UDP};
 
 /// `tunnel-ctl mape calc` (and the CE's own mapping).
 pub fn calc(args: &RuleArgs) -> Result<Mapping> {
+    if args.profile.is_some() && args.psid.is_some() {
+        bail!("--psid/--psid-len go with a custom rule, not a profile");
+    }
     let mapping = match (&args.profile, &args.rule_ipv6, &args.rule_ipv4, args.ea_len) {
         (Some(name), None, None, None) => profiles::Profile::by_name(name)
             .ok_or_else(|| {
@@ -33,6 +36,10 @@ pub fn calc(args: &RuleArgs) -> Result<Mapping> {
             psid_offset: args.psid_offset.unwrap_or(6),
             br: args.br,
             interface_id: args.interface_id.unwrap_or(InterfaceId::Rfc7597),
+            port_params: args
+                .psid
+                .zip(args.psid_len)
+                .map(|(psid, psid_len)| rule::PortParams { psid, psid_len }),
         }
         .map(&args.prefix),
         (Some(_), ..) => bail!("give either --profile or the rule flags, not both"),

@@ -63,6 +63,7 @@ impl Profile {
                 psid_offset: self.psid_offset,
                 br: Some(self.br.parse::<Ipv6Addr>().expect("valid profile table")),
                 interface_id: self.interface_id,
+                port_params: None,
             })
             .collect()
     }

@@ -28,6 +28,17 @@ pub struct Rule {
     pub psid_offset: u8,
     pub br: Option<Ipv6Addr>,
     pub interface_id: InterfaceId,
+    /// Port parameters given outright (RFC 7597 §5.1 / RFC 7598 S46_PORTPARAMS) instead of
+    /// carried in the EA bits: a full IPv4 address (EA bits = IPv4 suffix bits only) shared
+    /// by PSID.
+    pub port_params: Option<PortParams>,
+}
+
+/// An explicit PSID and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortParams {
+    pub psid: u16,
+    pub psid_len: u8,
 }
 
 /// The result of applying a rule to an end-user prefix.
@@ -51,15 +62,14 @@ pub struct Mapping {
 impl Mapping {
     /// The text form of `mape calc`: one fact per line, port ranges as `first-last`.
     pub fn describe(&self) -> String {
+        let ports = if self.psid_len == 0 {
+            "all 65536 (the address is not shared)".to_string()
+        } else {
+            format!("{} in {} blocks", self.port_count, self.port_ranges.len())
+        };
         let mut out = format!(
-            "ipv4         {}\npsid         {} (length {}, offset {})\nports        {} in {} blocks\nce_ipv6      {}\n",
-            self.ipv4,
-            self.psid,
-            self.psid_len,
-            self.psid_offset,
-            self.port_count,
-            self.port_ranges.len(),
-            self.ce_ipv6
+            "ipv4         {}\npsid         {} (length {}, offset {})\nports        {ports}\nce_ipv6      {}\n",
+            self.ipv4, self.psid, self.psid_len, self.psid_offset, self.ce_ipv6
         );
         if let Some(br) = self.br {
             out += &format!("br           {br}\n");
@@ -95,7 +105,26 @@ impl Rule {
                 self.ea_len, self.ipv4
             ));
         }
-        let k = self.ea_len - q;
+        let mut k = self.ea_len - q;
+        if let Some(pp) = self.port_params {
+            if k != 0 {
+                return Err(format!(
+                    "the EA bits already carry a {k}-bit PSID ({} EA bits, {q} IPv4 suffix \
+                     bits); an explicit PSID only goes with a rule whose EA bits hold no PSID",
+                    self.ea_len
+                ));
+            }
+            if pp.psid_len == 0 || pp.psid_len > 16 {
+                return Err(format!("PSID length {} is out of range 1-16", pp.psid_len));
+            }
+            if u32::from(pp.psid) >> pp.psid_len != 0 {
+                return Err(format!(
+                    "PSID {:#x} does not fit in {} bits",
+                    pp.psid, pp.psid_len
+                ));
+            }
+            k = pp.psid_len;
+        }
         if k > 16 || u32::from(self.psid_offset) + u32::from(k) > 16 {
             return Err(format!(
                 "PSID offset {} + PSID length {k} exceed the 16 port bits",
@@ -137,9 +166,12 @@ impl Rule {
             (bits >> (128 - r6 - o)) & ((1u128 << o) - 1)
         } as u64;
         let q = 32 - u32::from(self.ipv4.prefix_len());
-        let k = o - q;
-        let suffix = (ea >> k) as u32;
-        let psid = (ea & ((1u64 << k) - 1)) as u16;
+        let ea_psid_len = o - q;
+        let suffix = (ea >> ea_psid_len) as u32;
+        let (psid, k) = match self.port_params {
+            Some(pp) => (pp.psid, u32::from(pp.psid_len)),
+            None => ((ea & ((1u64 << ea_psid_len) - 1)) as u16, ea_psid_len),
+        };
         let ipv4 = Ipv4Addr::from(u32::from(self.ipv4.network()) | suffix);
         let (port_ranges, port_count) = port_set(self.psid_offset, k as u8, psid);
         Ok(Mapping {
@@ -160,8 +192,12 @@ impl Rule {
 
 /// The ports of PSID `psid` (length `k`, offset `a`), as inclusive ranges: with
 /// m = 16 − a − k, `(j << (16−a)) | (psid << m) | i` for j = 1 … 2^a−1 (j = 0 when a = 0)
-/// and i = 0 … 2^m−1 (SPEC §6, RFC 7597 §5.1).
+/// and i = 0 … 2^m−1 (SPEC §6, RFC 7597 §5.1). With k = 0 the address is not shared and
+/// every port is the CE's (RFC 7597 Appendix A, example 4: the PSID offset does not apply).
 pub fn port_set(a: u8, k: u8, psid: u16) -> (Vec<[u16; 2]>, u32) {
+    if k == 0 {
+        return (vec![[0, u16::MAX]], 1 << 16);
+    }
     let m = 16 - u32::from(a) - u32::from(k);
     let blocks: Vec<u32> = if a == 0 {
         vec![0]
@@ -244,6 +280,7 @@ impl RuleSpec {
             psid_offset: self.psid_offset,
             br: None,
             interface_id,
+            port_params: None,
         }
     }
 }
@@ -276,6 +313,7 @@ mod tests {
             psid_offset: 6,
             br: None,
             interface_id: InterfaceId::Rfc7597,
+            port_params: None,
         }
     }
 
@@ -298,6 +336,103 @@ mod tests {
         assert_eq!(m.port_ranges.len(), 63);
         assert_eq!(m.port_ranges[0], [1232, 1235]);
         assert_eq!(m.port_ranges[62], [64720, 64723]);
+    }
+
+    /// RFC 7597 Appendix A, examples 4 and 5 share this rule: the end-user prefix is the rule
+    /// prefix, no EA bits, a /32 rule IPv4 prefix.
+    fn no_ea_rule(port_params: Option<PortParams>) -> Rule {
+        Rule {
+            ipv6: "2001:db8:12:3400::/56".parse().unwrap(),
+            ipv4: "192.0.2.1/32".parse().unwrap(),
+            ea_len: 0,
+            psid_offset: 6,
+            br: None,
+            interface_id: InterfaceId::Rfc7597,
+            port_params,
+        }
+    }
+
+    /// Example 4: no embedded address bits and no address sharing. PSID length 0: the CE has
+    /// the whole of 192.0.2.1, every port, and CE address 2001:db8:12:3400:0:c000:201:0.
+    #[test]
+    fn rfc7597_example_4() {
+        let prefix: Ipv6Net = "2001:db8:12:3400::/56".parse().unwrap();
+        let m = no_ea_rule(None).map(&prefix).unwrap();
+        assert_eq!(m.ipv4, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!((m.psid, m.psid_len), (0, 0));
+        assert_eq!(m.port_ranges, vec![[0, 65535]]);
+        assert_eq!(m.port_count, 65536);
+        assert_eq!(
+            m.ce_ipv6,
+            "2001:db8:12:3400:0:c000:201:0".parse::<Ipv6Addr>().unwrap()
+        );
+        // The BR side agrees: every port is the CE's.
+        let mr = no_ea_rule(None).to_map_rule();
+        assert_eq!(mr.psid_of(80), Some(0));
+        assert_eq!(
+            Ipv6Addr::from(mr.ce_address(u32::from(m.ipv4), 0)),
+            m.ce_ipv6
+        );
+    }
+
+    /// Example 5: no embedded address bits, address sharing by port parameters PSID 0x34 of
+    /// length 8 (offset 6): ports 1232-1235, 2256-2259, … 64720-64723; CE address
+    /// 2001:db8:12:3400:0:c000:201:34.
+    #[test]
+    fn rfc7597_example_5() {
+        let pp = PortParams {
+            psid: 0x34,
+            psid_len: 8,
+        };
+        let m = no_ea_rule(Some(pp))
+            .map(&"2001:db8:12:3400::/56".parse().unwrap())
+            .unwrap();
+        assert_eq!(m.ipv4, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!((m.psid, m.psid_len, m.psid_offset), (0x34, 8, 6));
+        assert_eq!(m.port_count, 252);
+        let expected: Vec<[u16; 2]> = (1u16..64)
+            .map(|j| {
+                let first = (j << 10) | (0x34 << 2);
+                [first, first + 3]
+            })
+            .collect();
+        assert_eq!(m.port_ranges, expected);
+        assert_eq!(m.port_ranges[0], [1232, 1235]);
+        assert_eq!(m.port_ranges[1], [2256, 2259]);
+        assert_eq!(m.port_ranges[62], [64720, 64723]);
+        assert_eq!(
+            m.ce_ipv6,
+            "2001:db8:12:3400:0:c000:201:34"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn explicit_psid_is_checked() {
+        let too_wide = PortParams {
+            psid: 0x134,
+            psid_len: 8,
+        };
+        let err = no_ea_rule(Some(too_wide)).validate().unwrap_err();
+        assert!(err.contains("does not fit in 8 bits"), "{err}");
+        let zero = PortParams {
+            psid: 0,
+            psid_len: 0,
+        };
+        assert!(
+            no_ea_rule(Some(zero))
+                .validate()
+                .unwrap_err()
+                .contains("1-16")
+        );
+        let mut both = rfc_rule();
+        both.port_params = Some(PortParams {
+            psid: 1,
+            psid_len: 4,
+        });
+        let err = both.validate().unwrap_err();
+        assert!(err.contains("already carry a 8-bit PSID"), "{err}");
     }
 
     /// The BR's per-packet arithmetic (tunnel-common, also run by eBPF) agrees with the

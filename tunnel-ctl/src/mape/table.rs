@@ -152,6 +152,8 @@ impl Table {
                 }
             }
         }
+        // Port 0 is in the set when nothing is shared (k = 0) or a = 0; it is never usable.
+        order.retain(|&p| p != 0);
         Table {
             order,
             ranges: ranges.to_vec(),
