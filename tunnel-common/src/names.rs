@@ -41,6 +41,9 @@ pub const PROG_CE_IN: &str = "ce_in";
 pub const PROG_BR_DECAP: &str = "br_decap";
 /// MAP-E BR, ingress of the IPv4 side: compute the CE address, encapsulate.
 pub const PROG_BR_ENCAP: &str = "br_encap";
+/// A TC program that does nothing: the baseline of `cargo xtask bench`'s per-packet cost.
+/// Never attached.
+pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 
 /// Every map the controller expects to find in the object.
 pub const ALL_MAPS: &[&str] = &[
@@ -64,4 +67,5 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_CE_IN,
     PROG_BR_DECAP,
     PROG_BR_ENCAP,
+    PROG_BENCH_EMPTY,
 ];

@@ -45,6 +45,17 @@ enum Cmd {
     },
     /// Build, create a throwaway namespace lab, show the tunnel working, remove everything.
     Demo,
+    /// Throughput, eBPF per-packet cost and control-plane scale, each as a ratio against a
+    /// baseline measured in the same run; writes target/bench/report.json and report.md.
+    /// Needs root. About 6-8 minutes; --quick (CI) under 2.
+    Bench {
+        /// Short runs (one round, 1 s each, 1,000 sessions): checks the bench works.
+        #[arg(long)]
+        quick: bool,
+        /// Only one part: throughput, ebpf or control.
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
+    },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
 }
@@ -59,6 +70,9 @@ fn main() -> ExitCode {
         }
         Cmd::Test { args } => setup::run(setup::Mode::Quiet).and_then(|()| test(&args)),
         Cmd::Demo => setup::run(setup::Mode::Quiet).and_then(|()| demo::run()),
+        Cmd::Bench { quick, only } => {
+            setup::run(setup::Mode::Quiet).and_then(|()| bench(quick, only.as_deref()))
+        }
         Cmd::Lint => setup::run(setup::Mode::Quiet).and_then(|()| lint()),
     };
     match result {
@@ -137,6 +151,29 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--exclude", "tunnel-ebpf"])
         .args(args)
         .env("TUNNEL_CTL", bin))
+}
+
+/// Builds a release tunnel-ctl (what is measured) and runs the bench target with it.
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+    require_root("cargo xtask bench")?;
+    let bin = build_bin(true)?;
+    let mut cmd = cargo();
+    cmd.args([
+        "bench",
+        "--package",
+        "tunnel-tests",
+        "--bench",
+        "bench",
+        "--",
+    ])
+    .env("TUNNEL_CTL", bin);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(part) = only {
+        cmd.args(["--only", part]);
+    }
+    run(&mut cmd)
 }
 
 fn lint() -> Result<()> {

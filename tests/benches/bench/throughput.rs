@@ -1,0 +1,280 @@
+//! Throughput on the test topologies, baseline and candidates back to back in every round.
+//!
+//! 4over6: one client namespace runs the native client and also has a plain IPv4 route to a
+//! second address of the internet host (192.0.2.3) over the same veths, core router and
+//! server (plain forwarding: the baseline); a second client namespace runs an in-band client.
+//! MAP-E: the LAN host reaches 192.0.2.2 through CE + BR, and 192.0.2.3 by plain routing over
+//! the same CE–BR veth with nftables masquerade on the CE (what a seed-003 user runs, minus
+//! the kernel tunnel this machine does not have).
+use std::process::{Child, Stdio};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::Value;
+use tunnel_tests::{
+    Ns, counter,
+    fourover6::FourOverSix,
+    mape::{MapeLab, RULE_252},
+    wait_for,
+};
+
+use crate::{
+    Plan,
+    report::{Report, Target},
+};
+
+/// The internet host's second address, reached without any tunnel.
+const PLAIN_DST: &str = "192.0.2.3";
+const TUNNEL_DST: &str = "192.0.2.2";
+
+/// A background process killed on drop.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// iperf3 server in `ns`, waited for until it listens.
+fn iperf_server(ns: &Ns) -> Result<Bg> {
+    let child = ns
+        .command("iperf3")
+        .args(["-s", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    let bg = Bg(child);
+    wait_for(
+        "iperf3 to listen",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(ns
+                .run(&["ss", "-Hltn", "sport = :5201"])?
+                .contains("5201")
+                .then_some(()))
+        },
+    )?;
+    Ok(bg)
+}
+
+/// Runs iperf3 in `ns` toward `dst` with `extra` flags; returns its JSON `end` object.
+fn iperf(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<Value> {
+    let secs = seconds.to_string();
+    let limit = (seconds + 20).to_string();
+    let mut argv = vec![
+        "timeout",
+        &limit,
+        "iperf3",
+        "-c",
+        dst,
+        "-p",
+        "5201",
+        "-t",
+        &secs,
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    argv.extend_from_slice(extra);
+    let out = ns.output(&argv)?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 {argv:?} printed no JSON"))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 to {dst} from {}: {e}", ns.name);
+    }
+    Ok(v["end"].clone())
+}
+
+/// Single-stream TCP, Gbit/s received.
+fn tcp_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    let end = iperf(ns, dst, seconds, &[])?;
+    end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| anyhow!("no sum_received in {end}"))
+}
+
+/// UDP with 64-byte payloads at full speed, thousands of packets per second received.
+fn udp_kpps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    let end = iperf(ns, dst, seconds, &["-u", "-b", "0", "-l", "64"])?;
+    let r = &end["sum_received"];
+    let (bytes, secs) = (r["bytes"].as_f64(), r["seconds"].as_f64());
+    match (bytes, secs) {
+        (Some(b), Some(s)) if s > 0.0 => Ok(b / 64.0 / s / 1e3),
+        _ => Err(anyhow!("no sum_received in {end}")),
+    }
+}
+
+pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
+    fourover6(plan, report).context("4over6 throughput")?;
+    mape(plan, report).context("MAP-E throughput")?;
+    Ok(())
+}
+
+/// Adds the plain-routing path client → core → server → internet (192.0.2.3) next to the
+/// tunnel, on the same namespaces and veths.
+fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<()> {
+    client.ip("addr add 203.0.113.2/30 dev v6")?;
+    t.core.ip("addr add 203.0.113.1/30 dev c1")?;
+    t.core.ip("addr add 203.0.113.5/30 dev srv")?;
+    t.server.ip("addr add 203.0.113.6/30 dev up6")?;
+    t.core.sysctl("net.ipv4.ip_forward", "1")?;
+    t.core.ip("route add 192.0.2.0/24 via 203.0.113.6")?;
+    t.server.ip("route add 203.0.113.0/30 via 203.0.113.5")?;
+    t.internet
+        .ip(&format!("addr add {PLAIN_DST}/24 dev eth0"))?;
+    // Replies leave from the address the client talks to (UDP sockets are connected).
+    t.internet.ip(&format!(
+        "route add 203.0.113.0/30 via 192.0.2.1 src {PLAIN_DST}"
+    ))?;
+    client.ip(&format!(
+        "route add {PLAIN_DST}/32 via 203.0.113.1 src 203.0.113.2"
+    ))?;
+    if client.ping(PLAIN_DST, 2)? == 0 {
+        bail!("the plain-routing baseline path does not answer pings");
+    }
+    Ok(())
+}
+
+fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
+    let mut t = FourOverSix::start_native(&[
+        "--pool",
+        "198.51.100.2-198.51.100.20",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+    ])?;
+    let native = t.client_ns()?;
+    t.start_native_client(&native, &[])?;
+    let inband = t.client_ns()?;
+    t.start_client(&inband, &[])?;
+    plain_route_4over6(&t, &native)?;
+    let _server = iperf_server(&t.internet)?;
+    let s = plan.seconds;
+    let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
+    let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
+    let before = t.server_stats()?;
+    for round in 1..=plan.rounds {
+        eprintln!("  4over6 round {round}/{}", plan.rounds);
+        plain_tcp.push(tcp_gbps(&native, PLAIN_DST, s)?);
+        native_tcp.push(tcp_gbps(&native, TUNNEL_DST, s)?);
+        inband_tcp.push(tcp_gbps(&inband, TUNNEL_DST, s)?);
+        plain_udp.push(udp_kpps(&native, PLAIN_DST, s)?);
+        native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
+        inband_udp.push(udp_kpps(&inband, TUNNEL_DST, s)?);
+    }
+    let after = t.server_stats()?;
+    let decap =
+        counter(&after, "fastpath_decap_packets") - counter(&before, "fastpath_decap_packets");
+    let encap =
+        counter(&after, "fastpath_encap_packets") - counter(&before, "fastpath_encap_packets");
+    report.note(format!(
+        "4over6 runs: the server's eBPF counted {decap} decapsulated and {encap} encapsulated \
+         packets (GSO segments) for the native client, so the native figures are the fast path."
+    ));
+
+    let sec = "throughput";
+    let p_tcp = report.figure(sec, "plain IPv4 routing, TCP", "Gbit/s", plain_tcp);
+    let n_tcp = report.figure(sec, "4over6 native fast path, TCP", "Gbit/s", native_tcp);
+    let i_tcp = report.figure(sec, "4over6 in-band TUN, TCP", "Gbit/s", inband_tcp);
+    let p_udp = report.figure(sec, "plain IPv4 routing, UDP 64 B", "kpps", plain_udp);
+    let n_udp = report.figure(sec, "4over6 native fast path, UDP 64 B", "kpps", native_udp);
+    report.figure(sec, "4over6 in-band TUN, UDP 64 B", "kpps", inband_udp);
+    report.target(Target {
+        name: "fast path TCP / plain routing".into(),
+        value: n_tcp / p_tcp,
+        unit: "x",
+        op: ">=",
+        threshold: 0.90,
+        against: "plain IPv4 routing, same veths".into(),
+        note: String::new(),
+    });
+    report.target(Target {
+        name: "fast path UDP 64 B pps / plain routing".into(),
+        value: n_udp / p_udp,
+        unit: "x",
+        op: ">=",
+        threshold: 0.85,
+        against: "plain IPv4 routing, same veths".into(),
+        note: String::new(),
+    });
+    report.target(Target {
+        name: "fast path TCP / in-band TUN".into(),
+        value: n_tcp / i_tcp,
+        unit: "x",
+        op: ">=",
+        threshold: 5.0,
+        against: "in-band 102/103 over the TCP session".into(),
+        note: String::new(),
+    });
+    Ok(())
+}
+
+/// Plain routing with nftables masquerade LAN → CE → BR → 192.0.2.3, next to MAP-E on the
+/// same veths. The CE–BR link gets 192.0.2.252/30 (the internet host routes it via the BR);
+/// nothing there is in the rule's 203.0.113.0/24, so the BR's programs leave it alone.
+fn plain_route_mape(m: &MapeLab) -> Result<()> {
+    m.ce.ip("addr add 192.0.2.254/30 dev wan0")?;
+    m.br.ip("addr add 192.0.2.253/30 dev ce0")?;
+    m.ce.ip(&format!("route add {PLAIN_DST}/32 via 192.0.2.253"))?;
+    m.internet
+        .ip(&format!("addr add {PLAIN_DST}/24 dev eth0"))?;
+    m.internet.ip(&format!(
+        "route add 192.0.2.252/30 via 192.0.2.1 src {PLAIN_DST}"
+    ))?;
+    let rules = m.lab.dir().join("masquerade.nft");
+    std::fs::write(
+        &rules,
+        "table ip bench_masq {\n  chain post {\n    type nat hook postrouting priority srcnat;\n    \
+         oifname \"wan0\" ip daddr 192.0.2.3 masquerade\n  }\n}\n",
+    )?;
+    m.ce.run(&["nft", "-f", &rules.display().to_string()])?;
+    if m.lan.ping(PLAIN_DST, 2)? == 0 {
+        bail!("the masquerade baseline path does not answer pings");
+    }
+    Ok(())
+}
+
+fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
+    let m = MapeLab::start(&RULE_252, &[])?;
+    plain_route_mape(&m)?;
+    let _server = iperf_server(&m.internet)?;
+    let s = plan.seconds;
+    let (mut masq, mut mape) = (vec![], vec![]);
+    let before = m.ce_stats()?;
+    for round in 1..=plan.rounds {
+        eprintln!("  MAP-E round {round}/{}", plan.rounds);
+        masq.push(tcp_gbps(&m.lan, PLAIN_DST, s)?);
+        mape.push(tcp_gbps(&m.lan, TUNNEL_DST, s)?);
+    }
+    let after = m.ce_stats()?;
+    let out =
+        counter(&after, "mape_ce_napt_out_packets") - counter(&before, "mape_ce_napt_out_packets");
+    let slow = counter(&after, "slowpath_out_packets")
+        .saturating_sub(counter(&before, "slowpath_out_packets"));
+    report.note(format!(
+        "MAP-E runs: the CE's eBPF NAPT counted {out} outbound packets; {slow} went through \
+         the slow path (first packets of flows)."
+    ));
+    let sec = "throughput";
+    let masq = report.figure(
+        sec,
+        "plain routing + nftables masquerade, TCP",
+        "Gbit/s",
+        masq,
+    );
+    let mape = report.figure(sec, "MAP-E CE + BR (eBPF), TCP", "Gbit/s", mape);
+    report.target(Target {
+        name: "MAP-E CE+BR TCP / masquerade routing".into(),
+        value: mape / masq,
+        unit: "x",
+        op: ">=",
+        threshold: 0.90,
+        against: "plain routing with nftables masquerade, same veths".into(),
+        note: String::new(),
+    });
+    Ok(())
+}
