@@ -193,6 +193,7 @@ impl Handler for Server {
 pub async fn run(args: ServerArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
     mgmt::ensure_not_running(&instance)?;
+    raise_fd_limit(args.max_sessions);
     let pool = Pool::new(&args.pool, &[args.gateway], args.hold)
         .map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
     let dns = match args.dns.as_slice() {
@@ -468,5 +469,38 @@ async fn slow_path_to_native(server: &Server, client: Ipv6Addr, pkt: &[u8]) {
         },
         Sent::Unfragmentable => stats.drop_slowpath_unfragmentable.inc(),
         Sent::Failed => stats.drop_slowpath_send_error.inc(),
+    }
+}
+
+/// One socket per session: raise the soft open-files limit to the hard one (the usual 1,024
+/// would cap a concentrator near 1,000 clients), and say so when even that is below what
+/// `--max-sessions` needs.
+fn raise_fd_limit(max_sessions: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let needed = max_sessions as u64 + 64;
+    if lim.rlim_cur < needed {
+        warn!(
+            "open-files limit {} is below --max-sessions {max_sessions} + 64: sessions beyond it \
+             will fail to be accepted (raise LimitNOFILE= or ulimit -n)",
+            lim.rlim_cur
+        );
     }
 }
