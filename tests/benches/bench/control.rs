@@ -377,7 +377,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 5000.0,
         against: "absolute".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "server RSS per idle session".into(),
@@ -386,7 +385,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         op: "<=",
         threshold: 8.0,
         against: "absolute".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "keepalive CPU at steady state".into(),
@@ -395,7 +393,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         op: "<=",
         threshold: 5.0,
         against: "absolute".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "binding churn".into(),
@@ -404,7 +401,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 1000.0,
         against: "absolute".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "pings lost during churn".into(),
@@ -413,7 +409,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         op: "<=",
         threshold: 0.0,
         against: format!("{count} pings at 10 ms"),
-        note: String::new(),
     });
     Ok(())
 }

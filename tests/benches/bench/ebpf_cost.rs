@@ -333,7 +333,6 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             op: "<=",
             threshold: limit,
             against: format!("empty TC program, {empty:.0} ns per one-packet run"),
-            note: String::new(),
         });
     }
     let (name, v) = results[4];

@@ -28,8 +28,6 @@ pub struct Target {
     pub threshold: f64,
     /// What the figure is relative to, in words.
     pub against: String,
-    /// Why it is missed (profile, counter), filled in where known.
-    pub note: String,
 }
 
 impl Target {
@@ -121,7 +119,6 @@ impl Report {
                 "threshold": t.threshold,
                 "against": t.against,
                 "met": t.met(),
-                "note": t.note,
             })).collect::<Vec<_>>(),
             "figures": self.figures.iter().map(|f| json!({
                 "section": f.section,
@@ -179,19 +176,19 @@ impl Report {
             m["cpu_model"].as_str().unwrap_or("?"),
             m["date"].as_str().unwrap_or("?"),
         );
-        md += "## Targets\n\n| target | value | target | met | against | note |\n|---|---:|---:|---|---|---|\n";
+        md +=
+            "## Targets\n\n| target | value | target | met | against |\n|---|---:|---:|---|---|\n";
         for t in &self.targets {
             let _ = writeln!(
                 md,
-                "| {} | {} {} | {} {} | {} | {} | {} |",
+                "| {} | {} {} | {} {} | {} | {} |",
                 t.name,
                 fmt(t.value),
                 t.unit,
                 t.op,
                 fmt(t.threshold),
                 if t.met() { "yes" } else { "**no**" },
-                t.against,
-                t.note
+                t.against
             );
         }
         md += "\n## Figures (median of the rounds)\n\n| section | figure | value | unit | rounds |\n|---|---|---:|---|---|\n";

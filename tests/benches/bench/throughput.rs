@@ -190,7 +190,6 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 0.90,
         against: "plain IPv4 routing, same veths".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "fast path UDP 64 B pps / plain routing".into(),
@@ -199,7 +198,6 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 0.85,
         against: "plain IPv4 routing, same veths".into(),
-        note: String::new(),
     });
     report.target(Target {
         name: "fast path TCP / in-band TUN".into(),
@@ -208,7 +206,6 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 5.0,
         against: "in-band 102/103 over the TCP session".into(),
-        note: String::new(),
     });
     Ok(())
 }
@@ -274,7 +271,6 @@ fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
         op: ">=",
         threshold: 0.90,
         against: "plain routing with nftables masquerade, same veths".into(),
-        note: String::new(),
     });
     Ok(())
 }
