@@ -33,7 +33,7 @@ use crate::{
     mgmt::{self, Handler, Request, Response},
     netlink::Netlink,
     protocol::{
-        Frame, FrameCodec, MsgType,
+        Frame, FrameCodec, MsgType, frame,
         text::{Lease4, NativeGrant},
     },
     tundev,
@@ -266,7 +266,7 @@ async fn session(
         .with_context(|| format!("connecting to {server}"))?;
     let _ = stream.set_nodelay(true);
     client.stats.connects.inc();
-    let mut framed = Framed::new(stream, FrameCodec);
+    let mut framed = frame::framed(stream);
     framed.send(Frame::empty(MsgType::AddrRequest)).await?;
     client.stats.frames_out.inc();
     let lease = tokio::time::timeout(timers.timeout, wait_for_lease(client, &mut framed))

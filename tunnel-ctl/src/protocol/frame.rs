@@ -4,7 +4,7 @@
 //! This is the seed's `struct Msg { int length; char type; char data[4096]; }` as existing
 //! implementations put it on the wire: exactly `length` bytes, never `sizeof(struct Msg)`.
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::{Decoder, Encoder, Framed};
 
 /// Size of `length` + `type`.
 pub const HEADER_LEN: usize = 5;
@@ -132,6 +132,22 @@ impl FrameError {
 /// bad length is rejected without waiting for (or buffering) the body it announces.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FrameCodec;
+
+/// Bytes each of a connection's buffers starts with: a keepalive or a lease request fits, and
+/// a buffer grows to what the traffic needs. tokio-util's default (8 KiB for reading and 8 KiB
+/// for writing, allocated up front) was most of the memory of a server holding thousands of
+/// idle sessions.
+const INITIAL_BUF: usize = 256;
+/// Queued output that makes `feed` flush by itself (tokio-util's default): batches of 103
+/// frames go out in few writes.
+const WRITE_FLUSH_AT: usize = 8 * 1024;
+
+/// `io` framed with [`FrameCodec`], with small initial buffers (see [`INITIAL_BUF`]).
+pub fn framed<T>(io: T) -> Framed<T, FrameCodec> {
+    let mut framed = Framed::with_capacity(io, FrameCodec, INITIAL_BUF);
+    framed.set_backpressure_boundary(WRITE_FLUSH_AT);
+    framed
+}
 
 impl Decoder for FrameCodec {
     type Item = Frame;

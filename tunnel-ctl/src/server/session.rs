@@ -22,7 +22,7 @@ use super::{
 use crate::{
     packet::{self, BadPacket},
     protocol::{
-        Frame, FrameCodec, FrameError, MsgType,
+        Frame, FrameCodec, FrameError, MsgType, frame,
         text::{Lease4, NativeGrant},
     },
 };
@@ -46,7 +46,7 @@ impl Throttle {
 pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let id = server.next_session.fetch_add(1, Ordering::Relaxed);
     let peer_ip = peer.ip().to_canonical();
-    let mut framed = Framed::new(stream, FrameCodec);
+    let mut framed = frame::framed(stream);
 
     if !server.allowed(peer.ip()) {
         server.stats.sessions_refused_not_allowed.inc();
