@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Result, bail};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::{
     EtherType, Ethernet2Header, IpNumber, Ipv4HeaderSlice, Ipv6Header, Ipv6HeaderSlice,
@@ -13,7 +13,10 @@ use etherparse::{
 };
 use tunnel_common::{
     fastpath::TunnelConfig,
-    names::{PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    names::{
+        PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
+        PROG_SERVER_ENCAP,
+    },
     stats::Counter,
 };
 use tunnel_ctl::dataplane::{self, fastpath::Maps, fastpath::v4_key};
@@ -22,6 +25,9 @@ use tunnel_tests::Lab;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
 const TUNNEL: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 4);
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
@@ -115,6 +121,29 @@ fn run(ebpf: &mut Ebpf, program: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> 
     let result = prog.test_run(TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// One XDP run of `program` on `packet`, as received on `ifindex`.
+fn run_xdp(ebpf: &mut Ebpf, program: &str, packet: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
+    let prog: &mut Xdp = ebpf.program_mut(program).unwrap().try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let ctx: Vec<u8> = [0, packet.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let mut out = vec![0u8; packet.len() + 128];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
         repeat: 1,
         ..Default::default()
     })?;
@@ -262,6 +291,95 @@ fn server_decap_accepts_bound_clients_and_drops_each_violation() -> Result<()> {
     )?;
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(maps.bindings(), (vec![], 0));
+    Ok(())
+}
+
+#[test]
+fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("xdp")?;
+    // A router namespace: packets arrive on v6; HOST is an on-link neighbour of v4.
+    let ns = lab.ns("xdp")?;
+    let peer = lab.ns("xdp-peer")?;
+    lab.veth(&ns, "v6", &peer, "p6")?;
+    lab.veth(&ns, "v4", &peer, "p4")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.ip("addr add 192.0.2.1/24 dev v4")?;
+    ns.ip(&format!(
+        "neigh replace {HOST} lladdr 02:00:00:00:00:22 dev v4 nud permanent"
+    ))?;
+    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let v4_mac = link_mac(&ns, "v4")?;
+    maps.set_config(&config(v6))?;
+    maps.bind(CLIENT, LEASE)?;
+
+    // The plain case: decapsulated, TTL and checksum fixed, new MACs, redirected.
+    let inner = ipv4_udp(LEASE, HOST, b"hello");
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| {
+        run_xdp(
+            &mut ebpf,
+            PROG_SERVER_DECAP_XDP,
+            &in_ipv6(CLIENT, TUNNEL, &inner),
+            v6,
+        )
+    })??;
+    assert_eq!(
+        verdict,
+        XDP_REDIRECT,
+        "counters {:?}",
+        dataplane::stats::read(&ebpf)?
+    );
+    assert_eq!(delta(&ebpf, &before, Counter::Decap), 1);
+    assert_eq!(delta(&ebpf, &before, Counter::DecapRedirected), 1);
+    assert_eq!(&out[0..6], &NEIGH_MAC);
+    assert_eq!(&out[6..12], &v4_mac);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let got = &out[14..];
+    assert_eq!(got.len(), inner.len());
+    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
+    assert_ipv4_checksum(got)?;
+    assert_eq!(&got[20..], &inner[20..], "payload unchanged");
+
+    // Violations it can judge alone: dropped and counted as the TC program would.
+    let spoofed = ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x");
+    for (packet, reason) in [
+        (
+            in_ipv6(STRANGER, TUNNEL, &inner),
+            Counter::DropUnboundSource,
+        ),
+        (
+            in_ipv6(CLIENT, TUNNEL, &spoofed),
+            Counter::DropInnerSourceNotLease,
+        ),
+    ] {
+        let before = dataplane::stats::read(&ebpf)?;
+        let (verdict, _) =
+            ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &packet, v6))??;
+        assert_eq!(verdict, XDP_DROP, "{}", reason.name());
+        assert_eq!(delta(&ebpf, &before, reason), 1, "{}", reason.name());
+    }
+
+    // Everything else reaches the TC program unchanged: SYNs (MSS clamping), TTL 1, no route,
+    // other destinations.
+    let mut ttl1 = inner.clone();
+    ttl1[8] = 1;
+    let no_route = ipv4_udp(LEASE, Ipv4Addr::new(203, 0, 113, 9), b"x");
+    for packet in [
+        in_ipv6(CLIENT, TUNNEL, &ipv4_syn(LEASE, HOST)),
+        in_ipv6(CLIENT, TUNNEL, &ttl1),
+        in_ipv6(CLIENT, TUNNEL, &no_route),
+        in_ipv6(CLIENT, STRANGER, &inner),
+    ] {
+        let before = dataplane::stats::read(&ebpf)?;
+        let (verdict, out) =
+            ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &packet, v6))??;
+        assert_eq!((verdict, &out), (XDP_PASS, &packet));
+        assert_eq!(delta(&ebpf, &before, Counter::Decap), 0);
+    }
     Ok(())
 }
 

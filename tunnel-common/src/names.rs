@@ -41,6 +41,9 @@ pub const PROG_CE_IN: &str = "ce_in";
 pub const PROG_BR_DECAP: &str = "br_decap";
 /// MAP-E BR, ingress of the IPv4 side: compute the CE address, encapsulate.
 pub const PROG_BR_ENCAP: &str = "br_encap";
+/// The server's IPv6-side decapsulation in XDP (the plain case only; everything else passes to
+/// [`PROG_SERVER_DECAP`]). Measured by `cargo xtask bench`; not attached by the controller.
+pub const PROG_SERVER_DECAP_XDP: &str = "server_decap_xdp";
 /// A TC program that does nothing: the baseline of `cargo xtask bench`'s per-packet cost.
 /// Never attached.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
@@ -67,5 +70,6 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_CE_IN,
     PROG_BR_DECAP,
     PROG_BR_ENCAP,
+    PROG_SERVER_DECAP_XDP,
     PROG_BENCH_EMPTY,
 ];

@@ -9,6 +9,7 @@ mod ce;
 mod client;
 mod monitor;
 mod server;
+mod server_xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -90,14 +90,21 @@ fn redirect_neigh(ifindex: u32, nh: Option<&mut bpf_redir_neigh>) -> Forward {
 /// decremented the TTL), unless the route leads to `exclude` (the TUN: the slow path).
 #[inline(always)]
 pub fn forward_v4(ctx: &TcContext, src: u32, dst: u32, tos: u8, exclude: u32) -> Forward {
+    // SAFETY: reading a field of the context.
+    let mut p = v4_lookup(unsafe { (*ctx.skb.skb).ingress_ifindex }, src, dst, tos);
+    finish(ctx, &mut p, 0, false, exclude)
+}
+
+/// FIB lookup parameters for an IPv4 packet `src` → `dst` that arrived on `ifindex`.
+#[inline(always)]
+pub fn v4_lookup(ifindex: u32, src: u32, dst: u32, tos: u8) -> bpf_fib_lookup {
     let mut p = zeroed();
     p.family = AF_INET;
-    // SAFETY: reading a field of the context.
-    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    p.ifindex = ifindex;
     p.__bindgen_anon_2.tos = tos;
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
-    finish(ctx, &mut p, 0, false, exclude)
+    p
 }
 
 /// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped; header
