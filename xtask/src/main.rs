@@ -55,6 +55,10 @@ enum Cmd {
         /// Only one part: throughput, ebpf or control.
         #[arg(long, value_name = "PART")]
         only: Option<String>,
+        /// Record each measured run with `perf record -a -g` (needs perf) and write the
+        /// hottest symbols to target/bench/profile/<run>.txt: where a missed target loses.
+        #[arg(long)]
+        profile: bool,
     },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
@@ -70,9 +74,11 @@ fn main() -> ExitCode {
         }
         Cmd::Test { args } => setup::run(setup::Mode::Quiet).and_then(|()| test(&args)),
         Cmd::Demo => setup::run(setup::Mode::Quiet).and_then(|()| demo::run()),
-        Cmd::Bench { quick, only } => {
-            setup::run(setup::Mode::Quiet).and_then(|()| bench(quick, only.as_deref()))
-        }
+        Cmd::Bench {
+            quick,
+            only,
+            profile,
+        } => setup::run(setup::Mode::Quiet).and_then(|()| bench(quick, only.as_deref(), profile)),
         Cmd::Lint => setup::run(setup::Mode::Quiet).and_then(|()| lint()),
     };
     match result {
@@ -154,7 +160,7 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// Builds a release tunnel-ctl (what is measured) and runs the bench target with it.
-fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>, profile: bool) -> Result<()> {
     require_root("cargo xtask bench")?;
     let bin = build_bin(true)?;
     let mut cmd = cargo();
@@ -172,6 +178,9 @@ fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     }
     if let Some(part) = only {
         cmd.args(["--only", part]);
+    }
+    if profile {
+        cmd.arg("--profile");
     }
     run(&mut cmd)
 }

@@ -233,6 +233,12 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let w0 = Instant::now();
     std::thread::sleep(Duration::from_secs(u64::from(plan.steady_seconds)));
     let cpu_pct = (cpu_seconds(pid)? - cpu0) / w0.elapsed().as_secs_f64() * 100.0;
+    if crate::profile::enabled() {
+        crate::profile::run("keepalive steady state", || {
+            std::thread::sleep(Duration::from_secs(u64::from(plan.steady_seconds)));
+            Ok(())
+        })?;
+    }
 
     // Phase 3: churn of native bindings while the other client pings the internet host.
     let count = plan.churn_seconds * 100;

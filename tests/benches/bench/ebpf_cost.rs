@@ -19,13 +19,16 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{Program, TestRun as _, TestRunOptions},
 };
 use etherparse::PacketBuilder;
 use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatKey, NatOut},
-    names::{PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    names::{
+        PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
+        PROG_SERVER_ENCAP,
+    },
     stats::Counter,
 };
 use tunnel_ctl::{
@@ -44,6 +47,8 @@ use crate::{
 };
 
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
 /// The ifindex runs pretend the packet arrived on.
 static INGRESS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -131,35 +136,69 @@ struct Case {
     packet: Vec<u8>,
     /// The counter its intended path moves (None for the empty program).
     counter: Option<Counter>,
+    /// The verdict of that path.
+    verdict: u32,
 }
 
 /// A `struct __sk_buff` for BPF_PROG_TEST_RUN's ctx_in: the packet arrived on `ifindex`
 /// (as on a real ingress hook; the programs' FIB lookups start from the ingress interface).
-fn skb_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
     // offsetof(struct __sk_buff, ingress_ifindex) = 36, ifindex = 40.
     ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 
+/// A `struct xdp_md` for ctx_in: no metadata, the whole packet, received on `ifindex`.
+fn xdp_ctx(ifindex: u32, len: usize) -> Vec<u8> {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
+/// One run of `program` (TC or XDP) on `packet`: its return value and kernel-reported time.
 fn run_once(ebpf: &mut Ebpf, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .with_context(|| format!("no program {program}"))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load().with_context(|| format!("loading {program}"))?;
-    }
+    let ifindex = INGRESS.load(std::sync::atomic::Ordering::Relaxed);
     let mut out = vec![0u8; packet.len() + 256];
-    let ctx = skb_ctx(INGRESS.load(std::sync::atomic::Ordering::Relaxed));
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat,
-        ..Default::default()
-    })?;
+    let prog = ebpf
+        .program_mut(program)
+        .with_context(|| format!("no program {program}"))?;
+    let (ctx, r) = match prog {
+        Program::SchedClassifier(p) => {
+            if p.fd().is_err() {
+                p.load().with_context(|| format!("loading {program}"))?;
+            }
+            let ctx = skb_ctx(ifindex);
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            });
+            (ctx, r)
+        }
+        Program::Xdp(p) => {
+            if p.fd().is_err() {
+                p.load().with_context(|| format!("loading {program}"))?;
+            }
+            let ctx = xdp_ctx(ifindex, packet.len());
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            });
+            (ctx, r)
+        }
+        _ => bail!("{program} is neither a TC nor an XDP program"),
+    };
+    drop(ctx);
+    let r = r?;
     Ok((r.return_value, r.duration))
 }
 
@@ -253,6 +292,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 0,
             packet: udp4(HOST, 53, LEASE, 40000),
             counter: None,
+            verdict: TC_ACT_OK,
         },
         Case {
             name: "server decap (binding + lease check, decap, FIB, redirect)",
@@ -260,6 +300,15 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 0,
             packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
             counter: Some(Counter::DecapRedirected),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "server decap in XDP (binding + lease check, decap, FIB, redirect)",
+            program: PROG_SERVER_DECAP_XDP,
+            ebpf: 0,
+            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            counter: Some(Counter::DecapRedirected),
+            verdict: XDP_REDIRECT,
         },
         Case {
             name: "server encap (binding, encap, FIB, redirect)",
@@ -267,6 +316,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 0,
             packet: udp4(HOST, 53, LEASE, 40000),
             counter: Some(Counter::Encap),
+            verdict: TC_ACT_REDIRECT,
         },
         Case {
             name: "CE NAPT + encap (established flow)",
@@ -274,6 +324,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 1,
             packet: udp4(LAN_HOST, 40000, HOST, 53),
             counter: Some(Counter::CeNaptOut),
+            verdict: TC_ACT_REDIRECT,
         },
         Case {
             name: "BR rule check + decap",
@@ -281,6 +332,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 2,
             packet: in_ipv6(CE, BR, &udp4(SHARED, EXT_PORT, HOST, 53)),
             counter: Some(Counter::BrDecap),
+            verdict: TC_ACT_REDIRECT,
         },
     ];
 
@@ -293,7 +345,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
                 let before = dataplane::stats::read(ebpf)?[counter.name()];
                 let (verdict, _) = run_once(ebpf, case.program, &case.packet, 1)?;
                 let after = dataplane::stats::read(ebpf)?[counter.name()];
-                if verdict != TC_ACT_REDIRECT || after != before + 1 {
+                if verdict != case.verdict || after != before + 1 {
                     bail!(
                         "{}: verdict {verdict}, {} moved by {}: not the path to measure; counters {:?}",
                         case.program,
@@ -306,6 +358,11 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             // Warm up, then time.
             time_per_call(ebpf, case.program, &case.packet, calls.min(10_000) / 10)?;
             results.push((case.name, time_per_call(ebpf, case.program, &case.packet, calls)?));
+            if crate::profile::enabled() {
+                crate::profile::run(&format!("eBPF {}", short(case.name)), || {
+                    time_per_call(ebpf, case.program, &case.packet, calls)
+                })?;
+            }
         }
         Ok(())
     })??;
@@ -323,7 +380,8 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         "ns",
         vec![repeat_ns.as_nanos() as f64],
     );
-    let limits = [(1, 2.0), (2, 2.0), (3, 4.0)];
+    // Indices in `cases`: 0 empty, 1 decap (TC), 2 decap (XDP), 3 encap, 4 CE, 5 BR.
+    let limits = [(1, 2.0), (3, 2.0), (4, 4.0)];
     for (i, limit) in limits {
         let (name, v) = results[i];
         report.target(Target {
@@ -335,13 +393,25 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             against: format!("empty TC program, {empty:.0} ns per one-packet run"),
         });
     }
-    let (name, v) = results[4];
-    report.figure(
-        sec,
-        format!("{} / empty", short(name)),
-        "x",
-        vec![v / empty],
-    );
+    for i in [2, 5] {
+        let (name, v) = results[i];
+        report.figure(
+            sec,
+            format!("{} / empty", short(name)),
+            "x",
+            vec![v / empty],
+        );
+    }
+    let (tc, xdp) = (results[1].1, results[2].1);
+    report.figure(sec, "server decap, XDP / TC", "x", vec![xdp / tc]);
+    report.note(format!(
+        "XDP variant of the server's decapsulation (server_decap_xdp, the plain case only, \
+         everything else passed to the TC program): {xdp:.0} ns against TC's {tc:.0} ns per \
+         packet. The controller does not attach it: attaching XDP to a veth (this lab, \
+         containers) takes the software GSO features away from its peer (the veth driver's \
+         veth_xdp_set), so every hop before it carries MTU-sized packets instead of 64 KiB \
+         GSO packets; a per-packet win here would be a throughput loss there."
+    ));
     report.note(format!(
         "eBPF figures: mean kernel-reported time of {calls} one-packet BPF_PROG_TEST_RUN runs \
          each (64-byte UDP payload); the timer around each run is in the empty program's \

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 
 mod control;
 mod ebpf_cost;
+mod profile;
 mod report;
 mod throughput;
 
@@ -71,18 +72,23 @@ fn run() -> Result<()> {
     let mut quick = false;
     let mut out = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
     let mut only: Option<String> = None;
+    let mut profile = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--out" => out = args.next().context("--out needs a directory")?.into(),
             "--only" => only = Some(args.next().context("--only needs a section")?),
+            "--profile" => profile = true,
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             other => anyhow::bail!(
-                "unknown argument {other:?} (use --quick, --out DIR, --only throughput|ebpf|control)"
+                "unknown argument {other:?} (use --quick, --out DIR, --only throughput|ebpf|control, --profile)"
             ),
         }
+    }
+    if profile {
+        profile::enable(out.join("profile"))?;
     }
     ctrlc_cleanup();
     let plan = Plan::new(quick);

@@ -133,28 +133,35 @@ impl Report {
 
     /// Targets (ratios first), then every figure: the stdout table.
     pub fn table(&self) -> String {
+        let names = self.targets.iter().map(|t| t.name.chars().count());
+        let figure_name = |f: &Figure| format!("{}: {}", f.section, f.name);
+        let width = names
+            .chain(self.figures.iter().map(|f| figure_name(f).chars().count()))
+            .max()
+            .unwrap_or(0)
+            .max(20);
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\n{:<48} {:>10} {:>14}  met",
+            "\n{:<width$} {:>10} {:>14}  met",
             "target", "value", "target"
         );
         for t in &self.targets {
             let _ = writeln!(
                 out,
-                "{:<48} {:>10} {:>14}  {}",
+                "{:<width$} {:>10} {:>14}  {}",
                 t.name,
                 fmt(t.value),
                 format!("{} {}", t.op, fmt(t.threshold)),
                 if t.met() { "yes" } else { "NO" }
             );
         }
-        let _ = writeln!(out, "\n{:<48} {:>14}  unit", "figure (median)", "value");
+        let _ = writeln!(out, "\n{:<width$} {:>10}  unit", "figure (median)", "value");
         for f in &self.figures {
             let _ = writeln!(
                 out,
-                "{:<48} {:>14}  {}",
-                format!("{}: {}", f.section, f.name),
+                "{:<width$} {:>10}  {}",
+                figure_name(f),
                 fmt(f.value),
                 f.unit
             );

@@ -166,6 +166,20 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
         inband_udp.push(udp_kpps(&inband, TUNNEL_DST, s)?);
     }
+    if crate::profile::enabled() {
+        type Run<'a> = (&'a str, &'a Ns, &'a str, fn(&Ns, &str, u32) -> Result<f64>);
+        let runs: [Run; 6] = [
+            ("plain TCP", &native, PLAIN_DST, tcp_gbps),
+            ("native TCP", &native, TUNNEL_DST, tcp_gbps),
+            ("in-band TCP", &inband, TUNNEL_DST, tcp_gbps),
+            ("plain UDP", &native, PLAIN_DST, udp_kpps),
+            ("native UDP", &native, TUNNEL_DST, udp_kpps),
+            ("in-band UDP", &inband, TUNNEL_DST, udp_kpps),
+        ];
+        for (label, ns, dst, measure) in runs {
+            crate::profile::run(label, || measure(ns, dst, s))?;
+        }
+    }
     let after = t.server_stats()?;
     let decap =
         counter(&after, "fastpath_decap_packets") - counter(&before, "fastpath_decap_packets");
@@ -246,6 +260,10 @@ fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
         eprintln!("  MAP-E round {round}/{}", plan.rounds);
         masq.push(tcp_gbps(&m.lan, PLAIN_DST, s)?);
         mape.push(tcp_gbps(&m.lan, TUNNEL_DST, s)?);
+    }
+    if crate::profile::enabled() {
+        crate::profile::run("masquerade TCP", || tcp_gbps(&m.lan, PLAIN_DST, s))?;
+        crate::profile::run("MAP-E TCP", || tcp_gbps(&m.lan, TUNNEL_DST, s))?;
     }
     let after = m.ce_stats()?;
     let out =
