@@ -113,10 +113,6 @@ fn run() -> Result<()> {
         eprintln!("bench: control plane ({} sessions)", plan.sessions);
         control::run(&plan, &mut report).context("control plane")?;
     }
-    report.note(
-        "XDP variant of the server's IPv6-side decapsulation: not built yet, so there is no \
-         XDP row; the issue keeps it only if it beats TC here.",
-    );
     report.set_duration(started.elapsed());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     report.write(&out)?;
