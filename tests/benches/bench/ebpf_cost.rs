@@ -166,39 +166,34 @@ fn run_once(ebpf: &mut Ebpf, program: &str, packet: &[u8], repeat: u32) -> Resul
     let prog = ebpf
         .program_mut(program)
         .with_context(|| format!("no program {program}"))?;
-    let (ctx, r) = match prog {
+    let ctx = match prog {
+        Program::SchedClassifier(_) => skb_ctx(ifindex),
+        Program::Xdp(_) => xdp_ctx(ifindex, packet.len()),
+        _ => bail!("{program} is neither a TC nor an XDP program"),
+    };
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let loading = || format!("loading {program}");
+    let r = match prog {
         Program::SchedClassifier(p) => {
             if p.fd().is_err() {
-                p.load().with_context(|| format!("loading {program}"))?;
+                p.load().with_context(loading)?;
             }
-            let ctx = skb_ctx(ifindex);
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            });
-            (ctx, r)
+            p.test_run(opts)?
         }
         Program::Xdp(p) => {
             if p.fd().is_err() {
-                p.load().with_context(|| format!("loading {program}"))?;
+                p.load().with_context(loading)?;
             }
-            let ctx = xdp_ctx(ifindex, packet.len());
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            });
-            (ctx, r)
+            p.test_run(opts)?
         }
-        _ => bail!("{program} is neither a TC nor an XDP program"),
+        _ => unreachable!("checked above"),
     };
-    drop(ctx);
-    let r = r?;
     Ok((r.return_value, r.duration))
 }
 
