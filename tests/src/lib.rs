@@ -522,6 +522,16 @@ pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("stats has no integer {name}: {stats}"))
 }
 
+/// A `struct xdp_md` for BPF_PROG_TEST_RUN's ctx_in: no metadata, the whole `len`-byte packet,
+/// received on `ifindex` (which must exist in the calling thread's namespace).
+pub fn xdp_test_ctx(ifindex: u32, len: usize) -> Vec<u8> {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
 pub mod fourover6;
 pub mod mape;
 pub mod transfer;

@@ -134,11 +134,7 @@ fn run_xdp(ebpf: &mut Ebpf, program: &str, packet: &[u8], ifindex: u32) -> Resul
     if prog.fd().is_err() {
         prog.load()?;
     }
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let ctx: Vec<u8> = [0, packet.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_ne_bytes())
-        .collect();
+    let ctx = tunnel_tests::xdp_test_ctx(ifindex, packet.len());
     let mut out = vec![0u8; packet.len() + 128];
     let result = prog.test_run(TestRunOptions {
         data_in: Some(packet),

@@ -150,15 +150,6 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
     ctx
 }
 
-/// A `struct xdp_md` for ctx_in: no metadata, the whole packet, received on `ifindex`.
-fn xdp_ctx(ifindex: u32, len: usize) -> Vec<u8> {
-    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    [0, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_ne_bytes())
-        .collect()
-}
-
 /// One run of `program` (TC or XDP) on `packet`: its return value and kernel-reported time.
 fn run_once(ebpf: &mut Ebpf, program: &str, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
     let ifindex = INGRESS.load(std::sync::atomic::Ordering::Relaxed);
@@ -168,7 +159,7 @@ fn run_once(ebpf: &mut Ebpf, program: &str, packet: &[u8], repeat: u32) -> Resul
         .with_context(|| format!("no program {program}"))?;
     let ctx = match prog {
         Program::SchedClassifier(_) => skb_ctx(ifindex),
-        Program::Xdp(_) => xdp_ctx(ifindex, packet.len()),
+        Program::Xdp(_) => tunnel_tests::xdp_test_ctx(ifindex, packet.len()),
         _ => bail!("{program} is neither a TC nor an XDP program"),
     };
     let opts = TestRunOptions {
