@@ -460,10 +460,11 @@ mod tests {
             .unwrap();
         t.lookup_or_create(&flow(TCP, lan(41000), remote(5004)), 0)
             .unwrap();
-        // An ended flow frees its port toward that remote.
+        // An ended flow frees its port toward that remote (a TCP one: the UDP flow to the
+        // same remote is in the table too).
         let key = t
             .entries()
-            .find(|e| e.remote() == Some(remote(5000)))
+            .find(|e| e.proto() == TCP && e.remote() == Some(remote(5000)))
             .unwrap()
             .out_key;
         let freed = t.remove(&key).unwrap().ext_port;
