@@ -533,6 +533,7 @@ pub fn xdp_test_ctx(ifindex: u32, len: usize) -> Vec<u8> {
 }
 
 pub mod fourover6;
+pub mod ipv6;
 pub mod mape;
 pub mod transfer;
 

@@ -10,21 +10,34 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::Ns;
 
-/// Deterministic byte stream (xorshift64*), so both ends agree without storing it.
-pub struct Pattern(u64);
+/// Deterministic byte stream (xorshift64*), so both ends agree without storing it. The
+/// stream is the same however it is cut: reads of any size line up with the writes.
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
-        Pattern(seed | 1)
+        Pattern {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
+        for b in buf {
+            if self.used == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
         }
     }
 }
@@ -74,4 +87,23 @@ pub fn tcp_transfer(from: &Ns, to: &Ns, to_addr: SocketAddr, len: usize, seed: u
         bail!("sent {len} bytes, received {received}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pattern;
+
+    #[test]
+    fn the_stream_does_not_depend_on_how_it_is_cut() {
+        let mut whole = vec![0u8; 4096];
+        Pattern::new(7).fill(&mut whole);
+        let mut pieces = Vec::new();
+        let mut p = Pattern::new(7);
+        for size in [1428, 1, 3, 1000, 1664] {
+            let mut buf = vec![0u8; size];
+            p.fill(&mut buf);
+            pieces.extend_from_slice(&buf);
+        }
+        assert_eq!(pieces, whole);
+    }
 }

@@ -84,11 +84,21 @@ pub enum Command {
       --gateway 198.51.100.1 --dns 192.0.2.53,192.0.2.54 --instance concentrator
 
   # with the eBPF fast path for clients that ask for native mode (105/106)
-  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \\
       --v6-dev eth0 --v4-dev eth1 --tunnel-addr 2001:db8:100::4 --instance concentrator
 
-The server enables net.ipv4.ip_forward; the IPv4 side needs a route for the pool back
-to this host, and with native mode the IPv6 side a route for --tunnel-addr to it.
+  # IPv6 for clients that ask (client --ipv6): a /128 each, a /64 each for their LANs,
+  # inbound SSH allowed, everything else from outside only as replies
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \\
+      --pool6 2001:db8:600::/64 --delegate 2001:db8:700::/48 --allow-in 22/tcp
+
+  # the provider's /64 is on-link on eth0: hand out addresses from it, answer NDP for them
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \\
+      --pool6 2001:db8:ff::100:0/112 --proxy-ndp eth0
+
+The server enables net.ipv4.ip_forward (and IPv6 forwarding with --pool6/--delegate); the
+IPv4 side needs a route for the pool back to this host, the IPv6 side one for --pool6 and
+--delegate (unless --proxy-ndp), and with native mode one for --tunnel-addr.
 Leases are saved in --state-dir; after a crash or upgrade the next start re-adopts them
 and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     Server(ServerArgs),
@@ -104,7 +114,9 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     /// server's hold time; in native mode forwarding continues while reconnecting.
     #[command(after_help = "Examples:
   tunnel-ctl client --server [2001:db8:100::1]:5678 --instance uplink
-  tunnel-ctl client --server [2001:db8:100::1]:5678 --mode native --v6-dev eth0")]
+  tunnel-ctl client --server [2001:db8:100::1]:5678 --mode native --v6-dev eth0
+  # IPv4 and IPv6 from a server reached over IPv4; the delegated /64 advertised on eth1
+  tunnel-ctl client --server 192.0.2.1:5678 --ipv6 --lan eth1")]
     Client(ClientArgs),
 
     /// MAP-E (RFC 7597): calculate a CE's address and port set.
@@ -232,6 +244,50 @@ pub struct ServerArgs {
     /// Refuse new sessions beyond this many (110 "server full").
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_sessions: usize,
+
+    /// IPv6 for clients (107/108): hand each client that asks an address (/128) from this
+    /// prefix, routed to the TUN. The upstream routes the prefix to this host, or see
+    /// --proxy-ndp.
+    #[arg(long, value_name = "PREFIX", help_heading = "IPv6 for clients")]
+    pub pool6: Option<ipnet::Ipv6Net>,
+
+    /// IPv6 for clients: delegate each client that asks a prefix of --delegate-len from this
+    /// one (for its LAN). The upstream must route it to this host.
+    #[arg(long, value_name = "PREFIX", help_heading = "IPv6 for clients")]
+    pub delegate: Option<ipnet::Ipv6Net>,
+
+    /// Length of each delegated prefix (64 lets the client's LAN autoconfigure by SLAAC).
+    #[arg(long, value_name = "LEN", default_value_t = 64, requires = "delegate",
+          value_parser = clap::value_parser!(u8).range(1..=128), help_heading = "IPv6 for clients")]
+    pub delegate_len: u8,
+
+    /// IPv6 DNS servers announced in 108 (comma-separated). Default: the IPv6 nameservers
+    /// of /etc/resolv.conf.
+    #[arg(
+        long,
+        value_name = "IPV6,...",
+        value_delimiter = ',',
+        help_heading = "IPv6 for clients"
+    )]
+    pub dns6: Vec<Ipv6Addr>,
+
+    /// The --pool6 prefix is on-link on this upstream interface (the provider's /64): answer
+    /// neighbour solicitations there for leased addresses (kernel proxy NDP entries, added
+    /// and removed with each lease).
+    #[arg(
+        long,
+        value_name = "IFACE",
+        requires = "pool6",
+        help_heading = "IPv6 for clients"
+    )]
+    pub proxy_ndp: Option<String>,
+
+    /// Let new inbound connections to clients' IPv6 addresses through on this port (TCP and
+    /// UDP, or PORT/tcp, PORT/udp; repeatable). Everything else from outside is dropped
+    /// unless it answers the client's own traffic (default deny, counted as
+    /// drop_inbound_denied).
+    #[arg(long, value_name = "PORT[/PROTO]", help_heading = "IPv6 for clients")]
+    pub allow_in: Vec<crate::server::inbound::AllowIn>,
 
     /// Native mode: the IPv6-side interface where clients' IPv4-in-IPv6 arrives (enables
     /// 105/106; needs --v4-dev).
@@ -500,9 +556,20 @@ pub struct ClientArgs {
     #[arg(long, value_name = "NAME", default_value = "tun4o6")]
     pub tun: String,
 
-    /// Do not route IPv4 through the tunnel (only the leased address is configured).
+    /// Do not route IPv4 (and IPv6, with --ipv6) through the tunnel (only the leased
+    /// addresses are configured).
     #[arg(long)]
     pub no_default_route: bool,
+
+    /// Also ask for IPv6 (107): configure the leased address on the TUN and route IPv6
+    /// through the tunnel (::/1 and 8000::/1). In-band mode only.
+    #[arg(long)]
+    pub ipv6: bool,
+
+    /// Hand the delegated IPv6 prefix to this LAN interface: number it <prefix>::1, send
+    /// router advertisements so hosts autoconfigure (SLAAC), and forward for them.
+    #[arg(long, value_name = "IFACE", requires = "ipv6")]
+    pub lan: Option<String>,
 
     /// Write the leased DNS servers to this resolv.conf-style file.
     #[arg(long, value_name = "FILE")]

@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod netlink;
 pub mod packet;
 pub mod pool;
+pub mod pool6;
 pub mod protocol;
 pub mod report;
 pub mod server;

@@ -1,19 +1,21 @@
 //! Links, addresses and routes through rtnetlink.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         link::LinkAttribute,
-        neighbour::NeighbourState,
-        route::{RouteAttribute, RouteFlags, RouteMetric},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteFlags, RouteMetric},
     },
 };
 
 /// A netlink connection (its driver runs as a tokio task).
+#[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
 }
@@ -191,5 +193,153 @@ impl Netlink {
         self.replace_route(msg)
             .await
             .with_context(|| format!("adding route {net}"))
+    }
+
+    /// Routes the IPv6 `net` out of the link (replacing a route to the same prefix).
+    pub async fn route_v6(&self, net: Ipv6Net, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(index)
+            .build();
+        self.replace_route(msg)
+            .await
+            .with_context(|| format!("adding route {net}"))
+    }
+
+    /// Removes the IPv6 route to `net` out of the link, if any.
+    pub async fn del_route_v6(&self, net: Ipv6Net, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("removing route {net}"))
+    }
+
+    /// How the kernel reaches `dest` now (`ip route get`): gateway (if any) and interface.
+    pub async fn route_to(&self, dest: IpAddr) -> Result<(Option<IpAddr>, u32)> {
+        let msg = match dest {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = routes
+            .try_next()
+            .await
+            .with_context(|| format!("looking up the route to {dest}"))?
+            .ok_or_else(|| anyhow!("no route to {dest}"))?;
+        let mut gateway = None;
+        let mut oif = None;
+        for attr in route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(a)),
+                RouteAttribute::Oif(i) => oif = Some(i),
+                _ => {}
+            }
+        }
+        Ok((
+            gateway,
+            oif.ok_or_else(|| anyhow!("the route to {dest} has no interface"))?,
+        ))
+    }
+
+    /// A host route to `dest` via `gateway` (or on-link) out of `index`, replacing any.
+    pub async fn host_route(
+        &self,
+        dest: IpAddr,
+        gateway: Option<IpAddr>,
+        index: u32,
+    ) -> Result<()> {
+        let msg = match (dest, gateway) {
+            (IpAddr::V4(d), gw) => {
+                let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d, 32)
+                    .output_interface(index);
+                match gw {
+                    Some(IpAddr::V4(g)) => b.gateway(g).build(),
+                    _ => b.build(),
+                }
+            }
+            (IpAddr::V6(d), gw) => {
+                let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(d, 128)
+                    .output_interface(index);
+                match gw {
+                    Some(IpAddr::V6(g)) => b.gateway(g).build(),
+                    _ => b.build(),
+                }
+            }
+        };
+        self.replace_route(msg)
+            .await
+            .with_context(|| format!("adding a host route to {dest}"))
+    }
+
+    /// Removes the host route to `dest` out of `index`, if any.
+    pub async fn del_host_route(&self, dest: IpAddr, index: u32) -> Result<()> {
+        match IpNet::from(dest) {
+            IpNet::V4(n) => self.del_route_v4(n, index).await,
+            IpNet::V6(n) => self.del_route_v6(n, index).await,
+        }
+    }
+
+    /// A proxy NDP entry: the kernel answers neighbour solicitations for `addr` on the link.
+    pub async fn add_proxy_ndp(&self, index: u32, addr: Ipv6Addr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V6(addr))
+            .flags(NeighbourFlags::Proxy)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding proxy NDP entry for {addr}"))
+    }
+
+    /// Removes the proxy NDP entry for `addr` on the link.
+    pub async fn del_proxy_ndp(&self, index: u32, addr: Ipv6Addr) -> Result<()> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V6(addr))
+            .flags(NeighbourFlags::Proxy);
+        let msg = req.message_mut().clone();
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("removing proxy NDP entry for {addr}"))
+    }
+
+    /// The IPv6 proxy NDP entries on the link.
+    pub async fn proxy_ndp_entries(&self, index: u32) -> Result<Vec<Ipv6Addr>> {
+        let mut entries = self
+            .handle
+            .neighbours()
+            .get()
+            .proxies()
+            .set_address_family(AddressFamily::Inet6)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = entries.try_next().await? {
+            if msg.header.ifindex != index {
+                continue;
+            }
+            for attr in msg.attributes {
+                if let NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) = attr {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
     }
 }

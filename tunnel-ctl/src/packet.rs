@@ -1,5 +1,5 @@
 //! Just enough IP parsing for the slow path: versions, lengths and addresses, with etherparse.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
     Icmpv4Type, Ipv4Header, Ipv4HeaderSlice, Ipv6HeaderSlice, PacketBuilder,
@@ -45,6 +45,28 @@ pub fn ipv4_addrs(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr), BadPacket> {
         Some(6) => Err(BadPacket::NotIpv4),
         _ => Err(BadPacket::Malformed),
     }
+}
+
+/// Source of an IPv4 or IPv6 packet.
+pub fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => Ipv4HeaderSlice::from_slice(packet)
+            .ok()
+            .map(|h| IpAddr::V4(h.source_addr())),
+        6 => Ipv6HeaderSlice::from_slice(packet)
+            .ok()
+            .map(|h| IpAddr::V6(h.source_addr())),
+        _ => None,
+    }
+}
+
+/// Whether an IPv6 packet stays on its link: a link-local or unspecified source, or a
+/// multicast or link-local destination (what a kernel says on a TUN by itself).
+pub fn link_local_v6(src: Ipv6Addr, dst: Ipv6Addr) -> bool {
+    src.is_unspecified()
+        || src.is_unicast_link_local()
+        || dst.is_multicast()
+        || dst.is_unicast_link_local()
 }
 
 /// Destination of an IPv4 or IPv6 packet.

@@ -20,12 +20,24 @@ pub fn create(name: &str) -> Result<Arc<AsyncDevice>> {
     Ok(Arc::new(dev))
 }
 
-/// Turns on net.ipv4.ip_forward if it is off, logging `why`.
-pub fn ensure_ipv4_forwarding(why: &str) -> Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).unwrap_or_default().trim() != "1" {
-        tracing::info!("enabling net.ipv4.ip_forward ({why})");
-        std::fs::write(path, "1").context("enabling net.ipv4.ip_forward")?;
+/// Sets sysctl `name` (dotted, e.g. `net.ipv6.conf.all.forwarding`) to `value` unless it
+/// already is, logging `why`.
+pub fn ensure_sysctl(name: &str, value: &str, why: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    if std::fs::read_to_string(&path).unwrap_or_default().trim() != value {
+        tracing::info!("setting {name}={value} ({why})");
+        std::fs::write(&path, value).with_context(|| format!("setting {name}={value}"))?;
     }
     Ok(())
+}
+
+/// Turns on net.ipv4.ip_forward if it is off, logging `why`.
+pub fn ensure_ipv4_forwarding(why: &str) -> Result<()> {
+    ensure_sysctl("net.ipv4.ip_forward", "1", why)
+}
+
+/// Turns on IPv6 forwarding on all interfaces if it is off, logging `why`. Interfaces with
+/// accept_ra=1 stop taking router advertisements then (accept_ra=2 keeps them).
+pub fn ensure_ipv6_forwarding(why: &str) -> Result<()> {
+    ensure_sysctl("net.ipv6.conf.all.forwarding", "1", why)
 }

@@ -4,26 +4,38 @@
 //! feeds a queue that the current session drains into 102 frames; while disconnected the queue
 //! fills and further packets are dropped and counted.
 //!
+//! IPv6 (`--ipv6`, SPEC §7): after the IPv4 lease a 107 asks for IPv6; the 108's address goes
+//! on the TUN (or, with `--lan`, the delegated prefix on the LAN, advertised by [`ra`]) and
+//! IPv6 is routed into the tunnel like IPv4. 102/103 then carry both (the version nibble
+//! tells).
+//!
 //! Native ([`native`]): after the lease, a 105 asks for the fast path; the 106 configures the
 //! eBPF programs on `--v6-dev`. The data path outlives sessions: while reconnecting (a server
 //! restart, say) packets keep flowing, and a reconnect that gets the same lease changes nothing.
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::json;
-use tokio::{net::TcpStream, sync::mpsc};
-use tokio_util::codec::Framed;
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, watch},
+};
+use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 use tun::AsyncDevice;
 
 pub mod native;
+pub mod ra;
 
 use native::{Applied, NativePath};
 
@@ -34,7 +46,7 @@ use crate::{
     netlink::Netlink,
     protocol::{
         Frame, FrameCodec, MsgType, frame,
-        text::{Lease4, NativeGrant},
+        text::{Lease4, Lease6, NativeGrant},
     },
     tundev,
 };
@@ -59,6 +71,10 @@ counters! {
         drop_tun_write_error,
         drop_unexpected_frame,
         native_granted,
+        ipv6_leases,
+        ipv6_refused,
+        drop_ipv6_not_leased,
+        tun_link_local_ignored,
     }
 }
 
@@ -71,6 +87,7 @@ const WRITE_BATCH: usize = 64;
 struct Status {
     connected: bool,
     lease: Option<Lease4>,
+    lease6: Option<Lease6>,
     since: Option<SystemTime>,
     last_error: Option<String>,
 }
@@ -83,8 +100,35 @@ struct Client {
     tun: Option<Arc<AsyncDevice>>,
     /// Native mode.
     native: Option<NativePath>,
+    /// `--lan`: the delegated prefix goes there.
+    lan: Option<Lan>,
+    /// The server answered 107 with 110: later sessions do not ask again.
+    ipv6_refused: AtomicBool,
     started: Instant,
 }
+
+/// The LAN of `--lan` and its router advertisements.
+struct Lan {
+    dev: String,
+    index: u32,
+    advert: watch::Sender<Option<ra::Advert>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the in-band session configured on the host, undone or replaced as leases change.
+#[derive(Default)]
+struct Configured {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Lease6>,
+    /// The host route that keeps the control connection out of the tunnel's default routes.
+    pinned: Option<(IpAddr, u32)>,
+}
+
+/// A 110 answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 impl Handler for Client {
     fn handle(&self, request: Request) -> Response {
@@ -106,6 +150,12 @@ impl Handler for Client {
                         ClientMode::Native => "native",
                     },
                     "tun": self.tun.as_ref().map(|_| &self.args.tun),
+                    "ipv6": st.lease6.as_ref().map(|l| json!({
+                        "addr": format!("{}/{}", l.addr, l.len),
+                        "delegated": l.delegated.map(|d| d.to_string()),
+                        "dns6": l.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                        "lan": self.lan.as_ref().map(|l| &l.dev),
+                    })),
                     "native": self.native.as_ref().map(|n| json!({
                         "v6_dev": n.v6_dev,
                         "configured": n.applied().map(|a| json!({
@@ -131,6 +181,16 @@ pub async fn run(args: ClientArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
     mgmt::ensure_not_running(&instance)?;
     let nl = Netlink::connect()?;
+    if args.ipv6 && args.mode == ClientMode::Native {
+        bail!(
+            "--ipv6 carries IPv6 in 102/103 frames through the TUN: it needs --mode inband \
+             (native mode's fast path is IPv4-in-IPv6 only)"
+        );
+    }
+    let lan = match &args.lan {
+        Some(dev) => Some(start_lan(&nl, dev).await?),
+        None => None,
+    };
     let (tun, index, native) = match args.mode {
         ClientMode::Inband => {
             let tun = tundev::create(&args.tun)?;
@@ -155,6 +215,8 @@ pub async fn run(args: ClientArgs) -> Result<()> {
         status: Mutex::new(Status::default()),
         tun,
         native,
+        lan,
+        ipv6_refused: AtomicBool::new(false),
         started: Instant::now(),
     });
     let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
@@ -169,16 +231,72 @@ pub async fn run(args: ClientArgs) -> Result<()> {
         client.args.timers.keepalive,
         client.args.timers.timeout
     );
+    let configured = Mutex::new(Configured::default());
     tokio::select! {
         () = tun_reader(client.clone(), tx) => {}
-        () = connection_loop(client.clone(), &nl, index, rx) => {}
+        () = connection_loop(client.clone(), &nl, index, rx, &configured) => {}
         () = mgmt.serve(client.clone()) => {}
         signal = crate::shutdown_signal() => info!("{signal}: disconnecting"),
     }
     if let Some(native) = &client.native {
         native.teardown(&nl).await;
     }
+    let configured = configured.into_inner().unwrap_or_else(|p| p.into_inner());
+    client.teardown(&nl, configured).await;
     Ok(())
+}
+
+/// Prepares `--lan`: IPv6 forwarding and the router advertisement task (idle until a
+/// prefix is leased).
+async fn start_lan(nl: &Netlink, dev: &str) -> Result<Lan> {
+    let index = nl
+        .index(dev)
+        .await
+        .with_context(|| format!("--lan {dev}"))?;
+    let (_, mac) = nl.mtu_and_mac(index).await?;
+    tundev::ensure_ipv6_forwarding(&format!(
+        "hosts on {dev} are routed through the tunnel; interfaces with accept_ra=1 stop \
+         autoconfiguring, set accept_ra=2 on the uplink if it needs router advertisements"
+    ))?;
+    let (advert, rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(ra::run(dev.to_owned(), index, mac, rx, stop.clone()));
+    Ok(Lan {
+        dev: dev.to_owned(),
+        index,
+        advert,
+        stop,
+        task,
+    })
+}
+
+impl Client {
+    /// Undoes what the in-band sessions configured outside the TUN (whose addresses and
+    /// routes go with it): the pinned route to the server, the LAN's address and prefix.
+    async fn teardown(&self, nl: &Netlink, configured: Configured) {
+        if let Some((server, oif)) = configured.pinned {
+            let _ = nl.del_host_route(server, oif).await;
+        }
+        if let Some(lan) = &self.lan {
+            lan.stop.cancel();
+            // The last advertisement (withdrawing the prefix) goes out before the address.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !lan.task.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if let Some(l6) = &configured.v6 {
+                let _ = nl.del_address(lan.index, IpAddr::V6(l6.addr)).await;
+                if let Some(p) = l6.lan_prefix() {
+                    let _ = nl.del_address(lan.index, IpAddr::V6(lan_address(p))).await;
+                }
+            }
+        }
+    }
+}
+
+/// The client's own address on its LAN: `<prefix>::1`.
+fn lan_address(prefix: Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(prefix.network()) | 1)
 }
 
 async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
@@ -209,12 +327,12 @@ async fn connection_loop(
     nl: &Netlink,
     index: u32,
     mut rx: mpsc::Receiver<Bytes>,
+    configured: &Mutex<Configured>,
 ) {
     let mut backoff = Duration::from_secs(1);
-    let mut configured: Option<Ipv4Addr> = None;
     loop {
         let started = Instant::now();
-        let result = session(&client, nl, index, &mut configured, &mut rx).await;
+        let result = session(&client, nl, index, configured, &mut rx).await;
         {
             let mut st = client.status.lock().unwrap_or_else(|p| p.into_inner());
             if st.connected {
@@ -250,7 +368,7 @@ async fn session(
     client: &Client,
     nl: &Netlink,
     index: u32,
-    configured: &mut Option<Ipv4Addr>,
+    configured: &Mutex<Configured>,
     rx: &mut mpsc::Receiver<Bytes>,
 ) -> Result<String> {
     let timers = &client.args.timers;
@@ -304,27 +422,45 @@ async fn session(
                 },
             )
             .await?;
-    } else if *configured != Some(lease.addr) {
-        nl.flush_ipv4(index).await?;
-        nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
-        if !client.args.no_default_route {
-            // Two halves instead of a default route: more specific than any existing default,
-            // and gone with the TUN device.
-            for net in ["0.0.0.0/1", "128.0.0.0/1"] {
-                nl.route_v4(net.parse::<Ipv4Net>().expect("valid"), index)
-                    .await?;
+    } else {
+        let v4_new = lock(configured).v4 != Some(lease.addr);
+        if v4_new {
+            nl.flush_ipv4(index).await?;
+            nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
+            if !client.args.no_default_route {
+                if server.ip().to_canonical().is_ipv4() {
+                    pin_server_route(nl, server.ip(), index, configured).await?;
+                }
+                // Two halves instead of a default route: more specific than any existing
+                // default, and gone with the TUN device.
+                for net in ["0.0.0.0/1", "128.0.0.0/1"] {
+                    nl.route_v4(net.parse::<Ipv4Net>().expect("valid"), index)
+                        .await?;
+                }
             }
+            lock(configured).v4 = Some(lease.addr);
         }
-        *configured = Some(lease.addr);
     }
+    let lease6 = if client.args.ipv6 && !client.ipv6_refused.load(Ordering::Relaxed) {
+        let lease6 = request_ipv6(client, &mut framed).await?;
+        configure_ipv6(client, nl, index, &lease6, configured).await?;
+        Some(lease6)
+    } else {
+        None
+    };
     info!(
         "leased {} from {server}; DNS {} {} {}",
         lease.addr, lease.dns[0], lease.dns[1], lease.dns[2]
     );
     if let Some(path) = &client.args.write_resolv_conf {
+        let v6 = lease6
+            .iter()
+            .flat_map(|l| l.dns.iter().map(|d| IpAddr::V6(*d)));
         let text: String = lease
             .dns
             .iter()
+            .map(|d| IpAddr::V4(*d))
+            .chain(v6)
             .map(|d| format!("nameserver {d}\n"))
             .collect();
         if let Err(e) = std::fs::write(path, text) {
@@ -335,6 +471,7 @@ async fn session(
         let mut st = client.status.lock().unwrap_or_else(|p| p.into_inner());
         st.connected = true;
         st.lease = Some(lease);
+        st.lease6 = lease6.clone();
         st.since = Some(SystemTime::now());
         st.last_error = None;
     }
@@ -342,7 +479,144 @@ async fn session(
     while rx.try_recv().is_ok() {
         client.stats.drop_while_disconnected.inc();
     }
-    Ok(serve(client, &mut framed, rx, server).await)
+    let routed6 = lease6.map(|l| l.routed()).unwrap_or_default();
+    Ok(serve(client, &mut framed, rx, server, &routed6).await)
+}
+
+fn lock(configured: &Mutex<Configured>) -> std::sync::MutexGuard<'_, Configured> {
+    configured.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Before the tunnel's default routes of the server's family go in (callers check the
+/// family): a host route to the
+/// server the way it is reached now, so that the control connection does not end up inside
+/// its own tunnel. Once per run (later sessions find the route in place).
+async fn pin_server_route(
+    nl: &Netlink,
+    server: IpAddr,
+    tun_index: u32,
+    configured: &Mutex<Configured>,
+) -> Result<()> {
+    let server = server.to_canonical();
+    if lock(configured).pinned.is_some() {
+        return Ok(());
+    }
+    let (gateway, oif) = nl.route_to(server).await?;
+    if oif == tun_index {
+        return Ok(());
+    }
+    nl.host_route(server, gateway, oif).await?;
+    info!(
+        "route to the server {server} pinned{} so that it stays outside the tunnel",
+        gateway.map(|g| format!(" via {g}")).unwrap_or_default()
+    );
+    lock(configured).pinned = Some((server, oif));
+    Ok(())
+}
+
+/// 107 → 108. A 110 means this server has no IPv6 for us: say so, and let the next session
+/// go on without asking (the server closes after a 110).
+async fn request_ipv6(client: &Client, framed: &mut Conn) -> Result<Lease6> {
+    let timeout = client.args.timers.timeout;
+    framed.send(Frame::empty(MsgType::Ipv6Request)).await?;
+    client.stats.frames_out.inc();
+    let wait = wait_for_reply(
+        client,
+        framed,
+        MsgType::Ipv6Reply,
+        "an IPv6 lease (108)",
+        "server refused IPv6",
+        |d| Lease6::parse(d).map_err(|e| anyhow!("bad 108: {e}")),
+    );
+    let result = tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| anyhow!("no answer (108) to the IPv6 request within {timeout:?}"))?;
+    match result {
+        Ok(lease) => {
+            client.stats.ipv6_leases.inc();
+            Ok(lease)
+        }
+        Err(e) if e.downcast_ref::<Refused>().is_some() => {
+            client.stats.ipv6_refused.inc();
+            client.ipv6_refused.store(true, Ordering::Relaxed);
+            Err(e.context("continuing with IPv4 only from the next connection on"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts a new IPv6 lease in place: the address on the TUN (a delegated prefix with --lan:
+/// `<prefix>::1` on the LAN, advertised there), and IPv6 routed into the tunnel.
+async fn configure_ipv6(
+    client: &Client,
+    nl: &Netlink,
+    index: u32,
+    lease: &Lease6,
+    configured: &Mutex<Configured>,
+) -> Result<()> {
+    let old = lock(configured).v6.clone();
+    if old.as_ref() == Some(lease) {
+        return Ok(());
+    }
+    let lan = client.lan.as_ref().zip(lease.lan_prefix());
+    if let Some(old) = &old {
+        let _ = nl.del_address(index, IpAddr::V6(old.addr)).await;
+        if let (Some(l), Some(p)) = (&client.lan, old.lan_prefix()) {
+            let _ = nl.del_address(l.index, IpAddr::V6(lan_address(p))).await;
+        }
+    }
+    match lan {
+        Some((l, prefix)) => {
+            nl.add_address(
+                l.index,
+                IpAddr::V6(lan_address(prefix)),
+                prefix.prefix_len(),
+            )
+            .await?;
+            if lease.len == 128 {
+                nl.add_address(index, IpAddr::V6(lease.addr), 128).await?;
+            }
+            let (lan_mtu, _) = nl.mtu_and_mac(l.index).await?;
+            l.advert.send_replace(Some(ra::Advert {
+                prefix,
+                mtu: lan_mtu.min(tundev::TUN_MTU),
+                dns: lease.dns.clone(),
+            }));
+        }
+        None => {
+            nl.add_address(index, IpAddr::V6(lease.addr), 128).await?;
+            if client.lan.is_some() {
+                warn!(
+                    "--lan: the server leased a single address ({}/{}), no prefix to \
+                     advertise (the server needs --delegate)",
+                    lease.addr, lease.len
+                );
+            }
+        }
+    }
+    if !client.args.no_default_route {
+        if client.args.server.ip().to_canonical().is_ipv6() {
+            pin_server_route(nl, client.args.server.ip(), index, configured).await?;
+        }
+        for net in ["::/1", "8000::/1"] {
+            nl.route_v6(net.parse::<Ipv6Net>().expect("valid"), index)
+                .await?;
+        }
+    }
+    info!(
+        "IPv6 {}/{}{}{} via the tunnel (gateway {})",
+        lease.addr,
+        lease.len,
+        lease
+            .delegated
+            .map(|d| format!(", delegated {d}"))
+            .unwrap_or_default(),
+        lan.map(|(l, p)| format!(", {p} on {}", l.dev))
+            .unwrap_or_default(),
+        lease.gateway
+    );
+    lock(configured).v6 = Some(lease.clone());
+    Ok(())
 }
 
 async fn wait_for_lease(client: &Client, framed: &mut Conn) -> Result<Lease4> {
@@ -389,10 +663,11 @@ async fn wait_for_reply<T>(
             MsgType::AddrReply => {}
             MsgType::Error => {
                 client.stats.server_errors.inc();
-                bail!(
+                return Err(Refused(format!(
                     "{refused}: {}",
                     String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
-                );
+                ))
+                .into());
             }
             other => {
                 client.stats.drop_unexpected_frame.inc();
@@ -411,6 +686,7 @@ async fn serve(
     framed: &mut Conn,
     rx: &mut mpsc::Receiver<Bytes>,
     server: SocketAddr,
+    routed6: &[Ipv6Net],
 ) -> String {
     let timers = &client.args.timers;
     let stats = &client.stats;
@@ -458,12 +734,20 @@ async fn serve(
                 }
             },
             Some(pkt) = rx.recv() => {
-                let mut batch = vec![pkt];
-                while batch.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(_) => break,
+                let mut batch = Vec::with_capacity(8);
+                let mut next = Some(pkt);
+                let mut taken = 0;
+                while let Some(p) = next {
+                    taken += 1;
+                    match ipv6_leased(&p, routed6) {
+                        Uplink::Send => batch.push(p),
+                        Uplink::NotLeased => stats.drop_ipv6_not_leased.inc(),
+                        Uplink::LinkLocal => stats.tun_link_local_ignored.inc(),
                     }
+                    next = if taken < WRITE_BATCH { rx.try_recv().ok() } else { None };
+                }
+                if batch.is_empty() {
+                    continue;
                 }
                 let n = batch.len() as u64;
                 let bytes: u64 = batch.iter().map(|p| p.len() as u64).sum();
@@ -494,5 +778,31 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// What happens to a packet read from the TUN.
+enum Uplink {
+    Send,
+    /// IPv6 from an address that is not leased (or no IPv6 lease at all).
+    NotLeased,
+    /// The kernel's own link-local chatter on the TUN (router solicitations, MLD): not for
+    /// the server.
+    LinkLocal,
+}
+
+/// IPv4 packets go; IPv6 packets only from a leased address.
+fn ipv6_leased(pkt: &[u8], routed6: &[Ipv6Net]) -> Uplink {
+    let (Some(IpAddr::V6(src)), Some(IpAddr::V6(dst))) =
+        (crate::packet::source(pkt), crate::packet::destination(pkt))
+    else {
+        return Uplink::Send;
+    };
+    if routed6.iter().any(|n| n.contains(&src)) {
+        Uplink::Send
+    } else if crate::packet::link_local_v6(src, dst) {
+        Uplink::LinkLocal
+    } else {
+        Uplink::NotLeased
     }
 }

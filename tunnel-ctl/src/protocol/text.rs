@@ -1,8 +1,11 @@
-//! The ASCII payloads: 101 (IPv4 lease), 106 (native mode granted) and 110 (error).
+//! The ASCII payloads: 101 (IPv4 lease), 106 (native mode granted), 108 (IPv6 lease) and 110
+//! (error).
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
 };
+
+use ipnet::Ipv6Net;
 
 /// The 106 payload: `"<server-tunnel-ipv6> <mtu>"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +119,95 @@ impl Lease4 {
     }
 }
 
+/// The 108 payload (SPEC §3): `"<ipv6-addr/len> <ipv6-gateway> <dns6>..."`, then optional
+/// `key=value` tokens.
+///
+/// `addr/len` is the client's own address and the size of what is routed to it: a /128 from
+/// `--pool6`, or `<prefix>::1/64` for a delegated /64 (the client numbers itself from it and
+/// may hand the rest to its LAN). A server with both pools sends the /128 and the delegated
+/// prefix as `delegated=<prefix>/<len>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease6 {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+    pub gateway: Ipv6Addr,
+    pub dns: Vec<Ipv6Addr>,
+    pub delegated: Option<Ipv6Net>,
+}
+
+impl Lease6 {
+    /// Everything routed to the client: its address's prefix, and the delegated one.
+    pub fn routed(&self) -> Vec<Ipv6Net> {
+        let own = Ipv6Net::new(self.addr, self.len)
+            .expect("len checked")
+            .trunc();
+        std::iter::once(own).chain(self.delegated).collect()
+    }
+
+    /// The prefix to advertise on a LAN: the delegated one, or the lease itself when it is
+    /// shorter than a /128.
+    pub fn lan_prefix(&self) -> Option<Ipv6Net> {
+        self.delegated.or_else(|| {
+            (self.len < 128).then(|| Ipv6Net::new(self.addr, self.len).expect("valid").trunc())
+        })
+    }
+
+    /// Parses a 108 payload (tolerant of trailing spaces and NULs like the 101 parser).
+    pub fn parse(data: &[u8]) -> Result<Lease6, String> {
+        let text = std::str::from_utf8(data).map_err(|_| "108 text is not ASCII".to_string())?;
+        let text = text.trim_end_matches(['\0', ' ', '\n', '\r']);
+        let mut fields = text.split_ascii_whitespace();
+        let (Some(addr), Some(gateway)) = (fields.next(), fields.next()) else {
+            return Err(format!(
+                "108 {text:?}: expected \"<ipv6-addr/len> <ipv6-gateway> <dns6>...\""
+            ));
+        };
+        let net: Ipv6Net = addr
+            .parse()
+            .map_err(|_| format!("108: {addr:?} is not an IPv6 address/length"))?;
+        let gateway = gateway
+            .parse()
+            .map_err(|_| format!("108: gateway {gateway:?} is not an IPv6 address"))?;
+        let mut lease = Lease6 {
+            addr: net.addr(),
+            len: net.prefix_len(),
+            gateway,
+            dns: vec![],
+            delegated: None,
+        };
+        for field in fields {
+            match field.split_once('=') {
+                Some(("delegated", v)) => {
+                    lease.delegated = Some(
+                        v.parse()
+                            .map_err(|_| format!("108: delegated={v:?} is not an IPv6 prefix"))?,
+                    )
+                }
+                Some(_) => {} // a future key: ignored
+                None => lease.dns.push(
+                    field
+                        .parse()
+                        .map_err(|_| format!("108: DNS {field:?} is not an IPv6 address"))?,
+                ),
+            }
+        }
+        Ok(lease)
+    }
+}
+
+impl fmt::Display for Lease6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} {}", self.addr, self.len, self.gateway)?;
+        for d in &self.dns {
+            write!(f, " {d}")?;
+        }
+        if let Some(p) = self.delegated {
+            write!(f, " delegated={p}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Pads or cuts a DNS list to the three the 101 text carries (repeating the last; 0.0.0.0 when
 /// there is none).
 pub fn three_dns(servers: &[Ipv4Addr]) -> [Ipv4Addr; 3] {
@@ -178,6 +270,33 @@ mod tests {
         let a: Ipv4Addr = "192.0.2.1".parse().unwrap();
         assert_eq!(three_dns(&[a]), [a, a, a]);
         assert_eq!(three_dns(&[]), [Ipv4Addr::UNSPECIFIED; 3]);
+    }
+
+    #[test]
+    fn lease6_round_trips_and_rejects_garbage() {
+        let text =
+            "2001:db8:600::2/128 fe80::1 2001:db8::53 2001:db8::54 delegated=2001:db8:700:5::/64";
+        let l = Lease6::parse(format!("{text} \0").as_bytes()).unwrap();
+        assert_eq!(l.to_string(), text);
+        assert_eq!(l.dns.len(), 2);
+        assert_eq!(
+            l.routed(),
+            vec![
+                "2001:db8:600::2/128".parse::<Ipv6Net>().unwrap(),
+                "2001:db8:700:5::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(l.lan_prefix(), Some("2001:db8:700:5::/64".parse().unwrap()));
+        let only_prefix = Lease6::parse(b"2001:db8:700:5::1/64 fe80::1").unwrap();
+        assert_eq!(
+            only_prefix.lan_prefix(),
+            Some("2001:db8:700:5::/64".parse().unwrap())
+        );
+        assert!(only_prefix.dns.is_empty());
+        assert!(Lease6::parse(b"2001:db8::1/128").is_err());
+        assert!(Lease6::parse(b"198.51.100.2/32 fe80::1").is_err());
+        assert!(Lease6::parse(b"2001:db8::1/129 fe80::1").is_err());
+        assert!(Lease6::parse(b"2001:db8::1/128 fe80::1 not-an-address").is_err());
     }
 
     #[test]

@@ -33,6 +33,8 @@ use crate::{
     tundev,
 };
 
+pub mod inbound;
+pub mod ipv6;
 pub mod native;
 pub mod persist;
 pub mod session;
@@ -68,9 +70,17 @@ counters! {
         drop_data_before_lease,
         drop_spoofed_source,
         drop_malformed_packet,
-        drop_not_ipv4,
+        drop_ipv6_without_lease,
         drop_no_lease_for_destination,
-        drop_tun_not_ipv4,
+        drop_tun_not_ip,
+        tun_link_local_ignored,
+        ipv6_leases_granted,
+        ipv6_pool_exhausted,
+        ipv6_packets_to_tun,
+        ipv6_packets_from_tun,
+        drop_inbound_denied,
+        inbound_flows_untracked,
+        proxy_ndp_errors,
         drop_session_queue_full,
         drop_tun_write_error,
         native_granted,
@@ -107,6 +117,8 @@ pub struct Server {
     pub native: Option<Native>,
     /// The TUN's address: source of the ICMP errors the slow path sends.
     pub gateway: Ipv4Addr,
+    /// IPv6 for clients (107/108), when --pool6 or --delegate is given.
+    pub ipv6: Option<ipv6::Ipv6Service>,
     /// Wakes the lease-file writer.
     pub leases_changed: Notify,
     state_path: PathBuf,
@@ -162,6 +174,16 @@ impl Handler for Server {
                         "bindings_v6": v6,
                     })
                 });
+                let ipv6 = self.ipv6.as_ref().map(|v6| {
+                    json!({
+                        "pool6": state.pool6.as_ref().map(|p| p.to_string()),
+                        "delegate": state.delegate.as_ref().map(|p| p.to_string()),
+                        "leases6": state.leases6_count(),
+                        "dns6": v6.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                        "proxy_ndp": v6.proxy.as_ref().map(|p| p.dev.clone()),
+                        "allow_in": v6.allow_in.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    })
+                });
                 Response::Ok(json!({
                     "role": "server",
                     "instance": self.instance.name(),
@@ -174,6 +196,7 @@ impl Handler for Server {
                     "leases": state.pool.in_use(),
                     "sessions": state.sessions,
                     "native": native,
+                    "ipv6": ipv6,
                     "state_file": self.state_path,
                 }))
             }
@@ -196,6 +219,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     raise_fd_limit(args.max_sessions);
     let pool = Pool::new(&args.pool, &[args.gateway], args.hold)
         .map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
+    let (pool6, delegate) = ipv6::pools(&args)?;
+    if !args.allow_in.is_empty() && pool6.is_none() && delegate.is_none() {
+        anyhow::bail!("--allow-in filters clients' IPv6: it needs --pool6 or --delegate");
+    }
     let dns = match args.dns.as_slice() {
         [] => {
             let found = dns::system_nameservers();
@@ -223,6 +250,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let nl = Netlink::connect()?;
     let (tun, tun_index) = setup_tun(&nl, &args).await?;
+    let ipv6 = if pool6.is_some() || delegate.is_some() {
+        Some(
+            ipv6::Ipv6Service::start(&nl, &args, tun_index, pool6.as_ref(), delegate.as_ref())
+                .await?,
+        )
+    } else {
+        None
+    };
     let native = match (&args.v6_dev, &args.v4_dev, tunnel_addr) {
         (Some(v6_dev), Some(v4_dev), Some(tunnel_addr)) => Some(
             Native::start(
@@ -245,6 +280,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     let state_path = persist::path(&args.state_dir, instance.name());
     let mut state = State::new(pool);
+    state.pool6 = pool6;
+    state.delegate = delegate;
     let saved = persist::load(&state_path);
     for (lease, why) in state.restore(&saved, args.timers.timeout) {
         warn!(
@@ -279,6 +316,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         next_session: AtomicU64::new(1),
         native,
         gateway: args.gateway,
+        ipv6,
         leases_changed: Notify::new(),
         state_path,
         instance: instance.clone(),
@@ -308,6 +346,33 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             n.tunnel_addr, n.v6_dev, n.v4_dev, n.inner_mtu
         );
     }
+    if let Some(v6) = &server.ipv6 {
+        let state = server.state.lock().expect("fresh");
+        let pools: Vec<String> = [&state.pool6, &state.delegate]
+            .into_iter()
+            .flatten()
+            .map(|p| p.to_string())
+            .collect();
+        info!(
+            "IPv6 for clients: {} (gateway {}, DNS {:?}, {}, inbound allowed: {})",
+            pools.join(" and "),
+            ipv6::GATEWAY6,
+            v6.dns,
+            match &v6.proxy {
+                Some(p) => format!("proxy NDP on {}", p.dev),
+                None => "routed: the upstream must route the prefixes here".into(),
+            },
+            if v6.allow_in.is_empty() {
+                "replies only".to_string()
+            } else {
+                v6.allow_in
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        );
+    }
 
     tokio::select! {
         () = accept_loop(server.clone(), listener) => {}
@@ -318,6 +383,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         signal = crate::shutdown_signal() => info!("{signal}: closing all sessions"),
     }
     save_leases(&server);
+    if let Some(v6) = &server.ipv6 {
+        let pool = server
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pool6
+            .as_ref()
+            .map(|p| p.prefix());
+        v6.shutdown(pool).await;
+    }
     Ok(())
 }
 
@@ -425,11 +500,16 @@ async fn tun_reader(server: Arc<Server>) {
             }
         };
         let pkt = &buf[..n];
-        // IPv6 here is the kernel's own chatter on the TUN (router solicitations, MLD) until
-        // IPv6 leases exist.
-        let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
-            server.stats.drop_tun_not_ipv4.inc();
-            continue;
+        let dst = match packet::destination(pkt) {
+            Some(IpAddr::V4(dst)) => dst,
+            Some(IpAddr::V6(dst)) => {
+                route_ipv6(&server, dst, pkt);
+                continue;
+            }
+            None => {
+                server.stats.drop_tun_not_ip.inc();
+                continue;
+            }
         };
         let route = {
             let state = server.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -448,6 +528,36 @@ async fn tun_reader(server: Arc<Server>) {
                 server.stats.drop_no_lease_for_destination.inc();
                 debug!("TUN packet to {dst}: no lease, dropped");
             }
+        }
+    }
+}
+
+/// An IPv6 packet from the TUN → the session holding the destination's address or prefix.
+/// The kernel's own chatter on the TUN (router solicitations, MLD) is counted apart.
+fn route_ipv6(server: &Server, dst: Ipv6Addr, pkt: &[u8]) {
+    if packet::source(pkt)
+        .is_some_and(|src| matches!(src, IpAddr::V6(s) if packet::link_local_v6(s, dst)))
+    {
+        server.stats.tun_link_local_ignored.inc();
+        return;
+    }
+    let tx = server
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .route6(dst);
+    match tx {
+        Some(tx) => match tx.try_send(Bytes::copy_from_slice(pkt)) {
+            Ok(()) => {
+                server.stats.ipv6_packets_from_tun.inc();
+                server.stats.inband_packets_from_tun.inc();
+                server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
+            }
+            Err(_) => server.stats.drop_session_queue_full.inc(),
+        },
+        None => {
+            server.stats.drop_no_lease_for_destination.inc();
+            debug!("TUN packet to {dst}: no IPv6 lease, dropped");
         }
     }
 }

@@ -17,10 +17,11 @@ use tracing::{info, warn};
 
 use super::{
     Server,
-    state::{Grant, SessionHandle},
+    inbound::{Flows, Verdict},
+    state::{Grant, SessionHandle, Units6},
 };
 use crate::{
-    packet::{self, BadPacket},
+    packet,
     protocol::{
         Frame, FrameCodec, FrameError, MsgType, frame,
         text::{Lease4, NativeGrant},
@@ -45,7 +46,9 @@ impl Throttle {
 
 pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let id = server.next_session.fetch_add(1, Ordering::Relaxed);
-    let peer_ip = peer.ip().to_canonical();
+    // IPv4 clients of the dual-stack socket show as IPv4 in logs, not ::ffff:a.b.c.d.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let peer_ip = peer.ip();
     let mut framed = frame::framed(stream);
 
     if !server.allowed(peer.ip()) {
@@ -96,19 +99,29 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         peer,
         lease: None,
         native: false,
+        lease6: None,
+        flows: Flows::default(),
         log_no_lease: Throttle::default(),
         log_bad_packet: Throttle::default(),
     };
     let reason = session.serve(&mut framed, rx).await;
 
     let lease = session.lease;
+    let lease6 = session.lease6;
     let ended = {
         let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
         state.sessions -= 1;
+        if let Some(units) = &lease6 {
+            state.release6(units, id);
+        }
         lease.and_then(|addr| state.release(addr, id))
     };
     if let Some(ended) = ended {
         server.ended(&[ended]);
+    }
+    if let (Some(units), Some(v6)) = (&lease6, &server.ipv6) {
+        v6.detach(units).await;
+        info!(%peer, session = id, "IPv6 {} released", describe6(units));
     }
     server.stats.sessions_closed.inc();
     match lease {
@@ -135,6 +148,10 @@ struct Session {
     lease: Option<Ipv4Addr>,
     /// The lease is in native mode (bound in the fast path).
     native: bool,
+    /// IPv6 (107/108).
+    lease6: Option<Units6>,
+    /// The inbound filter's view of this client's IPv6 flows.
+    flows: Flows,
     log_no_lease: Throttle,
     log_bad_packet: Throttle,
 }
@@ -223,18 +240,29 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is queued (up to a batch) as 103 frames, one flush.
+    /// IPv6 packets pass the inbound filter first.
     async fn write_packets(
-        &self,
+        &mut self,
         first: Bytes,
         rx: &mut mpsc::Receiver<Bytes>,
         framed: &mut Conn,
     ) -> Result<(), String> {
-        let mut frames = vec![Frame::new(MsgType::DataReply, first)];
-        while frames.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(p) => frames.push(Frame::new(MsgType::DataReply, p)),
-                Err(_) => break,
+        let mut frames = Vec::with_capacity(8);
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(p) = next {
+            taken += 1;
+            if self.inbound_allowed(&p) {
+                frames.push(Frame::new(MsgType::DataReply, p));
             }
+            next = if taken < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if frames.is_empty() {
+            return Ok(());
         }
         let n = frames.len() as u64;
         let write = async {
@@ -256,6 +284,26 @@ impl Session {
         }
     }
 
+    /// The default-deny inbound filter on the client's IPv6 (IPv4 passes).
+    fn inbound_allowed(&mut self, pkt: &[u8]) -> bool {
+        let Some(v6) = &self.server.ipv6 else {
+            return true;
+        };
+        if pkt.first().map(|b| b >> 4) != Some(6) {
+            return true;
+        }
+        match self
+            .flows
+            .inbound(pkt, &v6.allow_in, std::time::Instant::now())
+        {
+            Verdict::Pass => true,
+            Verdict::Deny => {
+                self.server.stats.drop_inbound_denied.inc();
+                false
+            }
+        }
+    }
+
     /// Handles one frame; `Some(reason)` ends the session.
     async fn on_frame(&mut self, frame: Frame, framed: &mut Conn) -> Option<String> {
         match frame.kind {
@@ -270,6 +318,9 @@ impl Session {
             }
             MsgType::NativeRequest if self.server.native.is_some() => {
                 self.on_native_request(&frame.data, framed).await
+            }
+            MsgType::Ipv6Request if self.server.ipv6.is_some() => {
+                self.on_ipv6_request(framed).await
             }
             MsgType::NativeRequest | MsgType::Ipv6Request => {
                 self.server.stats.unsupported_request.inc();
@@ -369,6 +420,44 @@ impl Session {
         .to_string();
         // 101 goes out on its own write (some clients cannot take it batched with a 104).
         self.send(framed, Frame::text(MsgType::AddrReply, &text))
+            .await
+            .err()
+    }
+
+    /// A 107: an IPv6 address and/or prefix for this client, answered with 108 (the same one
+    /// again for a repeated 107).
+    async fn on_ipv6_request(&mut self, framed: &mut Conn) -> Option<String> {
+        let server = self.server.clone();
+        let v6 = server.ipv6.as_ref().expect("checked by the caller");
+        let units = match self.lease6 {
+            Some(units) => units,
+            None => {
+                let grant = server
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .grant6(&self.handle);
+                let units = match grant {
+                    Ok(units) => units,
+                    Err(text) => {
+                        server.stats.ipv6_pool_exhausted.inc();
+                        warn!(peer = %self.peer, session = self.handle.id, "107 refused: {text}");
+                        let _ = self.send(framed, Frame::text(MsgType::Error, &text)).await;
+                        return Some(text);
+                    }
+                };
+                self.lease6 = Some(units);
+                if let Err(e) = v6.attach(&units).await {
+                    server.stats.proxy_ndp_errors.inc();
+                    warn!(peer = %self.peer, session = self.handle.id, "{e:#}");
+                }
+                server.stats.ipv6_leases_granted.inc();
+                info!(peer = %self.peer, session = self.handle.id, "leased IPv6 {}", describe6(&units));
+                units
+            }
+        };
+        let text = v6.lease_text(&units);
+        self.send(framed, Frame::text(MsgType::Ipv6Reply, &text))
             .await
             .err()
     }
@@ -474,50 +563,84 @@ impl Session {
         }
         let server = self.server.clone();
         let stats = &server.stats;
-        let Some(lease) = self.lease else {
+        if self.lease.is_none() && self.lease6.is_none() {
             stats.drop_data_before_lease.inc();
             if self.log_no_lease.hit() {
                 warn!(
                     peer = %self.peer,
                     session = self.handle.id,
-                    "102 before any lease (100); packet dropped (occurrence {})",
+                    "102 before any lease (100 or 107); packet dropped (occurrence {})",
                     self.log_no_lease.0
                 );
             }
             return;
-        };
+        }
         let (packets, malformed_tail) = packet::split_packets(data);
         if malformed_tail {
             stats.drop_malformed_packet.inc();
             self.log_bad(format_args!("malformed packet data in 102"));
         }
         for pkt in packets {
-            match packet::ipv4_addrs(pkt) {
-                Ok((src, _)) if src == lease => match server.tun.send(pkt).await {
-                    Ok(_) => {
-                        stats.inband_packets_to_tun.inc();
-                        stats.inband_bytes_to_tun.add(pkt.len() as u64);
+            match self.check_source(pkt) {
+                Ok(v6) => {
+                    if v6 {
+                        if !self.flows.outbound(pkt, std::time::Instant::now()) {
+                            stats.inbound_flows_untracked.inc();
+                        }
+                        stats.ipv6_packets_to_tun.inc();
                     }
-                    Err(e) => {
-                        stats.drop_tun_write_error.inc();
-                        self.log_bad(format_args!("TUN write failed: {e}"));
+                    match server.tun.send(pkt).await {
+                        Ok(_) => {
+                            stats.inband_packets_to_tun.inc();
+                            stats.inband_bytes_to_tun.add(pkt.len() as u64);
+                        }
+                        Err(e) => {
+                            stats.drop_tun_write_error.inc();
+                            self.log_bad(format_args!("TUN write failed: {e}"));
+                        }
                     }
-                },
-                Ok((src, _)) => {
+                }
+                Err(BadSource::Spoofed(src)) => {
                     stats.drop_spoofed_source.inc();
                     self.log_bad(format_args!(
-                        "source {src} is not the lease {lease}; dropped"
+                        "source {src} is not the lease of this client; dropped"
                     ));
                 }
-                Err(BadPacket::NotIpv4) => {
-                    stats.drop_not_ipv4.inc();
-                    self.log_bad(format_args!("IPv6 packet without an IPv6 lease; dropped"));
+                Err(BadSource::NoLease(family)) => {
+                    let text = match family {
+                        6 => {
+                            stats.drop_ipv6_without_lease.inc();
+                            "IPv6 packet without an IPv6 lease (107); dropped"
+                        }
+                        _ => {
+                            stats.drop_data_before_lease.inc();
+                            "IPv4 packet without an IPv4 lease (100); dropped"
+                        }
+                    };
+                    self.log_bad(format_args!("{text}"));
                 }
-                Err(BadPacket::Malformed) => {
+                Err(BadSource::Malformed) => {
                     stats.drop_malformed_packet.inc();
-                    self.log_bad(format_args!("malformed IPv4 packet; dropped"));
+                    self.log_bad(format_args!("malformed packet; dropped"));
                 }
             }
+        }
+    }
+
+    /// Ok(is IPv6) when the packet's source is this client's lease of its family.
+    fn check_source(&self, pkt: &[u8]) -> Result<bool, BadSource> {
+        match packet::source(pkt) {
+            Some(IpAddr::V4(src)) => match self.lease {
+                Some(lease) if lease == src => Ok(false),
+                Some(_) => Err(BadSource::Spoofed(IpAddr::V4(src))),
+                None => Err(BadSource::NoLease(4)),
+            },
+            Some(IpAddr::V6(src)) => match &self.lease6 {
+                Some(units) if units.contains(src) => Ok(true),
+                Some(_) => Err(BadSource::Spoofed(IpAddr::V6(src))),
+                None => Err(BadSource::NoLease(6)),
+            },
+            None => Err(BadSource::Malformed),
         }
     }
 
@@ -531,4 +654,21 @@ impl Session {
             );
         }
     }
+}
+
+/// Why a 102 packet was not forwarded.
+enum BadSource {
+    Spoofed(IpAddr),
+    /// No lease of this IP version (4 or 6).
+    NoLease(u8),
+    Malformed,
+}
+
+/// "2001:db8:600::2/128 and 2001:db8:700:5::/64".
+fn describe6(units: &Units6) -> String {
+    units
+        .iter()
+        .map(|u| u.to_string())
+        .collect::<Vec<_>>()
+        .join(" and ")
 }

@@ -11,12 +11,13 @@ use std::{
 };
 
 use bytes::Bytes;
+use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::persist::SavedLease;
-use crate::pool::Pool;
+use crate::{pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,9 @@ pub struct LeaseRow {
     pub session: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Ipv6Addr>,
+    /// The session's IPv6 address and delegated prefix (107/108).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipv6: Vec<Ipv6Net>,
 }
 
 /// A lease that ended: what must be undone in the fast path.
@@ -77,6 +81,40 @@ pub struct State {
     pub pool: Pool,
     leases: HashMap<Ipv4Addr, Lease>,
     pub sessions: usize,
+    /// `--pool6`: /128s.
+    pub pool6: Option<Pool6>,
+    /// `--delegate`: prefixes.
+    pub delegate: Option<Pool6>,
+    /// IPv6 units (an address or a delegated prefix) → the session holding them.
+    leases6: HashMap<Ipv6Net, Lease6>,
+}
+
+/// An IPv6 address or prefix held by a session (not saved: clients get the same one back from
+/// [`Pool6`]'s address-derived choice).
+#[derive(Debug)]
+struct Lease6 {
+    client: IpAddr,
+    session: SessionHandle,
+}
+
+/// What a 107 got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Units6 {
+    /// From `--pool6`.
+    pub addr: Option<Ipv6Net>,
+    /// From `--delegate`.
+    pub delegated: Option<Ipv6Net>,
+}
+
+impl Units6 {
+    pub fn iter(&self) -> impl Iterator<Item = Ipv6Net> {
+        self.addr.into_iter().chain(self.delegated)
+    }
+
+    /// Whether `src` may appear as the source of this client's packets.
+    pub fn contains(&self, src: Ipv6Addr) -> bool {
+        self.iter().any(|u| u.contains(&src))
+    }
 }
 
 /// The outcome of a lease request.
@@ -95,7 +133,74 @@ impl State {
             pool,
             leases: HashMap::new(),
             sessions: 0,
+            pool6: None,
+            delegate: None,
+            leases6: HashMap::new(),
         }
+    }
+
+    /// Whether 107 can be answered.
+    pub fn offers_ipv6(&self) -> bool {
+        self.pool6.is_some() || self.delegate.is_some()
+    }
+
+    /// IPv6 for `session` from each configured IPv6 pool: the unit a cancelled earlier
+    /// session of the same client held, else the client's preferred free one. Err names the
+    /// exhausted pool (nothing is kept then).
+    pub fn grant6(&mut self, session: &SessionHandle) -> Result<Units6, String> {
+        let mut units = Units6::default();
+        let mut exhausted = None;
+        for (pool, slot) in [
+            (&mut self.pool6, &mut units.addr),
+            (&mut self.delegate, &mut units.delegated),
+        ] {
+            let Some(pool) = pool else { continue };
+            match grant_unit(pool, &mut self.leases6, session) {
+                Some(unit) => *slot = Some(unit),
+                None => {
+                    exhausted = Some(format!(
+                        "IPv6 pool exhausted: all {} of {pool} are leased",
+                        pool.capacity()
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = exhausted {
+            self.release6(&units, session.id);
+            return Err(why);
+        }
+        Ok(units)
+    }
+
+    /// Returns `session_id`'s IPv6 units to their pools (those it still holds).
+    pub fn release6(&mut self, units: &Units6, session_id: u64) {
+        for unit in units.iter() {
+            if self
+                .leases6
+                .get(&unit)
+                .is_some_and(|l| l.session.id == session_id)
+            {
+                self.leases6.remove(&unit);
+                for pool in [&mut self.pool6, &mut self.delegate].into_iter().flatten() {
+                    pool.release(unit);
+                }
+            }
+        }
+    }
+
+    /// The session queue for a packet to `dst`.
+    pub fn route6(&self, dst: Ipv6Addr) -> Option<mpsc::Sender<Bytes>> {
+        [&self.pool6, &self.delegate]
+            .into_iter()
+            .flatten()
+            .filter_map(|pool| pool.unit_of(dst))
+            .find_map(|unit| self.leases6.get(&unit))
+            .map(|l| l.session.tx.clone())
+    }
+
+    pub fn leases6_count(&self) -> usize {
+        self.leases6.len()
     }
 
     /// Re-creates saved leases (no session yet) for `grace`. Returns those it could not
@@ -277,6 +382,10 @@ impl State {
     }
 
     pub fn lease_list(&self) -> Vec<LeaseRow> {
+        let mut ipv6: HashMap<u64, Vec<Ipv6Net>> = HashMap::new();
+        for (unit, l) in &self.leases6 {
+            ipv6.entry(l.session.id).or_default().push(*unit);
+        }
         let mut rows: Vec<LeaseRow> = self
             .leases
             .iter()
@@ -287,6 +396,11 @@ impl State {
                 since: humantime::format_rfc3339_seconds(l.since).to_string(),
                 session: l.session.as_ref().map(|s| s.id),
                 tunnel: l.tunnel,
+                ipv6: l
+                    .session
+                    .as_ref()
+                    .and_then(|s| ipv6.get(&s.id).cloned())
+                    .unwrap_or_default(),
             })
             .collect();
         rows.sort_by_key(|r| r.ipv4);
@@ -315,6 +429,38 @@ impl State {
 pub enum Route {
     Inband(mpsc::Sender<Bytes>),
     Native(Ipv6Addr),
+}
+
+/// One IPv6 unit of `pool` for `session` (see [`State::grant6`]).
+fn grant_unit(
+    pool: &mut Pool6,
+    leases6: &mut HashMap<Ipv6Net, Lease6>,
+    session: &SessionHandle,
+) -> Option<Ipv6Net> {
+    let client = session.peer.to_canonical();
+    let earlier = leases6
+        .iter()
+        .find(|(unit, l)| {
+            pool.prefix().contains(*unit) && l.client == client && l.session.cancel.is_cancelled()
+        })
+        .map(|(unit, _)| *unit);
+    if let Some(unit) = earlier {
+        leases6.get_mut(&unit).expect("found above").session = session.clone();
+        return Some(unit);
+    }
+    let key = match client {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let unit = pool.allocate(&key)?;
+    leases6.insert(
+        unit,
+        Lease6 {
+            client,
+            session: session.clone(),
+        },
+    );
+    Some(unit)
 }
 
 /// Pool holds are keyed by IPv6 address; IPv4 peers use their mapped form.
