@@ -118,34 +118,36 @@ impl Ns {
     /// Sends `count` pings to `addr` (0.1 s apart, 2 s deadline each) and returns how many
     /// were answered.
     pub fn ping(&self, addr: &str, count: u32) -> Result<u32> {
-        let out = self.output(&[
-            "ping",
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.1",
-            "-W",
-            "2",
-            addr,
-        ])?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let (received, text) = self.ping_with(&[], addr, count)?;
+        received.ok_or_else(|| anyhow!("[{}] ping {addr}: no summary in output: {text}", self.name))
+    }
+
+    /// `ping` with extra flags (e.g. `-M do -s 1452`): how many replies came back (None
+    /// when ping printed no summary), and everything ping printed.
+    pub fn ping_with(
+        &self,
+        flags: &[&str],
+        addr: &str,
+        count: u32,
+    ) -> Result<(Option<u32>, String)> {
+        let count = count.to_string();
+        let mut argv = vec!["ping", "-n", "-c", &count, "-i", "0.1", "-W", "2"];
+        argv.extend_from_slice(flags);
+        argv.push(addr);
+        let out = self.output(&argv)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         // "5 packets transmitted, 5 received, 0% packet loss, time 402ms"
         let received = text
             .lines()
             .find(|l| l.contains("packets transmitted"))
             .and_then(|l| l.split(',').nth(1))
             .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| {
-                anyhow!(
-                    "[{}] ping {addr}: no summary in output: {text}{}",
-                    self.name,
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-        Ok(received)
+            .and_then(|n| n.parse().ok());
+        Ok((received, text))
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv6Net;
 use tunnel_tests::{
-    Ns, counter,
+    counter,
     ipv6::{DELEGATE, INTERNET6, ONLINK_POOL6, POOL6, Upstream, V6Lab, addr_of},
     transfer::tcp_transfer,
     wait_for,
@@ -22,28 +22,6 @@ fn in_prefix(addr: &str, prefix: &str) -> bool {
     let net: Ipv6Net = prefix.parse().expect("valid prefix");
     addr.parse::<std::net::Ipv6Addr>()
         .is_ok_and(|a| net.contains(&a))
-}
-
-/// `ping -c count` with extra flags; how many replies came back, and the output.
-fn ping_with(ns: &Ns, flags: &[&str], addr: &str, count: u32) -> Result<(u32, String)> {
-    let count_s = count.to_string();
-    let mut argv = vec!["ping", "-n", "-c", &count_s, "-i", "0.2", "-W", "2"];
-    argv.extend_from_slice(flags);
-    argv.push(addr);
-    let out = ns.output(&argv)?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let received = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .and_then(|l| l.split(',').nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    Ok((received, text))
 }
 
 #[test]
@@ -227,10 +205,10 @@ fn full_size_packets_cross_the_tunnel_both_ways() -> Result<()> {
 
     // 1452 bytes of ICMP payload = a 1500-byte IPv6 packet, DF (IPv6 routers never fragment).
     for (from, to) in [(&client, INTERNET6), (&t.internet, addr.as_str())] {
-        let (replies, out) = ping_with(from, &["-M", "do", "-s", "1452"], to, 3)?;
+        let (replies, out) = from.ping_with(&["-M", "do", "-s", "1452"], to, 3)?;
         let too_big = out.contains("too big") || out.contains("mtu=");
         ensure!(
-            replies == 3 || too_big,
+            replies == Some(3) || too_big,
             "1452-byte ping {} → {to}: neither replies nor packet-too-big:\n{out}",
             from.name
         );

@@ -3,7 +3,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -121,20 +121,6 @@ impl Netlink {
         Ok(())
     }
 
-    /// Removes the IPv4 route to `net` out of the link, if any.
-    pub async fn del_route_v4(&self, net: Ipv4Net, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(index)
-            .build();
-        self.handle
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .with_context(|| format!("removing route {net}"))
-    }
-
     /// The largest IPv4 packet that fits in IPv4-in-IPv6 over link `index` (named `what` in
     /// errors): its MTU − 40, at least 576.
     pub async fn inner_mtu(&self, index: u32, what: &str) -> Result<u16> {
@@ -184,37 +170,20 @@ impl Netlink {
         Ok(())
     }
 
-    /// Routes `net` out of the link (replacing a route to the same prefix).
-    pub async fn route_v4(&self, net: Ipv4Net, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(index)
-            .build();
-        self.replace_route(msg)
+    /// Routes `net` (IPv4 or IPv6) out of the link, replacing a route to the same prefix.
+    pub async fn route(&self, net: impl Into<IpNet>, index: u32) -> Result<()> {
+        let net = net.into();
+        self.replace_route(route_message(net, index))
             .await
             .with_context(|| format!("adding route {net}"))
     }
 
-    /// Routes the IPv6 `net` out of the link (replacing a route to the same prefix).
-    pub async fn route_v6(&self, net: Ipv6Net, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(index)
-            .build();
-        self.replace_route(msg)
-            .await
-            .with_context(|| format!("adding route {net}"))
-    }
-
-    /// Removes the IPv6 route to `net` out of the link, if any.
-    pub async fn del_route_v6(&self, net: Ipv6Net, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(net.network(), net.prefix_len())
-            .output_interface(index)
-            .build();
+    /// Removes the route to `net` out of the link, if any.
+    pub async fn del_route(&self, net: impl Into<IpNet>, index: u32) -> Result<()> {
+        let net = net.into();
         self.handle
             .route()
-            .del(msg)
+            .del(route_message(net, index))
             .execute()
             .await
             .with_context(|| format!("removing route {net}"))
@@ -286,10 +255,7 @@ impl Netlink {
 
     /// Removes the host route to `dest` out of `index`, if any.
     pub async fn del_host_route(&self, dest: IpAddr, index: u32) -> Result<()> {
-        match IpNet::from(dest) {
-            IpNet::V4(n) => self.del_route_v4(n, index).await,
-            IpNet::V6(n) => self.del_route_v6(n, index).await,
-        }
+        self.del_route(IpNet::from(dest), index).await
     }
 
     /// A proxy NDP entry: the kernel answers neighbour solicitations for `addr` on the link.
@@ -341,5 +307,19 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+/// A route to `net` out of link `index`.
+fn route_message(net: IpNet, index: u32) -> rtnetlink::packet_route::route::RouteMessage {
+    match net {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .build(),
     }
 }

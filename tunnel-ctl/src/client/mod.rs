@@ -434,7 +434,7 @@ async fn session(
                 // Two halves instead of a default route: more specific than any existing
                 // default, and gone with the TUN device.
                 for net in ["0.0.0.0/1", "128.0.0.0/1"] {
-                    nl.route_v4(net.parse::<Ipv4Net>().expect("valid"), index)
+                    nl.route(net.parse::<Ipv4Net>().expect("valid"), index)
                         .await?;
                 }
             }
@@ -599,7 +599,7 @@ async fn configure_ipv6(
             pin_server_route(nl, client.args.server.ip(), index, configured).await?;
         }
         for net in ["::/1", "8000::/1"] {
-            nl.route_v6(net.parse::<Ipv6Net>().expect("valid"), index)
+            nl.route(net.parse::<Ipv6Net>().expect("valid"), index)
                 .await?;
         }
     }

@@ -164,7 +164,7 @@ impl NativePath {
             if self.routes {
                 for net in HALVES {
                     let _ = nl
-                        .del_route_v4(net.parse().expect("valid"), self.v6_index)
+                        .del_route(net.parse::<ipnet::Ipv4Net>().expect("valid"), self.v6_index)
                         .await;
                 }
             }

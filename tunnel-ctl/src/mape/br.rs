@@ -125,7 +125,7 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
     let tun_index = nl.index(&args.tun).await?;
     nl.up(tun_index, tundev::TUN_MTU).await?;
     for r in &rules {
-        nl.route_v4(r.ipv4, tun_index).await?;
+        nl.route(r.ipv4, tun_index).await?;
     }
     tundev::ensure_ipv4_forwarding("CEs' traffic is routed through this host")?;
 

@@ -332,7 +332,7 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
     nl.up(tun_index, u32::from(inner_mtu)).await?;
     if !args.no_default_route {
         for half in ["0.0.0.0/1", "128.0.0.0/1"] {
-            nl.route_v4(half.parse::<Ipv4Net>().expect("constant"), tun_index)
+            nl.route(half.parse::<Ipv4Net>().expect("constant"), tun_index)
                 .await?;
         }
     }

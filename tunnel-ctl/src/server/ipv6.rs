@@ -68,10 +68,10 @@ impl Ipv6Service {
         if args.proxy_ndp.is_none()
             && let Some(p) = pool6
         {
-            nl.route_v6(p.prefix(), tun_index).await?;
+            nl.route(p.prefix(), tun_index).await?;
         }
         if let Some(d) = delegate {
-            nl.route_v6(d.prefix(), tun_index).await?;
+            nl.route(d.prefix(), tun_index).await?;
         }
         tundev::ensure_ipv6_forwarding(
             "clients' IPv6 is routed through this host; interfaces with accept_ra=1 stop \
@@ -143,7 +143,7 @@ impl Ipv6Service {
     /// Makes a new lease reachable from upstream (proxy mode: NDP entry and host route).
     pub async fn attach(&self, units: &Units6) -> Result<()> {
         if let (Some(proxy), Some(addr)) = (&self.proxy, units.addr) {
-            self.nl.route_v6(addr, self.tun_index).await?;
+            self.nl.route(addr, self.tun_index).await?;
             self.nl.add_proxy_ndp(proxy.index, addr.addr()).await?;
         }
         Ok(())
@@ -156,7 +156,7 @@ impl Ipv6Service {
             if let Err(e) = self.nl.del_proxy_ndp(proxy.index, addr.addr()).await {
                 warn!("{e:#}");
             }
-            if let Err(e) = self.nl.del_route_v6(addr, self.tun_index).await {
+            if let Err(e) = self.nl.del_route(addr, self.tun_index).await {
                 warn!("{e:#}");
             }
         }

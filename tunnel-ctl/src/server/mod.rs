@@ -463,7 +463,7 @@ async fn setup_tun(nl: &Netlink, args: &ServerArgs) -> Result<(Arc<AsyncDevice>,
     nl.add_address(index, IpAddr::V4(args.gateway), 32).await?;
     for range in &args.pool {
         for net in range.subnets() {
-            nl.route_v4(net, index).await?;
+            nl.route(net, index).await?;
         }
     }
     tundev::ensure_ipv4_forwarding("clients' traffic is routed through this host")?;
