@@ -9,9 +9,14 @@
 //! Clients have no IPv4 except what the tunnel gives them. The server has one IPv6-side
 //! interface (`up6`, its `--v6-dev` in native mode) and one IPv4-side (`inet0`, `--v4-dev`).
 //! The internet host routes the pool (198.51.100.0/24) back to the server.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, ensure};
 
 use crate::{Lab, Ns, wait_for};
 
@@ -151,5 +156,81 @@ impl FourOverSix {
     /// The server's `stats --json`.
     pub fn server_stats(&self) -> Result<serde_json::Value> {
         self.lab.ctl_json("stats", &self.server_instance)
+    }
+}
+
+/// A client written from the SPEC §3 bytes, not from the project's codec.
+pub struct RawPeer {
+    pub stream: TcpStream,
+}
+
+impl RawPeer {
+    pub fn connect(ns: &Ns) -> Result<RawPeer> {
+        let addr: SocketAddr = SERVER.parse()?;
+        let stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(RawPeer { stream })
+    }
+
+    pub fn send(&mut self, kind: u8, data: &[u8]) -> Result<()> {
+        let mut frame = ((5 + data.len()) as u32).to_le_bytes().to_vec();
+        frame.push(kind);
+        frame.extend_from_slice(data);
+        self.stream.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// Next frame, as (type, data).
+    pub fn recv(&mut self) -> Result<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        self.stream
+            .read_exact(&mut header)
+            .context("reading a frame header")?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        ensure!(
+            (5..=4101).contains(&len),
+            "server sent a frame of length {len}"
+        );
+        let mut data = vec![0u8; len - 5];
+        self.stream.read_exact(&mut data)?;
+        Ok((header[4], data))
+    }
+
+    /// Next frame that is not a keepalive.
+    pub fn recv_skip_keepalive(&mut self) -> Result<(u8, Vec<u8>)> {
+        loop {
+            let (kind, data) = self.recv()?;
+            if kind != 104 {
+                return Ok((kind, data));
+            }
+        }
+    }
+
+    /// 100 → 101; returns the 101 text.
+    pub fn lease(&mut self) -> Result<String> {
+        self.send(100, &[])?;
+        let (kind, data) = self.recv_skip_keepalive()?;
+        ensure!(
+            kind == 101,
+            "expected 101, got {kind}: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        Ok(String::from_utf8(data)?)
+    }
+
+    /// Whether the server has closed the connection (EOF within `limit`).
+    pub fn closed_within(&mut self, limit: Duration) -> Result<bool> {
+        self.stream.set_read_timeout(Some(limit))?;
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(true),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(false)
     }
 }

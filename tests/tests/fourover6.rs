@@ -1,16 +1,16 @@
 //! The 4over6 concentrator and client over the in-band path (issue: control protocol).
 //! Topology and addresses: `tunnel_tests::fourover6`.
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use etherparse::{Icmpv4Type, PacketBuilder, SlicedPacket, TransportSlice};
 use tunnel_tests::{
-    Ns, counter,
-    fourover6::{FourOverSix, INTERNET_HOST, SERVER},
+    counter,
+    fourover6::{FourOverSix, INTERNET_HOST, RawPeer},
     transfer::tcp_transfer,
     wait_for,
 };
@@ -28,82 +28,6 @@ fn server_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     ];
     args.extend_from_slice(extra);
     args
-}
-
-/// A client written from the SPEC §3 bytes, not from the project's codec.
-struct RawPeer {
-    stream: TcpStream,
-}
-
-impl RawPeer {
-    fn connect(ns: &Ns) -> Result<RawPeer> {
-        let addr: SocketAddr = SERVER.parse()?;
-        let stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(RawPeer { stream })
-    }
-
-    fn send(&mut self, kind: u8, data: &[u8]) -> Result<()> {
-        let mut frame = ((5 + data.len()) as u32).to_le_bytes().to_vec();
-        frame.push(kind);
-        frame.extend_from_slice(data);
-        self.stream.write_all(&frame)?;
-        Ok(())
-    }
-
-    /// Next frame, as (type, data).
-    fn recv(&mut self) -> Result<(u8, Vec<u8>)> {
-        let mut header = [0u8; 5];
-        self.stream
-            .read_exact(&mut header)
-            .context("reading a frame header")?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        ensure!(
-            (5..=4101).contains(&len),
-            "server sent a frame of length {len}"
-        );
-        let mut data = vec![0u8; len - 5];
-        self.stream.read_exact(&mut data)?;
-        Ok((header[4], data))
-    }
-
-    /// Next frame that is not a keepalive.
-    fn recv_skip_keepalive(&mut self) -> Result<(u8, Vec<u8>)> {
-        loop {
-            let (kind, data) = self.recv()?;
-            if kind != 104 {
-                return Ok((kind, data));
-            }
-        }
-    }
-
-    /// 100 → 101; returns the 101 text.
-    fn lease(&mut self) -> Result<String> {
-        self.send(100, &[])?;
-        let (kind, data) = self.recv_skip_keepalive()?;
-        ensure!(
-            kind == 101,
-            "expected 101, got {kind}: {:?}",
-            String::from_utf8_lossy(&data)
-        );
-        Ok(String::from_utf8(data)?)
-    }
-
-    /// Whether the server has closed the connection (EOF within `limit`).
-    fn closed_within(&mut self, limit: Duration) -> Result<bool> {
-        self.stream.set_read_timeout(Some(limit))?;
-        let mut buf = [0u8; 4096];
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Ok(true),
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(true),
-                Err(_) => return Ok(false),
-            }
-        }
-        Ok(false)
-    }
 }
 
 fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> Vec<u8> {

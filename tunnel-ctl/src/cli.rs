@@ -242,8 +242,35 @@ pub struct ServerArgs {
     pub allow: Vec<IpNet>,
 
     /// Refuse new sessions beyond this many (110 "server full").
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        help_heading = "Limits"
+    )]
     pub max_sessions: usize,
+
+    /// Refuse a source address's connections beyond this many at once (110; 0: no limit).
+    /// Clients behind one NAT share an address: size it for the largest such site.
+    #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Limits")]
+    pub max_per_source: usize,
+
+    /// New connections per second one source address may open, in bursts of twice that
+    /// (110 beyond it; 0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 20, help_heading = "Limits")]
+    pub max_connect_rate: u32,
+
+    /// Close a connection that has not asked for an address (100 or 107) this long after
+    /// connecting: idle and slowloris connections do not pile up.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration,
+          help_heading = "Limits")]
+    pub handshake_timeout: Duration,
+
+    /// Packets waiting for one session (from the TUN); beyond this a slow client loses its
+    /// own packets (drop_session_queue_full), nobody else's.
+    #[arg(long, value_name = "PACKETS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=65536), help_heading = "Limits")]
+    pub session_queue: u32,
 
     /// IPv6 for clients (107/108): hand each client that asks an address (/128) from this
     /// prefix, routed to the TUN. The upstream routes the prefix to this host, or see

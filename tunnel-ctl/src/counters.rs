@@ -38,4 +38,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Counts one and says whether this occurrence is worth a log line: the 1st, 2nd, 4th,
+    /// 8th... (a flood cannot flood the log).
+    pub fn inc_and_log(&self) -> bool {
+        (self.0.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    }
 }

@@ -33,6 +33,7 @@ use crate::{
     tundev,
 };
 
+pub mod admission;
 pub mod inbound;
 pub mod ipv6;
 pub mod native;
@@ -51,6 +52,9 @@ counters! {
         sessions_replaced,
         sessions_refused_not_allowed,
         sessions_refused_full,
+        sessions_refused_per_source,
+        sessions_refused_rate,
+        sessions_handshake_timeout,
         leases_granted,
         pool_exhausted,
         frames_in,
@@ -103,6 +107,8 @@ pub struct Config {
     pub dns: [Ipv4Addr; 3],
     pub max_sessions: usize,
     pub allow: Vec<ipnet::IpNet>,
+    pub handshake_timeout: Duration,
+    pub session_queue: usize,
 }
 
 /// Everything the sessions share.
@@ -110,6 +116,8 @@ pub struct Server {
     pub cfg: Config,
     pub state: std::sync::Mutex<State>,
     pub stats: ServerStats,
+    /// Per-source connection count and rate.
+    pub admission: admission::Admission,
     pub tun: Arc<AsyncDevice>,
     pub started: Instant,
     pub next_session: AtomicU64,
@@ -308,9 +316,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             dns,
             max_sessions: args.max_sessions,
             allow: args.allow.clone(),
+            handshake_timeout: args.handshake_timeout,
+            session_queue: args.session_queue as usize,
         },
         state: std::sync::Mutex::new(state),
         stats: ServerStats::default(),
+        admission: admission::Admission::new(args.max_per_source, args.max_connect_rate),
         tun,
         started: Instant::now(),
         next_session: AtomicU64::new(1),

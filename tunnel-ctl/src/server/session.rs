@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::{
     Server,
+    admission::Refusal,
     inbound::{Flows, Verdict},
     state::{Grant, SessionHandle, Units6},
 };
@@ -28,8 +29,6 @@ use crate::{
     },
 };
 
-/// Packets waiting for a slow session; beyond this its own packets are dropped, nobody else's.
-const SESSION_QUEUE: usize = 512;
 /// 103 frames written per flush when packets queue up.
 const WRITE_BATCH: usize = 64;
 
@@ -62,6 +61,29 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         .await;
         return;
     }
+    if let Err(refusal) = server.admission.admit(peer_ip, std::time::Instant::now()) {
+        let (log, text) = match refusal {
+            Refusal::TooMany(max) => (
+                server.stats.sessions_refused_per_source.inc_and_log(),
+                format!(
+                    "too many connections from {peer_ip}: at most {max} at once (--max-per-source)"
+                ),
+            ),
+            Refusal::TooFast(rate) => (
+                server.stats.sessions_refused_rate.inc_and_log(),
+                format!(
+                    "{peer_ip} is connecting too fast: at most {rate} new connections per second \
+                     (--max-connect-rate)"
+                ),
+            ),
+        };
+        if log {
+            info!(%peer, session = id, "refused: {text}");
+        }
+        refuse(&server, &mut framed, &text).await;
+        return;
+    }
+    let _admitted = Admitted(&server, peer_ip);
     let full = {
         let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
         let full = state.sessions >= server.cfg.max_sessions;
@@ -85,7 +107,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     server.stats.sessions_opened.inc();
     info!(%peer, session = id, "connected");
 
-    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    let (tx, rx) = mpsc::channel(server.cfg.session_queue);
     let handle = SessionHandle {
         id,
         peer: peer.ip(),
@@ -130,6 +152,15 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// Gives the per-source admission back when the connection ends, however it ends.
+struct Admitted<'a>(&'a Server, IpAddr);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.admission.release(self.1);
+    }
+}
+
 /// Sends a 110 and lets the connection close.
 async fn refuse(server: &Server, framed: &mut Framed<TcpStream, FrameCodec>, text: &str) {
     let send = framed.send(Frame::text(MsgType::Error, text));
@@ -165,6 +196,7 @@ impl Session {
         let mut keepalive = tokio::time::interval_at(Instant::now() + cfg.keepalive, cfg.keepalive);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = Instant::now() + cfg.timeout;
+        let handshake = Instant::now() + cfg.handshake_timeout;
         let cancel = self.handle.cancel.clone();
         loop {
             // Not biased: a client flooding us with 102s must not starve its own 103s.
@@ -177,6 +209,13 @@ impl Session {
                 () = tokio::time::sleep_until(deadline) => {
                     self.server.stats.sessions_timed_out.inc();
                     return format!("timeout: nothing received for {:?}", cfg.timeout);
+                }
+                () = tokio::time::sleep_until(handshake), if self.lease.is_none() && self.lease6.is_none() => {
+                    self.server.stats.sessions_handshake_timeout.inc();
+                    return format!(
+                        "no address request (100 or 107) within {:?} of connecting (--handshake-timeout)",
+                        cfg.handshake_timeout
+                    );
                 }
                 item = framed.next() => match item {
                     None => return "peer closed the connection".into(),
