@@ -9,6 +9,8 @@ pub mod client;
 pub mod counters;
 pub mod dataplane;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod instance;
 pub mod mape;
 pub mod mgmt;

@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod fuzz;
 mod install;
 mod setup;
 
@@ -62,6 +63,20 @@ enum Cmd {
     },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
+    /// Run the cargo-fuzz targets (frame decoder, 101/106/108 texts, MAP-E rules, slow path)
+    /// for --time seconds each and report runs per target. Needs nightly; installs cargo-fuzz
+    /// if missing. The checked-in corpus is replayed by `cargo xtask test` anyway.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        time: u64,
+        /// Only this target.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Targets run side by side.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        jobs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +95,9 @@ fn main() -> ExitCode {
             profile,
         } => setup::run(setup::Mode::Quiet).and_then(|()| bench(quick, only.as_deref(), profile)),
         Cmd::Lint => setup::run(setup::Mode::Quiet).and_then(|()| lint()),
+        Cmd::Fuzz { time, target, jobs } => {
+            setup::run(setup::Mode::Quiet).and_then(|()| fuzz::run(time, target.as_deref(), jobs))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,12 @@ use std::{
 
 use ipnet::Ipv6Net;
 
+/// The text of a payload the way a C peer means it: up to the first NUL (some servers count a
+/// terminating NUL in `length`, and nothing after one is text).
+fn c_string(data: &[u8]) -> &[u8] {
+    data.split(|b| *b == 0).next().unwrap_or(data)
+}
+
 /// The 106 payload: `"<server-tunnel-ipv6> <mtu>"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NativeGrant {
@@ -18,9 +24,9 @@ pub struct NativeGrant {
 impl NativeGrant {
     /// Parses a 106 payload; tolerant of trailing spaces and NULs like the 101 parser.
     pub fn parse(data: &[u8]) -> Result<NativeGrant, String> {
-        let text = String::from_utf8_lossy(data);
+        let text = String::from_utf8_lossy(c_string(data));
         let mut fields = text
-            .trim_end_matches(['\0', ' ', '\n', '\r'])
+            .trim_end_matches([' ', '\n', '\r'])
             .split_ascii_whitespace();
         let (Some(addr), Some(mtu)) = (fields.next(), fields.next()) else {
             return Err(format!("106 {text:?}: expected \"<ipv6> <mtu>\""));
@@ -83,8 +89,8 @@ impl Lease4 {
     /// Parses a 101 payload as servers send it: tolerates a trailing space, a trailing NUL (some
     /// servers count it in `length`), and unknown extra tokens.
     pub fn parse(data: &[u8]) -> Result<Lease4, TextError> {
-        let text = std::str::from_utf8(data).map_err(|_| TextError::NotAscii)?;
-        let text = text.trim_end_matches(['\0', ' ', '\n', '\r']);
+        let text = std::str::from_utf8(c_string(data)).map_err(|_| TextError::NotAscii)?;
+        let text = text.trim_end_matches([' ', '\n', '\r']);
         let fields: Vec<&str> = text.split_ascii_whitespace().collect();
         if fields.len() < 5 {
             return Err(TextError::TooFewFields(fields.len()));
@@ -154,8 +160,9 @@ impl Lease6 {
 
     /// Parses a 108 payload (tolerant of trailing spaces and NULs like the 101 parser).
     pub fn parse(data: &[u8]) -> Result<Lease6, String> {
-        let text = std::str::from_utf8(data).map_err(|_| "108 text is not ASCII".to_string())?;
-        let text = text.trim_end_matches(['\0', ' ', '\n', '\r']);
+        let text =
+            std::str::from_utf8(c_string(data)).map_err(|_| "108 text is not ASCII".to_string())?;
+        let text = text.trim_end_matches([' ', '\n', '\r']);
         let mut fields = text.split_ascii_whitespace();
         let (Some(addr), Some(gateway)) = (fields.next(), fields.next()) else {
             return Err(format!(
