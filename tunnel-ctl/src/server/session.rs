@@ -129,21 +129,23 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let reason = session.serve(&mut framed, rx).await;
 
     let lease = session.lease;
-    let lease6 = session.lease6;
-    let ended = {
+    let (ended, released6) = {
         let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
         state.sessions -= 1;
-        if let Some(units) = &lease6 {
-            state.release6(units, id);
-        }
-        lease.and_then(|addr| state.release(addr, id))
+        let released6 = session.lease6.map(|units| state.release6(&units, id));
+        (lease.and_then(|addr| state.release(addr, id)), released6)
     };
     if let Some(ended) = ended {
         server.ended(&[ended]);
     }
-    if let (Some(units), Some(v6)) = (&lease6, &server.ipv6) {
-        v6.detach(units).await;
-        info!(%peer, session = id, "IPv6 {} released", describe6(units));
+    // Only what this session still held: a unit taken over by the client's new session
+    // keeps its proxy entry.
+    if let (Some(units), Some(v6)) = (
+        released6.filter(|u| u.iter().next().is_some()),
+        &server.ipv6,
+    ) {
+        v6.detach(&units).await;
+        info!(%peer, session = id, "IPv6 {} released", describe6(&units));
     }
     server.stats.sessions_closed.inc();
     match lease {

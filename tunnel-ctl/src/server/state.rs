@@ -167,15 +167,21 @@ impl State {
             }
         }
         if let Some(why) = exhausted {
-            self.release6(&units, session.id);
+            let _ = self.release6(&units, session.id);
             return Err(why);
         }
         Ok(units)
     }
 
-    /// Returns `session_id`'s IPv6 units to their pools (those it still holds).
-    pub fn release6(&mut self, units: &Units6, session_id: u64) {
-        for unit in units.iter() {
+    /// Returns `session_id`'s IPv6 units to their pools (those it still holds: a unit taken
+    /// over by a newer session of the same client stays); returns what was released.
+    pub fn release6(&mut self, units: &Units6, session_id: u64) -> Units6 {
+        let mut released = Units6::default();
+        for (unit, slot) in [
+            (units.addr, &mut released.addr),
+            (units.delegated, &mut released.delegated),
+        ] {
+            let Some(unit) = unit else { continue };
             if self
                 .leases6
                 .get(&unit)
@@ -185,8 +191,10 @@ impl State {
                 for pool in [&mut self.pool6, &mut self.delegate].into_iter().flatten() {
                     pool.release(unit);
                 }
+                *slot = Some(unit);
             }
         }
+        released
     }
 
     /// The session queue for a packet to `dst`.
@@ -468,5 +476,65 @@ fn v6_key(peer: IpAddr) -> Ipv6Addr {
     match peer.to_canonical() {
         IpAddr::V6(a) => a,
         IpAddr::V4(a) => a.to_ipv6_mapped(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        let pool = Pool::new(
+            &["198.51.100.2-198.51.100.9".parse().unwrap()],
+            &[],
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        let mut s = State::new(pool);
+        s.pool6 = Some(Pool6::new("2001:db8:600::/64".parse().unwrap(), 128).unwrap());
+        s.delegate = Some(Pool6::new("2001:db8:700::/48".parse().unwrap(), 64).unwrap());
+        s
+    }
+
+    fn handle(id: u64, peer: &str) -> (SessionHandle, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(4);
+        let h = SessionHandle {
+            id,
+            peer: peer.parse().unwrap(),
+            tx,
+            last_rx: Arc::new(AtomicU64::new(0)),
+            cancel: CancellationToken::new(),
+        };
+        (h, rx)
+    }
+
+    #[test]
+    fn ipv6_units_route_to_their_session_and_survive_a_takeover() {
+        let mut s = state();
+        let (old, _old_rx) = handle(1, "192.0.2.7");
+        let units = s.grant6(&old).unwrap();
+        let (addr, delegated) = (units.addr.unwrap(), units.delegated.unwrap());
+        assert_eq!((addr.prefix_len(), delegated.prefix_len()), (128, 64));
+        let in_prefix = Ipv6Addr::from(u128::from(delegated.network()) | 0x42);
+        assert!(s.route6(addr.addr()).is_some() && s.route6(in_prefix).is_some());
+        assert!(s.route6("2001:db8:700:ffff::1".parse().unwrap()).is_none());
+
+        // The client reconnects; its old session is cancelled but has not ended yet.
+        old.cancel.cancel();
+        let (new, mut new_rx) = handle(2, "192.0.2.7");
+        assert_eq!(s.grant6(&new).unwrap(), units, "same units, taken over");
+        assert_eq!(
+            s.release6(&units, 1),
+            Units6::default(),
+            "the old session releases nothing"
+        );
+        s.route6(addr.addr())
+            .unwrap()
+            .try_send(Bytes::from_static(b"x"))
+            .unwrap();
+        assert!(new_rx.try_recv().is_ok(), "packets go to the new session");
+        assert_eq!(s.release6(&units, 2), units);
+        assert_eq!(s.leases6_count(), 0);
+        assert!(s.route6(addr.addr()).is_none());
     }
 }
