@@ -42,13 +42,12 @@ pub fn run(seconds: u64, only: Option<&str>, jobs: usize) -> Result<()> {
             .iter()
             .map(|t| start(t, seconds).map(|c| (*t, c, Instant::now())))
             .collect::<Result<_>>()?;
-        for (target, child, started) in children {
-            let out = child.wait_with_output()?;
-            let log = String::from_utf8_lossy(&out.stderr).into_owned();
-            std::fs::write(root().join(format!("target/fuzz/{target}.log")), &log)?;
+        for (target, mut child, started) in children {
+            let status = child.wait()?;
+            let log = std::fs::read_to_string(log_path(target)).unwrap_or_default();
             results.push(Outcome {
                 target,
-                ok: out.status.success(),
+                ok: status.success(),
                 runs: done_runs(&log),
                 seconds: started.elapsed().as_secs(),
                 corpus: corpus_size(&log),
@@ -92,9 +91,16 @@ struct Outcome<'a> {
     corpus: Option<u64>,
 }
 
+fn log_path(target: &str) -> std::path::PathBuf {
+    root().join(format!("target/fuzz/{target}.log"))
+}
+
+/// Starts one target; its output goes straight to its log file (a pipe nobody reads while
+/// another target is waited for would fill up and stall it).
 fn start(target: &str, seconds: u64) -> Result<std::process::Child> {
     let scratch = root().join("target/fuzz/corpus").join(target);
     std::fs::create_dir_all(&scratch)?;
+    let log = std::fs::File::create(log_path(target))?;
     println!("fuzz: {target} for {seconds} s");
     Command::new("cargo")
         .current_dir(root())
@@ -117,7 +123,7 @@ fn start(target: &str, seconds: u64) -> Result<std::process::Child> {
             "-print_final_stats=1",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .with_context(|| format!("starting cargo fuzz run {target}"))
 }
