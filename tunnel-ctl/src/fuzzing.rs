@@ -118,7 +118,7 @@ pub fn slow_path(data: &[u8]) {
     let mut flows = Flows::default();
     let now = std::time::Instant::now();
     for pkt in packets {
-        let _ = (packet::source(pkt), packet::destination(pkt));
+        let _ = packet::addrs(pkt);
         match packet::fit(pkt, mtu, Ipv4Addr::new(198, 51, 100, 1)) {
             packet::Fit::Fragments(frags) => {
                 assert!(frags.iter().all(|f| f.len() <= usize::from(mtu)));

@@ -47,17 +47,28 @@ pub fn ipv4_addrs(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr), BadPacket> {
     }
 }
 
-/// Source of an IPv4 or IPv6 packet.
-pub fn source(packet: &[u8]) -> Option<IpAddr> {
+/// Source and destination of an IPv4 or IPv6 packet (one header parse).
+pub fn addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     match packet.first()? >> 4 {
-        4 => Ipv4HeaderSlice::from_slice(packet)
-            .ok()
-            .map(|h| IpAddr::V4(h.source_addr())),
-        6 => Ipv6HeaderSlice::from_slice(packet)
-            .ok()
-            .map(|h| IpAddr::V6(h.source_addr())),
+        4 => Ipv4HeaderSlice::from_slice(packet).ok().map(|h| {
+            (
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+            )
+        }),
+        6 => Ipv6HeaderSlice::from_slice(packet).ok().map(|h| {
+            (
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+            )
+        }),
         _ => None,
     }
+}
+
+/// Source of an IPv4 or IPv6 packet.
+pub fn source(packet: &[u8]) -> Option<IpAddr> {
+    addrs(packet).map(|(src, _)| src)
 }
 
 /// Whether an IPv6 packet stays on its link: a link-local or unspecified source, or a
@@ -71,15 +82,7 @@ pub fn link_local_v6(src: Ipv6Addr, dst: Ipv6Addr) -> bool {
 
 /// Destination of an IPv4 or IPv6 packet.
 pub fn destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => Ipv4HeaderSlice::from_slice(packet)
-            .ok()
-            .map(|h| IpAddr::V4(h.destination_addr())),
-        6 => Ipv6HeaderSlice::from_slice(packet)
-            .ok()
-            .map(|h| IpAddr::V6(h.destination_addr())),
-        _ => None,
-    }
+    addrs(packet).map(|(_, dst)| dst)
 }
 
 /// Whether the IPv4 packet has Don't Fragment set.

@@ -793,9 +793,7 @@ enum Uplink {
 
 /// IPv4 packets go; IPv6 packets only from a leased address.
 fn ipv6_leased(pkt: &[u8], routed6: &[Ipv6Net]) -> Uplink {
-    let (Some(IpAddr::V6(src)), Some(IpAddr::V6(dst))) =
-        (crate::packet::source(pkt), crate::packet::destination(pkt))
-    else {
+    let Some((IpAddr::V6(src), IpAddr::V6(dst))) = crate::packet::addrs(pkt) else {
         return Uplink::Send;
     };
     if routed6.iter().any(|n| n.contains(&src)) {

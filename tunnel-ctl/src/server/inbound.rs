@@ -268,28 +268,30 @@ impl Flows {
     }
 
     fn touch(&mut self, key: Key, now: Instant) -> bool {
-        if self.tracked.len() >= MAX_FLOWS && !self.tracked.contains_key(&key) {
-            self.tracked
-                .retain(|k, t| now.duration_since(*t) < idle_limit(k.proto));
-            if self.tracked.len() >= MAX_FLOWS {
-                return false;
-            }
-        }
-        self.tracked.insert(key, now);
-        true
+        insert_bounded(&mut self.tracked, key, now, |k| idle_limit(k.proto))
     }
 
     fn touch_pair(&mut self, pair: (Ipv6Addr, Ipv6Addr), now: Instant) -> bool {
-        if self.pairs.len() >= MAX_FLOWS && !self.pairs.contains_key(&pair) {
-            self.pairs
-                .retain(|_, t| now.duration_since(*t) < idle_limit(0));
-            if self.pairs.len() >= MAX_FLOWS {
-                return false;
-            }
-        }
-        self.pairs.insert(pair, now);
-        true
+        insert_bounded(&mut self.pairs, pair, now, |_| idle_limit(0))
     }
+}
+
+/// Records `key` as seen `now` in a table of at most [`MAX_FLOWS`]: a full table first forgets
+/// what has been idle longer than `limit`; false when there is still no room.
+fn insert_bounded<K: std::hash::Hash + Eq>(
+    table: &mut HashMap<K, Instant>,
+    key: K,
+    now: Instant,
+    limit: impl Fn(&K) -> Duration,
+) -> bool {
+    if table.len() >= MAX_FLOWS && !table.contains_key(&key) {
+        table.retain(|k, t| now.duration_since(*t) < limit(k));
+        if table.len() >= MAX_FLOWS {
+            return false;
+        }
+    }
+    table.insert(key, now);
+    true
 }
 
 #[cfg(test)]

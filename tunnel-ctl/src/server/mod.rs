@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::Notify,
+    sync::{Notify, mpsc},
 };
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
@@ -511,10 +511,10 @@ async fn tun_reader(server: Arc<Server>) {
             }
         };
         let pkt = &buf[..n];
-        let dst = match packet::destination(pkt) {
-            Some(IpAddr::V4(dst)) => dst,
-            Some(IpAddr::V6(dst)) => {
-                route_ipv6(&server, dst, pkt);
+        let dst = match packet::addrs(pkt) {
+            Some((_, IpAddr::V4(dst))) => dst,
+            Some((src, IpAddr::V6(dst))) => {
+                route_ipv6(&server, src, dst, pkt);
                 continue;
             }
             None => {
@@ -527,13 +527,9 @@ async fn tun_reader(server: Arc<Server>) {
             state.route(dst)
         };
         match route {
-            Some(Route::Inband(tx)) => match tx.try_send(Bytes::copy_from_slice(pkt)) {
-                Ok(()) => {
-                    server.stats.inband_packets_from_tun.inc();
-                    server.stats.inband_bytes_from_tun.add(n as u64);
-                }
-                Err(_) => server.stats.drop_session_queue_full.inc(),
-            },
+            Some(Route::Inband(tx)) => {
+                queue_for_session(&server, &tx, pkt);
+            }
             Some(Route::Native(client)) => slow_path_to_native(&server, client, pkt).await,
             None => {
                 server.stats.drop_no_lease_for_destination.inc();
@@ -543,12 +539,26 @@ async fn tun_reader(server: Arc<Server>) {
     }
 }
 
+/// Queues a TUN packet for its session's 103s; a full queue drops it (that session's loss
+/// only). Whether it was queued.
+fn queue_for_session(server: &Server, tx: &mpsc::Sender<Bytes>, pkt: &[u8]) -> bool {
+    match tx.try_send(Bytes::copy_from_slice(pkt)) {
+        Ok(()) => {
+            server.stats.inband_packets_from_tun.inc();
+            server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
+            true
+        }
+        Err(_) => {
+            server.stats.drop_session_queue_full.inc();
+            false
+        }
+    }
+}
+
 /// An IPv6 packet from the TUN → the session holding the destination's address or prefix.
 /// The kernel's own chatter on the TUN (router solicitations, MLD) is counted apart.
-fn route_ipv6(server: &Server, dst: Ipv6Addr, pkt: &[u8]) {
-    if packet::source(pkt)
-        .is_some_and(|src| matches!(src, IpAddr::V6(s) if packet::link_local_v6(s, dst)))
-    {
+fn route_ipv6(server: &Server, src: IpAddr, dst: Ipv6Addr, pkt: &[u8]) {
+    if matches!(src, IpAddr::V6(s) if packet::link_local_v6(s, dst)) {
         server.stats.tun_link_local_ignored.inc();
         return;
     }
@@ -558,14 +568,11 @@ fn route_ipv6(server: &Server, dst: Ipv6Addr, pkt: &[u8]) {
         .unwrap_or_else(|p| p.into_inner())
         .route6(dst);
     match tx {
-        Some(tx) => match tx.try_send(Bytes::copy_from_slice(pkt)) {
-            Ok(()) => {
+        Some(tx) => {
+            if queue_for_session(server, &tx, pkt) {
                 server.stats.ipv6_packets_from_tun.inc();
-                server.stats.inband_packets_from_tun.inc();
-                server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
             }
-            Err(_) => server.stats.drop_session_queue_full.inc(),
-        },
+        }
         None => {
             server.stats.drop_no_lease_for_destination.inc();
             debug!("TUN packet to {dst}: no IPv6 lease, dropped");
