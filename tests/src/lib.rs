@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
 /// Every namespace, instance and socket the lab makes starts with this.
 pub const PREFIX: &str = "tnl";
@@ -496,6 +496,37 @@ pub fn remove_own_leftovers() {
     remove_leftovers(|pid| pid == me);
 }
 
+/// Lets this process hold a few thousand sockets (the soft limit may be 1,024).
+pub fn raise_nofile(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a pointer to a local.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0,
+            "getrlimit"
+        );
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            ensure!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0, "setrlimit");
+        }
+    }
+    ensure!(
+        lim.rlim_cur >= want,
+        "open-files limit {} < {want}",
+        lim.rlim_cur
+    );
+    Ok(())
+}
+
+/// Whether the long forms of the endurance tests run (`cargo xtask test --long`, which sets
+/// `TUNNEL_LONG=1`); CI runs the short forms.
+pub fn long_runs() -> bool {
+    std::env::var_os("TUNNEL_LONG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Waits until `check` returns `Ok(Some(value))`, polling every 50 ms for at most `limit`.
 /// The last error or "still waiting" becomes the failure message.
 pub fn wait_for<T>(
@@ -536,6 +567,7 @@ pub fn xdp_test_ctx(ifindex: u32, len: usize) -> Vec<u8> {
 
 pub mod fourover6;
 pub mod ipv6;
+pub mod loadgen;
 pub mod mape;
 pub mod transfer;
 

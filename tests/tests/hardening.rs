@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tunnel_tests::{
     Ns, counter,
     fourover6::{FourOverSix, RawPeer, SERVER},
-    tunnel_ctl_bin, wait_for,
+    raise_nofile, tunnel_ctl_bin, wait_for,
 };
 
 fn server_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -28,31 +28,6 @@ fn server_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     ];
     args.extend_from_slice(extra);
     args
-}
-
-/// Lets this process hold a few thousand sockets (the soft limit may be 1,024).
-fn raise_nofile(want: u64) -> Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit with a pointer to a local.
-    unsafe {
-        ensure!(
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0,
-            "getrlimit"
-        );
-        if lim.rlim_cur < want {
-            lim.rlim_cur = want.min(lim.rlim_max);
-            ensure!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0, "setrlimit");
-        }
-    }
-    ensure!(
-        lim.rlim_cur >= want,
-        "open-files limit {} < {want}",
-        lim.rlim_cur
-    );
-    Ok(())
 }
 
 /// How the server treated the hostile connections.

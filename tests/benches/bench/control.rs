@@ -20,71 +20,33 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
-use futures::{SinkExt as _, StreamExt as _};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::codec::Framed;
-use tunnel_ctl::protocol::frame::{Frame, FrameCodec, MsgType};
-use tunnel_tests::{fourover6::FourOverSix, wait_for};
+use anyhow::{Context as _, Result, anyhow};
+use futures::StreamExt as _;
+use tunnel_tests::{
+    fourover6::{FourOverSix, SERVER},
+    loadgen::{self, KEEPALIVE, NATIVE_REPLY, NATIVE_REQUEST, Session},
+    wait_for,
+};
 
 use crate::{
     Plan,
     report::{Report, Target},
 };
 
-const SERVER: &str = "[2001:db8:100::1]:5678";
 /// Idle sessions come from 2001:db8:b::/64, churning ones from 2001:db8:c::/64.
 const IDLE_NET: u16 = 0xb;
 const CHURN_NET: u16 = 0xc;
 const CHURN_CONCURRENCY: usize = 32;
 const CONNECT_CONCURRENCY: usize = 256;
-/// Every protocol step gets this long.
-const STEP: Duration = Duration::from_secs(10);
-
-type Session = Framed<TcpStream, FrameCodec>;
 
 fn source(net: u16, i: u32) -> SocketAddr {
-    let host = i + 1;
-    let a = Ipv6Addr::new(
-        0x2001,
-        0xdb8,
-        net,
-        0,
-        0,
-        0,
-        (host >> 16) as u16,
-        host as u16,
-    );
-    SocketAddr::new(a.into(), 0)
-}
-
-/// Waits for a frame of `kind`, skipping keepalives; a 110 or a close is an error.
-async fn expect(s: &mut Session, kind: MsgType) -> Result<Frame> {
-    loop {
-        let frame = tokio::time::timeout(STEP, s.next())
-            .await
-            .map_err(|_| anyhow!("no {kind:?} within {STEP:?}"))?
-            .ok_or_else(|| anyhow!("server closed before {kind:?}"))??;
-        match frame.kind {
-            k if k == kind => return Ok(frame),
-            MsgType::Keepalive => continue,
-            MsgType::Error => bail!("server refused: {}", String::from_utf8_lossy(&frame.data)),
-            other => bail!("expected {kind:?}, got {other:?}"),
-        }
-    }
+    loadgen::source(Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, 0), i)
 }
 
 /// Connects from `from`, asks for an address (100) and waits for the lease (101).
 async fn lease(from: SocketAddr) -> Result<Session> {
-    let server: SocketAddr = SERVER.parse()?;
-    let socket = TcpSocket::new_v6()?;
-    socket.bind(from)?;
-    let stream = tokio::time::timeout(STEP, socket.connect(server))
-        .await
-        .map_err(|_| anyhow!("connect timed out"))??;
-    let mut s = Framed::new(stream, FrameCodec);
-    s.send(Frame::empty(MsgType::AddrRequest)).await?;
-    expect(&mut s, MsgType::AddrReply).await?;
+    let mut s = Session::connect(SERVER.parse()?, from).await?;
+    s.lease().await?;
     Ok(s)
 }
 
@@ -95,12 +57,12 @@ async fn idle(mut s: Session) {
     tick.tick().await;
     loop {
         tokio::select! {
-            frame = s.next() => match frame {
-                Some(Ok(_)) => {}
+            frame = s.recv() => match frame {
+                Ok(Some(_)) => {}
                 _ => return,
             },
             _ = tick.tick() => {
-                if s.send(Frame::empty(MsgType::Keepalive)).await.is_err() {
+                if s.send(KEEPALIVE, &[]).await.is_err() {
                     return;
                 }
             }
@@ -111,8 +73,9 @@ async fn idle(mut s: Session) {
 /// One churn cycle: lease, native binding (105 → 106), close.
 async fn churn_once(from: SocketAddr) -> Result<()> {
     let mut s = lease(from).await?;
-    s.send(Frame::empty(MsgType::NativeRequest)).await?;
-    expect(&mut s, MsgType::NativeReply).await?;
+    s.send(NATIVE_REQUEST, &[]).await?;
+    s.expect(NATIVE_REPLY).await?;
+    s.close().await;
     Ok(())
 }
 
