@@ -27,6 +27,8 @@ pub struct Ipv6Service {
     pub proxy: Option<ProxyNdp>,
     nl: Netlink,
     tun_index: u32,
+    /// Serializes [`Ipv6Service::sync`].
+    sync: tokio::sync::Mutex<()>,
 }
 
 /// The IPv6 pools of the command line (None, None without --pool6/--delegate).
@@ -115,6 +117,7 @@ impl Ipv6Service {
             proxy,
             nl: nl.clone(),
             tun_index,
+            sync: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -140,26 +143,26 @@ impl Ipv6Service {
         .to_string()
     }
 
-    /// Makes a new lease reachable from upstream (proxy mode: NDP entry and host route).
-    pub async fn attach(&self, units: &Units6) -> Result<()> {
-        if let (Some(proxy), Some(addr)) = (&self.proxy, units.addr) {
+    /// Makes the kernel agree with the lease table on `units`: in proxy mode a leased address
+    /// has an NDP entry and a host route, an address no longer leased has neither (from then
+    /// on the upstream's neighbour solicitations for it go unanswered). Called after a grant
+    /// and after a release. One call at a time, and `leased` is asked under that turn: when a
+    /// unit released by one session is granted at once to another, the first session's
+    /// removal can then never land after the second one's addition.
+    pub async fn sync(&self, units: &Units6, leased: impl Fn(Ipv6Net) -> bool) -> Result<()> {
+        let (Some(proxy), Some(addr)) = (&self.proxy, units.addr) else {
+            return Ok(());
+        };
+        let _turn = self.sync.lock().await;
+        if leased(addr) {
             self.nl.route(addr, self.tun_index).await?;
             self.nl.add_proxy_ndp(proxy.index, addr.addr()).await?;
+        } else {
+            let proxy_entry = self.nl.del_proxy_ndp(proxy.index, addr.addr()).await;
+            let route = self.nl.del_route(addr, self.tun_index).await;
+            proxy_entry.and(route)?;
         }
         Ok(())
-    }
-
-    /// Undoes [`Ipv6Service::attach`] when the lease ends: from then on the upstream's
-    /// neighbour solicitations for the address go unanswered.
-    pub async fn detach(&self, units: &Units6) {
-        if let (Some(proxy), Some(addr)) = (&self.proxy, units.addr) {
-            if let Err(e) = self.nl.del_proxy_ndp(proxy.index, addr.addr()).await {
-                warn!("{e:#}");
-            }
-            if let Err(e) = self.nl.del_route(addr, self.tun_index).await {
-                warn!("{e:#}");
-            }
-        }
     }
 
     /// Removes every proxy NDP entry of the pool (a clean shutdown).

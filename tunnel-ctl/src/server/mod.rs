@@ -136,6 +136,14 @@ pub struct Server {
 }
 
 impl Server {
+    /// Whether an IPv6 unit is leased now (see [`ipv6::Ipv6Service::sync`]).
+    pub fn leased6(&self, unit: ipnet::Ipv6Net) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_leased6(unit)
+    }
+
     /// Milliseconds since the server started (cheap timestamps for liveness).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64

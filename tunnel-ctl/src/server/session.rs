@@ -144,7 +144,9 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         released6.filter(|u| u.iter().next().is_some()),
         &server.ipv6,
     ) {
-        v6.detach(&units).await;
+        if let Err(e) = v6.sync(&units, |u| server.leased6(u)).await {
+            warn!(%peer, session = id, "{e:#}");
+        }
         info!(%peer, session = id, "IPv6 {} released", describe6(&units));
     }
     server.stats.sessions_closed.inc();
@@ -488,7 +490,7 @@ impl Session {
                     }
                 };
                 self.lease6 = Some(units);
-                if let Err(e) = v6.attach(&units).await {
+                if let Err(e) = v6.sync(&units, |u| server.leased6(u)).await {
                     server.stats.proxy_ndp_errors.inc();
                     warn!(peer = %self.peer, session = self.handle.id, "{e:#}");
                 }

@@ -207,6 +207,11 @@ impl State {
             .map(|l| l.session.tx.clone())
     }
 
+    /// Whether `unit` is leased to any session now.
+    pub fn is_leased6(&self, unit: Ipv6Net) -> bool {
+        self.leases6.contains_key(&unit)
+    }
+
     pub fn leases6_count(&self) -> usize {
         self.leases6.len()
     }
