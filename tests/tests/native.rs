@@ -460,3 +460,50 @@ fn tcp_over_1500_byte_links_needs_no_fragments_and_no_icmp() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_pinned_map_with_another_layout_is_replaced_not_trusted() -> Result<()> {
+    use aya::maps::MapInfo;
+    use tunnel_common::{fastpath::Binding6, names};
+
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    let (client, addr) = t.start_native_client(&ns, &[])?;
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    // What an older version might have left: BIND_BY_V4 with another key and value size
+    // (here the NAT table's map, moved into its place).
+    let dir = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT).join(&instance);
+    let pin = dir.join(names::BIND_BY_V4);
+    std::fs::remove_file(&pin)?;
+    std::fs::rename(dir.join(names::NAT_IN), &pin)?;
+    let foreign = MapInfo::from_pin(&pin)?;
+    assert_ne!(
+        foreign.key_size(),
+        4,
+        "the stand-in must have another layout"
+    );
+
+    t.start_server()?;
+    let log = t.lab.daemon_log(&instance).unwrap_or_default();
+    assert!(
+        log.contains("replacing pinned map") && log.contains(names::BIND_BY_V4),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("replacing pinned map").count(),
+        1,
+        "only the foreign map is replaced; the others match:\n{log}"
+    );
+    let info = MapInfo::from_pin(&pin)?;
+    assert_eq!(info.key_size(), 4);
+    assert_eq!(info.value_size() as usize, std::mem::size_of::<Binding6>());
+    assert_ne!(info.id(), foreign.id(), "the foreign map is still pinned");
+    // The binding is rebuilt from the saved lease: the internet reaches the client on the
+    // fast path again.
+    assert_eq!(t.wait_connected(&client, Duration::from_secs(15))?, addr);
+    let encap = stat(&t, "fastpath_encap_packets")?;
+    assert_eq!(t.internet.ping(&addr, 2)?, 2);
+    assert!(stat(&t, "fastpath_encap_packets")? >= encap + 2);
+    Ok(())
+}

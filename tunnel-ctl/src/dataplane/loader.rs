@@ -1,8 +1,10 @@
 //! Loading the embedded eBPF object.
-use std::path::Path;
+use std::{fmt, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader, maps::MapInfo};
+use aya_obj::maps::PinningType;
+use tracing::warn;
 use tunnel_common::names;
 
 use super::bpffs;
@@ -17,6 +19,7 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     bpffs::ensure_mounted()?;
     bpffs::create_pin_dir(pin_dir)?;
     raise_memlock_limit();
+    replace_foreign_pins(pin_dir)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     let ebpf = loader
@@ -24,6 +27,71 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
     check_names(&ebpf)?;
     Ok(ebpf)
+}
+
+/// What must match for a pinned map to be re-used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B max {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// Removes pins in `pin_dir` that hold a map of another layout than this object declares (left
+/// there by an older or newer version, or not a map at all), so that the load creates fresh
+/// ones. aya re-uses a pinned map by name without comparing it; the programs would then read
+/// a binding or a counter with the wrong size. The bindings are lost; the caller rebuilds them
+/// from its saved state. Returns the names replaced.
+pub fn replace_foreign_pins(pin_dir: &Path) -> Result<Vec<String>> {
+    let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
+    let mut replaced = Vec::new();
+    for (name, map) in &object.maps {
+        if map.pinning() != PinningType::ByName {
+            continue;
+        }
+        let pin = pin_dir.join(name);
+        if pin.symlink_metadata().is_err() {
+            continue;
+        }
+        let want = Layout {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        };
+        let found = MapInfo::from_pin(&pin).map(|info| Layout {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        });
+        let why = match found {
+            Ok(found) if found == want => continue,
+            Ok(found) => format!("it has {found}, this version needs {want}"),
+            Err(e) => format!("it is not a readable map ({e})"),
+        };
+        warn!(
+            "replacing pinned map {} ({why}; left by another version?)",
+            pin.display()
+        );
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        replaced.push(name.clone());
+    }
+    Ok(replaced)
 }
 
 /// Fails when the object lacks a map or program that `tunnel_common::names` promises.
