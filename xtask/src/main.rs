@@ -41,6 +41,10 @@ enum Cmd {
     /// Run every test: unit, eBPF (BPF_PROG_TEST_RUN) and network-namespace integration
     /// tests. Needs root. Extra arguments go to `cargo test` (e.g. a test name filter).
     Test {
+        /// The long forms of the endurance tests (100,000 churn cycles, 100 server restarts
+        /// instead of 10,000 and 20); sets TUNNEL_LONG=1.
+        #[arg(long)]
+        long: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -87,7 +91,7 @@ fn main() -> ExitCode {
         Cmd::Install { prefix } => {
             setup::run(setup::Mode::Quiet).and_then(|()| install::run(&prefix))
         }
-        Cmd::Test { args } => setup::run(setup::Mode::Quiet).and_then(|()| test(&args)),
+        Cmd::Test { long, args } => setup::run(setup::Mode::Quiet).and_then(|()| test(long, &args)),
         Cmd::Demo => setup::run(setup::Mode::Quiet).and_then(|()| demo::run()),
         Cmd::Bench {
             quick,
@@ -168,13 +172,17 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(long: bool, args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     let bin = build_bin(false)?;
-    run(cargo()
-        .args(["test", "--workspace", "--exclude", "tunnel-ebpf"])
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "tunnel-ebpf"])
         .args(args)
-        .env("TUNNEL_CTL", bin))
+        .env("TUNNEL_CTL", bin);
+    if long {
+        cmd.env("TUNNEL_LONG", "1");
+    }
+    run(&mut cmd)
 }
 
 /// Builds a release tunnel-ctl (what is measured) and runs the bench target with it.
