@@ -272,6 +272,12 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..=65536), help_heading = "Limits")]
     pub session_queue: u32,
 
+    /// Bytes waiting for one session (from the TUN), whatever the packet count: the cap on
+    /// what a slow client can make the server hold (beyond it: drop_session_queue_full).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(1500..), help_heading = "Limits")]
+    pub session_buffer: u32,
+
     /// IPv6 for clients (107/108): hand each client that asks an address (/128) from this
     /// prefix, routed to the TUN. The upstream routes the prefix to this host, or see
     /// --proxy-ndp.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::{Notify, mpsc},
+    sync::Notify,
 };
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
@@ -38,8 +38,11 @@ pub mod inbound;
 pub mod ipv6;
 pub mod native;
 pub mod persist;
+pub mod queue;
 pub mod session;
 pub mod state;
+
+use queue::QueueTx;
 
 use native::{Native, NativeArgs};
 use state::{Ended, Route, State};
@@ -109,6 +112,7 @@ pub struct Config {
     pub allow: Vec<ipnet::IpNet>,
     pub handshake_timeout: Duration,
     pub session_queue: usize,
+    pub session_buffer: usize,
 }
 
 /// Everything the sessions share.
@@ -326,6 +330,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             allow: args.allow.clone(),
             handshake_timeout: args.handshake_timeout,
             session_queue: args.session_queue as usize,
+            session_buffer: args.session_buffer as usize,
         },
         state: std::sync::Mutex::new(state),
         stats: ServerStats::default(),
@@ -549,17 +554,14 @@ async fn tun_reader(server: Arc<Server>) {
 
 /// Queues a TUN packet for its session's 103s; a full queue drops it (that session's loss
 /// only). Whether it was queued.
-fn queue_for_session(server: &Server, tx: &mpsc::Sender<Bytes>, pkt: &[u8]) -> bool {
-    match tx.try_send(Bytes::copy_from_slice(pkt)) {
-        Ok(()) => {
-            server.stats.inband_packets_from_tun.inc();
-            server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
-            true
-        }
-        Err(_) => {
-            server.stats.drop_session_queue_full.inc();
-            false
-        }
+fn queue_for_session(server: &Server, tx: &QueueTx, pkt: &[u8]) -> bool {
+    if tx.try_push(Bytes::copy_from_slice(pkt)) {
+        server.stats.inband_packets_from_tun.inc();
+        server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
+        true
+    } else {
+        server.stats.drop_session_queue_full.inc();
+        false
     }
 }
 

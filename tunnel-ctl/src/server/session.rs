@@ -11,11 +11,12 @@ use std::{
 
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
-use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+use tokio::{net::TcpStream, time::Instant};
 use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 
 use super::{
+    queue::{QueueRx, queue},
     Server,
     admission::Refusal,
     inbound::{Flows, Verdict},
@@ -107,7 +108,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     server.stats.sessions_opened.inc();
     info!(%peer, session = id, "connected");
 
-    let (tx, rx) = mpsc::channel(server.cfg.session_queue);
+    let (tx, rx) = queue(server.cfg.session_queue, server.cfg.session_buffer);
     let handle = SessionHandle {
         id,
         peer: peer.ip(),
@@ -195,7 +196,7 @@ type Conn = Framed<TcpStream, FrameCodec>;
 
 impl Session {
     /// Runs until the session ends; returns why.
-    async fn serve(&mut self, framed: &mut Conn, mut rx: mpsc::Receiver<Bytes>) -> String {
+    async fn serve(&mut self, framed: &mut Conn, mut rx: QueueRx) -> String {
         let cfg = self.server.cfg.clone();
         let mut keepalive = tokio::time::interval_at(Instant::now() + cfg.keepalive, cfg.keepalive);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,7 +288,7 @@ impl Session {
     async fn write_packets(
         &mut self,
         first: Bytes,
-        rx: &mut mpsc::Receiver<Bytes>,
+        rx: &mut QueueRx,
         framed: &mut Conn,
     ) -> Result<(), String> {
         let mut frames = Vec::with_capacity(8);
@@ -299,7 +300,7 @@ impl Session {
                 frames.push(Frame::new(MsgType::DataReply, p));
             }
             next = if taken < WRITE_BATCH {
-                rx.try_recv().ok()
+                rx.try_recv()
             } else {
                 None
             };

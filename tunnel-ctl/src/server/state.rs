@@ -10,13 +10,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::Bytes;
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::persist::SavedLease;
+use super::{
+    persist::SavedLease,
+    queue::QueueTx,
+};
 use crate::{pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
@@ -33,7 +34,7 @@ pub struct SessionHandle {
     pub id: u64,
     pub peer: IpAddr,
     /// 103 packets for this session.
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: QueueTx,
     /// Server-relative ms of the last frame received.
     pub last_rx: Arc<AtomicU64>,
     /// Closes the session (takeover by a reconnecting client).
@@ -198,7 +199,7 @@ impl State {
     }
 
     /// The session queue for a packet to `dst`.
-    pub fn route6(&self, dst: Ipv6Addr) -> Option<mpsc::Sender<Bytes>> {
+    pub fn route6(&self, dst: Ipv6Addr) -> Option<QueueTx> {
         [&self.pool6, &self.delegate]
             .into_iter()
             .flatten()
@@ -440,7 +441,7 @@ impl State {
 
 /// Where the TUN reader sends a packet.
 pub enum Route {
-    Inband(mpsc::Sender<Bytes>),
+    Inband(QueueTx),
     Native(Ipv6Addr),
 }
 
@@ -487,6 +488,7 @@ fn v6_key(peer: IpAddr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::queue::{QueueRx, queue};
 
     fn state() -> State {
         let pool = Pool::new(
@@ -501,8 +503,8 @@ mod tests {
         s
     }
 
-    fn handle(id: u64, peer: &str) -> (SessionHandle, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn handle(id: u64, peer: &str) -> (SessionHandle, QueueRx) {
+        let (tx, rx) = queue(4, 1 << 20);
         let h = SessionHandle {
             id,
             peer: peer.parse().unwrap(),
@@ -533,11 +535,12 @@ mod tests {
             Units6::default(),
             "the old session releases nothing"
         );
-        s.route6(addr.addr())
-            .unwrap()
-            .try_send(Bytes::from_static(b"x"))
-            .unwrap();
-        assert!(new_rx.try_recv().is_ok(), "packets go to the new session");
+        assert!(
+            s.route6(addr.addr())
+                .unwrap()
+                .try_push(bytes::Bytes::from_static(b"x"))
+        );
+        assert!(new_rx.try_recv().is_some(), "packets go to the new session");
         assert_eq!(s.release6(&units, 2), units);
         assert_eq!(s.leases6_count(), 0);
         assert!(s.route6(addr.addr()).is_none());
