@@ -49,7 +49,7 @@ fn config(v6_ifindex: u32) -> TunnelConfig {
         mss: 1420,
         hop_limit: 64,
         enabled: 1,
-        _pad: [0; 2],
+        policy_events_per_s: 0,
     }
 }
 

@@ -272,6 +272,103 @@ fn crafted_tunnel_packets_never_reach_the_internet_and_are_counted_per_reason() 
             "{reason}: {after}"
         );
     }
+    assert_eq!(
+        counter(&after, "policy_icmp_sent"),
+        0,
+        "no ICMPv6 policy errors unless --policy-icmp"
+    );
+    Ok(())
+}
+
+/// ICMPv6 type 1 code 5 messages that reach `sock` within `wait`: (destination of the quoted
+/// packet's source, i.e. who was told, the sender of the error).
+fn policy_errors(sock: &socket2::Socket, wait: Duration) -> Result<Vec<(Ipv6Addr, Ipv6Addr)>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: recv_from initialised the first n bytes.
+        let msg: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        if n >= 8 + 40 && msg[0] == 1 && msg[1] == 5 {
+            let quoted_src = Ipv6Addr::from(<[u8; 16]>::try_from(&msg[16..32])?);
+            let sender = from
+                .as_socket_ipv6()
+                .map(|a| *a.ip())
+                .ok_or_else(|| anyhow!("not from IPv6"))?;
+            got.push((quoted_src, sender));
+        }
+    }
+    Ok(got)
+}
+
+#[test]
+fn source_policy_drops_are_answered_with_rate_limited_icmpv6_when_asked() -> Result<()> {
+    let mut t = start(&["--policy-icmp", "5"])?;
+    let ns = t.client_ns()?;
+    let (_, addr) = t.start_native_client(&ns, &[])?;
+    let lease: Ipv4Addr = addr.parse()?;
+    ns.ip("addr add 2001:db8:1::99/64 dev v6 nodad")?;
+    let bound: Ipv6Addr = "2001:db8:1::2".parse()?;
+    let stranger: Ipv6Addr = "2001:db8:1::99".parse()?;
+    let tunnel: Ipv6Addr = TUNNEL_ADDR.parse()?;
+    let before = t.server_stats()?;
+    let (first, flood, flood_secs) = ns.enter(|| -> Result<_> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let icmp = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        let from_stranger = raw_ipip(stranger)?;
+        let from_client = raw_ipip(bound)?;
+        send_ipip(&from_stranger, &udp4(lease, b"unbound outer source"))?;
+        let mut first = policy_errors(&icmp, Duration::from_secs(2))?;
+        std::thread::sleep(Duration::from_millis(300)); // past the per-CPU spacing (200 ms)
+        send_ipip(
+            &from_client,
+            &udp4("198.51.100.77".parse()?, b"not the lease"),
+        )?;
+        first.extend(policy_errors(&icmp, Duration::from_secs(2))?);
+        // A flood: 200 bad packets as fast as they go.
+        let started = Instant::now();
+        for _ in 0..200 {
+            send_ipip(&from_stranger, &udp4(lease, b"flood"))?;
+        }
+        let took = started.elapsed().as_secs_f64();
+        let flood = policy_errors(&icmp, Duration::from_secs(2))?;
+        Ok((first, flood, took))
+    })??;
+    assert_eq!(
+        first,
+        vec![(stranger, tunnel), (bound, tunnel)],
+        "one error per offender, from the tunnel address, quoting the offending packet"
+    );
+    let bound_answers = 5.0 + 5.0 * flood_secs + 2.0;
+    eprintln!(
+        "--policy-icmp 5: {} ICMPv6 errors for 200 bad packets sent in {flood_secs:.2} s",
+        flood.len()
+    );
+    assert!(
+        !flood.is_empty() && (flood.len() as f64) <= bound_answers,
+        "{} answers to 200 bad packets in {flood_secs:.1} s (at most {bound_answers:.0} allowed)",
+        flood.len()
+    );
+    let after = t.server_stats()?;
+    let d = |name: &str| counter(&after, name) - counter(&before, name);
+    assert_eq!(d("drop_unbound_source"), 201, "{after}");
+    assert_eq!(d("policy_icmp_sent"), 2 + flood.len() as u64, "{after}");
     Ok(())
 }
 

@@ -58,7 +58,25 @@ pub struct TunnelConfig {
     pub hop_limit: u8,
     /// Non-zero once the controller has filled the entry; until then programs pass everything.
     pub enabled: u8,
-    pub _pad: [u8; 2],
+    /// Server only: at most this many policy events per second per CPU go to
+    /// [`crate::names::POLICY_EVENTS`] (the controller answers them with ICMPv6 type 1
+    /// code 5); 0: none.
+    pub policy_events_per_s: u16,
+}
+
+/// How much of an offending packet a policy event carries: what fits in an ICMPv6 error
+/// within the IPv6 minimum MTU (1280 − 40 − 8, RFC 4443 §2.4 c).
+pub const POLICY_QUOTE: usize = 1232;
+
+/// One record of [`crate::names::POLICY_EVENTS`]: a packet the server's fast path dropped for
+/// failing the source policy (unbound outer source, or inner source not the lease).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PolicyEvent {
+    /// Bytes of `packet` that are valid (from the outer IPv6 header on).
+    pub len: u32,
+    pub _pad: u32,
+    pub packet: [u8; POLICY_QUOTE],
 }
 
 /// Size of the outer header we add and remove.
@@ -83,3 +101,4 @@ const _: () = assert!(core::mem::size_of::<Binding4>() == 8);
 const _: () = assert!(core::mem::size_of::<Binding6>() == 16);
 const _: () =
     assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);
+const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 8 + POLICY_QUOTE);

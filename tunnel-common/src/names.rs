@@ -13,6 +13,11 @@ pub const BIND_BY_V6: &str = "BIND_BY_V6";
 /// Hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::Binding6`].
 pub const BIND_BY_V4: &str = "BIND_BY_V4";
 
+/// Server: ring buffer of [`crate::fastpath::PolicyEvent`]s (not pinned).
+pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
+/// Server: array with the time (ns) of the last policy event on each CPU (the rate limit).
+pub const POLICY_LAST: &str = "POLICY_LAST";
+
 /// MAP-E CE: hash [`crate::mape::NatKey`] (LAN host, remote) → [`crate::mape::NatOut`].
 pub const NAT_OUT: &str = "NAT_OUT";
 /// MAP-E CE: hash [`crate::mape::NatKey`] (external port, remote) → [`crate::mape::NatIn`].
@@ -54,6 +59,8 @@ pub const ALL_MAPS: &[&str] = &[
     TUNNEL_CONFIG,
     BIND_BY_V6,
     BIND_BY_V4,
+    POLICY_EVENTS,
+    POLICY_LAST,
     NAT_OUT,
     NAT_IN,
     BR_RULES,

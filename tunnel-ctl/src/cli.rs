@@ -336,6 +336,13 @@ pub struct ServerArgs {
     #[arg(long, value_name = "IPV6")]
     pub tunnel_addr: Option<Ipv6Addr>,
 
+    /// Native mode: answer packets dropped for their source (an IPv6 address with no
+    /// binding, or an inner IPv4 source that is not the lease) with ICMPv6 type 1 code 5,
+    /// "source address failed ingress/egress policy" (RFC 7596 §5.1), at most N per second.
+    /// 0: drop silently (the counters still tell).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "v6_dev")]
+    pub policy_icmp: u32,
+
     /// Where leases are saved so that a restarted server re-adopts them.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
     pub state_dir: PathBuf,

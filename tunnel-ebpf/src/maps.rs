@@ -1,7 +1,7 @@
 //! The fast-path maps. Their names are `tunnel_common::names`; the controller owns every write.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use tunnel_common::{
     fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
@@ -37,3 +37,11 @@ pub static BR_RULES: LpmTrie<Ipv4Key, MapRule> = LpmTrie::pinned(MAX_RULES, 0);
 pub fn config() -> Option<&'static TunnelConfig> {
     TUNNEL_CONFIG.get(0).filter(|c| c.enabled != 0)
 }
+
+/// Packets dropped for failing the source policy, for the controller's ICMPv6 errors.
+#[map]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
+
+/// When this CPU last queued a policy event (ns, `bpf_ktime_get_ns`).
+#[map]
+pub static POLICY_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -7,11 +7,18 @@
 //! `server_encap` runs on ingress of the IPv4 side: IPv4 to a native lease is encapsulated
 //! toward the client and redirected out of the IPv6 side. Everything else passes, so the kernel
 //! routes the pool to the TUN and in-band clients keep working (the slow path).
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::classifier,
+    programs::TcContext,
+};
 use network_types::ip::Ipv6Hdr;
-use tunnel_common::stats::Counter;
+use tunnel_common::{
+    fastpath::{POLICY_QUOTE, PolicyEvent, TunnelConfig},
+    stats::Counter,
+};
 use tunnel_ebpf::{
-    maps::{BIND_BY_V4, BIND_BY_V6, config},
+    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config},
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
@@ -34,6 +41,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
     let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
         count(Counter::DropUnboundSource);
+        policy_event(&ctx, cfg);
         return DROP;
     };
     match ctx.load::<u8>(INNER_OFF) {
@@ -53,6 +61,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     };
     if inner.src() != binding.ipv4 {
         count(Counter::DropInnerSourceNotLease);
+        policy_event(&ctx, cfg);
         return DROP;
     }
     let Ok(segs) = packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
@@ -66,6 +75,58 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         count_n(Counter::DecapRedirected, segs);
     }
     verdict
+}
+
+/// Hands a packet that failed the source policy to the controller (which may answer with
+/// ICMPv6 "source address failed ingress/egress policy", RFC 7596 §5.1), at most
+/// `policy_events_per_s` per second on this CPU. Off (nothing copied) when that is 0.
+#[inline(always)]
+fn policy_event(ctx: &TcContext, cfg: &TunnelConfig) {
+    let rate = u64::from(cfg.policy_events_per_s);
+    if rate == 0 {
+        return;
+    }
+    let Some(last) = POLICY_LAST.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a per-CPU slot from a successful lookup, used on this CPU only.
+    if now.wrapping_sub(unsafe { *last }) < 1_000_000_000 / rate {
+        return;
+    }
+    let Some(mut event) = POLICY_EVENTS.reserve::<PolicyEvent>(0) else {
+        return;
+    };
+    let avail = (ctx.len() as usize).saturating_sub(ETH_LEN);
+    let len = if avail > POLICY_QUOTE {
+        POLICY_QUOTE
+    } else {
+        avail
+    };
+    let ptr = event.as_mut_ptr();
+    // SAFETY: the entry is reserved for us; `len` is at most the buffer's size. The verifier
+    // checks both the bound and the non-zero length.
+    let ok = len >= 40
+        && unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                ETH_LEN as u32,
+                (*ptr).packet.as_mut_ptr().cast(),
+                len as u32,
+            )
+        } == 0;
+    if !ok {
+        event.discard(0);
+        return;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*ptr).len = len as u32;
+        (*ptr)._pad = 0;
+        *last = now;
+    }
+    event.submit(0);
 }
 
 #[classifier]

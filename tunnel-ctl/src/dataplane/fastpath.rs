@@ -29,7 +29,7 @@ pub struct Maps {
 }
 
 /// Takes map `name` out of the object as `T`.
-pub(super) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+pub fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {

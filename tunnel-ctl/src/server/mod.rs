@@ -38,6 +38,7 @@ pub mod inbound;
 pub mod ipv6;
 pub mod native;
 pub mod persist;
+pub mod policy;
 pub mod queue;
 pub mod session;
 pub mod state;
@@ -98,6 +99,8 @@ counters! {
         slowpath_icmp_frag_needed,
         slowpath_fragmented,
         drop_slowpath_send_error,
+        policy_icmp_sent,
+        policy_icmp_rate_limited,
         drop_slowpath_unfragmentable,
     }
 }
@@ -288,6 +291,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                     tunnel_addr,
                     tun_index,
                     pin_dir: instance.pin_dir(),
+                    policy_icmp: args.policy_icmp,
                 },
             )
             .await?,
@@ -396,6 +400,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                     .join(" ")
             }
         );
+    }
+
+    if let Some(n) = &server.native
+        && let Some(ring) = n.take_policy_events()
+    {
+        tokio::spawn(policy::run(
+            server.clone(),
+            ring,
+            n.tunnel_addr,
+            n.policy_icmp,
+        ));
     }
 
     tokio::select! {

@@ -12,11 +12,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
 use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    names::{PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    names::{POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
 };
 
 use crate::{
@@ -37,6 +40,8 @@ pub struct NativeArgs<'a> {
     pub tunnel_addr: Ipv6Addr,
     pub tun_index: u32,
     pub pin_dir: PathBuf,
+    /// `--policy-icmp`: policy events per second (0: none).
+    pub policy_icmp: u32,
 }
 
 pub struct Native {
@@ -49,6 +54,9 @@ pub struct Native {
     maps: Mutex<Maps>,
     raw: Softwire,
     pin_dir: PathBuf,
+    /// The fast path's source-policy drops, for `server::policy` (taken once).
+    policy_events: Mutex<Option<RingBuf<MapData>>>,
+    pub policy_icmp: u32,
 }
 
 impl Native {
@@ -75,8 +83,14 @@ impl Native {
             mss: inner_mtu - TCP_IPV4_OVERHEAD,
             hop_limit: DEFAULT_HOP_LIMIT,
             enabled: 1,
+            policy_events_per_s: args.policy_icmp.min(u32::from(u16::MAX)) as u16,
             ..Default::default()
         })?;
+        let policy_events = if args.policy_icmp > 0 {
+            Some(dataplane::fastpath::take(&mut ebpf, POLICY_EVENTS)?)
+        } else {
+            None
+        };
         if previous.enabled != 0 {
             info!(
                 "re-adopting the pinned fast path in {}",
@@ -107,11 +121,21 @@ impl Native {
             maps: Mutex::new(maps),
             raw,
             pin_dir: args.pin_dir,
+            policy_events: Mutex::new(policy_events),
+            policy_icmp: args.policy_icmp,
         })
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The policy event ring, once (None when --policy-icmp is off).
+    pub fn take_policy_events(&self) -> Option<RingBuf<MapData>> {
+        self.policy_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn bind(&self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {

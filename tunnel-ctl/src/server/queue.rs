@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 2_500);
         assert_eq!(rx.try_recv().map(|p| p.len()), Some(1_000));
         assert_eq!(tx.queued_bytes(), 1_500);
-        assert!(tx.try_push(pkt(1_000)), "room again once the reader took one");
+        assert!(
+            tx.try_push(pkt(1_000)),
+            "room again once the reader took one"
+        );
         drop(rx);
         assert!(!tx.try_push(pkt(1)), "session gone");
         assert_eq!(tx.queued_bytes(), 2_500);

@@ -16,10 +16,10 @@ use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 
 use super::{
-    queue::{QueueRx, queue},
     Server,
     admission::Refusal,
     inbound::{Flows, Verdict},
+    queue::{QueueRx, queue},
     state::{Grant, SessionHandle, Units6},
 };
 use crate::{

@@ -14,10 +14,7 @@ use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    persist::SavedLease,
-    queue::QueueTx,
-};
+use super::{persist::SavedLease, queue::QueueTx};
 use crate::{pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
