@@ -39,20 +39,18 @@ const LOAD_NET: &str = "2001:db8:1:1::";
 /// one /128 route per lease).
 const POOL6: &str = "2001:db8:ff::100:0/112";
 
-fn server_args(extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+/// A native-capable server (see [`FourOverSix::start_native`]) with the test pool and `extra`.
+fn start(extra: &[&str]) -> Result<FourOverSix> {
+    let mut args = vec![
         "--pool",
         "198.51.100.2-198.51.100.100",
         "--gateway",
         "198.51.100.1",
         "--dns",
         "192.0.2.53",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    ];
+    args.extend_from_slice(extra);
+    FourOverSix::start_native(&args)
 }
 
 /// Entries of a pinned BPF map, counted with BPF_MAP_GET_NEXT_KEY (any map type).
@@ -330,20 +328,7 @@ fn churn(rt: &Runtime, ns: &Ns, n: u32, concurrency: usize) -> Result<Arc<Tally>
 fn churn_of_inband_and_native_sessions_leaves_nothing_behind() -> Result<()> {
     let cycles: u32 = if long_runs() { 100_000 } else { 10_000 };
     raise_nofile(4_096)?;
-    let args = server_args(&[
-        "--v6-dev",
-        "up6",
-        "--v4-dev",
-        "inet0",
-        "--tunnel-addr",
-        "2001:db8:100::4",
-        "--pool6",
-        POOL6,
-        "--proxy-ndp",
-        "up6",
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut t = FourOverSix::start(&args)?;
+    let mut t = start(&["--pool6", POOL6, "--proxy-ndp", "up6"])?;
     let load = load_ns(&mut t)?;
     // A real native client that stays through it all.
     let pinger = t.client_ns()?;
@@ -510,22 +495,14 @@ fn lease_rows(t: &FourOverSix) -> Result<Vec<(String, String, bool)>> {
 fn server_sigkilled_and_restarted_again_and_again_under_load_never_double_leases() -> Result<()> {
     let rounds: u32 = if long_runs() { 100 } else { 20 };
     raise_nofile(4_096)?;
-    let args = server_args(&[
-        "--v6-dev",
-        "up6",
-        "--v4-dev",
-        "inet0",
-        "--tunnel-addr",
-        "2001:db8:100::4",
+    let mut t = start(&[
         // A restored lease waits this long for its client: the load's leases cut by each
         // SIGKILL would otherwise fill the pool within a few dozen rounds.
         "--keepalive",
         "1s",
         "--timeout",
         "5s",
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut t = FourOverSix::start(&args)?;
+    ])?;
     let load_ns = load_ns(&mut t)?;
     // Two native and two in-band clients; reconnect at most 1 s after losing the server.
     let quick = [

@@ -216,15 +216,37 @@ fn udp4(src: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A native client in `t` plus a second, unbound address on its link: (namespace, lease,
+/// the client's bound tunnel address, the stranger address).
+struct Offenders {
+    ns: Ns,
+    lease: Ipv4Addr,
+    bound: Ipv6Addr,
+    stranger: Ipv6Addr,
+}
+
+fn offenders(t: &mut FourOverSix) -> Result<Offenders> {
+    let ns = t.client_ns()?;
+    let (_, addr) = t.start_native_client(&ns, &[])?;
+    ns.ip("addr add 2001:db8:1::99/64 dev v6 nodad")?;
+    Ok(Offenders {
+        ns,
+        lease: addr.parse()?,
+        bound: "2001:db8:1::2".parse()?,
+        stranger: "2001:db8:1::99".parse()?,
+    })
+}
+
 #[test]
 fn crafted_tunnel_packets_never_reach_the_internet_and_are_counted_per_reason() -> Result<()> {
     let mut t = start(&[])?;
-    let ns = t.client_ns()?;
-    let (_, addr) = t.start_native_client(&ns, &[])?;
-    let lease: Ipv4Addr = addr.parse()?;
-    ns.ip("addr add 2001:db8:1::99/64 dev v6 nodad")?;
-    let bound: Ipv6Addr = "2001:db8:1::2".parse()?;
-    let stranger: Ipv6Addr = "2001:db8:1::99".parse()?;
+    let Offenders {
+        ns,
+        lease,
+        bound,
+        stranger,
+    } = offenders(&mut t)?;
+    let addr = lease.to_string();
 
     let sink = t.internet.enter(|| UdpSocket::bind("192.0.2.2:9300"))??;
     sink.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -320,12 +342,12 @@ fn policy_errors(sock: &socket2::Socket, wait: Duration) -> Result<Vec<(Ipv6Addr
 #[test]
 fn source_policy_drops_are_answered_with_rate_limited_icmpv6_when_asked() -> Result<()> {
     let mut t = start(&["--policy-icmp", "5"])?;
-    let ns = t.client_ns()?;
-    let (_, addr) = t.start_native_client(&ns, &[])?;
-    let lease: Ipv4Addr = addr.parse()?;
-    ns.ip("addr add 2001:db8:1::99/64 dev v6 nodad")?;
-    let bound: Ipv6Addr = "2001:db8:1::2".parse()?;
-    let stranger: Ipv6Addr = "2001:db8:1::99".parse()?;
+    let Offenders {
+        ns,
+        lease,
+        bound,
+        stranger,
+    } = offenders(&mut t)?;
     let tunnel: Ipv6Addr = TUNNEL_ADDR.parse()?;
     let before = t.server_stats()?;
     let (first, flood, flood_secs) = ns.enter(|| -> Result<_> {
