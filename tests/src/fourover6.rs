@@ -26,6 +26,23 @@ pub const SERVER: &str = "[2001:db8:100::1]:5678";
 pub const INTERNET_HOST: &str = "192.0.2.2";
 /// The server's native tunnel endpoint.
 pub const TUNNEL_ADDR: &str = "2001:db8:100::4";
+/// The server flags every test needs: the pool (198.51.100.2-100), gateway and DNS.
+pub const BASE_ARGS: &[&str] = &[
+    "--pool",
+    "198.51.100.2-198.51.100.100",
+    "--gateway",
+    "198.51.100.1",
+    "--dns",
+    "192.0.2.53",
+];
+
+/// [`BASE_ARGS`] followed by `extra`.
+pub fn server_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = BASE_ARGS.to_vec();
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Server flags that enable native mode in this topology.
 pub const NATIVE_ARGS: &[&str] = &[
     "--v6-dev",

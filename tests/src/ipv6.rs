@@ -51,17 +51,8 @@ impl V6Lab {
         internet.ip("addr add 2001:db8:ff::2/64 dev eth0 nodad")?;
         internet.ip(&format!("addr add {INTERNET6}/128 dev lo"))?;
         server.ip("-6 route add default via 2001:db8:ff::2")?;
-        let mut args = vec![
-            "server",
-            "--pool",
-            "198.51.100.2-198.51.100.100",
-            "--gateway",
-            "198.51.100.1",
-            "--dns",
-            "192.0.2.53",
-            "--dns6",
-            "2001:db8::53",
-        ];
+        let mut args = vec!["server"];
+        args.extend_from_slice(&crate::fourover6::server_args(&["--dns6", "2001:db8::53"]));
         match upstream {
             Upstream::Routed => {
                 internet.ip(&format!("-6 route add {POOL6} via 2001:db8:ff::1"))?;

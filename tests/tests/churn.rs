@@ -27,7 +27,7 @@ use tokio::runtime::Runtime;
 use tunnel_common::names;
 use tunnel_tests::{
     Ns, counter,
-    fourover6::{FourOverSix, INTERNET_HOST, SERVER},
+    fourover6::{FourOverSix, INTERNET_HOST, SERVER, server_args},
     loadgen::{self, IPV6_REPLY, IPV6_REQUEST, NATIVE_REPLY, NATIVE_REQUEST, Session},
     long_runs, raise_nofile, wait_for,
 };
@@ -41,16 +41,7 @@ const POOL6: &str = "2001:db8:ff::100:0/112";
 
 /// A native-capable server (see [`FourOverSix::start_native`]) with the test pool and `extra`.
 fn start(extra: &[&str]) -> Result<FourOverSix> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.100",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-    ];
-    args.extend_from_slice(extra);
-    FourOverSix::start_native(&args)
+    FourOverSix::start_native(&server_args(extra))
 }
 
 /// Entries of a pinned BPF map, counted with BPF_MAP_GET_NEXT_KEY (any map type).

@@ -13,22 +13,9 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tunnel_tests::{
     Ns, counter,
-    fourover6::{FourOverSix, RawPeer, SERVER},
+    fourover6::{FourOverSix, RawPeer, SERVER, server_args},
     raise_nofile, tunnel_ctl_bin, wait_for,
 };
-
-fn server_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.100",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
 
 /// How the server treated the hostile connections.
 #[derive(Debug)]

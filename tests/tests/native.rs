@@ -11,23 +11,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use etherparse::PacketBuilder;
 use tunnel_tests::{
     Ns, counter,
-    fourover6::{FourOverSix, INTERNET_HOST, TUNNEL_ADDR},
+    fourover6::{FourOverSix, INTERNET_HOST, TUNNEL_ADDR, server_args},
     transfer::tcp_transfer,
     wait_for,
 };
 
 /// A native-capable server with the test pool, plus `extra` flags.
 fn start(extra: &[&str]) -> Result<FourOverSix> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.20",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-    ];
-    args.extend_from_slice(extra);
-    FourOverSix::start_native(&args)
+    FourOverSix::start_native(&server_args(extra))
 }
 
 fn stat(t: &FourOverSix, name: &str) -> Result<u64> {
