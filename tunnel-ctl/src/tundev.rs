@@ -20,6 +20,20 @@ pub fn create(name: &str) -> Result<Arc<AsyncDevice>> {
     Ok(Arc::new(dev))
 }
 
+/// Reads the next packet from `tun` into `buf`; returns its length. A read error is logged
+/// and retried after 100 ms (the device does not go away while the daemon runs).
+pub async fn recv(tun: &AsyncDevice, buf: &mut [u8]) -> usize {
+    loop {
+        match tun.recv(buf).await {
+            Ok(n) => return n,
+            Err(e) => {
+                tracing::warn!("reading TUN: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Sets sysctl `name` (dotted, e.g. `net.ipv6.conf.all.forwarding`) to `value` unless it
 /// already is, logging `why`.
 pub fn ensure_sysctl(name: &str, value: &str, why: &str) -> Result<()> {

@@ -307,16 +307,9 @@ async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
     };
     let mut buf = vec![0u8; 65536];
     loop {
-        match tun.recv(&mut buf).await {
-            Ok(n) => {
-                if tx.try_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
-                    client.stats.drop_while_disconnected.inc();
-                }
-            }
-            Err(e) => {
-                warn!("reading TUN: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        let n = crate::tundev::recv(&tun, &mut buf).await;
+        if tx.try_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+            client.stats.drop_while_disconnected.inc();
         }
     }
 }

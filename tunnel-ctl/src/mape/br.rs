@@ -5,13 +5,13 @@
 use std::{
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 use tun::AsyncDevice;
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
@@ -219,14 +219,7 @@ async fn tun_reader(br: Arc<Br>) {
     let mut buf = vec![0u8; 65536];
     let stats = &br.stats;
     loop {
-        let n = match br.tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!("reading TUN: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let n = crate::tundev::recv(&br.tun, &mut buf).await;
         let pkt = &buf[..n];
         let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
             continue;

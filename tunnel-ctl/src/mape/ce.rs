@@ -423,14 +423,7 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
 async fn tun_reader(ce: Arc<Ce>) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let n = match ce.tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!("reading TUN: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let n = crate::tundev::recv(&ce.tun, &mut buf).await;
         slow_path(&ce, &mut buf[..n]).await;
     }
 }

@@ -530,14 +530,7 @@ async fn accept_loop(server: Arc<Server>, listener: TcpListener) {
 async fn tun_reader(server: Arc<Server>) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let n = match server.tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!("reading TUN: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let n = crate::tundev::recv(&server.tun, &mut buf).await;
         let pkt = &buf[..n];
         let dst = match packet::addrs(pkt) {
             Some((_, IpAddr::V4(dst))) => dst,
