@@ -11,7 +11,7 @@
 //! The internet host routes the pool (198.51.100.0/24) back to the server.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv6Addr, SocketAddr, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -119,6 +119,11 @@ impl FourOverSix {
 
     /// A new client namespace with an IPv6-only link to the core router; returns it.
     pub fn client_ns(&mut self) -> Result<Ns> {
+        Ok(self.client_ns_addr()?.0)
+    }
+
+    /// As [`FourOverSix::client_ns`], with the client's address (`2001:db8:<i>::2`).
+    pub fn client_ns_addr(&mut self) -> Result<(Ns, Ipv6Addr)> {
         self.clients += 1;
         let i = self.clients;
         let ns = self.lab.ns(&format!("c{i}"))?;
@@ -131,6 +136,18 @@ impl FourOverSix {
         ns.ip(&format!(
             "-6 route add 2001:db8:100::/48 via 2001:db8:{i}::1"
         ))?;
+        let addr = format!("2001:db8:{i}::2").parse()?;
+        Ok((ns, addr))
+    }
+
+    /// A client namespace that may use every address of the /64 `net` as a source (a local
+    /// route there, non-local bind, and the core routes the /64 to it): many clients from one
+    /// namespace, for load generators.
+    pub fn sources_ns(&mut self, net: &str) -> Result<Ns> {
+        let (ns, addr) = self.client_ns_addr()?;
+        ns.sysctl("net.ipv6.ip_nonlocal_bind", "1")?;
+        ns.ip(&format!("-6 route add local {net}/64 dev lo"))?;
+        self.core.ip(&format!("-6 route add {net}/64 via {addr}"))?;
         Ok(ns)
     }
 

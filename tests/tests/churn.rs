@@ -184,26 +184,6 @@ fn settle(t: &FourOverSix, want: &Footprint, limit: Duration) -> Result<()> {
     })
 }
 
-/// A namespace whose /64 `LOAD_NET` is routed to it, for many distinct client sources.
-fn load_ns(t: &mut FourOverSix) -> Result<Ns> {
-    let ns = t.client_ns()?;
-    let i = ns
-        .ip("-6 addr show dev v6 scope global")?
-        .split_whitespace()
-        .find_map(|w| {
-            w.strip_prefix("2001:db8:")?
-                .split(':')
-                .next()
-                .map(str::to_owned)
-        })
-        .ok_or_else(|| anyhow!("load namespace has no address"))?;
-    ns.sysctl("net.ipv6.ip_nonlocal_bind", "1")?;
-    ns.ip(&format!("-6 route add local {LOAD_NET}/64 dev lo"))?;
-    t.core
-        .ip(&format!("-6 route add {LOAD_NET}/64 via 2001:db8:{i}::2"))?;
-    Ok(ns)
-}
-
 /// How a churn cycle ends.
 #[derive(Debug, Clone, Copy)]
 enum Cycle {
@@ -320,7 +300,7 @@ fn churn_of_inband_and_native_sessions_leaves_nothing_behind() -> Result<()> {
     let cycles: u32 = if long_runs() { 100_000 } else { 10_000 };
     raise_nofile(4_096)?;
     let mut t = start(&["--pool6", POOL6, "--proxy-ndp", "up6"])?;
-    let load = load_ns(&mut t)?;
+    let load = t.sources_ns(LOAD_NET)?;
     // A real native client that stays through it all.
     let pinger = t.client_ns()?;
     let (_, kept) = t.start_native_client(&pinger, &[])?;
@@ -494,7 +474,7 @@ fn server_sigkilled_and_restarted_again_and_again_under_load_never_double_leases
         "--timeout",
         "5s",
     ])?;
-    let load_ns = load_ns(&mut t)?;
+    let load_ns = t.sources_ns(LOAD_NET)?;
     // Two native and two in-band clients; reconnect at most 1 s after losing the server.
     let quick = [
         "--max-backoff",
@@ -506,20 +486,13 @@ fn server_sigkilled_and_restarted_again_and_again_under_load_never_double_leases
     ];
     let mut clients = Vec::new();
     for native in [true, false, true, false] {
-        let ns = t.client_ns()?;
+        let (ns, ipv6) = t.client_ns_addr()?;
+        let ipv6 = ipv6.to_string();
         let (instance, addr) = if native {
             t.start_native_client(&ns, &quick)?
         } else {
             t.start_client(&ns, &quick)?
         };
-        let ipv6 = ns
-            .ip("-6 addr show dev v6 scope global")?
-            .split_whitespace()
-            .skip_while(|w| *w != "inet6")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .ok_or_else(|| anyhow!("client has no IPv6 address"))?
-            .to_owned();
         clients.push((ns, instance, addr, ipv6, native));
     }
     let theirs: HashSet<Ipv4Addr> = clients
@@ -527,6 +500,23 @@ fn server_sigkilled_and_restarted_again_and_again_under_load_never_double_leases
         .map(|c| c.2.parse())
         .collect::<Result<_, _>>()?;
     ensure!(theirs.len() == 4, "clients share addresses: {theirs:?}");
+    // The server saves leases within ~100 ms of a change; a SIGKILL before that loses the
+    // newest. The rounds start once all four are in the file.
+    let state_file = t.lab.ctl_json("status", &t.server_instance)?["state_file"]
+        .as_str()
+        .ok_or_else(|| anyhow!("status has no state_file"))?
+        .to_owned();
+    wait_for(
+        "the clients' leases to be saved",
+        Duration::from_secs(5),
+        || {
+            let saved = std::fs::read_to_string(&state_file).unwrap_or_default();
+            Ok(theirs
+                .iter()
+                .all(|a| saved.contains(&format!("\"{a}\"")))
+                .then_some(()))
+        },
+    )?;
 
     let rt = runtime()?;
     let load = Load::default();

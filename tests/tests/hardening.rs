@@ -98,13 +98,9 @@ fn idle_and_slowloris_connections_neither_delay_a_lease_nor_linger() -> Result<(
     const SLOW: usize = 200;
     raise_nofile(8_192)?;
     let mut t = FourOverSix::start(&server_args(&["--handshake-timeout", "5s"]))?;
-    let bad = t.client_ns()?;
-    let good = t.client_ns()?;
     // The attacker's sources: a whole /64 routed to its namespace.
-    bad.sysctl("net.ipv6.ip_nonlocal_bind", "1")?;
-    bad.ip("-6 route add local 2001:db8:1:1::/64 dev lo")?;
-    t.core
-        .ip("-6 route add 2001:db8:1:1::/64 via 2001:db8:1::2")?;
+    let bad = t.sources_ns("2001:db8:1:1::")?;
+    let good = t.client_ns()?;
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let bad_ns = bad.clone();
