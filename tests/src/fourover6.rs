@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 
 use crate::{Lab, Ns, wait_for};
 
@@ -177,7 +177,9 @@ impl FourOverSix {
     /// The server's `leases --json`.
     pub fn leases(&self) -> Result<Vec<serde_json::Value>> {
         let v = self.lab.ctl_json("leases", &self.server_instance)?;
-        Ok(v.as_array().cloned().unwrap_or_default())
+        v.as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("leases --json is not a list: {v}"))
     }
 
     /// Starts a native-mode client on `ns`'s `v6` interface; returns instance and address.
@@ -193,6 +195,9 @@ impl FourOverSix {
     }
 }
 
+/// How long [`RawPeer::recv_skip_keepalive`] waits in all for a frame other than a keepalive.
+pub const RAW_REPLY_LIMIT: Duration = Duration::from_secs(10);
+
 /// A client written from the SPEC §3 bytes, not from the project's codec.
 pub struct RawPeer {
     pub stream: TcpStream,
@@ -202,7 +207,7 @@ impl RawPeer {
     pub fn connect(ns: &Ns) -> Result<RawPeer> {
         let addr: SocketAddr = SERVER.parse()?;
         let stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(RAW_REPLY_LIMIT))?;
         Ok(RawPeer { stream })
     }
 
@@ -230,10 +235,20 @@ impl RawPeer {
         Ok((header[4], data))
     }
 
-    /// Next frame that is not a keepalive.
+    /// Next frame that is not a keepalive, within [`RAW_REPLY_LIMIT`] in all (a server that
+    /// only sends 104s does not keep the test waiting).
     pub fn recv_skip_keepalive(&mut self) -> Result<(u8, Vec<u8>)> {
+        let deadline = Instant::now() + RAW_REPLY_LIMIT;
         loop {
-            let (kind, data) = self.recv()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(
+                !left.is_zero(),
+                "no frame other than 104 within {RAW_REPLY_LIMIT:?}"
+            );
+            self.stream.set_read_timeout(Some(left))?;
+            let frame = self.recv();
+            self.stream.set_read_timeout(Some(RAW_REPLY_LIMIT))?;
+            let (kind, data) = frame?;
             if kind != 104 {
                 return Ok((kind, data));
             }

@@ -569,6 +569,7 @@ pub mod fourover6;
 pub mod ipv6;
 pub mod loadgen;
 pub mod mape;
+pub mod measure;
 pub mod transfer;
 
 #[cfg(test)]

@@ -92,11 +92,13 @@ impl Session {
         Ok(Some((header[4], data)))
     }
 
-    /// Waits (at most [`STEP`]) for a frame of `kind`, skipping keepalives; returns its text.
-    /// A 110 is a [`Refused`] error; a close or another type is an error.
+    /// Waits (at most [`STEP`] in all, keepalives included) for a frame of `kind`, skipping
+    /// keepalives; returns its text. A 110 is a [`Refused`] error; a close or another type is
+    /// an error.
     pub async fn expect(&mut self, kind: u8) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + STEP;
         loop {
-            let frame = tokio::time::timeout(STEP, self.recv())
+            let frame = tokio::time::timeout_at(deadline, self.recv())
                 .await
                 .map_err(|_| anyhow!("no {kind} within {STEP:?}"))??;
             match frame {

@@ -138,8 +138,12 @@ impl Footprint {
         let lines = |args: &str| -> Result<usize> { Ok(t.server.ip(args)?.lines().count()) };
         Ok(Footprint {
             leases: t.leases()?.len(),
-            sessions: status["sessions"].as_u64().unwrap_or(u64::MAX),
-            leases6: status["ipv6"]["leases6"].as_u64().unwrap_or(u64::MAX),
+            sessions: status["sessions"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("status has no sessions count: {status}"))?,
+            leases6: status["ipv6"]["leases6"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("status has no ipv6.leases6 count: {status}"))?,
             maps,
             fds,
             routes4: lines("-4 route show table all")?,

@@ -65,12 +65,17 @@ fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
 
 /// IPv4 + TCP SYN announcing MSS 1460 (no Ethernet).
 fn ipv4_syn(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4_syn_mss(src, dst, 1460)
+}
+
+/// An IPv4 TCP SYN announcing `mss`.
+fn ipv4_syn_mss(src: Ipv4Addr, dst: Ipv4Addr, mss: u16) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
         .tcp(40000, 80, 1, 64240)
         .syn()
         .options(&[
-            TcpOptionElement::MaximumSegmentSize(1460),
+            TcpOptionElement::MaximumSegmentSize(mss),
             TcpOptionElement::SelectiveAcknowledgementPermitted,
             TcpOptionElement::Noop,
             TcpOptionElement::WindowScale(7),
@@ -398,17 +403,16 @@ fn decap_clamps_the_mss_of_syns_and_keeps_the_checksum_valid() -> Result<()> {
     assert_eq!(syn_mss(&out[14..])?, 1420);
     assert_eq!(delta(&ebpf, &before, Counter::MssClamped), 1);
 
-    // A smaller MSS is left alone.
-    maps.set_config(&TunnelConfig {
-        mss: 1460,
-        ..config(0)
-    })?;
-    let (_, out) = run(
+    // An MSS below the clamp (1300 < 1420) is left alone, and not counted.
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = run(
         &mut ebpf,
         PROG_SERVER_DECAP,
-        &in_ipv6(CLIENT, TUNNEL, &ipv4_syn(LEASE, HOST)),
+        &in_ipv6(CLIENT, TUNNEL, &ipv4_syn_mss(LEASE, HOST, 1300)),
     )?;
-    assert_eq!(syn_mss(&out[14..])?, 1460);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(syn_mss(&out[14..])?, 1300);
+    assert_eq!(delta(&ebpf, &before, Counter::MssClamped), 0);
     Ok(())
 }
 

@@ -179,25 +179,24 @@ fn keepalive_timeout_sticky_reconnect() -> Result<()> {
     let timers = ["--keepalive", "1s", "--timeout", "3s"];
     let mut t = FourOverSix::start(&server_args(&timers))?;
 
-    // 104s arrive at the configured interval.
+    // 104s keep coming: four of them, each within RawPeer's 10 s read limit, which the
+    // default 20 s interval would miss (their spacing is the session machine's to test, with
+    // a clock it is given, not a timing assertion here).
     let ns = t.client_ns()?;
     let mut peer = RawPeer::connect(&ns)?;
     peer.lease()?;
-    let mut arrivals = Vec::new();
-    while arrivals.len() < 4 {
+    let mut keepalives = 0;
+    for _ in 0..8 {
         peer.send(104, &[])?; // stay alive ourselves
         let (kind, _) = peer.recv()?;
         if kind == 104 {
-            arrivals.push(Instant::now());
+            keepalives += 1;
+            if keepalives == 4 {
+                break;
+            }
         }
     }
-    for w in arrivals.windows(2) {
-        let gap = w[1] - w[0];
-        assert!(
-            gap > Duration::from_millis(500) && gap < Duration::from_millis(2000),
-            "keepalive gap {gap:?} for a 1s interval"
-        );
-    }
+    assert_eq!(keepalives, 4, "the server's keepalives stopped");
     drop(peer);
 
     // A frozen client loses its lease within 5 s, and the address can be leased again.
@@ -206,20 +205,14 @@ fn keepalive_timeout_sticky_reconnect() -> Result<()> {
     let pid = t.lab.spawn_daemon_pid(&instance).expect("client daemon");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    let frozen_at = Instant::now();
     wait_for(
-        "the frozen client's lease to go",
-        Duration::from_secs(6),
+        "the frozen client's lease to go (3 s timeout)",
+        Duration::from_secs(10),
         || {
             let leases = t.leases()?;
             Ok((!leases.iter().any(|l| l["ipv4"] == addr.as_str())).then_some(()))
         },
     )?;
-    assert!(
-        frozen_at.elapsed() < Duration::from_secs(5),
-        "lease kept {:?}",
-        frozen_at.elapsed()
-    );
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     // The client notices its dead session and comes back with the same (held) address.
     wait_for(
@@ -242,8 +235,17 @@ fn keepalive_timeout_sticky_reconnect() -> Result<()> {
         .spawn_daemon_pid(&t.server_instance.clone())
         .expect("server");
     unsafe { libc::kill(server_pid as i32, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_secs(5)); // longer than the client's 3 s timeout
+    // The client notices the silence (its 3 s timeout) and leaves `connected`.
+    let noticed = wait_for(
+        "the client to give up on the frozen server",
+        Duration::from_secs(15),
+        || {
+            let status = t.lab.ctl_json("status", &instance)?;
+            Ok((status["state"] != "connected").then_some(()))
+        },
+    );
     unsafe { libc::kill(server_pid as i32, libc::SIGCONT) };
+    noticed?;
     wait_for(
         "the client to reconnect after the server resumed",
         Duration::from_secs(20),

@@ -408,7 +408,11 @@ fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> 
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_secs(1));
+    // Kill only once the pings flow: an answer encapsulated back to the client by the fast path.
+    let encap_before = stat(&t, "fastpath_encap_packets")?;
+    wait_for("the first ping answer", Duration::from_secs(10), || {
+        Ok((stat(&t, "fastpath_encap_packets")? > encap_before).then_some(()))
+    })?;
     let instance = t.server_instance.clone();
     t.lab.daemon(&instance).expect("server").kill();
     t.start_server()?;

@@ -10,7 +10,7 @@ use tokio_util::codec::Decoder as _;
 use crate::{
     mape::{
         profiles::Profile,
-        rule::{InterfaceId, RuleSpec, ce_address, port_set},
+        rule::{InterfaceId, Mapping, RuleSpec, ce_address},
         translate,
     },
     packet,
@@ -93,16 +93,49 @@ pub fn mape_rule(data: &[u8]) {
     if let Some(prefix) = prefix
         && let Ok(m) = rule.map(&prefix)
     {
-        let (ranges, count) = port_set(m.psid_offset, m.psid_len, m.psid);
-        assert_eq!(count, m.port_count);
-        assert_eq!(ranges, m.port_ranges);
-        let counted: u32 = ranges
-            .iter()
-            .map(|[a, b]| u32::from(*b) - u32::from(*a) + 1)
-            .sum();
-        assert_eq!(counted, count);
+        check_port_set(&m);
         let ce = ce_address(&prefix, m.ipv4, m.psid, InterfaceId::Rfc7597);
         assert!(prefix.trunc().contains(&ce) || prefix.prefix_len() > 64);
+    }
+}
+
+/// What must hold of a mapping's port set, worked out from RFC 7597 §5.1 rather than with the
+/// code that built it: (2^a − 1)·2^m ports (2^m when a = 0, all 65,536 when k = 0), ranges
+/// ascending and disjoint, and every port mapping back to the PSID under the BR's `psid_of`.
+fn check_port_set(m: &Mapping) {
+    let (a, k) = (u32::from(m.psid_offset), u32::from(m.psid_len));
+    if k == 0 {
+        assert_eq!(
+            (m.port_count, &m.port_ranges[..]),
+            (1 << 16, &[[0, u16::MAX]][..])
+        );
+        return;
+    }
+    let mbits = 16 - a - k;
+    let expected = if a == 0 {
+        1 << mbits
+    } else {
+        ((1 << a) - 1) << mbits
+    };
+    assert_eq!(m.port_count, expected, "port count of a={a} k={k}");
+    let counted: u32 = m
+        .port_ranges
+        .iter()
+        .map(|[lo, hi]| u32::from(*hi) - u32::from(*lo) + 1)
+        .sum();
+    assert_eq!(counted, expected, "ranges of a={a} k={k}");
+    for pair in m.port_ranges.windows(2) {
+        assert!(
+            pair[0][1] < pair[1][0],
+            "ranges overlap or descend: {pair:?}"
+        );
+    }
+    for [lo, hi] in &m.port_ranges {
+        assert!(lo <= hi);
+        for port in *lo..=*hi {
+            let psid = tunnel_common::mape::psid_of(m.psid_offset, m.psid_len, port);
+            assert_eq!(psid, Some(m.psid), "port {port} of PSID {}", m.psid);
+        }
     }
 }
 

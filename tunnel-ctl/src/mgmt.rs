@@ -236,11 +236,18 @@ pub fn counters_response(
 mod tests {
     use super::*;
 
+    /// The module header's wire format, written out by hand.
     #[test]
     fn wire_shapes() {
         assert_eq!(
             serde_json::to_string(&Request::Stats).unwrap(),
             r#"{"cmd":"stats"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"forward_del","port":"8080/tcp"}"#).unwrap(),
+            Request::ForwardDel {
+                port: "8080/tcp".into()
+            }
         );
         assert_eq!(
             serde_json::to_string(&Response::Error("x".into())).unwrap(),
@@ -250,5 +257,43 @@ mod tests {
             serde_json::from_str::<Response>(r#"{"ok":{"a":1}}"#).unwrap(),
             Response::Ok(serde_json::json!({"a": 1}))
         );
+    }
+
+    /// SPEC §10: `stats --json` is an object of counter name → integer, the controller's and
+    /// the eBPF counters together; a failed eBPF read is an error, not a partial answer.
+    #[test]
+    fn stats_answer_is_counter_name_to_integer() {
+        let controller = [("sessions", 3u64), ("leases", 2)].into_iter().collect();
+        let ebpf: crate::dataplane::stats::Counters = [("decap", 7u64)].into_iter().collect();
+        let line = serde_json::to_string(&counters_response(controller, Some(Ok(ebpf)))).unwrap();
+        assert_eq!(line, r#"{"ok":{"decap":7,"leases":2,"sessions":3}}"#);
+        let failed = counters_response(Default::default(), Some(Err(anyhow!("map gone"))));
+        assert_eq!(failed, Response::Error("map gone".into()));
+    }
+
+    /// SPEC §10: `leases --json` objects carry `ipv4`, `client` (the peer's IPv6 address),
+    /// `mode` (`inband` or `native`) and `since` (RFC 3339).
+    #[test]
+    fn lease_rows_have_the_spec_keys() {
+        use crate::server::state::{LeaseRow, Mode};
+        let row = LeaseRow {
+            ipv4: "198.51.100.2".parse().unwrap(),
+            client: "2001:db8:1::2".into(),
+            mode: Mode::Native,
+            since: "2026-11-23T10:00:00Z".into(),
+            session: Some(4),
+            tunnel: Some("2001:db8:1::2".parse().unwrap()),
+            ipv6: vec![],
+        };
+        let v = serde_json::to_value(&row).unwrap();
+        assert_eq!(v["ipv4"], "198.51.100.2");
+        assert_eq!(v["client"], "2001:db8:1::2");
+        assert_eq!(v["mode"], "native");
+        assert_eq!(v["since"], "2026-11-23T10:00:00Z");
+        let inband = LeaseRow {
+            mode: Mode::Inband,
+            ..row
+        };
+        assert_eq!(serde_json::to_value(&inband).unwrap()["mode"], "inband");
     }
 }

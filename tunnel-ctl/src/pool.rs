@@ -227,9 +227,44 @@ mod tests {
 
     #[test]
     fn subnets_cover_the_range_exactly() {
+        // .2-.128 split by hand into aligned blocks: .2/31 .4/30 .8/29 .16/28 .32/27 .64/26
+        // and .128 alone.
         let nets = r("198.51.100.2-198.51.100.128").subnets();
-        let covered: u64 = nets.iter().map(|n| 1u64 << (32 - n.prefix_len())).sum();
-        assert_eq!(covered, 127);
+        let text: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "198.51.100.2/31",
+                "198.51.100.4/30",
+                "198.51.100.8/29",
+                "198.51.100.16/28",
+                "198.51.100.32/27",
+                "198.51.100.64/26",
+                "198.51.100.128/32",
+            ]
+        );
+        // And for other ranges: every address of the range in exactly one subnet, none outside.
+        for range in [
+            "198.51.100.0-198.51.100.255",
+            "198.51.100.7",
+            "198.51.100.3-198.51.100.200",
+        ] {
+            let range = r(range);
+            let mut seen = std::collections::BTreeSet::new();
+            for net in range.subnets() {
+                for a in u32::from(net.network())..=u32::from(net.broadcast()) {
+                    seen.insert(Ipv4Addr::from(a));
+                }
+            }
+            let want: std::collections::BTreeSet<_> = range.addrs().collect();
+            assert_eq!(seen, want, "{range}");
+            let total: u64 = range
+                .subnets()
+                .iter()
+                .map(|n| 1u64 << (32 - n.prefix_len()))
+                .sum();
+            assert_eq!(total, want.len() as u64, "{range}: subnets overlap");
+        }
     }
 
     #[test]

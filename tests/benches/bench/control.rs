@@ -25,6 +25,7 @@ use futures::StreamExt as _;
 use tunnel_tests::{
     fourover6::{FourOverSix, SERVER},
     loadgen::{self, KEEPALIVE, NATIVE_REPLY, NATIVE_REQUEST, Session},
+    measure::per_item,
     wait_for,
 };
 
@@ -189,7 +190,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_secs(1));
     let rss_after = rss_kib(pid)?;
-    let per_session_kib = (rss_after.saturating_sub(rss_before)) as f64 / f64::from(established);
+    let per_session_kib = per_item(rss_before, rss_after, u64::from(established));
 
     // Phase 2: steady state, keepalives only.
     let cpu0 = cpu_seconds(pid)?;

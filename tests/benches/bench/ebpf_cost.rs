@@ -43,7 +43,7 @@ use tunnel_tests::{Lab, Ns};
 
 use crate::{
     Plan,
-    report::{Report, Target},
+    report::{Report, Target, ratio},
 };
 
 const TC_ACT_REDIRECT: u32 = 7;
@@ -372,7 +372,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         let (name, v) = results[i];
         report.target(Target {
             name: format!("eBPF {} / empty", short(name)),
-            value: v / empty,
+            value: ratio(v, empty),
             unit: "x",
             op: "<=",
             threshold: limit,
@@ -385,7 +385,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             sec,
             format!("{} / empty", short(name)),
             "x",
-            vec![v / empty],
+            vec![ratio(v, empty)],
         );
     }
     let (tc, xdp) = (results[1].1, results[2].1);

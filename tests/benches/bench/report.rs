@@ -1,9 +1,12 @@
 //! The bench report: every figure with its unit, ratios with their baseline, targets marked
-//! met or not with what limits them; written as JSON and Markdown, printed as a table.
+//! met, missed or missing (a failed measurement) with what limits them; written as JSON and Markdown, printed as a table.
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::Result;
 use serde_json::{Value, json};
+
+use tunnel_tests::measure::Verdict;
+pub use tunnel_tests::measure::{Target, median, ratio};
 
 use crate::Plan;
 
@@ -17,28 +20,6 @@ pub struct Figure {
     pub samples: Vec<f64>,
 }
 
-/// A ratio (or a value) against a target.
-pub struct Target {
-    pub name: String,
-    pub value: f64,
-    /// "ratio", "per s", … what `value` is.
-    pub unit: &'static str,
-    /// `>=` or `<=`.
-    pub op: &'static str,
-    pub threshold: f64,
-    /// What the figure is relative to, in words.
-    pub against: String,
-}
-
-impl Target {
-    pub fn met(&self) -> bool {
-        match self.op {
-            ">=" => self.value >= self.threshold,
-            _ => self.value <= self.threshold,
-        }
-    }
-}
-
 pub struct Report {
     machine: Value,
     mode: &'static str,
@@ -46,21 +27,6 @@ pub struct Report {
     targets: Vec<Target>,
     notes: Vec<String>,
     duration: Duration,
-}
-
-/// The median of `samples` (0 when empty).
-pub fn median(samples: &[f64]) -> f64 {
-    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 impl Report {
@@ -118,7 +84,7 @@ impl Report {
                 "op": t.op,
                 "threshold": t.threshold,
                 "against": t.against,
-                "met": t.met(),
+                "met": t.verdict().json(),
             })).collect::<Vec<_>>(),
             "figures": self.figures.iter().map(|f| json!({
                 "section": f.section,
@@ -153,7 +119,7 @@ impl Report {
                 t.name,
                 fmt(t.value),
                 format!("{} {}", t.op, fmt(t.threshold)),
-                if t.met() { "yes" } else { "NO" }
+                t.verdict().word()
             );
         }
         let _ = writeln!(out, "\n{:<width$} {:>10}  unit", "figure (median)", "value");
@@ -194,7 +160,11 @@ impl Report {
                 t.unit,
                 t.op,
                 fmt(t.threshold),
-                if t.met() { "yes" } else { "**no**" },
+                match t.verdict() {
+                    Verdict::Met => "yes",
+                    Verdict::Missed => "**no**",
+                    Verdict::Missing => "**missing** (the measurement failed)",
+                },
                 t.against
             );
         }

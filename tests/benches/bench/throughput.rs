@@ -19,7 +19,7 @@ use tunnel_tests::{
 
 use crate::{
     Plan,
-    report::{Report, Target},
+    report::{Report, Target, ratio},
 };
 
 /// The internet host's second address, reached without any tunnel.
@@ -199,7 +199,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     report.figure(sec, "4over6 in-band TUN, UDP 64 B", "kpps", inband_udp);
     report.target(Target {
         name: "fast path TCP / plain routing".into(),
-        value: n_tcp / p_tcp,
+        value: ratio(n_tcp, p_tcp),
         unit: "x",
         op: ">=",
         threshold: 0.90,
@@ -207,7 +207,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     });
     report.target(Target {
         name: "fast path UDP 64 B pps / plain routing".into(),
-        value: n_udp / p_udp,
+        value: ratio(n_udp, p_udp),
         unit: "x",
         op: ">=",
         threshold: 0.85,
@@ -215,7 +215,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     });
     report.target(Target {
         name: "fast path TCP / in-band TUN".into(),
-        value: n_tcp / i_tcp,
+        value: ratio(n_tcp, i_tcp),
         unit: "x",
         op: ">=",
         threshold: 5.0,
@@ -284,7 +284,7 @@ fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
     let mape = report.figure(sec, "MAP-E CE + BR (eBPF), TCP", "Gbit/s", mape);
     report.target(Target {
         name: "MAP-E CE+BR TCP / masquerade routing".into(),
-        value: mape / masq,
+        value: ratio(mape, masq),
         unit: "x",
         op: ">=",
         threshold: 0.90,

@@ -202,15 +202,42 @@ mod tests {
         let Icmpv6Type::RouterAdvertisement(h) = icmp.icmp_type() else {
             panic!("not an RA: {:?}", icmp.icmp_type());
         };
-        assert_eq!(h.router_lifetime, ROUTER_LIFETIME_S);
+        assert_eq!(h.router_lifetime, 1800);
         assert_eq!(h.cur_hop_limit, 64);
+        // RFC 4861 §4.2: type 134, code 0, checksum (the kernel's), hop limit 64, no M/O
+        // flags, router lifetime 1800 s, reachable time and retrans timer unspecified.
+        assert_eq!(
+            &m[..16],
+            &[134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // Source link-layer address option (type 1, 8 bytes).
+        assert_eq!(&m[16..24], &[1, 1, 2, 0, 0, 0, 0, 1]);
         // header 16, SLLA 8, MTU 8, prefix 32, RDNSS 24
         assert_eq!(m.len(), 16 + 8 + 8 + 32 + 24);
+        // Prefix information (§4.6.2): type 3, 32 bytes, /64, on-link + autonomous, valid
+        // 3600 s, preferred 1800 s, reserved, then 2001:db8:700:5::.
         let prefix = &m[32..64];
-        assert_eq!(&prefix[..4], &[3, 4, 64, 0xc0]);
-        assert_eq!(&prefix[16..], &advert.prefix.network().octets());
+        assert_eq!(
+            &prefix[..16],
+            &[
+                3, 4, 64, 0xc0, 0, 0, 0x0e, 0x10, 0, 0, 0x07, 0x08, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(
+            &prefix[16..],
+            &[
+                0x20, 0x01, 0x0d, 0xb8, 0x07, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
         assert_eq!(&m[24..32], &[5, 1, 0, 0, 0, 0, 0x05, 0xdc]);
-        assert_eq!(&m[64..68], &[25, 3, 0, 0]);
+        // RDNSS (RFC 8106 §5.1): type 25, 3 × 8 bytes, lifetime 1800 s, 2001:db8::53.
+        assert_eq!(&m[64..72], &[25, 3, 0, 0, 0, 0, 0x07, 0x08]);
+        assert_eq!(
+            &m[72..88],
+            &[
+                0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x53
+            ]
+        );
 
         let gone = build(&advert, &[], false);
         assert_eq!(&gone[6..8], &[0, 0], "router lifetime 0");

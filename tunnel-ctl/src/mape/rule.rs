@@ -436,18 +436,31 @@ mod tests {
     }
 
     /// The BR's per-packet arithmetic (tunnel-common, also run by eBPF) agrees with the
-    /// calculator for every PSID's first port.
+    /// calculator for every PSID (the /56's last EA byte) and every port of its set.
     #[test]
     fn map_rule_agrees_with_the_calculator() {
         let rule = rfc_rule();
-        let m = rule.map(&"2001:db8:12:3400::/56".parse().unwrap()).unwrap();
         let mr = rule.to_map_rule();
-        let port = m.port_ranges[5][0];
-        assert_eq!(mr.psid_of(port), Some(m.psid));
-        assert_eq!(
-            Ipv6Addr::from(mr.ce_address(u32::from(m.ipv4), m.psid)),
-            m.ce_ipv6
-        );
+        let mut owner = std::collections::HashMap::new();
+        for psid in 0..=255u16 {
+            let prefix: Ipv6Net = format!("2001:db8:12:{psid:02x}00::/56").parse().unwrap();
+            let m = rule.map(&prefix).unwrap();
+            assert_eq!(m.psid, psid);
+            assert_eq!(m.ipv4, Ipv4Addr::new(192, 0, 2, 0x12));
+            for [lo, hi] in &m.port_ranges {
+                for port in *lo..=*hi {
+                    assert_eq!(mr.psid_of(port), Some(psid), "port {port}");
+                    assert!(owner.insert(port, psid).is_none(), "port {port} twice");
+                }
+            }
+            assert_eq!(
+                Ipv6Addr::from(mr.ce_address(u32::from(m.ipv4), m.psid)),
+                m.ce_ipv6
+            );
+        }
+        // Offset 6: every port from 1024 up belongs to exactly one PSID, none below.
+        assert_eq!(owner.len(), 65536 - 1024);
+        assert!((0..1024).all(|p| !owner.contains_key(&p) && mr.psid_of(p).is_none()));
         let spec: RuleSpec = "2001:db8::/40,192.0.2.0/24,16,6".parse().unwrap();
         assert_eq!(spec.rule(InterfaceId::Rfc7597), rule);
         let err = "2001:db8::/40,192.0.2.0/24"
