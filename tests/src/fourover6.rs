@@ -189,6 +189,28 @@ impl FourOverSix {
         self.start_client(ns, &args)
     }
 
+    /// Waits until the server's lease file holds each of `leases` (address, mode): it saves
+    /// within ~100 ms of a change, and a SIGKILL before that loses the newest change.
+    pub fn wait_saved(&self, leases: &[(&str, &str)]) -> Result<()> {
+        let status = self.lab.ctl_json("status", &self.server_instance)?;
+        let file = status["state_file"]
+            .as_str()
+            .ok_or_else(|| anyhow!("status has no state_file: {status}"))?
+            .to_owned();
+        wait_for("the leases to be saved", Duration::from_secs(5), || {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let saved: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let rows = saved["leases"].as_array().cloned().unwrap_or_default();
+            Ok(leases
+                .iter()
+                .all(|(addr, mode)| {
+                    rows.iter()
+                        .any(|l| l["ipv4"] == *addr && l["mode"] == *mode)
+                })
+                .then_some(()))
+        })
+    }
+
     /// The server's `stats --json`.
     pub fn server_stats(&self) -> Result<serde_json::Value> {
         self.lab.ctl_json("stats", &self.server_instance)

@@ -40,8 +40,11 @@ const LOAD_NET: &str = "2001:db8:1:1::";
 const POOL6: &str = "2001:db8:ff::100:0/112";
 
 /// A native-capable server (see [`FourOverSix::start_native`]) with the test pool and `extra`.
+/// A native server whose load, all from one /64, is not held to the per-prefix lease limit.
 fn start(extra: &[&str]) -> Result<FourOverSix> {
-    FourOverSix::start_native(&server_args(extra))
+    let mut args = server_args(&["--max-leases-per-prefix", "0"]);
+    args.extend_from_slice(extra);
+    FourOverSix::start_native(&args)
 }
 
 /// Entries of a pinned BPF map, counted with BPF_MAP_GET_NEXT_KEY (any map type).

@@ -237,3 +237,161 @@ fn mape_calc_says_when_no_rule_covers_the_prefix() -> Result<()> {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     Ok(())
 }
+
+/// Issue 18 item 6: a one-shot command whose reader has gone (`| head -1`) ends quietly: no
+/// panic, no message, not exit 101.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() -> Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::process::ExitStatusExt as _};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two descriptors that we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] and fds[1] are open and owned by nobody else.
+    let (reader, writer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader); // the reader is gone before the first write
+    const CALC: &[&str] = &[
+        "mape",
+        "calc",
+        "--rule-ipv6",
+        "2001:db8::/40",
+        "--rule-ipv4",
+        "192.0.2.0/24",
+        "--ea-len",
+        "16",
+        "--psid-offset",
+        "6",
+        "--prefix",
+        "2001:db8:12:3400::/56",
+    ];
+    let json = [CALC, &["--json"]].concat();
+    for args in [CALC, &json, &["--help"]] {
+        let out = Command::new(tunnel_ctl_bin()?)
+            .args(args)
+            .stdout(writer.try_clone()?)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        assert!(
+            out.status.code() == Some(0) || out.status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
+/// Issue 18 item 6: bad usage found only after parsing is exit 2 too, with one line naming
+/// the flag.
+#[test]
+fn usage_errors_found_after_parsing_exit_2() -> Result<()> {
+    let server = |extra: &[&'static str]| {
+        let mut args = vec![
+            "server",
+            "--gateway",
+            "198.51.100.1",
+            "--instance",
+            "tnl-cli-usage",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    for (args, words) in [
+        (
+            server(&[
+                "--pool",
+                "198.51.100.2-198.51.100.9,198.51.100.5-198.51.100.20",
+            ]),
+            &["--pool", "overlap at 198.51.100.5"][..],
+        ),
+        (
+            server(&["--pool", "198.51.100.1"]),
+            &["--pool", "no usable address"],
+        ),
+        (
+            server(&[
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--tun",
+                "a-name-far-too-long",
+            ]),
+            &["--tun", "1-15"],
+        ),
+        (
+            server(&[
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--keepalive",
+                "20s",
+                "--timeout",
+                "10s",
+            ]),
+            &["--timeout 10s", "--keepalive 20s"],
+        ),
+        (
+            vec![
+                "client",
+                "--server",
+                "[2001:db8::1]:5678",
+                "--keepalive",
+                "30s",
+                "--timeout",
+                "30s",
+            ],
+            &["--timeout 30s", "--keepalive 30s"],
+        ),
+        (
+            vec![
+                "client",
+                "--server",
+                "[2001:db8::1]:5678",
+                "--mode",
+                "native",
+                "--v6-dev",
+                "v6",
+                "--ipv6",
+            ],
+            &["--ipv6", "--mode inband"],
+        ),
+    ] {
+        let (code, stdout, stderr) = run(&args)?;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}:\n{stderr}");
+        for w in words {
+            assert!(stderr.contains(w), "{args:?}: no {w:?} in {stderr}");
+        }
+    }
+    Ok(())
+}
+
+/// Issue 18 item 6: 0 means "no limit" for every limit, and --help says so.
+#[test]
+fn zero_means_no_limit_in_every_limit() -> Result<()> {
+    let (code, help, _) = run(&["server", "--help"])?;
+    assert_eq!(code, Some(0));
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for flag in [
+        "--max-sessions",
+        "--max-per-source",
+        "--max-connect-rate",
+        "--max-leases-per-prefix",
+        "--max-leases-per-address",
+    ] {
+        let at = flat
+            .find(&format!("{flag} <N>"))
+            .unwrap_or_else(|| panic!("{flag}: {flat}"));
+        let text = &flat[at..];
+        let end = text[2..].find(" --").map_or(text.len(), |e| e + 2);
+        assert!(
+            text[..end].contains("0: no limit"),
+            "{flag}'s help does not say 0 means no limit: {}",
+            &text[..end]
+        );
+    }
+    Ok(())
+}

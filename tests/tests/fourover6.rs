@@ -397,3 +397,165 @@ fn allow_list_and_session_limit_refuse_with_110() -> Result<()> {
     assert_eq!(counter(&stats, "sessions_refused_full"), 1);
     Ok(())
 }
+
+/// Issue 18 item 5: a lease file the server cannot use (another version's, after a rollback)
+/// is kept under a new name that the log gives, never overwritten; a state directory that
+/// cannot be written stops the start with exit 1.
+#[test]
+fn a_foreign_lease_file_is_kept_and_an_unwritable_state_dir_stops_the_start() -> Result<()> {
+    let mut t = FourOverSix::start(&server_args(&[]))?;
+    let instance = t.server_instance.clone();
+    assert_eq!(t.lab.daemon(&instance).expect("server").stop(), Some(0));
+    let state_dir = t.lab.dir().join("state");
+    let file = state_dir.join(format!("{instance}.leases.json"));
+    let newer = r#"{"version":2,"leases":[{"ipv4":"198.51.100.9","psid":3}]}"#;
+    std::fs::write(&file, newer)?;
+
+    t.start_server()?;
+    let log = t.lab.daemon_log(&instance).unwrap_or_default();
+    let kept: Vec<_> = std::fs::read_dir(&state_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains(".unreadable-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read_to_string(&kept[0])?,
+        newer,
+        "kept byte for byte"
+    );
+    assert!(
+        log.contains(&kept[0].display().to_string()) && log.contains("format version 2"),
+        "the log does not name the kept file:\n{log}"
+    );
+    // The server runs: a client gets a lease, which lands in a fresh version-1 file.
+    let ns = t.client_ns()?;
+    RawPeer::connect(&ns)?.lease()?;
+    wait_for("the new lease file", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        Ok(text.contains("\"version\": 1").then_some(()))
+    })?;
+    assert_eq!(std::fs::read_to_string(&kept[0])?, newer);
+
+    // A state directory that cannot be created (its parent is a file): exit 1, one clear line.
+    let blocker = t.lab.dir().join("not-a-dir");
+    std::fs::write(&blocker, "")?;
+    let bad_dir = blocker.join("state");
+    let other = t.lab.instance("badstate");
+    let mut argv = vec![
+        tunnel_tests::tunnel_ctl_bin()?.display().to_string(),
+        "server".into(),
+        "--instance".into(),
+        other,
+        "--listen".into(),
+        "[2001:db8:100::1]:5679".into(),
+        "--tun".into(),
+        "tnlbad0".into(),
+        "--state-dir".into(),
+        bad_dir.display().to_string(),
+    ];
+    argv.extend(server_args(&[]).iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = t.server.output(&argv)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&bad_dir.display().to_string()) && stderr.contains("--state-dir"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// Issue 18 item 6, in a running server: a CIDR pool leases its hosts only (.201 and .202 of
+/// a /30), `--max-sessions 0` is no limit, and SIGHUP is logged and ignored (the server goes
+/// on serving, and still stops cleanly on SIGTERM).
+#[test]
+fn cidr_pools_skip_network_and_broadcast_zero_is_no_limit_and_sighup_is_ignored() -> Result<()> {
+    let mut t = FourOverSix::start(&[
+        "--pool",
+        "198.51.100.200/30",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--max-sessions",
+        "0",
+    ])?;
+    let ns = t.client_ns()?;
+    let mut held = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut peer = RawPeer::connect(&ns)?;
+        got.push(
+            peer.lease()?
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        held.push(peer);
+    }
+    got.sort();
+    assert_eq!(got, ["198.51.100.201", "198.51.100.202"]);
+    let mut third = RawPeer::connect(&ns)?;
+    third.send(100, &[])?;
+    let (kind, text) = third.recv_skip_keepalive()?;
+    assert_eq!(kind, 110, "{}", String::from_utf8_lossy(&text));
+
+    let instance = t.server_instance.clone();
+    t.lab
+        .daemon(&instance)
+        .expect("server")
+        .signal(libc::SIGHUP);
+    wait_for("the SIGHUP log line", Duration::from_secs(10), || {
+        let log = t.lab.daemon_log(&instance).unwrap_or_default();
+        Ok(log.contains("SIGHUP ignored").then_some(()))
+    })?;
+    drop(held);
+    let mut after = RawPeer::connect(&ns)?;
+    assert!(
+        after.lease()?.starts_with("198.51.100.20"),
+        "serving after SIGHUP"
+    );
+    drop(after);
+    let daemon = t.lab.daemon(&instance).expect("server");
+    assert_eq!(daemon.stop(), Some(0), "SIGTERM after SIGHUP: a clean exit");
+    assert!(
+        !std::path::Path::new(&format!("/run/tunnel/{instance}.sock")).exists(),
+        "socket left behind"
+    );
+    Ok(())
+}
+
+/// Issue 18 item 6: a TUN device that cannot be created says why (here: the name belongs to
+/// an interface that is not a TUN device), not a blanket "needs root".
+#[test]
+fn a_tun_error_says_what_failed() -> Result<()> {
+    let mut t = FourOverSix::start(&server_args(&[]))?;
+    let instance = t.lab.instance("badtun");
+    let state = t.lab.dir().join("badtun-state");
+    let bin = tunnel_tests::tunnel_ctl_bin()?.display().to_string();
+    let state = state.display().to_string();
+    // `up6` is a veth of the server's namespace.
+    let mut argv = vec![
+        bin.as_str(),
+        "server",
+        "--instance",
+        &instance,
+        "--listen",
+        "[2001:db8:100::1]:5679",
+        "--tun",
+        "up6",
+        "--state-dir",
+        &state,
+    ];
+    argv.extend(server_args(&[]));
+    let out = t.server.output(&argv)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("creating TUN device up6") && stderr.contains("not a TUN device"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("needs root"), "{stderr}");
+    Ok(())
+}

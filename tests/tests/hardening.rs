@@ -1,6 +1,6 @@
 //! Hostile and broken clients (issue: hardening): idle and slowloris connections closed by the
 //! handshake deadline without delaying anyone's lease, per-source limits that refuse only the
-//! noisy source, `--allow` enforced before any lease, a root-only management socket.
+//! noisy source, a per-prefix lease limit, `--allow` enforced before any lease, a root-only management socket.
 //! Topology and addresses: `tunnel_tests::fourover6`.
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -284,5 +284,56 @@ fn excluded_clients_never_get_an_address_and_the_management_socket_is_root_only(
         Duration::from_secs(5),
         || Ok(t.lab.ctl_json("status", &t.server_instance).ok()),
     )?;
+    Ok(())
+}
+
+/// Issue 18 item 4: 30 addresses of one /64, one lease each, get no more than the default
+/// per-prefix limit (16); the rest are refused with 110 naming the limit, counted; a client
+/// from another prefix still gets its lease.
+#[test]
+fn one_prefix_cannot_take_more_leases_than_its_limit() -> Result<()> {
+    use tunnel_tests::loadgen::{Refused, Session, source};
+    const LIMIT: usize = 16; // the default --max-leases-per-prefix
+    let mut t = FourOverSix::start(&server_args(&[]))?;
+    let net: Ipv6Addr = "2001:db8:1:1::".parse()?;
+    let crowd = t.sources_ns("2001:db8:1:1::")?;
+    let other = t.client_ns()?;
+    let (granted, refused) = crowd.enter(|| -> Result<(usize, Vec<String>)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let server: SocketAddr = SERVER.parse()?;
+            let (mut held, mut refused) = (Vec::new(), Vec::new());
+            for i in 0..30 {
+                let mut s = Session::connect(server, source(net, i)).await?;
+                match s.lease().await {
+                    Ok(_) => held.push(s),
+                    Err(e) => match e.downcast_ref::<Refused>() {
+                        Some(Refused(text)) => refused.push(text.clone()),
+                        None => return Err(e.context(format!("source {i}"))),
+                    },
+                }
+            }
+            // While the crowd holds its leases, another prefix still gets one.
+            let mut peer = RawPeer::connect(&other)?;
+            let text = peer.lease()?;
+            ensure!(text.starts_with("198.51.100."), "lease {text:?}");
+            Ok((held.len(), refused))
+        })
+    })??;
+    ensure!(granted == LIMIT, "one /64 got {granted} leases");
+    ensure!(refused.len() == 30 - LIMIT, "{refused:?}");
+    ensure!(
+        refused
+            .iter()
+            .all(|r| r.contains("2001:db8:1:1::/64") && r.contains("--max-leases-per-prefix")),
+        "{refused:?}"
+    );
+    let stats = t.server_stats()?;
+    ensure!(
+        counter(&stats, "lease_limit_refused") == (30 - LIMIT) as u64,
+        "{stats}"
+    );
     Ok(())
 }

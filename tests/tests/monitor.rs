@@ -111,3 +111,39 @@ fn second_daemon_on_the_same_instance_is_refused() -> Result<()> {
     lab.ctl_json("stats", &instance)?;
     Ok(())
 }
+
+/// Issue 18 item 6: started with `ip netns exec` (its own mount namespace and /sys), a daemon
+/// says at start that its bpffs is private and that `nsenter --net` keeps the host's.
+#[test]
+fn a_private_bpffs_under_ip_netns_exec_is_reported_at_start() -> Result<()> {
+    use std::time::Duration;
+    let mut lab = Lab::new()?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.veth(&a, "veth-a", &b, "veth-b")?;
+    let instance = lab.instance("mon");
+    let log_path = lab.dir().join("netns-exec.log");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.name])
+        .arg(tunnel_tests::tunnel_ctl_bin()?)
+        .args(["monitor", "--dev", "veth-b", "--instance", &instance])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let seen = tunnel_tests::wait_for("the private-bpffs warning", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&log_path)?;
+        Ok(
+            (log.contains("not the host's BPF filesystem") && log.contains("nsenter --net"))
+                .then_some(()),
+        )
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    seen?;
+    // Under nsenter (the lab's way) the same daemon says nothing of the kind.
+    lab.spawn_daemon(&b, &instance, &["monitor", "--dev", "veth-b"])?;
+    let log = lab.daemon_log(&instance).unwrap_or_default();
+    assert!(!log.contains("not the host's BPF filesystem"), "{log}");
+    Ok(())
+}

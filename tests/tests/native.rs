@@ -413,6 +413,9 @@ fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> 
     wait_for("the first ping answer", Duration::from_secs(10), || {
         Ok((stat(&t, "fastpath_encap_packets")? > encap_before).then_some(()))
     })?;
+    // A SIGKILL within ~100 ms of the 106 would find the lease saved as in-band (the known
+    // limit of the delayed save): kill once the file has it as native.
+    t.wait_saved(&[(addr.as_str(), "native")])?;
     let instance = t.server_instance.clone();
     t.lab.daemon(&instance).expect("server").kill();
     t.start_server()?;
@@ -423,6 +426,7 @@ fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> 
         .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
         .ok_or_else(|| anyhow!("no ping summary in {text}"))?;
     eprintln!("{received}/500 pings answered around the server's SIGKILL and restart");
+
     assert!(
         received >= 495,
         "{received}/500 pings answered around the restart:\n{text}"
@@ -583,6 +587,7 @@ fn a_pinned_map_with_another_layout_is_replaced_not_trusted() -> Result<()> {
     let mut t = start(&[])?;
     let ns = t.client_ns()?;
     let (client, addr) = t.start_native_client(&ns, &[])?;
+    t.wait_saved(&[(addr.as_str(), "native")])?;
     let instance = t.server_instance.clone();
     t.lab.daemon(&instance).expect("server").kill();
     // What an older version might have left: BIND_BY_V4 with another key and value size
@@ -619,5 +624,93 @@ fn a_pinned_map_with_another_layout_is_replaced_not_trusted() -> Result<()> {
     let encap = stat(&t, "fastpath_encap_packets")?;
     assert_eq!(t.internet.ping(&addr, 2)?, 2);
     assert!(stat(&t, "fastpath_encap_packets")? >= encap + 2);
+    Ok(())
+}
+
+/// Issue 18 item 1: a server restarted without native mode must not leave the earlier run's
+/// fast path forwarding, and a re-leased address must reach its new holder.
+#[test]
+fn a_restart_without_native_mode_removes_the_fast_path_and_the_address_reaches_its_new_holder()
+-> Result<()> {
+    use tunnel_common::names::{PROG_SERVER_DECAP, PROG_SERVER_ENCAP};
+    use tunnel_ctl::dataplane::tc::link_pin_name;
+
+    // One address, a 1 s hold, short timeout: the address is free soon after its client is gone.
+    let mut t = FourOverSix::start_native(&[
+        "--pool",
+        "198.51.100.50",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--hold",
+        "1s",
+        "--keepalive",
+        "1s",
+        "--timeout",
+        "3s",
+    ])?;
+    let old_ns = t.client_ns()?;
+    let (old, addr) = t.start_native_client(&old_ns, &[])?;
+    assert_eq!(addr, "198.51.100.50");
+    assert_eq!(
+        old_ns.ping(INTERNET_HOST, 2)?,
+        2,
+        "the fast path works first"
+    );
+    t.wait_saved(&[(addr.as_str(), "native")])?;
+
+    // Both die without clean-up, the server first (so that its binding of the old client
+    // stays in the pinned maps); the old client's encapsulation stays pinned in its namespace.
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    t.lab.daemon(&old).expect("client").kill();
+    let dir = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT).join(&instance);
+    for (program, dev) in [(PROG_SERVER_DECAP, "up6"), (PROG_SERVER_ENCAP, "inet0")] {
+        let pin = dir.join(link_pin_name(program, dev));
+        assert!(pin.exists(), "SIGKILL left no {}", pin.display());
+    }
+
+    // Same instance and state directory, without the three native flags.
+    let at = t
+        .server_args
+        .iter()
+        .position(|a| a == "--v6-dev")
+        .expect("native flags");
+    t.server_args.drain(at..at + 6);
+    assert!(!t.server_args.iter().any(|a| a == "--tunnel-addr"));
+    t.start_server()?;
+    let log = t.lab.daemon_log(&instance).unwrap_or_default();
+    assert!(
+        log.contains("without native mode") && log.contains(&dir.display().to_string()),
+        "no log line names the removed fast path:\n{log}"
+    );
+    let left: Vec<_> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    assert!(left.is_empty(), "pins left in {}: {left:?}", dir.display());
+
+    // The old client's packets are no longer forwarded.
+    assert_eq!(
+        old_ns.ping(INTERNET_HOST, 2)?,
+        0,
+        "the old client still gets through"
+    );
+
+    // Its restored lease runs out (3 s); an in-band client then gets the address, and the
+    // internet's traffic for it reaches the new holder, not the old one.
+    let new_ns = t.client_ns()?;
+    let (_, again) = t.start_client(&new_ns, &[])?;
+    assert_eq!(again, addr);
+    assert_eq!(new_ns.ping(INTERNET_HOST, 3)?, 3, "the new holder's pings");
+    assert_eq!(
+        t.internet.ping(&addr, 3)?,
+        3,
+        "the internet reaches the new holder"
+    );
     Ok(())
 }

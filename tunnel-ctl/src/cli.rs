@@ -207,6 +207,22 @@ pub struct TimerArgs {
     pub timeout: Duration,
 }
 
+impl TimerArgs {
+    /// A timeout must leave room for at least one keepalive: a peer that keeps alive on time
+    /// would otherwise be dropped.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.timeout <= self.keepalive {
+            return Err(crate::usage::usage(format!(
+                "--timeout {} must be longer than --keepalive {} (a peer that keeps alive on \
+                 time would be dropped); a timeout of three keepalives is usual",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(self.keepalive)
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// TCP address to listen on; [::] also accepts IPv4 (mapped) clients.
@@ -234,14 +250,15 @@ pub struct ServerArgs {
     pub hold: Duration,
 
     /// Name of the TUN device.
-    #[arg(long, value_name = "NAME", default_value = "tun4o6")]
+    #[arg(long, value_name = "NAME", default_value = "tun4o6", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
     /// Only accept clients from these prefixes (repeatable). Default: everyone.
     #[arg(long, value_name = "CIDR")]
     pub allow: Vec<IpNet>,
 
-    /// Refuse new sessions beyond this many (110 "server full").
+    /// Refuse new sessions beyond this many (110 "server full"; 0: no limit). In every limit
+    /// here, 0 means "no limit".
     #[arg(
         long,
         value_name = "N",
@@ -254,6 +271,27 @@ pub struct ServerArgs {
     /// Clients behind one NAT share an address: size it for the largest such site.
     #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Limits")]
     pub max_per_source: usize,
+
+    /// Leases that clients in one IPv6 prefix may hold at once (0: no limit); more are
+    /// refused with 110 and counted as lease_limit_refused, so one site's /64 cannot take the
+    /// whole pool. The prefix length is that of the prefix-len flag below.
+    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Limits")]
+    pub max_leases_per_prefix: usize,
+
+    /// The prefix length that --max-leases-per-prefix groups IPv6 clients by.
+    #[arg(
+        long,
+        value_name = "LEN",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u8).range(1..=128),
+        help_heading = "Limits"
+    )]
+    pub prefix_len: u8,
+
+    /// Leases that one source address (IPv4 or IPv6) may hold at once (110 beyond; 0: no
+    /// limit).
+    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Limits")]
+    pub max_leases_per_address: usize,
 
     /// New connections per second one source address may open, in bursts of twice that
     /// (110 beyond it; 0: no limit).
@@ -508,7 +546,7 @@ pub struct MapeCeArgs {
     pub timeouts: NatTimeouts,
 
     /// Name of the TUN device (the slow path: first packets of new flows).
-    #[arg(long, value_name = "NAME", default_value = "mape0")]
+    #[arg(long, value_name = "NAME", default_value = "mape0", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
     /// Do not route IPv4 into MAP-E (0.0.0.0/1 and 128.0.0.0/1 via the TUN); route it yourself.
@@ -543,7 +581,7 @@ pub struct MapeBrArgs {
     pub interface_id: crate::mape::rule::InterfaceId,
 
     /// Name of the TUN device (the slow path: packets too big for the tunnel).
-    #[arg(long, value_name = "NAME", default_value = "mapebr0")]
+    #[arg(long, value_name = "NAME", default_value = "mapebr0", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
     #[command(flatten)]
@@ -593,7 +631,7 @@ pub struct ClientArgs {
     pub v6_dev: Option<String>,
 
     /// Name of the TUN device (in-band mode).
-    #[arg(long, value_name = "NAME", default_value = "tun4o6")]
+    #[arg(long, value_name = "NAME", default_value = "tun4o6", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
     /// Do not route IPv4 (and IPv6, with --ipv6) through the tunnel (only the leased

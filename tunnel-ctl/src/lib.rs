@@ -24,19 +24,29 @@ pub mod report;
 pub mod server;
 pub mod softwire;
 pub mod tundev;
+pub mod usage;
 
-/// Resolves on SIGINT or SIGTERM and says which.
+/// Resolves on SIGINT or SIGTERM and says which. SIGHUP (an operator's "reload", or a
+/// closed terminal) would otherwise end the daemon without clean-up: it is logged and
+/// ignored until reload exists.
 pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handling the default action (exit) applies; wait forever.
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+    loop {
+        tokio::select! {
+            _ = int.recv() => return "SIGINT",
+            _ = term.recv() => return "SIGTERM",
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP ignored: this version cannot reload its configuration; restart the \
+                 daemon to change it (SIGTERM stops it cleanly)"
+            ),
+        }
     }
 }

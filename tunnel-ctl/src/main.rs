@@ -14,6 +14,20 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
+    let daemon = matches!(
+        cli.command,
+        Command::Monitor(_)
+            | Command::Server(_)
+            | Command::Client(_)
+            | Command::Mape(MapeCommand::Ce(_) | MapeCommand::Br(_))
+    );
+    if !daemon {
+        // A one-shot command whose reader went away (`... | head -1`) ends quietly, as
+        // every Unix tool does, instead of panicking on EPIPE. Daemons keep ignoring
+        // SIGPIPE: a peer's closed socket is an error to handle, not a reason to die.
+        // SAFETY: setting a signal disposition to its default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result =
         match cli.command {
             Command::Monitor(args) => run_daemon(monitor::run(args)),
@@ -63,6 +77,10 @@ fn main() -> ExitCode {
         };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if tunnel_ctl::usage::is_usage(&e) => {
+            eprintln!("tunnel-ctl: error: {e:#} (see tunnel-ctl --help)");
+            ExitCode::from(2)
+        }
         Err(e) => {
             // One line: what went wrong, with its causes.
             eprintln!("tunnel-ctl: error: {e:#}");
@@ -124,5 +142,11 @@ fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(fut)
+        .block_on(async {
+            // From here on SIGHUP is caught (the handler stays for the process's life), so a
+            // hang-up during start-up cannot end the daemon uncleanly either;
+            // `shutdown_signal` logs the ones that come later.
+            let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            fut.await
+        })
 }

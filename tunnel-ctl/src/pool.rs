@@ -74,10 +74,18 @@ impl FromStr for Range4 {
             let net: Ipv4Net = s
                 .parse()
                 .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
-            return Ok(Range4 {
-                first: net.network(),
-                last: net.broadcast(),
-            });
+            // A /30 or wider names a subnet: its network and broadcast addresses are no
+            // host's. /31 and /32 have none to skip (RFC 3021). A range names exactly what
+            // it lists, so write 198.51.100.0-198.51.100.3 to lease all four.
+            let (first, last) = if net.prefix_len() <= 30 {
+                (
+                    Ipv4Addr::from(u32::from(net.network()) + 1),
+                    Ipv4Addr::from(u32::from(net.broadcast()) - 1),
+                )
+            } else {
+                (net.network(), net.broadcast())
+            };
+            return Ok(Range4 { first, last });
         }
         let a: Ipv4Addr = s.parse().map_err(|_| {
             format!("{s:?} is not an IPv4 range (use FIRST-LAST, e.g. 198.51.100.2-198.51.100.128)")
@@ -218,7 +226,18 @@ mod tests {
     #[test]
     fn parses_ranges() {
         assert_eq!(r("198.51.100.2-198.51.100.128").len(), 127);
-        assert_eq!(r("198.51.100.0/30").len(), 4);
+        // A CIDR leases its hosts only: .1 and .2 of a /30, all of a /31 or /32.
+        assert_eq!(
+            r("198.51.100.0/30").to_string(),
+            "198.51.100.1-198.51.100.2"
+        );
+        assert_eq!(
+            r("198.51.100.200/30").to_string(),
+            "198.51.100.201-198.51.100.202"
+        );
+        assert_eq!(r("198.51.100.0/24").len(), 254);
+        assert_eq!(r("198.51.100.6/31").len(), 2);
+        assert_eq!(r("198.51.100.0-198.51.100.3").len(), 4);
         assert_eq!(r("198.51.100.7").len(), 1);
         let err = "198.51.100.9-198.51.100.2".parse::<Range4>().unwrap_err();
         assert!(err.contains("ends before it starts"), "{err}");

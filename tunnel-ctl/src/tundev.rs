@@ -16,8 +16,56 @@ pub fn create(name: &str) -> Result<Arc<AsyncDevice>> {
         p.ensure_root_privileges(true);
     });
     let dev = tun::create_as_async(&config)
-        .with_context(|| format!("creating TUN device {name} (needs root and /dev/net/tun)"))?;
+        .map_err(|e| anyhow::anyhow!("creating TUN device {name}: {}", why(&e)))?;
     Ok(Arc::new(dev))
+}
+
+/// What went wrong in words an operator can act on (`--tun` names the device).
+fn why(e: &tun::Error) -> String {
+    let io = match e {
+        tun::Error::NameTooLong => {
+            return "the name is longer than 15 bytes (pick a shorter --tun)".into();
+        }
+        tun::Error::InvalidName | tun::Error::Nul(_) => {
+            return "not a valid interface name (pick another --tun)".into();
+        }
+        tun::Error::Io(io) => io,
+        other => return other.to_string(),
+    };
+    match io.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            format!("{io}: creating a TUN device needs root (or CAP_NET_ADMIN)")
+        }
+        Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+            format!("{io}: /dev/net/tun is missing (no TUN support in this kernel or container)")
+        }
+        Some(libc::EBUSY) => format!(
+            "{io}: a TUN device of that name is already open in another process (another \
+             daemon? pick another --tun)"
+        ),
+        Some(libc::EINVAL) => format!(
+            "{io}: the name is invalid or belongs to an interface that is not a TUN device \
+             (pick another --tun)"
+        ),
+        _ => io.to_string(),
+    }
+}
+
+/// clap value parser for `--tun`: a Linux interface name (1-15 bytes, no `/`, `:` or
+/// whitespace, not `.` or `..`).
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(format!(
+            "{s:?} is {} bytes; interface names have 1-15",
+            s.len()
+        ));
+    }
+    if s == "." || s == ".." || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(format!(
+            "{s:?} is not a valid interface name (no '/', ':' or spaces)"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Reads the next packet from `tun` into `buf`; returns its length. A read error is logged

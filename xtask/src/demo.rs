@@ -129,12 +129,7 @@ fn fourover6_demo() -> Result<()> {
         println!("    {line}");
     }
     step(5, "Server counters that moved (`tunnel-ctl stats`)");
-    let stats = t.server_stats()?;
-    if let Some(map) = stats.as_object() {
-        for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
-            println!("    {k:<28} {v}");
-        }
-    }
+    print_moved("", &t.server_stats()?);
     step(6, "Stopping clients and server, removing the lab");
     t.lab.teardown();
     Ok(())
@@ -204,12 +199,8 @@ fn mape_demo() -> Result<()> {
         println!("    {line}");
     }
     step(4, "CE and BR counters that moved");
-    for (who, stats) in [("CE", t.ce_stats()?), ("BR", t.br_stats()?)] {
-        if let Some(map) = stats.as_object() {
-            for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
-                println!("    {who} {k:<32} {v}");
-            }
-        }
+    for (who, stats) in [("CE ", t.ce_stats()?), ("BR ", t.br_stats()?)] {
+        print_moved(who, &stats);
     }
     step(5, "Stopping CE and BR, removing the lab");
     let mut t = t;
@@ -260,13 +251,10 @@ fn monitor_demo() -> Result<()> {
 
     step(
         4,
-        &format!("Counters, read with `tunnel-ctl stats --instance {instance}`"),
+        &format!("Counters that moved, read with `tunnel-ctl stats --instance {instance}`"),
     );
-    let stats = lab.ctl(&["stats", "--instance", &instance])?;
-    for line in stats.lines() {
-        println!("    {line}");
-    }
     let json = lab.ctl_json("stats", &instance)?;
+    print_moved("", &json);
     let rx = json["monitor_ingress_ipv4"].as_u64().unwrap_or(0);
     println!(
         "    => {rx} IPv4 packets came in on veth-b ({PINGS} echo requests, plus anything else),"
@@ -286,4 +274,13 @@ fn monitor_demo() -> Result<()> {
         bail!("pins left behind in {}", daemon_log.display());
     }
     Ok(())
+}
+
+/// The counters of a `stats --json` object that are not zero, one per line after `who`.
+fn print_moved(who: &str, stats: &serde_json::Value) {
+    if let Some(map) = stats.as_object() {
+        for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+            println!("    {who}{k:<32} {v}");
+        }
+    }
 }

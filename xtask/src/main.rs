@@ -18,6 +18,10 @@ mod setup;
     about = "Build, set up, test and demo the tunnel"
 )]
 struct Cli {
+    /// Show the full output of install steps (apt-get, cargo install); without it each step
+    /// is one line, and its output is printed only if it fails.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -85,6 +89,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    setup::set_show_output(cli.verbose);
     let result = match cli.command {
         Cmd::Setup => setup::run(setup::Mode::Verbose),
         Cmd::Build { release } => setup::run(setup::Mode::Quiet).and_then(|()| build(release)),

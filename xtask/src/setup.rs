@@ -11,8 +11,6 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::run as run_cmd;
-
 /// bpf-linker release known to work with the pinned aya versions.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -36,6 +34,45 @@ pub enum Mode {
     Quiet,
 }
 
+/// Whether installers print everything they say (`cargo xtask -v ...`); otherwise each step
+/// is one line and its output is shown only when it fails.
+static SHOW_OUTPUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_show_output(show: bool) {
+    SHOW_OUTPUT.store(show, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One install step on one line: `setup: <what> (<why>) ... done in N s`. The command's
+/// output goes to a log file under target/ and is printed only if it fails (or with -v).
+fn step(what: &str, why: &str, cmd: &mut Command) -> Result<()> {
+    use std::io::Write as _;
+    let started = Instant::now();
+    if SHOW_OUTPUT.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("setup: {what} ({why})");
+        crate::run(cmd)?;
+        println!(
+            "setup: {what}: done in {:.1} s",
+            started.elapsed().as_secs_f32()
+        );
+        return Ok(());
+    }
+    print!("setup: {what} ({why}) ... ");
+    let _ = std::io::stdout().flush();
+    let out = cmd
+        .current_dir(crate::root())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let took = started.elapsed().as_secs_f32();
+    if out.status.success() {
+        println!("done in {took:.1} s");
+        return Ok(());
+    }
+    println!("FAILED after {took:.1} s; its output:");
+    let _ = std::io::stdout().write_all(&out.stdout);
+    let _ = std::io::stderr().write_all(&out.stderr);
+    bail!("{what}: {cmd:?} failed: {}", out.status)
+}
+
 pub fn run(mode: Mode) -> Result<()> {
     let start = Instant::now();
     add_cargo_bin_to_path();
@@ -48,16 +85,19 @@ pub fn run(mode: Mode) -> Result<()> {
     };
 
     if !nightly_installed()? {
-        println!("setup: installing the nightly toolchain with rust-src (for the eBPF target)");
-        run_cmd(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+        step(
+            "installing the nightly toolchain with rust-src",
+            "the eBPF programs build with build-std=core",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+        )?;
         installed.push("nightly toolchain".into());
     } else {
         say("nightly toolchain: present");
@@ -68,14 +108,11 @@ pub fn run(mode: Mode) -> Result<()> {
         .join("lib/rustlib/src/rust/library/core/Cargo.toml")
         .exists()
     {
-        println!("setup: installing rust-src for nightly (build-std=core)");
-        run_cmd(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        step(
+            "installing rust-src for nightly",
+            "the eBPF programs build with build-std=core",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
         installed.push("rust-src".into());
     } else {
         say("nightly rust-src: present");
@@ -210,12 +247,11 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)?;
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm_major} (1-3 min)"
-    );
     let mut rustflags = OsString::from("-C link-arg=-Wl,-rpath,");
     rustflags.push(lib_dir.as_os_str());
-    run_cmd(
+    step(
+        &format!("building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm_major}"),
+        "it links the eBPF object; 1-3 min",
         Command::new("cargo")
             .args([
                 "install",
@@ -241,13 +277,16 @@ fn install_debian(packages: &[&str]) -> Result<()> {
             packages.join(" ")
         );
     }
-    println!("setup: apt-get install {}", packages.join(" "));
-    run_cmd(
+    step(
+        "apt-get update",
+        "package lists for the test tools",
         Command::new("apt-get")
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    run_cmd(
+    step(
+        &format!("apt-get install {}", packages.join(" ")),
+        "commands the tests and the demo run",
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(packages)

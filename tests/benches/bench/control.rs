@@ -115,6 +115,11 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         "192.0.2.53",
         "--max-sessions",
         &max,
+        // Every load session comes from one of two /64s.
+        "--max-leases-per-prefix",
+        "0",
+        "--max-leases-per-address",
+        "0",
     ])?;
     let pinger = t.client_ns()?;
     let (_, ping_lease) = t.start_native_client(&pinger, &[])?;

@@ -179,14 +179,15 @@ impl Handler for Client {
 
 pub async fn run(args: ClientArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
+    args.timers.check()?;
+    if args.ipv6 && args.mode == ClientMode::Native {
+        return Err(crate::usage::usage(
+            "--ipv6 carries IPv6 in 102/103 frames through the TUN: it needs --mode inband \
+             (native mode's fast path is IPv4-in-IPv6 only)",
+        ));
+    }
     mgmt::ensure_not_running(&instance)?;
     let nl = Netlink::connect()?;
-    if args.ipv6 && args.mode == ClientMode::Native {
-        bail!(
-            "--ipv6 carries IPv6 in 102/103 frames through the TUN: it needs --mode inband \
-             (native mode's fast path is IPv4-in-IPv6 only)"
-        );
-    }
     let lan = match &args.lan {
         Some(dev) => Some(start_lan(&nl, dev).await?),
         None => None,

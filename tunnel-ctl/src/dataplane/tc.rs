@@ -37,6 +37,11 @@ impl Direction {
     }
 }
 
+/// The pin name of `program`'s link on `iface`.
+pub fn link_pin_name(program: &str, iface: &str) -> String {
+    format!("link_{program}_{iface}")
+}
+
 /// Loads `program` (if not yet loaded) and attaches it to `iface` on `direction`; the link is
 /// pinned as `<pin_dir>/link_<program>_<iface>`. If that pin exists (an earlier run), the program
 /// replaces the old one on the same link: no moment without a program.
@@ -56,7 +61,7 @@ pub fn attach_pinned(
         prog.load()
             .with_context(|| format!("verifier rejected {program}"))?;
     }
-    let pin_path = pin_dir.join(format!("link_{program}_{iface}"));
+    let pin_path = pin_dir.join(link_pin_name(program, iface));
     let link_id = match PinnedLink::from_pin(&pin_path) {
         Ok(old) => {
             let link = FdLink::from(old)

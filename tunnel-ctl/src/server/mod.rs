@@ -61,6 +61,7 @@ counters! {
         sessions_handshake_timeout,
         leases_granted,
         pool_exhausted,
+        lease_limit_refused,
         frames_in,
         frames_out,
         keepalives_in,
@@ -240,8 +241,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
     mgmt::ensure_not_running(&instance)?;
     raise_fd_limit(args.max_sessions);
+    args.timers.check()?;
     let pool = Pool::new(&args.pool, &[args.gateway], args.hold)
-        .map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
+        .map_err(|e| crate::usage::usage(format!("--pool: {e}")))?;
     let (pool6, delegate) = ipv6::pools(&args)?;
     if !args.allow_in.is_empty() && pool6.is_none() && delegate.is_none() {
         anyhow::bail!("--allow-in filters clients' IPv6: it needs --pool6 or --delegate");
@@ -269,6 +271,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         ),
     };
 
+    persist::ensure_writable(&args.state_dir)?;
     let listener =
         bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let nl = Netlink::connect()?;
@@ -298,15 +301,29 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         ),
         _ => None,
     };
+    if native.is_none() {
+        // A fast path pinned by an earlier native-mode run would go on forwarding (and
+        // deliver re-leased addresses to their old holders): it goes before any lease.
+        crate::dataplane::bpffs::remove_stale(
+            &instance.pin_dir(),
+            "this server runs without native mode (--v6-dev/--v4-dev/--tunnel-addr), so an \
+             earlier run's fast path must not keep forwarding",
+        )?;
+    }
     // From here on a clean exit removes the pins (detaching the fast path); SIGKILL leaves
     // them for the next start to re-adopt.
     let _pins = crate::dataplane::bpffs::PinGuard(native.is_some().then(|| instance.pin_dir()));
 
     let state_path = persist::path(&args.state_dir, instance.name());
     let mut state = State::new(pool);
+    state.limits = state::LeaseLimits {
+        per_prefix: args.max_leases_per_prefix,
+        prefix_len: args.prefix_len,
+        per_address: args.max_leases_per_address,
+    };
     state.pool6 = pool6;
     state.delegate = delegate;
-    let saved = persist::load(&state_path);
+    let saved = persist::load(&state_path, std::time::SystemTime::now());
     for (lease, why) in state.restore(&saved, args.timers.timeout) {
         warn!(
             "not restoring saved lease {} of {}: {why}",
@@ -642,7 +659,7 @@ fn raise_fd_limit(max_sessions: usize) {
         }
     }
     let needed = max_sessions as u64 + 64;
-    if lim.rlim_cur < needed {
+    if max_sessions != 0 && lim.rlim_cur < needed {
         warn!(
             "open-files limit {} is below --max-sessions {max_sessions} + 64: sessions beyond it \
              will fail to be accepted (raise LimitNOFILE= or ulimit -n)",

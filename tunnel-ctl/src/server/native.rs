@@ -97,20 +97,19 @@ impl Native {
                 args.pin_dir.display()
             );
         }
-        tc::attach_pinned(
-            &mut ebpf,
-            PROG_SERVER_DECAP,
-            args.v6_dev,
-            Direction::Ingress,
-            &args.pin_dir,
-        )?;
-        tc::attach_pinned(
-            &mut ebpf,
-            PROG_SERVER_ENCAP,
-            args.v4_dev,
-            Direction::Ingress,
-            &args.pin_dir,
-        )?;
+        let links = [
+            (PROG_SERVER_DECAP, args.v6_dev),
+            (PROG_SERVER_ENCAP, args.v4_dev),
+        ];
+        for (program, dev) in links {
+            tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, &args.pin_dir)?;
+        }
+        // Links of an earlier run on other interfaces would go on forwarding from there.
+        let keep: Vec<String> = links
+            .iter()
+            .map(|(program, dev)| tc::link_pin_name(program, dev))
+            .collect();
+        bpffs::remove_other_links(&args.pin_dir, &keep)?;
         let raw = Softwire::open(args.tunnel_addr)?;
         Ok(Native {
             tunnel_addr: args.tunnel_addr,

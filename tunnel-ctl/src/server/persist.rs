@@ -2,13 +2,15 @@
 //! path is derived from the lease table, which must survive a controller restart).
 //!
 //! The file is JSON, written to a temporary name and renamed over the old one, so a crash
-//! leaves either the old or the new version. A file that cannot be read or parsed gives a
-//! warning and a clean start, never a refusal to start.
+//! leaves either the old or the new version. A file that cannot be read or parsed (or is of
+//! another version) is renamed aside with a warning and the server starts clean; a state
+//! directory that cannot be written stops the start.
 use std::{
     fs,
     io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use anyhow::{Context as _, Result};
@@ -38,39 +40,80 @@ struct File {
     leases: Vec<SavedLease>,
 }
 
+/// Just the version of a lease file of any version.
+#[derive(Deserialize)]
+struct Version {
+    version: u32,
+}
+
 /// `<dir>/<instance>.leases.json`.
 pub fn path(dir: &Path, instance: &str) -> PathBuf {
     dir.join(format!("{instance}.leases.json"))
 }
 
-/// The saved leases; empty (with a warning) when the file is missing, unreadable or foreign.
-pub fn load(path: &Path) -> Vec<SavedLease> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
+/// The saved leases; empty when there is no file. A file that cannot be read, parsed or is of
+/// another format version (a newer release's, after a rollback) is kept: renamed to
+/// `<name>.unreadable-<UTC time>` with a warning that names it, so that a clean start never
+/// overwrites leases that someone may still want. `now` names the kept copy.
+pub fn load(path: &Path, now: SystemTime) -> Vec<SavedLease> {
+    let why = match fs::read_to_string(path) {
+        // The version first: another version's leases may have another shape.
+        Ok(text) => match serde_json::from_str::<Version>(&text) {
+            Ok(Version { version }) if version != VERSION => {
+                format!("it has format version {version} (this server reads and writes {VERSION})")
+            }
+            _ => match serde_json::from_str::<File>(&text) {
+                Ok(f) => return f.leases,
+                Err(e) => format!("it is not a lease file ({e})"),
+            },
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => {
-            warn!(
-                "cannot read {}: {e}; starting without saved leases",
-                path.display()
-            );
-            return Vec::new();
-        }
+        Err(e) => format!("it cannot be read ({e})"),
     };
-    match serde_json::from_str::<File>(&text) {
-        Ok(f) if f.version == VERSION => f.leases,
-        Ok(f) => {
-            warn!(
-                "{} has format version {} (this server writes {VERSION}); ignoring it",
-                path.display(),
-                f.version
-            );
-            Vec::new()
-        }
-        Err(e) => {
-            warn!("{} is not a lease file ({e}); ignoring it", path.display());
-            Vec::new()
-        }
+    let kept = kept_name(path, now);
+    match fs::rename(path, &kept) {
+        Ok(()) => warn!(
+            "{}: {why}; kept it as {} and starting without saved leases",
+            path.display(),
+            kept.display()
+        ),
+        Err(e) => warn!(
+            "{}: {why}; could not keep it as {} ({e}); starting without saved leases",
+            path.display(),
+            kept.display()
+        ),
     }
+    Vec::new()
+}
+
+/// `<path>.unreadable-YYYYMMDDTHHMMSSZ`.
+fn kept_name(path: &Path, now: SystemTime) -> PathBuf {
+    let stamp: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".unreadable-{stamp}"));
+    PathBuf::from(name)
+}
+
+/// Fails unless leases can be saved in `dir` (created if missing): a server that cannot save
+/// would lose every lease at its next restart, so it must not start.
+pub fn ensure_writable(dir: &Path) -> Result<()> {
+    let hint = "pass a writable --state-dir";
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "state directory {} cannot be created; {hint}",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(b"x").and_then(|()| f.sync_all()))
+        .with_context(|| format!("state directory {} is not writable; {hint}", dir.display()))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
 }
 
 /// Writes the leases atomically (temporary file + fsync + rename).
@@ -105,12 +148,28 @@ mod tests {
             tunnel: Some("2001:db8:1::2".parse().unwrap()),
         }];
         save(&p, &leases).unwrap();
-        assert_eq!(load(&p), leases);
-        fs::write(&p, "{ not json").unwrap();
-        assert!(load(&p).is_empty());
-        fs::write(&p, r#"{"version": 99, "leases": []}"#).unwrap();
-        assert!(load(&p).is_empty());
-        assert!(load(&dir.join("missing.json")).is_empty());
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        assert_eq!(load(&p, now), leases);
+        // Garbage, and a newer version's file: each kept under a timestamped name, byte for
+        // byte, and the start is clean.
+        let kept = dir.join("t.leases.json.unreadable-20261118T110640Z");
+        for text in [
+            "{ not json",
+            r#"{"version": 2, "leases": [{"ipv4": "198.51.100.2", "psid": 3}]}"#,
+        ] {
+            fs::write(&p, text).unwrap();
+            assert!(load(&p, now).is_empty());
+            assert!(!p.exists());
+            assert_eq!(fs::read_to_string(&kept).unwrap(), text);
+            fs::remove_file(&kept).unwrap();
+        }
+        assert!(load(&dir.join("missing.json"), now).is_empty());
+        ensure_writable(&dir).unwrap();
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the probe is removed"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -87,7 +87,8 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let _admitted = Admitted(&server, peer_ip);
     let full = {
         let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
-        let full = state.sessions >= server.cfg.max_sessions;
+        let max = server.cfg.max_sessions;
+        let full = max != 0 && state.sessions >= max;
         if !full {
             state.sessions += 1;
         }
@@ -425,6 +426,13 @@ impl Session {
                             "leased {addr} (taken over from silent session {old} of the same client)"
                         );
                         addr
+                    }
+                    Grant::Limited(limit) => {
+                        self.server.stats.lease_limit_refused.inc();
+                        let text = limit.text();
+                        warn!(peer = %self.peer, session = self.handle.id, "{text}");
+                        let _ = self.send(framed, Frame::text(MsgType::Error, &text)).await;
+                        return Some(text);
                     }
                     Grant::Exhausted => {
                         self.server.stats.pool_exhausted.inc();

@@ -85,6 +85,49 @@ pub struct State {
     pub delegate: Option<Pool6>,
     /// IPv6 units (an address or a delegated prefix) → the session holding them.
     leases6: HashMap<Ipv6Net, Lease6>,
+    pub limits: LeaseLimits,
+}
+
+/// How many leases the clients of one place may hold at once (0: no limit), so that one
+/// network cannot take the whole pool (issue 18 item 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseLimits {
+    /// Clients whose IPv6 source lies in one /`prefix_len`.
+    pub per_prefix: usize,
+    pub prefix_len: u8,
+    /// One source address (IPv4 or IPv6).
+    pub per_address: usize,
+}
+
+impl Default for LeaseLimits {
+    fn default() -> LeaseLimits {
+        LeaseLimits {
+            per_prefix: 0,
+            prefix_len: 64,
+            per_address: 0,
+        }
+    }
+}
+
+/// Why a lease was refused although the pool has room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitReached {
+    Prefix { prefix: Ipv6Net, max: usize },
+    Address { max: usize },
+}
+
+impl LimitReached {
+    /// The 110 text (and log line).
+    pub fn text(&self) -> String {
+        match self {
+            LimitReached::Prefix { prefix, max } => format!(
+                "lease limit: clients in {prefix} already hold {max} leases (--max-leases-per-prefix)"
+            ),
+            LimitReached::Address { max } => format!(
+                "lease limit: this address already holds {max} leases (--max-leases-per-address)"
+            ),
+        }
+    }
 }
 
 /// An IPv6 address or prefix held by a session (not saved: clients get the same one back from
@@ -123,6 +166,7 @@ pub enum Grant {
     /// Saved before a restart and now claimed by its client.
     Restored(Ipv4Addr),
     Exhausted,
+    Limited(LimitReached),
 }
 
 impl State {
@@ -134,7 +178,38 @@ impl State {
             pool6: None,
             delegate: None,
             leases6: HashMap::new(),
+            limits: LeaseLimits::default(),
         }
+    }
+
+    /// Whether `client` may hold one more lease under [`State::limits`].
+    fn check_limits(&self, client: IpAddr) -> Result<(), LimitReached> {
+        let LeaseLimits {
+            per_prefix,
+            prefix_len,
+            per_address,
+        } = self.limits;
+        if per_address > 0
+            && self.leases.values().filter(|l| l.client == client).count() >= per_address
+        {
+            return Err(LimitReached::Address { max: per_address });
+        }
+        if let (IpAddr::V6(v6), true) = (client, per_prefix > 0) {
+            let prefix =
+                Ipv6Net::new(v6, prefix_len).map_or_else(|_| Ipv6Net::from(v6), |n| n.trunc());
+            let held = self
+                .leases
+                .values()
+                .filter(|l| matches!(l.client, IpAddr::V6(c) if prefix.contains(&c)))
+                .count();
+            if held >= per_prefix {
+                return Err(LimitReached::Prefix {
+                    prefix,
+                    max: per_prefix,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether 107 can be answered.
@@ -276,6 +351,9 @@ impl State {
                 old.cancel.cancel();
             }
             return Grant::TakenOver(addr, old_id);
+        }
+        if let Err(limit) = self.check_limits(client) {
+            return Grant::Limited(limit);
         }
         match self.pool.allocate(v6_key(session.peer), Instant::now()) {
             Some(addr) => {
@@ -498,6 +576,53 @@ mod tests {
         s.pool6 = Some(Pool6::new("2001:db8:600::/64".parse().unwrap(), 128).unwrap());
         s.delegate = Some(Pool6::new("2001:db8:700::/48".parse().unwrap(), 64).unwrap());
         s
+    }
+
+    /// A pool of 8; clients of one /64 may hold 3, one address 2.
+    #[test]
+    fn one_prefix_or_address_cannot_take_the_pool() {
+        let mut s = state();
+        s.limits = LeaseLimits {
+            per_prefix: 3,
+            prefix_len: 64,
+            per_address: 2,
+        };
+        let mut held = Vec::new();
+        let mut grant = |s: &mut State, id: u64, peer: &str| {
+            let (h, rx) = handle(id, peer);
+            let g = s.grant(&h, 0, u64::MAX);
+            held.push((h, rx));
+            g
+        };
+        for (id, peer) in [(1, "2001:db8:1:1::1"), (2, "2001:db8:1:1::2")] {
+            assert!(matches!(grant(&mut s, id, peer), Grant::New(_)));
+        }
+        // The same address again: its second lease (its cap comes below).
+        assert!(matches!(grant(&mut s, 3, "2001:db8:1:1::2"), Grant::New(_)));
+        // 3 leases in 2001:db8:1:1::/64 now: a fourth address of that /64 is refused.
+        match grant(&mut s, 4, "2001:db8:1:1::99") {
+            Grant::Limited(LimitReached::Prefix { prefix, max: 3 }) => {
+                assert_eq!(prefix, "2001:db8:1:1::/64".parse::<Ipv6Net>().unwrap());
+            }
+            _ => panic!("a fourth lease in one /64"),
+        }
+        s.limits.per_prefix = 0;
+        assert!(matches!(
+            grant(&mut s, 5, "2001:db8:1:1::2"),
+            Grant::Limited(LimitReached::Address { max: 2 })
+        ));
+        // Another /64, and an IPv4 client, still get theirs.
+        s.limits.per_prefix = 3;
+        assert!(matches!(grant(&mut s, 6, "2001:db8:1:2::1"), Grant::New(_)));
+        assert!(matches!(grant(&mut s, 7, "192.0.2.9"), Grant::New(_)));
+        assert!(
+            LimitReached::Prefix {
+                prefix: "2001:db8:1:1::/64".parse().unwrap(),
+                max: 3
+            }
+            .text()
+            .contains("2001:db8:1:1::/64")
+        );
     }
 
     fn handle(id: u64, peer: &str) -> (SessionHandle, QueueRx) {
