@@ -565,6 +565,7 @@ pub fn xdp_test_ctx(ifindex: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+pub mod craft;
 pub mod fourover6;
 pub mod ipv6;
 pub mod loadgen;

@@ -180,15 +180,24 @@ pub struct Seen {
     pub port: Option<u16>,
 }
 
-/// Records every IPv4 packet arriving on an interface of a namespace (AF_PACKET), until
-/// [`Capture::stop`].
-pub struct Capture {
+/// Records the frames arriving on an interface of a namespace (AF_PACKET) that `parse`
+/// picks, until [`Capture::stop`] (which still reads what has arrived by then): by default
+/// every IPv4 packet ([`Seen`]).
+pub struct Capture<T = Seen> {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<Seen>>,
+    thread: JoinHandle<Vec<T>>,
 }
 
-impl Capture {
-    pub fn start(ns: &Ns, iface: &str) -> Result<Capture> {
+impl Capture<Seen> {
+    /// Every IPv4 packet arriving on `iface`.
+    pub fn start(ns: &Ns, iface: &str) -> Result<Capture<Seen>> {
+        Capture::start_with(ns, iface, parse)
+    }
+}
+
+impl<T: Send + 'static> Capture<T> {
+    /// Frames arriving on `iface` for which `parse` says something.
+    pub fn start_with(ns: &Ns, iface: &str, parse: fn(&[u8]) -> Option<T>) -> Result<Capture<T>> {
         let iface = std::ffi::CString::new(iface)?;
         let fd = ns.enter(|| -> Result<OwnedFd> {
             // SAFETY: plain socket(2); the fd is owned at once.
@@ -246,7 +255,7 @@ impl Capture {
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
             let mut buf = vec![0u8; 65536];
-            while !flag.load(Ordering::Relaxed) {
+            loop {
                 // SAFETY: zeroed sockaddr_ll; recvfrom fills it.
                 let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
                 let mut len = size_of::<libc::sockaddr_ll>() as u32;
@@ -261,7 +270,14 @@ impl Capture {
                         &mut len,
                     )
                 };
-                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                if n <= 0 {
+                    // Nothing for 100 ms: done once stopped (what had arrived is read).
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    continue;
+                }
+                if from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
                 if let Some(s) = parse(&buf[..n as usize]) {
@@ -273,7 +289,7 @@ impl Capture {
         Ok(Capture { stop, thread })
     }
 
-    pub fn stop(self) -> Result<Vec<Seen>> {
+    pub fn stop(self) -> Result<Vec<T>> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()

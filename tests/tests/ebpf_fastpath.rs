@@ -295,6 +295,109 @@ fn server_decap_accepts_bound_clients_and_drops_each_violation() -> Result<()> {
     Ok(())
 }
 
+/// Issue 18 item 2: outer extension headers. Hop-by-Hop and Destination Options (the Tunnel
+/// Encapsulation Limit of ip6tnl among them) are removed and the packet decapsulated exactly
+/// like the plain one; outer fragments, a chain longer than the walk's bound (4) and a
+/// truncated chain are dropped under their own counters; other protocols to the tunnel
+/// address (the control channel may share it) pass untouched.
+#[test]
+fn server_decap_walks_outer_extension_headers() -> Result<()> {
+    use tunnel_tests::craft::{self, Ext};
+    let Fixture {
+        lab: _lab,
+        mut ebpf,
+        mut maps,
+    } = fixture("ext")?;
+    maps.set_config(&config(0))?;
+    maps.bind(CLIENT, LEASE)?;
+    let inner = ipv4_udp(LEASE, HOST, b"behind options");
+    let plain = ethernet(EtherType::IPV4, &inner);
+    let with = |exts: &[Ext], next: u8, payload: &[u8]| {
+        ethernet(
+            EtherType::IPV6,
+            &craft::ipv6(CLIENT, TUNNEL, exts, next, payload),
+        )
+    };
+
+    for exts in [
+        &[Ext::EncapLimit][..],
+        &[Ext::HopByHop],
+        &[Ext::HopByHop, Ext::DestOpts, Ext::DestOpts, Ext::EncapLimit],
+    ] {
+        let before = dataplane::stats::read(&ebpf)?;
+        let (verdict, out) = run(
+            &mut ebpf,
+            PROG_SERVER_DECAP,
+            &with(exts, craft::IPIP, &inner),
+        )?;
+        assert_eq!(verdict, TC_ACT_OK, "{exts:?}");
+        assert_eq!(out, plain, "{exts:?}: not the plain decapsulation");
+        assert_eq!(delta(&ebpf, &before, Counter::Decap), 1, "{exts:?}");
+        assert_eq!(
+            delta(&ebpf, &before, Counter::ExtHeadersRemoved),
+            1,
+            "{exts:?}"
+        );
+    }
+
+    let five = [Ext::DestOpts; 5];
+    let first = Ext::Fragment {
+        offset: 0,
+        more: true,
+        id: 9,
+    };
+    let second = Ext::Fragment {
+        offset: 2,
+        more: false,
+        id: 9,
+    };
+    let truncated = with(&[Ext::DestOpts], craft::IPIP, &[]);
+    let cases = [
+        (
+            with(&five, craft::IPIP, &inner),
+            Counter::DropExtHeadersTooMany,
+        ),
+        (
+            with(&[first], craft::IPIP, &inner[..16]),
+            Counter::DropOuterFragment,
+        ),
+        (
+            with(&[second], craft::IPIP, &inner[16..]),
+            Counter::DropOuterFragment,
+        ),
+        (
+            with(&[Ext::HopByHop, first], craft::IPIP, &inner[..16]),
+            Counter::DropOuterFragment,
+        ),
+        (
+            truncated[..truncated.len() - 4].to_vec(),
+            Counter::DropExtHeadersMalformed,
+        ),
+    ];
+    for (packet, reason) in cases {
+        let before = dataplane::stats::read(&ebpf)?;
+        let (verdict, _) = run(&mut ebpf, PROG_SERVER_DECAP, &packet)?;
+        assert_eq!(verdict, TC_ACT_SHOT, "{}", reason.name());
+        assert_eq!(delta(&ebpf, &before, reason), 1, "{}", reason.name());
+        assert_eq!(
+            delta(&ebpf, &before, Counter::Decap),
+            0,
+            "{}",
+            reason.name()
+        );
+    }
+
+    // Not IPv4-in-IPv6: the stack's, byte for byte.
+    for packet in [
+        with(&[Ext::DestOpts], craft::ICMPV6, &[128, 0, 0, 0, 0, 1, 0, 1]),
+        with(&[first], 6, &[0; 16]),
+    ] {
+        let (verdict, out) = run(&mut ebpf, PROG_SERVER_DECAP, &packet)?;
+        assert_eq!((verdict, &out), (TC_ACT_OK, &packet));
+    }
+    Ok(())
+}
+
 #[test]
 fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
     let Fixture {

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use tunnel_tests::{
     counter,
     mape::{
-        Capture, INTERNET_HOST, LAN_HOST, MapeLab, RULE_16, RULE_252, SHARED, udp_echo,
+        BR_ADDR, Capture, INTERNET_HOST, LAN_HOST, MapeLab, RULE_16, RULE_252, SHARED, udp_echo,
         udp_roundtrip,
     },
     transfer::tcp_transfer,
@@ -412,5 +412,134 @@ fn idle_udp_mappings_expire_and_their_ports_are_used_again() -> Result<()> {
         Ok((p.len() == 16).then(|| p.into_iter().collect()))
     })?;
     assert_eq!(first, second);
+    Ok(())
+}
+
+/// The CE address of RULE_252's prefix, worked out by hand (RFC 7597 §6): the /56's first
+/// /64, then 0, the IPv4 address 203.0.113.18 (cb00:7112) and PSID 0xa4.
+const CE_252: &str = "2001:db8:12:a400:0:cb00:7112:a4";
+
+/// The id after the "tnlprobe" marker in a frame, if any.
+fn probe_id(frame: &[u8]) -> Option<u8> {
+    let at = frame.windows(8).position(|w| w == b"tnlprobe")?;
+    frame.get(at + 8).copied()
+}
+
+/// Issue 18 item 2: IPv4-in-IPv6 to the BR with a Tunnel Encapsulation Limit (ip6tnl's
+/// default) or Hop-by-Hop options is decapsulated; outer fragments, a chain of five
+/// Destination Options and ICMPv6 to the BR address are dropped and counted. With IPv6
+/// forwarding on and a route that would send the BR address back toward the CE, a capture on
+/// the CE-BR link sees each crafted packet exactly once (no loop).
+#[test]
+fn the_br_decapsulates_behind_options_and_never_bounces_what_it_does_not_take() -> Result<()> {
+    use tunnel_tests::craft::{self, Ext};
+    let t = MapeLab::start(&RULE_252, &[])?;
+    assert_eq!(t.lab.ctl_json("status", &t.ce_instance)?["ce_ipv6"], CE_252);
+    for ns in [&t.ce, &t.br] {
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
+    t.br.ip("-6 route add 2001:db8:ffff:1::/64 via 2001:db8:ffff::2")?;
+    // A listener that never answers: nothing comes back over the link to muddle the count.
+    let _sink = t
+        .internet
+        .enter(|| std::net::UdpSocket::bind(SocketAddrV4::new(INTERNET_HOST, 7)))??;
+    let arrivals = Capture::start(&t.internet, "eth0")?;
+    // Frames reaching the BR from the CE side: a bouncing packet would come in again and again.
+    let link = Capture::start_with(&t.br, "ce0", probe_id)?;
+
+    let (ce, br): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (CE_252.parse()?, BR_ADDR.parse()?);
+    // UDP from the shared address and a port of PSID 0xa4 (1680) to the echo service.
+    let udp = |id: u8| -> Result<Vec<u8>> {
+        let mut payload = b"tnlprobe".to_vec();
+        payload.push(id);
+        payload.extend_from_slice(&[0; 11]);
+        payload.extend_from_slice(b"tnlprobe");
+        payload.push(id + 100);
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ipv4(SHARED.octets(), INTERNET_HOST.octets(), 64)
+            .udp(1680, 7)
+            .write(&mut out, &payload)?;
+        Ok(out)
+    };
+    let frag = |offset: u16, more: bool| Ext::Fragment {
+        offset,
+        more,
+        id: 0x5eed,
+    };
+    let fragmented = udp(3)?;
+    let five = [Ext::DestOpts; 5];
+    let packets = [
+        craft::ipv6(ce, br, &[Ext::EncapLimit], craft::IPIP, &udp(1)?),
+        craft::ipv6(ce, br, &[Ext::HopByHop], craft::IPIP, &udp(2)?),
+        // 48 bytes (IPv4 + UDP + "tnlprobe" 3 + 11) in the first fragment, the rest after.
+        craft::ipv6(ce, br, &[frag(0, true)], craft::IPIP, &fragmented[..48]),
+        craft::ipv6(ce, br, &[frag(6, false)], craft::IPIP, &fragmented[48..]),
+        craft::ipv6(ce, br, &five, craft::IPIP, &udp(5)?),
+        craft::ipv6(
+            ce,
+            br,
+            &[],
+            craft::ICMPV6,
+            b"\x80\0\0\0\0\x01\0\x01tnlprobe\x06",
+        ),
+    ];
+    let before = t.br_stats()?;
+    t.ce.enter(|| -> Result<()> {
+        for p in &packets {
+            craft::send_raw_ipv6(p)?;
+        }
+        Ok(())
+    })??;
+    let want = [
+        ("mape_br_decap_packets", 2),
+        ("ext_headers_removed", 2),
+        ("drop_outer_fragment", 2),
+        ("drop_ext_headers_too_many", 1),
+        ("mape_br_drop_not_ipip", 1),
+    ];
+    wait_for(
+        "the BR to count every crafted packet",
+        Duration::from_secs(10),
+        || {
+            let now = t.br_stats()?;
+            Ok(want
+                .iter()
+                .all(|(name, n)| stat(&now, name) - stat(&before, name) == *n)
+                .then_some(()))
+        },
+    )?;
+    // Stopping a capture reads what has arrived by then (a bounce takes microseconds).
+    let link = link.stop()?;
+    let seen = arrivals.stop()?;
+    // The two it took reach the internet host from the shared address and port.
+    let from_ce: Vec<_> = seen
+        .iter()
+        .filter(|s| s.proto == 17 && s.src == SHARED && s.port == Some(1680))
+        .collect();
+    assert_eq!(from_ce.len(), 2, "datagrams at the internet host: {seen:?}");
+    let after = t.br_stats()?;
+    for (name, n) in want {
+        assert_eq!(
+            stat(&after, name) - stat(&before, name),
+            n,
+            "{name}: {after}"
+        );
+    }
+    let mut counts = BTreeMap::new();
+    for id in &link {
+        *counts.entry(*id).or_insert(0) += 1;
+    }
+    // The crafted packets: 1, 2, the two fragments (3 and the second marker, 103), 5, 6.
+    for id in [1u8, 2, 3, 103, 5, 6] {
+        assert_eq!(
+            counts.get(&id),
+            Some(&1),
+            "probe {id} on the CE-BR link: {counts:?}"
+        );
+    }
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "something bounced: {counts:?}"
+    );
     Ok(())
 }

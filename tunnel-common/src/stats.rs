@@ -97,6 +97,19 @@ counters! {
     BrDropNoRule = "mape_br_drop_no_rule",
     /// MAP-E BR: no port to check or route by (non-first fragment, unknown protocol): dropped.
     BrDropNoPort = "mape_br_drop_no_port",
+    /// MAP-E BR: traffic to the BR address that is not IPv4-in-IPv6: dropped (returned to the
+    /// stack it would be forwarded back out, as the BR address is on no interface).
+    BrDropNotIpip = "mape_br_drop_not_ipip",
+    /// IPv4-in-IPv6 to our address in outer IPv6 fragments: dropped (no reassembly yet).
+    DropOuterFragment = "drop_outer_fragment",
+    /// More outer extension headers than the programs walk (4): dropped.
+    DropExtHeadersTooMany = "drop_ext_headers_too_many",
+    /// An outer extension header chain that is truncated: dropped.
+    DropExtHeadersMalformed = "drop_ext_headers_malformed",
+    /// IPv4-in-IPv6 that came with Hop-by-Hop or Destination Options headers (e.g. the
+    /// Tunnel Encapsulation Limit that Linux ip6tnl adds): the options were removed and the
+    /// packet decapsulated as usual.
+    ExtHeadersRemoved = "ext_headers_removed",
 }
 
 /// Number of slots in the stats map.

@@ -2,7 +2,9 @@
 //!
 //! `br_decap` runs on ingress of the IPv6 side: IPv4-in-IPv6 to the BR address is accepted
 //! only when its outer source is the CE address that the rule computes from the inner source
-//! address and port; then it is unwrapped and forwarded. `br_encap` runs on ingress of the
+//! address and port; then it is unwrapped (Hop-by-Hop and Destination Options headers too)
+//! and forwarded. Nothing else addressed to the BR address is returned to the stack: outer
+//! fragments, too long a header chain and other protocols are dropped and counted. `br_encap` runs on ingress of the
 //! IPv4 side: a packet to an address that a rule covers goes to the CE address computed from
 //! its destination address and port.
 use aya_ebpf::{macros::classifier, maps::lpm_trie::Key, programs::TcContext};
@@ -14,9 +16,7 @@ use tunnel_common::{
 use tunnel_ebpf::{
     maps::{BR_RULES, config},
     nat,
-    packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
-    },
+    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, Upper, eq16},
     route::{self, Forward},
     stats::{count, count_n},
 };
@@ -46,8 +46,19 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
         return PASS;
     };
-    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq16(&outer.dst_addr, &cfg.local) {
         return PASS;
+    }
+    // The BR address is on no interface: whatever is handed back to the stack would be
+    // forwarded out again (and bounce until its hop limit runs out), so nothing addressed
+    // to it leaves this program but decapsulated IPv4.
+    match packet::outer_upper(&ctx, &outer) {
+        Upper::Ipip => {}
+        Upper::Other(_) => {
+            count(Counter::BrDropNotIpip);
+            return DROP;
+        }
+        other => return other.drop_counted(),
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
         count(Counter::DropInnerMalformed);

@@ -18,7 +18,8 @@ use tunnel_ebpf::{
     maps::{NAT_IN, NAT_OUT, config},
     nat::{self, Classified, DST_ADDR, SRC_ADDR},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
+        eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -102,8 +103,15 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
         return PASS;
     };
-    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq16(&outer.dst_addr, &cfg.local) {
         return PASS;
+    }
+    match packet::outer_upper(&ctx, &outer) {
+        Upper::Ipip => {}
+        // The CE address is the CE's own: its ICMPv6 and other traffic are the stack's.
+        Upper::Other(_) => return PASS,
+        Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
+        other => return other.drop_counted(),
     }
     if !eq16(&outer.src_addr, &cfg.remote) {
         count(Counter::CeDropNotFromBr);

@@ -13,7 +13,8 @@ use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
     maps::config,
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
+        eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -57,11 +58,14 @@ pub fn client_decap(ctx: TcContext) -> i32 {
     let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
         return PASS;
     };
-    if outer.next_hdr != IPPROTO_IPIP
-        || !eq16(&outer.dst_addr, &cfg.local)
-        || !eq16(&outer.src_addr, &cfg.remote)
-    {
+    if !eq16(&outer.dst_addr, &cfg.local) || !eq16(&outer.src_addr, &cfg.remote) {
         return PASS;
+    }
+    match packet::outer_upper(&ctx, &outer) {
+        Upper::Ipip => {}
+        Upper::Other(_) => return PASS,
+        Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
+        other => return other.drop_counted(),
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF).filter(|i| i.dst() == cfg.ipv4) else {
         count(Counter::ClientDropNotForLease);

@@ -21,6 +21,12 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// How many outer extension headers the decapsulating programs walk; a longer chain is
+/// dropped and counted.
+pub const MAX_EXT_HEADERS: usize = 4;
 /// Where the inner IPv4 header starts in an encapsulated frame.
 pub const INNER_OFF: usize = ETH_LEN + IPV6_HEADER_LEN as usize;
 
@@ -227,4 +233,95 @@ pub fn wrap_clamped(
         return Err(RewriteFailed);
     }
     Ok(segs)
+}
+
+/// What follows the outer IPv6 header of a packet addressed to us.
+pub enum Upper {
+    /// IPv4-in-IPv6, now with the outer header alone in front (any Hop-by-Hop and
+    /// Destination Options headers have been removed): the inner packet is at [`INNER_OFF`].
+    Ipip,
+    /// An outer fragment; the value is the fragment header's next header (4 for ours).
+    Fragment(u8),
+    /// Another upper-layer protocol (ICMPv6, TCP, ...).
+    Other(u8),
+    /// More than [`MAX_EXT_HEADERS`] extension headers.
+    TooLong,
+    /// A chain that ends before its headers do, or whose removal failed.
+    Malformed,
+}
+
+impl Upper {
+    /// Counts a packet that was ours (IPv4-in-IPv6 to our address) and could not be taken;
+    /// DROP. `Ipip` and `Other` are not drops and are not counted here.
+    #[inline(always)]
+    pub fn drop_counted(&self) -> i32 {
+        match self {
+            Upper::Fragment(_) => count(Counter::DropOuterFragment),
+            Upper::TooLong => count(Counter::DropExtHeadersTooMany),
+            Upper::Malformed => count(Counter::DropExtHeadersMalformed),
+            Upper::Ipip | Upper::Other(_) => {}
+        }
+        DROP
+    }
+}
+
+/// Walks the extension headers after the outer IPv6 header `outer` (at [`ETH_LEN`]), at most
+/// [`MAX_EXT_HEADERS`] of them. Hop-by-Hop and Destination Options (RFC 8200 §4.3, §4.6; the
+/// Tunnel Encapsulation Limit of RFC 2473 is one) are accepted: when they lead to IPv4 they
+/// are removed, so that the frame is Ethernet + IPv6 (next header 4) + IPv4 as the rest of
+/// the program expects. Options whose type asks to discard unknown ones are not acted on: a
+/// packet to a tunnel endpoint is the endpoint's to take.
+#[inline(always)]
+pub fn outer_upper(ctx: &TcContext, outer: &Ipv6Hdr) -> Upper {
+    let mut next = outer.next_hdr;
+    let mut len = 0usize;
+    for i in 0..=MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_IPIP => return strip_ext(ctx, outer, len),
+            IPPROTO_FRAGMENT => {
+                return match ctx.load::<u8>(INNER_OFF + len) {
+                    Ok(n) => Upper::Fragment(n),
+                    Err(_) => Upper::Malformed,
+                };
+            }
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS if i < MAX_EXT_HEADERS => {
+                let Ok(h) = ctx.load::<[u8; 2]>(INNER_OFF + len) else {
+                    return Upper::Malformed;
+                };
+                next = h[0];
+                len += (h[1] as usize + 1) * 8;
+            }
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS => return Upper::TooLong,
+            other => return Upper::Other(other),
+        }
+    }
+    Upper::TooLong
+}
+
+/// Removes `len` bytes of extension headers after the outer IPv6 header and makes it say
+/// next header 4 with the payload length reduced to match.
+#[inline(always)]
+fn strip_ext(ctx: &TcContext, outer: &Ipv6Hdr, len: usize) -> Upper {
+    if len == 0 {
+        return Upper::Ipip;
+    }
+    let payload = u16::from_be_bytes(outer.payload_len) as usize;
+    if payload < len + 20 || len > 2048 {
+        return Upper::Malformed;
+    }
+    let shrunk = ((payload - len) as u16).to_be_bytes();
+    let fixed = ctx
+        .adjust_room(
+            -(len as i32),
+            aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        )
+        .is_ok()
+        && ctx.store(ETH_LEN + 4, &shrunk, 0).is_ok()
+        && ctx.store(ETH_LEN + 6, &IPPROTO_IPIP, 0).is_ok();
+    if !fixed {
+        return Upper::Malformed;
+    }
+    count(Counter::ExtHeadersRemoved);
+    Upper::Ipip
 }

@@ -1,8 +1,10 @@
 //! The concentrator's fast path (SPEC §5.2).
 //!
 //! `server_decap` runs on ingress of the IPv6 side: IPv4-in-IPv6 to our tunnel address from a
-//! bound client whose inner source is its lease is decapsulated and forwarded; everything else
-//! addressed to the tunnel is dropped and counted per reason; other traffic passes.
+//! bound client whose inner source is its lease is decapsulated and forwarded (after any
+//! Hop-by-Hop or Destination Options headers are removed); every other IPv4-in-IPv6 packet
+//! addressed to the tunnel (outer fragments, too many extension headers, policy violations)
+//! is dropped and counted per reason; other traffic passes.
 //!
 //! `server_encap` runs on ingress of the IPv4 side: IPv4 to a native lease is encapsulated
 //! toward the client and redirected out of the IPv6 side. Everything else passes, so the kernel
@@ -20,7 +22,8 @@ use tunnel_common::{
 use tunnel_ebpf::{
     maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
+        eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -35,8 +38,16 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
         return PASS;
     };
-    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq16(&outer.dst_addr, &cfg.local) {
         return PASS;
+    }
+    match packet::outer_upper(&ctx, &outer) {
+        Upper::Ipip => {}
+        // The tunnel address may also be the control channel's (--listen): its TCP, and
+        // ICMPv6 for it, are the stack's.
+        Upper::Other(_) => return PASS,
+        Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
+        other => return other.drop_counted(),
     }
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
     let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
