@@ -22,6 +22,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
+    ("traceroute", "traceroute"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
 ];
