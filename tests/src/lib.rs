@@ -8,6 +8,14 @@
 //!
 //! Addresses follow SPEC §9: IPv6 2001:db8::/32, IPv4 192.0.2.0/24 (internet hosts),
 //! 198.51.100.0/24 (4over6 pool), 203.0.113.0/24 (MAP-E).
+//!
+//! Waiting: every wait has one deadline for the whole wait, not only for each step of it.
+//! [`wait_for`] polls a condition until a limit and fails with the last reason; a loop that
+//! skips frames (keepalives) or reads until something shows up computes the time left from
+//! one deadline (`fourover6::RawPeer::recv_skip_keepalive`, `loadgen::Session::expect`);
+//! daemons get [`DAEMON_START_TIMEOUT`] to open their socket. No fixed sleep stands in for a
+//! condition, and no test compares a duration with a threshold: wait for what a user would
+//! observe (a status, a counter, a reply), and leave speed to the bench.
 use std::{
     fs,
     os::unix::{net::UnixStream, process::CommandExt as _},
