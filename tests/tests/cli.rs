@@ -135,23 +135,25 @@ fn bad_flag_values_name_the_flag_and_exit_2() -> Result<()> {
     Ok(())
 }
 
+/// `mape calc` for RFC 7597 Appendix A, example 1.
+const EXAMPLE_1: &[&str] = &[
+    "mape",
+    "calc",
+    "--rule-ipv6",
+    "2001:db8::/40",
+    "--rule-ipv4",
+    "192.0.2.0/24",
+    "--ea-len",
+    "16",
+    "--psid-offset",
+    "6",
+    "--prefix",
+    "2001:db8:12:3400::/56",
+];
+
 #[test]
 fn mape_calc_reproduces_rfc7597_example_1_as_json() -> Result<()> {
-    let (code, stdout, stderr) = run(&[
-        "mape",
-        "calc",
-        "--rule-ipv6",
-        "2001:db8::/40",
-        "--rule-ipv4",
-        "192.0.2.0/24",
-        "--ea-len",
-        "16",
-        "--psid-offset",
-        "6",
-        "--prefix",
-        "2001:db8:12:3400::/56",
-        "--json",
-    ])?;
+    let (code, stdout, stderr) = run(&[EXAMPLE_1, &["--json"]].concat())?;
     assert_eq!(code, Some(0), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout)?;
     assert_eq!(v["ipv4"], "192.0.2.18");
@@ -254,22 +256,8 @@ fn a_closed_stdout_ends_a_command_quietly() -> Result<()> {
         )
     };
     drop(reader); // the reader is gone before the first write
-    const CALC: &[&str] = &[
-        "mape",
-        "calc",
-        "--rule-ipv6",
-        "2001:db8::/40",
-        "--rule-ipv4",
-        "192.0.2.0/24",
-        "--ea-len",
-        "16",
-        "--psid-offset",
-        "6",
-        "--prefix",
-        "2001:db8:12:3400::/56",
-    ];
-    let json = [CALC, &["--json"]].concat();
-    for args in [CALC, &json, &["--help"]] {
+    let json = [EXAMPLE_1, &["--json"]].concat();
+    for args in [EXAMPLE_1, &json, &["--help"]] {
         let out = Command::new(tunnel_ctl_bin()?)
             .args(args)
             .stdout(writer.try_clone()?)

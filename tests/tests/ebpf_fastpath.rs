@@ -117,6 +117,18 @@ fn in_ipv6(src: Ipv6Addr, dst: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
     ethernet(EtherType::IPV6, &l3)
 }
 
+/// Each packet is dropped by `server_decap`, its reason counted once, nothing decapsulated.
+fn drops_each_under_its_reason(ebpf: &mut Ebpf, cases: &[(Vec<u8>, Counter)]) -> Result<()> {
+    for (packet, reason) in cases {
+        let before = dataplane::stats::read(ebpf)?;
+        let (verdict, _) = run(ebpf, PROG_SERVER_DECAP, packet)?;
+        assert_eq!(verdict, TC_ACT_SHOT, "{}", reason.name());
+        assert_eq!(delta(ebpf, &before, *reason), 1, "{}", reason.name());
+        assert_eq!(delta(ebpf, &before, Counter::Decap), 0, "{}", reason.name());
+    }
+    Ok(())
+}
+
 fn run(ebpf: &mut Ebpf, program: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
     let prog: &mut SchedClassifier = ebpf.program_mut(program).unwrap().try_into()?;
     if prog.fd().is_err() {
@@ -263,18 +275,7 @@ fn server_decap_accepts_bound_clients_and_drops_each_violation() -> Result<()> {
             Counter::DropInnerMalformed,
         ),
     ];
-    for (packet, reason) in cases {
-        let before = dataplane::stats::read(&ebpf)?;
-        let (verdict, _) = run(&mut ebpf, PROG_SERVER_DECAP, &packet)?;
-        assert_eq!(verdict, TC_ACT_SHOT, "{}", reason.name());
-        assert_eq!(delta(&ebpf, &before, reason), 1, "{}", reason.name());
-        assert_eq!(
-            delta(&ebpf, &before, Counter::Decap),
-            0,
-            "{}",
-            reason.name()
-        );
-    }
+    drops_each_under_its_reason(&mut ebpf, &cases)?;
 
     // Not ours: other destinations and plain IPv6 pass untouched and uncounted.
     let elsewhere = in_ipv6(CLIENT, STRANGER, &inner);
@@ -374,18 +375,7 @@ fn server_decap_walks_outer_extension_headers() -> Result<()> {
             Counter::DropExtHeadersMalformed,
         ),
     ];
-    for (packet, reason) in cases {
-        let before = dataplane::stats::read(&ebpf)?;
-        let (verdict, _) = run(&mut ebpf, PROG_SERVER_DECAP, &packet)?;
-        assert_eq!(verdict, TC_ACT_SHOT, "{}", reason.name());
-        assert_eq!(delta(&ebpf, &before, reason), 1, "{}", reason.name());
-        assert_eq!(
-            delta(&ebpf, &before, Counter::Decap),
-            0,
-            "{}",
-            reason.name()
-        );
-    }
+    drops_each_under_its_reason(&mut ebpf, &cases)?;
 
     // Not IPv4-in-IPv6: the stack's, byte for byte.
     for packet in [
