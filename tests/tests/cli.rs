@@ -301,6 +301,11 @@ fn usage_errors_found_after_parsing_exit_2() -> Result<()> {
             &["--pool", "no usable address"],
         ),
         (
+            // Over the size limit (2^20); the server stops before it sends or binds anything.
+            server(&["--pool", "192.0.2.0-203.0.113.255"]),
+            &["--pool", "larger than 1048576"],
+        ),
+        (
             server(&[
                 "--pool",
                 "198.51.100.2-198.51.100.9",

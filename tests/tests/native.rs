@@ -714,3 +714,108 @@ fn a_restart_without_native_mode_removes_the_fast_path_and_the_address_reaches_i
     );
     Ok(())
 }
+
+/// Issue 18 item 2 at the server's tunnel address: IPv4-in-IPv6 from a bound client behind
+/// a Tunnel Encapsulation Limit or Hop-by-Hop options reaches the internet host byte for
+/// byte; outer fragments and a chain of five Destination Options are dropped and counted.
+#[test]
+fn the_server_decapsulates_behind_options_and_counts_what_it_cannot_take() -> Result<()> {
+    use tunnel_tests::craft::{self, Ext};
+    let mut t = start(&[])?;
+    let Offenders {
+        ns, lease, bound, ..
+    } = offenders(&mut t)?;
+    let tunnel: Ipv6Addr = TUNNEL_ADDR.parse()?;
+    let sink = t
+        .internet
+        .enter(|| std::net::UdpSocket::bind("192.0.2.2:9300"))??;
+    sink.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let frag = |offset: u16, more: bool| Ext::Fragment {
+        offset,
+        more,
+        id: 0x5eed,
+    };
+    let fragmented = udp4(lease, b"in two outer fragments, never reassembled");
+    let packets = [
+        craft::ipv6(
+            bound,
+            tunnel,
+            &[Ext::EncapLimit],
+            craft::IPIP,
+            &udp4(lease, b"behind an encapsulation limit"),
+        ),
+        craft::ipv6(
+            bound,
+            tunnel,
+            &[Ext::HopByHop],
+            craft::IPIP,
+            &udp4(lease, b"behind hop-by-hop options"),
+        ),
+        craft::ipv6(
+            bound,
+            tunnel,
+            &[frag(0, true)],
+            craft::IPIP,
+            &fragmented[..32],
+        ),
+        craft::ipv6(
+            bound,
+            tunnel,
+            &[frag(4, false)],
+            craft::IPIP,
+            &fragmented[32..],
+        ),
+        craft::ipv6(
+            bound,
+            tunnel,
+            &[Ext::DestOpts; 5],
+            craft::IPIP,
+            &udp4(lease, b"too many headers"),
+        ),
+    ];
+    let before = t.server_stats()?;
+    ns.enter(|| -> Result<()> {
+        for p in &packets {
+            craft::send_raw_ipv6(p)?;
+        }
+        Ok(())
+    })??;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    for _ in 0..2 {
+        let (n, from) = sink
+            .recv_from(&mut buf)
+            .context("a decapsulated datagram")?;
+        assert_eq!(from.ip(), std::net::IpAddr::V4(lease));
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        ["behind an encapsulation limit", "behind hop-by-hop options"]
+    );
+    let want = [
+        ("fastpath_decap_packets", 2),
+        ("ext_headers_removed", 2),
+        ("drop_outer_fragment", 2),
+        ("drop_ext_headers_too_many", 1),
+    ];
+    wait_for(
+        "the server to count every crafted packet",
+        Duration::from_secs(10),
+        || {
+            let now = t.server_stats()?;
+            Ok(want
+                .iter()
+                .all(|(name, n)| counter(&now, name) - counter(&before, name) == *n)
+                .then_some(now))
+        },
+    )?;
+    // Nothing else got through.
+    sink.set_read_timeout(Some(Duration::from_millis(500)))?;
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "a third datagram arrived"
+    );
+    Ok(())
+}
