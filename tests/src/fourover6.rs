@@ -61,6 +61,8 @@ pub struct FourOverSix {
     pub server_instance: String,
     /// The server's full command line (to restart it the same way).
     pub server_args: Vec<String>,
+    /// Whether the server (and clients) start from a TOML file alone (`--config`).
+    pub from_config: bool,
     clients: u32,
 }
 
@@ -68,6 +70,12 @@ impl FourOverSix {
     /// Builds server, core and internet namespaces and starts `tunnel-ctl server
     /// <server_args>` (with a lease file in the lab's directory).
     pub fn start(server_args: &[&str]) -> Result<FourOverSix> {
+        FourOverSix::start_with(server_args, false)
+    }
+
+    /// As [`FourOverSix::start`]; with `from_config` the server, and the clients started with
+    /// [`FourOverSix::start_client`], read their settings from a TOML file alone.
+    pub fn start_with(server_args: &[&str], from_config: bool) -> Result<FourOverSix> {
         let mut lab = Lab::new()?;
         let server = lab.ns("srv")?;
         let core = lab.ns("core")?;
@@ -96,6 +104,7 @@ impl FourOverSix {
             internet,
             server_instance,
             server_args: args,
+            from_config,
             clients: 0,
         };
         t.start_server()?;
@@ -113,7 +122,12 @@ impl FourOverSix {
     pub fn start_server(&mut self) -> Result<()> {
         let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
         let (server, instance) = (self.server.clone(), self.server_instance.clone());
-        self.lab.spawn_daemon(&server, &instance, &args)?;
+        if self.from_config {
+            self.lab
+                .spawn_daemon_from_config(&server, &instance, &args)?;
+        } else {
+            self.lab.spawn_daemon(&server, &instance, &args)?;
+        }
         Ok(())
     }
 
@@ -159,7 +173,11 @@ impl FourOverSix {
             .instance(&format!("{}-cl", ns.name.rsplit('-').next().unwrap_or("c")));
         let mut args = vec!["client", "--server", SERVER];
         args.extend_from_slice(extra);
-        self.lab.spawn_daemon(ns, &instance, &args)?;
+        if self.from_config {
+            self.lab.spawn_daemon_from_config(ns, &instance, &args)?;
+        } else {
+            self.lab.spawn_daemon(ns, &instance, &args)?;
+        }
         let addr = self.wait_connected(&instance, Duration::from_secs(10))?;
         Ok((instance, addr))
     }

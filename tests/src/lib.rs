@@ -290,6 +290,40 @@ impl Lab {
     /// Starts `tunnel-ctl <args> --instance <instance>` in `ns` and waits (bounded) until its
     /// management socket answers. Fails with the daemon's log if it exits first.
     pub fn spawn_daemon(&mut self, ns: &Ns, instance: &str, args: &[&str]) -> Result<&mut Daemon> {
+        self.spawn(ns, instance, args, true)
+    }
+
+    /// As [`Lab::spawn_daemon`], but the daemon starts from a TOML file alone
+    /// (`tunnel-ctl <subcommand> --config FILE`): `args`' flags, and the instance, become
+    /// the file's keys (a repeated flag an array, a flag without a value `true`).
+    pub fn spawn_daemon_from_config(
+        &mut self,
+        ns: &Ns,
+        instance: &str,
+        args: &[&str],
+    ) -> Result<&mut Daemon> {
+        let split = args
+            .iter()
+            .position(|a| a.starts_with("--"))
+            .unwrap_or(args.len());
+        let (path, flags) = args.split_at(split);
+        let mut text = format!("instance = {}\n", serde_json::json!(instance));
+        text.push_str(&flags_as_toml(flags)?);
+        let file = self.dir.join(format!("{instance}.toml"));
+        fs::write(&file, text)?;
+        let file = file.display().to_string();
+        let mut argv: Vec<&str> = path.to_vec();
+        argv.extend(["--config", &file]);
+        self.spawn(ns, instance, &argv, false)
+    }
+
+    fn spawn(
+        &mut self,
+        ns: &Ns,
+        instance: &str,
+        args: &[&str],
+        with_instance: bool,
+    ) -> Result<&mut Daemon> {
         if !self.instances.iter().any(|i| i == instance) {
             self.instances.push(instance.to_owned());
         }
@@ -305,15 +339,17 @@ impl Lab {
         };
         let log_file = fs::File::create(&log)?;
         let mut cmd = ns.command(tunnel_ctl_bin()?);
-        cmd.args(args)
-            .args(["--instance", instance])
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
+        cmd.args(args);
+        if with_instance {
+            cmd.args(["--instance", instance]);
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
         // If the test process dies, its daemons get SIGTERM (clean shutdown, pins removed).
         // SAFETY: prctl is async-signal-safe.
         unsafe {
@@ -527,6 +563,43 @@ pub fn raise_nofile(want: u64) -> Result<()> {
         lim.rlim_cur
     );
     Ok(())
+}
+
+/// Command-line flags as TOML keys: `--key value` → `key = "value"`, a flag repeated → an
+/// array, a flag without a value → `true` (written here, not with the code under test).
+pub fn flags_as_toml(flags: &[&str]) -> Result<String> {
+    let mut keys: Vec<(String, Vec<String>)> = Vec::new();
+    let mut i = 0;
+    while i < flags.len() {
+        let key = flags[i]
+            .strip_prefix("--")
+            .ok_or_else(|| anyhow!("{:?} is not a long flag", flags[i]))?;
+        let value = flags.get(i + 1).filter(|v| !v.starts_with("--"));
+        i += if value.is_some() { 2 } else { 1 };
+        let value = value.map_or("true".to_owned(), |v| v.to_string());
+        match keys.iter_mut().find(|(k, _)| k == key) {
+            Some((_, values)) => values.push(value),
+            None => keys.push((key.to_owned(), vec![value])),
+        }
+    }
+    let mut text = String::new();
+    for (key, values) in keys {
+        let quoted: Vec<String> = values
+            .iter()
+            .map(|v| {
+                if v == "true" {
+                    v.clone()
+                } else {
+                    serde_json::json!(v).to_string()
+                }
+            })
+            .collect();
+        match quoted.as_slice() {
+            [one] => text.push_str(&format!("{key} = {one}\n")),
+            many => text.push_str(&format!("{key} = [{}]\n", many.join(", "))),
+        }
+    }
+    Ok(text)
 }
 
 /// Whether the long forms of the endurance tests run (`cargo xtask test --long`, which sets

@@ -71,6 +71,12 @@ impl MapeLab {
     /// Builds the namespaces, starts the BR with `rule` and the CE with `rule` plus
     /// `ce_extra` flags.
     pub fn start(rule: &Rule, ce_extra: &[&str]) -> Result<MapeLab> {
+        MapeLab::start_with(rule, ce_extra, false)
+    }
+
+    /// As [`MapeLab::start`]; with `from_config` the BR and the CE read their settings from
+    /// a TOML file alone (`--config`).
+    pub fn start_with(rule: &Rule, ce_extra: &[&str], from_config: bool) -> Result<MapeLab> {
         let mut lab = Lab::new()?;
         let lan = lab.ns("lan")?;
         let ce = lab.ns("ce")?;
@@ -103,22 +109,24 @@ impl MapeLab {
             "{},{},{},{}",
             rule.ipv6, rule.ipv4, rule.ea_len, rule.psid_offset
         );
-        lab.spawn_daemon(
-            &br,
-            &br_instance,
-            &[
-                "mape",
-                "br",
-                "--v6-dev",
-                "ce0",
-                "--v4-dev",
-                "inet0",
-                "--br-addr",
-                BR_ADDR,
-                "--rule",
-                &rule_arg,
-            ],
-        )?;
+        let br_args = [
+            "mape",
+            "br",
+            "--v6-dev",
+            "ce0",
+            "--v4-dev",
+            "inet0",
+            "--br-addr",
+            BR_ADDR,
+            "--rule",
+            &rule_arg,
+        ];
+        let spawn = if from_config {
+            Lab::spawn_daemon_from_config
+        } else {
+            Lab::spawn_daemon
+        };
+        spawn(&mut lab, &br, &br_instance, &br_args)?;
         let ce_instance = lab.instance("ce");
         let (ea, offset) = (rule.ea_len.to_string(), rule.psid_offset.to_string());
         let mut args = vec![
@@ -142,7 +150,7 @@ impl MapeLab {
             rule.prefix,
         ];
         args.extend_from_slice(ce_extra);
-        lab.spawn_daemon(&ce, &ce_instance, &args)?;
+        spawn(&mut lab, &ce, &ce_instance, &args)?;
         Ok(MapeLab {
             lab,
             lan,

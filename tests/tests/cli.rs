@@ -388,3 +388,61 @@ fn zero_means_no_limit_in_every_limit() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 20: `--config FILE`: an unknown key and a bad value each exit 2 with one line
+/// naming the file, the line and the key; a typed flag overrides the file's key, as
+/// `--print-config` shows.
+#[test]
+fn config_file_errors_name_file_line_and_key_and_flags_override_it() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tnl-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("server.toml");
+    let path = file.display().to_string();
+    let good = "pool = [\"198.51.100.2-198.51.100.9\"]\ngateway = \"198.51.100.1\"\n\
+                max-sessions = 7\n";
+    for (text, want) in [
+        (
+            format!("{good}\nfrobnicate = 1\n"),
+            format!("{path}:5: unknown key \"frobnicate\""),
+        ),
+        (
+            format!("{good}keepalive = \"soon\"\n"),
+            format!("{path}:4: keepalive: invalid value 'soon'"),
+        ),
+        (
+            format!("{good}max-sessions = \"many\"\n"),
+            format!("{path}:"),
+        ),
+    ] {
+        std::fs::write(&file, &text)?;
+        let (code, stdout, stderr) = run(&["server", "--config", &path])?;
+        assert_eq!(code, Some(2), "{text}: {stderr}");
+        assert!(stdout.is_empty());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&want), "{want:?} not in {stderr}");
+    }
+    std::fs::write(&file, good)?;
+    let (code, stdout, stderr) = run(&[
+        "server",
+        "--config",
+        &path,
+        "--max-sessions",
+        "9",
+        "--print-config",
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("max-sessions = 9\n"), "{stdout}");
+    assert!(
+        stdout.contains("pool = [\"198.51.100.2-198.51.100.9\"]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("keepalive = \"20s\""),
+        "defaults shown: {stdout}"
+    );
+    let (code, stdout, _) = run(&["server", "--config", &path, "--print-config"])?;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("max-sessions = 7\n"), "{stdout}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -194,6 +194,24 @@ pub struct MonitorArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `--config FILE` and `--print-config`, for every daemon (see [`crate::config`]).
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Read settings from this TOML file: the keys are the long flags of this command
+    /// ("pool", "max-sessions", "v6-dev", ...), a repeatable flag takes an array, a switch
+    /// true or false, durations are strings ("20s"). Flags typed on the command line override
+    /// the file's keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective settings (file, flags and defaults) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -387,6 +405,9 @@ pub struct ServerArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -555,6 +576,9 @@ pub struct MapeCeArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -586,6 +610,9 @@ pub struct MapeBrArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -662,6 +689,9 @@ pub struct ClientArgs {
 
     #[command(flatten)]
     pub instance: InstanceArg,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// A number in decimal or with a `0x` prefix in hex (PSIDs are usually written in hex).

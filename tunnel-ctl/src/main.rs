@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use tunnel_ctl::{
     cli::{Cli, Command, ForwardCommand, MapeCommand},
     client,
@@ -9,10 +9,27 @@ use tunnel_ctl::{
 };
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let root = Cli::command();
+    // `--config FILE` puts the file's settings in front of the typed flags.
+    let argv = match tunnel_ctl::config::apply(&root, std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("tunnel-ctl: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = match root.clone().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    if let Some(text) = print_config(&root, &matches) {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.verbose);
     let daemon = matches!(
         cli.command,
@@ -87,6 +104,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// With `--print-config`, the effective settings of the daemon it was given to, as TOML.
+fn print_config(root: &clap::Command, matches: &clap::ArgMatches) -> Option<String> {
+    let (mut cmd, mut m) = (root, matches);
+    while let Some((name, sub)) = m.subcommand() {
+        cmd = cmd.find_subcommand(name)?;
+        m = sub;
+    }
+    let wanted =
+        cmd.get_arguments().any(|a| a.get_id() == "print_config") && m.get_flag("print_config");
+    wanted.then(|| tunnel_ctl::config::print(cmd, m))
 }
 
 /// Help and version go to stdout with status 0; anything else is a one-line error, status 2.
