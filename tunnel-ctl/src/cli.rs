@@ -510,6 +510,24 @@ pub struct RuleArgs {
     pub prefix: ipnet::Ipv6Net,
 }
 
+impl RuleArgs {
+    /// The flags as the calculator's plain query.
+    pub fn query(&self) -> crate::mape::RuleQuery {
+        crate::mape::RuleQuery {
+            profile: self.profile.clone(),
+            rule_ipv6: self.rule_ipv6,
+            rule_ipv4: self.rule_ipv4,
+            ea_len: self.ea_len,
+            psid_offset: self.psid_offset,
+            psid: self.psid,
+            psid_len: self.psid_len,
+            br: self.br,
+            interface_id: self.interface_id,
+            prefix: self.prefix,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct MapeCalcArgs {
     #[command(flatten)]

@@ -52,13 +52,14 @@ fn main() -> ExitCode {
             Command::Client(args) => run_daemon(client::run(args)),
             Command::Mape(MapeCommand::Ce(args)) => run_daemon(tunnel_ctl::mape::ce::run(args)),
             Command::Mape(MapeCommand::Br(args)) => run_daemon(tunnel_ctl::mape::br::run(args)),
-            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule).map(|m| {
-                if args.json {
-                    report::print(&serde_json::json!(m), true);
-                } else {
-                    println!("{}", m.describe());
-                }
-            }),
+            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule.query())
+                .map(|m| {
+                    if args.json {
+                        report::print(&serde_json::json!(m), true);
+                    } else {
+                        println!("{}", m.describe());
+                    }
+                }),
             Command::Leases(q) => mgmt::request(&q.instance.instance, &Request::Leases)
                 .map(|v| report::print(&v, q.json)),
             Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)

@@ -14,9 +14,10 @@ use tunnel_common::{
     stats::Counter,
 };
 use tunnel_ebpf::{
+    encap::{self, Upper},
     maps::{BR_RULES, config},
     nat,
-    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, Upper, eq16},
+    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, eq16},
     route::{self, Forward},
     stats::{count, count_n},
 };
@@ -52,7 +53,7 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     // The BR address is on no interface: whatever is handed back to the stack would be
     // forwarded out again (and bounce until its hop limit runs out), so nothing addressed
     // to it leaves this program but decapsulated IPv4.
-    match packet::outer_upper(&ctx, &outer) {
+    match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
         Upper::Other(_) => {
             count(Counter::BrDropNotIpip);
@@ -85,7 +86,7 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         }
         return DROP;
     }
-    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
+    if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
         return DROP;
     }
     route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0
@@ -122,7 +123,7 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let Ok(segs) = packet::wrap_clamped(&ctx, &ip, &cfg.local, &ce, cfg.mss, cfg.hop_limit) else {
+    let Ok(segs) = encap::wrap_clamped(&ctx, &ip, &cfg.local, &ce, cfg.mss, cfg.hop_limit) else {
         return DROP;
     };
     match route::forward_v6(&ctx, &cfg.local, &ce, cfg.v6_ifindex, false) {

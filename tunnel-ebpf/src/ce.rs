@@ -15,11 +15,11 @@ use aya_ebpf::{
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::{mape::NatKey, stats::Counter};
 use tunnel_ebpf::{
+    encap::{self, Upper},
     maps::{NAT_IN, NAT_OUT, config},
     nat::{self, Classified, DST_ADDR, SRC_ADDR},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
-        eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -35,7 +35,7 @@ fn lookup<V>(map: &HashMap<NatKey, V>, key: &NatKey) -> Option<*mut V> {
             remote_port: 0,
             ..*key
         };
-        map.get_ptr_mut(&wildcard)
+        map.get_ptr_mut(wildcard)
     })
 }
 
@@ -78,7 +78,7 @@ pub fn ce_out(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let Ok(segs) = packet::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
+    let Ok(segs) = encap::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
     else {
         return DROP;
     };
@@ -106,7 +106,7 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     if !eq16(&outer.dst_addr, &cfg.local) {
         return PASS;
     }
-    match packet::outer_upper(&ctx, &outer) {
+    match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
         // The CE address is the CE's own: its ICMPv6 and other traffic are the stack's.
         Upper::Other(_) => return PASS,
@@ -132,7 +132,7 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     let flow = match nat::classify(&ctx, INNER_OFF, &inner, false) {
         Classified::Flow(flow) => flow,
         Classified::IcmpError => {
-            if packet::decapsulate(&ctx).is_err() {
+            if encap::decapsulate(&ctx).is_err() {
                 count(Counter::DropRewriteFailed);
                 return DROP;
             }
@@ -154,7 +154,7 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
         ((*entry).lan_ip, (*entry).lan_port)
     };
-    if packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
+    if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
         return DROP;
     }
     // The IPv4 header now follows the Ethernet header.

@@ -11,10 +11,10 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::stats::Counter;
 use tunnel_ebpf::{
+    encap::{self, Upper},
     maps::config,
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
-        eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -33,7 +33,7 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         // Not the tunnel's traffic (the interface may carry native IPv4 too).
         return PASS;
     }
-    let Ok(segs) = packet::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
+    let Ok(segs) = encap::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
     else {
         return DROP;
     };
@@ -61,7 +61,7 @@ pub fn client_decap(ctx: TcContext) -> i32 {
     if !eq16(&outer.dst_addr, &cfg.local) || !eq16(&outer.src_addr, &cfg.remote) {
         return PASS;
     }
-    match packet::outer_upper(&ctx, &outer) {
+    match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
         Upper::Other(_) => return PASS,
         Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
@@ -71,7 +71,7 @@ pub fn client_decap(ctx: TcContext) -> i32 {
         count(Counter::ClientDropNotForLease);
         return DROP;
     };
-    match packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {
+    match encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {
         Ok(_) => PASS,
         Err(_) => DROP,
     }

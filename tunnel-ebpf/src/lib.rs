@@ -2,6 +2,7 @@
 //! binary, built for `bpfel-unknown-none`).
 #![no_std]
 
+pub mod encap;
 pub mod maps;
 pub mod mss;
 pub mod nat;

@@ -41,5 +41,5 @@ fn classify(ctx: &TcContext, [ipv4, ipv6, other]: [Counter; 3]) -> i32 {
         ETH_P_IPV6 => ipv6,
         _ => other,
     });
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

@@ -1,17 +1,9 @@
 //! Header offsets and small packet operations shared by the programs. Reads and writes go
 //! through `bpf_skb_load_bytes` / `bpf_skb_store_bytes`, which also work on non-linear skbs
 //! (GSO packets whose headers are not all in the linear part).
-use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
-    programs::TcContext,
-};
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
-use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
-
-use crate::stats::{count, count_n};
+use aya_ebpf::programs::TcContext;
+use network_types::ip::Ipv4Hdr;
+use tunnel_common::fastpath::IPV6_HEADER_LEN;
 
 pub const ETH_LEN: usize = 14;
 /// Offset of the EtherType in the Ethernet header.
@@ -47,7 +39,7 @@ pub fn eth_proto(ctx: &TcContext) -> Option<u16> {
 }
 
 #[inline(always)]
-fn set_eth_proto(ctx: &TcContext, proto: u16) -> Result<(), RewriteFailed> {
+pub fn set_eth_proto(ctx: &TcContext, proto: u16) -> Result<(), RewriteFailed> {
     ctx.store(ETH_PROTO_OFF, &proto.to_be_bytes(), 0)
         .map_err(|_| RewriteFailed)
 }
@@ -146,182 +138,4 @@ pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), R
         2,
     )
     .map_err(|_| RewriteFailed)
-}
-
-/// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet.
-/// GSO packets keep their segment size (the MSS already accounts for the tunnel).
-#[inline(always)]
-pub fn encapsulate(
-    ctx: &TcContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    inner: &Ipv4Info,
-    hop_limit: u8,
-) -> Result<(), RewriteFailed> {
-    let tos = inner.hdr.tos;
-    let outer = Ipv6Hdr {
-        vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
-        payload_len: inner.tot_len.to_be_bytes(),
-        next_hdr: IPPROTO_IPIP,
-        hop_limit,
-        src_addr: *src,
-        dst_addr: *dst,
-    };
-    ctx.adjust_room(
-        IPV6_HEADER_LEN as i32,
-        BPF_ADJ_ROOM_MAC,
-        (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
-    )
-    .map_err(|_| RewriteFailed)?;
-    ctx.store(ETH_LEN, &outer, 0).map_err(|_| RewriteFailed)?;
-    set_eth_proto(ctx, ETH_P_IPV6)
-}
-
-/// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
-/// as IPv4 from here on (skb->protocol follows the DECAP flag).
-#[inline(always)]
-pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
-    ctx.adjust_room(
-        -(IPV6_HEADER_LEN as i32),
-        BPF_ADJ_ROOM_MAC,
-        (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
-    )
-    .map_err(|_| RewriteFailed)?;
-    set_eth_proto(ctx, ETH_P_IP)
-}
-
-/// Clamps the MSS of the inner IPv4 packet (at [`INNER_OFF`]) to `mss`, removes the outer
-/// header and counts the packet's segments under `counter`, returning their number. On failure
-/// the reason is counted and the caller drops the packet.
-#[inline(always)]
-pub fn unwrap_counted(
-    ctx: &TcContext,
-    inner: &Ipv4Info,
-    mss: u16,
-    counter: Counter,
-) -> Result<u64, RewriteFailed> {
-    if crate::mss::clamp(ctx, INNER_OFF, inner, mss) {
-        count(Counter::MssClamped);
-    }
-    let segs = segments(ctx);
-    if decapsulate(ctx).is_err() {
-        count(Counter::DropRewriteFailed);
-        return Err(RewriteFailed);
-    }
-    count_n(counter, segs);
-    Ok(segs)
-}
-
-/// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it
-/// in IPv6 `src` → `dst`. Returns its segment count, to be counted once it is on its way;
-/// failures are counted here.
-#[inline(always)]
-pub fn wrap_clamped(
-    ctx: &TcContext,
-    ip: &Ipv4Info,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    mss: u16,
-    hop_limit: u8,
-) -> Result<u64, RewriteFailed> {
-    if crate::mss::clamp(ctx, ETH_LEN, ip, mss) {
-        count(Counter::MssClamped);
-    }
-    let segs = segments(ctx);
-    if encapsulate(ctx, src, dst, ip, hop_limit).is_err() {
-        count(Counter::DropRewriteFailed);
-        return Err(RewriteFailed);
-    }
-    Ok(segs)
-}
-
-/// What follows the outer IPv6 header of a packet addressed to us.
-pub enum Upper {
-    /// IPv4-in-IPv6, now with the outer header alone in front (any Hop-by-Hop and
-    /// Destination Options headers have been removed): the inner packet is at [`INNER_OFF`].
-    Ipip,
-    /// An outer fragment; the value is the fragment header's next header (4 for ours).
-    Fragment(u8),
-    /// Another upper-layer protocol (ICMPv6, TCP, ...).
-    Other(u8),
-    /// More than [`MAX_EXT_HEADERS`] extension headers.
-    TooLong,
-    /// A chain that ends before its headers do, or whose removal failed.
-    Malformed,
-}
-
-impl Upper {
-    /// Counts a packet that was ours (IPv4-in-IPv6 to our address) and could not be taken;
-    /// DROP. `Ipip` and `Other` are not drops and are not counted here.
-    #[inline(always)]
-    pub fn drop_counted(&self) -> i32 {
-        match self {
-            Upper::Fragment(_) => count(Counter::DropOuterFragment),
-            Upper::TooLong => count(Counter::DropExtHeadersTooMany),
-            Upper::Malformed => count(Counter::DropExtHeadersMalformed),
-            Upper::Ipip | Upper::Other(_) => {}
-        }
-        DROP
-    }
-}
-
-/// Walks the extension headers after the outer IPv6 header `outer` (at [`ETH_LEN`]), at most
-/// [`MAX_EXT_HEADERS`] of them. Hop-by-Hop and Destination Options (RFC 8200 §4.3, §4.6; the
-/// Tunnel Encapsulation Limit of RFC 2473 is one) are accepted: when they lead to IPv4 they
-/// are removed, so that the frame is Ethernet + IPv6 (next header 4) + IPv4 as the rest of
-/// the program expects. Options whose type asks to discard unknown ones are not acted on: a
-/// packet to a tunnel endpoint is the endpoint's to take.
-#[inline(always)]
-pub fn outer_upper(ctx: &TcContext, outer: &Ipv6Hdr) -> Upper {
-    let mut next = outer.next_hdr;
-    let mut len = 0usize;
-    for i in 0..=MAX_EXT_HEADERS {
-        match next {
-            IPPROTO_IPIP => return strip_ext(ctx, outer, len),
-            IPPROTO_FRAGMENT => {
-                return match ctx.load::<u8>(INNER_OFF + len) {
-                    Ok(n) => Upper::Fragment(n),
-                    Err(_) => Upper::Malformed,
-                };
-            }
-            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS if i < MAX_EXT_HEADERS => {
-                let Ok(h) = ctx.load::<[u8; 2]>(INNER_OFF + len) else {
-                    return Upper::Malformed;
-                };
-                next = h[0];
-                len += (h[1] as usize + 1) * 8;
-            }
-            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS => return Upper::TooLong,
-            other => return Upper::Other(other),
-        }
-    }
-    Upper::TooLong
-}
-
-/// Removes `len` bytes of extension headers after the outer IPv6 header and makes it say
-/// next header 4 with the payload length reduced to match.
-#[inline(always)]
-fn strip_ext(ctx: &TcContext, outer: &Ipv6Hdr, len: usize) -> Upper {
-    if len == 0 {
-        return Upper::Ipip;
-    }
-    let payload = u16::from_be_bytes(outer.payload_len) as usize;
-    if payload < len + 20 || len > 2048 {
-        return Upper::Malformed;
-    }
-    let shrunk = ((payload - len) as u16).to_be_bytes();
-    let fixed = ctx
-        .adjust_room(
-            -(len as i32),
-            aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
-            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-        )
-        .is_ok()
-        && ctx.store(ETH_LEN + 4, &shrunk, 0).is_ok()
-        && ctx.store(ETH_LEN + 6, &IPPROTO_IPIP, 0).is_ok();
-    if !fixed {
-        return Upper::Malformed;
-    }
-    count(Counter::ExtHeadersRemoved);
-    Upper::Ipip
 }

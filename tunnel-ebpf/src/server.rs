@@ -20,10 +20,10 @@ use tunnel_common::{
     stats::Counter,
 };
 use tunnel_ebpf::{
+    encap::{self, Upper},
     maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, Upper,
-        eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -41,7 +41,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     if !eq16(&outer.dst_addr, &cfg.local) {
         return PASS;
     }
-    match packet::outer_upper(&ctx, &outer) {
+    match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
         // The tunnel address may also be the control channel's (--listen): its TCP, and
         // ICMPv6 for it, are the stack's.
@@ -75,7 +75,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         policy_event(&ctx, cfg);
         return DROP;
     }
-    let Ok(segs) = packet::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
+    let Ok(segs) = encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
         return DROP;
     };
 
@@ -167,7 +167,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let Ok(segs) = packet::wrap_clamped(
+    let Ok(segs) = encap::wrap_clamped(
         &ctx,
         &ip,
         &cfg.local,

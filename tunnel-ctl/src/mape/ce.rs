@@ -310,7 +310,7 @@ impl Handler for Ce {
 pub async fn run(args: MapeCeArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
     mgmt::ensure_not_running(&instance)?;
-    let mapping = calc(&args.rule)?;
+    let mapping = calc(&args.rule.query())?;
     let br = mapping.br.ok_or_else(|| {
         anyhow!("the rule names no BR: pass --br IPV6 (profiles carry their own)")
     })?;

@@ -11,12 +11,28 @@ use anyhow::{Result, anyhow, bail};
 
 use std::net::SocketAddrV4;
 
-use crate::cli::RuleArgs;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rule::{InterfaceId, Mapping, Rule};
 use table::{TCP, UDP};
 
+/// What `mape calc` (and the CE) is asked: a profile or a rule, optional explicit port
+/// parameters, and the end-user prefix (the flags of `cli::RuleArgs`, as plain data).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleQuery {
+    pub profile: Option<String>,
+    pub rule_ipv6: Option<Ipv6Net>,
+    pub rule_ipv4: Option<Ipv4Net>,
+    pub ea_len: Option<u8>,
+    pub psid_offset: Option<u8>,
+    pub psid: Option<u16>,
+    pub psid_len: Option<u8>,
+    pub br: Option<std::net::Ipv6Addr>,
+    pub interface_id: Option<InterfaceId>,
+    pub prefix: Ipv6Net,
+}
+
 /// `tunnel-ctl mape calc` (and the CE's own mapping).
-pub fn calc(args: &RuleArgs) -> Result<Mapping> {
+pub fn calc(args: &RuleQuery) -> Result<Mapping> {
     if args.profile.is_some() && args.psid.is_some() {
         bail!("--psid/--psid-len go with a custom rule, not a profile");
     }

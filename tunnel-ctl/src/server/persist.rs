@@ -8,7 +8,6 @@
 use std::{
     fs,
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -17,22 +16,10 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::state::Mode;
+pub use super::state::SavedLease;
 
 /// Format version; a file with another version is ignored with a warning.
 const VERSION: u32 = 1;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedLease {
-    pub ipv4: Ipv4Addr,
-    pub client: IpAddr,
-    pub mode: Mode,
-    /// RFC 3339.
-    pub since: String,
-    /// The native binding's client endpoint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tunnel: Option<Ipv6Addr>,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct File {
@@ -135,6 +122,7 @@ pub fn save(path: &Path, leases: &[SavedLease]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::state::Mode;
 
     #[test]
     fn round_trip_and_bad_files_give_a_clean_start() {

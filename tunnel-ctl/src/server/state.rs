@@ -14,7 +14,7 @@ use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{persist::SavedLease, queue::QueueTx};
+use super::queue::QueueTx;
 use crate::{pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
@@ -23,6 +23,19 @@ use crate::{pool::Pool, pool6::Pool6};
 pub enum Mode {
     Inband,
     Native,
+}
+
+/// A lease as the lease file keeps it (see `persist`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLease {
+    pub ipv4: Ipv4Addr,
+    pub client: IpAddr,
+    pub mode: Mode,
+    /// RFC 3339.
+    pub since: String,
+    /// The native binding's client endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<Ipv6Addr>,
 }
 
 /// What a session registers when it gets an address.
