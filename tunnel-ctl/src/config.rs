@@ -408,7 +408,10 @@ mod tests {
             let m = cmd.clone().ignore_errors(true).get_matches_from(["x"]);
             let text = print(cmd, &m);
             for line in text.lines().filter(|l| !l.is_empty()) {
-                let key = line.split(" = ").next().unwrap();
+                let key = match line.strip_prefix("# ") {
+                    Some(unset) => unset.trim_end_matches(": not set"),
+                    None => line.split(" = ").next().unwrap(),
+                };
                 assert!(flags.iter().any(|f| f == key), "{path:?}: {line}");
             }
             let mut args: Vec<&str> = path.clone();
