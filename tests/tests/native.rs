@@ -819,3 +819,88 @@ fn the_server_decapsulates_behind_options_and_counts_what_it_cannot_take() -> Re
     );
     Ok(())
 }
+
+/// Issue 19 Done-when 4: the fast path follows the server's IPv4 next hop as it changes
+/// under traffic. A native client pings every 10 ms while the internet host's MAC changes
+/// (the server learns it, as from a gratuitous ARP), then the route to the pinged address
+/// moves to a second link: at most 3 pings are lost per change and none after the last.
+#[test]
+fn the_fast_path_follows_next_hop_changes_under_traffic() -> Result<()> {
+    const PINGS: u32 = 600;
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    t.start_native_client(&ns, &[])?;
+    // The pinged address sits behind the internet host, first via inet0 ...
+    t.internet.ip("addr add 192.0.2.200/32 dev lo")?;
+    t.server
+        .ip("route add 192.0.2.200/32 via 192.0.2.2 dev inet0")?;
+    // ... and a second link to move it to (outside the pool's .2-.100).
+    t.lab.veth(&t.server, "inet1", &t.internet, "eth1")?;
+    t.server.ip("addr add 198.51.100.241/30 dev inet1")?;
+    t.internet.ip("addr add 198.51.100.242/30 dev eth1")?;
+    assert_eq!(
+        ns.ping("192.0.2.200", 3)?,
+        3,
+        "the path works before any change"
+    );
+
+    let ping = ns
+        .command("ping")
+        .args([
+            "-n",
+            "-i",
+            "0.01",
+            "-c",
+            &PINGS.to_string(),
+            "-W",
+            "1",
+            "192.0.2.200",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let encap = |t: &FourOverSix| stat(t, "fastpath_encap_packets");
+    // Each change happens once the fast path has carried 100 more answers.
+    let mut mark = encap(&t)?;
+    let mut settle = |t: &FourOverSix| -> Result<()> {
+        let from = mark;
+        wait_for(
+            "100 answers on the fast path",
+            Duration::from_secs(10),
+            || Ok((encap(t)? >= from + 100).then_some(())),
+        )?;
+        mark = encap(t)?;
+        Ok(())
+    };
+    settle(&t)?;
+    let new_mac = "02:00:00:00:99:02";
+    t.internet.ip(&format!("link set eth0 address {new_mac}"))?;
+    t.server.ip(&format!(
+        "neigh replace 192.0.2.2 lladdr {new_mac} dev inet0 nud reachable"
+    ))?;
+    settle(&t)?;
+    t.server
+        .ip("route replace 192.0.2.200/32 via 198.51.100.242 dev inet1")?;
+    settle(&t)?;
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answered: std::collections::BTreeSet<u32> = text
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    let lost: Vec<u32> = (1..=PINGS).filter(|s| !answered.contains(s)).collect();
+    eprintln!(
+        "next-hop changes: {} of {PINGS} pings lost: {lost:?}",
+        lost.len()
+    );
+    assert!(lost.len() <= 6, "more than 3 lost per change: {lost:?}");
+    let last = *answered.last().unwrap_or(&0);
+    assert!(
+        lost.iter().all(|s| *s + 100 < last),
+        "pings lost after the changes settled: {lost:?}"
+    );
+    // The moved route really carried the end: the second link sent the last 100 or more.
+    let link: serde_json::Value = serde_json::from_str(&t.server.ip("-s -j link show inet1")?)?;
+    let sent = link[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0);
+    assert!(sent >= 100, "inet1 sent {sent} packets: {link}");
+    Ok(())
+}
