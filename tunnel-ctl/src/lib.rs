@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod report;
 pub mod server;
 pub mod softwire;
+pub mod systemd;
 pub mod tundev;
 pub mod usage;
 

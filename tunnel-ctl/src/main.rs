@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         print!("{text}");
         return ExitCode::SUCCESS;
     }
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let daemon = matches!(
         cli.command,
         Command::Monitor(_)
@@ -152,7 +152,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: tunnel_ctl::cli::LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -160,11 +160,15 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        tunnel_ctl::cli::LogFormat::Json => fmt.json().init(),
+        tunnel_ctl::cli::LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {

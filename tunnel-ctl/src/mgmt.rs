@@ -136,7 +136,13 @@ impl Listener {
 
     /// Serves requests until the task is dropped. One task per connection; a bad client only
     /// gets an error answer.
+    /// Answers requests for the daemon's life. Serving is what "up" means: systemd hears
+    /// READY=1 here, and the watchdog (if the unit has one) starts.
     pub async fn serve(&self, handler: Arc<dyn Handler>) {
+        crate::systemd::ready(&format!("serving {}", self.path.display()));
+        if let Some(every) = crate::systemd::watchdog_interval() {
+            tokio::spawn(crate::systemd::watchdog(every));
+        }
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {

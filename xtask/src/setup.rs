@@ -23,6 +23,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
     ("traceroute", "traceroute"),
+    ("systemd-analyze", "systemd"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
 ];

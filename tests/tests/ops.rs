@@ -1,0 +1,138 @@
+//! Operations (issue 26, part): systemd's notification protocol, JSON logs, and the example
+//! units in `dist/systemd/`.
+use std::{
+    os::unix::net::{UnixDatagram, UnixStream},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tunnel_tests::{Lab, tunnel_ctl_bin};
+
+/// Under a fake `NOTIFY_SOCKET` (what systemd gives a `Type=notify` unit), a daemon sends
+/// READY=1 only once its management socket accepts, then WATCHDOG=1 again and again at half
+/// of `WATCHDOG_USEC`; with `--log-format json` every log line is a JSON object.
+#[test]
+fn a_daemon_tells_systemd_it_is_ready_keeps_the_watchdog_and_logs_json() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let a = lab.ns("a")?;
+    let b = lab.ns("b")?;
+    lab.veth(&a, "veth-a", &b, "veth-b")?;
+    let instance = lab.instance("notify");
+    let notify = lab.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let log = lab.dir().join("notify-daemon.log");
+    // WATCHDOG_PID must be the daemon's pid: the shell's, which exec keeps (nsenter too).
+    let script = format!(
+        "export WATCHDOG_PID=$$; exec nsenter --net=/run/netns/{} -- {} --log-format json \
+         monitor --dev veth-b --instance {instance}",
+        b.name,
+        tunnel_ctl_bin()?.display()
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let outcome = (|| -> Result<()> {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).context("no READY=1 from the daemon")?;
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        ensure!(
+            first.lines().any(|l| l == "READY=1"),
+            "first message: {first:?}"
+        );
+        ensure!(first.contains("STATUS=serving"), "{first:?}");
+        // Ready means serving: the management socket accepts now.
+        let socket = Path::new("/run/tunnel").join(format!("{instance}.sock"));
+        UnixStream::connect(&socket)
+            .with_context(|| format!("READY=1 before {} accepts", socket.display()))?;
+        let mut watchdogs = 0;
+        for _ in 0..20 {
+            let n = sock.recv(&mut buf).context("the watchdog stopped")?;
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+            {
+                watchdogs += 1;
+                if watchdogs == 3 {
+                    break;
+                }
+            }
+        }
+        ensure!(watchdogs == 3, "{watchdogs} WATCHDOG=1 messages");
+        Ok(())
+    })();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait()?;
+    outcome?;
+    ensure!(status.success(), "daemon exited with {status}");
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(text.lines().count() >= 2, "log: {text}");
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        ensure!(
+            v["timestamp"].is_string() && v["level"].is_string() && v["target"].is_string(),
+            "missing fields: {line}"
+        );
+    }
+    Ok(())
+}
+
+/// Every unit in dist/systemd/ passes `systemd-analyze verify` once installed (the binary
+/// path filled in, templates instantiated), with no unknown or ignored setting.
+#[test]
+fn the_example_systemd_units_verify() -> Result<()> {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze is not installed (cargo xtask setup installs it)");
+        return Ok(());
+    }
+    let bin = tunnel_ctl_bin()?;
+    let bin_dir = bin.parent().context("binary directory")?.canonicalize()?;
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd");
+    let out_dir = std::env::temp_dir().join(format!("tnl-units-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir)?;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dist)? {
+        let src = entry?.path();
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("unit name")?;
+        let text = std::fs::read_to_string(&src)?.replace("@BINDIR@", &bin_dir.to_string_lossy());
+        ensure!(
+            !text.contains('@') || name.contains('@'),
+            "{name}: placeholder left"
+        );
+        let instance = name.replace("@.", "@test.");
+        let dst = out_dir.join(&instance);
+        std::fs::write(&dst, text)?;
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&dst)
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(out.status.success(), "{instance}: {said}");
+        ensure!(
+            !said.contains("Unknown") && !said.contains("ignoring"),
+            "{instance}: {said}"
+        );
+        checked += 1;
+    }
+    std::fs::remove_dir_all(&out_dir)?;
+    ensure!(checked >= 5, "only {checked} units in {}", dist.display());
+    Ok(())
+}
