@@ -580,3 +580,49 @@ fn traceroute_from_the_lan_shows_the_br_hop() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 21 (Done-when 3, second half): IPv4-in-IPv6 from the BR that carries a Tunnel
+/// Encapsulation Limit option (what a hand-built ip6tnl BR sends) is accepted by the CE and
+/// reaches the LAN host through its mapping, byte for byte.
+#[test]
+fn the_ce_accepts_a_tunnel_encapsulation_limit_from_the_br() -> Result<()> {
+    use tunnel_tests::craft::{self, Ext};
+    let t = MapeLab::start(&RULE_252, &[])?;
+    // A mapping: the LAN host's UDP socket talks to the internet host once.
+    let _echo = udp_echo(&t.internet, SocketAddrV4::new(INTERNET_HOST, 7))?;
+    let lan = t
+        .lan
+        .enter(|| std::net::UdpSocket::bind(SocketAddrV4::new(LAN_HOST, 0)))??;
+    lan.set_read_timeout(Some(Duration::from_secs(5)))?;
+    lan.send_to(b"open a mapping", SocketAddrV4::new(INTERNET_HOST, 7))?;
+    let mut buf = [0u8; 2048];
+    lan.recv_from(&mut buf)
+        .context("the echo through the tunnel")?;
+    let ports = external_ports(&t, "udp")?;
+    let [port] = ports[..] else {
+        bail!("expected one UDP mapping: {ports:?}")
+    };
+    // The internet host's next datagram, as an ip6tnl BR would wrap it.
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ipv4(INTERNET_HOST.octets(), SHARED.octets(), 63)
+        .udp(7, port)
+        .write(&mut inner, b"behind an encapsulation limit")?;
+    let (br, ce): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (BR_ADDR.parse()?, CE_252.parse()?);
+    let packet = craft::ipv6(br, ce, &[Ext::EncapLimit], craft::IPIP, &inner);
+    let before = t.ce_stats()?;
+    t.br.enter(|| craft::send_raw_ipv6(&packet))??;
+    let (n, from) = lan
+        .recv_from(&mut buf)
+        .context("the crafted datagram at the LAN host")?;
+    assert_eq!(&buf[..n], b"behind an encapsulation limit");
+    assert_eq!(
+        from,
+        std::net::SocketAddr::V4(SocketAddrV4::new(INTERNET_HOST, 7))
+    );
+    let after = t.ce_stats()?;
+    assert_eq!(
+        stat(&after, "ext_headers_removed") - stat(&before, "ext_headers_removed"),
+        1
+    );
+    Ok(())
+}
