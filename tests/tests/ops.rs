@@ -136,3 +136,80 @@ fn the_example_systemd_units_verify() -> Result<()> {
     ensure!(checked >= 5, "only {checked} units in {}", dist.display());
     Ok(())
 }
+
+/// Issue 26 (part of Done-when 1): a server with an in-band and a native client, scraped at
+/// `--metrics`: the text parses with the Prometheus project's own OpenMetrics parser (its
+/// Python client), and every `stats` counter is there as `tunnel_<name>_total` with the value
+/// `stats` gives (read before and after the scrape), next to `tunnel_build_info` and gauges.
+#[test]
+fn metrics_parse_with_the_prometheus_parser_and_match_stats() -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    use tunnel_tests::fourover6::{FourOverSix, INTERNET_HOST, server_args};
+    let mut t = FourOverSix::start_native(&server_args(&["--metrics", "127.0.0.1:9180"]))?;
+    let (inband, native) = (t.client_ns()?, t.client_ns()?);
+    t.start_client(&inband, &[])?;
+    t.start_native_client(&native, &[])?;
+    for ns in [&inband, &native] {
+        ensure!(ns.ping(INTERNET_HOST, 3)? == 3);
+    }
+    let before = t.server_stats()?;
+    let text = t.server.enter(|| -> Result<String> {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9180")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })??;
+    let after = t.server_stats()?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    ensure!(head.contains("application/openmetrics-text"), "{head}");
+    // The official parser: every sample as name -> value.
+    let script = "import sys, json\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        out = {}\n\
+        for fam in text_string_to_metric_families(sys.stdin.read()):\n\
+        \x20   for s in fam.samples:\n\
+        \x20       out[s.name] = [fam.type, s.value, s.labels]\n\
+        print(json.dumps(out))\n";
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    py.stdin
+        .take()
+        .context("stdin")?
+        .write_all(body.as_bytes())?;
+    let out = py.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let names = before.as_object().context("stats is an object")?;
+    ensure!(names.len() > 20, "{before}");
+    for (name, low) in names {
+        let metric = format!("tunnel_{name}_total");
+        let sample = &samples[&metric];
+        ensure!(sample[0] == "counter", "{metric}: {sample}");
+        let v = sample[1].as_f64().with_context(|| format!("no {metric}"))?;
+        let (lo, hi) = (
+            low.as_f64().unwrap_or(-1.0),
+            after[name].as_f64().unwrap_or(-1.0),
+        );
+        ensure!(
+            lo <= v && v <= hi,
+            "{metric} = {v}, stats said {lo} then {hi}"
+        );
+    }
+    ensure!(samples["tunnel_build_info"][0] == "info", "{samples}");
+    ensure!(
+        samples["tunnel_sessions"][1].as_f64() == Some(2.0),
+        "{samples}"
+    );
+    Ok(())
+}

@@ -209,6 +209,11 @@ pub struct MonitorArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics: every stats
+    /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `--config FILE` and `--print-config`, for every daemon (see [`crate::config`]).
@@ -420,6 +425,11 @@ pub struct ServerArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics: every stats
+    /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -609,6 +619,11 @@ pub struct MapeCeArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics: every stats
+    /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -643,6 +658,11 @@ pub struct MapeBrArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics: every stats
+    /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -722,6 +742,11 @@ pub struct ClientArgs {
 
     #[command(flatten)]
     pub config: ConfigArgs,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR:PORT/metrics: every stats
+    /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A number in decimal or with a `0x` prefix in hex (PSIDs are usually written in hex).

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod fuzzing;
 pub mod instance;
 pub mod mape;
+pub mod metrics;
 pub mod mgmt;
 pub mod monitor;
 pub mod netlink;

@@ -59,6 +59,7 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
         DirectionArg::Both => vec![Direction::Ingress, Direction::Egress],
     };
 
+    let metrics = args.metrics;
     let mut ebpf = dataplane::load(&pin_dir)?;
     let _pins = bpffs::PinGuard(Some(pin_dir.clone()));
     for dev in &args.devs {
@@ -91,6 +92,7 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
         directions,
         started: Instant::now(),
     });
+    crate::metrics::spawn(metrics, monitor.clone()).await?;
     tokio::select! {
         () = listener.serve(monitor.clone()) => {}
         signal = crate::shutdown_signal() => info!("{signal}: detaching and removing pins"),

@@ -147,6 +147,23 @@ pub fn run(mode: Mode) -> Result<()> {
         installed.extend(missing.iter().map(|p| format!("apt:{p}")));
     }
 
+    // The tests parse /metrics with the Prometheus project's own (Python) parser.
+    if Command::new("python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        say("python prometheus-client: present");
+    } else {
+        step(
+            "pip install prometheus-client",
+            "the tests parse /metrics with the Prometheus project's parser",
+            Command::new("python3").args(["-m", "pip", "install", "-q", "prometheus-client"]),
+        )?;
+        installed.push("pip:prometheus-client".into());
+    }
+
     let took = start.elapsed().as_secs_f32();
     if installed.is_empty() {
         say(&format!(

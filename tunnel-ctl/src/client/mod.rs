@@ -221,6 +221,7 @@ pub async fn run(args: ClientArgs) -> Result<()> {
         started: Instant::now(),
     });
     let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
+    crate::metrics::spawn(client.args.metrics, client.clone()).await?;
     let mgmt = mgmt::bind(&instance)?;
     info!(
         "4over6 client for {} ({}, keepalive {:?}, timeout {:?})",

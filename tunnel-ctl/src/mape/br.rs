@@ -184,6 +184,7 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
         v6_dev: args.v6_dev.clone(),
         v4_dev: args.v4_dev.clone(),
     });
+    crate::metrics::spawn(args.metrics, br.clone()).await?;
     let mgmt = mgmt::bind(&instance)?;
     for r in &br.rules {
         info!(

@@ -398,6 +398,7 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
         ce.add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
+    crate::metrics::spawn(args.metrics, ce.clone()).await?;
     let mgmt = mgmt::bind(&instance)?;
     let m = &ce.mapping;
     info!(

@@ -371,6 +371,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     server.stats.leases_restored.add(restored as u64);
     // Saved leases that were not restored must leave the file too.
     server.leases_changed.notify_one();
+    crate::metrics::spawn(args.metrics, server.clone()).await?;
     let mgmt = mgmt::bind(&instance)?;
     info!(
         "serving 4over6 on {} (pool {}, gateway {}, TUN {}, DNS {} {} {}, keepalive {:?}, timeout {:?}, hold {:?})",
