@@ -278,9 +278,34 @@ fn monitor_demo() -> Result<()> {
 
 /// The counters of a `stats --json` object that are not zero, one per line after `who`.
 fn print_moved(who: &str, stats: &serde_json::Value) {
-    if let Some(map) = stats.as_object() {
-        for (k, v) in map.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
-            println!("    {who}{k:<32} {v}");
-        }
+    for line in moved(who, stats) {
+        println!("{line}");
+    }
+}
+
+/// The lines [`print_moved`] prints.
+fn moved(who: &str, stats: &serde_json::Value) -> Vec<String> {
+    stats
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("    {who}{k:<32} {v}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_counters_that_moved_are_shown() {
+        let stats =
+            serde_json::json!({"decap": 5, "drop_unbound_source": 0, "encap": 0, "leases": 1});
+        let lines = super::moved("CE ", &stats);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("    CE decap") && lines[0].ends_with(" 5"),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("leases"), "{lines:?}");
     }
 }

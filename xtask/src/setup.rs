@@ -47,9 +47,28 @@ pub fn set_show_output(show: bool) {
 /// One install step on one line: `setup: <what> (<why>) ... done in N s`. The command's
 /// output goes to a log file under target/ and is printed only if it fails (or with -v).
 fn step(what: &str, why: &str, cmd: &mut Command) -> Result<()> {
-    use std::io::Write as _;
+    let show = SHOW_OUTPUT.load(std::sync::atomic::Ordering::Relaxed);
+    step_to(
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        what,
+        why,
+        cmd,
+        show,
+    )
+}
+
+/// [`step`], writing its line (and a failed command's output) to `out` and `err`.
+fn step_to(
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+    what: &str,
+    why: &str,
+    cmd: &mut Command,
+    show: bool,
+) -> Result<()> {
     let started = Instant::now();
-    if SHOW_OUTPUT.load(std::sync::atomic::Ordering::Relaxed) {
+    if show {
         println!("setup: {what} ({why})");
         crate::run(cmd)?;
         println!(
@@ -58,21 +77,21 @@ fn step(what: &str, why: &str, cmd: &mut Command) -> Result<()> {
         );
         return Ok(());
     }
-    print!("setup: {what} ({why}) ... ");
-    let _ = std::io::stdout().flush();
-    let out = cmd
+    let _ = write!(out, "setup: {what} ({why}) ... ");
+    let _ = out.flush();
+    let result = cmd
         .current_dir(crate::root())
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
     let took = started.elapsed().as_secs_f32();
-    if out.status.success() {
-        println!("done in {took:.1} s");
+    if result.status.success() {
+        let _ = writeln!(out, "done in {took:.1} s");
         return Ok(());
     }
-    println!("FAILED after {took:.1} s; its output:");
-    let _ = std::io::stdout().write_all(&out.stdout);
-    let _ = std::io::stderr().write_all(&out.stderr);
-    bail!("{what}: {cmd:?} failed: {}", out.status)
+    let _ = writeln!(out, "FAILED after {took:.1} s; its output:");
+    let _ = out.write_all(&result.stdout);
+    let _ = err.write_all(&result.stderr);
+    bail!("{what}: {cmd:?} failed: {}", result.status)
 }
 
 pub fn run(mode: Mode) -> Result<()> {
@@ -312,4 +331,54 @@ fn install_debian(packages: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn a_step_is_one_line_and_shows_its_output_only_when_it_fails() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        step_to(
+            &mut out,
+            &mut err,
+            "installing x",
+            "for y",
+            &mut sh("echo noisy; echo noisy >&2"),
+            false,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("setup: installing x (for y) ... done in "),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains("noisy") && err.is_empty(), "{text}");
+
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let e = step_to(
+            &mut out,
+            &mut err,
+            "installing z",
+            "for w",
+            &mut sh("echo why-it-failed; echo detail >&2; exit 3"),
+            false,
+        )
+        .unwrap_err();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("FAILED") && text.contains("why-it-failed"),
+            "{text}"
+        );
+        assert_eq!(String::from_utf8(err).unwrap(), "detail\n");
+        assert!(e.to_string().contains("installing z"), "{e}");
+    }
 }
