@@ -904,3 +904,38 @@ fn the_fast_path_follows_next_hop_changes_under_traffic() -> Result<()> {
     assert!(sent >= 100, "inet1 sent {sent} packets: {link}");
     Ok(())
 }
+
+/// Issue 19: `--max-bindings` sizes the binding maps. With room for one, the first native
+/// client is bound and a second's 105 is refused with 110 saying the fast path is full; an
+/// in-band lease for it is still granted.
+#[test]
+fn max_bindings_sizes_the_fast_path_and_refuses_beyond_it() -> Result<()> {
+    use aya::maps::MapInfo;
+    use tunnel_common::names;
+    let mut t = start(&["--max-bindings", "1"])?;
+    let dir = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT).join(&t.server_instance);
+    for map in [names::BIND_BY_V4, names::BIND_BY_V6] {
+        assert_eq!(MapInfo::from_pin(dir.join(map))?.max_entries(), 1, "{map}");
+    }
+    let first = t.client_ns()?;
+    t.start_native_client(&first, &[])?;
+    assert_eq!(first.ping(INTERNET_HOST, 2)?, 2);
+    let second = t.client_ns()?;
+    let mut peer = tunnel_tests::fourover6::RawPeer::connect(&second)?;
+    let lease = peer.lease()?;
+    assert!(lease.starts_with("198.51.100."), "{lease}");
+    peer.send(105, &[])?;
+    let (kind, text) = peer.recv_skip_keepalive()?;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(kind, 110, "{text}");
+    assert!(
+        text.contains("fast path is full") && text.contains("--max-bindings"),
+        "{text}"
+    );
+    assert_eq!(
+        first.ping(INTERNET_HOST, 2)?,
+        2,
+        "the bound client is not affected"
+    );
+    Ok(())
+}

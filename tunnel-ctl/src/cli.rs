@@ -307,6 +307,12 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Limits")]
     pub max_per_source: usize,
 
+    /// Native mode: how many clients the fast path can bind (the size of each binding map;
+    /// 1 to 4,194,304). A 105 beyond it is refused with 110 "the fast path is full".
+    #[arg(long, value_name = "N", default_value_t = tunnel_common::fastpath::MAX_BINDINGS,
+          value_parser = clap::value_parser!(u32).range(1..=4_194_304), help_heading = "Limits")]
+    pub max_bindings: u32,
+
     /// Leases that clients in one IPv6 prefix may hold at once (0: no limit); more are
     /// refused with 110 and counted as lease_limit_refused, so one site's /64 cannot take the
     /// whole pool. The prefix length is that of the prefix-len flag below.

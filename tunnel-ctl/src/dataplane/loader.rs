@@ -16,12 +16,21 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// them there (that is how counters and bindings survive a controller restart) and pinned there
 /// otherwise. Callers own the directory: `bpffs::remove_pins` on clean shutdown.
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
+    load_sized(pin_dir, &[])
+}
+
+/// As [`load`], with the maps named in `sizes` holding that many entries instead of the
+/// object's default (e.g. `--max-bindings`). A pinned map of another size is replaced.
+pub fn load_sized(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<Ebpf> {
     bpffs::ensure_mounted()?;
     bpffs::create_pin_dir(pin_dir)?;
     raise_memlock_limit();
-    replace_foreign_pins(pin_dir)?;
+    replace_foreign_pins_sized(pin_dir, sizes)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
+    for &(name, entries) in sizes {
+        loader.map_max_entries(name, entries);
+    }
     let ebpf = loader
         .load(OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
@@ -55,6 +64,11 @@ impl fmt::Display for Layout {
 /// a binding or a counter with the wrong size. The bindings are lost; the caller rebuilds them
 /// from its saved state. Returns the names replaced.
 pub fn replace_foreign_pins(pin_dir: &Path) -> Result<Vec<String>> {
+    replace_foreign_pins_sized(pin_dir, &[])
+}
+
+/// [`replace_foreign_pins`] for an object whose maps in `sizes` get those sizes.
+fn replace_foreign_pins_sized(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<Vec<String>> {
     let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
     let mut replaced = Vec::new();
     for (name, map) in &object.maps {
@@ -69,7 +83,10 @@ pub fn replace_foreign_pins(pin_dir: &Path) -> Result<Vec<String>> {
             map_type: map.map_type(),
             key_size: map.key_size(),
             value_size: map.value_size(),
-            max_entries: map.max_entries(),
+            max_entries: sizes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(map.max_entries(), |&(_, entries)| entries),
             flags: map.map_flags(),
         };
         let found = MapInfo::from_pin(&pin).map(|info| Layout {

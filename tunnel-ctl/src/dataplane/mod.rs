@@ -8,4 +8,4 @@ pub mod nat;
 pub mod stats;
 pub mod tc;
 
-pub use loader::{OBJECT, load};
+pub use loader::{OBJECT, load, load_sized};

@@ -295,6 +295,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                     tun_index,
                     pin_dir: instance.pin_dir(),
                     policy_icmp: args.policy_icmp,
+                    max_bindings: args.max_bindings,
                 },
             )
             .await?,

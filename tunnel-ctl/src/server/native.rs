@@ -19,7 +19,7 @@ use aya::{
 use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    names::{POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    names::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
 };
 
 use crate::{
@@ -42,6 +42,8 @@ pub struct NativeArgs<'a> {
     pub pin_dir: PathBuf,
     /// `--policy-icmp`: policy events per second (0: none).
     pub policy_icmp: u32,
+    /// `--max-bindings`: entries of each binding map.
+    pub max_bindings: u32,
 }
 
 pub struct Native {
@@ -57,6 +59,7 @@ pub struct Native {
     /// The fast path's source-policy drops, for `server::policy` (taken once).
     policy_events: Mutex<Option<RingBuf<MapData>>>,
     pub policy_icmp: u32,
+    max_bindings: u32,
 }
 
 impl Native {
@@ -72,7 +75,11 @@ impl Native {
         let inner_mtu = nl
             .inner_mtu(v6_index, &format!("--v6-dev {}", args.v6_dev))
             .await?;
-        let mut ebpf = dataplane::load(&args.pin_dir)?;
+        let sizes = [
+            (BIND_BY_V4, args.max_bindings),
+            (BIND_BY_V6, args.max_bindings),
+        ];
+        let mut ebpf = dataplane::load_sized(&args.pin_dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let previous = maps.config()?;
         maps.set_config(&TunnelConfig {
@@ -122,6 +129,7 @@ impl Native {
             pin_dir: args.pin_dir,
             policy_events: Mutex::new(policy_events),
             policy_icmp: args.policy_icmp,
+            max_bindings: args.max_bindings,
         })
     }
 
@@ -138,7 +146,22 @@ impl Native {
     }
 
     pub fn bind(&self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
-        self.maps().bind(client, ipv4)
+        self.maps().bind(client, ipv4).map_err(|e| {
+            // A full hash map answers E2BIG.
+            let full = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc::E2BIG))
+                    || c.to_string().contains("os error 7")
+            });
+            if full {
+                anyhow::anyhow!(
+                    "the fast path is full: {} bindings (--max-bindings)",
+                    self.max_bindings
+                )
+            } else {
+                e
+            }
+        })
     }
 
     pub fn unbind(&self, client: Ipv6Addr, ipv4: Ipv4Addr) {
