@@ -55,8 +55,20 @@ pub fn apply(root: &Command, argv: Vec<OsString>) -> anyhow::Result<Vec<OsString
 fn subcommand<'a>(root: &'a Command, argv: &[OsString]) -> Option<(&'a Command, usize)> {
     let mut cur = root;
     let mut at = None;
+    let mut skip_value = false;
     for (i, a) in argv.iter().enumerate().skip(1) {
         let a = a.to_string_lossy();
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            // A global option's value (`--log-format json`) is not a subcommand.
+            skip_value = !long.contains('=')
+                && root
+                    .get_arguments()
+                    .any(|o| o.get_long() == Some(long) && !takes_no_value(o));
+            continue;
+        }
         if a.starts_with('-') {
             continue;
         }
@@ -359,6 +371,24 @@ mod tests {
         assert!(err.contains("unknown key \"config\""), "{err}");
         let err = with_file("pool = \n", &["server"]).unwrap_err().to_string();
         assert!(err.contains(".toml:1: "), "{err}");
+    }
+
+    #[test]
+    fn global_options_before_the_subcommand_are_skipped() {
+        let out = with_file(
+            "gateway = \"198.51.100.1\"\n",
+            &[
+                "--log-format",
+                "json",
+                "-v",
+                "server",
+                "--pool",
+                "198.51.100.2",
+            ],
+        )
+        .unwrap();
+        assert_eq!(&out[1..5], ["--log-format", "json", "-v", "server"]);
+        assert_eq!(out[5], "--gateway=198.51.100.1", "{out:?}");
     }
 
     #[test]
