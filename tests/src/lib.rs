@@ -629,6 +629,24 @@ pub fn wait_for<T>(
     }
 }
 
+/// Waits (at most `limit`) until each counter in `want` of what `read` returns has risen
+/// from `before` by exactly its number; returns the last reading.
+pub fn wait_counter_deltas(
+    what: &str,
+    limit: Duration,
+    before: &serde_json::Value,
+    want: &[(&str, u64)],
+    mut read: impl FnMut() -> Result<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    wait_for(what, limit, || {
+        let now = read()?;
+        Ok(want
+            .iter()
+            .all(|(name, n)| counter(&now, name) - counter(before, name) == *n)
+            .then_some(now))
+    })
+}
+
 /// An integer counter from a `stats --json` object; panics with the object if it is missing.
 pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats[name]
