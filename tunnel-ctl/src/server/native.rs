@@ -151,7 +151,6 @@ impl Native {
             let full = e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
                     .is_some_and(|io| io.raw_os_error() == Some(libc::E2BIG))
-                    || c.to_string().contains("os error 7")
             });
             if full {
                 anyhow::anyhow!(
