@@ -6,7 +6,7 @@
 //! `status` (sessions, leases, mappings, …) a gauge `tunnel_<name>`, plus
 //! `tunnel_build_info{version=…}`. The HTTP side is the few lines a scrape needs (one GET,
 //! one answer, close), written here rather than pulling in a web framework for one route.
-use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use prometheus_client::{
@@ -142,12 +142,12 @@ pub fn render(handler: &dyn Handler) -> String {
 
 /// A counter or field name as a metric name: `[a-zA-Z0-9_]`, without a `_total` suffix (the
 /// encoder adds it to counters).
-fn metric_name(name: &str) -> Cow<'_, str> {
+fn metric_name(name: &str) -> String {
     let clean: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    Cow::Owned(clean.trim_end_matches("_total").to_owned())
+    clean.trim_end_matches("_total").to_owned()
 }
 
 #[cfg(test)]
