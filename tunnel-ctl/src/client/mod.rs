@@ -13,7 +13,7 @@
 //! eBPF programs on `--v6-dev`. The data path outlives sessions: while reconnecting (a server
 //! restart, say) packets keep flowing, and a reconnect that gets the same lease changes nothing.
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -34,9 +34,11 @@ use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 use tun::AsyncDevice;
 
+pub mod machine;
 pub mod native;
 pub mod ra;
 
+use machine::{Action, Uplink};
 use native::{Applied, NativePath};
 
 use crate::{
@@ -46,7 +48,7 @@ use crate::{
     netlink::Netlink,
     protocol::{
         Frame, FrameCodec, MsgType, frame,
-        text::{Lease4, Lease6, NativeGrant},
+        text::{Lease4, Lease6},
     },
     tundev,
 };
@@ -94,7 +96,7 @@ struct Status {
 
 struct Client {
     args: ClientArgs,
-    stats: ClientStats,
+    stats: Arc<ClientStats>,
     status: Mutex<Status>,
     /// In-band mode.
     tun: Option<Arc<AsyncDevice>>,
@@ -124,11 +126,6 @@ struct Configured {
     /// The host route that keeps the control connection out of the tunnel's default routes.
     pinned: Option<(IpAddr, u32)>,
 }
-
-/// A 110 answer.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Refused(String);
 
 impl Handler for Client {
     fn handle(&self, request: Request) -> Response {
@@ -212,7 +209,7 @@ pub async fn run(args: ClientArgs) -> Result<()> {
 
     let client = Arc::new(Client {
         args,
-        stats: ClientStats::default(),
+        stats: Arc::default(),
         status: Mutex::new(Status::default()),
         tun,
         native,
@@ -379,73 +376,164 @@ async fn session(
         .with_context(|| format!("connecting to {server}"))?;
     let _ = stream.set_nodelay(true);
     client.stats.connects.inc();
+    let native = match (&client.native, stream.local_addr()?.ip()) {
+        (None, _) => None,
+        (Some(_), IpAddr::V6(a)) if a.to_ipv4_mapped().is_none() => Some(a),
+        (Some(_), other) => {
+            bail!("native mode needs an IPv6 connection to the server (local address {other})")
+        }
+    };
+    let cfg = machine::SessionConfig {
+        keepalive: timers.keepalive,
+        timeout: timers.timeout,
+        native,
+        ipv6: client.args.ipv6 && !client.ipv6_refused.load(Ordering::Relaxed),
+        tun: client.tun.is_some(),
+    };
     let mut framed = frame::framed(stream);
-    framed.send(Frame::empty(MsgType::AddrRequest)).await?;
-    client.stats.frames_out.inc();
-    let lease = tokio::time::timeout(timers.timeout, wait_for_lease(client, &mut framed))
-        .await
-        .map_err(|_| anyhow!("no lease (101) from {server} within {:?}", timers.timeout))??;
-    client.stats.leases.inc();
-
-    if let Some(native) = &client.native {
-        let local = match framed.get_ref().local_addr()?.ip() {
-            IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
-            other => {
-                bail!("native mode needs an IPv6 connection to the server (local address {other})")
-            }
-        };
-        framed
-            .send(Frame::text(MsgType::NativeRequest, &local.to_string()))
-            .await?;
-        client.stats.frames_out.inc();
-        let grant = tokio::time::timeout(timers.timeout, wait_for_native(client, &mut framed))
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "no answer (106) to native mode from {server} within {:?}",
-                    timers.timeout
-                )
-            })??;
-        client.stats.native_granted.inc();
-        native
-            .apply(
-                nl,
-                Applied {
-                    lease: lease.addr,
-                    local,
-                    grant,
+    let mut m = machine::Session::new(cfg, client.stats.clone(), Instant::now());
+    loop {
+        while let Some(action) = m.next_action() {
+            match action {
+                Action::Send(frame) => match write(&mut framed, timers.timeout, [frame]).await {
+                    Ok(()) => client.stats.frames_out.inc(),
+                    Err(e) => m.write_failed(e),
                 },
-            )
-            .await?;
-    } else {
-        let v4_new = lock(configured).v4 != Some(lease.addr);
-        if v4_new {
-            nl.flush_ipv4(index).await?;
-            nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
-            if !client.args.no_default_route {
-                if server.ip().to_canonical().is_ipv4() {
-                    pin_server_route(nl, server.ip(), index, configured).await?;
+                Action::Configure4(lease) => {
+                    configure_ipv4(client, nl, index, &lease, configured).await?
                 }
-                // Two halves instead of a default route: more specific than any existing
-                // default, and gone with the TUN device.
-                for net in ["0.0.0.0/1", "128.0.0.0/1"] {
-                    nl.route(net.parse::<Ipv4Net>().expect("valid"), index)
-                        .await?;
+                Action::ApplyNative { lease, grant } => {
+                    let local = native.expect("native mode has a local address");
+                    let path = client.native.as_ref().expect("native mode");
+                    path.apply(
+                        nl,
+                        Applied {
+                            lease,
+                            local,
+                            grant,
+                        },
+                    )
+                    .await?;
+                }
+                Action::Configure6(lease6) => {
+                    configure_ipv6(client, nl, index, &lease6, configured).await?
+                }
+                Action::Established { lease, lease6 } => established(client, lease, lease6, rx),
+                Action::ToTun(pkt) => match &client.tun {
+                    Some(tun) => match tun.send(&pkt).await {
+                        Ok(_) => {
+                            client.stats.inband_packets_from_server.inc();
+                            client.stats.inband_bytes_from_server.add(pkt.len() as u64);
+                        }
+                        Err(_) => client.stats.drop_tun_write_error.inc(),
+                    },
+                    None => client.stats.drop_unexpected_frame.inc(),
+                },
+                Action::StopAskingIpv6 => {
+                    client.ipv6_refused.store(true, Ordering::Relaxed);
+                    info!("continuing with IPv4 only from the next connection on");
+                }
+                Action::Close(end) if end.established() => return Ok(end.to_string()),
+                Action::Close(end) => return Err(anyhow!("{end}")),
+            }
+        }
+        let wake = tokio::time::Instant::from_std(m.poll_timeout());
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(wake) => m.handle_timeout(Instant::now()),
+            item = framed.next() => match item {
+                None => m.handle_closed(),
+                Some(Err(e)) => m.handle_frame_error(&e),
+                Some(Ok(frame)) => m.handle_frame(frame, Instant::now()),
+            },
+            Some(pkt) = rx.recv(), if m.is_established() => {
+                let mut batch = Vec::with_capacity(8);
+                let mut next = Some(pkt);
+                while let Some(p) = next {
+                    if m.uplink(&p) == Uplink::Send {
+                        batch.push(p);
+                    }
+                    next = if batch.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
+                }
+                let n = batch.len() as u64;
+                if n == 0 {
+                    continue;
+                }
+                let bytes: u64 = batch.iter().map(|p| p.len() as u64).sum();
+                let frames = batch.into_iter().map(|p| Frame::new(MsgType::DataRequest, p));
+                match write(&mut framed, timers.timeout, frames).await {
+                    Ok(()) => {
+                        client.stats.frames_out.add(n);
+                        client.stats.inband_packets_to_server.add(n);
+                        client.stats.inband_bytes_to_server.add(bytes);
+                    }
+                    Err(e) => m.write_failed(e),
                 }
             }
-            lock(configured).v4 = Some(lease.addr);
         }
     }
-    let lease6 = if client.args.ipv6 && !client.ipv6_refused.load(Ordering::Relaxed) {
-        let lease6 = request_ipv6(client, &mut framed).await?;
-        configure_ipv6(client, nl, index, &lease6, configured).await?;
-        Some(lease6)
-    } else {
-        None
+}
+
+/// Writes `frames` with one flush, within `timeout` (`Err(None)`: the peer stopped reading).
+async fn write(
+    framed: &mut Conn,
+    timeout: Duration,
+    frames: impl IntoIterator<Item = Frame>,
+) -> Result<(), Option<String>> {
+    let write = async {
+        for f in frames {
+            framed.feed(f).await?;
+        }
+        framed.flush().await
     };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Some(e.to_string())),
+        Err(_) => Err(None),
+    }
+}
+
+/// In-band: the lease on the TUN and, unless --no-default-route, the default routes (a lease
+/// that did not change changes nothing).
+async fn configure_ipv4(
+    client: &Client,
+    nl: &Netlink,
+    index: u32,
+    lease: &Lease4,
+    configured: &Mutex<Configured>,
+) -> Result<()> {
+    if lock(configured).v4 == Some(lease.addr) {
+        return Ok(());
+    }
+    let server = client.args.server;
+    nl.flush_ipv4(index).await?;
+    nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
+    if !client.args.no_default_route {
+        if server.ip().to_canonical().is_ipv4() {
+            pin_server_route(nl, server.ip(), index, configured).await?;
+        }
+        // Two halves instead of a default route: more specific than any existing
+        // default, and gone with the TUN device.
+        for net in ["0.0.0.0/1", "128.0.0.0/1"] {
+            nl.route(net.parse::<Ipv4Net>().expect("valid"), index)
+                .await?;
+        }
+    }
+    lock(configured).v4 = Some(lease.addr);
+    Ok(())
+}
+
+/// The session carries traffic: status, resolv.conf, and the packets queued while
+/// disconnected are stale.
+fn established(
+    client: &Client,
+    lease: Lease4,
+    lease6: Option<Lease6>,
+    rx: &mut mpsc::Receiver<Bytes>,
+) {
     info!(
-        "leased {} from {server}; DNS {} {} {}",
-        lease.addr, lease.dns[0], lease.dns[1], lease.dns[2]
+        "leased {} from {}; DNS {} {} {}",
+        lease.addr, client.args.server, lease.dns[0], lease.dns[1], lease.dns[2]
     );
     if let Some(path) = &client.args.write_resolv_conf {
         let v6 = lease6
@@ -466,16 +554,13 @@ async fn session(
         let mut st = client.status.lock().unwrap_or_else(|p| p.into_inner());
         st.connected = true;
         st.lease = Some(lease);
-        st.lease6 = lease6.clone();
+        st.lease6 = lease6;
         st.since = Some(SystemTime::now());
         st.last_error = None;
     }
-    // Packets queued while disconnected are stale.
     while rx.try_recv().is_ok() {
         client.stats.drop_while_disconnected.inc();
     }
-    let routed6 = lease6.map(|l| l.routed()).unwrap_or_default();
-    Ok(serve(client, &mut framed, rx, server, &routed6).await)
 }
 
 fn lock(configured: &Mutex<Configured>) -> std::sync::MutexGuard<'_, Configured> {
@@ -507,37 +592,6 @@ async fn pin_server_route(
     );
     lock(configured).pinned = Some((server, oif));
     Ok(())
-}
-
-/// 107 → 108. A 110 means this server has no IPv6 for us: say so, and let the next session
-/// go on without asking (the server closes after a 110).
-async fn request_ipv6(client: &Client, framed: &mut Conn) -> Result<Lease6> {
-    let timeout = client.args.timers.timeout;
-    framed.send(Frame::empty(MsgType::Ipv6Request)).await?;
-    client.stats.frames_out.inc();
-    let wait = wait_for_reply(
-        client,
-        framed,
-        MsgType::Ipv6Reply,
-        "an IPv6 lease (108)",
-        "server refused IPv6",
-        |d| Lease6::parse(d).map_err(|e| anyhow!("bad 108: {e}")),
-    );
-    let result = tokio::time::timeout(timeout, wait)
-        .await
-        .map_err(|_| anyhow!("no answer (108) to the IPv6 request within {timeout:?}"))?;
-    match result {
-        Ok(lease) => {
-            client.stats.ipv6_leases.inc();
-            Ok(lease)
-        }
-        Err(e) if e.downcast_ref::<Refused>().is_some() => {
-            client.stats.ipv6_refused.inc();
-            client.ipv6_refused.store(true, Ordering::Relaxed);
-            Err(e.context("continuing with IPv4 only from the next connection on"))
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// Puts a new IPv6 lease in place: the address on the TUN (a delegated prefix with --lan:
@@ -612,190 +666,4 @@ async fn configure_ipv6(
     );
     lock(configured).v6 = Some(lease.clone());
     Ok(())
-}
-
-async fn wait_for_lease(client: &Client, framed: &mut Conn) -> Result<Lease4> {
-    wait_for_reply(
-        client,
-        framed,
-        MsgType::AddrReply,
-        "a lease",
-        "server refused",
-        |d| Lease4::parse(d).context("bad 101 from the server"),
-    )
-    .await
-}
-
-/// Waits for the 106 after a 105 (keepalives and a repeated 101 may come first).
-async fn wait_for_native(client: &Client, framed: &mut Conn) -> Result<NativeGrant> {
-    wait_for_reply(
-        client,
-        framed,
-        MsgType::NativeReply,
-        "an answer to native mode",
-        "server refused native mode",
-        |d| NativeGrant::parse(d).map_err(|e| anyhow!("bad 106: {e}")),
-    )
-    .await
-}
-
-/// Reads frames until one of type `want` arrives and parses it. Keepalives and repeated 101s
-/// are fine meanwhile; a 110 ends the wait with `refused: <reason>`.
-async fn wait_for_reply<T>(
-    client: &Client,
-    framed: &mut Conn,
-    want: MsgType,
-    waiting_for: &str,
-    refused: &str,
-    parse: impl Fn(&[u8]) -> Result<T>,
-) -> Result<T> {
-    while let Some(frame) = framed.next().await {
-        let frame = frame?;
-        client.stats.frames_in.inc();
-        match frame.kind {
-            kind if kind == want => return parse(&frame.data),
-            MsgType::Keepalive => client.stats.keepalives_in.inc(),
-            MsgType::AddrReply => {}
-            MsgType::Error => {
-                client.stats.server_errors.inc();
-                return Err(Refused(format!(
-                    "{refused}: {}",
-                    String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
-                ))
-                .into());
-            }
-            other => {
-                client.stats.drop_unexpected_frame.inc();
-                warn!(
-                    "ignoring type {} while waiting for {waiting_for}",
-                    other.code()
-                );
-            }
-        }
-    }
-    bail!("server closed the connection before sending {waiting_for}")
-}
-
-async fn serve(
-    client: &Client,
-    framed: &mut Conn,
-    rx: &mut mpsc::Receiver<Bytes>,
-    server: SocketAddr,
-    routed6: &[Ipv6Net],
-) -> String {
-    let timers = &client.args.timers;
-    let stats = &client.stats;
-    let mut keepalive = tokio::time::interval_at(
-        tokio::time::Instant::now() + timers.keepalive,
-        timers.keepalive,
-    );
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut deadline = tokio::time::Instant::now() + timers.timeout;
-    loop {
-        tokio::select! {
-            biased;
-            () = tokio::time::sleep_until(deadline) => {
-                stats.timeouts.inc();
-                return format!("server {server} silent for {:?}", timers.timeout);
-            }
-            item = framed.next() => match item {
-                None => return "server closed the connection".into(),
-                Some(Err(e)) => return format!("protocol error: {e}"),
-                Some(Ok(frame)) => {
-                    deadline = tokio::time::Instant::now() + timers.timeout;
-                    stats.frames_in.inc();
-                    match frame.kind {
-                        MsgType::DataReply => match &client.tun {
-                            Some(tun) => match tun.send(&frame.data).await {
-                                Ok(_) => {
-                                    stats.inband_packets_from_server.inc();
-                                    stats.inband_bytes_from_server.add(frame.data.len() as u64);
-                                }
-                                Err(_) => stats.drop_tun_write_error.inc(),
-                            },
-                            None => stats.drop_unexpected_frame.inc(),
-                        },
-                        MsgType::Keepalive => stats.keepalives_in.inc(),
-                        MsgType::AddrReply => {} // a repeated 101
-                        MsgType::Error => {
-                            stats.server_errors.inc();
-                            return format!(
-                                "server error: {}",
-                                String::from_utf8_lossy(&frame.data).trim_end_matches('\0')
-                            );
-                        }
-                        _ => stats.drop_unexpected_frame.inc(),
-                    }
-                }
-            },
-            Some(pkt) = rx.recv() => {
-                let mut batch = Vec::with_capacity(8);
-                let mut next = Some(pkt);
-                let mut taken = 0;
-                while let Some(p) = next {
-                    taken += 1;
-                    match ipv6_leased(&p, routed6) {
-                        Uplink::Send => batch.push(p),
-                        Uplink::NotLeased => stats.drop_ipv6_not_leased.inc(),
-                        Uplink::LinkLocal => stats.tun_link_local_ignored.inc(),
-                    }
-                    next = if taken < WRITE_BATCH { rx.try_recv().ok() } else { None };
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let n = batch.len() as u64;
-                let bytes: u64 = batch.iter().map(|p| p.len() as u64).sum();
-                let write = async {
-                    for p in batch {
-                        framed.feed(Frame::new(MsgType::DataRequest, p)).await?;
-                    }
-                    framed.flush().await
-                };
-                match tokio::time::timeout(timers.timeout, write).await {
-                    Ok(Ok(())) => {
-                        stats.frames_out.add(n);
-                        stats.inband_packets_to_server.add(n);
-                        stats.inband_bytes_to_server.add(bytes);
-                    }
-                    Ok(Err(e)) => return format!("write error: {e}"),
-                    Err(_) => return format!("server not reading for {:?}", timers.timeout),
-                }
-            }
-            _ = keepalive.tick() => {
-                match tokio::time::timeout(timers.timeout, framed.send(Frame::empty(MsgType::Keepalive))).await {
-                    Ok(Ok(())) => {
-                        stats.keepalives_out.inc();
-                        stats.frames_out.inc();
-                    }
-                    Ok(Err(e)) => return format!("write error: {e}"),
-                    Err(_) => return format!("server not reading for {:?}", timers.timeout),
-                }
-            }
-        }
-    }
-}
-
-/// What happens to a packet read from the TUN.
-enum Uplink {
-    Send,
-    /// IPv6 from an address that is not leased (or no IPv6 lease at all).
-    NotLeased,
-    /// The kernel's own link-local chatter on the TUN (router solicitations, MLD): not for
-    /// the server.
-    LinkLocal,
-}
-
-/// IPv4 packets go; IPv6 packets only from a leased address.
-fn ipv6_leased(pkt: &[u8], routed6: &[Ipv6Net]) -> Uplink {
-    let Some((IpAddr::V6(src), IpAddr::V6(dst))) = crate::packet::addrs(pkt) else {
-        return Uplink::Send;
-    };
-    if routed6.iter().any(|n| n.contains(&src)) {
-        Uplink::Send
-    } else if crate::packet::link_local_v6(src, dst) {
-        Uplink::LinkLocal
-    } else {
-        Uplink::NotLeased
-    }
 }

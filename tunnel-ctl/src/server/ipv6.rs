@@ -9,7 +9,7 @@ use ipnet::Ipv6Net;
 use tracing::{info, warn};
 
 use super::{inbound::AllowIn, state::Units6};
-use crate::{cli::ServerArgs, dns, netlink::Netlink, pool6::Pool6, protocol::text::Lease6, tundev};
+use crate::{cli::ServerArgs, dns, netlink::Netlink, pool6::Pool6, tundev};
 
 /// The server's address on the TUN, announced as the clients' IPv6 gateway.
 pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
@@ -119,28 +119,6 @@ impl Ipv6Service {
             tun_index,
             sync: tokio::sync::Mutex::new(()),
         })
-    }
-
-    /// The 108 text for `units`.
-    pub fn lease_text(&self, units: &Units6) -> String {
-        let (addr, len, delegated) = match (units.addr, units.delegated) {
-            (Some(a), d) => (a.addr(), 128, d),
-            // Only a prefix: the client numbers itself <prefix>::1.
-            (None, Some(d)) => (
-                Ipv6Addr::from(u128::from(d.network()) | 1),
-                d.prefix_len(),
-                None,
-            ),
-            (None, None) => unreachable!("a grant has at least one unit"),
-        };
-        Lease6 {
-            addr,
-            len,
-            gateway: GATEWAY6,
-            dns: self.dns.clone(),
-            delegated,
-        }
-        .to_string()
     }
 
     /// Makes the kernel agree with the lease table on `units`: in proxy mode a leased address

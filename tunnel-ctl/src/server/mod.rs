@@ -4,9 +4,14 @@
 //! [`session`] task runs per TCP connection, and the TUN reader here routes packets from the
 //! kernel to the session that holds the destination's lease.
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::{Deref, DerefMut},
     path::PathBuf,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -17,6 +22,7 @@ use tokio::{
     net::{TcpListener, TcpSocket},
     sync::Notify,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 
@@ -28,7 +34,7 @@ use crate::{
     netlink::Netlink,
     packet,
     pool::Pool,
-    protocol::text::three_dns,
+    protocol::{self, text::three_dns},
     softwire::Sent,
     tundev,
 };
@@ -36,6 +42,7 @@ use crate::{
 pub mod admission;
 pub mod inbound;
 pub mod ipv6;
+pub mod machine;
 pub mod native;
 pub mod persist;
 pub mod policy;
@@ -46,7 +53,7 @@ pub mod state;
 use queue::QueueTx;
 
 use native::{Native, NativeArgs};
-use state::{Ended, Route, State};
+use state::{Ended, Grant, Holder, Mode, Route, State, Units6};
 
 counters! {
     pub struct ServerStats {
@@ -119,11 +126,95 @@ pub struct Config {
     pub session_buffer: usize,
 }
 
+/// What the daemon keeps of a running session beside the lease table.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// 103 packets for this session.
+    pub tx: QueueTx,
+    /// Server-relative ms of the last frame received.
+    pub last_rx: Arc<AtomicU64>,
+    /// Closes the session (takeover by a reconnecting client).
+    pub cancel: CancellationToken,
+}
+
+/// The lease table and the sessions' links, under one lock (the TUN reader finds a packet's
+/// session queue with one lookup of each).
+pub struct Shared {
+    pub table: State,
+    pub links: HashMap<u64, Link>,
+}
+
+impl Deref for Shared {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.table
+    }
+}
+
+impl DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.table
+    }
+}
+
+impl Shared {
+    /// A session's packet queue.
+    fn queue(&self, session_id: u64) -> Option<QueueTx> {
+        self.links.get(&session_id).map(|l| l.tx.clone())
+    }
+}
+
+/// The lease table as a session machine reaches it: one lock per call.
+pub struct Locked<'a>(pub &'a Server);
+
+impl machine::Leases for Locked<'_> {
+    fn grant(&mut self, holder: Holder, stale: Duration, _now: Instant) -> Grant {
+        let now_ms = self.0.now_ms();
+        let stale_ms = stale.as_millis() as u64;
+        let mut shared = self.0.lock();
+        let Shared { table, links } = &mut *shared;
+        let silent = |id: u64| {
+            links.get(&id).is_some_and(|l| {
+                now_ms.saturating_sub(l.last_rx.load(Ordering::Relaxed)) > stale_ms
+            })
+        };
+        let grant = table.grant(holder, silent);
+        if let Grant::TakenOver(_, old) = grant
+            && let Some(link) = links.get(&old)
+        {
+            link.cancel.cancel();
+        }
+        grant
+    }
+    fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
+        self.0.lock().grant6(holder)
+    }
+    fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
+        self.0.lock().lease_of(addr, session_id).map(|(m, _)| m)
+    }
+    fn set_native(
+        &mut self,
+        addr: Ipv4Addr,
+        session_id: u64,
+        tunnel: Ipv6Addr,
+    ) -> Result<(), String> {
+        self.0.lock().set_native(addr, session_id, tunnel)
+    }
+    fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
+        self.0.lock().set_inband(addr, session_id)
+    }
+    fn describe_pool(&self) -> String {
+        self.0.lock().pool_text()
+    }
+}
+
 /// Everything the sessions share.
 pub struct Server {
     pub cfg: Config,
-    pub state: std::sync::Mutex<State>,
-    pub stats: ServerStats,
+    /// What each session machine is told.
+    pub session_cfg: Arc<machine::SessionConfig>,
+    pub state: std::sync::Mutex<Shared>,
+    pub stats: Arc<ServerStats>,
     /// Per-source connection count and rate.
     pub admission: admission::Admission,
     pub tun: Arc<AsyncDevice>,
@@ -144,12 +235,14 @@ pub struct Server {
 }
 
 impl Server {
+    /// The lease table (a poisoned lock is taken as is: the table stays consistent per call).
+    pub fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether an IPv6 unit is leased now (see [`ipv6::Ipv6Service::sync`]).
     pub fn leased6(&self, unit: ipnet::Ipv6Net) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_leased6(unit)
+        self.lock().is_leased6(unit)
     }
 
     /// Milliseconds since the server started (cheap timestamps for liveness).
@@ -186,7 +279,7 @@ impl Handler for Server {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => {
-                let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let state = self.lock();
                 let native = self.native.as_ref().map(|n| {
                     let (v4, v6) = n.binding_counts();
                     json!({
@@ -229,7 +322,7 @@ impl Handler for Server {
                 self.native.as_ref().map(|n| n.counters()),
             ),
             Request::Leases => {
-                let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let state = self.lock();
                 Response::Ok(json!(state.lease_list()))
             }
             other => mgmt::not_supported("server", &other),
@@ -354,8 +447,25 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             session_queue: args.session_queue as usize,
             session_buffer: args.session_buffer as usize,
         },
-        state: std::sync::Mutex::new(state),
-        stats: ServerStats::default(),
+        session_cfg: Arc::new(machine::SessionConfig {
+            keepalive: args.timers.keepalive,
+            timeout: args.timers.timeout,
+            handshake_timeout: args.handshake_timeout,
+            dns,
+            native: native.as_ref().map(|n| protocol::text::NativeGrant {
+                tunnel: n.tunnel_addr,
+                mtu: n.inner_mtu,
+            }),
+            ipv6: ipv6.as_ref().map(|v6| machine::Ipv6Offer {
+                dns: v6.dns.clone(),
+                allow_in: v6.allow_in.clone(),
+            }),
+        }),
+        state: std::sync::Mutex::new(Shared {
+            table: state,
+            links: HashMap::new(),
+        }),
+        stats: Arc::new(ServerStats::default()),
         admission: admission::Admission::new(args.max_per_source, args.max_connect_rate),
         tun,
         started: Instant::now(),
@@ -377,7 +487,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     info!(
         "serving 4over6 on {} (pool {}, gateway {}, TUN {}, DNS {} {} {}, keepalive {:?}, timeout {:?}, hold {:?})",
         args.listen,
-        server.state.lock().expect("fresh").pool.describe(),
+        server.lock().pool.describe(),
         args.gateway,
         args.tun,
         dns[0],
@@ -394,7 +504,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         );
     }
     if let Some(v6) = &server.ipv6 {
-        let state = server.state.lock().expect("fresh");
+        let state = server.lock();
         let pools: Vec<String> = [&state.pool6, &state.delegate]
             .into_iter()
             .flatten()
@@ -442,24 +552,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
     save_leases(&server);
     if let Some(v6) = &server.ipv6 {
-        let pool = server
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pool6
-            .as_ref()
-            .map(|p| p.prefix());
+        let pool = server.lock().pool6.as_ref().map(|p| p.prefix());
         v6.shutdown(pool).await;
     }
     Ok(())
 }
 
 fn save_leases(server: &Server) {
-    let saved = server
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .saved();
+    let saved = server.lock().saved();
     if let Err(e) = persist::save(&server.state_path, &saved) {
         warn!("saving leases: {e:#}");
     }
@@ -480,11 +580,7 @@ async fn expire_restored(server: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let ended = server
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .expire_restored(std::time::Instant::now());
+        let ended = server.lock().expire_restored(std::time::Instant::now());
         if !ended.is_empty() {
             for e in &ended {
                 info!(
@@ -563,14 +659,18 @@ async fn tun_reader(server: Arc<Server>) {
             }
         };
         let route = {
-            let state = server.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.route(dst)
+            let state = server.lock();
+            match state.route(dst) {
+                Some(Route::Inband(id)) => state.queue(id).map(Ok),
+                Some(Route::Native(client)) => Some(Err(client)),
+                None => None,
+            }
         };
         match route {
-            Some(Route::Inband(tx)) => {
+            Some(Ok(tx)) => {
                 queue_for_session(&server, &tx, pkt);
             }
-            Some(Route::Native(client)) => slow_path_to_native(&server, client, pkt).await,
+            Some(Err(client)) => slow_path_to_native(&server, client, pkt).await,
             None => {
                 server.stats.drop_no_lease_for_destination.inc();
                 debug!("TUN packet to {dst}: no lease, dropped");
@@ -599,11 +699,10 @@ fn route_ipv6(server: &Server, src: IpAddr, dst: Ipv6Addr, pkt: &[u8]) {
         server.stats.tun_link_local_ignored.inc();
         return;
     }
-    let tx = server
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .route6(dst);
+    let tx = {
+        let state = server.lock();
+        state.route6(dst).and_then(|id| state.queue(id))
+    };
     match tx {
         Some(tx) => {
             if queue_for_session(server, &tx, pkt) {

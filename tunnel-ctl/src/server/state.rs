@@ -1,20 +1,17 @@
 //! The lease table and the pool: the server's single source of truth. The fast-path maps and
 //! the saved lease file are derived from it.
+//!
+//! Plain data: sessions appear here as [`Holder`]s (an id and a peer address); their queues and
+//! cancellation live with the daemon (`server::Shared`), so the table is tested alone.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     time::{Duration, Instant, SystemTime},
 };
 
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use super::queue::QueueTx;
 use crate::{pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
@@ -38,17 +35,11 @@ pub struct SavedLease {
     pub tunnel: Option<Ipv6Addr>,
 }
 
-/// What a session registers when it gets an address.
-#[derive(Clone, Debug)]
-pub struct SessionHandle {
+/// The session that holds a lease: its id and its client's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
     pub id: u64,
     pub peer: IpAddr,
-    /// 103 packets for this session.
-    pub tx: QueueTx,
-    /// Server-relative ms of the last frame received.
-    pub last_rx: Arc<AtomicU64>,
-    /// Closes the session (takeover by a reconnecting client).
-    pub cancel: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -56,7 +47,7 @@ pub struct Lease {
     /// The client's address (canonical: IPv4 clients as IPv4).
     pub client: IpAddr,
     /// None for a lease restored after a restart whose client has not reconnected yet.
-    pub session: Option<SessionHandle>,
+    pub session: Option<Holder>,
     pub since: SystemTime,
     pub mode: Mode,
     /// Native mode: the client's tunnel endpoint, bound in the fast-path maps.
@@ -99,6 +90,9 @@ pub struct State {
     /// IPv6 units (an address or a delegated prefix) → the session holding them.
     leases6: HashMap<Ipv6Net, Lease6>,
     pub limits: LeaseLimits,
+    /// Sessions whose IPv4 lease a newer session of the same client took over; their IPv6
+    /// units go to that client's next 107 too. Forgotten when the session ends.
+    replaced: HashSet<u64>,
 }
 
 /// How many leases the clients of one place may hold at once (0: no limit), so that one
@@ -148,7 +142,7 @@ impl LimitReached {
 #[derive(Debug)]
 struct Lease6 {
     client: IpAddr,
-    session: SessionHandle,
+    session: Holder,
 }
 
 /// What a 107 got.
@@ -192,6 +186,7 @@ impl State {
             delegate: None,
             leases6: HashMap::new(),
             limits: LeaseLimits::default(),
+            replaced: HashSet::new(),
         }
     }
 
@@ -233,7 +228,7 @@ impl State {
     /// IPv6 for `session` from each configured IPv6 pool: the unit a cancelled earlier
     /// session of the same client held, else the client's preferred free one. Err names the
     /// exhausted pool (nothing is kept then).
-    pub fn grant6(&mut self, session: &SessionHandle) -> Result<Units6, String> {
+    pub fn grant6(&mut self, session: Holder) -> Result<Units6, String> {
         let mut units = Units6::default();
         let mut exhausted = None;
         for (pool, slot) in [
@@ -241,7 +236,7 @@ impl State {
             (&mut self.delegate, &mut units.delegated),
         ] {
             let Some(pool) = pool else { continue };
-            match grant_unit(pool, &mut self.leases6, session) {
+            match grant_unit(pool, &mut self.leases6, &self.replaced, session) {
                 Some(unit) => *slot = Some(unit),
                 None => {
                     exhausted = Some(format!(
@@ -283,14 +278,19 @@ impl State {
         released
     }
 
-    /// The session queue for a packet to `dst`.
-    pub fn route6(&self, dst: Ipv6Addr) -> Option<QueueTx> {
+    /// The session for a packet to `dst`.
+    pub fn route6(&self, dst: Ipv6Addr) -> Option<u64> {
         [&self.pool6, &self.delegate]
             .into_iter()
             .flatten()
             .filter_map(|pool| pool.unit_of(dst))
             .find_map(|unit| self.leases6.get(&unit))
-            .map(|l| l.session.tx.clone())
+            .map(|l| l.session.id)
+    }
+
+    /// `session_id` ended: it is no longer remembered as replaced.
+    pub fn session_ended(&mut self, session_id: u64) {
+        self.replaced.remove(&session_id);
     }
 
     /// Whether `unit` is leased to any session now.
@@ -333,9 +333,9 @@ impl State {
     }
 
     /// An address for `session`: its restored lease if it had one, else the lease of a silent
-    /// (no frame for `stale_ms`) earlier session of the same client, which is cancelled, else
-    /// a new one from the pool.
-    pub fn grant(&mut self, session: &SessionHandle, now_ms: u64, stale_ms: u64) -> Grant {
+    /// (`silent(id)`) earlier session of the same client, which the caller must close
+    /// ([`Grant::TakenOver`] names it), else a new one from the pool.
+    pub fn grant(&mut self, session: Holder, silent: impl Fn(u64) -> bool) -> Grant {
         let client = session.peer.to_canonical();
         let restored = self
             .leases
@@ -344,7 +344,7 @@ impl State {
             .map(|(a, _)| *a);
         if let Some(addr) = restored {
             let lease = self.leases.get_mut(&addr).expect("found above");
-            lease.session = Some(session.clone());
+            lease.session = Some(session);
             lease.restored_until = None;
             return Grant::Restored(addr);
         }
@@ -352,17 +352,12 @@ impl State {
             .leases
             .iter()
             .filter_map(|(a, l)| l.session.as_ref().map(|s| (a, l, s)))
-            .find(|(_, l, s)| {
-                l.client == client
-                    && s.id != session.id
-                    && now_ms.saturating_sub(s.last_rx.load(Ordering::Relaxed)) > stale_ms
-            })
+            .find(|(_, l, s)| l.client == client && s.id != session.id && silent(s.id))
             .map(|(a, _, s)| (*a, s.id));
         if let Some((addr, old_id)) = stale {
             let lease = self.leases.get_mut(&addr).expect("found above");
-            if let Some(old) = lease.session.replace(session.clone()) {
-                old.cancel.cancel();
-            }
+            lease.session = Some(session);
+            self.replaced.insert(old_id);
             return Grant::TakenOver(addr, old_id);
         }
         if let Err(limit) = self.check_limits(client) {
@@ -374,7 +369,7 @@ impl State {
                     addr,
                     Lease {
                         client,
-                        session: Some(session.clone()),
+                        session: Some(session),
                         since: SystemTime::now(),
                         mode: Mode::Inband,
                         tunnel: None,
@@ -470,7 +465,7 @@ impl State {
         let l = self.leases.get(&addr)?;
         match (l.mode, l.tunnel, &l.session) {
             (Mode::Native, Some(t), _) => Some(Route::Native(t)),
-            (_, _, Some(s)) => Some(Route::Inband(s.tx.clone())),
+            (_, _, Some(s)) => Some(Route::Inband(s.id)),
             _ => None,
         }
     }
@@ -528,8 +523,10 @@ impl State {
 }
 
 /// Where the TUN reader sends a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
-    Inband(QueueTx),
+    /// To this session's queue.
+    Inband(u64),
     Native(Ipv6Addr),
 }
 
@@ -537,17 +534,18 @@ pub enum Route {
 fn grant_unit(
     pool: &mut Pool6,
     leases6: &mut HashMap<Ipv6Net, Lease6>,
-    session: &SessionHandle,
+    replaced: &HashSet<u64>,
+    session: Holder,
 ) -> Option<Ipv6Net> {
     let client = session.peer.to_canonical();
     let earlier = leases6
         .iter()
         .find(|(unit, l)| {
-            pool.prefix().contains(*unit) && l.client == client && l.session.cancel.is_cancelled()
+            pool.prefix().contains(*unit) && l.client == client && replaced.contains(&l.session.id)
         })
         .map(|(unit, _)| *unit);
     if let Some(unit) = earlier {
-        leases6.get_mut(&unit).expect("found above").session = session.clone();
+        leases6.get_mut(&unit).expect("found above").session = session;
         return Some(unit);
     }
     let key = match client {
@@ -555,13 +553,7 @@ fn grant_unit(
         IpAddr::V6(a) => a.octets().to_vec(),
     };
     let unit = pool.allocate(&key)?;
-    leases6.insert(
-        unit,
-        Lease6 {
-            client,
-            session: session.clone(),
-        },
-    );
+    leases6.insert(unit, Lease6 { client, session });
     Some(unit)
 }
 
@@ -576,7 +568,6 @@ fn v6_key(peer: IpAddr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::queue::{QueueRx, queue};
 
     fn state() -> State {
         let pool = Pool::new(
@@ -600,13 +591,7 @@ mod tests {
             prefix_len: 64,
             per_address: 2,
         };
-        let mut held = Vec::new();
-        let mut grant = |s: &mut State, id: u64, peer: &str| {
-            let (h, rx) = handle(id, peer);
-            let g = s.grant(&h, 0, u64::MAX);
-            held.push((h, rx));
-            g
-        };
+        let grant = |s: &mut State, id: u64, peer: &str| s.grant(holder(id, peer), |_| false);
         for (id, peer) in [(1, "2001:db8:1:1::1"), (2, "2001:db8:1:1::2")] {
             assert!(matches!(grant(&mut s, id, peer), Grant::New(_)));
         }
@@ -638,44 +623,43 @@ mod tests {
         );
     }
 
-    fn handle(id: u64, peer: &str) -> (SessionHandle, QueueRx) {
-        let (tx, rx) = queue(4, 1 << 20);
-        let h = SessionHandle {
+    fn holder(id: u64, peer: &str) -> Holder {
+        Holder {
             id,
             peer: peer.parse().unwrap(),
-            tx,
-            last_rx: Arc::new(AtomicU64::new(0)),
-            cancel: CancellationToken::new(),
-        };
-        (h, rx)
+        }
     }
 
     #[test]
     fn ipv6_units_route_to_their_session_and_survive_a_takeover() {
         let mut s = state();
-        let (old, _old_rx) = handle(1, "192.0.2.7");
-        let units = s.grant6(&old).unwrap();
+        let old = holder(1, "192.0.2.7");
+        assert!(matches!(s.grant(old, |_| false), Grant::New(_)));
+        let units = s.grant6(old).unwrap();
         let (addr, delegated) = (units.addr.unwrap(), units.delegated.unwrap());
         assert_eq!((addr.prefix_len(), delegated.prefix_len()), (128, 64));
         let in_prefix = Ipv6Addr::from(u128::from(delegated.network()) | 0x42);
-        assert!(s.route6(addr.addr()).is_some() && s.route6(in_prefix).is_some());
+        assert_eq!(
+            (s.route6(addr.addr()), s.route6(in_prefix)),
+            (Some(1), Some(1))
+        );
         assert!(s.route6("2001:db8:700:ffff::1".parse().unwrap()).is_none());
 
-        // The client reconnects; its old session is cancelled but has not ended yet.
-        old.cancel.cancel();
-        let (new, mut new_rx) = handle(2, "192.0.2.7");
-        assert_eq!(s.grant6(&new).unwrap(), units, "same units, taken over");
+        // The client reconnects while its old session is silent: the new one takes the IPv4
+        // lease over (the old one has not ended yet), then its IPv6 units.
+        let new = holder(2, "192.0.2.7");
+        assert!(matches!(s.grant(new, |id| id == 1), Grant::TakenOver(_, 1)));
+        assert_eq!(s.grant6(new).unwrap(), units, "same units, taken over");
         assert_eq!(
             s.release6(&units, 1),
             Units6::default(),
             "the old session releases nothing"
         );
-        assert!(
-            s.route6(addr.addr())
-                .unwrap()
-                .try_push(bytes::Bytes::from_static(b"x"))
+        assert_eq!(
+            s.route6(addr.addr()),
+            Some(2),
+            "packets go to the new session"
         );
-        assert!(new_rx.try_recv().is_some(), "packets go to the new session");
         assert_eq!(s.release6(&units, 2), units);
         assert_eq!(s.leases6_count(), 0);
         assert!(s.route6(addr.addr()).is_none());
