@@ -287,10 +287,12 @@ mod tests {
     }
 
     fn with_file(text: &str, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        // One file per call: tests run in parallel, so the name must never repeat.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "tunnel-config-{}-{}.toml",
             std::process::id(),
-            text.len()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&path, text).unwrap();
         let p = path.display().to_string();
