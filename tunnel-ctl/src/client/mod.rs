@@ -35,11 +35,10 @@ use tracing::{info, warn};
 use tun::AsyncDevice;
 
 pub mod machine;
-pub mod native;
 pub mod ra;
 
 use machine::{Action, Uplink};
-use native::{Applied, NativePath};
+use crate::dataplane::client::{Applied, NativePath};
 
 use crate::{
     cli::{ClientArgs, ClientMode},

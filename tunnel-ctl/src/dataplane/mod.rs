@@ -1,10 +1,16 @@
 //! Everything that touches the kernel's BPF side: the embedded object, bpffs and pins, TC
-//! attachment and map reads. The rest of the controller goes through this module.
+//! attachment, map reads and writes. One handle per role ([`server`], [`client`], [`ce`],
+//! [`br`]) loads and attaches that role's programs and is the only code that writes its maps;
+//! the rest of the controller goes through these handles.
 
 pub mod bpffs;
+pub mod br;
+pub mod ce;
+pub mod client;
 pub mod fastpath;
 pub mod loader;
 pub mod nat;
+pub mod server;
 pub mod stats;
 pub mod tc;
 

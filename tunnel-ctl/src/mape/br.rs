@@ -4,20 +4,15 @@
 //! fragments, or ICMP fragmentation-needed for DF packets).
 use std::{
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::Ebpf;
 use serde_json::json;
 use tracing::info;
 use tun::AsyncDevice;
-use tunnel_common::{
-    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    mape::MapRule,
-    names::{PROG_BR_DECAP, PROG_BR_ENCAP},
-};
+use tunnel_common::fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig};
 
 use super::{
     rule::Rule,
@@ -27,11 +22,8 @@ use crate::{
     cli::MapeBrArgs,
     counters,
     dataplane::{
-        self,
+        br::{BrDataplane, BrDevices},
         bpffs::PinGuard,
-        fastpath::{Maps, v4_key},
-        nat::BrRules,
-        tc::{self, Direction},
     },
     instance::Instance,
     mgmt::{self, Handler, Request, Response},
@@ -59,7 +51,7 @@ struct Br {
     br_addr: Ipv6Addr,
     inner_mtu: u16,
     stats: BrStats,
-    ebpf: Mutex<Ebpf>,
+    dataplane: BrDataplane,
     tun: Arc<AsyncDevice>,
     softwire: Softwire,
     instance: Instance,
@@ -87,10 +79,9 @@ impl Handler for Br {
                     "psid_offset": r.psid_offset,
                 })).collect::<Vec<_>>(),
             })),
-            Request::Stats => mgmt::counters_response(self.stats.snapshot(), {
-                let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-                Some(dataplane::stats::read(&ebpf))
-            }),
+            Request::Stats => {
+                mgmt::counters_response(self.stats.snapshot(), Some(self.dataplane.counters()))
+            }
             other => mgmt::not_supported("MAP-E BR", &other),
         }
     }
@@ -130,44 +121,25 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
     tundev::ensure_ipv4_forwarding("CEs' traffic is routed through this host")?;
 
     let pin_dir = instance.pin_dir();
-    let mut ebpf = dataplane::load(&pin_dir)?;
     let _pins = PinGuard(Some(pin_dir.clone()));
-    let mut config = Maps::take(&mut ebpf)?;
-    let mut table = BrRules::take(&mut ebpf)?;
-    let entries: Vec<(u32, u8, MapRule)> = rules
-        .iter()
-        .map(|r| {
-            (
-                v4_key(r.ipv4.network()),
-                r.ipv4.prefix_len(),
-                r.to_map_rule(),
-            )
-        })
-        .collect();
-    table.replace_all(&entries)?;
-    config.set_config(&TunnelConfig {
-        local: args.br_addr.octets(),
-        v6_ifindex: v6_index,
-        tun_ifindex: tun_index,
-        inner_mtu,
-        mss: inner_mtu - TCP_IPV4_OVERHEAD,
-        hop_limit: DEFAULT_HOP_LIMIT,
-        enabled: 1,
-        ..Default::default()
-    })?;
-    tc::attach_pinned(
-        &mut ebpf,
-        PROG_BR_DECAP,
-        &args.v6_dev,
-        Direction::Ingress,
+    let map_rules: Vec<_> = rules.iter().map(|r| (r.ipv4, r.to_map_rule())).collect();
+    let dataplane = BrDataplane::start(
         &pin_dir,
-    )?;
-    tc::attach_pinned(
-        &mut ebpf,
-        PROG_BR_ENCAP,
-        &args.v4_dev,
-        Direction::Ingress,
-        &pin_dir,
+        &map_rules,
+        &TunnelConfig {
+            local: args.br_addr.octets(),
+            v6_ifindex: v6_index,
+            tun_ifindex: tun_index,
+            inner_mtu,
+            mss: inner_mtu - TCP_IPV4_OVERHEAD,
+            hop_limit: DEFAULT_HOP_LIMIT,
+            enabled: 1,
+            ..Default::default()
+        },
+        BrDevices {
+            v6_dev: &args.v6_dev,
+            v4_dev: &args.v4_dev,
+        },
     )?;
     let softwire = Softwire::open(args.br_addr)?;
 
@@ -176,7 +148,7 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
         br_addr: args.br_addr,
         inner_mtu,
         stats: BrStats::default(),
-        ebpf: Mutex::new(ebpf),
+        dataplane,
         tun,
         softwire,
         instance: instance.clone(),

@@ -1,10 +1,10 @@
 //! `tunnel-ctl mape ce`: the MAP-E CE daemon (SPEC §6).
 //!
 //! The eBPF programs (`ce_out` on the LAN, `ce_in` on the WAN) translate and tunnel every
-//! packet of a mapped flow. This module is the rest: the flow table and its mirror in the
-//! maps, the slow path on the TUN (first packets, packets too big for the tunnel, ICMP errors
-//! from the internet), expiry of idle mappings, and the management commands (`nat`,
-//! `forward`, `stats`, `status`).
+//! packet of a mapped flow; [`crate::dataplane::ce`] keeps the flow table and its mirror in
+//! the maps. This module is the rest: the slow path on the TUN (first packets, packets too
+//! big for the tunnel, ICMP errors from the internet), when idle mappings expire, and the
+//! management commands (`nat`, `forward`, `stats`, `status`).
 use std::{
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, MutexGuard},
@@ -12,15 +12,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::Ebpf;
 use ipnet::Ipv4Net;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    mape::{NAT_FIN_RST, NAT_SEEN, NatIn, NatOut},
-    names::{PROG_CE_IN, PROG_CE_OUT},
+    mape::{NAT_FIN_RST, NAT_SEEN},
 };
 
 use super::{
@@ -33,11 +31,9 @@ use crate::{
     cli::{MapeCeArgs, NatTimeouts},
     counters,
     dataplane::{
-        self,
         bpffs::PinGuard,
-        fastpath::{Maps, v4_key},
-        nat::NatMaps,
-        tc::{self, Direction},
+        ce::{CeDataplane, CeDevices, FlowMapping},
+        fastpath::v4_key,
     },
     instance::Instance,
     mgmt::{self, Handler, Request, Response},
@@ -82,9 +78,7 @@ struct Ce {
     inner_mtu: u16,
     mss: u16,
     timeouts: NatTimeouts,
-    table: Mutex<Table>,
-    maps: Mutex<NatMaps>,
-    ebpf: Mutex<Ebpf>,
+    dataplane: CeDataplane,
     stats: CeStats,
     tun: Arc<AsyncDevice>,
     softwire: Softwire,
@@ -102,22 +96,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Ce {
-    /// Puts a new mapping into the maps; on failure takes it out of the table again.
-    fn install(&self, entry: &Entry) -> Result<()> {
-        let (out, inb) = map_values(entry);
-        let r = lock(&self.maps).insert(entry.out_key, out, entry.in_key, inb);
-        if r.is_err() {
-            lock(&self.table).remove(&entry.out_key);
-        }
-        r
-    }
-
-    fn uninstall(&self, entry: &Entry) {
-        if let Err(e) = lock(&self.maps).remove(&entry.out_key, &entry.in_key) {
-            warn!("removing mapping {}: {e:#}", describe(entry));
-        }
-    }
-
     /// The idle timeout of `entry` given what the programs saw.
     fn timeout(&self, entry: &Entry, flags: u16, in_flags: u16) -> Duration {
         let t = &self.timeouts;
@@ -129,45 +107,13 @@ impl Ce {
         }
     }
 
-    fn add_forward(&self, spec: &ForwardSpec) -> Result<Vec<Entry>> {
-        let mut added = Vec::new();
-        for &proto in &spec.protos {
-            let entry = lock(&self.table).add_forward(spec.ext_port, spec.lan, proto);
-            match entry {
-                Ok(e) => {
-                    if let Err(err) = self.install(&e) {
-                        for a in &added {
-                            self.remove_forward(spec.ext_port, a);
-                        }
-                        return Err(err);
-                    }
-                    added.push(e);
-                }
-                Err(err) => {
-                    for a in &added {
-                        self.remove_forward(spec.ext_port, a);
-                    }
-                    return Err(anyhow!("{err}"));
-                }
-            }
-        }
-        Ok(added)
-    }
-
-    fn remove_forward(&self, port: u16, entry: &Entry) {
-        if let Ok(e) = lock(&self.table).remove_forward(port, entry.proto()) {
-            self.uninstall(&e);
-        }
-    }
-
     fn nat_list(&self) -> serde_json::Value {
         let now = mono_ns();
-        let table = lock(&self.table);
-        let maps = lock(&self.maps);
-        let mut rows: Vec<(u8, u16, serde_json::Value)> = table
-            .entries()
-            .map(|e| {
-                let a = maps.activity(&e.out_key, &e.in_key);
+        let mut rows: Vec<(u8, u16, serde_json::Value)> = self
+            .dataplane
+            .mappings()
+            .into_iter()
+            .map(|(e, a)| {
                 let last = a.last_seen_ns.max(e.created_ns);
                 let idle_ms = if e.kind == Kind::Forward {
                     0
@@ -193,20 +139,6 @@ impl Ce {
     }
 }
 
-fn map_values(entry: &Entry) -> (NatOut, NatIn) {
-    (
-        NatOut {
-            ext_port: entry.ext_port,
-            ..Default::default()
-        },
-        NatIn {
-            lan_ip: entry.out_key.local_ip,
-            lan_port: entry.out_key.local_port,
-            ..Default::default()
-        },
-    )
-}
-
 fn describe(e: &Entry) -> String {
     format!(
         "{} {} → :{} → {}",
@@ -221,7 +153,7 @@ impl Handler for Ce {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => {
-                let (out, inb) = lock(&self.maps).counts();
+                let (mappings, (out, inb)) = self.dataplane.counts();
                 let m = &self.mapping;
                 Response::Ok(json!({
                     "role": "mape-ce",
@@ -239,26 +171,25 @@ impl Handler for Ce {
                     "ce_ipv6": m.ce_ipv6.to_string(),
                     "br": self.br.to_string(),
                     "inner_mtu": self.inner_mtu,
-                    "mappings": lock(&self.table).len(),
+                    "mappings": mappings,
                     "map_entries_out": out,
                     "map_entries_in": inb,
                 }))
             }
-            Request::Stats => mgmt::counters_response(self.stats.snapshot(), {
-                let ebpf = lock(&self.ebpf);
-                Some(dataplane::stats::read(&ebpf))
-            }),
+            Request::Stats => {
+                mgmt::counters_response(self.stats.snapshot(), Some(self.dataplane.counters()))
+            }
             Request::Nat => Response::Ok(self.nat_list()),
             Request::ForwardList => {
-                let table = lock(&self.table);
-                let mut rows: Vec<_> = table
-                    .entries()
-                    .filter(|e| e.kind == Kind::Forward)
-                    .map(|e| {
+                let mut rows: Vec<_> = self
+                    .dataplane
+                    .forwards()
+                    .into_iter()
+                    .map(|(port, proto, lan)| {
                         json!({
-                            "external_port": e.ext_port,
-                            "proto": proto_name(e.proto()),
-                            "lan": e.lan().to_string(),
+                            "external_port": port,
+                            "proto": proto_name(proto),
+                            "lan": lan.to_string(),
                         })
                     })
                     .collect();
@@ -268,7 +199,7 @@ impl Handler for Ce {
             Request::ForwardAdd { spec } => match spec
                 .parse::<ForwardSpec>()
                 .map_err(|e| anyhow!(e))
-                .and_then(|s| self.add_forward(&s))
+                .and_then(|s| self.dataplane.add_forward(&s))
             {
                 Ok(added) => {
                     for e in &added {
@@ -290,8 +221,7 @@ impl Handler for Ce {
                 };
                 let mut removed = Vec::new();
                 for proto in protos {
-                    if let Ok(e) = lock(&self.table).remove_forward(num, proto) {
-                        self.uninstall(&e);
+                    if let Some(e) = self.dataplane.remove_forward(num, proto) {
                         info!("forward removed: {}", describe(&e));
                         removed.push(describe(&e));
                     }
@@ -339,51 +269,39 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
     tundev::ensure_ipv4_forwarding("the LAN is routed into MAP-E")?;
 
     let pin_dir = instance.pin_dir();
-    let mut ebpf = dataplane::load(&pin_dir)?;
     let _pins = PinGuard(Some(pin_dir.clone()));
-    let mut config = Maps::take(&mut ebpf)?;
-    let mut maps = NatMaps::take(&mut ebpf)?;
-    let stale = maps.clear()?;
+    let (dataplane, stale) = CeDataplane::start(
+        &pin_dir,
+        &TunnelConfig {
+            local: mapping.ce_ipv6.octets(),
+            remote: br.octets(),
+            ipv4: v4_key(mapping.ipv4),
+            v6_ifindex: wan_index,
+            tun_ifindex: tun_index,
+            inner_mtu,
+            mss,
+            hop_limit: DEFAULT_HOP_LIMIT,
+            enabled: 1,
+            ..Default::default()
+        },
+        Table::new(&mapping.port_ranges, args.udp_eim),
+        CeDevices {
+            lan: &args.lan,
+            wan: &args.wan,
+        },
+    )?;
     if stale > 0 {
         info!("cleared {stale} NAPT map entries pinned by an earlier run");
     }
-    config.set_config(&TunnelConfig {
-        local: mapping.ce_ipv6.octets(),
-        remote: br.octets(),
-        ipv4: v4_key(mapping.ipv4),
-        v6_ifindex: wan_index,
-        tun_ifindex: tun_index,
-        inner_mtu,
-        mss,
-        hop_limit: DEFAULT_HOP_LIMIT,
-        enabled: 1,
-        ..Default::default()
-    })?;
-    tc::attach_pinned(
-        &mut ebpf,
-        PROG_CE_OUT,
-        &args.lan,
-        Direction::Ingress,
-        &pin_dir,
-    )?;
-    tc::attach_pinned(
-        &mut ebpf,
-        PROG_CE_IN,
-        &args.wan,
-        Direction::Ingress,
-        &pin_dir,
-    )?;
     let softwire = Softwire::open(mapping.ce_ipv6)?;
 
     let ce = Arc::new(Ce {
-        table: Mutex::new(Table::new(&mapping.port_ranges, args.udp_eim)),
+        dataplane,
         mapping,
         br,
         inner_mtu,
         mss,
         timeouts: args.timeouts.clone(),
-        maps: Mutex::new(maps),
-        ebpf: Mutex::new(ebpf),
         stats: CeStats::default(),
         tun,
         softwire,
@@ -395,7 +313,8 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
         exhaustion_logged: Mutex::new(None),
     });
     for spec in &args.forward {
-        ce.add_forward(spec)
+        ce.dataplane
+            .add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
     crate::metrics::spawn(args.metrics, ce.clone()).await?;
@@ -437,12 +356,11 @@ async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
     };
     if dst == ce.mapping.ipv4 {
         // Redirected by ce_in: an ICMP error about one of our flows.
-        let ok = {
-            let table = lock(&ce.table);
+        let ok = ce.dataplane.with_table(|table| {
             translate::translate_icmp_error_in(pkt, |proto, port, remote| {
                 table.inbound(proto, port, remote).map(Entry::lan)
             })
-        };
+        });
         if !ok {
             stats.drop_icmp_error_no_mapping.inc();
             return;
@@ -460,21 +378,19 @@ async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
         Outbound::Unsupported => return stats.drop_unsupported_protocol.inc(),
         Outbound::Malformed => return stats.drop_malformed_packet.inc(),
     };
-    let found = lock(&ce.table).lookup_or_create(&flow, mono_ns());
-    let entry = match found {
-        Ok((entry, new)) => {
-            if new {
-                if let Err(e) = ce.install(&entry) {
-                    stats.drop_map_full.inc();
-                    warn!("cannot install mapping {}: {e:#}", describe(&entry));
-                    return;
-                }
-                stats.mappings_created.inc();
-                debug!("new mapping {}", describe(&entry));
-            }
+    let entry = match ce.dataplane.map_flow(&flow, mono_ns()) {
+        FlowMapping::Existing(entry) => entry,
+        FlowMapping::Created(entry) => {
+            stats.mappings_created.inc();
+            debug!("new mapping {}", describe(&entry));
             entry
         }
-        Err(e) => {
+        FlowMapping::MapFull(entry, e) => {
+            stats.drop_map_full.inc();
+            warn!("cannot install mapping {}: {e:#}", describe(&entry));
+            return;
+        }
+        FlowMapping::Exhausted(e) => {
             stats.port_exhausted.inc();
             let log_now = {
                 let mut logged = lock(&ce.exhaustion_logged);
@@ -533,27 +449,10 @@ async fn expire(ce: Arc<Ce>) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        let now = mono_ns();
-        let candidates: Vec<Entry> = lock(&ce.table)
-            .entries()
-            .filter(|e| e.kind != Kind::Forward)
-            .cloned()
-            .collect();
-        let mut expired = Vec::new();
-        {
-            let maps = lock(&ce.maps);
-            for e in candidates {
-                let a = maps.activity(&e.out_key, &e.in_key);
-                let idle = now.saturating_sub(a.last_seen_ns.max(e.created_ns));
-                if idle > ce.timeout(&e, a.flags, a.in_flags).as_nanos() as u64 {
-                    expired.push(e);
-                }
-            }
-        }
+        let expired = ce
+            .dataplane
+            .expire(mono_ns(), |e, a| ce.timeout(e, a.flags, a.in_flags));
         for e in expired {
-            let mut table = lock(&ce.table);
-            ce.uninstall(&e);
-            table.remove(&e.out_key);
             ce.stats.mappings_expired.inc();
             debug!("mapping expired: {}", describe(&e));
         }

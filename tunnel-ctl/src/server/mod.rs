@@ -43,7 +43,6 @@ pub mod admission;
 pub mod inbound;
 pub mod ipv6;
 pub mod machine;
-pub mod native;
 pub mod persist;
 pub mod policy;
 pub mod queue;
@@ -52,7 +51,7 @@ pub mod state;
 
 use queue::QueueTx;
 
-use native::{Native, NativeArgs};
+use crate::dataplane::server::{Native, NativeArgs};
 use state::{Ended, Grant, Holder, Mode, Route, State, Units6};
 
 counters! {

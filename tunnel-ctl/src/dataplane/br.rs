@@ -1,0 +1,64 @@
+//! The MAP-E BR's data plane (SPEC §6): loads the object, writes the rules and the tunnel
+//! configuration, attaches `br_decap` (IPv6 side) and `br_encap` (IPv4 side). The only code
+//! that writes the BR's maps.
+use std::{path::Path, sync::Mutex};
+
+use anyhow::Result;
+use aya::Ebpf;
+use ipnet::Ipv4Net;
+use tunnel_common::{
+    fastpath::TunnelConfig,
+    mape::MapRule,
+    names::{PROG_BR_DECAP, PROG_BR_ENCAP},
+};
+
+use super::{
+    fastpath::{Maps, v4_key},
+    nat::BrRules,
+    stats::{self, Counters},
+    tc::{self, Direction},
+};
+
+/// Where the BR's programs go.
+pub struct BrDevices<'a> {
+    pub v6_dev: &'a str,
+    pub v4_dev: &'a str,
+}
+
+pub struct BrDataplane {
+    ebpf: Mutex<Ebpf>,
+}
+
+impl BrDataplane {
+    /// Loads (re-adopting pins in `pin_dir`), writes exactly `rules` and `config`, attaches.
+    pub fn start(
+        pin_dir: &Path,
+        rules: &[(Ipv4Net, MapRule)],
+        config: &TunnelConfig,
+        devices: BrDevices<'_>,
+    ) -> Result<BrDataplane> {
+        let mut ebpf = super::load(pin_dir)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        let mut table = BrRules::take(&mut ebpf)?;
+        let entries: Vec<_> = rules
+            .iter()
+            .map(|(net, rule)| (v4_key(net.network()), net.prefix_len(), *rule))
+            .collect();
+        table.replace_all(&entries)?;
+        maps.set_config(config)?;
+        for (program, dev) in [
+            (PROG_BR_DECAP, devices.v6_dev),
+            (PROG_BR_ENCAP, devices.v4_dev),
+        ] {
+            tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, pin_dir)?;
+        }
+        Ok(BrDataplane {
+            ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    /// The programs' counters.
+    pub fn counters(&self) -> Result<Counters> {
+        stats::read(&self.ebpf.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
