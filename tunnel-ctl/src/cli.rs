@@ -682,7 +682,7 @@ pub enum ForwardCommand {
     /// Remove the forward on EXTPORT (both protocols unless /tcp or /udp is given).
     Del {
         #[arg(value_name = "EXTPORT[/PROTO]")]
-        port: String,
+        port: crate::mape::ForwardPort,
         #[command(flatten)]
         instance: InstanceArg,
     },

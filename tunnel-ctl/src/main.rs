@@ -68,22 +68,10 @@ fn main() -> ExitCode {
                 .map(|v| report::print(&v, q.json)),
             Command::Nat(q) => mgmt::request(&q.instance.instance, &Request::Nat)
                 .map(|v| report::print(&v, q.json)),
-            Command::Forward(ForwardCommand::Add { spec, instance }) => mgmt::request(
-                &instance.instance,
-                &Request::ForwardAdd {
-                    spec: format!(
-                        "{}={}/{}",
-                        spec.ext_port,
-                        spec.lan,
-                        spec.protos
-                            .iter()
-                            .map(|p| tunnel_ctl::mape::table::proto_name(*p))
-                            .collect::<Vec<_>>()
-                            .join("+")
-                    ),
-                },
-            )
-            .map(|v| report::print(&v, false)),
+            Command::Forward(ForwardCommand::Add { spec, instance }) => {
+                mgmt::request(&instance.instance, &Request::ForwardAdd { forward: spec })
+                    .map(|v| report::print(&v, false))
+            }
             Command::Forward(ForwardCommand::Del { port, instance }) => {
                 mgmt::request(&instance.instance, &Request::ForwardDel { port })
                     .map(|v| report::print(&v, false))

@@ -20,7 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::mgmt::{Handler, Request, Response};
+use crate::mgmt::{Handler, Reply, Request, Response};
 
 /// Longest request head a scrape may send.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -106,18 +106,18 @@ pub fn render(handler: &dyn Handler) -> String {
         "tunnel-ctl version",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
-    if let Response::Ok(stats) = handler.handle(Request::Stats) {
-        for (name, value) in stats.as_object().into_iter().flatten() {
-            if let Some(v) = value.as_u64() {
-                registry.register(
-                    format!("tunnel_{}", metric_name(name)),
-                    format!("the {name} counter of tunnel-ctl stats"),
-                    ConstCounter::new(v),
-                );
-            }
+    if let Response::Ok(Reply::Counters(stats)) = handler.handle(Request::Stats) {
+        for (name, v) in stats {
+            registry.register(
+                format!("tunnel_{}", metric_name(&name)),
+                format!("the {name} counter of tunnel-ctl stats"),
+                ConstCounter::new(v),
+            );
         }
     }
-    if let Response::Ok(status) = handler.handle(Request::Status) {
+    if let Response::Ok(status @ Reply::Status(_)) = handler.handle(Request::Status) {
+        // The integers of the status object (sessions, leases, mappings ...) as gauges.
+        let status = serde_json::to_value(&status).unwrap_or_default();
         for (name, value) in status.as_object().into_iter().flatten() {
             // Identity and clocks are not state; counters are reported above.
             if matches!(
@@ -153,18 +153,36 @@ fn metric_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mgmt::api;
 
     struct Fixed;
 
     impl Handler for Fixed {
         fn handle(&self, request: Request) -> Response {
             match request {
-                Request::Stats => Response::Ok(serde_json::json!({
-                    "leases_granted": 3, "fastpath_decap_packets": 12
-                })),
-                Request::Status => Response::Ok(serde_json::json!({
-                    "role": "server", "sessions": 2, "pid": 7, "uptime_s": 9
-                })),
+                Request::Stats => Response::Ok(Reply::Counters(
+                    [("leases_granted", 3), ("fastpath_decap_packets", 12)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                )),
+                Request::Status => api::Status::Server(api::ServerStatus {
+                    process: api::Process {
+                        instance: "hub".into(),
+                        pid: 7,
+                        uptime_s: 9,
+                    },
+                    listen: "[::]:5678".parse().unwrap(),
+                    tun: "tun4o6".into(),
+                    pool: "198.51.100.2-198.51.100.9".into(),
+                    pool_size: 8,
+                    leases: 1,
+                    sessions: 2,
+                    native: None,
+                    ipv6: None,
+                    state_file: "/tmp/x".into(),
+                })
+                .into(),
                 _ => Response::Error("no".into()),
             }
         }

@@ -6,7 +6,6 @@ use std::{
 
 use anyhow::Result;
 use aya::Ebpf;
-use serde_json::json;
 use tracing::info;
 use tunnel_common::names::{PROG_MONITOR_EGRESS, PROG_MONITOR_INGRESS};
 
@@ -14,7 +13,7 @@ use crate::{
     cli::{DirectionArg, MonitorArgs},
     dataplane::{self, bpffs, tc::Direction},
     instance::Instance,
-    mgmt::{self, Handler, Request, Response},
+    mgmt::{self, Handler, Request, Response, Status, api},
 };
 
 struct Monitor {
@@ -28,21 +27,16 @@ struct Monitor {
 impl Handler for Monitor {
     fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Status => Response::Ok(json!({
-                "role": "monitor",
-                "instance": self.instance.name(),
-                "pid": std::process::id(),
-                "uptime_s": self.started.elapsed().as_secs(),
-                "interfaces": self.devs,
-                "directions": self.directions.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
-                "pin_dir": self.instance.pin_dir(),
-            })),
+            Request::Status => Status::Monitor(api::MonitorStatus {
+                process: api::Process::now(&self.instance, self.started),
+                interfaces: self.devs.clone(),
+                directions: self.directions.iter().map(|d| d.as_str()).collect(),
+                pin_dir: self.instance.pin_dir(),
+            })
+            .into(),
             Request::Stats => {
                 let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-                match dataplane::stats::read(&ebpf) {
-                    Ok(counters) => Response::Ok(json!(counters)),
-                    Err(e) => Response::Error(format!("{e:#}")),
-                }
+                mgmt::counters_response(Default::default(), Some(dataplane::stats::read(&ebpf)))
             }
             other => mgmt::not_supported("monitor", &other),
         }

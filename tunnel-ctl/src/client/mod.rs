@@ -25,7 +25,6 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use ipnet::{Ipv4Net, Ipv6Net};
-use serde_json::json;
 use tokio::{
     net::TcpStream,
     sync::{mpsc, watch},
@@ -37,13 +36,13 @@ use tun::AsyncDevice;
 pub mod machine;
 pub mod ra;
 
-use machine::{Action, Uplink};
 use crate::dataplane::client::{Applied, NativePath};
+use machine::{Action, Uplink};
 
 use crate::{
     cli::{ClientArgs, ClientMode},
     counters,
-    mgmt::{self, Handler, Request, Response},
+    mgmt::{self, Handler, Request, Response, api},
     netlink::Netlink,
     protocol::{
         Frame, FrameCodec, MsgType, frame,
@@ -131,38 +130,42 @@ impl Handler for Client {
         match request {
             Request::Status => {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                Response::Ok(json!({
-                    "role": "client",
-                    "instance": self.args.instance.instance.name(),
-                    "pid": std::process::id(),
-                    "uptime_s": self.started.elapsed().as_secs(),
-                    "server": self.args.server.to_string(),
-                    "state": if st.connected { "connected" } else { "connecting" },
-                    "ipv4": st.lease.as_ref().map(|l| l.addr.to_string()),
-                    "dns": st.lease.as_ref().map(|l| l.dns.map(|d| d.to_string())),
-                    "since": st.since.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                    "mode": match self.args.mode {
+                api::Status::Client(api::ClientStatus {
+                    process: api::Process::now(&self.args.instance.instance, self.started),
+                    server: self.args.server,
+                    state: if st.connected {
+                        "connected"
+                    } else {
+                        "connecting"
+                    },
+                    ipv4: st.lease.as_ref().map(|l| l.addr),
+                    dns: st.lease.as_ref().map(|l| l.dns),
+                    since: st
+                        .since
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    mode: match self.args.mode {
                         ClientMode::Inband => "inband",
                         ClientMode::Native => "native",
                     },
-                    "tun": self.tun.as_ref().map(|_| &self.args.tun),
-                    "ipv6": st.lease6.as_ref().map(|l| json!({
-                        "addr": format!("{}/{}", l.addr, l.len),
-                        "delegated": l.delegated.map(|d| d.to_string()),
-                        "dns6": l.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-                        "lan": self.lan.as_ref().map(|l| &l.dev),
-                    })),
-                    "native": self.native.as_ref().map(|n| json!({
-                        "v6_dev": n.v6_dev,
-                        "configured": n.applied().map(|a| json!({
-                            "ipv4": a.lease.to_string(),
-                            "local": a.local.to_string(),
-                            "server_tunnel": a.grant.tunnel.to_string(),
-                            "inner_mtu": a.grant.mtu,
-                        })),
-                    })),
-                    "last_error": st.last_error,
-                }))
+                    tun: self.tun.as_ref().map(|_| self.args.tun.clone()),
+                    ipv6: st.lease6.as_ref().map(|l| api::ClientIpv6Status {
+                        addr: format!("{}/{}", l.addr, l.len),
+                        delegated: l.delegated,
+                        dns6: l.dns.clone(),
+                        lan: self.lan.as_ref().map(|l| l.dev.clone()),
+                    }),
+                    native: self.native.as_ref().map(|n| api::ClientNativeStatus {
+                        v6_dev: n.v6_dev.clone(),
+                        configured: n.applied().map(|a| api::ClientNativeConfigured {
+                            ipv4: a.lease,
+                            local: a.local,
+                            server_tunnel: a.grant.tunnel,
+                            inner_mtu: a.grant.mtu,
+                        }),
+                    }),
+                    last_error: st.last_error.clone(),
+                })
+                .into()
             }
             Request::Stats => mgmt::counters_response(
                 self.stats.snapshot(),

@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::json;
 use tracing::info;
 use tun::AsyncDevice;
 use tunnel_common::fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig};
@@ -22,11 +21,11 @@ use crate::{
     cli::MapeBrArgs,
     counters,
     dataplane::{
-        br::{BrDataplane, BrDevices},
         bpffs::PinGuard,
+        br::{BrDataplane, BrDevices},
     },
     instance::Instance,
-    mgmt::{self, Handler, Request, Response},
+    mgmt::{self, Handler, Request, Response, Status, api},
     netlink::Netlink,
     packet,
     softwire::{Sent, Softwire},
@@ -63,22 +62,24 @@ struct Br {
 impl Handler for Br {
     fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Status => Response::Ok(json!({
-                "role": "mape-br",
-                "instance": self.instance.name(),
-                "pid": std::process::id(),
-                "uptime_s": self.started.elapsed().as_secs(),
-                "br_addr": self.br_addr.to_string(),
-                "v6_dev": self.v6_dev,
-                "v4_dev": self.v4_dev,
-                "inner_mtu": self.inner_mtu,
-                "rules": self.rules.iter().map(|r| json!({
-                    "ipv6": r.ipv6.to_string(),
-                    "ipv4": r.ipv4.to_string(),
-                    "ea_len": r.ea_len,
-                    "psid_offset": r.psid_offset,
-                })).collect::<Vec<_>>(),
-            })),
+            Request::Status => Status::Br(api::BrStatus {
+                process: api::Process::now(&self.instance, self.started),
+                br_addr: self.br_addr,
+                v6_dev: self.v6_dev.clone(),
+                v4_dev: self.v4_dev.clone(),
+                inner_mtu: self.inner_mtu,
+                rules: self
+                    .rules
+                    .iter()
+                    .map(|r| api::BrRuleRow {
+                        ipv6: r.ipv6.to_string(),
+                        ipv4: r.ipv4.to_string(),
+                        ea_len: r.ea_len,
+                        psid_offset: r.psid_offset,
+                    })
+                    .collect(),
+            })
+            .into(),
             Request::Stats => {
                 mgmt::counters_response(self.stats.snapshot(), Some(self.dataplane.counters()))
             }

@@ -13,7 +13,6 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use ipnet::Ipv4Net;
-use serde_json::json;
 use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 use tunnel_common::{
@@ -22,7 +21,7 @@ use tunnel_common::{
 };
 
 use super::{
-    ForwardSpec, calc, parse_protos,
+    calc,
     rule::Mapping,
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
     translate::{self, Outbound},
@@ -36,7 +35,7 @@ use crate::{
         fastpath::v4_key,
     },
     instance::Instance,
-    mgmt::{self, Handler, Request, Response},
+    mgmt::{self, Handler, Reply, Request, Response, Status, api},
     netlink::Netlink,
     packet,
     softwire::{Sent, Softwire},
@@ -107,35 +106,30 @@ impl Ce {
         }
     }
 
-    fn nat_list(&self) -> serde_json::Value {
+    fn nat_list(&self) -> Vec<api::NatRow> {
         let now = mono_ns();
-        let mut rows: Vec<(u8, u16, serde_json::Value)> = self
+        let mut rows: Vec<api::NatRow> = self
             .dataplane
             .mappings()
             .into_iter()
             .map(|(e, a)| {
                 let last = a.last_seen_ns.max(e.created_ns);
-                let idle_ms = if e.kind == Kind::Forward {
-                    0
-                } else {
-                    now.saturating_sub(last) / 1_000_000
-                };
-                (
-                    e.proto(),
-                    e.ext_port,
-                    json!({
-                        "proto": proto_name(e.proto()),
-                        "lan": e.lan().to_string(),
-                        "external_port": e.ext_port,
-                        "remote": e.remote().map_or("*".to_owned(), |r| r.to_string()),
-                        "kind": e.kind,
-                        "idle_ms": idle_ms,
-                    }),
-                )
+                api::NatRow {
+                    proto: proto_name(e.proto()),
+                    lan: e.lan().to_string(),
+                    external_port: e.ext_port,
+                    remote: e.remote().map_or("*".to_owned(), |r| r.to_string()),
+                    kind: e.kind,
+                    idle_ms: if e.kind == Kind::Forward {
+                        0
+                    } else {
+                        now.saturating_sub(last) / 1_000_000
+                    },
+                }
             })
             .collect();
-        rows.sort_by_key(|(p, port, _)| (*p, *port));
-        json!(rows.into_iter().map(|(_, _, v)| v).collect::<Vec<_>>())
+        rows.sort_by_key(|r| (r.proto, r.external_port));
+        rows
     }
 }
 
@@ -155,73 +149,56 @@ impl Handler for Ce {
             Request::Status => {
                 let (mappings, (out, inb)) = self.dataplane.counts();
                 let m = &self.mapping;
-                Response::Ok(json!({
-                    "role": "mape-ce",
-                    "instance": self.instance.name(),
-                    "pid": std::process::id(),
-                    "uptime_s": self.started.elapsed().as_secs(),
-                    "wan": self.wan,
-                    "lan": self.lan,
-                    "tun": self.tun_name,
-                    "ipv4": m.ipv4.to_string(),
-                    "psid": m.psid,
-                    "psid_len": m.psid_len,
-                    "psid_offset": m.psid_offset,
-                    "port_count": m.port_count,
-                    "ce_ipv6": m.ce_ipv6.to_string(),
-                    "br": self.br.to_string(),
-                    "inner_mtu": self.inner_mtu,
-                    "mappings": mappings,
-                    "map_entries_out": out,
-                    "map_entries_in": inb,
-                }))
+                Status::Ce(api::CeStatus {
+                    process: api::Process::now(&self.instance, self.started),
+                    wan: self.wan.clone(),
+                    lan: self.lan.clone(),
+                    tun: self.tun_name.clone(),
+                    ipv4: m.ipv4,
+                    psid: m.psid,
+                    psid_len: m.psid_len,
+                    psid_offset: m.psid_offset,
+                    port_count: m.port_count,
+                    ce_ipv6: m.ce_ipv6,
+                    br: self.br,
+                    inner_mtu: self.inner_mtu,
+                    mappings,
+                    map_entries_out: out,
+                    map_entries_in: inb,
+                })
+                .into()
             }
             Request::Stats => {
                 mgmt::counters_response(self.stats.snapshot(), Some(self.dataplane.counters()))
             }
-            Request::Nat => Response::Ok(self.nat_list()),
+            Request::Nat => Response::Ok(Reply::Nat(self.nat_list())),
             Request::ForwardList => {
-                let mut rows: Vec<_> = self
+                let mut rows: Vec<api::ForwardRow> = self
                     .dataplane
                     .forwards()
                     .into_iter()
-                    .map(|(port, proto, lan)| {
-                        json!({
-                            "external_port": port,
-                            "proto": proto_name(proto),
-                            "lan": lan.to_string(),
-                        })
+                    .map(|(port, proto, lan)| api::ForwardRow {
+                        external_port: port,
+                        proto: proto_name(proto),
+                        lan: lan.to_string(),
                     })
                     .collect();
-                rows.sort_by_key(|v| (v["external_port"].as_u64(), v["proto"].to_string()));
-                Response::Ok(json!(rows))
+                rows.sort_by_key(|r| (r.external_port, r.proto));
+                Response::Ok(Reply::Forwards(rows))
             }
-            Request::ForwardAdd { spec } => match spec
-                .parse::<ForwardSpec>()
-                .map_err(|e| anyhow!(e))
-                .and_then(|s| self.dataplane.add_forward(&s))
-            {
+            Request::ForwardAdd { forward } => match self.dataplane.add_forward(&forward) {
                 Ok(added) => {
                     for e in &added {
                         info!("forward added: {}", describe(e));
                     }
-                    Response::Ok(json!(added.iter().map(describe).collect::<Vec<_>>()))
+                    Response::Ok(Reply::Changed(added.iter().map(describe).collect()))
                 }
                 Err(e) => Response::Error(format!("{e:#}")),
             },
             Request::ForwardDel { port } => {
-                let (num, protos) = match port.split_once('/') {
-                    Some((n, p)) => (n, parse_protos(p)),
-                    None => (port.as_str(), Some(vec![TCP, UDP])),
-                };
-                let (Ok(num), Some(protos)) = (num.trim().parse::<u16>(), protos) else {
-                    return Response::Error(format!(
-                        "bad forward {port:?}: write EXTPORT or EXTPORT/tcp or EXTPORT/udp"
-                    ));
-                };
                 let mut removed = Vec::new();
-                for proto in protos {
-                    if let Some(e) = self.dataplane.remove_forward(num, proto) {
+                for &proto in &port.protos {
+                    if let Some(e) = self.dataplane.remove_forward(port.ext_port, proto) {
                         info!("forward removed: {}", describe(&e));
                         removed.push(describe(&e));
                     }
@@ -229,7 +206,7 @@ impl Handler for Ce {
                 if removed.is_empty() {
                     Response::Error(format!("no forward on external port {port}"))
                 } else {
-                    Response::Ok(json!(removed))
+                    Response::Ok(Reply::Changed(removed))
                 }
             }
             other => mgmt::not_supported("MAP-E CE", &other),

@@ -71,7 +71,7 @@ pub fn calc(args: &RuleQuery) -> Result<Mapping> {
 }
 
 /// A static port forward as written on the command line: `EXTPORT=IPV4:PORT[/tcp|/udp]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ForwardSpec {
     pub ext_port: u16,
     pub lan: SocketAddrV4,
@@ -106,6 +106,39 @@ impl std::str::FromStr for ForwardSpec {
                 .map_err(|e| format!("LAN endpoint {lan:?}: {e}; {FORM}"))?,
             protos,
         })
+    }
+}
+
+/// The forward(s) on one external port: `EXTPORT[/tcp|/udp]` (both protocols without a
+/// suffix), as `forward del` takes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForwardPort {
+    pub ext_port: u16,
+    pub protos: Vec<u8>,
+}
+
+impl std::str::FromStr for ForwardPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<ForwardPort, String> {
+        let bad = || format!("bad forward {s:?}: write EXTPORT or EXTPORT/tcp or EXTPORT/udp");
+        let (num, protos) = match s.split_once('/') {
+            Some((n, p)) => (n, parse_protos(p).ok_or_else(bad)?),
+            None => (s, vec![TCP, UDP]),
+        };
+        Ok(ForwardPort {
+            ext_port: num.trim().parse().map_err(|_| bad())?,
+            protos,
+        })
+    }
+}
+
+impl std::fmt::Display for ForwardPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.protos.as_slice() {
+            [p] => write!(f, "{}/{}", self.ext_port, table::proto_name(*p)),
+            _ => write!(f, "{}", self.ext_port),
+        }
     }
 }
 

@@ -17,7 +17,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::Notify,
@@ -30,7 +29,7 @@ use crate::{
     cli::ServerArgs,
     counters, dns,
     instance::Instance,
-    mgmt::{self, Handler, Request, Response},
+    mgmt::{self, Handler, Reply, Request, Response, Status, api},
     netlink::Netlink,
     packet,
     pool::Pool,
@@ -280,41 +279,37 @@ impl Handler for Server {
             Request::Status => {
                 let state = self.lock();
                 let native = self.native.as_ref().map(|n| {
-                    let (v4, v6) = n.binding_counts();
-                    json!({
-                        "tunnel_addr": n.tunnel_addr.to_string(),
-                        "v6_dev": n.v6_dev,
-                        "v4_dev": n.v4_dev,
-                        "inner_mtu": n.inner_mtu,
-                        "bindings_v4": v4,
-                        "bindings_v6": v6,
-                    })
+                    let (bindings_v4, bindings_v6) = n.binding_counts();
+                    api::NativeStatus {
+                        tunnel_addr: n.tunnel_addr,
+                        v6_dev: n.v6_dev.clone(),
+                        v4_dev: n.v4_dev.clone(),
+                        inner_mtu: n.inner_mtu,
+                        bindings_v4,
+                        bindings_v6,
+                    }
                 });
-                let ipv6 = self.ipv6.as_ref().map(|v6| {
-                    json!({
-                        "pool6": state.pool6.as_ref().map(|p| p.to_string()),
-                        "delegate": state.delegate.as_ref().map(|p| p.to_string()),
-                        "leases6": state.leases6_count(),
-                        "dns6": v6.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-                        "proxy_ndp": v6.proxy.as_ref().map(|p| p.dev.clone()),
-                        "allow_in": v6.allow_in.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                    })
+                let ipv6 = self.ipv6.as_ref().map(|v6| api::ServerIpv6Status {
+                    pool6: state.pool6.as_ref().map(|p| p.to_string()),
+                    delegate: state.delegate.as_ref().map(|p| p.to_string()),
+                    leases6: state.leases6_count(),
+                    dns6: v6.dns.clone(),
+                    proxy_ndp: v6.proxy.as_ref().map(|p| p.dev.clone()),
+                    allow_in: v6.allow_in.iter().map(|a| a.to_string()).collect(),
                 });
-                Response::Ok(json!({
-                    "role": "server",
-                    "instance": self.instance.name(),
-                    "pid": std::process::id(),
-                    "uptime_s": self.started.elapsed().as_secs(),
-                    "listen": self.listen.to_string(),
-                    "tun": self.tun_name,
-                    "pool": state.pool.describe(),
-                    "pool_size": state.pool.capacity(),
-                    "leases": state.pool.in_use(),
-                    "sessions": state.sessions,
-                    "native": native,
-                    "ipv6": ipv6,
-                    "state_file": self.state_path,
-                }))
+                Status::Server(api::ServerStatus {
+                    process: api::Process::now(&self.instance, self.started),
+                    listen: self.listen,
+                    tun: self.tun_name.clone(),
+                    pool: state.pool.describe(),
+                    pool_size: state.pool.capacity(),
+                    leases: state.pool.in_use(),
+                    sessions: state.sessions,
+                    native,
+                    ipv6,
+                    state_file: self.state_path.clone(),
+                })
+                .into()
             }
             Request::Stats => mgmt::counters_response(
                 self.stats.snapshot(),
@@ -322,7 +317,7 @@ impl Handler for Server {
             ),
             Request::Leases => {
                 let state = self.lock();
-                Response::Ok(json!(state.lease_list()))
+                Response::Ok(Reply::Leases(state.lease_list()))
             }
             other => mgmt::not_supported("server", &other),
         }

@@ -12,7 +12,7 @@ use std::{
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{pool::Pool, pool6::Pool6};
+use crate::{mgmt::api::LeaseRow, pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,22 +54,6 @@ pub struct Lease {
     pub tunnel: Option<Ipv6Addr>,
     /// Restored leases are released if their client is not back by then.
     pub restored_until: Option<Instant>,
-}
-
-/// One row of `tunnel-ctl leases --json`.
-#[derive(Debug, Serialize)]
-pub struct LeaseRow {
-    pub ipv4: Ipv4Addr,
-    pub client: String,
-    pub mode: Mode,
-    pub since: String,
-    /// The session holding it; null while a restored lease waits for its client.
-    pub session: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tunnel: Option<Ipv6Addr>,
-    /// The session's IPv6 address and delegated prefix (107/108).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub ipv6: Vec<Ipv6Net>,
 }
 
 /// A lease that ended: what must be undone in the fast path.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
@@ -20,44 +20,14 @@ use tracing::{debug, warn};
 
 use crate::instance::{Instance, RUN_DIR};
 
+pub mod api;
+
+pub use api::{Reply, Request, Response, Status};
+
 /// Longest request line a daemon accepts.
 const MAX_REQUEST: usize = 64 * 1024;
 /// How long a management command waits for a daemon's answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    /// What the daemon is and does.
-    Status,
-    /// Counter name → value.
-    Stats,
-    /// The lease table (servers).
-    Leases,
-    /// The NAPT mappings (MAP-E CE).
-    Nat,
-    /// Add a static port forward `EXTPORT=IPV4:PORT[/PROTO]` (MAP-E CE).
-    ForwardAdd { spec: String },
-    /// Remove the forward on `EXTPORT[/PROTO]` (MAP-E CE).
-    ForwardDel { port: String },
-    /// The static port forwards (MAP-E CE).
-    ForwardList,
-}
-
-impl Request {
-    /// What the request asks about, for "this daemon has no …" answers.
-    fn subject(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::Stats => "counters",
-            Request::Leases => "lease table (leases are a server's)",
-            Request::Nat => "NAT table (that is a MAP-E CE's)",
-            Request::ForwardAdd { .. } | Request::ForwardDel { .. } | Request::ForwardList => {
-                "port forwards (those are a MAP-E CE's)"
-            }
-        }
-    }
-}
 
 /// The answer of a daemon of kind `role` to a request it has nothing for.
 pub fn not_supported(role: &str, request: &Request) -> Response {
@@ -67,9 +37,10 @@ pub fn not_supported(role: &str, request: &Request) -> Response {
     ))
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A [`Response`] as the command-line side reads it: the reply stays JSON, for printing.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Response {
+enum WireResponse {
     Ok(serde_json::Value),
     Error(String),
 }
@@ -217,9 +188,9 @@ pub fn request(instance: &Instance, request: &Request) -> Result<serde_json::Val
     if answer.is_empty() {
         bail!("the daemon closed {} without answering", path.display());
     }
-    match serde_json::from_str::<Response>(&answer).context("daemon sent a malformed answer")? {
-        Response::Ok(value) => Ok(value),
-        Response::Error(message) => Err(anyhow!("daemon: {message}")),
+    match serde_json::from_str::<WireResponse>(&answer).context("daemon sent a malformed answer")? {
+        WireResponse::Ok(value) => Ok(value),
+        WireResponse::Error(message) => Err(anyhow!("daemon: {message}")),
     }
 }
 
@@ -229,40 +200,29 @@ pub fn counters_response(
     controller: std::collections::BTreeMap<&'static str, u64>,
     ebpf: Option<Result<crate::dataplane::stats::Counters>>,
 ) -> Response {
-    let mut all: std::collections::BTreeMap<&'static str, u64> = controller;
+    let mut all: std::collections::BTreeMap<String, u64> = controller
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     match ebpf {
-        Some(Ok(c)) => all.extend(c),
+        Some(Ok(c)) => all.extend(c.into_iter().map(|(k, v)| (k.to_owned(), v))),
         Some(Err(e)) => return Response::Error(format!("{e:#}")),
         None => {}
     }
-    Response::Ok(serde_json::json!(all))
+    Response::Ok(Reply::Counters(all))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The module header's wire format, written out by hand.
+    /// The module header's wire format, as the command-line side reads it.
     #[test]
-    fn wire_shapes() {
-        assert_eq!(
-            serde_json::to_string(&Request::Stats).unwrap(),
-            r#"{"cmd":"stats"}"#
-        );
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"cmd":"forward_del","port":"8080/tcp"}"#).unwrap(),
-            Request::ForwardDel {
-                port: "8080/tcp".into()
-            }
-        );
-        assert_eq!(
-            serde_json::to_string(&Response::Error("x".into())).unwrap(),
-            r#"{"error":"x"}"#
-        );
-        assert_eq!(
-            serde_json::from_str::<Response>(r#"{"ok":{"a":1}}"#).unwrap(),
-            Response::Ok(serde_json::json!({"a": 1}))
-        );
+    fn answers_parse_as_ok_or_error() {
+        let ok = serde_json::from_str::<WireResponse>(r#"{"ok":{"a":1}}"#).unwrap();
+        assert!(matches!(ok, WireResponse::Ok(v) if v == serde_json::json!({"a": 1})));
+        let err = serde_json::from_str::<WireResponse>(r#"{"error":"x"}"#).unwrap();
+        assert!(matches!(err, WireResponse::Error(e) if e == "x"));
     }
 
     /// SPEC §10: `stats --json` is an object of counter name → integer, the controller's and
@@ -275,31 +235,5 @@ mod tests {
         assert_eq!(line, r#"{"ok":{"decap":7,"leases":2,"sessions":3}}"#);
         let failed = counters_response(Default::default(), Some(Err(anyhow!("map gone"))));
         assert_eq!(failed, Response::Error("map gone".into()));
-    }
-
-    /// SPEC §10: `leases --json` objects carry `ipv4`, `client` (the peer's IPv6 address),
-    /// `mode` (`inband` or `native`) and `since` (RFC 3339).
-    #[test]
-    fn lease_rows_have_the_spec_keys() {
-        use crate::server::state::{LeaseRow, Mode};
-        let row = LeaseRow {
-            ipv4: "198.51.100.2".parse().unwrap(),
-            client: "2001:db8:1::2".into(),
-            mode: Mode::Native,
-            since: "2026-11-23T10:00:00Z".into(),
-            session: Some(4),
-            tunnel: Some("2001:db8:1::2".parse().unwrap()),
-            ipv6: vec![],
-        };
-        let v = serde_json::to_value(&row).unwrap();
-        assert_eq!(v["ipv4"], "198.51.100.2");
-        assert_eq!(v["client"], "2001:db8:1::2");
-        assert_eq!(v["mode"], "native");
-        assert_eq!(v["since"], "2026-11-23T10:00:00Z");
-        let inband = LeaseRow {
-            mode: Mode::Inband,
-            ..row
-        };
-        assert_eq!(serde_json::to_value(&inband).unwrap()["mode"], "inband");
     }
 }
