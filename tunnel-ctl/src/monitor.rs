@@ -45,7 +45,7 @@ impl Handler for Monitor {
 
 pub async fn run(args: MonitorArgs) -> Result<()> {
     let instance = args.instance.instance;
-    mgmt::ensure_not_running(&instance)?;
+    crate::daemon::claim(&instance)?;
     let pin_dir = instance.pin_dir();
     let directions = match args.direction {
         DirectionArg::Ingress => vec![Direction::Ingress],
@@ -65,7 +65,14 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
             dataplane::tc::attach_pinned(&mut ebpf, program, dev, direction, &pin_dir)?;
         }
     }
-    let listener = mgmt::bind(&instance)?;
+    let monitor = Arc::new(Monitor {
+        instance: instance.clone(),
+        ebpf: Mutex::new(ebpf),
+        devs: args.devs.clone(),
+        directions: directions.clone(),
+        started: Instant::now(),
+    });
+    let daemon = crate::daemon::Daemon::start(&instance, monitor, metrics).await?;
     info!(
         instance = instance.name(),
         "counting packets on {} ({}); socket {}, pins {}",
@@ -75,21 +82,11 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
             .map(|d| d.as_str())
             .collect::<Vec<_>>()
             .join("+"),
-        listener.path().display(),
+        daemon.socket().display(),
         pin_dir.display()
     );
-
-    let monitor = Arc::new(Monitor {
-        instance,
-        ebpf: Mutex::new(ebpf),
-        devs: args.devs,
-        directions,
-        started: Instant::now(),
-    });
-    crate::metrics::spawn(metrics, monitor.clone()).await?;
-    tokio::select! {
-        () = listener.serve(monitor.clone()) => {}
-        signal = crate::shutdown_signal() => info!("{signal}: detaching and removing pins"),
-    }
+    daemon
+        .run(std::future::pending(), "detaching and removing pins")
+        .await;
     Ok(())
 }

@@ -6,15 +6,6 @@ use etherparse::{
     icmpv4::DestUnreachableHeader,
 };
 
-/// Why a packet from a client was not forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadPacket {
-    /// Not a parsable IPv4/IPv6 packet, or its length field disagrees with the data.
-    Malformed,
-    /// An IPv6 packet where only IPv4 is leased.
-    NotIpv4,
-}
-
 /// Splits a 102 payload into the IP packets it holds back to back (one client batches TUN
 /// reads). Stops at the first packet whose length field does not fit; the rest is returned as
 /// malformed.
@@ -33,18 +24,6 @@ pub fn split_packets(mut data: &[u8]) -> (Vec<&[u8]>, bool) {
         data = &data[len..];
     }
     (out, false)
-}
-
-/// Source and destination of an IPv4 packet.
-pub fn ipv4_addrs(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr), BadPacket> {
-    match packet.first().map(|b| b >> 4) {
-        Some(4) => {
-            let h = Ipv4HeaderSlice::from_slice(packet).map_err(|_| BadPacket::Malformed)?;
-            Ok((h.source_addr(), h.destination_addr()))
-        }
-        Some(6) => Err(BadPacket::NotIpv4),
-        _ => Err(BadPacket::Malformed),
-    }
 }
 
 /// Source and destination of an IPv4 or IPv6 packet (one header parse).
@@ -203,7 +182,7 @@ mod tests {
     fn reads_addresses() {
         let p = udp4([198, 51, 100, 2], 1);
         assert_eq!(
-            ipv4_addrs(&p).unwrap(),
+            addrs(&p).unwrap(),
             (
                 "198.51.100.2".parse().unwrap(),
                 "192.0.2.2".parse().unwrap()

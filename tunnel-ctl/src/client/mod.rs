@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::{
     net::TcpStream,
@@ -33,8 +33,8 @@ use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 use tun::AsyncDevice;
 
-pub mod machine;
-pub mod ra;
+pub(crate) mod machine;
+pub(crate) mod ra;
 
 use crate::dataplane::client::{Applied, NativePath};
 use machine::{Action, Uplink};
@@ -185,7 +185,7 @@ pub async fn run(args: ClientArgs) -> Result<()> {
              (native mode's fast path is IPv4-in-IPv6 only)",
         ));
     }
-    mgmt::ensure_not_running(&instance)?;
+    crate::daemon::claim(&instance)?;
     let nl = Netlink::connect()?;
     let lan = match &args.lan {
         Some(dev) => Some(start_lan(&nl, dev).await?),
@@ -220,8 +220,8 @@ pub async fn run(args: ClientArgs) -> Result<()> {
         started: Instant::now(),
     });
     let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
-    crate::metrics::spawn(client.args.metrics, client.clone()).await?;
-    let mgmt = mgmt::bind(&instance)?;
+    let daemon =
+        crate::daemon::Daemon::start(&instance, client.clone(), client.args.metrics).await?;
     info!(
         "4over6 client for {} ({}, keepalive {:?}, timeout {:?})",
         client.args.server,
@@ -233,12 +233,13 @@ pub async fn run(args: ClientArgs) -> Result<()> {
         client.args.timers.timeout
     );
     let configured = Mutex::new(Configured::default());
-    tokio::select! {
-        () = tun_reader(client.clone(), tx) => {}
-        () = connection_loop(client.clone(), &nl, index, rx, &configured) => {}
-        () = mgmt.serve(client.clone()) => {}
-        signal = crate::shutdown_signal() => info!("{signal}: disconnecting"),
-    }
+    let work = async {
+        tokio::select! {
+            () = tun_reader(client.clone(), tx) => {}
+            () = connection_loop(client.clone(), &nl, index, rx, &configured) => {}
+        }
+    };
+    daemon.run(work, "disconnecting").await;
     if let Some(native) = &client.native {
         native.teardown(&nl).await;
     }
@@ -482,16 +483,10 @@ async fn write(
     timeout: Duration,
     frames: impl IntoIterator<Item = Frame>,
 ) -> Result<(), Option<String>> {
-    let write = async {
-        for f in frames {
-            framed.feed(f).await?;
-        }
-        framed.flush().await
-    };
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Some(e.to_string())),
-        Err(_) => Err(None),
+    match frame::write_frames(framed, timeout, frames).await {
+        Ok(_) => Ok(()),
+        Err(frame::WriteFailed::Error(e)) => Err(Some(e.to_string())),
+        Err(frame::WriteFailed::Stalled) => Err(None),
     }
 }
 

@@ -90,7 +90,7 @@ impl Handler for Br {
 
 pub async fn run(args: MapeBrArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
-    mgmt::ensure_not_running(&instance)?;
+    crate::daemon::claim(&instance)?;
     let rules: Vec<Rule> = args
         .rule
         .iter()
@@ -157,19 +157,14 @@ pub async fn run(args: MapeBrArgs) -> Result<()> {
         v6_dev: args.v6_dev.clone(),
         v4_dev: args.v4_dev.clone(),
     });
-    crate::metrics::spawn(args.metrics, br.clone()).await?;
-    let mgmt = mgmt::bind(&instance)?;
+    let daemon = crate::daemon::Daemon::start(&instance, br.clone(), args.metrics).await?;
     for r in &br.rules {
         info!(
             "MAP-E BR {}: rule {} ↔ {} (EA {}, PSID offset {})",
             args.br_addr, r.ipv6, r.ipv4, r.ea_len, r.psid_offset
         );
     }
-    tokio::select! {
-        () = tun_reader(br.clone()) => {}
-        () = mgmt.serve(br.clone()) => {}
-        signal = crate::shutdown_signal() => info!("{signal}: stopping"),
-    }
+    daemon.run(tun_reader(br.clone()), "stopping").await;
     Ok(())
 }
 

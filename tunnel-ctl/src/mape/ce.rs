@@ -216,7 +216,7 @@ impl Handler for Ce {
 
 pub async fn run(args: MapeCeArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
-    mgmt::ensure_not_running(&instance)?;
+    crate::daemon::claim(&instance)?;
     let mapping = calc(&args.rule.query())?;
     let br = mapping.br.ok_or_else(|| {
         anyhow!("the rule names no BR: pass --br IPV6 (profiles carry their own)")
@@ -294,8 +294,7 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
             .add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
-    crate::metrics::spawn(args.metrics, ce.clone()).await?;
-    let mgmt = mgmt::bind(&instance)?;
+    let daemon = crate::daemon::Daemon::start(&instance, ce.clone(), args.metrics).await?;
     let m = &ce.mapping;
     info!(
         "MAP-E CE: {} with PSID {} ({} ports in {} blocks), CE {} → BR {}, WAN {} (inner MTU {inner_mtu}), LAN {}",
@@ -308,12 +307,13 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
         args.wan,
         args.lan
     );
-    tokio::select! {
-        () = tun_reader(ce.clone()) => {}
-        () = expire(ce.clone()) => {}
-        () = mgmt.serve(ce.clone()) => {}
-        signal = crate::shutdown_signal() => info!("{signal}: stopping"),
-    }
+    let work = async {
+        tokio::select! {
+            () = tun_reader(ce.clone()) => {}
+            () = expire(ce.clone()) => {}
+        }
+    };
+    daemon.run(work, "stopping").await;
     Ok(())
 }
 

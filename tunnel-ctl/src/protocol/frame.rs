@@ -115,19 +115,6 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-impl FrameError {
-    /// Short name for counters and logs.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            FrameError::TooShort(_) => "frame_too_short",
-            FrameError::TooLong(_) => "frame_too_long",
-            FrameError::UnknownType(_) => "unknown_type",
-            FrameError::DataTooLong(_) => "data_too_long",
-            FrameError::Io(_) => "io_error",
-        }
-    }
-}
-
 /// tokio-util codec for [`Frame`]s. Validates the header as soon as its 5 bytes are in, so a
 /// bad length is rejected without waiting for (or buffering) the body it announces.
 #[derive(Clone, Copy, Debug, Default)]
@@ -147,6 +134,38 @@ pub fn framed<T>(io: T) -> Framed<T, FrameCodec> {
     let mut framed = Framed::with_capacity(io, FrameCodec, INITIAL_BUF);
     framed.set_backpressure_boundary(WRITE_FLUSH_AT);
     framed
+}
+
+/// Why frames could not be written.
+#[derive(Debug)]
+pub enum WriteFailed {
+    Error(FrameError),
+    /// The peer did not take them within the timeout (it stopped reading).
+    Stalled,
+}
+
+/// Writes `frames` with one flush at the end, within `timeout`: the one writer of server
+/// and client sessions (a burst of 102/103 costs one flush; a single 101 or 104 is a burst of
+/// one). Returns how many frames went out.
+pub async fn write_frames<T: tokio::io::AsyncWrite + Unpin>(
+    framed: &mut Framed<T, FrameCodec>,
+    timeout: std::time::Duration,
+    frames: impl IntoIterator<Item = Frame>,
+) -> Result<u64, WriteFailed> {
+    use futures::SinkExt as _;
+    let write = async {
+        let mut n = 0;
+        for f in frames {
+            framed.feed(f).await?;
+            n += 1;
+        }
+        framed.flush().await.map(|()| n)
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(WriteFailed::Error(e)),
+        Err(_) => Err(WriteFailed::Stalled),
+    }
 }
 
 impl Decoder for FrameCodec {

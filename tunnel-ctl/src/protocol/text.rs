@@ -116,6 +116,7 @@ impl Lease4 {
         })
     }
 
+    #[cfg(test)]
     /// An extra token's value.
     pub fn extra(&self, key: &str) -> Option<&str> {
         self.extra

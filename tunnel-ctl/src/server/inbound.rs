@@ -253,12 +253,9 @@ impl Flows {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.tracked.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tracked.is_empty()
     }
 
     fn fresh(&self, key: &Key, now: Instant) -> bool {

@@ -81,38 +81,6 @@ impl State {
     }
 }
 
-/// A [`State`] alone (tests, tools): a session is silent when `silent` says so.
-pub struct Table<F: Fn(u64) -> bool> {
-    pub state: State,
-    pub silent: F,
-}
-
-impl<F: Fn(u64) -> bool> Leases for Table<F> {
-    fn grant(&mut self, holder: Holder, _stale: Duration, _now: Instant) -> Grant {
-        self.state.grant(holder, &self.silent)
-    }
-    fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
-        self.state.grant6(holder)
-    }
-    fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
-        self.state.lease_of(addr, session_id).map(|(m, _)| m)
-    }
-    fn set_native(
-        &mut self,
-        addr: Ipv4Addr,
-        session_id: u64,
-        tunnel: Ipv6Addr,
-    ) -> Result<(), String> {
-        self.state.set_native(addr, session_id, tunnel)
-    }
-    fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
-        self.state.set_inband(addr, session_id)
-    }
-    fn describe_pool(&self) -> String {
-        self.state.pool_text()
-    }
-}
-
 /// What the daemon does for the machine, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -279,6 +247,7 @@ impl Session {
         self.lease6
     }
 
+    #[cfg(test)]
     pub fn is_closed(&self) -> bool {
         self.closed
     }
@@ -755,6 +724,38 @@ mod tests {
         Table {
             state,
             silent: |id| SILENT.with(|s| s.borrow().contains(&id)),
+        }
+    }
+
+    /// A [`State`] alone: a session is silent when `silent` says so.
+    struct Table<F: Fn(u64) -> bool> {
+        state: State,
+        silent: F,
+    }
+
+    impl<F: Fn(u64) -> bool> Leases for Table<F> {
+        fn grant(&mut self, holder: Holder, _stale: Duration, _now: Instant) -> Grant {
+            self.state.grant(holder, &self.silent)
+        }
+        fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
+            self.state.grant6(holder)
+        }
+        fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
+            self.state.lease_of(addr, session_id).map(|(m, _)| m)
+        }
+        fn set_native(
+            &mut self,
+            addr: Ipv4Addr,
+            session_id: u64,
+            tunnel: Ipv6Addr,
+        ) -> Result<(), String> {
+            self.state.set_native(addr, session_id, tunnel)
+        }
+        fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
+            self.state.set_inband(addr, session_id)
+        }
+        fn describe_pool(&self) -> String {
+            self.state.pool_text()
         }
     }
 

@@ -38,15 +38,15 @@ use crate::{
     tundev,
 };
 
-pub mod admission;
-pub mod inbound;
-pub mod ipv6;
-pub mod machine;
-pub mod persist;
-pub mod policy;
-pub mod queue;
-pub mod session;
-pub mod state;
+pub(crate) mod admission;
+pub(crate) mod inbound;
+pub(crate) mod ipv6;
+pub(crate) mod machine;
+pub(crate) mod persist;
+pub(crate) mod policy;
+pub(crate) mod queue;
+pub(crate) mod session;
+pub(crate) mod state;
 
 use queue::QueueTx;
 
@@ -326,7 +326,7 @@ impl Handler for Server {
 
 pub async fn run(args: ServerArgs) -> Result<()> {
     let instance = args.instance.instance.clone();
-    mgmt::ensure_not_running(&instance)?;
+    crate::daemon::claim(&instance)?;
     raise_fd_limit(args.max_sessions);
     args.timers.check()?;
     let pool = Pool::new(&args.pool, &[args.gateway], args.hold)
@@ -476,8 +476,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     server.stats.leases_restored.add(restored as u64);
     // Saved leases that were not restored must leave the file too.
     server.leases_changed.notify_one();
-    crate::metrics::spawn(args.metrics, server.clone()).await?;
-    let mgmt = mgmt::bind(&instance)?;
+    let daemon = crate::daemon::Daemon::start(&instance, server.clone(), args.metrics).await?;
     info!(
         "serving 4over6 on {} (pool {}, gateway {}, TUN {}, DNS {} {} {}, keepalive {:?}, timeout {:?}, hold {:?})",
         args.listen,
@@ -536,14 +535,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         ));
     }
 
-    tokio::select! {
-        () = accept_loop(server.clone(), listener) => {}
-        () = tun_reader(server.clone()) => {}
-        () = mgmt.serve(server.clone()) => {}
-        () = lease_file_writer(server.clone()) => {}
-        () = expire_restored(server.clone()) => {}
-        signal = crate::shutdown_signal() => info!("{signal}: closing all sessions"),
-    }
+    let work = async {
+        tokio::select! {
+            () = accept_loop(server.clone(), listener) => {}
+            () = tun_reader(server.clone()) => {}
+            () = lease_file_writer(server.clone()) => {}
+            () = expire_restored(server.clone()) => {}
+        }
+    };
+    daemon.run(work, "closing all sessions").await;
     save_leases(&server);
     if let Some(v6) = &server.ipv6 {
         let pool = server.lock().pool6.as_ref().map(|p| p.prefix());

@@ -24,7 +24,10 @@ use super::{
     queue::{QueueRx, queue},
     state::Holder,
 };
-use crate::protocol::{Frame, FrameCodec, MsgType, frame};
+use crate::protocol::{
+    Frame, FrameCodec, MsgType,
+    frame::{self, WriteFailed},
+};
 
 /// 103 frames written per flush when packets queue up.
 const WRITE_BATCH: usize = 64;
@@ -266,14 +269,22 @@ impl Driver {
     /// Sends one frame (flushed), bounded by the timeout so a client that stopped reading
     /// cannot pin the session forever.
     async fn send(&self, framed: &mut Conn, frame: Frame) -> Result<(), CloseReason> {
+        self.write(framed, [frame]).await
+    }
+
+    async fn write(
+        &self,
+        framed: &mut Conn,
+        frames: impl IntoIterator<Item = Frame>,
+    ) -> Result<(), CloseReason> {
         let timeout = self.server.cfg.timeout;
-        match tokio::time::timeout(timeout, framed.send(frame)).await {
-            Ok(Ok(())) => {
-                self.server.stats.frames_out.inc();
+        match frame::write_frames(framed, timeout, frames).await {
+            Ok(n) => {
+                self.server.stats.frames_out.add(n);
                 Ok(())
             }
-            Ok(Err(e)) => Err(CloseReason::WriteError(e.to_string())),
-            Err(_) => Err(CloseReason::StoppedReading(timeout)),
+            Err(WriteFailed::Error(e)) => Err(CloseReason::WriteError(e.to_string())),
+            Err(WriteFailed::Stalled) => Err(CloseReason::StoppedReading(timeout)),
         }
     }
 
@@ -303,21 +314,6 @@ impl Driver {
         if frames.is_empty() {
             return Ok(());
         }
-        let n = frames.len() as u64;
-        let write = async {
-            for f in frames {
-                framed.feed(f).await?;
-            }
-            framed.flush().await
-        };
-        let timeout = self.server.cfg.timeout;
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => {
-                self.server.stats.frames_out.add(n);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(CloseReason::WriteError(e.to_string())),
-            Err(_) => Err(CloseReason::StoppedReading(timeout)),
-        }
+        self.write(framed, frames).await
     }
 }
