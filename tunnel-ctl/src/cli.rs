@@ -10,6 +10,7 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
+    config,
     instance::{DEFAULT_INSTANCE, Instance, parse_instance},
     pool::Range4,
 };
@@ -240,22 +241,6 @@ pub struct TimerArgs {
     /// Close the session after hearing nothing for this long.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
-}
-
-impl TimerArgs {
-    /// A timeout must leave room for at least one keepalive: a peer that keeps alive on time
-    /// would otherwise be dropped.
-    pub fn check(&self) -> anyhow::Result<()> {
-        if self.timeout <= self.keepalive {
-            return Err(crate::usage::usage(format!(
-                "--timeout {} must be longer than --keepalive {} (a peer that keeps alive on \
-                 time would be dropped); a timeout of three keepalives is usual",
-                humantime::format_duration(self.timeout),
-                humantime::format_duration(self.keepalive)
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -763,6 +748,131 @@ fn parse_u16_any_radix(s: &str) -> Result<u16, String> {
         None => t.parse(),
     }
     .map_err(|e| format!("{s:?}: {e} (write decimal or 0x-hex, 0-65535)"))
+}
+
+// What the daemons run with: the parsed flags as `config` types (clap stays here).
+
+impl From<TimerArgs> for config::Timers {
+    fn from(t: TimerArgs) -> config::Timers {
+        config::Timers {
+            keepalive: t.keepalive,
+            timeout: t.timeout,
+        }
+    }
+}
+
+impl From<ServerArgs> for config::ServerConfig {
+    fn from(a: ServerArgs) -> config::ServerConfig {
+        config::ServerConfig {
+            listen: a.listen,
+            pool: a.pool,
+            gateway: a.gateway,
+            dns: a.dns,
+            timers: a.timers.into(),
+            hold: a.hold,
+            tun: a.tun,
+            allow: a.allow,
+            max_sessions: a.max_sessions,
+            max_per_source: a.max_per_source,
+            max_bindings: a.max_bindings,
+            max_leases_per_prefix: a.max_leases_per_prefix,
+            prefix_len: a.prefix_len,
+            max_leases_per_address: a.max_leases_per_address,
+            max_connect_rate: a.max_connect_rate,
+            handshake_timeout: a.handshake_timeout,
+            session_queue: a.session_queue,
+            session_buffer: a.session_buffer,
+            pool6: a.pool6,
+            delegate: a.delegate,
+            delegate_len: a.delegate_len,
+            dns6: a.dns6,
+            proxy_ndp: a.proxy_ndp,
+            allow_in: a.allow_in,
+            v6_dev: a.v6_dev,
+            v4_dev: a.v4_dev,
+            tunnel_addr: a.tunnel_addr,
+            policy_icmp: a.policy_icmp,
+            state_dir: a.state_dir,
+            instance: a.instance.instance,
+            metrics: a.metrics,
+        }
+    }
+}
+
+impl From<ClientArgs> for config::ClientConfig {
+    fn from(a: ClientArgs) -> config::ClientConfig {
+        config::ClientConfig {
+            server: a.server,
+            mode: match a.mode {
+                ClientMode::Inband => config::ClientMode::Inband,
+                ClientMode::Native => config::ClientMode::Native,
+            },
+            v6_dev: a.v6_dev,
+            tun: a.tun,
+            no_default_route: a.no_default_route,
+            ipv6: a.ipv6,
+            lan: a.lan,
+            write_resolv_conf: a.write_resolv_conf,
+            timers: a.timers.into(),
+            max_backoff: a.max_backoff,
+            instance: a.instance.instance,
+            metrics: a.metrics,
+        }
+    }
+}
+
+impl From<MapeCeArgs> for config::CeConfig {
+    fn from(a: MapeCeArgs) -> config::CeConfig {
+        let t = a.timeouts;
+        config::CeConfig {
+            wan: a.wan,
+            lan: a.lan,
+            rule: a.rule.query(),
+            forward: a.forward,
+            udp_eim: a.udp_eim,
+            timeouts: config::NatTimeouts {
+                tcp_timeout: t.tcp_timeout,
+                tcp_transitory_timeout: t.tcp_transitory_timeout,
+                udp_timeout: t.udp_timeout,
+                icmp_timeout: t.icmp_timeout,
+            },
+            tun: a.tun,
+            no_default_route: a.no_default_route,
+            instance: a.instance.instance,
+            metrics: a.metrics,
+        }
+    }
+}
+
+impl From<MapeBrArgs> for config::BrConfig {
+    fn from(a: MapeBrArgs) -> config::BrConfig {
+        config::BrConfig {
+            v6_dev: a.v6_dev,
+            v4_dev: a.v4_dev,
+            br_addr: a.br_addr,
+            rule: a.rule,
+            interface_id: a.interface_id,
+            tun: a.tun,
+            instance: a.instance.instance,
+            metrics: a.metrics,
+        }
+    }
+}
+
+impl From<MonitorArgs> for config::MonitorConfig {
+    fn from(a: MonitorArgs) -> config::MonitorConfig {
+        use crate::dataplane::tc::Direction;
+        config::MonitorConfig {
+            devs: a.devs,
+            directions: match a.direction {
+                DirectionArg::Ingress => vec![Direction::Ingress],
+                DirectionArg::Egress => vec![Direction::Egress],
+                DirectionArg::Both => vec![Direction::Ingress, Direction::Egress],
+            },
+            instance: a.instance.instance,
+            metrics: a.metrics,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use tracing::info;
 use tunnel_common::names::{PROG_MONITOR_EGRESS, PROG_MONITOR_INGRESS};
 
 use crate::{
-    cli::{DirectionArg, MonitorArgs},
+    config::MonitorConfig,
     dataplane::{self, bpffs, tc::Direction},
     instance::Instance,
     mgmt::{self, Handler, Request, Response, Status, api},
@@ -43,15 +43,11 @@ impl Handler for Monitor {
     }
 }
 
-pub async fn run(args: MonitorArgs) -> Result<()> {
-    let instance = args.instance.instance;
+pub async fn run(args: MonitorConfig) -> Result<()> {
+    let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     let pin_dir = instance.pin_dir();
-    let directions = match args.direction {
-        DirectionArg::Ingress => vec![Direction::Ingress],
-        DirectionArg::Egress => vec![Direction::Egress],
-        DirectionArg::Both => vec![Direction::Ingress, Direction::Egress],
-    };
+    let directions = args.directions.clone();
 
     let metrics = args.metrics;
     let mut ebpf = dataplane::load(&pin_dir)?;

@@ -9,7 +9,7 @@
 //! IPv6 is routed into the tunnel like IPv4. 102/103 then carry both (the version nibble
 //! tells).
 //!
-//! Native ([`native`]): after the lease, a 105 asks for the fast path; the 106 configures the
+//! Native ([`crate::dataplane::client`]): after the lease, a 105 asks for the fast path; the 106 configures the
 //! eBPF programs on `--v6-dev`. The data path outlives sessions: while reconnecting (a server
 //! restart, say) packets keep flowing, and a reconnect that gets the same lease changes nothing.
 use std::{
@@ -40,7 +40,7 @@ use crate::dataplane::client::{Applied, NativePath};
 use machine::{Action, Uplink};
 
 use crate::{
-    cli::{ClientArgs, ClientMode},
+    config::{ClientConfig, ClientMode},
     counters,
     mgmt::{self, Handler, Request, Response, api},
     netlink::Netlink,
@@ -93,7 +93,7 @@ struct Status {
 }
 
 struct Client {
-    args: ClientArgs,
+    args: ClientConfig,
     stats: Arc<ClientStats>,
     status: Mutex<Status>,
     /// In-band mode.
@@ -131,7 +131,7 @@ impl Handler for Client {
             Request::Status => {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 api::Status::Client(api::ClientStatus {
-                    process: api::Process::now(&self.args.instance.instance, self.started),
+                    process: api::Process::now(&self.args.instance, self.started),
                     server: self.args.server,
                     state: if st.connected {
                         "connected"
@@ -176,8 +176,8 @@ impl Handler for Client {
     }
 }
 
-pub async fn run(args: ClientArgs) -> Result<()> {
-    let instance = args.instance.instance.clone();
+pub async fn run(args: ClientConfig) -> Result<()> {
+    let instance = args.instance.clone();
     args.timers.check()?;
     if args.ipv6 && args.mode == ClientMode::Native {
         return Err(crate::usage::usage(

@@ -18,7 +18,7 @@ use super::{
     table::{ICMP, TCP, UDP},
 };
 use crate::{
-    cli::MapeBrArgs,
+    config::BrConfig,
     counters,
     dataplane::{
         bpffs::PinGuard,
@@ -88,8 +88,8 @@ impl Handler for Br {
     }
 }
 
-pub async fn run(args: MapeBrArgs) -> Result<()> {
-    let instance = args.instance.instance.clone();
+pub async fn run(args: BrConfig) -> Result<()> {
+    let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     let rules: Vec<Rule> = args
         .rule

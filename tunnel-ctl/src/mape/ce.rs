@@ -27,7 +27,7 @@ use super::{
     translate::{self, Outbound},
 };
 use crate::{
-    cli::{MapeCeArgs, NatTimeouts},
+    config::{CeConfig, NatTimeouts},
     counters,
     dataplane::{
         bpffs::PinGuard,
@@ -214,10 +214,10 @@ impl Handler for Ce {
     }
 }
 
-pub async fn run(args: MapeCeArgs) -> Result<()> {
-    let instance = args.instance.instance.clone();
+pub async fn run(args: CeConfig) -> Result<()> {
+    let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
-    let mapping = calc(&args.rule.query())?;
+    let mapping = calc(&args.rule)?;
     let br = mapping.br.ok_or_else(|| {
         anyhow!("the rule names no BR: pass --br IPV6 (profiles carry their own)")
     })?;
@@ -278,7 +278,7 @@ pub async fn run(args: MapeCeArgs) -> Result<()> {
         br,
         inner_mtu,
         mss,
-        timeouts: args.timeouts.clone(),
+        timeouts: args.timeouts,
         stats: CeStats::default(),
         tun,
         softwire,

@@ -9,7 +9,7 @@ use ipnet::Ipv6Net;
 use tracing::{info, warn};
 
 use super::{inbound::AllowIn, state::Units6};
-use crate::{cli::ServerArgs, dns, netlink::Netlink, pool6::Pool6, tundev};
+use crate::{config::ServerConfig, dns, netlink::Netlink, pool6::Pool6, tundev};
 
 /// The server's address on the TUN, announced as the clients' IPv6 gateway.
 pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
@@ -32,7 +32,7 @@ pub struct Ipv6Service {
 }
 
 /// The IPv6 pools of the command line (None, None without --pool6/--delegate).
-pub fn pools(args: &ServerArgs) -> Result<(Option<Pool6>, Option<Pool6>)> {
+pub fn pools(args: &ServerConfig) -> Result<(Option<Pool6>, Option<Pool6>)> {
     let pool6 = args
         .pool6
         .map(|p| Pool6::new(p, 128).map_err(|e| anyhow::anyhow!("--pool6: {e}")))
@@ -61,7 +61,7 @@ impl Ipv6Service {
     /// proxied pool: its leases get host routes), forwarding, proxy NDP.
     pub async fn start(
         nl: &Netlink,
-        args: &ServerArgs,
+        args: &ServerConfig,
         tun_index: u32,
         pool6: Option<&Pool6>,
         delegate: Option<&Pool6>,

@@ -1,8 +1,10 @@
 //! `tunnel-ctl server`: the 4over6 concentrator (SPEC §3-§5).
 //!
-//! Layout: [`state`] holds the pool and the lease table (the single source of truth), one
-//! [`session`] task runs per TCP connection, and the TUN reader here routes packets from the
-//! kernel to the session that holds the destination's lease.
+//! Layout: [`state`] holds the pool and the lease table (the single source of truth, plain
+//! data); [`machine`] decides what each session does (pure, unit-tested); one [`session`]
+//! task per TCP connection carries out its actions; [`crate::dataplane::server`] owns the
+//! fast-path maps; the TUN reader here routes packets from the kernel to the session that
+//! holds the destination's lease.
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -26,7 +28,7 @@ use tracing::{debug, info, warn};
 use tun::AsyncDevice;
 
 use crate::{
-    cli::ServerArgs,
+    config::ServerConfig,
     counters, dns,
     instance::Instance,
     mgmt::{self, Handler, Reply, Request, Response, Status, api},
@@ -324,8 +326,8 @@ impl Handler for Server {
     }
 }
 
-pub async fn run(args: ServerArgs) -> Result<()> {
-    let instance = args.instance.instance.clone();
+pub async fn run(args: ServerConfig) -> Result<()> {
+    let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     raise_fd_limit(args.max_sessions);
     args.timers.check()?;
@@ -604,7 +606,7 @@ fn bind_dual_stack(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Creates the TUN, gives it the gateway address, routes the pool to it, enables forwarding.
-async fn setup_tun(nl: &Netlink, args: &ServerArgs) -> Result<(Arc<AsyncDevice>, u32)> {
+async fn setup_tun(nl: &Netlink, args: &ServerConfig) -> Result<(Arc<AsyncDevice>, u32)> {
     let tun = tundev::create(&args.tun)?;
     let index = nl.index(&args.tun).await?;
     nl.up(index, tundev::TUN_MTU).await?;

@@ -16,6 +16,12 @@ use toml::de::{DeTable, DeValue};
 
 use crate::usage::{UsageError, usage};
 
+mod daemons;
+
+pub use daemons::{
+    BrConfig, CeConfig, ClientConfig, ClientMode, MonitorConfig, NatTimeouts, ServerConfig, Timers,
+};
+
 /// Flags that are not settings and so never keys.
 const NOT_KEYS: &[&str] = &["config", "print-config", "help", "verbose", "version"];
 

@@ -1,0 +1,149 @@
+//! What each daemon runs with: plain settings, the same whether they came from flags, a
+//! `--config` file or both (see the module above for how the file becomes flags). `cli`
+//! turns its parsed arguments into these; the daemons know nothing of clap.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::{
+    dataplane::tc::Direction,
+    instance::Instance,
+    mape::{ForwardSpec, RuleQuery, rule::InterfaceId, rule::RuleSpec},
+    pool::Range4,
+    server::inbound::AllowIn,
+};
+
+/// `--keepalive` and `--timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    pub keepalive: Duration,
+    pub timeout: Duration,
+}
+
+impl Timers {
+    /// A timeout must leave room for at least one keepalive: a peer that keeps alive on time
+    /// would otherwise be dropped.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.timeout <= self.keepalive {
+            return Err(crate::usage::usage(format!(
+                "--timeout {} must be longer than --keepalive {} (a peer that keeps alive on \
+                 time would be dropped); a timeout of three keepalives is usual",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(self.keepalive)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `tunnel-ctl server`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub pool: Vec<Range4>,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub timers: Timers,
+    pub hold: Duration,
+    pub tun: String,
+    pub allow: Vec<IpNet>,
+    pub max_sessions: usize,
+    pub max_per_source: usize,
+    pub max_bindings: u32,
+    pub max_leases_per_prefix: usize,
+    pub prefix_len: u8,
+    pub max_leases_per_address: usize,
+    pub max_connect_rate: u32,
+    pub handshake_timeout: Duration,
+    pub session_queue: u32,
+    pub session_buffer: u32,
+    pub pool6: Option<Ipv6Net>,
+    pub delegate: Option<Ipv6Net>,
+    pub delegate_len: u8,
+    pub dns6: Vec<Ipv6Addr>,
+    pub proxy_ndp: Option<String>,
+    pub allow_in: Vec<AllowIn>,
+    pub v6_dev: Option<String>,
+    pub v4_dev: Option<String>,
+    pub tunnel_addr: Option<Ipv6Addr>,
+    pub policy_icmp: u32,
+    pub state_dir: PathBuf,
+    pub instance: Instance,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// How a client carries its IPv4 traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientMode {
+    /// 102/103 over the TCP session, through a TUN.
+    Inband,
+    /// IPv4-in-IPv6 by eBPF, after 105/106.
+    Native,
+}
+
+/// `tunnel-ctl client`.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server: SocketAddr,
+    pub mode: ClientMode,
+    pub v6_dev: Option<String>,
+    pub tun: String,
+    pub no_default_route: bool,
+    pub ipv6: bool,
+    pub lan: Option<String>,
+    pub write_resolv_conf: Option<PathBuf>,
+    pub timers: Timers,
+    pub max_backoff: Duration,
+    pub instance: Instance,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The CE's idle timeouts per kind of mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatTimeouts {
+    pub tcp_timeout: Duration,
+    pub tcp_transitory_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub icmp_timeout: Duration,
+}
+
+/// `tunnel-ctl mape ce`.
+#[derive(Debug, Clone)]
+pub struct CeConfig {
+    pub wan: String,
+    pub lan: String,
+    pub rule: RuleQuery,
+    pub forward: Vec<ForwardSpec>,
+    pub udp_eim: bool,
+    pub timeouts: NatTimeouts,
+    pub tun: String,
+    pub no_default_route: bool,
+    pub instance: Instance,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `tunnel-ctl mape br`.
+#[derive(Debug, Clone)]
+pub struct BrConfig {
+    pub v6_dev: String,
+    pub v4_dev: String,
+    pub br_addr: Ipv6Addr,
+    pub rule: Vec<RuleSpec>,
+    pub interface_id: InterfaceId,
+    pub tun: String,
+    pub instance: Instance,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `tunnel-ctl monitor`.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    pub devs: Vec<String>,
+    pub directions: Vec<Direction>,
+    pub instance: Instance,
+    pub metrics: Option<SocketAddr>,
+}
