@@ -166,23 +166,7 @@ mod tests {
                         .map(|(k, v)| (k.to_string(), v))
                         .collect(),
                 )),
-                Request::Status => api::Status::Server(api::ServerStatus {
-                    process: api::Process {
-                        instance: "hub".into(),
-                        pid: 7,
-                        uptime_s: 9,
-                    },
-                    listen: "[::]:5678".parse().unwrap(),
-                    tun: "tun4o6".into(),
-                    pool: "198.51.100.2-198.51.100.9".into(),
-                    pool_size: 8,
-                    leases: 1,
-                    sessions: 2,
-                    native: None,
-                    ipv6: None,
-                    state_file: "/tmp/x".into(),
-                })
-                .into(),
+                Request::Status => api::Status::Server(api::example_server_status()).into(),
                 _ => Response::Error("no".into()),
             }
         }

@@ -271,6 +271,34 @@ impl Process {
     }
 }
 
+/// A server's status with every field set, for tests.
+#[cfg(test)]
+pub(crate) fn example_server_status() -> ServerStatus {
+    ServerStatus {
+        process: Process {
+            instance: "hub".into(),
+            pid: 42,
+            uptime_s: 7,
+        },
+        listen: "[::]:5678".parse().unwrap(),
+        tun: "tun4o6".into(),
+        pool: "198.51.100.2-198.51.100.9".into(),
+        pool_size: 8,
+        leases: 1,
+        sessions: 2,
+        native: Some(NativeStatus {
+            tunnel_addr: "2001:db8:ff::1".parse().unwrap(),
+            v6_dev: "v6".into(),
+            v4_dev: "v4".into(),
+            inner_mtu: 1460,
+            bindings_v4: 1,
+            bindings_v6: 1,
+        }),
+        ipv6: None,
+        state_file: "/var/lib/tunnel/hub.leases.json".into(),
+    }
+}
+
 impl From<Status> for Response {
     fn from(s: Status) -> Response {
         Response::Ok(Reply::Status(Box::new(s)))
@@ -363,25 +391,7 @@ mod tests {
 
     #[test]
     fn server_status_has_its_role_and_every_field() {
-        let status = Status::Server(ServerStatus {
-            process: process(),
-            listen: "[::]:5678".parse().unwrap(),
-            tun: "tun4o6".into(),
-            pool: "198.51.100.2-198.51.100.9".into(),
-            pool_size: 8,
-            leases: 1,
-            sessions: 2,
-            native: Some(NativeStatus {
-                tunnel_addr: "2001:db8:ff::1".parse().unwrap(),
-                v6_dev: "v6".into(),
-                v4_dev: "v4".into(),
-                inner_mtu: 1460,
-                bindings_v4: 1,
-                bindings_v6: 1,
-            }),
-            ipv6: None,
-            state_file: "/var/lib/tunnel/hub.leases.json".into(),
-        });
+        let status = Status::Server(example_server_status());
         assert_eq!(
             wire(&status.into()),
             json!({"ok": {

@@ -54,20 +54,34 @@ pub struct Ipv6Offer {
 
 /// The lease table as a session sees it.
 pub trait Leases {
+    /// Runs `f` on the table (under its lock, if it has one).
+    fn with_table<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R;
+
     /// An address for `holder` (see [`State::grant`]); a session silent for longer than
     /// `stale` as of `now` may lose its lease to `holder` (the implementation closes it).
     fn grant(&mut self, holder: Holder, stale: Duration, now: Instant) -> Grant;
-    fn grant6(&mut self, holder: Holder) -> Result<Units6, String>;
-    fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode>;
+
+    fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
+        self.with_table(|t| t.grant6(holder))
+    }
+    fn mode(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
+        self.with_table(|t| t.lease_of(addr, session_id).map(|(m, _)| m))
+    }
     fn set_native(
         &mut self,
         addr: Ipv4Addr,
         session_id: u64,
         tunnel: Ipv6Addr,
-    ) -> Result<(), String>;
-    fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr>;
+    ) -> Result<(), String> {
+        self.with_table(|t| t.set_native(addr, session_id, tunnel))
+    }
+    fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
+        self.with_table(|t| t.set_inband(addr, session_id))
+    }
     /// "all N addresses of pool P".
-    fn describe_pool(&self) -> String;
+    fn describe_pool(&mut self) -> String {
+        self.with_table(|t| t.pool_text())
+    }
 }
 
 impl State {
@@ -734,28 +748,11 @@ mod tests {
     }
 
     impl<F: Fn(u64) -> bool> Leases for Table<F> {
+        fn with_table<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R {
+            f(&mut self.state)
+        }
         fn grant(&mut self, holder: Holder, _stale: Duration, _now: Instant) -> Grant {
             self.state.grant(holder, &self.silent)
-        }
-        fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
-            self.state.grant6(holder)
-        }
-        fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
-            self.state.lease_of(addr, session_id).map(|(m, _)| m)
-        }
-        fn set_native(
-            &mut self,
-            addr: Ipv4Addr,
-            session_id: u64,
-            tunnel: Ipv6Addr,
-        ) -> Result<(), String> {
-            self.state.set_native(addr, session_id, tunnel)
-        }
-        fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
-            self.state.set_inband(addr, session_id)
-        }
-        fn describe_pool(&self) -> String {
-            self.state.pool_text()
         }
     }
 

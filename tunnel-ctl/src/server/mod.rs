@@ -53,7 +53,7 @@ pub(crate) mod state;
 use queue::QueueTx;
 
 use crate::dataplane::server::{Native, NativeArgs};
-use state::{Ended, Grant, Holder, Mode, Route, State, Units6};
+use state::{Ended, Grant, Holder, Route, State};
 
 counters! {
     pub struct ServerStats {
@@ -186,25 +186,8 @@ impl machine::Leases for Locked<'_> {
         }
         grant
     }
-    fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
-        self.0.lock().grant6(holder)
-    }
-    fn mode(&self, addr: Ipv4Addr, session_id: u64) -> Option<Mode> {
-        self.0.lock().lease_of(addr, session_id).map(|(m, _)| m)
-    }
-    fn set_native(
-        &mut self,
-        addr: Ipv4Addr,
-        session_id: u64,
-        tunnel: Ipv6Addr,
-    ) -> Result<(), String> {
-        self.0.lock().set_native(addr, session_id, tunnel)
-    }
-    fn set_inband(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ipv6Addr> {
-        self.0.lock().set_inband(addr, session_id)
-    }
-    fn describe_pool(&self) -> String {
-        self.0.lock().pool_text()
+    fn with_table<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.0.lock())
     }
 }
 
