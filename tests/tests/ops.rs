@@ -137,41 +137,35 @@ fn the_example_systemd_units_verify() -> Result<()> {
     Ok(())
 }
 
-/// Issue 26 (part of Done-when 1): a server with an in-band and a native client, scraped at
-/// `--metrics`: the text parses with the Prometheus project's own OpenMetrics parser (its
-/// Python client), and every `stats` counter is there as `tunnel_<name>_total` with the value
-/// `stats` gives (read before and after the scrape), next to `tunnel_build_info` and gauges.
-#[test]
-fn metrics_parse_with_the_prometheus_parser_and_match_stats() -> Result<()> {
+/// One sample of a scrape, as the Prometheus project's own OpenMetrics parser (its Python
+/// client) reads it.
+struct Sample {
+    name: String,
+    kind: String,
+    labels: serde_json::Value,
+    value: f64,
+}
+
+/// GET /metrics on `addr` inside the server's namespace, parsed by the official parser.
+fn scrape(t: &tunnel_tests::fourover6::FourOverSix, addr: &str) -> Result<Vec<Sample>> {
     use std::io::{Read as _, Write as _};
-    use tunnel_tests::fourover6::{FourOverSix, INTERNET_HOST, server_args};
-    let mut t = FourOverSix::start_native(&server_args(&["--metrics", "127.0.0.1:9180"]))?;
-    let (inband, native) = (t.client_ns()?, t.client_ns()?);
-    t.start_client(&inband, &[])?;
-    t.start_native_client(&native, &[])?;
-    for ns in [&inband, &native] {
-        ensure!(ns.ping(INTERNET_HOST, 3)? == 3);
-    }
-    let before = t.server_stats()?;
     let text = t.server.enter(|| -> Result<String> {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9180")?;
+        let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
         let mut reply = String::new();
         s.read_to_string(&mut reply)?;
         Ok(reply)
     })??;
-    let after = t.server_stats()?;
     let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
     ensure!(head.contains("application/openmetrics-text"), "{head}");
-    // The official parser: every sample as name -> value.
     let script = "import sys, json\n\
         from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
-        out = {}\n\
+        out = []\n\
         for fam in text_string_to_metric_families(sys.stdin.read()):\n\
         \x20   for s in fam.samples:\n\
-        \x20       out[s.name] = [fam.type, s.value, s.labels]\n\
+        \x20       out.append([s.name, fam.type, s.labels, s.value])\n\
         print(json.dumps(out))\n";
     let mut py = Command::new("python3")
         .args(["-c", script])
@@ -189,27 +183,118 @@ fn metrics_parse_with_the_prometheus_parser_and_match_stats() -> Result<()> {
         "the Prometheus parser refused /metrics: {}\n{body}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let samples: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let rows: Vec<(String, String, serde_json::Value, f64)> = serde_json::from_slice(&out.stdout)?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, kind, labels, value)| Sample {
+            name,
+            kind,
+            labels,
+            value,
+        })
+        .collect())
+}
+
+/// The value of `name` for the client leased `ipv4` (checking its mode label).
+fn client_sample(samples: &[Sample], name: &str, ipv4: &str, mode: &str) -> Result<f64> {
+    let s = samples
+        .iter()
+        .find(|s| s.name == name && s.labels["ipv4"] == ipv4)
+        .with_context(|| format!("no {name}{{ipv4={ipv4:?}}}"))?;
+    ensure!(s.kind == "counter", "{name}: {}", s.kind);
+    ensure!(s.labels["mode"] == mode, "{name}: {}", s.labels);
+    ensure!(
+        s.labels["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("2001:db8:"))
+    );
+    Ok(s.value)
+}
+
+/// Issue 26, Done-when 1: a server with an in-band and a native client, scraped at
+/// `--metrics` before and after a known transfer: the text parses with the Prometheus
+/// project's own OpenMetrics parser, every `stats` counter is there as `tunnel_<name>_total`
+/// with the value `stats` gives (read before and after the scrape), and each client's byte
+/// counters (in-band: the session's; native: its binding's per-CPU eBPF counters) rose by at
+/// least what the test sent each way. `leases --json` carries the same figures.
+#[test]
+fn metrics_parse_with_the_prometheus_parser_and_match_stats() -> Result<()> {
+    use tunnel_tests::fourover6::{FourOverSix, INTERNET_HOST, server_args};
+    const ADDR: &str = "127.0.0.1:9180";
+    let mut t = FourOverSix::start_native(&server_args(&["--metrics", ADDR]))?;
+    let (inband, native) = (t.client_ns()?, t.client_ns()?);
+    let (_, inband_ip) = t.start_client(&inband, &[])?;
+    let (_, native_ip) = t.start_native_client(&native, &[])?;
+    for ns in [&inband, &native] {
+        ensure!(ns.ping(INTERNET_HOST, 3)? == 3);
+    }
+    let first = scrape(&t, ADDR)?;
+    // The known transfer: 10 echo requests of 1,028 IP bytes each way per client.
+    const PINGS: u32 = 10;
+    const IP_BYTES: f64 = 1028.0;
+    for ns in [&inband, &native] {
+        let (got, text) = ns.ping_with(&["-s", "1000"], INTERNET_HOST, PINGS)?;
+        ensure!(got == Some(PINGS), "{text}");
+    }
+    let before = t.server_stats()?;
+    let samples = scrape(&t, ADDR)?;
+    let after = t.server_stats()?;
     let names = before.as_object().context("stats is an object")?;
     ensure!(names.len() > 20, "{before}");
     for (name, low) in names {
         let metric = format!("tunnel_{name}_total");
-        let sample = &samples[&metric];
-        ensure!(sample[0] == "counter", "{metric}: {sample}");
-        let v = sample[1].as_f64().with_context(|| format!("no {metric}"))?;
+        let sample = samples
+            .iter()
+            .find(|s| s.name == metric)
+            .with_context(|| format!("no {metric}"))?;
+        ensure!(sample.kind == "counter", "{metric}: {}", sample.kind);
         let (lo, hi) = (
             low.as_f64().unwrap_or(-1.0),
             after[name].as_f64().unwrap_or(-1.0),
         );
         ensure!(
-            lo <= v && v <= hi,
-            "{metric} = {v}, stats said {lo} then {hi}"
+            lo <= sample.value && sample.value <= hi,
+            "{metric} = {}, stats said {lo} then {hi}",
+            sample.value
         );
     }
-    ensure!(samples["tunnel_build_info"][0] == "info", "{samples}");
-    ensure!(
-        samples["tunnel_sessions"][1].as_f64() == Some(2.0),
-        "{samples}"
-    );
+    let kind = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.kind.clone())
+    };
+    ensure!(kind("tunnel_build_info").as_deref() == Some("info"));
+    let sessions = samples.iter().find(|s| s.name == "tunnel_sessions");
+    ensure!(sessions.is_some_and(|s| s.value == 2.0), "sessions");
+    let leases = t.leases()?;
+    for (ip, mode) in [(&inband_ip, "inband"), (&native_ip, "native")] {
+        for dir in ["rx", "tx"] {
+            let name = format!("tunnel_client_{dir}_bytes_total");
+            let grown =
+                client_sample(&samples, &name, ip, mode)? - client_sample(&first, &name, ip, mode)?;
+            ensure!(
+                grown >= f64::from(PINGS) * IP_BYTES,
+                "{name} of {mode} client {ip} rose by {grown}, the test sent {} each way",
+                f64::from(PINGS) * IP_BYTES
+            );
+            let packets = format!("tunnel_client_{dir}_packets_total");
+            let grown = client_sample(&samples, &packets, ip, mode)?
+                - client_sample(&first, &packets, ip, mode)?;
+            ensure!(
+                grown >= f64::from(PINGS),
+                "{packets} of {ip} rose by {grown}"
+            );
+            let row = leases
+                .iter()
+                .find(|l| l["ipv4"] == ip.as_str())
+                .context("lease row")?;
+            let in_leases = row[format!("{dir}_bytes")].as_f64().unwrap_or(-1.0);
+            ensure!(
+                in_leases >= client_sample(&samples, &name, ip, mode)?,
+                "leases --json {dir}_bytes {in_leases} below the scrape's: {row}"
+            );
+        }
+    }
     Ok(())
 }

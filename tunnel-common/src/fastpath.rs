@@ -32,6 +32,18 @@ pub struct Binding6 {
     pub client: Ipv6Key,
 }
 
+/// Value of [`crate::names::CLIENT_TRAFFIC`] (per CPU, keyed by the lease): what a native
+/// client's binding carried through the fast path, counted from the server's side (`rx`:
+/// decapsulated, from the client; `tx`: encapsulated, to it). Bytes are inner IPv4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientTraffic {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
 /// The single entry of [`crate::names::TUNNEL_CONFIG`]. A server fills `local`, the interface
 /// indexes and the MTU; a native client also fills `remote` and `ipv4`. A MAP-E CE fills
 /// `local` (its CE address), `remote` (the BR), `ipv4` (the shared address), `v6_ifindex`
@@ -94,11 +106,13 @@ mod pod {
     unsafe impl aya::Pod for super::Binding4 {}
     unsafe impl aya::Pod for super::Binding6 {}
     unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::ClientTraffic {}
 }
 
 // No implicit padding: the sizes equal the sums of the fields.
 const _: () = assert!(core::mem::size_of::<Binding4>() == 8);
 const _: () = assert!(core::mem::size_of::<Binding6>() == 16);
+const _: () = assert!(core::mem::size_of::<ClientTraffic>() == 32);
 const _: () =
     assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 8 + POLICY_QUOTE);

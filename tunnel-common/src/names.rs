@@ -12,6 +12,9 @@ pub const TUNNEL_CONFIG: &str = "TUNNEL_CONFIG";
 pub const BIND_BY_V6: &str = "BIND_BY_V6";
 /// Hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::Binding6`].
 pub const BIND_BY_V4: &str = "BIND_BY_V4";
+/// Per-CPU hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) →
+/// [`crate::fastpath::ClientTraffic`] of its native binding.
+pub const CLIENT_TRAFFIC: &str = "CLIENT_TRAFFIC";
 
 /// Server: ring buffer of [`crate::fastpath::PolicyEvent`]s (not pinned).
 pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
@@ -59,6 +62,7 @@ pub const ALL_MAPS: &[&str] = &[
     TUNNEL_CONFIG,
     BIND_BY_V6,
     BIND_BY_V4,
+    CLIENT_TRAFFIC,
     POLICY_EVENTS,
     POLICY_LAST,
     NAT_OUT,

@@ -4,14 +4,20 @@
 //! Each scrape asks the daemon's own management handler, so `/metrics` and `tunnel-ctl stats`
 //! can never disagree: every `stats` counter becomes `tunnel_<name>_total`, every integer of
 //! `status` (sessions, leases, mappings, …) a gauge `tunnel_<name>`, plus
-//! `tunnel_build_info{version=…}`. The HTTP side is the few lines a scrape needs (one GET,
+//! `tunnel_build_info{version=…}`, and on a server each client's traffic,
+//! `tunnel_client_{rx,tx}_{bytes,packets}_total{ipv4,client,mode}` (`rx`: from the client). The HTTP side is the few lines a scrape needs (one GET,
 //! one answer, close), written here rather than pulling in a web framework for one route.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        info::Info,
+    },
     registry::Registry,
 };
 use tokio::{
@@ -135,9 +141,43 @@ pub fn render(handler: &dyn Handler) -> String {
             }
         }
     }
+    if let Response::Ok(Reply::Leases(rows)) = handler.handle(Request::Leases) {
+        client_traffic(&mut registry, &rows);
+    }
     let mut text = String::new();
     let _ = encode(&mut text, &registry);
     text
+}
+
+/// `tunnel_client_*_total{ipv4,client,mode}`: one series per lease and figure; a lease that
+/// ended is simply absent from the next scrape.
+fn client_traffic(registry: &mut Registry, rows: &[crate::mgmt::api::LeaseRow]) {
+    type Labels = Vec<(&'static str, String)>;
+    type Figure = fn(&crate::mgmt::api::Traffic) -> u64;
+    let families: [(&str, &str, Figure); 4] = [
+        ("rx_bytes", "IP bytes received from the client", |t| {
+            t.rx_bytes
+        }),
+        ("tx_bytes", "IP bytes sent to the client", |t| t.tx_bytes),
+        ("rx_packets", "IP packets received from the client", |t| {
+            t.rx_packets
+        }),
+        ("tx_packets", "IP packets sent to the client", |t| {
+            t.tx_packets
+        }),
+    ];
+    for (name, help, get) in families {
+        let family = Family::<Labels, Counter>::default();
+        for row in rows {
+            let labels = vec![
+                ("ipv4", row.ipv4.to_string()),
+                ("client", row.client.clone()),
+                ("mode", row.mode.as_str().to_owned()),
+            ];
+            family.get_or_create(&labels).inc_by(get(&row.traffic));
+        }
+        registry.register(format!("tunnel_client_{name}"), help, family);
+    }
 }
 
 /// A counter or field name as a metric name: `[a-zA-Z0-9_]`, without a `_total` suffix (the

@@ -1,10 +1,10 @@
 //! The fast-path maps. Their names are `tunnel_common::names`; the controller owns every write.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tunnel_common::{
-    fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
+    fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
     mape::{MAX_NAT_ENTRIES, MAX_RULES, MapRule, NatIn, NatKey, NatOut},
 };
 
@@ -19,6 +19,31 @@ pub static BIND_BY_V6: HashMap<Ipv6Key, Binding4> = HashMap::pinned(MAX_BINDINGS
 /// Server: lease → native client's tunnel IPv6 (encapsulation).
 #[map]
 pub static BIND_BY_V4: HashMap<Ipv4Key, Binding6> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// Server: lease → what its native binding carried (per CPU; the controller creates the entry
+/// with the binding and sums the CPUs).
+#[map]
+pub static CLIENT_TRAFFIC: PerCpuHashMap<Ipv4Key, ClientTraffic> =
+    PerCpuHashMap::pinned(MAX_BINDINGS, 0);
+
+/// Adds one (possibly GSO) packet of `bytes` to a binding's traffic, `rx` (from the client)
+/// or not (to it). Nothing when the binding has no entry.
+#[inline(always)]
+pub fn count_client(lease: Ipv4Key, rx: bool, segs: u64, bytes: u64) {
+    let Some(t) = CLIENT_TRAFFIC.get_ptr_mut(lease) else {
+        return;
+    };
+    // SAFETY: a per-CPU value from a successful lookup, used on this CPU only.
+    unsafe {
+        if rx {
+            (*t).rx_packets += segs;
+            (*t).rx_bytes += bytes;
+        } else {
+            (*t).tx_packets += segs;
+            (*t).tx_bytes += bytes;
+        }
+    }
+}
 
 /// MAP-E CE: LAN flow → external port (the controller creates every entry).
 #[map]

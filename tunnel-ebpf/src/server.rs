@@ -21,7 +21,7 @@ use tunnel_common::{
 };
 use tunnel_ebpf::{
     encap::{self, Upper},
-    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config},
+    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config, count_client},
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
@@ -78,6 +78,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     let Ok(segs) = encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
         return DROP;
     };
+    count_client(binding.ipv4, true, segs, inner_bytes(&ctx));
 
     // Forward it ourselves when the FIB has a plain route; the kernel handles the rest.
     let (verdict, redirected) =
@@ -167,6 +168,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
+    let bytes = inner_bytes(&ctx);
     let Ok(segs) = encap::wrap_clamped(
         &ctx,
         &ip,
@@ -180,6 +182,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
     match route::forward_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex, false) {
         Forward::Verdict(v) => {
             count_n(Counter::Encap, segs);
+            count_client(ip.dst(), false, segs, bytes);
             v
         }
         Forward::NoRoute | Forward::Excluded => {
@@ -187,4 +190,11 @@ pub fn server_encap(ctx: TcContext) -> i32 {
             DROP
         }
     }
+}
+
+/// The IPv4 bytes of a packet whose IPv4 header follows the Ethernet header (all segments of a
+/// GSO packet).
+#[inline(always)]
+fn inner_bytes(ctx: &TcContext) -> u64 {
+    u64::from(ctx.len()).saturating_sub(ETH_LEN as u64)
 }

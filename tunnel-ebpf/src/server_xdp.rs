@@ -19,7 +19,7 @@ use aya_ebpf::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
 use tunnel_ebpf::{
-    maps::{BIND_BY_V6, config},
+    maps::{BIND_BY_V6, config, count_client},
     packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, IPPROTO_TCP, eq16},
     route::v4_lookup,
     stats::count,
@@ -117,6 +117,8 @@ unsafe fn decap(ctx: &XdpContext) -> Option<u32> {
     }
     count(Counter::Decap);
     count(Counter::DecapRedirected);
+    let bytes = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN) as u64;
+    count_client(binding.ipv4, true, 1, bytes);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
 }

@@ -6,11 +6,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
 };
 use tunnel_common::{
-    fastpath::{Binding4, Binding6, Ipv4Key, Ipv6Key, TunnelConfig},
-    names::{BIND_BY_V4, BIND_BY_V6, TUNNEL_CONFIG},
+    fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, TunnelConfig},
+    names::{BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, TUNNEL_CONFIG},
 };
 
 pub fn v4_key(addr: Ipv4Addr) -> Ipv4Key {
@@ -26,6 +26,8 @@ pub struct Maps {
     config: Array<MapData, TunnelConfig>,
     by_v6: HashMap<MapData, Ipv6Key, Binding4>,
     by_v4: HashMap<MapData, Ipv4Key, Binding6>,
+    /// Each binding's traffic, per CPU (see [`ClientTraffic`]).
+    traffic: PerCpuHashMap<MapData, Ipv4Key, ClientTraffic>,
 }
 
 /// Takes map `name` out of the object as `T`.
@@ -45,6 +47,7 @@ impl Maps {
             config: take(ebpf, TUNNEL_CONFIG)?,
             by_v6: take(ebpf, BIND_BY_V6)?,
             by_v4: take(ebpf, BIND_BY_V4)?,
+            traffic: take(ebpf, CLIENT_TRAFFIC)?,
         })
     }
 
@@ -63,7 +66,15 @@ impl Maps {
 
     /// Installs (or confirms) `client` ↔ `ipv4`. The IPv6 → IPv4 direction goes in last so
     /// that a client is never accepted before its return path exists.
+    /// The traffic counters start at zero with a new binding; a confirmed one keeps its own.
     pub fn bind(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
+        if self.traffic.get(&v4_key(ipv4), 0).is_err() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            let zero = PerCpuValues::try_from(vec![ClientTraffic::default(); cpus])?;
+            self.traffic
+                .insert(v4_key(ipv4), zero, 0)
+                .with_context(|| format!("counting {ipv4} (map {CLIENT_TRAFFIC} full?)"))?;
+        }
         self.by_v4
             .insert(
                 v4_key(ipv4),
@@ -97,8 +108,24 @@ impl Maps {
             && b.client == client.octets()
         {
             remove_ok(self.by_v4.remove(&v4_key(ipv4)))?;
+            remove_ok(self.traffic.remove(&v4_key(ipv4)))?;
         }
         Ok(())
+    }
+
+    /// What `ipv4`'s binding carried, summed over the CPUs (None: not bound).
+    pub fn traffic(&self, ipv4: Ipv4Addr) -> Option<ClientTraffic> {
+        let per_cpu = self.traffic.get(&v4_key(ipv4), 0).ok()?;
+        Some(
+            per_cpu
+                .iter()
+                .fold(ClientTraffic::default(), |a, t| ClientTraffic {
+                    rx_packets: a.rx_packets + t.rx_packets,
+                    rx_bytes: a.rx_bytes + t.rx_bytes,
+                    tx_packets: a.tx_packets + t.tx_packets,
+                    tx_bytes: a.tx_bytes + t.tx_bytes,
+                }),
+        )
     }
 
     /// Every binding, as seen from the IPv4 side, and the count of IPv6-side entries.
@@ -127,6 +154,13 @@ impl Maps {
         for (k, v) in v6 {
             if !keep(v4_from_key(v.ipv4), Ipv6Addr::from(k)) {
                 remove_ok(self.by_v6.remove(&k))?;
+            }
+        }
+        // Counters of leases no longer bound.
+        let counted: Vec<Ipv4Key> = self.traffic.keys().filter_map(Result::ok).collect();
+        for k in counted {
+            if self.by_v4.get(&k, 0).is_err() {
+                remove_ok(self.traffic.remove(&k))?;
             }
         }
         Ok(removed)

@@ -19,7 +19,9 @@ use aya::{
 use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    names::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP},
+    names::{
+        BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP,
+    },
 };
 
 use crate::{
@@ -78,6 +80,7 @@ impl Native {
         let sizes = [
             (BIND_BY_V4, args.max_bindings),
             (BIND_BY_V6, args.max_bindings),
+            (CLIENT_TRAFFIC, args.max_bindings),
         ];
         let mut ebpf = dataplane::load_sized(&args.pin_dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
@@ -180,6 +183,11 @@ impl Native {
             maps.bind(v6, v4)?;
         }
         Ok(())
+    }
+
+    /// What the binding of `ipv4` carried through the fast path (None: not bound).
+    pub fn traffic(&self, ipv4: Ipv4Addr) -> Option<tunnel_common::fastpath::ClientTraffic> {
+        self.maps().traffic(ipv4)
     }
 
     /// (IPv4-side bindings, IPv6-side bindings) currently in the maps.

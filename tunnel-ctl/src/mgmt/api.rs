@@ -236,6 +236,31 @@ pub struct LeaseRow {
     /// The session's IPv6 address and delegated prefix (107/108).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ipv6: Vec<Ipv6Net>,
+    /// What the client sent (`rx`) and was sent (`tx`), in-band and through the fast path,
+    /// as IP packets and their bytes, since its session or binding began.
+    #[serde(flatten)]
+    pub traffic: Traffic,
+}
+
+/// A client's traffic as the server counts it: `rx` from the client, `tx` to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic {
+            rx_bytes: self.rx_bytes + o.rx_bytes,
+            tx_bytes: self.tx_bytes + o.tx_bytes,
+            rx_packets: self.rx_packets + o.rx_packets,
+            tx_packets: self.tx_packets + o.tx_packets,
+        }
+    }
 }
 
 /// One row of `nat --json`.
@@ -369,22 +394,31 @@ mod tests {
             session: Some(4),
             tunnel: Some("2001:db8:1::2".parse().unwrap()),
             ipv6: vec![],
+            traffic: Traffic {
+                rx_bytes: 1500,
+                tx_bytes: 3000,
+                rx_packets: 1,
+                tx_packets: 2,
+            },
         };
         let restored = LeaseRow {
             mode: Mode::Inband,
             session: None,
             tunnel: None,
             ipv6: vec!["2001:db8:600::2/128".parse().unwrap()],
+            traffic: Traffic::default(),
             ..row.clone()
         };
         assert_eq!(
             wire(&Response::Ok(Reply::Leases(vec![row, restored]))),
             json!({"ok": [
                 {"ipv4": "198.51.100.2", "client": "2001:db8:1::2", "mode": "native",
-                 "since": "2026-11-23T10:00:00Z", "session": 4, "tunnel": "2001:db8:1::2"},
+                 "since": "2026-11-23T10:00:00Z", "session": 4, "tunnel": "2001:db8:1::2",
+                 "rx_bytes": 1500, "tx_bytes": 3000, "rx_packets": 1, "tx_packets": 2},
                 {"ipv4": "198.51.100.2", "client": "2001:db8:1::2", "mode": "inband",
                  "since": "2026-11-23T10:00:00Z", "session": null,
-                 "ipv6": ["2001:db8:600::2/128"]},
+                 "ipv6": ["2001:db8:600::2/128"],
+                 "rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0},
             ]})
         );
     }

@@ -135,6 +135,38 @@ pub struct Link {
     pub last_rx: Arc<AtomicU64>,
     /// Closes the session (takeover by a reconnecting client).
     pub cancel: CancellationToken,
+    /// What the session carried in-band.
+    pub traffic: Arc<LinkTraffic>,
+}
+
+/// A session's in-band traffic: `rx` from the client (to the TUN), `tx` to it (103s).
+#[derive(Debug, Default)]
+pub struct LinkTraffic {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+}
+
+impl LinkTraffic {
+    pub fn rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn tx(&self, packets: u64, bytes: u64) {
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> api::Traffic {
+        api::Traffic {
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The lease table and the sessions' links, under one lock (the TUN reader finds a packet's
@@ -223,6 +255,39 @@ impl Server {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The lease table with each client's traffic: its session's in-band counters plus its
+    /// binding's fast-path counters (read after the table's lock is given back).
+    fn lease_rows(&self) -> Vec<api::LeaseRow> {
+        let (mut rows, inband) = {
+            let state = self.lock();
+            let rows = state.lease_list();
+            let inband: HashMap<u64, api::Traffic> = rows
+                .iter()
+                .filter_map(|r| r.session)
+                .filter_map(|id| state.links.get(&id).map(|l| (id, l.traffic.get())))
+                .collect();
+            (rows, inband)
+        };
+        for row in &mut rows {
+            let mut t = row
+                .session
+                .and_then(|id| inband.get(&id).copied())
+                .unwrap_or_default();
+            if let (Some(native), Some(_)) = (&self.native, row.tunnel)
+                && let Some(n) = native.traffic(row.ipv4)
+            {
+                t = t + api::Traffic {
+                    rx_bytes: n.rx_bytes,
+                    tx_bytes: n.tx_bytes,
+                    rx_packets: n.rx_packets,
+                    tx_packets: n.tx_packets,
+                };
+            }
+            row.traffic = t;
+        }
+        rows
+    }
+
     /// Whether an IPv6 unit is leased now (see [`ipv6::Ipv6Service::sync`]).
     pub fn leased6(&self, unit: ipnet::Ipv6Net) -> bool {
         self.lock().is_leased6(unit)
@@ -300,10 +365,7 @@ impl Handler for Server {
                 self.stats.snapshot(),
                 self.native.as_ref().map(|n| n.counters()),
             ),
-            Request::Leases => {
-                let state = self.lock();
-                Response::Ok(Reply::Leases(state.lease_list()))
-            }
+            Request::Leases => Response::Ok(Reply::Leases(self.lease_rows())),
             other => mgmt::not_supported("server", &other),
         }
     }

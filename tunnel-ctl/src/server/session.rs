@@ -102,6 +102,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         tx,
         last_rx: Arc::new(AtomicU64::new(server.now_ms())),
         cancel: CancellationToken::new(),
+        traffic: Arc::default(),
     };
     server.lock().links.insert(id, link.clone());
     let holder = Holder {
@@ -230,6 +231,7 @@ impl Driver {
                 }
                 Action::ToTun(pkt) => match server.tun.send(&pkt).await {
                     Ok(_) => {
+                        self.link.traffic.rx(pkt.len());
                         server.stats.inband_packets_to_tun.inc();
                         server.stats.inband_bytes_to_tun.add(pkt.len() as u64);
                     }
@@ -314,6 +316,12 @@ impl Driver {
         if frames.is_empty() {
             return Ok(());
         }
-        self.write(framed, frames).await
+        let (n, bytes) = (
+            frames.len() as u64,
+            frames.iter().map(|f| f.data.len() as u64).sum(),
+        );
+        self.write(framed, frames).await?;
+        self.link.traffic.tx(n, bytes);
+        Ok(())
     }
 }

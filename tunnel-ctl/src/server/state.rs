@@ -22,6 +22,16 @@ pub enum Mode {
     Native,
 }
 
+impl Mode {
+    /// As in `leases --json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Inband => "inband",
+            Mode::Native => "native",
+        }
+    }
+}
+
 /// A lease as the lease file keeps it (see `persist`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedLease {
@@ -482,6 +492,7 @@ impl State {
                     .as_ref()
                     .and_then(|s| ipv6.get(&s.id).cloned())
                     .unwrap_or_default(),
+                traffic: Default::default(),
             })
             .collect();
         rows.sort_by_key(|r| r.ipv4);
