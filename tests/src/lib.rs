@@ -307,14 +307,20 @@ impl Lab {
             .position(|a| a.starts_with("--"))
             .unwrap_or(args.len());
         let (path, flags) = args.split_at(split);
+        let file = self.write_config(instance, flags)?.display().to_string();
+        let mut argv: Vec<&str> = path.to_vec();
+        argv.extend(["--config", &file]);
+        self.spawn(ns, instance, &argv, false)
+    }
+
+    /// Writes (or rewrites, for a reload) the TOML file of `instance` with `flags` as keys,
+    /// where [`Lab::spawn_daemon_from_config`] reads it from; returns its path.
+    pub fn write_config(&self, instance: &str, flags: &[&str]) -> Result<PathBuf> {
         let mut text = format!("instance = {}\n", serde_json::json!(instance));
         text.push_str(&flags_as_toml(flags)?);
         let file = self.dir.join(format!("{instance}.toml"));
         fs::write(&file, text)?;
-        let file = file.display().to_string();
-        let mut argv: Vec<&str> = path.to_vec();
-        argv.extend(["--config", &file]);
-        self.spawn(ns, instance, &argv, false)
+        Ok(file)
     }
 
     fn spawn(

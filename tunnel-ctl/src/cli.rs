@@ -169,6 +169,16 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
   tunnel-ctl forward del 1680/tcp --instance home
   tunnel-ctl forward list --instance home")]
     Forward(ForwardCommand),
+
+    /// Make a running daemon re-read its configuration (its --config file and the flags it
+    /// was started with) and apply the difference without dropping anyone; the same as
+    /// SIGHUP. Prints what changed, and what only a restart can change.
+    ///
+    /// A server changes its pool (leases of a removed range end with 110 "address
+    /// withdrawn"), --allow, its limits, DNS and timers for new sessions in place. A file that
+    /// does not load is refused whole: exit status 1 with the error, nothing changes.
+    #[command(after_help = "Example:\n  tunnel-ctl reload --instance hub")]
+    Reload(InstanceArg),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -748,6 +758,27 @@ fn parse_u16_any_radix(s: &str) -> Result<u16, String> {
         None => t.parse(),
     }
     .map_err(|e| format!("{s:?}: {e} (write decimal or 0x-hex, 0-65535)"))
+}
+
+/// The configuration of the daemon started with `argv`, read again as at start (the
+/// `--config` file as it is now, then the flags typed): what a reload applies. `pick` takes
+/// that daemon's settings out of the parsed command line.
+pub fn reread<T: 'static>(
+    argv: Vec<std::ffi::OsString>,
+    pick: fn(Command) -> Option<T>,
+) -> crate::daemon::Source<T> {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    std::sync::Arc::new(move || {
+        let root = Cli::command();
+        let argv = config::apply(&root, argv.clone())?;
+        let matches = root.try_get_matches_from(&argv).map_err(|e| {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            anyhow::anyhow!("{}", first.trim_start_matches("error: "))
+        })?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        pick(cli.command).ok_or_else(|| anyhow::anyhow!("the command line names another daemon"))
+    })
 }
 
 // What the daemons run with: the parsed flags as `config` types (clap stays here).

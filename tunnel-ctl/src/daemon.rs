@@ -3,9 +3,10 @@
 //! then), run the daemon's own tasks until one ends or SIGINT/SIGTERM arrives, and return so
 //! that the daemon cleans up. A daemon's `run` is its set-up, [`Daemon::run`] and its
 //! clean-up, nothing else.
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::Path, pin::Pin, sync::Arc};
 
 use anyhow::Result;
+use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use crate::{
@@ -19,10 +20,37 @@ pub fn claim(instance: &Instance) -> Result<()> {
     mgmt::ensure_not_running(instance)
 }
 
+/// Re-reads the daemon's configuration the way it was given (flags and `--config` file).
+pub type Source<T> = Arc<dyn Fn() -> Result<T> + Send + Sync>;
+
+/// What a reload reports: the changes made, one line each; Err: refused, nothing changed.
+pub type ReloadResult = std::result::Result<Vec<String>, String>;
+
+/// A reload under way.
+pub type Reloading = Pin<Box<dyn Future<Output = ReloadResult> + Send>>;
+
+/// Re-reads and applies the configuration (SIGHUP, `tunnel-ctl reload`).
+pub type Reloader = Arc<dyn Fn() -> Reloading + Send + Sync>;
+
+/// A reload for `source` that `apply` carries out on `target`; `apply` also gets a file
+/// that does not load (as its error), to refuse it whole.
+pub fn reloader<T, S>(
+    source: Source<T>,
+    target: Arc<S>,
+    apply: fn(Arc<S>, std::result::Result<T, String>) -> Reloading,
+) -> Reloader
+where
+    T: Send + 'static,
+    S: Send + Sync + 'static,
+{
+    Arc::new(move || apply(target.clone(), source().map_err(|e| format!("{e:#}"))))
+}
+
 /// A daemon that is set up and about to serve.
 pub struct Daemon {
     listener: mgmt::Listener,
     handler: Arc<dyn Handler>,
+    reload: Option<Reloader>,
 }
 
 impl Daemon {
@@ -35,7 +63,17 @@ impl Daemon {
     ) -> Result<Daemon> {
         crate::metrics::spawn(metrics, handler.clone()).await?;
         let listener = mgmt::bind(instance)?;
-        Ok(Daemon { listener, handler })
+        Ok(Daemon {
+            listener,
+            handler,
+            reload: None,
+        })
+    }
+
+    /// SIGHUP and `tunnel-ctl reload` run `reload`; without one they are refused with a word.
+    pub fn with_reload(mut self, reload: Reloader) -> Daemon {
+        self.reload = Some(reload);
+        self
     }
 
     pub fn socket(&self) -> &Path {
@@ -43,37 +81,56 @@ impl Daemon {
     }
 
     /// Serves until `work` ends or a signal asks to stop (logged with `on_signal`, what the
-    /// daemon does next). The socket goes when this returns.
+    /// daemon does next). The socket goes when this returns. Reloads run as tasks of their
+    /// own, so the daemon's work goes on meanwhile.
     pub async fn run(self, work: impl Future<Output = ()>, on_signal: &str) {
-        tokio::select! {
-            () = work => {}
-            () = self.listener.serve(self.handler.clone()) => {}
-            signal = shutdown_signal() => info!("{signal}: {on_signal}"),
-        }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM and says which. SIGHUP (an operator's "reload", or a
-/// closed terminal) would otherwise end the daemon without clean-up: it is logged and
-/// ignored until reload exists.
-pub async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without signal handling the default action (exit) applies; wait forever.
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = int.recv() => return "SIGINT",
-            _ = term.recv() => return "SIGTERM",
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP ignored: this version cannot reload its configuration; restart the \
-                 daemon to change it (SIGTERM stops it cleanly)"
-            ),
+        use tokio::signal::unix::{SignalKind, signal};
+        let (tx, mut rx) = mpsc::channel::<oneshot::Sender<ReloadResult>>(8);
+        let serve = self.listener.serve(self.handler.clone(), Some(tx));
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            // Without signal handling the default action (exit) applies.
+            tokio::select! {
+                () = work => {}
+                () = serve => {}
+            }
+            return;
+        };
+        tokio::pin!(work, serve);
+        let reload = |reply: Option<oneshot::Sender<ReloadResult>>| {
+            let Some(reload) = self.reload.clone() else {
+                let no = "this daemon cannot reload its configuration; restart it to change it";
+                match reply {
+                    Some(r) => drop(r.send(Err(no.into()))),
+                    None => tracing::warn!("SIGHUP ignored: {no}"),
+                }
+                return;
+            };
+            tokio::spawn(async move {
+                let result = reload().await;
+                if let Err(e) = &result {
+                    tracing::warn!("reload refused, the running configuration stays: {e}");
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(result);
+                }
+            });
+        };
+        loop {
+            tokio::select! {
+                () = &mut work => return,
+                () = &mut serve => return,
+                _ = int.recv() => return info!("SIGINT: {on_signal}"),
+                _ = term.recv() => return info!("SIGTERM: {on_signal}"),
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading the configuration");
+                    reload(None);
+                }
+                Some(reply) = rx.recv() => reload(Some(reply)),
+            }
         }
     }
 }

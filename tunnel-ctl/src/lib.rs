@@ -8,7 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub(crate) mod counters;
-pub(crate) mod daemon;
+pub mod daemon;
 pub mod dataplane;
 pub(crate) mod dns;
 #[doc(hidden)]

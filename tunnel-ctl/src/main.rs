@@ -10,8 +10,10 @@ use tunnel_ctl::{
 
 fn main() -> ExitCode {
     let root = Cli::command();
+    // As typed: what a reload reads again.
+    let typed: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `--config FILE` puts the file's settings in front of the typed flags.
-    let argv = match tunnel_ctl::config::apply(&root, std::env::args_os().collect()) {
+    let argv = match tunnel_ctl::config::apply(&root, typed.clone()) {
         Ok(argv) => argv,
         Err(e) => {
             eprintln!("tunnel-ctl: error: {e:#}");
@@ -47,7 +49,13 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Monitor(args) => run_daemon(monitor::run(args.into())),
-        Command::Server(args) => run_daemon(server::run(args.into())),
+        Command::Server(args) => {
+            let source = tunnel_ctl::cli::reread(typed, |c| match c {
+                Command::Server(a) => Some(a.into()),
+                _ => None,
+            });
+            run_daemon(server::run(args.into(), source))
+        }
         Command::Client(args) => run_daemon(client::run(args.into())),
         Command::Mape(MapeCommand::Ce(args)) => run_daemon(tunnel_ctl::mape::ce::run(args.into())),
         Command::Mape(MapeCommand::Br(args)) => run_daemon(tunnel_ctl::mape::br::run(args.into())),
@@ -59,6 +67,9 @@ fn main() -> ExitCode {
                     println!("{}", m.describe());
                 }
             })
+        }
+        Command::Reload(i) => {
+            mgmt::request(&i.instance, &Request::Reload).map(|v| report::print(&v, false))
         }
         Command::Leases(q) => {
             mgmt::request(&q.instance.instance, &Request::Leases).map(|v| report::print(&v, q.json))
@@ -171,7 +182,7 @@ fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
         .block_on(async {
             // From here on SIGHUP is caught (the handler stays for the process's life), so a
             // hang-up during start-up cannot end the daemon uncleanly either;
-            // `shutdown_signal` logs the ones that come later.
+            // the daemon skeleton takes them over once it serves (a reload).
             let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             fut.await
         })

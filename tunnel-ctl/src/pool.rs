@@ -107,40 +107,56 @@ pub struct Pool {
     /// client → (address, hold expiry) after a release.
     held: HashMap<Ipv6Addr, (Ipv4Addr, Instant)>,
     hold: Duration,
+    /// Addresses of the ranges that are never leased (the gateway).
+    exclude: Vec<Ipv4Addr>,
 }
 
 impl Pool {
     /// A pool of `ranges` minus `exclude` (the gateway, say). Fails when empty, overlapping
     /// or too large.
     pub fn new(ranges: &[Range4], exclude: &[Ipv4Addr], hold: Duration) -> Result<Pool, String> {
-        let total: u64 = ranges.iter().map(Range4::len).sum();
-        if total > MAX_POOL {
-            return Err(format!(
-                "pool of {total} addresses is larger than {MAX_POOL}"
-            ));
-        }
-        let mut seen = HashSet::new();
-        let mut free = VecDeque::new();
-        for r in ranges {
-            for a in r.addrs() {
-                if !seen.insert(a) {
-                    return Err(format!("pool ranges overlap at {a}"));
-                }
-                if !exclude.contains(&a) {
-                    free.push_back(a);
-                }
-            }
-        }
-        if free.is_empty() {
-            return Err("pool has no usable address".into());
-        }
         Ok(Pool {
             ranges: ranges.to_vec(),
-            free,
+            free: usable(ranges, exclude)?.into(),
             in_use: HashSet::new(),
             held: HashMap::new(),
             hold,
+            exclude: exclude.to_vec(),
         })
+    }
+
+    /// Changes the ranges in place (a reload): free addresses that stay keep their place,
+    /// new ones go to the end of the free list. Leased addresses outside the new ranges stay
+    /// leased until released and then leave the pool for good; they are returned, so that
+    /// their leases can be ended. Fails (changing nothing) as [`Pool::new`] would.
+    pub fn reshape(&mut self, ranges: &[Range4]) -> Result<Vec<Ipv4Addr>, String> {
+        let all = usable(ranges, &self.exclude)?;
+        let wanted: HashSet<Ipv4Addr> = all.iter().copied().collect();
+        self.free.retain(|a| wanted.contains(a));
+        for a in all {
+            if !self.in_use.contains(&a) && !self.free.contains(&a) {
+                self.free.push_back(a);
+            }
+        }
+        self.held.retain(|_, (a, _)| wanted.contains(a));
+        self.ranges = ranges.to_vec();
+        let mut withdrawn: Vec<Ipv4Addr> = self
+            .in_use
+            .iter()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        withdrawn.sort();
+        Ok(withdrawn)
+    }
+
+    /// Whether `addr` is one this pool hands out.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        !self.exclude.contains(&addr)
+            && self
+                .ranges
+                .iter()
+                .any(|r| (r.first..=r.last).contains(&addr))
     }
 
     /// Human description, e.g. `198.51.100.2-198.51.100.4`.
@@ -201,8 +217,9 @@ impl Pool {
     }
 
     /// Returns `addr` to the pool, held for `client` until the hold time passes.
+    /// An address no longer in the ranges (withdrawn by a reload) just leaves.
     pub fn release(&mut self, addr: Ipv4Addr, client: Ipv6Addr, now: Instant) {
-        if self.in_use.remove(&addr) {
+        if self.in_use.remove(&addr) && self.contains(addr) {
             self.free.push_back(addr);
             if !self.hold.is_zero() {
                 self.held.insert(client, (addr, now + self.hold));
@@ -211,9 +228,85 @@ impl Pool {
     }
 }
 
+/// The addresses of `ranges` less `exclude`, in order; fails when they overlap, are too many
+/// or leave none.
+fn usable(ranges: &[Range4], exclude: &[Ipv4Addr]) -> Result<Vec<Ipv4Addr>, String> {
+    let total: u64 = ranges.iter().map(Range4::len).sum();
+    if total > MAX_POOL {
+        return Err(format!(
+            "pool of {total} addresses is larger than {MAX_POOL}"
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut free = Vec::new();
+    for r in ranges {
+        for a in r.addrs() {
+            if !seen.insert(a) {
+                return Err(format!("pool ranges overlap at {a}"));
+            }
+            if !exclude.contains(&a) {
+                free.push(a);
+            }
+        }
+    }
+    if free.is_empty() {
+        return Err("pool has no usable address".into());
+    }
+    Ok(free)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reshape_adds_and_withdraws_ranges_and_a_withdrawn_address_never_returns() {
+        let now = Instant::now();
+        let mut p = Pool::new(&[r("198.51.100.1-198.51.100.3")], &[], Duration::ZERO).unwrap();
+        let a = p.allocate(client(1), now).unwrap();
+        let b = p.allocate(client(2), now).unwrap();
+        assert_eq!(
+            (a, b),
+            (
+                "198.51.100.1".parse().unwrap(),
+                "198.51.100.2".parse().unwrap()
+            )
+        );
+        // .2 and .3 go, .10-.11 come: .2 is leased, so it is withdrawn.
+        let withdrawn = p
+            .reshape(&[
+                r("198.51.100.1-198.51.100.1"),
+                r("198.51.100.10-198.51.100.11"),
+            ])
+            .unwrap();
+        assert_eq!(withdrawn, vec![b]);
+        assert_eq!(
+            p.capacity(),
+            4,
+            "2 free (.10 .11) + 2 leased (.1, withdrawn .2)"
+        );
+        p.release(b, client(2), now);
+        assert_eq!(p.capacity(), 3);
+        let mut got: Vec<Ipv4Addr> = std::iter::from_fn(|| p.allocate(client(9), now)).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "198.51.100.10".parse::<Ipv4Addr>().unwrap(),
+                "198.51.100.11".parse().unwrap()
+            ]
+        );
+        // A bad shape changes nothing.
+        assert!(
+            p.reshape(&[
+                r("198.51.100.1-198.51.100.5"),
+                r("198.51.100.4-198.51.100.9")
+            ])
+            .is_err()
+        );
+        assert!(p.contains("198.51.100.10".parse().unwrap()));
+        assert!(!p.contains(b));
+    }
 
     fn r(s: &str) -> Range4 {
         s.parse().unwrap()

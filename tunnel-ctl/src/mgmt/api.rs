@@ -34,6 +34,8 @@ pub enum Request {
     ForwardDel { port: ForwardPort },
     /// The static port forwards (MAP-E CE).
     ForwardList,
+    /// Re-read the configuration and apply the difference (answered with what changed).
+    Reload,
 }
 
 impl Request {
@@ -41,6 +43,7 @@ impl Request {
     pub fn subject(&self) -> &'static str {
         match self {
             Request::Status => "status",
+            Request::Reload => "reload",
             Request::Stats => "counters",
             Request::Leases => "lease table (leases are a server's)",
             Request::Nat => "NAT table (that is a MAP-E CE's)",

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
 };
 use tracing::{debug, warn};
 
@@ -109,7 +110,11 @@ impl Listener {
     /// gets an error answer.
     /// Answers requests for the daemon's life. Serving is what "up" means: systemd hears
     /// READY=1 here, and the watchdog (if the unit has one) starts.
-    pub async fn serve(&self, handler: Arc<dyn Handler>) {
+    pub async fn serve(
+        &self,
+        handler: Arc<dyn Handler>,
+        reload: Option<mpsc::Sender<oneshot::Sender<crate::daemon::ReloadResult>>>,
+    ) {
         crate::systemd::ready(&format!("serving {}", self.path.display()));
         if let Some(every) = crate::systemd::watchdog_interval() {
             tokio::spawn(crate::systemd::watchdog(every));
@@ -118,8 +123,9 @@ impl Listener {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
                     let handler = handler.clone();
+                    let reload = reload.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_connection(stream, handler).await {
+                        if let Err(e) = serve_connection(stream, handler, reload).await {
                             debug!("management connection: {e:#}");
                         }
                     });
@@ -133,11 +139,29 @@ impl Listener {
     }
 }
 
-async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) -> Result<()> {
+async fn serve_connection(
+    stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    reload: Option<mpsc::Sender<oneshot::Sender<crate::daemon::ReloadResult>>>,
+) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = TokioBufReader::new(read.take_limit()).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
+            // A reload is the daemon's main loop's to run (it may take a while, and it is
+            // async): ask it and wait.
+            Ok(Request::Reload) => {
+                let (tx, rx) = oneshot::channel();
+                let asked = match &reload {
+                    Some(r) => r.send(tx).await.is_ok(),
+                    None => false,
+                };
+                match (asked, rx.await) {
+                    (true, Ok(Ok(changes))) => Response::Ok(Reply::Changed(changes)),
+                    (true, Ok(Err(e))) => Response::Error(e),
+                    _ => Response::Error("this daemon cannot reload its configuration".into()),
+                }
+            }
             Ok(request) => handler.handle(request),
             Err(e) => Response::Error(format!("bad request: {e}")),
         };

@@ -4,7 +4,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -25,8 +28,8 @@ struct Source {
 }
 
 pub struct Admission {
-    max_per_source: usize,
-    rate: u32,
+    max_per_source: AtomicUsize,
+    rate: AtomicU32,
     state: Mutex<(HashMap<IpAddr, Source>, Instant)>,
 }
 
@@ -34,27 +37,41 @@ impl Admission {
     /// 0 means no limit, for either.
     pub fn new(max_per_source: usize, rate: u32) -> Admission {
         Admission {
-            max_per_source,
-            rate,
+            max_per_source: AtomicUsize::new(max_per_source),
+            rate: AtomicU32::new(rate),
             state: Mutex::new((HashMap::new(), Instant::now())),
         }
     }
 
+    /// New limits (a reload); connections already admitted stay.
+    pub fn set_limits(&self, max_per_source: usize, rate: u32) {
+        self.max_per_source.store(max_per_source, Ordering::Relaxed);
+        self.rate.store(rate, Ordering::Relaxed);
+    }
+
+    fn max_per_source(&self) -> usize {
+        self.max_per_source.load(Ordering::Relaxed)
+    }
+
+    fn rate(&self) -> u32 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
     fn burst(&self) -> f64 {
-        f64::from(self.rate.max(1)) * 2.0
+        f64::from(self.rate().max(1)) * 2.0
     }
 
     /// Counts a new connection from `ip`, or says why not. An admitted connection must be
     /// [`Admission::release`]d when it ends.
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
-        if self.max_per_source == 0 && self.rate == 0 {
+        if self.max_per_source() == 0 && self.rate() == 0 {
             return Ok(());
         }
         let burst = self.burst();
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (sources, last_sweep) = &mut *guard;
         if sources.len() > SWEEP_ABOVE && now.duration_since(*last_sweep) > Duration::from_secs(1) {
-            let rate = f64::from(self.rate);
+            let rate = f64::from(self.rate());
             sources.retain(|_, s| {
                 s.conns > 0 || s.tokens + rate * now.duration_since(s.last).as_secs_f64() < burst
             });
@@ -65,15 +82,16 @@ impl Admission {
             tokens: burst,
             last: now,
         });
-        if self.max_per_source != 0 && s.conns >= self.max_per_source {
-            return Err(Refusal::TooMany(self.max_per_source));
+        let (max, rate) = (self.max_per_source(), self.rate());
+        if max != 0 && s.conns >= max {
+            return Err(Refusal::TooMany(max));
         }
-        if self.rate != 0 {
-            let refill = f64::from(self.rate) * now.duration_since(s.last).as_secs_f64();
+        if rate != 0 {
+            let refill = f64::from(rate) * now.duration_since(s.last).as_secs_f64();
             s.tokens = (s.tokens + refill).min(burst);
             s.last = now;
             if s.tokens < 1.0 {
-                return Err(Refusal::TooFast(self.rate));
+                return Err(Refusal::TooFast(rate));
             }
             s.tokens -= 1.0;
         }
@@ -83,7 +101,7 @@ impl Admission {
 
     /// An admitted connection from `ip` ended.
     pub fn release(&self, ip: IpAddr) {
-        if self.max_per_source == 0 && self.rate == 0 {
+        if self.max_per_source() == 0 && self.rate() == 0 {
             return;
         }
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -134,6 +134,8 @@ pub enum CloseReason {
     NativeRefused(String),
     WriteError(String),
     StoppedReading(Duration),
+    /// A reload took the lease's address out of the pool.
+    Withdrawn(String),
 }
 
 impl CloseReason {
@@ -144,7 +146,8 @@ impl CloseReason {
             | CloseReason::LeaseLimit(_)
             | CloseReason::PoolExhausted(_)
             | CloseReason::Ipv6PoolExhausted(_)
-            | CloseReason::NativeRefused(_) => Some(self.to_string()),
+            | CloseReason::NativeRefused(_)
+            | CloseReason::Withdrawn(_) => Some(self.to_string()),
             _ => None,
         }
     }
@@ -170,7 +173,8 @@ impl fmt::Display for CloseReason {
             CloseReason::LeaseLimit(t)
             | CloseReason::PoolExhausted(t)
             | CloseReason::Ipv6PoolExhausted(t)
-            | CloseReason::NativeRefused(t) => f.write_str(t),
+            | CloseReason::NativeRefused(t)
+            | CloseReason::Withdrawn(t) => f.write_str(t),
             CloseReason::WriteError(e) => write!(f, "write error: {e}"),
             CloseReason::StoppedReading(t) => write!(f, "client stopped reading for {t:?}"),
         }
@@ -309,6 +313,18 @@ impl Session {
         self.stats.sessions_replaced.inc();
         self.lease = None;
         self.close(CloseReason::Replaced);
+    }
+
+    /// A reload took `addr` out of the pool: if it is this session's lease, the client hears
+    /// 110 "address withdrawn" and the session ends (releasing it for good).
+    pub fn withdrawn(&mut self, addr: Ipv4Addr) {
+        if self.closed || self.lease != Some(addr) {
+            return;
+        }
+        self.stats.leases_withdrawn.inc();
+        let text = format!("address withdrawn: {addr} is no longer in this server's pool");
+        info!(peer = %self.holder.peer, session = self.holder.id, "{text}");
+        self.refuse(CloseReason::Withdrawn(text));
     }
 
     /// The connection delivered bytes that are not frames.
@@ -1310,5 +1326,25 @@ mod tests {
             CloseReason::UnexpectedType(101).to_string(),
             "protocol error: unexpected type 101 from a client"
         );
+    }
+
+    #[test]
+    fn a_withdrawn_address_ends_its_session_with_110_and_no_other() {
+        let lab = Lab::new();
+        let mut t = table("198.51.100.7-198.51.100.8");
+        let mut a = lab.session(1, "2001:db8:1::1", &cfg(false, false));
+        let mut b = lab.session(2, "2001:db8:2::1", &cfg(false, false));
+        let addr_a = lease_of(&mut a, &mut t, lab.at(1));
+        lease_of(&mut b, &mut t, lab.at(1));
+        // Only the holder of the withdrawn address reacts.
+        b.withdrawn(addr_a);
+        assert_eq!(drain(&mut b), vec![]);
+        a.withdrawn(addr_a);
+        let text = format!("address withdrawn: {addr_a} is no longer in this server's pool");
+        assert_eq!(
+            drain(&mut a),
+            refused(&text, CloseReason::Withdrawn(text.clone()))
+        );
+        assert_eq!(lab.stats.leases_withdrawn.get(), 1);
     }
 }

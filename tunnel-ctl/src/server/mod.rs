@@ -47,6 +47,7 @@ pub(crate) mod machine;
 pub(crate) mod persist;
 pub(crate) mod policy;
 pub(crate) mod queue;
+pub(crate) mod reload;
 pub(crate) mod session;
 pub(crate) mod state;
 
@@ -67,6 +68,9 @@ counters! {
         sessions_refused_rate,
         sessions_handshake_timeout,
         leases_granted,
+        leases_withdrawn,
+        reloads,
+        reloads_refused,
         pool_exhausted,
         lease_limit_refused,
         frames_in,
@@ -135,6 +139,8 @@ pub struct Link {
     pub last_rx: Arc<AtomicU64>,
     /// Closes the session (takeover by a reconnecting client).
     pub cancel: CancellationToken,
+    /// A reload took the session's lease out of the pool.
+    pub withdraw: Arc<Notify>,
     /// What the session carried in-band.
     pub traffic: Arc<LinkTraffic>,
 }
@@ -225,9 +231,14 @@ impl machine::Leases for Locked<'_> {
 
 /// Everything the sessions share.
 pub struct Server {
-    pub cfg: Config,
-    /// What each session machine is told.
-    pub session_cfg: Arc<machine::SessionConfig>,
+    cfg: std::sync::RwLock<Config>,
+    /// What each new session machine is told.
+    session_cfg: std::sync::RwLock<Arc<machine::SessionConfig>>,
+    /// The configuration running now (a reload compares the file with it; held while one
+    /// reload runs, so reloads take turns).
+    running: tokio::sync::Mutex<ServerConfig>,
+    nl: Netlink,
+    tun_index: u32,
     pub state: std::sync::Mutex<Shared>,
     pub stats: Arc<ServerStats>,
     /// Per-source connection count and rate.
@@ -250,6 +261,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// The settings sessions and admission read (a reload replaces them).
+    pub fn cfg(&self) -> Config {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn session_cfg(&self) -> Arc<machine::SessionConfig> {
+        self.session_cfg
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The lease table (a poisoned lock is taken as is: the table stays consistent per call).
     pub fn lock(&self) -> MutexGuard<'_, Shared> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -312,12 +335,12 @@ impl Server {
 
     /// Whether `peer` may connect (`--allow`; IPv4-mapped peers match IPv4 prefixes too).
     pub fn allowed(&self, peer: IpAddr) -> bool {
-        if self.cfg.allow.is_empty() {
+        let cfg = self.cfg.read().unwrap_or_else(|p| p.into_inner());
+        if cfg.allow.is_empty() {
             return true;
         }
         let canonical = peer.to_canonical();
-        self.cfg
-            .allow
+        cfg.allow
             .iter()
             .any(|net| net.contains(&peer) || net.contains(&canonical))
     }
@@ -371,7 +394,8 @@ impl Handler for Server {
     }
 }
 
-pub async fn run(args: ServerConfig) -> Result<()> {
+/// Runs the server with `args`; `source` re-reads the configuration for a reload.
+pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>) -> Result<()> {
     let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     raise_fd_limit(args.max_sessions);
@@ -382,18 +406,7 @@ pub async fn run(args: ServerConfig) -> Result<()> {
     if !args.allow_in.is_empty() && pool6.is_none() && delegate.is_none() {
         anyhow::bail!("--allow-in filters clients' IPv6: it needs --pool6 or --delegate");
     }
-    let dns = match args.dns.as_slice() {
-        [] => {
-            let found = dns::system_nameservers();
-            if found.is_empty() {
-                warn!(
-                    "no IPv4 nameserver in /etc/resolv.conf; clients get 0.0.0.0 as DNS (pass --dns)"
-                );
-            }
-            three_dns(&found)
-        }
-        list => three_dns(list),
-    };
+    let dns = dns_of(&args);
 
     let tunnel_addr = match (&args.v6_dev, args.tunnel_addr, args.listen.ip()) {
         (None, _, _) => None,
@@ -478,7 +491,10 @@ pub async fn run(args: ServerConfig) -> Result<()> {
     }
 
     let server = Arc::new(Server {
-        cfg: Config {
+        running: tokio::sync::Mutex::new(args.clone()),
+        nl: nl.clone(),
+        tun_index,
+        cfg: std::sync::RwLock::new(Config {
             keepalive: args.timers.keepalive,
             timeout: args.timers.timeout,
             dns,
@@ -487,8 +503,8 @@ pub async fn run(args: ServerConfig) -> Result<()> {
             handshake_timeout: args.handshake_timeout,
             session_queue: args.session_queue as usize,
             session_buffer: args.session_buffer as usize,
-        },
-        session_cfg: Arc::new(machine::SessionConfig {
+        }),
+        session_cfg: std::sync::RwLock::new(Arc::new(machine::SessionConfig {
             keepalive: args.timers.keepalive,
             timeout: args.timers.timeout,
             handshake_timeout: args.handshake_timeout,
@@ -501,7 +517,7 @@ pub async fn run(args: ServerConfig) -> Result<()> {
                 dns: v6.dns.clone(),
                 allow_in: v6.allow_in.clone(),
             }),
-        }),
+        })),
         state: std::sync::Mutex::new(Shared {
             table: state,
             links: HashMap::new(),
@@ -523,7 +539,21 @@ pub async fn run(args: ServerConfig) -> Result<()> {
     server.stats.leases_restored.add(restored as u64);
     // Saved leases that were not restored must leave the file too.
     server.leases_changed.notify_one();
-    let daemon = crate::daemon::Daemon::start(&instance, server.clone(), args.metrics).await?;
+    let reload = crate::daemon::reloader(source, server.clone(), |s, cfg| {
+        Box::pin(async move {
+            let result = match cfg {
+                Ok(cfg) => s.reload(cfg).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                s.stats.reloads_refused.inc();
+            }
+            result
+        })
+    });
+    let daemon = crate::daemon::Daemon::start(&instance, server.clone(), args.metrics)
+        .await?
+        .with_reload(reload);
     info!(
         "serving 4over6 on {} (pool {}, gateway {}, TUN {}, DNS {} {} {}, keepalive {:?}, timeout {:?}, hold {:?})",
         args.listen,
@@ -597,6 +627,22 @@ pub async fn run(args: ServerConfig) -> Result<()> {
         v6.shutdown(pool).await;
     }
     Ok(())
+}
+
+/// The 101's DNS servers: `--dns`, else this host's resolv.conf.
+fn dns_of(args: &ServerConfig) -> [Ipv4Addr; 3] {
+    match args.dns.as_slice() {
+        [] => {
+            let found = dns::system_nameservers();
+            if found.is_empty() {
+                warn!(
+                    "no IPv4 nameserver in /etc/resolv.conf; clients get 0.0.0.0 as DNS (pass --dns)"
+                );
+            }
+            three_dns(&found)
+        }
+        list => three_dns(list),
+    }
 }
 
 fn save_leases(server: &Server) {

@@ -75,7 +75,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let _admitted = Admitted(&server, peer_ip);
     let full = {
         let mut state = server.lock();
-        let max = server.cfg.max_sessions;
+        let max = server.cfg().max_sessions;
         let full = max != 0 && state.sessions >= max;
         if !full {
             state.sessions += 1;
@@ -84,7 +84,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     };
     if full {
         server.stats.sessions_refused_full.inc();
-        let max = server.cfg.max_sessions;
+        let max = server.cfg().max_sessions;
         info!(%peer, session = id, "refused: --max-sessions {max} reached");
         refuse(
             &server,
@@ -97,11 +97,13 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     server.stats.sessions_opened.inc();
     info!(%peer, session = id, "connected");
 
-    let (tx, rx) = queue(server.cfg.session_queue, server.cfg.session_buffer);
+    let cfg = server.cfg();
+    let (tx, rx) = queue(cfg.session_queue, cfg.session_buffer);
     let link = Link {
         tx,
         last_rx: Arc::new(AtomicU64::new(server.now_ms())),
         cancel: CancellationToken::new(),
+        withdraw: Arc::default(),
         traffic: Arc::default(),
     };
     server.lock().links.insert(id, link.clone());
@@ -111,7 +113,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     };
     let machine = machine::Session::new(
         holder,
-        server.session_cfg.clone(),
+        server.session_cfg(),
         server.stats.clone(),
         std::time::Instant::now(),
     );
@@ -120,6 +122,7 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         link,
         peer,
         machine,
+        timeout: cfg.timeout,
     };
     let reason = session.serve(&mut framed, rx).await;
 
@@ -182,6 +185,8 @@ struct Driver {
     link: Link,
     peer: SocketAddr,
     machine: machine::Session,
+    /// Writes that take longer end the session (the client stopped reading).
+    timeout: Duration,
 }
 
 type Conn = Framed<TcpStream, FrameCodec>;
@@ -190,6 +195,7 @@ impl Driver {
     /// Runs until the session ends; returns why.
     async fn serve(&mut self, framed: &mut Conn, mut rx: QueueRx) -> CloseReason {
         let cancel = self.link.cancel.clone();
+        let withdraw = self.link.withdraw.clone();
         loop {
             if let Some(reason) = self.run_actions(framed).await {
                 return reason;
@@ -198,6 +204,11 @@ impl Driver {
             // Not biased: a client flooding us with 102s must not starve its own 103s.
             tokio::select! {
                 () = cancel.cancelled() => self.machine.replaced(),
+                () = withdraw.notified() => {
+                    if let Some(addr) = self.machine.lease() {
+                        self.machine.withdrawn(addr);
+                    }
+                }
                 () = tokio::time::sleep_until(wake) => {
                     self.machine.handle_timeout(std::time::Instant::now());
                 }
@@ -279,7 +290,7 @@ impl Driver {
         framed: &mut Conn,
         frames: impl IntoIterator<Item = Frame>,
     ) -> Result<(), CloseReason> {
-        let timeout = self.server.cfg.timeout;
+        let timeout = self.timeout;
         match frame::write_frames(framed, timeout, frames).await {
             Ok(n) => {
                 self.server.stats.frames_out.add(n);

@@ -66,6 +66,10 @@ pub struct Lease {
     pub restored_until: Option<Instant>,
 }
 
+/// Leases a pool change withdrew: (address, session) of those held now, and the restored
+/// ones that ended at once.
+pub type Withdrawn = (Vec<(Ipv4Addr, u64)>, Vec<Ended>);
+
 /// A lease that ended: what must be undone in the fast path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ended {
@@ -441,6 +445,23 @@ impl State {
             ipv4: addr,
             tunnel: lease.tunnel,
         }
+    }
+
+    /// New pool ranges (a reload): see [`Pool::reshape`]. Leases on withdrawn addresses that
+    /// a session holds are returned as (address, session) for the sessions to end; restored
+    /// ones without a session end here (returned as [`Ended`]).
+    pub fn reshape_pool(&mut self, ranges: &[crate::pool::Range4]) -> Result<Withdrawn, String> {
+        let withdrawn = self.pool.reshape(ranges)?;
+        let mut held = Vec::new();
+        let mut ended = Vec::new();
+        for addr in withdrawn {
+            match self.leases.get(&addr).and_then(|l| l.session) {
+                Some(s) => held.push((addr, s.id)),
+                None if self.leases.contains_key(&addr) => ended.push(self.remove(addr)),
+                None => {}
+            }
+        }
+        Ok((held, ended))
     }
 
     /// Releases restored leases whose client did not come back in time.
