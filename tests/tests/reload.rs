@@ -201,3 +201,116 @@ fn a_reload_changes_the_pool_allow_and_limits_in_place_and_loses_nothing() -> Re
     );
     Ok(())
 }
+
+/// Issue 26, Done-when 3: a CE reload that removes one port forward and adds another leaves
+/// an established NAPT mapping alone: a TCP transfer from the LAN across the reload comes
+/// back byte-identical, and the new forward reaches the LAN host.
+#[test]
+fn a_ce_reload_swaps_port_forwards_and_a_transfer_across_it_is_intact() -> Result<()> {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+        sync::mpsc,
+    };
+    use tunnel_tests::mape::{INTERNET_HOST, LAN_HOST, MapeLab, RULE_252, SHARED};
+    const OLD: &str = "1680=198.51.100.10:80/tcp";
+    const NEW: &str = "1681=198.51.100.10:81/tcp";
+    const HALF: usize = 2 << 20;
+    let t = MapeLab::start_with(&RULE_252, &["--forward", OLD], true)?;
+
+    // An echo server on the internet host, and a LAN client that sends half, waits for the
+    // reload, sends the rest and reads everything back.
+    let echo = t
+        .internet
+        .enter(|| TcpListener::bind(SocketAddrV4::new(INTERNET_HOST, 6000)))??;
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = echo.accept() {
+            let mut r = c.try_clone().expect("clone");
+            let _ = std::io::copy(&mut r, &mut c);
+        }
+    });
+    let data: Vec<u8> = (0..2 * HALF).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut conn = t
+        .lan
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(INTERNET_HOST, 6000)),
+                Duration::from_secs(5),
+            )
+        })?
+        .context("LAN to the internet")?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = conn.try_clone()?;
+    let expected = data.clone();
+    let (half_done, wait_half) = mpsc::channel();
+    let back = std::thread::spawn(move || -> Result<Vec<u8>> {
+        let mut got = vec![0u8; expected.len()];
+        reader.read_exact(&mut got[..HALF])?;
+        half_done.send(()).ok();
+        reader.read_exact(&mut got[HALF..])?;
+        Ok(got)
+    });
+    conn.write_all(&data[..HALF])?;
+    wait_half
+        .recv_timeout(Duration::from_secs(10))
+        .context("the first half's echo")?;
+
+    let path = t.lab.dir().join(format!("{}.toml", t.ce_instance));
+    let text = std::fs::read_to_string(&path)?;
+    ensure!(text.contains(OLD), "{text}");
+    std::fs::write(&path, text.replace(OLD, NEW))?;
+    let out = t
+        .lab
+        .ctl_output(&["reload", "--instance", &t.ce_instance])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.contains(&format!("forward removed: {OLD}")),
+        "{stdout}"
+    );
+    ensure!(
+        stdout.contains(&format!("forward added: {NEW}")),
+        "{stdout}"
+    );
+
+    conn.write_all(&data[HALF..])?;
+    let got = back
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    ensure!(
+        got == data,
+        "the transfer across the reload came back different"
+    );
+
+    let list = t
+        .lab
+        .ctl(&["forward", "list", "--instance", &t.ce_instance, "--json"])?;
+    let list: serde_json::Value = serde_json::from_str(&list)?;
+    let ports: Vec<u64> = list
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter_map(|f| f["external_port"].as_u64())
+        .collect();
+    ensure!(ports == vec![1681], "{list}");
+    // The new forward works.
+    let lan81 = t
+        .lan
+        .enter(|| TcpListener::bind(SocketAddrV4::new(LAN_HOST, 81)))??;
+    let accept = std::thread::spawn(move || lan81.accept().map(|(_, peer)| peer));
+    t.internet
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(SHARED, 1681)),
+                Duration::from_secs(5),
+            )
+        })?
+        .context("to the new forward")?;
+    let peer = accept.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+    ensure!(peer.ip() == std::net::IpAddr::V4(INTERNET_HOST), "{peer}");
+    Ok(())
+}

@@ -47,55 +47,63 @@ fn main() -> ExitCode {
         // SAFETY: setting a signal disposition to its default before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let result = match cli.command {
-        Command::Monitor(args) => run_daemon(monitor::run(args.into())),
-        Command::Server(args) => {
-            let source = tunnel_ctl::cli::reread(typed, |c| match c {
-                Command::Server(a) => Some(a.into()),
-                _ => None,
-            });
-            run_daemon(server::run(args.into(), source))
-        }
-        Command::Client(args) => run_daemon(client::run(args.into())),
-        Command::Mape(MapeCommand::Ce(args)) => run_daemon(tunnel_ctl::mape::ce::run(args.into())),
-        Command::Mape(MapeCommand::Br(args)) => run_daemon(tunnel_ctl::mape::br::run(args.into())),
-        Command::Mape(MapeCommand::Calc(args)) => {
-            tunnel_ctl::mape::calc(&args.rule.query()).map(|m| {
-                if args.json {
-                    report::print(&serde_json::json!(m), true);
-                } else {
-                    println!("{}", m.describe());
-                }
-            })
-        }
-        Command::Reload(i) => {
-            mgmt::request(&i.instance, &Request::Reload).map(|v| report::print(&v, false))
-        }
-        Command::Leases(q) => {
-            mgmt::request(&q.instance.instance, &Request::Leases).map(|v| report::print(&v, q.json))
-        }
-        Command::Status(q) => {
-            mgmt::request(&q.instance.instance, &Request::Status).map(|v| report::print(&v, q.json))
-        }
-        Command::Stats(q) => {
-            mgmt::request(&q.instance.instance, &Request::Stats).map(|v| report::print(&v, q.json))
-        }
-        Command::Nat(q) => {
-            mgmt::request(&q.instance.instance, &Request::Nat).map(|v| report::print(&v, q.json))
-        }
-        Command::Forward(ForwardCommand::Add { spec, instance }) => {
-            mgmt::request(&instance.instance, &Request::ForwardAdd { forward: spec })
-                .map(|v| report::print(&v, false))
-        }
-        Command::Forward(ForwardCommand::Del { port, instance }) => {
-            mgmt::request(&instance.instance, &Request::ForwardDel { port })
-                .map(|v| report::print(&v, false))
-        }
-        Command::Forward(ForwardCommand::List(q)) => {
-            mgmt::request(&q.instance.instance, &Request::ForwardList)
-                .map(|v| report::print(&v, q.json))
-        }
-    };
+    let result =
+        match cli.command {
+            Command::Monitor(args) => run_daemon(monitor::run(args.into())),
+            Command::Server(args) => {
+                let source = tunnel_ctl::cli::reread(typed, |c| match c {
+                    Command::Server(a) => Some(a.into()),
+                    _ => None,
+                });
+                run_daemon(server::run(args.into(), source))
+            }
+            Command::Client(args) => run_daemon(client::run(args.into())),
+            Command::Mape(MapeCommand::Ce(args)) => {
+                let source = tunnel_ctl::cli::reread(typed, |c| match c {
+                    Command::Mape(MapeCommand::Ce(a)) => Some(a.into()),
+                    _ => None,
+                });
+                run_daemon(tunnel_ctl::mape::ce::run(args.into(), source))
+            }
+            Command::Mape(MapeCommand::Br(args)) => {
+                let source = tunnel_ctl::cli::reread(typed, |c| match c {
+                    Command::Mape(MapeCommand::Br(a)) => Some(a.into()),
+                    _ => None,
+                });
+                run_daemon(tunnel_ctl::mape::br::run(args.into(), source))
+            }
+            Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule.query())
+                .map(|m| {
+                    if args.json {
+                        report::print(&serde_json::json!(m), true);
+                    } else {
+                        println!("{}", m.describe());
+                    }
+                }),
+            Command::Reload(i) => {
+                mgmt::request(&i.instance, &Request::Reload).map(|v| report::print(&v, false))
+            }
+            Command::Leases(q) => mgmt::request(&q.instance.instance, &Request::Leases)
+                .map(|v| report::print(&v, q.json)),
+            Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)
+                .map(|v| report::print(&v, q.json)),
+            Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)
+                .map(|v| report::print(&v, q.json)),
+            Command::Nat(q) => mgmt::request(&q.instance.instance, &Request::Nat)
+                .map(|v| report::print(&v, q.json)),
+            Command::Forward(ForwardCommand::Add { spec, instance }) => {
+                mgmt::request(&instance.instance, &Request::ForwardAdd { forward: spec })
+                    .map(|v| report::print(&v, false))
+            }
+            Command::Forward(ForwardCommand::Del { port, instance }) => {
+                mgmt::request(&instance.instance, &Request::ForwardDel { port })
+                    .map(|v| report::print(&v, false))
+            }
+            Command::Forward(ForwardCommand::List(q)) => {
+                mgmt::request(&q.instance.instance, &Request::ForwardList)
+                    .map(|v| report::print(&v, q.json))
+            }
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if tunnel_ctl::usage::is_usage(&e) => {

@@ -27,6 +27,7 @@ pub struct BrDevices<'a> {
 
 pub struct BrDataplane {
     ebpf: Mutex<Ebpf>,
+    rules: Mutex<BrRules>,
 }
 
 impl BrDataplane {
@@ -40,11 +41,7 @@ impl BrDataplane {
         let mut ebpf = super::load(pin_dir)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let mut table = BrRules::take(&mut ebpf)?;
-        let entries: Vec<_> = rules
-            .iter()
-            .map(|(net, rule)| (v4_key(net.network()), net.prefix_len(), *rule))
-            .collect();
-        table.replace_all(&entries)?;
+        replace(&mut table, rules)?;
         maps.set_config(config)?;
         for (program, dev) in [
             (PROG_BR_DECAP, devices.v6_dev),
@@ -54,11 +51,28 @@ impl BrDataplane {
         }
         Ok(BrDataplane {
             ebpf: Mutex::new(ebpf),
+            rules: Mutex::new(table),
         })
+    }
+
+    /// Makes the rules map hold exactly `rules` (a reload).
+    pub fn set_rules(&self, rules: &[(Ipv4Net, MapRule)]) -> Result<()> {
+        replace(
+            &mut self.rules.lock().unwrap_or_else(|p| p.into_inner()),
+            rules,
+        )
     }
 
     /// The programs' counters.
     pub fn counters(&self) -> Result<Counters> {
         stats::read(&self.ebpf.lock().unwrap_or_else(|p| p.into_inner()))
     }
+}
+
+fn replace(table: &mut BrRules, rules: &[(Ipv4Net, MapRule)]) -> Result<()> {
+    let entries: Vec<_> = rules
+        .iter()
+        .map(|(net, rule)| (v4_key(net.network()), net.prefix_len(), *rule))
+        .collect();
+    table.replace_all(&entries)
 }

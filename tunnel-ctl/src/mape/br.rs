@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tracing::info;
+use tracing::{info, warn};
 use tun::AsyncDevice;
 use tunnel_common::fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig};
 
@@ -46,7 +46,12 @@ counters! {
 }
 
 struct Br {
-    rules: Vec<Rule>,
+    /// The rules in force (a reload replaces them).
+    rules: std::sync::RwLock<Vec<Rule>>,
+    /// The configuration running now (reloads compare with it and take turns on it).
+    running: tokio::sync::Mutex<BrConfig>,
+    nl: Netlink,
+    tun_index: u32,
     br_addr: Ipv6Addr,
     inner_mtu: u16,
     stats: BrStats,
@@ -69,7 +74,7 @@ impl Handler for Br {
                 v4_dev: self.v4_dev.clone(),
                 inner_mtu: self.inner_mtu,
                 rules: self
-                    .rules
+                    .rules()
                     .iter()
                     .map(|r| api::BrRuleRow {
                         ipv6: r.ipv6.to_string(),
@@ -88,9 +93,8 @@ impl Handler for Br {
     }
 }
 
-pub async fn run(args: BrConfig) -> Result<()> {
-    let instance = args.instance.clone();
-    crate::daemon::claim(&instance)?;
+/// The rules of `args`; two that map one IPv4 prefix are an error.
+fn rules_of(args: &BrConfig) -> Result<Vec<Rule>> {
     let rules: Vec<Rule> = args
         .rule
         .iter()
@@ -101,6 +105,111 @@ pub async fn run(args: BrConfig) -> Result<()> {
             bail!("two --rule options map the same IPv4 prefix {}", a.ipv4);
         }
     }
+    Ok(rules)
+}
+
+impl Br {
+    fn rules(&self) -> std::sync::RwLockReadGuard<'_, Vec<Rule>> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reload: the rules are replaced in place (map and routes to the TUN); the rest only
+    /// changes with a restart and is reported so.
+    async fn reload(&self, new: BrConfig) -> Result<Vec<String>, String> {
+        let mut running = self.running.lock().await;
+        let rules = rules_of(&new).map_err(|e| format!("{e:#}"))?;
+        let mut changes: Vec<String> = [
+            (
+                "v6-dev",
+                format!("{:?}", running.v6_dev),
+                format!("{:?}", new.v6_dev),
+            ),
+            (
+                "v4-dev",
+                format!("{:?}", running.v4_dev),
+                format!("{:?}", new.v4_dev),
+            ),
+            (
+                "br-addr",
+                format!("{:?}", running.br_addr),
+                format!("{:?}", new.br_addr),
+            ),
+            (
+                "tun",
+                format!("{:?}", running.tun),
+                format!("{:?}", new.tun),
+            ),
+            (
+                "metrics",
+                format!("{:?}", running.metrics),
+                format!("{:?}", new.metrics),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(k, a, b)| format!("{k}: not changed, it needs a restart (running {a}, file {b})"))
+        .collect();
+        let old: Vec<Rule> = self.rules().clone();
+        let describe = |r: &Rule| {
+            format!(
+                "{} ↔ {} (EA {}, PSID offset {})",
+                r.ipv6, r.ipv4, r.ea_len, r.psid_offset
+            )
+        };
+        let old_lines: Vec<String> = old.iter().map(describe).collect();
+        let new_lines: Vec<String> = rules.iter().map(describe).collect();
+        if old_lines != new_lines {
+            let map_rules: Vec<_> = rules.iter().map(|r| (r.ipv4, r.to_map_rule())).collect();
+            self.dataplane
+                .set_rules(&map_rules)
+                .map_err(|e| format!("{e:#}"))?;
+            for r in rules
+                .iter()
+                .filter(|r| !old.iter().any(|o| o.ipv4 == r.ipv4))
+            {
+                if let Err(e) = self.nl.route(r.ipv4, self.tun_index).await {
+                    warn!("reload: route {} to the TUN: {e:#}", r.ipv4);
+                }
+            }
+            for o in old
+                .iter()
+                .filter(|o| !rules.iter().any(|r| r.ipv4 == o.ipv4))
+            {
+                if let Err(e) = self.nl.del_route(o.ipv4, self.tun_index).await {
+                    warn!("reload: removing route {}: {e:#}", o.ipv4);
+                }
+            }
+            changes.extend(
+                old_lines
+                    .iter()
+                    .filter(|l| !new_lines.contains(l))
+                    .map(|l| format!("rule removed: {l}")),
+            );
+            changes.extend(
+                new_lines
+                    .iter()
+                    .filter(|l| !old_lines.contains(l))
+                    .map(|l| format!("rule added: {l}")),
+            );
+            *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        }
+        running.rule = new.rule;
+        running.interface_id = new.interface_id;
+        if changes.is_empty() {
+            changes.push("nothing changed".into());
+        }
+        for c in &changes {
+            info!("reload: {c}");
+        }
+        Ok(changes)
+    }
+}
+
+/// Runs the BR with `args`; `source` re-reads the configuration for a reload.
+pub async fn run(args: BrConfig, source: crate::daemon::Source<BrConfig>) -> Result<()> {
+    let instance = args.instance.clone();
+    crate::daemon::claim(&instance)?;
+    let rules = rules_of(&args)?;
     let nl = Netlink::connect()?;
     let v6_index = nl
         .index(&args.v6_dev)
@@ -145,7 +254,10 @@ pub async fn run(args: BrConfig) -> Result<()> {
     let softwire = Softwire::open(args.br_addr)?;
 
     let br = Arc::new(Br {
-        rules,
+        rules: std::sync::RwLock::new(rules),
+        running: tokio::sync::Mutex::new(args.clone()),
+        nl: nl.clone(),
+        tun_index,
         br_addr: args.br_addr,
         inner_mtu,
         stats: BrStats::default(),
@@ -157,8 +269,13 @@ pub async fn run(args: BrConfig) -> Result<()> {
         v6_dev: args.v6_dev.clone(),
         v4_dev: args.v4_dev.clone(),
     });
-    let daemon = crate::daemon::Daemon::start(&instance, br.clone(), args.metrics).await?;
-    for r in &br.rules {
+    let reload = crate::daemon::reloader(source, br.clone(), |br, cfg| {
+        Box::pin(async move { br.reload(cfg?).await })
+    });
+    let daemon = crate::daemon::Daemon::start(&instance, br.clone(), args.metrics)
+        .await?
+        .with_reload(reload);
+    for r in br.rules().iter() {
         info!(
             "MAP-E BR {}: rule {} ↔ {} (EA {}, PSID offset {})",
             args.br_addr, r.ipv6, r.ipv4, r.ea_len, r.psid_offset
@@ -213,12 +330,13 @@ async fn tun_reader(br: Arc<Br>) {
         let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
             continue;
         };
-        let Some(rule) = br
-            .rules
+        let rule = br
+            .rules()
             .iter()
             .filter(|r| r.ipv4.contains(&dst))
             .max_by_key(|r| r.ipv4.prefix_len())
-        else {
+            .cloned();
+        let Some(rule) = rule else {
             stats.drop_slowpath_no_rule.inc();
             continue;
         };

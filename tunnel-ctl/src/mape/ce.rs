@@ -77,6 +77,8 @@ struct Ce {
     inner_mtu: u16,
     mss: u16,
     timeouts: NatTimeouts,
+    /// The configuration running now (reloads compare with it and take turns on it).
+    running: tokio::sync::Mutex<CeConfig>,
     dataplane: CeDataplane,
     stats: CeStats,
     tun: Arc<AsyncDevice>,
@@ -95,6 +97,107 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Ce {
+    /// Reload: the file's port forwards are applied in place (those it no longer lists go,
+    /// new ones come; forwards added with `tunnel-ctl forward` stay), every other mapping is
+    /// left alone; the rest only changes with a restart and is reported so. A forward that
+    /// cannot be added undoes the whole reload.
+    async fn reload(&self, new: CeConfig) -> Result<Vec<String>, String> {
+        let mut running = self.running.lock().await;
+        let mut changes: Vec<String> = [
+            (
+                "wan",
+                format!("{:?}", running.wan),
+                format!("{:?}", new.wan),
+            ),
+            (
+                "lan",
+                format!("{:?}", running.lan),
+                format!("{:?}", new.lan),
+            ),
+            (
+                "rule",
+                format!("{:?}", running.rule),
+                format!("{:?}", new.rule),
+            ),
+            (
+                "udp-eim",
+                format!("{:?}", running.udp_eim),
+                format!("{:?}", new.udp_eim),
+            ),
+            (
+                "timeouts",
+                format!("{:?}", running.timeouts),
+                format!("{:?}", new.timeouts),
+            ),
+            (
+                "tun",
+                format!("{:?}", running.tun),
+                format!("{:?}", new.tun),
+            ),
+            (
+                "no-default-route",
+                format!("{:?}", running.no_default_route),
+                format!("{:?}", new.no_default_route),
+            ),
+            (
+                "metrics",
+                format!("{:?}", running.metrics),
+                format!("{:?}", new.metrics),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(k, a, b)| format!("{k}: not changed, it needs a restart (running {a}, file {b})"))
+        .collect();
+        let gone: Vec<_> = running
+            .forward
+            .iter()
+            .filter(|f| !new.forward.contains(f))
+            .cloned()
+            .collect();
+        let added: Vec<_> = new
+            .forward
+            .iter()
+            .filter(|f| !running.forward.contains(f))
+            .cloned()
+            .collect();
+        let remove = |specs: &[crate::mape::ForwardSpec]| {
+            for spec in specs {
+                for &proto in &spec.protos {
+                    self.dataplane.remove_forward(spec.ext_port, proto);
+                }
+            }
+        };
+        remove(&gone);
+        let mut done = Vec::new();
+        for spec in &added {
+            match self.dataplane.add_forward(spec) {
+                Ok(_) => done.push(spec.clone()),
+                Err(e) => {
+                    remove(&done);
+                    for g in &gone {
+                        let _ = self.dataplane.add_forward(g);
+                    }
+                    return Err(format!("--forward {}: {e:#}", spec.ext_port));
+                }
+            }
+        }
+        let line = |s: &crate::mape::ForwardSpec| {
+            let protos: Vec<&str> = s.protos.iter().map(|p| proto_name(*p)).collect();
+            format!("{}={}/{}", s.ext_port, s.lan, protos.join("+"))
+        };
+        changes.extend(gone.iter().map(|s| format!("forward removed: {}", line(s))));
+        changes.extend(added.iter().map(|s| format!("forward added: {}", line(s))));
+        running.forward = new.forward;
+        if changes.is_empty() {
+            changes.push("nothing changed".into());
+        }
+        for c in &changes {
+            info!("reload: {c}");
+        }
+        Ok(changes)
+    }
+
     /// The idle timeout of `entry` given what the programs saw.
     fn timeout(&self, entry: &Entry, flags: u16, in_flags: u16) -> Duration {
         let t = &self.timeouts;
@@ -214,7 +317,8 @@ impl Handler for Ce {
     }
 }
 
-pub async fn run(args: CeConfig) -> Result<()> {
+/// Runs the CE with `args`; `source` re-reads the configuration for a reload.
+pub async fn run(args: CeConfig, source: crate::daemon::Source<CeConfig>) -> Result<()> {
     let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     let mapping = calc(&args.rule)?;
@@ -279,6 +383,7 @@ pub async fn run(args: CeConfig) -> Result<()> {
         inner_mtu,
         mss,
         timeouts: args.timeouts,
+        running: tokio::sync::Mutex::new(args.clone()),
         stats: CeStats::default(),
         tun,
         softwire,
@@ -294,7 +399,12 @@ pub async fn run(args: CeConfig) -> Result<()> {
             .add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
-    let daemon = crate::daemon::Daemon::start(&instance, ce.clone(), args.metrics).await?;
+    let reload = crate::daemon::reloader(source, ce.clone(), |ce, cfg| {
+        Box::pin(async move { ce.reload(cfg?).await })
+    });
+    let daemon = crate::daemon::Daemon::start(&instance, ce.clone(), args.metrics)
+        .await?
+        .with_reload(reload);
     let m = &ce.mapping;
     info!(
         "MAP-E CE: {} with PSID {} ({} ports in {} blocks), CE {} → BR {}, WAN {} (inner MTU {inner_mtu}), LAN {}",
