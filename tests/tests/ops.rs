@@ -50,20 +50,26 @@ fn a_daemon_tells_systemd_it_is_ready_keeps_the_watchdog_and_logs_json() -> Resu
         let socket = Path::new("/run/tunnel").join(format!("{instance}.sock"));
         UnixStream::connect(&socket)
             .with_context(|| format!("READY=1 before {} accepts", socket.display()))?;
-        let mut watchdogs = 0;
+        let (mut watchdogs, mut status) = (0, None);
         for _ in 0..20 {
             let n = sock.recv(&mut buf).context("the watchdog stopped")?;
-            if String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "WATCHDOG=1")
-            {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.lines().any(|l| l == "WATCHDOG=1") {
                 watchdogs += 1;
-                if watchdogs == 3 {
-                    break;
-                }
+            }
+            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                status = Some(s.to_owned());
+            }
+            if watchdogs >= 3 && status.is_some() {
+                break;
             }
         }
-        ensure!(watchdogs == 3, "{watchdogs} WATCHDOG=1 messages");
+        ensure!(watchdogs >= 3, "{watchdogs} WATCHDOG=1 messages");
+        // What `systemctl status` shows: the daemon's own summary.
+        ensure!(
+            status.as_deref() == Some("counting on veth-b"),
+            "STATUS= line: {status:?}"
+        );
         Ok(())
     })();
     // SAFETY: signalling our own child.

@@ -327,6 +327,25 @@ pub(crate) fn example_server_status() -> ServerStatus {
     }
 }
 
+impl Status {
+    /// One line for systemd's `STATUS=` (what `systemctl status` shows).
+    pub fn line(&self) -> String {
+        match self {
+            Status::Server(s) => format!(
+                "{} sessions, {} of {} addresses leased",
+                s.sessions, s.leases, s.pool_size
+            ),
+            Status::Client(c) => match c.ipv4 {
+                Some(a) if c.state == "connected" => format!("connected to {}, {a}", c.server),
+                _ => format!("connecting to {}", c.server),
+            },
+            Status::Ce(c) => format!("{} NAPT mappings, {} ports", c.mappings, c.port_count),
+            Status::Br(b) => format!("{} rules", b.rules.len()),
+            Status::Monitor(m) => format!("counting on {}", m.interfaces.join(", ")),
+        }
+    }
+}
+
 impl From<Status> for Response {
     fn from(s: Status) -> Response {
         Response::Ok(Reply::Status(Box::new(s)))

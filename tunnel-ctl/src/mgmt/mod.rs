@@ -119,6 +119,13 @@ impl Listener {
         if let Some(every) = crate::systemd::watchdog_interval() {
             tokio::spawn(crate::systemd::watchdog(every));
         }
+        let status_of = handler.clone();
+        tokio::spawn(crate::systemd::status_updates(move || {
+            match status_of.handle(Request::Status) {
+                Response::Ok(Reply::Status(s)) => Some(s.line()),
+                _ => None,
+            }
+        }));
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
