@@ -314,3 +314,62 @@ fn a_ce_reload_swaps_port_forwards_and_a_transfer_across_it_is_intact() -> Resul
     ensure!(peer.ip() == std::net::IpAddr::V4(INTERNET_HOST), "{peer}");
     Ok(())
 }
+
+/// A BR reload with a second rule: the rule is in force at once (status, the TUN route for
+/// its prefix) and the first rule's CE keeps talking across it.
+#[test]
+fn a_br_reload_adds_a_rule_in_place() -> Result<()> {
+    use std::net::SocketAddrV4;
+    use tunnel_tests::mape::{INTERNET_HOST, MapeLab, RULE_252, udp_echo, udp_roundtrip};
+    const NEW: &str = "2001:db8:a000::/40,198.51.100.128/25,15,6";
+    let t = MapeLab::start_with(&RULE_252, &[], true)?;
+    let _echo = udp_echo(&t.internet, SocketAddrV4::new(INTERNET_HOST, 7))?;
+    udp_roundtrip(&t.lan, SocketAddrV4::new(INTERNET_HOST, 7), b"before")?;
+    let path = t.lab.dir().join(format!("{}.toml", t.br_instance));
+    let text = std::fs::read_to_string(&path)?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("rule = "))
+        .context("a rule key")?
+        .to_owned();
+    let first = line.trim_start_matches("rule = ").to_owned();
+    std::fs::write(
+        &path,
+        text.replace(&line, &format!("rule = [{first}, \"{NEW}\"]")),
+    )?;
+    let out = t
+        .lab
+        .ctl_output(&["reload", "--instance", &t.br_instance])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout
+            .contains("rule added: 2001:db8:a000::/40 ↔ 198.51.100.128/25 (EA 15, PSID offset 6)"),
+        "{stdout}"
+    );
+    ensure!(!stdout.contains("rule removed"), "{stdout}");
+    let status = t.lab.ctl_json("status", &t.br_instance)?;
+    ensure!(
+        status["rules"].as_array().map(Vec::len) == Some(2),
+        "{status}"
+    );
+    // In the programs' map too, not only in what the controller says.
+    let pin = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT)
+        .join(&t.br_instance)
+        .join("BR_RULES");
+    let map = aya::maps::MapData::from_pin(&pin)?;
+    let trie: aya::maps::LpmTrie<_, u32, tunnel_common::mape::MapRule> =
+        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(map))?;
+    ensure!(trie.keys().filter_map(Result::ok).count() == 2, "BR_RULES");
+    let routes = t.br.ip("route show 198.51.100.128/25")?;
+    ensure!(
+        routes.contains("198.51.100.128/25"),
+        "no TUN route: {routes:?}"
+    );
+    udp_roundtrip(&t.lan, SocketAddrV4::new(INTERNET_HOST, 7), b"after")?;
+    Ok(())
+}
