@@ -8,6 +8,16 @@
 /// (`u32::from_ne_bytes(addr.octets())` in userspace).
 pub type Ipv4Key = u32;
 
+/// `addr` as an [`Ipv4Key`].
+pub fn v4_key(addr: core::net::Ipv4Addr) -> Ipv4Key {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The address an [`Ipv4Key`] holds.
+pub fn v4_from_key(key: Ipv4Key) -> core::net::Ipv4Addr {
+    core::net::Ipv4Addr::from(key.to_ne_bytes())
+}
+
 /// IPv6 address as a map key: its sixteen wire bytes.
 pub type Ipv6Key = [u8; 16];
 

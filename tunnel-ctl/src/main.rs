@@ -63,14 +63,14 @@ fn main() -> ExitCode {
                     Command::Mape(MapeCommand::Ce(a)) => Some(a.into()),
                     _ => None,
                 });
-                run_daemon(tunnel_ctl::mape::ce::run(args.into(), source))
+                run_daemon(tunnel_ctl::daemon::ce::run(args.into(), source))
             }
             Command::Mape(MapeCommand::Br(args)) => {
                 let source = tunnel_ctl::cli::reread(typed, |c| match c {
                     Command::Mape(MapeCommand::Br(a)) => Some(a.into()),
                     _ => None,
                 });
-                run_daemon(tunnel_ctl::mape::br::run(args.into(), source))
+                run_daemon(tunnel_ctl::daemon::br::run(args.into(), source))
             }
             Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule.query())
                 .map(|m| {

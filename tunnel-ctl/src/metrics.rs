@@ -172,7 +172,7 @@ fn client_traffic(registry: &mut Registry, rows: &[crate::mgmt::api::LeaseRow]) 
             let labels = vec![
                 ("ipv4", row.ipv4.to_string()),
                 ("client", row.client.clone()),
-                ("mode", row.mode.as_str().to_owned()),
+                ("mode", row.mode.to_owned()),
             ];
             family.get_or_create(&labels).inc_by(get(&row.traffic));
         }

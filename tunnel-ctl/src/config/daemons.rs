@@ -2,8 +2,10 @@
 //! `--config` file or both (see the module above for how the file becomes flags). `cli`
 //! turns its parsed arguments into these; the daemons know nothing of clap.
 use std::{
+    fmt,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -14,7 +16,6 @@ use crate::{
     instance::Instance,
     mape::{ForwardSpec, RuleQuery, rule::InterfaceId, rule::RuleSpec},
     pool::Range4,
-    server::inbound::AllowIn,
 };
 
 /// `--keepalive` and `--timeout`.
@@ -146,4 +147,45 @@ pub struct MonitorConfig {
     pub directions: Vec<Direction>,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,
+}
+
+/// `--allow-in PORT[/tcp|/udp]`: new inbound connections to this port pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowIn {
+    pub port: u16,
+    /// None: TCP and UDP.
+    pub proto: Option<u8>,
+}
+
+impl FromStr for AllowIn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AllowIn, String> {
+        let (port, proto) = match s.split_once('/') {
+            Some((p, "tcp")) => (p, Some(6)),
+            Some((p, "udp")) => (p, Some(17)),
+            Some((_, other)) => {
+                return Err(format!(
+                    "{s:?}: protocol {other:?} is not tcp or udp (write PORT, PORT/tcp or PORT/udp)"
+                ));
+            }
+            None => (s, None),
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: {port:?} is not a port (1-65535)"))?;
+        Ok(AllowIn { port, proto })
+    }
+}
+
+impl fmt::Display for AllowIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.proto {
+            Some(6) => write!(f, "{}/tcp", self.port),
+            Some(17) => write!(f, "{}/udp", self.port),
+            _ => write!(f, "{}", self.port),
+        }
+    }
 }

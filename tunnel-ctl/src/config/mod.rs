@@ -19,7 +19,8 @@ use crate::usage::{UsageError, usage};
 mod daemons;
 
 pub use daemons::{
-    BrConfig, CeConfig, ClientConfig, ClientMode, MonitorConfig, NatTimeouts, ServerConfig, Timers,
+    AllowIn, BrConfig, CeConfig, ClientConfig, ClientMode, MonitorConfig, NatTimeouts,
+    ServerConfig, Timers,
 };
 
 /// Flags that are not settings and so never keys.

@@ -13,13 +13,7 @@ use tunnel_common::{
     names::{BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, TUNNEL_CONFIG},
 };
 
-pub fn v4_key(addr: Ipv4Addr) -> Ipv4Key {
-    u32::from_ne_bytes(addr.octets())
-}
-
-pub fn v4_from_key(key: Ipv4Key) -> Ipv4Addr {
-    Ipv4Addr::from(key.to_ne_bytes())
-}
+pub use tunnel_common::fastpath::{v4_from_key, v4_key};
 
 /// The maps, taken out of a loaded object (the object keeps the programs and the counters).
 pub struct Maps {

@@ -1,7 +1,6 @@
-//! MAP-E (RFC 7597, SPEC §6): the rule calculator (`mape calc`), the CE (`mape ce`: NAPT
-//! into the port set) and the BR (`mape br`).
-pub mod br;
-pub mod ce;
+//! MAP-E (RFC 7597, SPEC §6), the decisions: the rule calculator (`mape calc`), the CE's NAPT
+//! table and translation. The CE and BR daemons are [`crate::daemon::ce`] and
+//! [`crate::daemon::br`].
 pub mod profiles;
 pub mod rule;
 pub mod table;

@@ -13,10 +13,9 @@ use std::{
     net::SocketAddrV4,
 };
 
-use serde::Serialize;
 use tunnel_common::mape::NatKey;
 
-use crate::dataplane::fastpath::{v4_from_key, v4_key};
+use tunnel_common::fastpath::{v4_from_key, v4_key};
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -31,8 +30,7 @@ pub fn proto_name(proto: u8) -> &'static str {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// Created by the first packet of a LAN flow; expires when idle.
     Dynamic,
@@ -40,6 +38,17 @@ pub enum Kind {
     EndpointIndependent,
     /// A static port forward: never expires.
     Forward,
+}
+
+impl Kind {
+    /// As `nat --json` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Dynamic => "dynamic",
+            Kind::EndpointIndependent => "endpoint-independent",
+            Kind::Forward => "forward",
+        }
+    }
 }
 
 /// One mapping.

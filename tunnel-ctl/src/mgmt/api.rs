@@ -12,10 +12,7 @@ use std::{
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    mape::{ForwardPort, ForwardSpec, table::Kind},
-    server::state::Mode,
-};
+use crate::mape::{ForwardPort, ForwardSpec};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -229,7 +226,8 @@ pub struct LeaseRow {
     pub ipv4: Ipv4Addr,
     /// The client's address (the session's peer).
     pub client: String,
-    pub mode: Mode,
+    /// `inband` or `native`.
+    pub mode: &'static str,
     /// RFC 3339.
     pub since: String,
     /// The session holding it; null while a restored lease waits for its client.
@@ -276,7 +274,8 @@ pub struct NatRow {
     pub external_port: u16,
     /// IPV4:PORT, or `*` for a forward or an endpoint-independent mapping.
     pub remote: String,
-    pub kind: Kind,
+    /// `dynamic`, `endpoint-independent` or `forward`.
+    pub kind: &'static str,
     pub idle_ms: u64,
 }
 
@@ -411,7 +410,7 @@ mod tests {
         let row = LeaseRow {
             ipv4: "198.51.100.2".parse().unwrap(),
             client: "2001:db8:1::2".into(),
-            mode: Mode::Native,
+            mode: "native",
             since: "2026-11-23T10:00:00Z".into(),
             session: Some(4),
             tunnel: Some("2001:db8:1::2".parse().unwrap()),
@@ -424,7 +423,7 @@ mod tests {
             },
         };
         let restored = LeaseRow {
-            mode: Mode::Inband,
+            mode: "inband",
             session: None,
             tunnel: None,
             ipv6: vec!["2001:db8:600::2/128".parse().unwrap()],
@@ -519,7 +518,7 @@ mod tests {
             lan: "192.0.2.10:5353".into(),
             external_port: 13_456,
             remote: "*".into(),
-            kind: Kind::EndpointIndependent,
+            kind: "endpoint-independent",
             idle_ms: 120,
         }]);
         assert_eq!(

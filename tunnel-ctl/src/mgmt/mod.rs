@@ -25,6 +25,9 @@ pub mod api;
 
 pub use api::{Reply, Request, Response, Status};
 
+/// What a reload reports: the changes made, one line each; Err: refused, nothing changed.
+pub type ReloadResult = std::result::Result<Vec<String>, String>;
+
 /// Longest request line a daemon accepts.
 const MAX_REQUEST: usize = 64 * 1024;
 /// How long a management command waits for a daemon's answer.
@@ -113,7 +116,7 @@ impl Listener {
     pub async fn serve(
         &self,
         handler: Arc<dyn Handler>,
-        reload: Option<mpsc::Sender<oneshot::Sender<crate::daemon::ReloadResult>>>,
+        reload: Option<mpsc::Sender<oneshot::Sender<ReloadResult>>>,
     ) {
         crate::systemd::ready(&format!("serving {}", self.path.display()));
         if let Some(every) = crate::systemd::watchdog_interval() {
@@ -149,7 +152,7 @@ impl Listener {
 async fn serve_connection(
     stream: UnixStream,
     handler: Arc<dyn Handler>,
-    reload: Option<mpsc::Sender<oneshot::Sender<crate::daemon::ReloadResult>>>,
+    reload: Option<mpsc::Sender<oneshot::Sender<ReloadResult>>>,
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = TokioBufReader::new(read.take_limit()).lines();

@@ -9,9 +9,7 @@
 //! already talk, and TCP/UDP to an allowed port.
 use std::{
     collections::HashMap,
-    fmt,
     net::Ipv6Addr,
-    str::FromStr,
     time::{Duration, Instant},
 };
 
@@ -34,46 +32,7 @@ fn idle_limit(proto: u8) -> Duration {
     }
 }
 
-/// `--allow-in PORT[/tcp|/udp]`: new inbound connections to this port pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AllowIn {
-    pub port: u16,
-    /// None: TCP and UDP.
-    pub proto: Option<u8>,
-}
-
-impl FromStr for AllowIn {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<AllowIn, String> {
-        let (port, proto) = match s.split_once('/') {
-            Some((p, "tcp")) => (p, Some(TCP)),
-            Some((p, "udp")) => (p, Some(UDP)),
-            Some((_, other)) => {
-                return Err(format!(
-                    "{s:?}: protocol {other:?} is not tcp or udp (write PORT, PORT/tcp or PORT/udp)"
-                ));
-            }
-            None => (s, None),
-        };
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{s:?}: {port:?} is not a port (1-65535)"))?;
-        Ok(AllowIn { port, proto })
-    }
-}
-
-impl fmt::Display for AllowIn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.proto {
-            Some(TCP) => write!(f, "{}/tcp", self.port),
-            Some(UDP) => write!(f, "{}/udp", self.port),
-            _ => write!(f, "{}", self.port),
-        }
-    }
-}
+pub use crate::config::AllowIn;
 
 /// A flow as seen from the client: its address and port, the remote's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -504,7 +504,7 @@ impl State {
             .map(|(addr, l)| LeaseRow {
                 ipv4: *addr,
                 client: l.client.to_string(),
-                mode: l.mode,
+                mode: l.mode.as_str(),
                 since: humantime::format_rfc3339_seconds(l.since).to_string(),
                 session: l.session.as_ref().map(|s| s.id),
                 tunnel: l.tunnel,

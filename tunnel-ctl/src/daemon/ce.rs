@@ -20,7 +20,7 @@ use tunnel_common::{
     mape::{NAT_FIN_RST, NAT_SEEN},
 };
 
-use super::{
+use crate::mape::{
     calc,
     rule::Mapping,
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
@@ -222,7 +222,7 @@ impl Ce {
                     lan: e.lan().to_string(),
                     external_port: e.ext_port,
                     remote: e.remote().map_or("*".to_owned(), |r| r.to_string()),
-                    kind: e.kind,
+                    kind: e.kind.as_str(),
                     idle_ms: if e.kind == Kind::Forward {
                         0
                     } else {
@@ -318,9 +318,9 @@ impl Handler for Ce {
 }
 
 /// Runs the CE with `args`; `source` re-reads the configuration for a reload.
-pub async fn run(args: CeConfig, source: crate::daemon::Source<CeConfig>) -> Result<()> {
+pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> {
     let instance = args.instance.clone();
-    crate::daemon::claim(&instance)?;
+    super::claim(&instance)?;
     let mapping = calc(&args.rule)?;
     let br = mapping.br.ok_or_else(|| {
         anyhow!("the rule names no BR: pass --br IPV6 (profiles carry their own)")
@@ -399,10 +399,10 @@ pub async fn run(args: CeConfig, source: crate::daemon::Source<CeConfig>) -> Res
             .add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
-    let reload = crate::daemon::reloader(source, ce.clone(), |ce, cfg| {
+    let reload = super::reloader(source, ce.clone(), |ce, cfg| {
         Box::pin(async move { ce.reload(cfg?).await })
     });
-    let daemon = crate::daemon::Daemon::start(&instance, ce.clone(), args.metrics)
+    let daemon = super::Daemon::start(&instance, ce.clone(), args.metrics)
         .await?
         .with_reload(reload);
     let m = &ce.mapping;

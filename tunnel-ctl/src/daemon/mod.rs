@@ -9,6 +9,9 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
+pub mod br;
+pub mod ce;
+
 use crate::{
     instance::Instance,
     mgmt::{self, Handler},
@@ -23,8 +26,7 @@ pub fn claim(instance: &Instance) -> Result<()> {
 /// Re-reads the daemon's configuration the way it was given (flags and `--config` file).
 pub type Source<T> = Arc<dyn Fn() -> Result<T> + Send + Sync>;
 
-/// What a reload reports: the changes made, one line each; Err: refused, nothing changed.
-pub type ReloadResult = std::result::Result<Vec<String>, String>;
+pub use crate::mgmt::ReloadResult;
 
 /// A reload under way.
 pub type Reloading = Pin<Box<dyn Future<Output = ReloadResult> + Send>>;

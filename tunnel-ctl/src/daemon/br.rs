@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use tun::AsyncDevice;
 use tunnel_common::fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig};
 
-use super::{
+use crate::mape::{
     rule::Rule,
     table::{ICMP, TCP, UDP},
 };
@@ -206,9 +206,9 @@ impl Br {
 }
 
 /// Runs the BR with `args`; `source` re-reads the configuration for a reload.
-pub async fn run(args: BrConfig, source: crate::daemon::Source<BrConfig>) -> Result<()> {
+pub async fn run(args: BrConfig, source: super::Source<BrConfig>) -> Result<()> {
     let instance = args.instance.clone();
-    crate::daemon::claim(&instance)?;
+    super::claim(&instance)?;
     let rules = rules_of(&args)?;
     let nl = Netlink::connect()?;
     let v6_index = nl
@@ -269,10 +269,10 @@ pub async fn run(args: BrConfig, source: crate::daemon::Source<BrConfig>) -> Res
         v6_dev: args.v6_dev.clone(),
         v4_dev: args.v4_dev.clone(),
     });
-    let reload = crate::daemon::reloader(source, br.clone(), |br, cfg| {
+    let reload = super::reloader(source, br.clone(), |br, cfg| {
         Box::pin(async move { br.reload(cfg?).await })
     });
-    let daemon = crate::daemon::Daemon::start(&instance, br.clone(), args.metrics)
+    let daemon = super::Daemon::start(&instance, br.clone(), args.metrics)
         .await?
         .with_reload(reload);
     for r in br.rules().iter() {
