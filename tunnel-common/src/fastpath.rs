@@ -32,6 +32,8 @@ pub struct Binding4 {
     pub psid: u16,
     pub psid_len: u8,
     pub psid_offset: u8,
+    /// This binding's entry in [`crate::names::CLIENT_TRAFFIC`].
+    pub slot: u32,
 }
 
 /// Value of [`crate::names::BIND_BY_V4`]: where packets to a lease go.
@@ -40,9 +42,11 @@ pub struct Binding4 {
 pub struct Binding6 {
     /// The client's tunnel IPv6 address (outer destination).
     pub client: Ipv6Key,
+    /// This binding's entry in [`crate::names::CLIENT_TRAFFIC`] (the same as its [`Binding4`]'s).
+    pub slot: u32,
 }
 
-/// Value of [`crate::names::CLIENT_TRAFFIC`] (per CPU, keyed by the lease): what a native
+/// Value of [`crate::names::CLIENT_TRAFFIC`] (per CPU, at the binding's slot): what a native
 /// client's binding carried through the fast path, counted from the server's side (`rx`:
 /// decapsulated, from the client; `tx`: encapsulated, to it). Bytes are inner IPv4 bytes.
 #[repr(C)]
@@ -120,8 +124,8 @@ mod pod {
 }
 
 // No implicit padding: the sizes equal the sums of the fields.
-const _: () = assert!(core::mem::size_of::<Binding4>() == 8);
-const _: () = assert!(core::mem::size_of::<Binding6>() == 16);
+const _: () = assert!(core::mem::size_of::<Binding4>() == 12);
+const _: () = assert!(core::mem::size_of::<Binding6>() == 20);
 const _: () = assert!(core::mem::size_of::<ClientTraffic>() == 32);
 const _: () =
     assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);

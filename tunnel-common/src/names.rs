@@ -12,8 +12,9 @@ pub const TUNNEL_CONFIG: &str = "TUNNEL_CONFIG";
 pub const BIND_BY_V6: &str = "BIND_BY_V6";
 /// Hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::Binding6`].
 pub const BIND_BY_V4: &str = "BIND_BY_V4";
-/// Per-CPU hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) →
-/// [`crate::fastpath::ClientTraffic`] of its native binding.
+/// Per-CPU array: a binding's slot (in its [`crate::fastpath::Binding4`] and
+/// [`crate::fastpath::Binding6`]) → [`crate::fastpath::ClientTraffic`]. An array, not a hash:
+/// the lookup the programs add per packet is an index.
 pub const CLIENT_TRAFFIC: &str = "CLIENT_TRAFFIC";
 
 /// Server: ring buffer of [`crate::fastpath::PolicyEvent`]s (not pinned).

@@ -1,7 +1,7 @@
 //! The fast-path maps. Their names are `tunnel_common::names`; the controller owns every write.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use tunnel_common::{
     fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
@@ -20,17 +20,16 @@ pub static BIND_BY_V6: HashMap<Ipv6Key, Binding4> = HashMap::pinned(MAX_BINDINGS
 #[map]
 pub static BIND_BY_V4: HashMap<Ipv4Key, Binding6> = HashMap::pinned(MAX_BINDINGS, 0);
 
-/// Server: lease → what its native binding carried (per CPU; the controller creates the entry
-/// with the binding and sums the CPUs).
+/// Server: a binding's slot → what it carried (per CPU; the controller zeroes the slot with
+/// the binding and sums the CPUs).
 #[map]
-pub static CLIENT_TRAFFIC: PerCpuHashMap<Ipv4Key, ClientTraffic> =
-    PerCpuHashMap::pinned(MAX_BINDINGS, 0);
+pub static CLIENT_TRAFFIC: PerCpuArray<ClientTraffic> = PerCpuArray::pinned(MAX_BINDINGS, 0);
 
-/// Adds one (possibly GSO) packet of `bytes` to a binding's traffic, `rx` (from the client)
-/// or not (to it). Nothing when the binding has no entry.
+/// Adds one (possibly GSO) packet of `bytes` to the traffic of the binding at `slot`, `rx`
+/// (from the client) or not (to it).
 #[inline(always)]
-pub fn count_client(lease: Ipv4Key, rx: bool, segs: u64, bytes: u64) {
-    let Some(t) = CLIENT_TRAFFIC.get_ptr_mut(lease) else {
+pub fn count_client(slot: u32, rx: bool, segs: u64, bytes: u64) {
+    let Some(t) = CLIENT_TRAFFIC.get_ptr_mut(slot) else {
         return;
     };
     // SAFETY: a per-CPU value from a successful lookup, used on this CPU only.

@@ -78,7 +78,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     let Ok(segs) = encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
         return DROP;
     };
-    count_client(binding.ipv4, true, segs, inner_bytes(&ctx));
+    count_client(binding.slot, true, segs, inner_bytes(&ctx));
 
     // Forward it ourselves when the FIB has a plain route; the kernel handles the rest.
     let (verdict, redirected) =
@@ -182,7 +182,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
     match route::forward_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex, false) {
         Forward::Verdict(v) => {
             count_n(Counter::Encap, segs);
-            count_client(ip.dst(), false, segs, bytes);
+            count_client(binding.slot, false, segs, bytes);
             v
         }
         Forward::NoRoute | Forward::Excluded => {

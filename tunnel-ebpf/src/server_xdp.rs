@@ -118,7 +118,7 @@ unsafe fn decap(ctx: &XdpContext) -> Option<u32> {
     count(Counter::Decap);
     count(Counter::DecapRedirected);
     let bytes = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN) as u64;
-    count_client(binding.ipv4, true, 1, bytes);
+    count_client(binding.slot, true, 1, bytes);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
 }

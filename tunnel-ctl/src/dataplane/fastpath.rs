@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use tunnel_common::{
     fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, TunnelConfig},
@@ -20,8 +20,11 @@ pub struct Maps {
     config: Array<MapData, TunnelConfig>,
     by_v6: HashMap<MapData, Ipv6Key, Binding4>,
     by_v4: HashMap<MapData, Ipv4Key, Binding6>,
-    /// Each binding's traffic, per CPU (see [`ClientTraffic`]).
-    traffic: PerCpuHashMap<MapData, Ipv4Key, ClientTraffic>,
+    /// Each binding's traffic, per CPU, at the binding's slot (see [`ClientTraffic`]).
+    traffic: PerCpuArray<MapData, ClientTraffic>,
+    /// Slots of [`Maps::traffic`] that no binding uses, and the first never used.
+    free_slots: Vec<u32>,
+    next_slot: u32,
 }
 
 /// Takes map `name` out of the object as `T`.
@@ -42,7 +45,45 @@ impl Maps {
             by_v6: take(ebpf, BIND_BY_V6)?,
             by_v4: take(ebpf, BIND_BY_V4)?,
             traffic: take(ebpf, CLIENT_TRAFFIC)?,
-        })
+            free_slots: Vec::new(),
+            next_slot: 0,
+        }
+        .with_slots_in_use())
+    }
+
+    /// Slot bookkeeping for bindings already in (pinned) maps: their slots are taken.
+    fn with_slots_in_use(mut self) -> Maps {
+        let used: std::collections::BTreeSet<u32> = self
+            .by_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, b)| b.slot)
+            .collect();
+        self.next_slot = used.last().map_or(0, |s| s + 1);
+        self.free_slots = (0..self.next_slot).filter(|s| !used.contains(s)).collect();
+        self
+    }
+
+    /// A slot with its counters at zero.
+    fn new_slot(&mut self) -> Result<u32> {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.next_slot < self.traffic.len() => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => {
+                return Err(anyhow!(std::io::Error::from_raw_os_error(libc::E2BIG)))
+                    .context(format!("no free slot in {CLIENT_TRAFFIC}"));
+            }
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = PerCpuValues::try_from(vec![ClientTraffic::default(); cpus])?;
+        if let Err(e) = self.traffic.set(slot, zero, 0) {
+            self.free_slots.push(slot);
+            return Err(e).context(format!("zeroing slot {slot} of {CLIENT_TRAFFIC}"));
+        }
+        Ok(slot)
     }
 
     pub fn config(&self) -> Result<TunnelConfig> {
@@ -60,20 +101,33 @@ impl Maps {
 
     /// Installs (or confirms) `client` ↔ `ipv4`. The IPv6 → IPv4 direction goes in last so
     /// that a client is never accepted before its return path exists.
-    /// The traffic counters start at zero with a new binding; a confirmed one keeps its own.
+    /// The traffic counters start at zero with a new binding; a confirmed one (same lease,
+    /// same client) keeps its slot and counters.
     pub fn bind(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr) -> Result<()> {
-        if self.traffic.get(&v4_key(ipv4), 0).is_err() {
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-            let zero = PerCpuValues::try_from(vec![ClientTraffic::default(); cpus])?;
-            self.traffic
-                .insert(v4_key(ipv4), zero, 0)
-                .with_context(|| format!("counting {ipv4} (map {CLIENT_TRAFFIC} full?)"))?;
+        let existing = self.by_v4.get(&v4_key(ipv4), 0).ok();
+        let slot = match existing {
+            Some(b) if b.client == client.octets() => b.slot,
+            Some(b) => {
+                // The lease moves to another client: its counters start again.
+                self.free_slots.push(b.slot);
+                self.new_slot()?
+            }
+            None => self.new_slot()?,
+        };
+        let result = self.write_binding(client, ipv4, slot);
+        if result.is_err() && existing.is_none() {
+            self.free_slots.push(slot);
         }
+        result
+    }
+
+    fn write_binding(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr, slot: u32) -> Result<()> {
         self.by_v4
             .insert(
                 v4_key(ipv4),
                 Binding6 {
                     client: client.octets(),
+                    slot,
                 },
                 0,
             )
@@ -83,6 +137,7 @@ impl Maps {
                 client.octets(),
                 Binding4 {
                     ipv4: v4_key(ipv4),
+                    slot,
                     ..Default::default()
                 },
                 0,
@@ -102,14 +157,15 @@ impl Maps {
             && b.client == client.octets()
         {
             remove_ok(self.by_v4.remove(&v4_key(ipv4)))?;
-            remove_ok(self.traffic.remove(&v4_key(ipv4)))?;
+            self.free_slots.push(b.slot);
         }
         Ok(())
     }
 
     /// What `ipv4`'s binding carried, summed over the CPUs (None: not bound).
     pub fn traffic(&self, ipv4: Ipv4Addr) -> Option<ClientTraffic> {
-        let per_cpu = self.traffic.get(&v4_key(ipv4), 0).ok()?;
+        let slot = self.by_v4.get(&v4_key(ipv4), 0).ok()?.slot;
+        let per_cpu = self.traffic.get(&slot, 0).ok()?;
         Some(
             per_cpu
                 .iter()
@@ -141,6 +197,7 @@ impl Maps {
         for (k, v) in v4 {
             if !keep(v4_from_key(k), Ipv6Addr::from(v.client)) {
                 remove_ok(self.by_v4.remove(&k))?;
+                self.free_slots.push(v.slot);
                 removed += 1;
             }
         }
@@ -148,13 +205,6 @@ impl Maps {
         for (k, v) in v6 {
             if !keep(v4_from_key(v.ipv4), Ipv6Addr::from(k)) {
                 remove_ok(self.by_v6.remove(&k))?;
-            }
-        }
-        // Counters of leases no longer bound.
-        let counted: Vec<Ipv4Key> = self.traffic.keys().filter_map(Result::ok).collect();
-        for k in counted {
-            if self.by_v4.get(&k, 0).is_err() {
-                remove_ok(self.traffic.remove(&k))?;
             }
         }
         Ok(removed)
