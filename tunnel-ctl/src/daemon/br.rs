@@ -118,37 +118,13 @@ impl Br {
     async fn reload(&self, new: BrConfig) -> Result<Vec<String>, String> {
         let mut running = self.running.lock().await;
         let rules = rules_of(&new).map_err(|e| format!("{e:#}"))?;
-        let mut changes: Vec<String> = [
-            (
-                "v6-dev",
-                format!("{:?}", running.v6_dev),
-                format!("{:?}", new.v6_dev),
-            ),
-            (
-                "v4-dev",
-                format!("{:?}", running.v4_dev),
-                format!("{:?}", new.v4_dev),
-            ),
-            (
-                "br-addr",
-                format!("{:?}", running.br_addr),
-                format!("{:?}", new.br_addr),
-            ),
-            (
-                "tun",
-                format!("{:?}", running.tun),
-                format!("{:?}", new.tun),
-            ),
-            (
-                "metrics",
-                format!("{:?}", running.metrics),
-                format!("{:?}", new.metrics),
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, a, b)| a != b)
-        .map(|(k, a, b)| format!("{k}: not changed, it needs a restart (running {a}, file {b})"))
-        .collect();
+        let mut changes: Vec<String> = super::restart_only(&[
+            ("v6-dev", &running.v6_dev, &new.v6_dev),
+            ("v4-dev", &running.v4_dev, &new.v4_dev),
+            ("br-addr", &running.br_addr, &new.br_addr),
+            ("tun", &running.tun, &new.tun),
+            ("metrics", &running.metrics, &new.metrics),
+        ]);
         let old: Vec<Rule> = self.rules().clone();
         let describe = |r: &Rule| {
             format!(

@@ -103,52 +103,20 @@ impl Ce {
     /// cannot be added undoes the whole reload.
     async fn reload(&self, new: CeConfig) -> Result<Vec<String>, String> {
         let mut running = self.running.lock().await;
-        let mut changes: Vec<String> = [
-            (
-                "wan",
-                format!("{:?}", running.wan),
-                format!("{:?}", new.wan),
-            ),
-            (
-                "lan",
-                format!("{:?}", running.lan),
-                format!("{:?}", new.lan),
-            ),
-            (
-                "rule",
-                format!("{:?}", running.rule),
-                format!("{:?}", new.rule),
-            ),
-            (
-                "udp-eim",
-                format!("{:?}", running.udp_eim),
-                format!("{:?}", new.udp_eim),
-            ),
-            (
-                "timeouts",
-                format!("{:?}", running.timeouts),
-                format!("{:?}", new.timeouts),
-            ),
-            (
-                "tun",
-                format!("{:?}", running.tun),
-                format!("{:?}", new.tun),
-            ),
+        let mut changes: Vec<String> = super::restart_only(&[
+            ("wan", &running.wan, &new.wan),
+            ("lan", &running.lan, &new.lan),
+            ("rule", &running.rule, &new.rule),
+            ("udp-eim", &running.udp_eim, &new.udp_eim),
+            ("timeouts", &running.timeouts, &new.timeouts),
+            ("tun", &running.tun, &new.tun),
             (
                 "no-default-route",
-                format!("{:?}", running.no_default_route),
-                format!("{:?}", new.no_default_route),
+                &running.no_default_route,
+                &new.no_default_route,
             ),
-            (
-                "metrics",
-                format!("{:?}", running.metrics),
-                format!("{:?}", new.metrics),
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, a, b)| a != b)
-        .map(|(k, a, b)| format!("{k}: not changed, it needs a restart (running {a}, file {b})"))
-        .collect();
+            ("metrics", &running.metrics, &new.metrics),
+        ]);
         let gone: Vec<_> = running
             .forward
             .iter()

@@ -48,6 +48,17 @@ where
     Arc::new(move || apply(target.clone(), source().map_err(|e| format!("{e:#}"))))
 }
 
+/// The report lines of a reload for settings that differ between the running configuration
+/// and the file but take a restart: (key, running value, file value).
+pub fn restart_only(fields: &[(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug)]) -> Vec<String> {
+    fields
+        .iter()
+        .map(|(k, a, b)| (k, format!("{a:?}"), format!("{b:?}")))
+        .filter(|(_, a, b)| a != b)
+        .map(|(k, a, b)| format!("{k}: not changed, it needs a restart (running {a}, file {b})"))
+        .collect()
+}
+
 /// A daemon that is set up and about to serve.
 pub struct Daemon {
     listener: mgmt::Listener,
@@ -134,5 +145,23 @@ impl Daemon {
                 Some(reply) = rx.recv() => reload(Some(reply)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_settings_that_differ_are_reported_with_both_values() {
+        let lines = super::restart_only(&[
+            ("listen", &"[::]:5678", &"[::]:5679"),
+            ("tun", &"tun4o6", &"tun4o6"),
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "listen: not changed, it needs a restart (running \"[::]:5678\", file \"[::]:5679\")"
+                    .to_string()
+            ]
+        );
     }
 }

@@ -181,52 +181,26 @@ impl Server {
 
 /// The settings that differ but take a restart, as report lines.
 fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
-    let fields: [(&str, String, String); 17] = [
-        ("listen", dbg(&running.listen), dbg(&new.listen)),
-        ("gateway", dbg(&running.gateway), dbg(&new.gateway)),
-        ("hold", dbg(&running.hold), dbg(&new.hold)),
-        ("tun", dbg(&running.tun), dbg(&new.tun)),
-        (
-            "max-bindings",
-            dbg(&running.max_bindings),
-            dbg(&new.max_bindings),
-        ),
-        ("pool6", dbg(&running.pool6), dbg(&new.pool6)),
-        ("delegate", dbg(&running.delegate), dbg(&new.delegate)),
-        (
-            "delegate-len",
-            dbg(&running.delegate_len),
-            dbg(&new.delegate_len),
-        ),
-        ("dns6", dbg(&running.dns6), dbg(&new.dns6)),
-        ("proxy-ndp", dbg(&running.proxy_ndp), dbg(&new.proxy_ndp)),
-        ("allow-in", dbg(&running.allow_in), dbg(&new.allow_in)),
-        ("v6-dev", dbg(&running.v6_dev), dbg(&new.v6_dev)),
-        ("v4-dev", dbg(&running.v4_dev), dbg(&new.v4_dev)),
-        (
-            "tunnel-addr",
-            dbg(&running.tunnel_addr),
-            dbg(&new.tunnel_addr),
-        ),
-        (
-            "policy-icmp",
-            dbg(&running.policy_icmp),
-            dbg(&new.policy_icmp),
-        ),
-        ("state-dir", dbg(&running.state_dir), dbg(&new.state_dir)),
-        ("metrics", dbg(&running.metrics), dbg(&new.metrics)),
-    ];
-    fields
-        .into_iter()
-        .filter(|(_, old, now)| old != now)
-        .map(|(name, old, now)| {
-            format!("{name}: not changed, it needs a restart (running {old}, file {now})")
-        })
-        .collect()
-}
-
-fn dbg(v: &impl std::fmt::Debug) -> String {
-    format!("{v:?}")
+    let (r, n) = (running, new);
+    crate::daemon::restart_only(&[
+        ("listen", &r.listen, &n.listen),
+        ("gateway", &r.gateway, &n.gateway),
+        ("hold", &r.hold, &n.hold),
+        ("tun", &r.tun, &n.tun),
+        ("max-bindings", &r.max_bindings, &n.max_bindings),
+        ("pool6", &r.pool6, &n.pool6),
+        ("delegate", &r.delegate, &n.delegate),
+        ("delegate-len", &r.delegate_len, &n.delegate_len),
+        ("dns6", &r.dns6, &n.dns6),
+        ("proxy-ndp", &r.proxy_ndp, &n.proxy_ndp),
+        ("allow-in", &r.allow_in, &n.allow_in),
+        ("v6-dev", &r.v6_dev, &n.v6_dev),
+        ("v4-dev", &r.v4_dev, &n.v4_dev),
+        ("tunnel-addr", &r.tunnel_addr, &n.tunnel_addr),
+        ("policy-icmp", &r.policy_icmp, &n.policy_icmp),
+        ("state-dir", &r.state_dir, &n.state_dir),
+        ("metrics", &r.metrics, &n.metrics),
+    ])
 }
 
 fn list<T: std::fmt::Display>(items: &[T]) -> String {
