@@ -43,11 +43,14 @@ fn rewrite(t: &FourOverSix, flags: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `tunnel-ctl reload --instance I`: (exit code, stdout, stderr).
+/// `tunnel-ctl reload --instance` of the server: (exit code, stdout, stderr).
 fn reload(t: &FourOverSix) -> Result<(i32, String, String)> {
-    let out = t
-        .lab
-        .ctl_output(&["reload", "--instance", &t.server_instance])?;
+    reload_instance(&t.lab, &t.server_instance)
+}
+
+/// `tunnel-ctl reload --instance I`: (exit code, stdout, stderr).
+fn reload_instance(lab: &tunnel_tests::Lab, instance: &str) -> Result<(i32, String, String)> {
+    let out = lab.ctl_output(&["reload", "--instance", instance])?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -259,15 +262,8 @@ fn a_ce_reload_swaps_port_forwards_and_a_transfer_across_it_is_intact() -> Resul
     let text = std::fs::read_to_string(&path)?;
     ensure!(text.contains(OLD), "{text}");
     std::fs::write(&path, text.replace(OLD, NEW))?;
-    let out = t
-        .lab
-        .ctl_output(&["reload", "--instance", &t.ce_instance])?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) = reload_instance(&t.lab, &t.ce_instance)?;
+    ensure!(code == 0, "{code} {stdout}{stderr}");
     ensure!(
         stdout.contains(&format!("forward removed: {OLD}")),
         "{stdout}"
@@ -337,15 +333,8 @@ fn a_br_reload_adds_a_rule_in_place() -> Result<()> {
         &path,
         text.replace(&line, &format!("rule = [{first}, \"{NEW}\"]")),
     )?;
-    let out = t
-        .lab
-        .ctl_output(&["reload", "--instance", &t.br_instance])?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) = reload_instance(&t.lab, &t.br_instance)?;
+    ensure!(code == 0, "{code} {stdout}{stderr}");
     ensure!(
         stdout
             .contains("rule added: 2001:db8:a000::/40 ↔ 198.51.100.128/25 (EA 15, PSID offset 6)"),
