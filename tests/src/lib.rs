@@ -349,13 +349,19 @@ impl Lab {
         if with_instance {
             cmd.args(["--instance", instance]);
         }
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or("info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
+        // Daemons log at info unless the test asks for more with -v/-vv (which RUST_LOG
+        // would override) or the test run sets RUST_LOG.
+        let verbose = args
+            .iter()
+            .any(|a| a.len() > 1 && a.starts_with('-') && a[1..].chars().all(|c| c == 'v'));
+        match std::env::var("RUST_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter),
+            Err(_) if verbose => cmd.env_remove("RUST_LOG"),
+            Err(_) => cmd.env("RUST_LOG", "info"),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
         // If the test process dies, its daemons get SIGTERM (clean shutdown, pins removed).
         // SAFETY: prctl is async-signal-safe.
         unsafe {

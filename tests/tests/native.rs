@@ -230,7 +230,8 @@ fn offenders(t: &mut FourOverSix) -> Result<Offenders> {
 
 #[test]
 fn crafted_tunnel_packets_never_reach_the_internet_and_are_counted_per_reason() -> Result<()> {
-    let mut t = start(&[])?;
+    // -v: debug lines are shown, but the eBPF programs log only with -vv.
+    let mut t = start(&["-v"])?;
     let Offenders {
         ns,
         lease,
@@ -290,6 +291,60 @@ fn crafted_tunnel_packets_never_reach_the_internet_and_are_counted_per_reason() 
         0,
         "no ICMPv6 policy errors unless --policy-icmp"
     );
+    let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+    assert!(
+        !log.contains("dropped ("),
+        "with -v (not -vv) the eBPF programs log nothing:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_vv_the_fast_path_logs_each_crafted_drop_with_its_reason_and_addresses() -> Result<()> {
+    let mut t = start(&["-vv"])?;
+    let Offenders {
+        ns,
+        lease,
+        bound,
+        stranger,
+    } = offenders(&mut t)?;
+    let spoofed: Ipv4Addr = "198.51.100.77".parse()?;
+    ns.enter(|| -> Result<()> {
+        send_ipip(&raw_ipip(stranger)?, &udp4(lease, b"unbound outer source"))?;
+        send_ipip(
+            &raw_ipip(bound)?,
+            &udp4(spoofed, b"inner source not the lease"),
+        )
+    })??;
+    let want = [
+        format!("dropped (drop_unbound_source): from {stranger}, inner {lease} -> 192.0.2.2"),
+        format!(
+            "dropped (drop_inner_source_not_lease): from {bound}, inner {spoofed} -> 192.0.2.2"
+        ),
+    ];
+    let lines = wait_for("the eBPF log lines", Duration::from_secs(10), || {
+        let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+        let found: Option<Vec<String>> = want
+            .iter()
+            .map(|w| {
+                log.lines()
+                    .find(|l| l.contains(w.as_str()))
+                    .map(str::to_owned)
+            })
+            .collect();
+        Ok(found)
+    })
+    .map_err(|e| {
+        let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+        let ebpf: Vec<&str> = log.lines().filter(|l| l.contains(" ebpf")).collect();
+        anyhow!("{e}; want {want:#?}; the server's eBPF lines: {ebpf:#?}")
+    })?;
+    for line in &lines {
+        assert!(
+            line.contains("DEBUG") && line.contains("ebpf") && line.contains("server_decap"),
+            "a debug record under the target ebpf, naming the program: {line}"
+        );
+    }
     Ok(())
 }
 

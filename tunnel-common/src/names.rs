@@ -57,6 +57,34 @@ pub const PROG_SERVER_DECAP_XDP: &str = "server_decap_xdp";
 /// Never attached.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
 
+/// Program array of the log programs ([`LOG_PROGRAMS`], by index), which the programs above
+/// tail-call to log a drop or a slow-path hand-off when logging is on (not pinned).
+pub const LOG_PROGS: &str = "LOG_PROGS";
+/// Per-CPU array with the one event a program hands to its log program.
+pub const LOG_EVENT: &str = "LOG_EVENT";
+/// Read-only global (u8): non-zero when the programs log (`-vv`). Set at load time, so that
+/// the verifier removes every log call when it is 0.
+pub const LOG_SWITCH: &str = "TUNNEL_LOG";
+/// The log program of each program that logs, at its index in [`LOG_PROGS`] (`LOG_*` below).
+pub const LOG_PROGRAMS: &[&str] = &[
+    "log_server_decap",
+    "log_server_encap",
+    "log_client_decap",
+    "log_client_encap",
+    "log_ce_in",
+    "log_ce_out",
+    "log_br_decap",
+    "log_br_encap",
+];
+pub const LOG_SERVER_DECAP: u32 = 0;
+pub const LOG_SERVER_ENCAP: u32 = 1;
+pub const LOG_CLIENT_DECAP: u32 = 2;
+pub const LOG_CLIENT_ENCAP: u32 = 3;
+pub const LOG_CE_IN: u32 = 4;
+pub const LOG_CE_OUT: u32 = 5;
+pub const LOG_BR_DECAP: u32 = 6;
+pub const LOG_BR_ENCAP: u32 = 7;
+
 /// Every map the controller expects to find in the object.
 pub const ALL_MAPS: &[&str] = &[
     STATS_MAP,
@@ -69,6 +97,8 @@ pub const ALL_MAPS: &[&str] = &[
     NAT_OUT,
     NAT_IN,
     BR_RULES,
+    LOG_PROGS,
+    LOG_EVENT,
 ];
 /// Every program the controller expects to find in the object.
 pub const ALL_PROGRAMS: &[&str] = &[

@@ -52,7 +52,9 @@ under /sys/fs/bpf/tunnel/INSTANCE/. Exit status: 0 success, 1 runtime error, 2 b
     after_help = EXAMPLES,
 )]
 pub struct Cli {
-    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    /// More log output (-v debug, -vv trace). -vv also makes the eBPF programs log each drop
+    /// with its reason and addresses, and each hand-off to the slow path (target `ebpf`;
+    /// off, and free, otherwise). RUST_LOG overrides the level shown.
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
 

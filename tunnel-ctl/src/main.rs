@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(cli.verbose, cli.log_format);
+    if cli.verbose >= 2 {
+        tunnel_ctl::dataplane::log_ebpf_debug();
+    }
     let daemon = matches!(
         cli.command,
         Command::Monitor(_)

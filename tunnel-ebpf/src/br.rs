@@ -11,10 +11,12 @@ use aya_ebpf::{macros::classifier, maps::lpm_trie::Key, programs::TcContext};
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     mape::{IID_DRAFT03, MapRule},
+    names::{LOG_BR_DECAP, LOG_BR_ENCAP},
     stats::Counter,
 };
 use tunnel_ebpf::{
     encap::{self, Upper},
+    log,
     maps::{BR_RULES, config},
     nat,
     packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, eq16},
@@ -56,21 +58,25 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
         Upper::Other(_) => {
-            count(Counter::BrDropNotIpip);
+            let reason = Counter::BrDropNotIpip;
+            log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src_addr);
             return DROP;
         }
         other => return other.drop_counted(),
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
-        count(Counter::DropInnerMalformed);
+        let reason = Counter::DropInnerMalformed;
+        log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src_addr);
         return DROP;
     };
     let Some(rule) = rule_for(inner.src()) else {
-        count(Counter::BrDropNoRule);
+        let reason = Counter::BrDropNoRule;
+        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
         return DROP;
     };
     let Some(port) = nat::br_port(&ctx, INNER_OFF, &inner, true) else {
-        count(Counter::BrDropNoPort);
+        let reason = Counter::BrDropNoPort;
+        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
         return DROP;
     };
     let src = u32::from_be(inner.src());
@@ -79,11 +85,12 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         // A CE that is who it says (its address matches the rule for the PSID it carries)
         // but used a port outside its set, or a source the rule does not give at all.
         let own = rule.ce_address(src, psid_in(rule, &outer.src_addr));
-        if eq16(&own, &outer.src_addr) {
-            count(Counter::BrDropPortOutsideSet);
+        let reason = if eq16(&own, &outer.src_addr) {
+            Counter::BrDropPortOutsideSet
         } else {
-            count(Counter::BrDropSourceMismatch);
-        }
+            Counter::BrDropSourceMismatch
+        };
+        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
         return DROP;
     }
     if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
@@ -105,18 +112,18 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         return PASS;
     };
     let Some(psid) = nat::br_port(&ctx, ETH_LEN, &ip, false).and_then(|p| rule.psid_of(p)) else {
-        count(Counter::BrDropNoPort);
+        log::dropped_v4(&ctx, LOG_BR_ENCAP, Counter::BrDropNoPort, &ip);
         return DROP;
     };
     let ce = rule.ce_address(u32::from_be(ip.dst()), psid);
     if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The kernel routes the rule prefixes to the TUN; the controller answers with ICMP
         // fragmentation-needed or fragments it.
-        count(Counter::SlowPathTooBig);
+        log::slow_path(&ctx, LOG_BR_ENCAP, Counter::SlowPathTooBig, &ip);
         return PASS;
     }
     if ip.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
+        log::slow_path(&ctx, LOG_BR_ENCAP, Counter::SlowPathTtl, &ip);
         return PASS;
     }
     if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
@@ -132,8 +139,27 @@ pub fn br_encap(ctx: TcContext) -> i32 {
             v
         }
         Forward::NoRoute | Forward::Excluded => {
-            count(Counter::DropNoRoute);
+            log::dropped_v4(&ctx, LOG_BR_ENCAP, Counter::DropNoRoute, &ip);
             DROP
         }
     }
 }
+
+tunnel_ebpf::logger!(
+    log_br_decap,
+    "br_decap",
+    [
+        BrDropNotIpip,
+        DropInnerMalformed,
+        BrDropNoRule,
+        BrDropNoPort,
+        BrDropPortOutsideSet,
+        BrDropSourceMismatch
+    ]
+);
+
+tunnel_ebpf::logger!(
+    log_br_encap,
+    "br_encap",
+    [BrDropNoPort, SlowPathTooBig, SlowPathTtl, DropNoRoute]
+);

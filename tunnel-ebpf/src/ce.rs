@@ -13,9 +13,14 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect, macros::classifier, maps::HashMap, programs::TcContext,
 };
 use network_types::ip::Ipv6Hdr;
-use tunnel_common::{mape::NatKey, stats::Counter};
+use tunnel_common::{
+    mape::NatKey,
+    names::{LOG_CE_IN, LOG_CE_OUT},
+    stats::Counter,
+};
 use tunnel_ebpf::{
     encap::{self, Upper},
+    log,
     maps::{NAT_IN, NAT_OUT, config},
     nat::{self, Classified, DST_ADDR, SRC_ADDR},
     packet::{
@@ -59,11 +64,11 @@ pub fn ce_out(ctx: TcContext) -> i32 {
     };
     if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The controller answers with ICMP fragmentation-needed or fragments it.
-        count(Counter::SlowPathTooBig);
+        log::slow_path(&ctx, LOG_CE_OUT, Counter::SlowPathTooBig, &ip);
         return PASS;
     }
     if ip.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
+        log::slow_path(&ctx, LOG_CE_OUT, Counter::SlowPathTtl, &ip);
         return PASS;
     }
     // SAFETY: `entry` comes from a successful lookup and stays valid for this program run;
@@ -88,11 +93,17 @@ pub fn ce_out(ctx: TcContext) -> i32 {
             v
         }
         Forward::NoRoute | Forward::Excluded => {
-            count(Counter::DropNoRoute);
+            log::dropped_v4(&ctx, LOG_CE_OUT, Counter::DropNoRoute, &ip);
             DROP
         }
     }
 }
+
+tunnel_ebpf::logger!(
+    log_ce_out,
+    "ce_out",
+    [SlowPathTooBig, SlowPathTtl, DropNoRoute]
+);
 
 #[classifier]
 pub fn ce_in(ctx: TcContext) -> i32 {
@@ -114,19 +125,23 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         other => return other.drop_counted(),
     }
     if !eq16(&outer.src_addr, &cfg.remote) {
-        count(Counter::CeDropNotFromBr);
+        let reason = Counter::CeDropNotFromBr;
+        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src_addr);
         return DROP;
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
-        count(Counter::DropInnerMalformed);
+        let reason = Counter::DropInnerMalformed;
+        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src_addr);
         return DROP;
     };
     if inner.dst() != cfg.ipv4 {
-        count(Counter::CeDropInNoMapping);
+        let reason = Counter::CeDropInNoMapping;
+        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
         return DROP;
     }
     if !inner.first_fragment() {
-        count(Counter::CeDropFragment);
+        let reason = Counter::CeDropFragment;
+        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
         return DROP;
     }
     let flow = match nat::classify(&ctx, INNER_OFF, &inner, false) {
@@ -141,12 +156,14 @@ pub fn ce_in(ctx: TcContext) -> i32 {
             return unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
         }
         Classified::Other => {
-            count(Counter::CeDropInNoMapping);
+            let reason = Counter::CeDropInNoMapping;
+            log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
             return DROP;
         }
     };
     let Some(entry) = lookup(&NAT_IN, &flow.key) else {
-        count(Counter::CeDropInNoMapping);
+        let reason = Counter::CeDropInNoMapping;
+        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
         return DROP;
     };
     // SAFETY: as in ce_out.
@@ -164,3 +181,14 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     }
     route::forward_unwrapped(&ctx, &inner, lan_ip, cfg.tun_ifindex).0
 }
+
+tunnel_ebpf::logger!(
+    log_ce_in,
+    "ce_in",
+    [
+        CeDropNotFromBr,
+        DropInnerMalformed,
+        CeDropInNoMapping,
+        CeDropFragment
+    ]
+);

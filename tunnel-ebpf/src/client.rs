@@ -9,15 +9,19 @@
 //! the inner packet locally (the lease is a local address).
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use network_types::ip::Ipv6Hdr;
-use tunnel_common::stats::Counter;
+use tunnel_common::{
+    names::{LOG_CLIENT_DECAP, LOG_CLIENT_ENCAP},
+    stats::Counter,
+};
 use tunnel_ebpf::{
     encap::{self, Upper},
+    log,
     maps::config,
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
     route::{self, Forward},
-    stats::{count, count_n},
+    stats::count_n,
 };
 
 #[classifier]
@@ -43,11 +47,13 @@ pub fn client_encap(ctx: TcContext) -> i32 {
             v
         }
         Forward::NoRoute | Forward::Excluded => {
-            count(Counter::DropNoRoute);
+            log::dropped_v4(&ctx, LOG_CLIENT_ENCAP, Counter::DropNoRoute, &ip);
             DROP
         }
     }
 }
+
+tunnel_ebpf::logger!(log_client_encap, "client_encap", [DropNoRoute]);
 
 #[classifier]
 pub fn client_decap(ctx: TcContext) -> i32 {
@@ -68,7 +74,8 @@ pub fn client_decap(ctx: TcContext) -> i32 {
         other => return other.drop_counted(),
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF).filter(|i| i.dst() == cfg.ipv4) else {
-        count(Counter::ClientDropNotForLease);
+        let reason = Counter::ClientDropNotForLease;
+        log::dropped_ipip_unparsed(&ctx, LOG_CLIENT_DECAP, reason, &outer.src_addr);
         return DROP;
     };
     match encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {
@@ -76,3 +83,5 @@ pub fn client_decap(ctx: TcContext) -> i32 {
         Err(_) => DROP,
     }
 }
+
+tunnel_ebpf::logger!(log_client_decap, "client_decap", [ClientDropNotForLease]);

@@ -3,6 +3,7 @@
 #![no_std]
 
 pub mod encap;
+pub mod log;
 pub mod maps;
 pub mod mss;
 pub mod nat;

@@ -17,10 +17,12 @@ use aya_ebpf::{
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     fastpath::{POLICY_QUOTE, PolicyEvent, TunnelConfig},
+    names::{LOG_SERVER_DECAP, LOG_SERVER_ENCAP},
     stats::Counter,
 };
 use tunnel_ebpf::{
     encap::{self, Upper},
+    log,
     maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config, count_client},
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
@@ -51,27 +53,32 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     }
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
     let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
-        count(Counter::DropUnboundSource);
+        let reason = Counter::DropUnboundSource;
+        log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
         policy_event(&ctx, cfg);
         return DROP;
     };
     match ctx.load::<u8>(INNER_OFF) {
         Ok(v) if v >> 4 == 4 => {}
         Ok(_) => {
-            count(Counter::DropInnerNotIpv4);
+            let reason = Counter::DropInnerNotIpv4;
+            log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
             return DROP;
         }
         Err(_) => {
-            count(Counter::DropInnerMalformed);
+            let reason = Counter::DropInnerMalformed;
+            log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
             return DROP;
         }
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
-        count(Counter::DropInnerMalformed);
+        let reason = Counter::DropInnerMalformed;
+        log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
         return DROP;
     };
     if inner.src() != binding.ipv4 {
-        count(Counter::DropInnerSourceNotLease);
+        let reason = Counter::DropInnerSourceNotLease;
+        log::dropped_ipip(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr, &inner);
         policy_event(&ctx, cfg);
         return DROP;
     }
@@ -141,6 +148,17 @@ fn policy_event(ctx: &TcContext, cfg: &TunnelConfig) {
     event.submit(0);
 }
 
+tunnel_ebpf::logger!(
+    log_server_decap,
+    "server_decap",
+    [
+        DropUnboundSource,
+        DropInnerSourceNotLease,
+        DropInnerNotIpv4,
+        DropInnerMalformed
+    ]
+);
+
 #[classifier]
 pub fn server_encap(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else { return PASS };
@@ -157,11 +175,11 @@ pub fn server_encap(ctx: TcContext) -> i32 {
     if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The kernel routes it to the TUN; the controller answers with ICMP
         // fragmentation-needed (DF) or fragments it.
-        count(Counter::SlowPathTooBig);
+        log::slow_path(&ctx, LOG_SERVER_ENCAP, Counter::SlowPathTooBig, &ip);
         return PASS;
     }
     if ip.hdr.ttl <= 1 {
-        count(Counter::SlowPathTtl);
+        log::slow_path(&ctx, LOG_SERVER_ENCAP, Counter::SlowPathTtl, &ip);
         return PASS;
     }
     if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
@@ -186,11 +204,17 @@ pub fn server_encap(ctx: TcContext) -> i32 {
             v
         }
         Forward::NoRoute | Forward::Excluded => {
-            count(Counter::DropNoRoute);
+            log::dropped_v4(&ctx, LOG_SERVER_ENCAP, Counter::DropNoRoute, &ip);
             DROP
         }
     }
 }
+
+tunnel_ebpf::logger!(
+    log_server_encap,
+    "server_encap",
+    [SlowPathTooBig, SlowPathTtl, DropNoRoute]
+);
 
 /// The IPv4 bytes of a packet whose IPv4 header follows the Ethernet header (all segments of a
 /// GSO packet).

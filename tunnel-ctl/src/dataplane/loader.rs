@@ -1,9 +1,19 @@
 //! Loading the embedded eBPF object.
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::Path,
+    sync::atomic::{AtomicU8, Ordering},
+};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, EbpfLoader, maps::MapInfo};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapInfo, ProgramArray},
+    programs::SchedClassifier,
+};
+use aya_log::EbpfLogger;
 use aya_obj::maps::PinningType;
+use tokio::io::unix::AsyncFd;
 use tracing::warn;
 use tunnel_common::names;
 
@@ -26,16 +36,107 @@ pub fn load_sized(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<Ebpf> {
     bpffs::create_pin_dir(pin_dir)?;
     raise_memlock_limit();
     replace_foreign_pins_sized(pin_dir, sizes)?;
+    let level = LOG_LEVEL.load(Ordering::Relaxed);
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
+    let switch = u8::from(level != 0);
+    loader.override_global(aya_log::LEVEL, &level, true);
+    loader.override_global(names::LOG_SWITCH, &switch, true);
     for &(name, entries) in sizes {
         loader.map_max_entries(name, entries);
     }
-    let ebpf = loader
+    let mut ebpf = loader
         .load(OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
     check_names(&ebpf)?;
+    if level != 0 {
+        forward_logs(&mut ebpf)?;
+        install_loggers(&mut ebpf)?;
+    }
     Ok(ebpf)
+}
+
+/// The programs' log level, written into their read-only `AYA_LOG_LEVEL` at load time:
+/// 0 (nothing; the verifier then removes every log call) unless [`log_ebpf_debug`] was called.
+static LOG_LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// Makes objects loaded from now on log their rare events (drops with reason and addresses,
+/// slow-path hand-offs) at debug level; `-vv` does this. The records reach `tracing` under the
+/// target `ebpf` with the program's name in the field `program`.
+pub fn log_ebpf_debug() {
+    LOG_LEVEL.store(aya_log::Level::Debug as u8, Ordering::Relaxed);
+}
+
+/// Reads the object's log ring buffer whenever it has records, for as long as the process
+/// runs (each daemon loads its object once), and hands the records to `tracing`.
+fn forward_logs(ebpf: &mut Ebpf) -> Result<()> {
+    let logger = EbpfLogger::init_with_logger(ebpf, ToTracing).context("eBPF log ring buffer")?;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // The ring buffer must stay open for the programs to load; it fills and then drops
+        // records (the programs do not wait).
+        warn!("eBPF logging is on but nothing reads the records here (no async runtime)");
+        std::mem::forget(logger);
+        return Ok(());
+    };
+    let _enter = runtime.enter();
+    // SAFETY: the logger owns the ring buffer's descriptor, which stays open and the same for
+    // as long as the AsyncFd (its owner) lives.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the eBPF log ring buffer: {e}"))?;
+    runtime.spawn(async move {
+        while let Ok(mut ready) = fd.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Loads the log programs and puts them into the program array the programs tail-call.
+fn install_loggers(ebpf: &mut Ebpf) -> Result<()> {
+    let mut fds = Vec::with_capacity(names::LOG_PROGRAMS.len());
+    for &name in names::LOG_PROGRAMS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("eBPF object has no program {name}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading the log program {name}"))?;
+        fds.push(program.fd()?.try_clone()?);
+    }
+    let map = ebpf
+        .map_mut(names::LOG_PROGS)
+        .with_context(|| format!("eBPF object has no map {}", names::LOG_PROGS))?;
+    let mut array = ProgramArray::try_from(map)?;
+    for (index, fd) in (0u32..).zip(&fds) {
+        array.set(index, fd, 0)?;
+    }
+    Ok(())
+}
+
+/// aya-log speaks the `log` crate's interface; this turns each record into a tracing event.
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        // The eBPF side sets the record's target to the program's name.
+        let program = record.target();
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "ebpf", program, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "ebpf", program, "{message}"),
+            log::Level::Info => tracing::info!(target: "ebpf", program, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "ebpf", program, "{message}"),
+            log::Level::Trace => tracing::trace!(target: "ebpf", program, "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// What must match for a pinned map to be re-used.
@@ -118,7 +219,7 @@ fn check_names(ebpf: &Ebpf) -> Result<()> {
             bail!("eBPF object has no map {map}: tunnel-common and tunnel-ebpf disagree");
         }
     }
-    for prog in names::ALL_PROGRAMS {
+    for prog in names::ALL_PROGRAMS.iter().chain(names::LOG_PROGRAMS) {
         if ebpf.program(prog).is_none() {
             bail!("eBPF object has no program {prog}: tunnel-common and tunnel-ebpf disagree");
         }

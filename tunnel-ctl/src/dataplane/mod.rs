@@ -14,4 +14,4 @@ pub mod server;
 pub mod stats;
 pub mod tc;
 
-pub use loader::{OBJECT, load, load_sized};
+pub use loader::{OBJECT, load, load_sized, log_ebpf_debug};
