@@ -990,3 +990,137 @@ fn max_bindings_sizes_the_fast_path_and_refuses_beyond_it() -> Result<()> {
     );
     Ok(())
 }
+
+/// Replies of `ping -D` output: (icmp_seq, unix time in seconds) per answered ping.
+fn ping_replies(text: &str) -> Vec<(u32, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let time = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?;
+            Some((seq.parse().ok()?, time))
+        })
+        .collect()
+}
+
+fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn tx_packets(ns: &tunnel_tests::Ns, dev: &str) -> Result<u64> {
+    let json: serde_json::Value =
+        serde_json::from_str(&ns.ip(&format!("-j -s link show dev {dev}"))?)?;
+    json[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no tx packets for {dev}: {json}"))
+}
+
+#[test]
+fn a_next_hop_change_under_a_native_ping_loses_at_most_3_pings_and_none_after() -> Result<()> {
+    const PINGS: u32 = 400; // 4 s at 10 ms
+    let mut t = start(&[])?;
+    let ns = t.client_ns()?;
+    let (_, _addr) = t.start_native_client(&ns, &[])?;
+    assert_eq!(ns.ping(INTERNET_HOST, 2)?, 2, "pings before the changes");
+    // A second way to the internet host: inet1 (203.0.113.0/24), unused until the route moves.
+    t.lab.veth(&t.server, "inet1", &t.internet, "eth1")?;
+    t.server.ip("addr add 203.0.113.1/24 dev inet1")?;
+    t.internet.ip("addr add 203.0.113.2/24 dev eth1")?;
+    // The internet host answers by its usual route (eth0), so it must accept what arrives on
+    // eth1 for its eth0 address.
+    for key in ["all", "eth1"] {
+        t.internet
+            .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
+    }
+    let before = t.server_stats()?;
+
+    let count = PINGS.to_string();
+    let ping = ns
+        .command("ping")
+        .args([
+            "-n",
+            "-D",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            "-c",
+            &count,
+            INTERNET_HOST,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    // 1. The neighbour gets a new MAC (a replaced NIC, a VRRP failover): the host's interface
+    //    changes and the server learns the new address (as from a gratuitous ARP).
+    let mac_change = now_s();
+    t.internet.ip("link set eth0 address 02:00:00:00:99:01")?;
+    t.server
+        .ip("neigh replace 192.0.2.2 lladdr 02:00:00:00:99:01 dev inet0 nud reachable")?;
+    std::thread::sleep(Duration::from_secs(1));
+    // 2. A new route: the host is now reached through inet1.
+    let via_inet1_before = tx_packets(&t.server, "inet1")?;
+    let route_change = now_s();
+    t.server
+        .ip("route replace 192.0.2.2/32 via 203.0.113.2 dev inet1")?;
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let via_inet1 = tx_packets(&t.server, "inet1")? - via_inet1_before;
+
+    let replies = ping_replies(&text);
+    let answered: std::collections::BTreeSet<u32> = replies.iter().map(|r| r.0).collect();
+    let lost: Vec<u32> = (1..=PINGS).filter(|s| !answered.contains(s)).collect();
+    // When a lost ping was sent: between the replies around it.
+    let sent_at = |seq: u32| {
+        replies
+            .iter()
+            .filter(|r| r.0 < seq)
+            .map(|r| r.1)
+            .next_back()
+            .unwrap_or(0.0)
+    };
+    let near = |seq: u32, change: f64| (sent_at(seq) - change).abs() < 0.5;
+    let lost_at_mac: Vec<u32> = lost
+        .iter()
+        .copied()
+        .filter(|&s| near(s, mac_change))
+        .collect();
+    let lost_at_route: Vec<u32> = lost
+        .iter()
+        .copied()
+        .filter(|&s| near(s, route_change))
+        .collect();
+    eprintln!(
+        "{} of {PINGS} answered; lost around the MAC change {lost_at_mac:?}, around the route \
+         change {lost_at_route:?}, all lost {lost:?}; {via_inet1} packets left by inet1",
+        answered.len()
+    );
+    assert!(
+        lost_at_mac.len() <= 3,
+        "the MAC change lost {lost_at_mac:?}"
+    );
+    assert!(
+        lost_at_route.len() <= 3,
+        "the route change lost {lost_at_route:?}"
+    );
+    assert_eq!(
+        lost.len(),
+        lost_at_mac.len() + lost_at_route.len(),
+        "pings lost away from either change: {lost:?}\n{text}"
+    );
+    // The route change took: what the fast path forwarded after it left by inet1.
+    assert!(
+        via_inet1 >= 100,
+        "only {via_inet1} packets left by inet1 after the route change"
+    );
+    let after = t.server_stats()?;
+    let redirected = counter(&after, "fastpath_decap_redirected")
+        - counter(&before, "fastpath_decap_redirected");
+    assert!(
+        redirected + 6 >= u64::from(PINGS),
+        "the pings were not on the fast path: {redirected} redirected of {PINGS}"
+    );
+    Ok(())
+}
