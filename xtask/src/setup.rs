@@ -26,6 +26,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
+    // The bench counts transmits per device with `perf stat` on a tracepoint.
+    ("perf", "linux-perf"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

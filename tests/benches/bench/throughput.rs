@@ -89,11 +89,162 @@ fn iperf(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<Value> {
 
 /// Single-stream TCP, Gbit/s received.
 fn tcp_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
-    let end = iperf(ns, dst, seconds, &[])?;
+    tcp_streams_gbps(ns, dst, seconds, 1)
+}
+
+/// `streams` parallel TCP streams, Gbit/s received by all of them together.
+fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32, streams: u32) -> Result<f64> {
+    let parallel = streams.to_string();
+    let end = iperf(ns, dst, seconds, &["-P", &parallel])?;
     end["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
         .ok_or_else(|| anyhow!("no sum_received in {end}"))
+}
+
+/// Port of the request/response echo server in the internet namespace.
+const RR_PORT: u16 = 5301;
+
+/// A TCP echo server for request/response runs: every connection gets a thread that sends
+/// back each byte it reads, until the peer closes. The listener is made in `ns` (a socket
+/// stays in the namespace it was made in); the threads run for the rest of the bench.
+fn rr_server(ns: &Ns) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = ns.enter(|| std::net::TcpListener::bind(("0.0.0.0", RR_PORT)))??;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                let mut byte = [0u8; 1];
+                while conn.read_exact(&mut byte).is_ok() && conn.write_all(&byte).is_ok() {}
+            });
+        }
+    });
+    Ok(())
+}
+
+/// TCP request/response with 1-byte messages, one at a time over one connection (what
+/// netperf calls TCP_RR): thousands of transactions per second for `seconds`.
+fn tcp_rr_ktps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    use std::io::{Read as _, Write as _};
+    let addr: std::net::SocketAddr = format!("{dst}:{RR_PORT}").parse()?;
+    let mut conn = ns.enter(|| {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+    })??;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let started = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(u64::from(seconds));
+    let (mut done, mut byte) = (0u64, [7u8; 1]);
+    while started.elapsed() < limit {
+        conn.write_all(&byte)
+            .and_then(|()| conn.read_exact(&mut byte))
+            .with_context(|| format!("request/response to {dst} after {done} transactions"))?;
+        done += 1;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64() / 1e3)
+}
+
+/// Transmits seen by the `net:net_dev_start_xmit` tracepoint on one device during a run.
+struct Xmits {
+    device: &'static str,
+    per_s: f64,
+    /// Share of them that were GSO packets of more than one segment.
+    gso_share: f64,
+    /// Share of them longer than one Ethernet MTU (a GSO packet, or one that was not split).
+    big_share: f64,
+}
+
+/// Runs `measure` while `perf stat` counts, per device in `devices`, the transmits and those
+/// with more than one GSO segment (tracepoint filters, so nothing is copied to user space).
+/// Device names are matched in every namespace: the lab's are unique along the path.
+fn xmits_during(
+    devices: &[&'static str],
+    measure: impl FnOnce() -> Result<f64>,
+) -> Result<Vec<Xmits>> {
+    if !std::path::Path::new("/sys/kernel/tracing/events/net").exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    let mut argv: Vec<String> = vec!["stat".into(), "-x,".into(), "-a".into()];
+    for dev in devices {
+        for filter in [
+            format!("name == \"{dev}\""),
+            format!("name == \"{dev}\" && gso_segs > 1"),
+        ] {
+            argv.extend(["-e".into(), "net:net_dev_start_xmit".into()]);
+            argv.extend(["--filter".into(), filter]);
+        }
+        // perf stat counts events, it does not sum a field: how many transmits are longer
+        // than one MTU stands in for their size.
+        argv.extend(["-e".into(), "net:net_dev_start_xmit".into()]);
+        argv.extend([
+            "--filter".into(),
+            format!("name == \"{dev}\" && len > 1514"),
+        ]);
+    }
+    let out_path =
+        std::env::temp_dir().join(format!("tunnel-bench-xmits-{}.csv", std::process::id()));
+    argv.extend(["-o".into(), out_path.display().to_string()]);
+    let perf = std::process::Command::new("perf")
+        .args(&argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting perf stat (Debian: linux-perf)")?;
+    let mut perf = Bg(perf);
+    // perf opens its events on every CPU before counting; what it misses of the first
+    // milliseconds does not change a rate over seconds.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let result = measure();
+    let secs = started.elapsed().as_secs_f64();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(perf.0.id() as i32, libc::SIGINT) };
+    let status = perf.0.wait()?;
+    result?;
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let counts: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("net_dev_start_xmit"))
+        .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+        .collect();
+    if counts.len() != devices.len() * 3 {
+        bail!(
+            "perf stat ({status}) gave {} counts for {} devices:\n{text}",
+            counts.len(),
+            devices.len()
+        );
+    }
+    Ok(devices
+        .iter()
+        .zip(counts.chunks(3))
+        .map(|(&device, c)| Xmits {
+            device,
+            per_s: c[0] / secs,
+            gso_share: if c[0] > 0.0 { c[1] / c[0] } else { 0.0 },
+            big_share: if c[0] > 0.0 { c[2] / c[0] } else { 0.0 },
+        })
+        .collect())
+}
+
+fn xmits_text(label: &str, xmits: &[Xmits]) -> String {
+    let per_device: Vec<String> = xmits
+        .iter()
+        .map(|x| {
+            format!(
+                "{} {:.0}/s ({:.0}% GSO, {:.0}% over one MTU)",
+                x.device,
+                x.per_s,
+                100.0 * x.gso_share,
+                100.0 * x.big_share
+            )
+        })
+        .collect();
+    format!("{label}: transmits per device: {}", per_device.join(", "))
 }
 
 /// UDP with 64-byte payloads at full speed, thousands of packets per second received.
@@ -153,9 +304,12 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     t.start_client(&inband, &[])?;
     plain_route_4over6(&t, &native)?;
     let _server = iperf_server(&t.internet)?;
+    rr_server(&t.internet)?;
     let s = plan.seconds;
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
+    let (mut plain_tcp8, mut native_tcp8) = (vec![], vec![]);
+    let (mut plain_rr, mut native_rr) = (vec![], vec![]);
     let before = t.server_stats()?;
     for round in 1..=plan.rounds {
         eprintln!("  4over6 round {round}/{}", plan.rounds);
@@ -165,6 +319,20 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         plain_udp.push(udp_kpps(&native, PLAIN_DST, s)?);
         native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
         inband_udp.push(udp_kpps(&inband, TUNNEL_DST, s)?);
+        plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
+        native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
+        plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
+        native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
+    }
+    // Separate runs (the tracepoint counting costs a little per transmit): how many
+    // transmits each device of the path makes, and how many of them are GSO packets.
+    // client v6 → core c<N>/srv → server up6 → inet0 → internet eth0, and back.
+    let path = ["v6", "srv", "inet0", "eth0", "up6", "c1"];
+    for (label, dst) in [("plain TCP", PLAIN_DST), ("native TCP", TUNNEL_DST)] {
+        match xmits_during(&path, || tcp_gbps(&native, dst, s)) {
+            Ok(x) => report.note(xmits_text(label, &x)),
+            Err(e) => report.note(format!("{label}: no transmit counts: {e:#}")),
+        }
     }
     if crate::profile::enabled() {
         type Run<'a> = (&'a str, &'a Ns, &'a str, fn(&Ns, &str, u32) -> Result<f64>);
@@ -197,12 +365,37 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     let p_udp = report.figure(sec, "plain IPv4 routing, UDP 64 B", "kpps", plain_udp);
     let n_udp = report.figure(sec, "4over6 native fast path, UDP 64 B", "kpps", native_udp);
     report.figure(sec, "4over6 in-band TUN, UDP 64 B", "kpps", inband_udp);
+    let p_tcp8 = report.figure(
+        sec,
+        "plain IPv4 routing, 8 TCP streams",
+        "Gbit/s",
+        plain_tcp8,
+    );
+    let n_tcp8 = report.figure(
+        sec,
+        "4over6 native fast path, 8 TCP streams",
+        "Gbit/s",
+        native_tcp8,
+    );
+    let p_rr = report.figure(
+        sec,
+        "plain IPv4 routing, TCP request/response 1 B",
+        "k transactions/s",
+        plain_rr,
+    );
+    let n_rr = report.figure(
+        sec,
+        "4over6 native fast path, TCP request/response 1 B",
+        "k transactions/s",
+        native_rr,
+    );
+    // The targets of the fast-path issue (its table); a miss is reported, never redefined.
     report.target(Target {
         name: "fast path TCP / plain routing".into(),
         value: ratio(n_tcp, p_tcp),
         unit: "x",
         op: ">=",
-        threshold: 0.90,
+        threshold: 0.95,
         against: "plain IPv4 routing, same veths".into(),
     });
     report.target(Target {
@@ -210,8 +403,24 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         value: ratio(n_udp, p_udp),
         unit: "x",
         op: ">=",
-        threshold: 0.85,
+        threshold: 0.92,
         against: "plain IPv4 routing, same veths".into(),
+    });
+    report.target(Target {
+        name: "fast path 8 TCP streams / plain routing".into(),
+        value: ratio(n_tcp8, p_tcp8),
+        unit: "x",
+        op: ">=",
+        threshold: 0.95,
+        against: "plain IPv4 routing, same veths, 8 streams".into(),
+    });
+    report.target(Target {
+        name: "fast path TCP request/response / plain routing".into(),
+        value: ratio(n_rr, p_rr),
+        unit: "x",
+        op: ">=",
+        threshold: 0.90,
+        against: "plain IPv4 routing, same veths, 1-byte transactions".into(),
     });
     report.target(Target {
         name: "fast path TCP / in-band TUN".into(),
@@ -287,7 +496,7 @@ fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
         value: ratio(mape, masq),
         unit: "x",
         op: ">=",
-        threshold: 0.90,
+        threshold: 1.00,
         against: "plain routing with nftables masquerade, same veths".into(),
     });
     Ok(())
