@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_NO_CSUM_RESET, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
 };
@@ -51,12 +51,18 @@ pub fn encapsulate(
 
 /// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
 /// as IPv4 from here on (skb->protocol follows the DECAP flag).
+///
+/// `NO_CSUM_RESET`: a packet whose checksums the NIC verified (CHECKSUM_UNNECESSARY) keeps
+/// that state, so nobody checksums it again in software. That is right because removing the
+/// outer header changes no checksum the verdict covers: IPv6 has none, and the inner IPv4 and
+/// TCP/UDP checksums are untouched (an MSS clamp updates the TCP checksum incrementally).
 #[inline(always)]
 pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
     ctx.adjust_room(
         -(IPV6_HEADER_LEN as i32),
         BPF_ADJ_ROOM_MAC,
-        (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
+        (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET)
+            as u64,
     )
     .map_err(|_| RewriteFailed)?;
     set_eth_proto(ctx, ETH_P_IP)
