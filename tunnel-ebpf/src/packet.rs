@@ -30,12 +30,14 @@ pub const DROP: i32 = aya_ebpf::bindings::TC_ACT_SHOT as _;
 #[derive(Debug, Clone, Copy)]
 pub struct RewriteFailed;
 
-/// The EtherType of the frame.
+/// The frame's protocol as the kernel classified it (`skb->protocol`: the EtherType, or the
+/// inner one of a VLAN tag the NIC removed). A context field, so no helper call: every
+/// packet on our interfaces pays for this check, also those the programs pass.
 #[inline(always)]
 pub fn eth_proto(ctx: &TcContext) -> Option<u16> {
-    ctx.load::<[u8; 2]>(ETH_PROTO_OFF)
-        .ok()
-        .map(u16::from_be_bytes)
+    // SAFETY: reading a field of the context the kernel handed us.
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    Some(u16::from_be(protocol as u16))
 }
 
 #[inline(always)]
@@ -63,20 +65,35 @@ pub struct Ipv4Info {
     pub tot_len: u16,
 }
 
+/// Why [`Ipv4Info::parse`] found no IPv4 header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NotIpv4 {
+    /// 20 bytes are there, but not version 4.
+    OtherVersion,
+    /// Shorter than an IPv4 header, or a header length or total length that cannot be.
+    Malformed,
+}
+
 impl Ipv4Info {
     /// Reads and sanity-checks the IPv4 header at `off`.
     #[inline(always)]
     pub fn load(ctx: &TcContext, off: usize) -> Option<Ipv4Info> {
-        let hdr: Ipv4Hdr = ctx.load(off).ok()?;
+        Self::parse(ctx, off).ok()
+    }
+
+    /// As [`Ipv4Info::load`], telling why it is not an IPv4 header (one read of the packet).
+    #[inline(always)]
+    pub fn parse(ctx: &TcContext, off: usize) -> Result<Ipv4Info, NotIpv4> {
+        let hdr: Ipv4Hdr = ctx.load(off).map_err(|_| NotIpv4::Malformed)?;
         if hdr.vihl >> 4 != 4 {
-            return None;
+            return Err(NotIpv4::OtherVersion);
         }
         let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
         let tot_len = u16::from_be_bytes(hdr.tot_len);
         if ihl < 20 || (tot_len as usize) < ihl {
-            return None;
+            return Err(NotIpv4::Malformed);
         }
-        Some(Ipv4Info { hdr, ihl, tot_len })
+        Ok(Ipv4Info { hdr, ihl, tot_len })
     }
 
     pub fn src(&self) -> u32 {

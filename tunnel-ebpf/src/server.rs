@@ -25,7 +25,8 @@ use tunnel_ebpf::{
     log,
     maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config, count_client},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
+        PASS, eq16,
     },
     route::{self, Forward},
     stats::{count, count_n},
@@ -58,23 +59,16 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         policy_event(&ctx, cfg);
         return DROP;
     };
-    match ctx.load::<u8>(INNER_OFF) {
-        Ok(v) if v >> 4 == 4 => {}
-        Ok(_) => {
-            let reason = Counter::DropInnerNotIpv4;
+    let inner = match Ipv4Info::parse(&ctx, INNER_OFF) {
+        Ok(inner) => inner,
+        Err(why) => {
+            let reason = match why {
+                NotIpv4::OtherVersion => Counter::DropInnerNotIpv4,
+                NotIpv4::Malformed => Counter::DropInnerMalformed,
+            };
             log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
             return DROP;
         }
-        Err(_) => {
-            let reason = Counter::DropInnerMalformed;
-            log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
-            return DROP;
-        }
-    }
-    let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
-        let reason = Counter::DropInnerMalformed;
-        log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
-        return DROP;
     };
     if inner.src() != binding.ipv4 {
         let reason = Counter::DropInnerSourceNotLease;
