@@ -77,8 +77,10 @@ pub fn ce_out(ctx: TcContext) -> i32 {
         nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
         (*entry).ext_port
     };
-    if nat::rewrite(&ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
-        || packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err()
+    // The TTL first: its checksum update starts from the header as it arrived (`ip`); the
+    // address translation then adjusts the checksum in the packet in turn.
+    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err()
+        || nat::rewrite(&ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
     {
         count(Counter::DropRewriteFailed);
         return DROP;
@@ -174,12 +176,19 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
         return DROP;
     }
+    // Forwarding decrements the TTL from the header as it arrived (`inner`); the address
+    // translation then adjusts the checksum in the packet in turn. The FIB lookup is for
+    // `lan_ip` already, and a redirect takes effect only when the program returns.
+    let (verdict, _) = route::forward_unwrapped(&ctx, &inner, lan_ip, cfg.tun_ifindex);
+    if verdict == DROP {
+        return DROP;
+    }
     // The IPv4 header now follows the Ethernet header.
     if nat::rewrite(&ctx, ETH_LEN, &inner, DST_ADDR, lan_ip, &flow, lan_port).is_err() {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    route::forward_unwrapped(&ctx, &inner, lan_ip, cfg.tun_ifindex).0
+    verdict
 }
 
 tunnel_ebpf::logger!(

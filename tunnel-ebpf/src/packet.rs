@@ -142,17 +142,21 @@ pub fn segments(ctx: &TcContext) -> u64 {
     if segs == 0 { 1 } else { segs as u64 }
 }
 
-/// Decrements the TTL of the IPv4 header at `off` and fixes its checksum.
+/// Decrements the TTL of the IPv4 header at `off` and fixes its checksum: one store of TTL,
+/// protocol and checksum (RFC 1624's incremental update, as the kernel's `ip_decrease_ttl`
+/// does it), not a store and a checksum helper.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), RewriteFailed> {
-    let old = [ip.hdr.ttl, ip.hdr.proto];
-    let new = [ip.hdr.ttl.wrapping_sub(1), ip.hdr.proto];
-    ctx.store(off + 8, &new, 0).map_err(|_| RewriteFailed)?;
-    ctx.l3_csum_replace(
-        off + 10,
-        u16::from_ne_bytes(old) as u64,
-        u16::from_ne_bytes(new) as u64,
-        2,
-    )
-    .map_err(|_| RewriteFailed)
+    let check = ttl_decremented_checksum(u16::from_be_bytes(ip.hdr.check));
+    let [c0, c1] = check.to_be_bytes();
+    let new = [ip.hdr.ttl.wrapping_sub(1), ip.hdr.proto, c0, c1];
+    ctx.store(off + 8, &new, 0).map_err(|_| RewriteFailed)
+}
+
+/// The header checksum once the TTL (the high byte of its 16-bit word) is one lower: the sum
+/// loses 0x0100, so its complement gains it, with the end-around carry.
+#[inline(always)]
+pub fn ttl_decremented_checksum(check: u16) -> u16 {
+    let c = u32::from(check) + 0x0100;
+    (c + u32::from(c >= 0xffff)) as u16
 }
