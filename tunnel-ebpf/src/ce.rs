@@ -85,11 +85,19 @@ pub fn ce_out(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let Ok(segs) = encap::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
-    else {
+    let mut route = route::lookup_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex);
+    let Ok(segs) = encap::wrap_clamped(
+        &ctx,
+        &ip,
+        &cfg.local,
+        &cfg.remote,
+        cfg.mss,
+        cfg.hop_limit,
+        route.macs(),
+    ) else {
         return DROP;
     };
-    match route::forward_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex, false) {
+    match route.send(&ctx, cfg.v6_ifindex, false) {
         Forward::Verdict(v) => {
             count_n(Counter::CeNaptOut, segs);
             v

@@ -37,11 +37,19 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         // Not the tunnel's traffic (the interface may carry native IPv4 too).
         return PASS;
     }
-    let Ok(segs) = encap::wrap_clamped(&ctx, &ip, &cfg.local, &cfg.remote, cfg.mss, cfg.hop_limit)
-    else {
+    let mut route = route::lookup_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex);
+    let Ok(segs) = encap::wrap_clamped(
+        &ctx,
+        &ip,
+        &cfg.local,
+        &cfg.remote,
+        cfg.mss,
+        cfg.hop_limit,
+        route.macs(),
+    ) else {
         return DROP;
     };
-    match route::forward_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex, true) {
+    match route.send(&ctx, cfg.v6_ifindex, true) {
         Forward::Verdict(v) => {
             count_n(Counter::ClientEncap, segs);
             v

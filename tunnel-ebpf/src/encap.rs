@@ -20,8 +20,23 @@ use crate::{
     stats::{count, count_n},
 };
 
-/// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet.
-/// GSO packets keep their segment size (the MSS already accounts for the tunnel).
+/// The frame from the EtherType on, as encapsulation writes it.
+#[repr(C)]
+struct Outer {
+    proto: [u8; 2],
+    ip6: Ipv6Hdr,
+}
+
+/// The whole new frame head, when the next hop's MACs are known.
+#[repr(C)]
+struct Head {
+    macs: [u8; 12],
+    outer: Outer,
+}
+
+/// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet, with
+/// the EtherType, and with `macs` (destination, source) when known, all in one store. GSO
+/// packets keep their segment size (the MSS already accounts for the tunnel).
 #[inline(always)]
 pub fn encapsulate(
     ctx: &TcContext,
@@ -29,15 +44,19 @@ pub fn encapsulate(
     dst: &[u8; 16],
     inner: &Ipv4Info,
     hop_limit: u8,
+    macs: Option<[u8; 12]>,
 ) -> Result<(), RewriteFailed> {
     let tos = inner.hdr.tos;
-    let outer = Ipv6Hdr {
-        vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
-        payload_len: inner.tot_len.to_be_bytes(),
-        next_hdr: IPPROTO_IPIP,
-        hop_limit,
-        src_addr: *src,
-        dst_addr: *dst,
+    let outer = Outer {
+        proto: ETH_P_IPV6.to_be_bytes(),
+        ip6: Ipv6Hdr {
+            vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
+            payload_len: inner.tot_len.to_be_bytes(),
+            next_hdr: IPPROTO_IPIP,
+            hop_limit,
+            src_addr: *src,
+            dst_addr: *dst,
+        },
     };
     ctx.adjust_room(
         IPV6_HEADER_LEN as i32,
@@ -45,8 +64,11 @@ pub fn encapsulate(
         (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
     )
     .map_err(|_| RewriteFailed)?;
-    ctx.store(ETH_LEN, &outer, 0).map_err(|_| RewriteFailed)?;
-    set_eth_proto(ctx, ETH_P_IPV6)
+    match macs {
+        Some(macs) => ctx.store(0, &Head { macs, outer }, 0),
+        None => ctx.store(ETH_LEN - 2, &outer, 0),
+    }
+    .map_err(|_| RewriteFailed)
 }
 
 /// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
@@ -91,9 +113,10 @@ pub fn unwrap_counted(
 }
 
 /// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it
-/// in IPv6 `src` → `dst`. Returns its segment count, to be counted once it is on its way;
-/// failures are counted here.
+/// in IPv6 `src` → `dst` (with `macs` as its MAC header, when known). Returns its segment
+/// count, to be counted once it is on its way; failures are counted here.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn wrap_clamped(
     ctx: &TcContext,
     ip: &Ipv4Info,
@@ -101,12 +124,13 @@ pub fn wrap_clamped(
     dst: &[u8; 16],
     mss: u16,
     hop_limit: u8,
+    macs: Option<[u8; 12]>,
 ) -> Result<u64, RewriteFailed> {
     if crate::mss::clamp(ctx, ETH_LEN, ip, mss) {
         count(Counter::MssClamped);
     }
     let segs = segments(ctx);
-    if encapsulate(ctx, src, dst, ip, hop_limit).is_err() {
+    if encapsulate(ctx, src, dst, ip, hop_limit, macs).is_err() {
         count(Counter::DropRewriteFailed);
         return Err(RewriteFailed);
     }

@@ -4,13 +4,13 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
-        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use tunnel_common::stats::Counter;
+use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
 
 use crate::{
     packet::{DROP, ETH_LEN, Ipv4Info, PASS, decrement_ttl},
@@ -40,29 +40,88 @@ fn zeroed() -> bpf_fib_lookup {
     unsafe { mem::zeroed() }
 }
 
-/// Sends the IPv6 packet we just built (outer `src` → `dst`) out of the interface the FIB
-/// picks, as if this host originated it. `oif` is the IPv6-side interface; `current` is the
-/// interface the program runs on and `egress` tells whether it runs on egress there (then a
-/// packet already on the right interface just continues).
+/// The FIB's answer for an IPv6 packet we are about to build (outer `src` → `dst`), asked
+/// before the packet is rewritten, so that the MAC header can go in with the outer header in
+/// one store ([`V6Route::macs`]) and [`V6Route::send`] only redirects.
+pub struct V6Route {
+    p: bpf_fib_lookup,
+    rc: u32,
+}
+
+/// Looks up the route for the IPv6 packet this skb becomes once encapsulated. `oif` is the
+/// IPv6-side interface.
 #[inline(always)]
-pub fn forward_v6(
-    ctx: &TcContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    oif: u32,
-    egress: bool,
-) -> Forward {
+pub fn lookup_v6(ctx: &TcContext, src: &[u8; 16], dst: &[u8; 16], oif: u32) -> V6Route {
     let mut p = zeroed();
     p.family = AF_INET6;
     p.ifindex = oif;
     p.__bindgen_anon_3.ipv6_src = words(src);
     p.__bindgen_anon_4.ipv6_dst = words(dst);
-    match finish(ctx, &mut p, BPF_FIB_LOOKUP_OUTPUT, egress, 0) {
-        // The FIB helper refuses when IPv6 forwarding is off on `oif` (a client host, or a
-        // server that does not forward IPv6): the kernel's own output route lookup and
-        // neighbour resolution still work, at the cost of doing them after we return.
-        Forward::NoRoute => redirect_neigh(oif, None),
-        other => other,
+    // SAFETY: the helper reads and writes `p`, whose size we pass.
+    let mut rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut p,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    } as u32;
+    // The helper checked the skb as it is now against the egress MTU; it grows by the outer
+    // header.
+    // GSO packets are checked per segment when they are split, as the helper does.
+    // SAFETY: reading fields of the context and of the union the helper filled in.
+    let (gso_size, mtu) = unsafe { ((*ctx.skb.skb).gso_size, p.__bindgen_anon_1.mtu_result) };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS
+        && gso_size == 0
+        && ctx.len() + u32::from(IPV6_HEADER_LEN) > u32::from(mtu) + ETH_LEN as u32
+    {
+        rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+    }
+    V6Route { p, rc }
+}
+
+impl V6Route {
+    /// Destination and source MAC, when the FIB knows the next hop's.
+    #[inline(always)]
+    pub fn macs(&self) -> Option<[u8; 12]> {
+        if self.rc != BPF_FIB_LKUP_RET_SUCCESS {
+            return None;
+        }
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&self.p.dmac);
+        macs[6..].copy_from_slice(&self.p.smac);
+        Some(macs)
+    }
+
+    /// Sends the packet (built with [`V6Route::macs`] in its MAC header) out of the interface
+    /// the FIB picked. `current` is the interface the program runs on and `egress` tells
+    /// whether it runs on egress there (then a packet already on the right interface just
+    /// continues). Without a known next hop the kernel resolves it (ND) and queues the
+    /// packet; when the FIB refuses (IPv6 forwarding off on `oif`: a client host, or a server
+    /// that does not forward IPv6), the kernel's own output route lookup and neighbour
+    /// resolution still work, at the cost of doing them after we return.
+    #[inline(always)]
+    pub fn send(&mut self, ctx: &TcContext, oif: u32, egress: bool) -> Forward {
+        match self.rc {
+            BPF_FIB_LKUP_RET_SUCCESS => {
+                // SAFETY: reading a field of the context.
+                let current = unsafe { (*ctx.skb.skb).ifindex };
+                if egress && self.p.ifindex == current {
+                    return Forward::Verdict(VERDICT_OK);
+                }
+                // SAFETY: plain helper call.
+                Forward::Verdict(unsafe { bpf_redirect(self.p.ifindex, 0) } as i32)
+            }
+            BPF_FIB_LKUP_RET_NO_NEIGH => {
+                // SAFETY: plain data; after the lookup the destination field holds the next
+                // hop.
+                let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
+                nh.nh_family = AF_INET6 as u32;
+                nh.__bindgen_anon_1.ipv6_nh = unsafe { self.p.__bindgen_anon_4.ipv6_dst };
+                redirect_neigh(self.p.ifindex, Some(&mut nh))
+            }
+            _ => redirect_neigh(oif, None),
+        }
     }
 }
 

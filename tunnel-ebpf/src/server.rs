@@ -181,6 +181,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         return DROP;
     }
     let bytes = inner_bytes(&ctx);
+    let mut route = route::lookup_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex);
     let Ok(segs) = encap::wrap_clamped(
         &ctx,
         &ip,
@@ -188,10 +189,11 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         &binding.client,
         cfg.mss,
         cfg.hop_limit,
+        route.macs(),
     ) else {
         return DROP;
     };
-    match route::forward_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex, false) {
+    match route.send(&ctx, cfg.v6_ifindex, false) {
         Forward::Verdict(v) => {
             count_n(Counter::Encap, segs);
             count_client(binding.slot, false, segs, bytes);
