@@ -164,6 +164,34 @@ fn run_xdp(ebpf: &mut Ebpf, program: &str, packet: &[u8], ifindex: u32) -> Resul
     Ok((result.return_value, out))
 }
 
+/// One TC run of `program` on `packet`, as received on `ifindex` (the FIB lookups of the
+/// forwarding path start from the ingress interface).
+fn run_tc_from(
+    ebpf: &mut Ebpf,
+    program: &str,
+    packet: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>)> {
+    let prog: &mut SchedClassifier = ebpf.program_mut(program).unwrap().try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    // A struct __sk_buff: ingress_ifindex at 36, ifindex at 40.
+    let mut ctx = vec![0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; packet.len() + 128];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
 fn delta(ebpf: &Ebpf, before: &dataplane::stats::Counters, counter: Counter) -> u64 {
     dataplane::stats::read(ebpf).unwrap()[counter.name()] - before[counter.name()]
 }
@@ -437,6 +465,33 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
     assert_eq!(got[8], inner[8] - 1, "TTL decremented");
     assert_ipv4_checksum(got)?;
     assert_eq!(&got[20..], &inner[20..], "payload unchanged");
+
+    // The TC program forwards the same packet to the same frame (its MAC header, EtherType
+    // and TTL go in with one store).
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| {
+        run_tc_from(
+            &mut ebpf,
+            PROG_SERVER_DECAP,
+            &in_ipv6(CLIENT, TUNNEL, &inner),
+            v6,
+        )
+    })??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(delta(&ebpf, &before, Counter::DecapRedirected), 1);
+    assert_eq!(&out[0..6], &NEIGH_MAC);
+    assert_eq!(&out[6..12], &v4_mac);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let got = &out[14..];
+    assert_eq!(got.len(), inner.len());
+    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
+    assert_ipv4_checksum(got)?;
+    assert_eq!(
+        &got[..8],
+        &inner[..8],
+        "the header before the TTL unchanged"
+    );
+    assert_eq!(&got[12..], &inner[12..], "addresses and payload unchanged");
 
     // Violations it can judge alone: dropped and counted as the TC program would.
     let spoofed = ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x");

@@ -93,7 +93,7 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
         return DROP;
     }
-    if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
+    if encap::unwrap_for_forwarding(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
         return DROP;
     }
     route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0

@@ -181,7 +181,7 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
         ((*entry).lan_ip, (*entry).lan_port)
     };
-    if encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
+    if encap::unwrap_for_forwarding(&ctx, &inner, cfg.mss, Counter::CeNaptIn).is_err() {
         return DROP;
     }
     // Forwarding decrements the TTL from the header as it arrived (`inner`); the address

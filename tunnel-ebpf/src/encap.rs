@@ -80,14 +80,21 @@ pub fn encapsulate(
 /// TCP/UDP checksums are untouched (an MSS clamp updates the TCP checksum incrementally).
 #[inline(always)]
 pub fn decapsulate(ctx: &TcContext) -> Result<(), RewriteFailed> {
+    remove_outer(ctx)?;
+    set_eth_proto(ctx, ETH_P_IP)
+}
+
+/// [`decapsulate`] without writing the frame's EtherType, which stays IPv6's until the caller
+/// writes it (with the MAC header when it forwards the packet itself).
+#[inline(always)]
+fn remove_outer(ctx: &TcContext) -> Result<(), RewriteFailed> {
     ctx.adjust_room(
         -(IPV6_HEADER_LEN as i32),
         BPF_ADJ_ROOM_MAC,
         (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET)
             as u64,
     )
-    .map_err(|_| RewriteFailed)?;
-    set_eth_proto(ctx, ETH_P_IP)
+    .map_err(|_| RewriteFailed)
 }
 
 /// Clamps the MSS of the inner IPv4 packet (at [`INNER_OFF`]) to `mss`, removes the outer
@@ -100,11 +107,28 @@ pub fn unwrap_counted(
     mss: u16,
     counter: Counter,
 ) -> Result<u64, RewriteFailed> {
+    let segs = unwrap_for_forwarding(ctx, inner, mss, counter)?;
+    if set_eth_proto(ctx, ETH_P_IP).is_err() {
+        count(Counter::DropRewriteFailed);
+        return Err(RewriteFailed);
+    }
+    Ok(segs)
+}
+
+/// As [`unwrap_counted`] for a packet that goes on to `route::forward_unwrapped`, which
+/// writes the frame's EtherType (with the MAC header when it forwards the packet itself).
+#[inline(always)]
+pub fn unwrap_for_forwarding(
+    ctx: &TcContext,
+    inner: &Ipv4Info,
+    mss: u16,
+    counter: Counter,
+) -> Result<u64, RewriteFailed> {
     if crate::mss::clamp(ctx, INNER_OFF, inner, mss) {
         count(Counter::MssClamped);
     }
     let segs = segments(ctx);
-    if decapsulate(ctx).is_err() {
+    if remove_outer(ctx).is_err() {
         count(Counter::DropRewriteFailed);
         return Err(RewriteFailed);
     }

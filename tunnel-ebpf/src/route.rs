@@ -13,7 +13,10 @@ use aya_ebpf::{
 use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
 
 use crate::{
-    packet::{DROP, ETH_LEN, Ipv4Info, PASS, decrement_ttl},
+    packet::{
+        DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, decrement_ttl, set_eth_proto,
+        ttl_decremented_checksum,
+    },
     stats::count,
 };
 
@@ -145,15 +148,6 @@ fn redirect_neigh(ifindex: u32, nh: Option<&mut bpf_redir_neigh>) -> Forward {
     }
 }
 
-/// Forwards a decapsulated IPv4 packet the way the kernel's router would (the caller has
-/// decremented the TTL), unless the route leads to `exclude` (the TUN: the slow path).
-#[inline(always)]
-pub fn forward_v4(ctx: &TcContext, src: u32, dst: u32, tos: u8, exclude: u32) -> Forward {
-    // SAFETY: reading a field of the context.
-    let mut p = v4_lookup(unsafe { (*ctx.skb.skb).ingress_ifindex }, src, dst, tos);
-    finish(ctx, &mut p, 0, false, exclude)
-}
-
 /// FIB lookup parameters for an IPv4 packet `src` → `dst` that arrived on `ifindex`.
 #[inline(always)]
 pub fn v4_lookup(ifindex: u32, src: u32, dst: u32, tos: u8) -> bpf_fib_lookup {
@@ -166,81 +160,108 @@ pub fn v4_lookup(ifindex: u32, src: u32, dst: u32, tos: u8) -> bpf_fib_lookup {
     p
 }
 
-/// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped; header
-/// `inner`, destination `dst`) as the kernel's router would: TTL checked and decremented, FIB
-/// lookup, redirect. Routes to `exclude` (the TUN), local delivery, unresolved routes and
-/// expiring TTLs are left to the kernel. Returns the verdict and whether we redirected it.
+/// The frame head a forwarded IPv4 packet gets in one store: MAC header, EtherType and the
+/// first 12 bytes of the IPv4 header (through the TTL, protocol and checksum).
+#[repr(C)]
+struct Head4 {
+    macs: [u8; 12],
+    proto: [u8; 2],
+    ipv4: [u8; 12],
+}
+
+/// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped by
+/// `encap::unwrap_for_forwarding`, so the frame's EtherType is still IPv6's; header `inner`,
+/// destination `dst`) as the kernel's router would: TTL checked and decremented, FIB lookup,
+/// redirect. With the next hop known, the MAC header, the EtherType and the decremented TTL
+/// with its checksum go in with one store. Routes to `exclude` (the TUN), local delivery,
+/// unresolved routes and expiring TTLs are left to the kernel (with the EtherType written).
+/// Returns the verdict and whether we redirected it.
 #[inline(always)]
 pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u32) -> (i32, bool) {
     if inner.hdr.ttl <= 1 {
         count(Counter::SlowPathTtl);
-        return (PASS, false);
+        return (to_kernel(ctx), false);
     }
-    match forward_v4(ctx, inner.src(), dst, inner.hdr.tos, exclude) {
-        Forward::Verdict(v) => {
-            if decrement_ttl(ctx, ETH_LEN, inner).is_err() {
-                count(Counter::DropRewriteFailed);
-                return (DROP, false);
-            }
-            (v, true)
-        }
-        Forward::NoRoute | Forward::Excluded => (PASS, false),
-    }
-}
-
-#[inline(always)]
-fn finish(
-    ctx: &TcContext,
-    p: &mut bpf_fib_lookup,
-    flags: u32,
-    egress: bool,
-    exclude: u32,
-) -> Forward {
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mut p = v4_lookup(ingress, inner.src(), dst, inner.hdr.tos);
     // SAFETY: the helper reads and writes `p`, whose size we pass.
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb.cast(),
-            p,
+            &mut p,
             mem::size_of::<bpf_fib_lookup>() as i32,
-            flags,
+            0,
         )
     } as u32;
     if exclude != 0 && p.ifindex == exclude {
-        return Forward::Excluded;
+        return (to_kernel(ctx), false);
     }
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            let h = &inner.hdr;
+            let [c0, c1] = ttl_decremented_checksum(u16::from_be_bytes(h.check)).to_be_bytes();
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&p.dmac);
             macs[6..].copy_from_slice(&p.smac);
-            if ctx.store(0, &macs, 0).is_err() {
-                return Forward::NoRoute;
-            }
-            // SAFETY: reading a field of the context.
-            let current = unsafe { (*ctx.skb.skb).ifindex };
-            if egress && p.ifindex == current {
-                return Forward::Verdict(VERDICT_OK);
+            let head = Head4 {
+                macs,
+                proto: ETH_P_IP.to_be_bytes(),
+                ipv4: [
+                    h.vihl,
+                    h.tos,
+                    h.tot_len[0],
+                    h.tot_len[1],
+                    h.id[0],
+                    h.id[1],
+                    h.frags[0],
+                    h.frags[1],
+                    h.ttl - 1,
+                    h.proto,
+                    c0,
+                    c1,
+                ],
+            };
+            if ctx.store(0, &head, 0).is_err() {
+                return (to_kernel(ctx), false);
             }
             // SAFETY: plain helper call.
-            Forward::Verdict(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+            (unsafe { bpf_redirect(p.ifindex, 0) } as i32, true)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // The kernel resolves the next hop (ND/ARP) and queues the packet meanwhile.
-            // SAFETY: plain data; the union member matches the family.
-            let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
-            if p.family == AF_INET6 {
-                nh.nh_family = AF_INET6 as u32;
-                // SAFETY: after the lookup the destination field holds the next hop.
-                nh.__bindgen_anon_1.ipv6_nh = unsafe { p.__bindgen_anon_4.ipv6_dst };
-            } else {
-                nh.nh_family = AF_INET as u32;
-                // SAFETY: as above, IPv4 member.
-                nh.__bindgen_anon_1.ipv4_nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
+            // The kernel resolves the next hop (ARP) and queues the packet meanwhile.
+            if set_eth_proto(ctx, ETH_P_IP).is_err() {
+                count(Counter::DropRewriteFailed);
+                return (DROP, false);
             }
-            redirect_neigh(p.ifindex, Some(&mut nh))
+            // SAFETY: plain data; after the lookup the destination field holds the next hop.
+            let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
+            nh.nh_family = AF_INET as u32;
+            nh.__bindgen_anon_1.ipv4_nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
+            match redirect_neigh(p.ifindex, Some(&mut nh)) {
+                // The redirect happens when the program returns: the TTL can go down now.
+                Forward::Verdict(v) => {
+                    if decrement_ttl(ctx, ETH_LEN, inner).is_err() {
+                        count(Counter::DropRewriteFailed);
+                        return (DROP, false);
+                    }
+                    (v, true)
+                }
+                Forward::NoRoute | Forward::Excluded => (PASS, false),
+            }
         }
-        _ => Forward::NoRoute,
+        _ => (to_kernel(ctx), false),
     }
+}
+
+/// Leaves an unwrapped packet to the kernel, with the frame's EtherType written.
+#[inline(always)]
+fn to_kernel(ctx: &TcContext) -> i32 {
+    if set_eth_proto(ctx, ETH_P_IP).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    PASS
 }
 
 #[inline(always)]

@@ -76,7 +76,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         policy_event(&ctx, cfg);
         return DROP;
     }
-    let Ok(segs) = encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::Decap) else {
+    let Ok(segs) = encap::unwrap_for_forwarding(&ctx, &inner, cfg.mss, Counter::Decap) else {
         return DROP;
     };
     count_client(binding.slot, true, segs, inner_bytes(&ctx));
