@@ -130,19 +130,7 @@ fn drops_each_under_its_reason(ebpf: &mut Ebpf, cases: &[(Vec<u8>, Counter)]) ->
 }
 
 fn run(ebpf: &mut Ebpf, program: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let prog: &mut SchedClassifier = ebpf.program_mut(program).unwrap().try_into()?;
-    if prog.fd().is_err() {
-        prog.load()?;
-    }
-    let mut out = vec![0u8; packet.len() + 128];
-    let result = prog.test_run(TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
+    run_tc_from(ebpf, program, packet, 0)
 }
 
 /// One XDP run of `program` on `packet`, as received on `ifindex`.
@@ -190,6 +178,32 @@ fn run_tc_from(
     })?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
+}
+
+/// `out` is `inner` decapsulated and forwarded toward HOST: new MAC header, TTL one lower
+/// with a valid checksum, everything else as it was; counted as redirected.
+fn assert_forwarded(
+    ebpf: &Ebpf,
+    before: &dataplane::stats::Counters,
+    out: &[u8],
+    inner: &[u8],
+    own_mac: &[u8; 6],
+) -> Result<()> {
+    assert_eq!(delta(ebpf, before, Counter::DecapRedirected), 1);
+    assert_eq!(&out[0..6], &NEIGH_MAC);
+    assert_eq!(&out[6..12], own_mac);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let got = &out[14..];
+    assert_eq!(got.len(), inner.len());
+    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
+    assert_ipv4_checksum(got)?;
+    assert_eq!(
+        &got[..8],
+        &inner[..8],
+        "the header before the TTL unchanged"
+    );
+    assert_eq!(&got[12..], &inner[12..], "addresses and payload unchanged");
+    Ok(())
 }
 
 fn delta(ebpf: &Ebpf, before: &dataplane::stats::Counters, counter: Counter) -> u64 {
@@ -456,15 +470,7 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
         dataplane::stats::read(&ebpf)?
     );
     assert_eq!(delta(&ebpf, &before, Counter::Decap), 1);
-    assert_eq!(delta(&ebpf, &before, Counter::DecapRedirected), 1);
-    assert_eq!(&out[0..6], &NEIGH_MAC);
-    assert_eq!(&out[6..12], &v4_mac);
-    assert_eq!(&out[12..14], &[0x08, 0x00]);
-    let got = &out[14..];
-    assert_eq!(got.len(), inner.len());
-    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
-    assert_ipv4_checksum(got)?;
-    assert_eq!(&got[20..], &inner[20..], "payload unchanged");
+    assert_forwarded(&ebpf, &before, &out, &inner, &v4_mac)?;
 
     // The TC program forwards the same packet to the same frame (its MAC header, EtherType
     // and TTL go in with one store).
@@ -478,20 +484,7 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
         )
     })??;
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(delta(&ebpf, &before, Counter::DecapRedirected), 1);
-    assert_eq!(&out[0..6], &NEIGH_MAC);
-    assert_eq!(&out[6..12], &v4_mac);
-    assert_eq!(&out[12..14], &[0x08, 0x00]);
-    let got = &out[14..];
-    assert_eq!(got.len(), inner.len());
-    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
-    assert_ipv4_checksum(got)?;
-    assert_eq!(
-        &got[..8],
-        &inner[..8],
-        "the header before the TTL unchanged"
-    );
-    assert_eq!(&got[12..], &inner[12..], "addresses and payload unchanged");
+    assert_forwarded(&ebpf, &before, &out, &inner, &v4_mac)?;
 
     // Violations it can judge alone: dropped and counted as the TC program would.
     let spoofed = ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x");

@@ -20,8 +20,8 @@ use tunnel_ebpf::{
     maps::{BR_RULES, config},
     nat,
     packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, eq16},
-    route::{self, Forward},
-    stats::{count, count_n},
+    route,
+    stats::count,
 };
 
 /// The most specific rule covering `addr` (wire order).
@@ -130,28 +130,7 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let mut route = route::lookup_v6(&ctx, &cfg.local, &ce, cfg.v6_ifindex);
-    let Ok(segs) = encap::wrap_clamped(
-        &ctx,
-        &ip,
-        &cfg.local,
-        &ce,
-        cfg.mss,
-        cfg.hop_limit,
-        route.macs(),
-    ) else {
-        return DROP;
-    };
-    match route.send(&ctx, cfg.v6_ifindex, false) {
-        Forward::Verdict(v) => {
-            count_n(Counter::BrEncap, segs);
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => {
-            log::dropped_v4(&ctx, LOG_BR_ENCAP, Counter::DropNoRoute, &ip);
-            DROP
-        }
-    }
+    encap::send_wrapped(&ctx, &ip, cfg, &ce, false, Counter::BrEncap, LOG_BR_ENCAP).0
 }
 
 tunnel_ebpf::logger!(

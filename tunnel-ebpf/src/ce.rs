@@ -26,8 +26,8 @@ use tunnel_ebpf::{
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
-    route::{self, Forward},
-    stats::{count, count_n},
+    route,
+    stats::count,
 };
 
 /// The exact entry for `key`, else its wildcard (remote 0.0.0.0:0: port forwards and
@@ -85,28 +85,16 @@ pub fn ce_out(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    let mut route = route::lookup_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex);
-    let Ok(segs) = encap::wrap_clamped(
+    encap::send_wrapped(
         &ctx,
         &ip,
-        &cfg.local,
+        cfg,
         &cfg.remote,
-        cfg.mss,
-        cfg.hop_limit,
-        route.macs(),
-    ) else {
-        return DROP;
-    };
-    match route.send(&ctx, cfg.v6_ifindex, false) {
-        Forward::Verdict(v) => {
-            count_n(Counter::CeNaptOut, segs);
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => {
-            log::dropped_v4(&ctx, LOG_CE_OUT, Counter::DropNoRoute, &ip);
-            DROP
-        }
-    }
+        false,
+        Counter::CeNaptOut,
+        LOG_CE_OUT,
+    )
+    .0
 }
 
 tunnel_ebpf::logger!(

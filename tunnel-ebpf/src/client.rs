@@ -20,8 +20,6 @@ use tunnel_ebpf::{
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
     },
-    route::{self, Forward},
-    stats::count_n,
 };
 
 #[classifier]
@@ -37,28 +35,16 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         // Not the tunnel's traffic (the interface may carry native IPv4 too).
         return PASS;
     }
-    let mut route = route::lookup_v6(&ctx, &cfg.local, &cfg.remote, cfg.v6_ifindex);
-    let Ok(segs) = encap::wrap_clamped(
+    encap::send_wrapped(
         &ctx,
         &ip,
-        &cfg.local,
+        cfg,
         &cfg.remote,
-        cfg.mss,
-        cfg.hop_limit,
-        route.macs(),
-    ) else {
-        return DROP;
-    };
-    match route.send(&ctx, cfg.v6_ifindex, true) {
-        Forward::Verdict(v) => {
-            count_n(Counter::ClientEncap, segs);
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => {
-            log::dropped_v4(&ctx, LOG_CLIENT_ENCAP, Counter::DropNoRoute, &ip);
-            DROP
-        }
-    }
+        true,
+        Counter::ClientEncap,
+        LOG_CLIENT_ENCAP,
+    )
+    .0
 }
 
 tunnel_ebpf::logger!(log_client_encap, "client_encap", [DropNoRoute]);

@@ -9,14 +9,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::ip::Ipv6Hdr;
-use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
+use tunnel_common::{
+    fastpath::{IPV6_HEADER_LEN, TunnelConfig},
+    stats::Counter,
+};
 
 use crate::{
+    log,
     packet::{
         DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
         IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, RewriteFailed, segments,
         set_eth_proto,
     },
+    route::{self, Forward},
     stats::{count, count_n},
 };
 
@@ -159,6 +164,46 @@ pub fn wrap_clamped(
         return Err(RewriteFailed);
     }
     Ok(segs)
+}
+
+/// Wraps the IPv4 packet that follows the Ethernet header in IPv6 `cfg.local` → `dst` and
+/// sends it on: the FIB is asked first, so the new frame head goes in with one store, then the
+/// redirect ([`crate::route::V6Route`]). `egress`: the program runs on egress of the IPv6
+/// side. On its way, its segments are counted under `counter`; a route that does not work is
+/// counted as `drop_no_route_to_client` and logged through `log_program`. Returns the verdict
+/// and the segments sent (0 when it was not).
+#[inline(always)]
+pub fn send_wrapped(
+    ctx: &TcContext,
+    ip: &Ipv4Info,
+    cfg: &TunnelConfig,
+    dst: &[u8; 16],
+    egress: bool,
+    counter: Counter,
+    log_program: u32,
+) -> (i32, u64) {
+    let mut route = route::lookup_v6(ctx, &cfg.local, dst, cfg.v6_ifindex);
+    let Ok(segs) = wrap_clamped(
+        ctx,
+        ip,
+        &cfg.local,
+        dst,
+        cfg.mss,
+        cfg.hop_limit,
+        route.macs(),
+    ) else {
+        return (DROP, 0);
+    };
+    match route.send(ctx, cfg.v6_ifindex, egress) {
+        Forward::Verdict(v) => {
+            count_n(counter, segs);
+            (v, segs)
+        }
+        Forward::NoRoute | Forward::Excluded => {
+            log::dropped_v4(ctx, log_program, Counter::DropNoRoute, ip);
+            (DROP, 0)
+        }
+    }
 }
 
 /// What follows the outer IPv6 header of a packet addressed to us.

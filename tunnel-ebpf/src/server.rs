@@ -28,7 +28,7 @@ use tunnel_ebpf::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
         PASS, eq16,
     },
-    route::{self, Forward},
+    route,
     stats::{count, count_n},
 };
 
@@ -181,29 +181,19 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         return DROP;
     }
     let bytes = inner_bytes(&ctx);
-    let mut route = route::lookup_v6(&ctx, &cfg.local, &binding.client, cfg.v6_ifindex);
-    let Ok(segs) = encap::wrap_clamped(
+    let (verdict, segs) = encap::send_wrapped(
         &ctx,
         &ip,
-        &cfg.local,
+        cfg,
         &binding.client,
-        cfg.mss,
-        cfg.hop_limit,
-        route.macs(),
-    ) else {
-        return DROP;
-    };
-    match route.send(&ctx, cfg.v6_ifindex, false) {
-        Forward::Verdict(v) => {
-            count_n(Counter::Encap, segs);
-            count_client(binding.slot, false, segs, bytes);
-            v
-        }
-        Forward::NoRoute | Forward::Excluded => {
-            log::dropped_v4(&ctx, LOG_SERVER_ENCAP, Counter::DropNoRoute, &ip);
-            DROP
-        }
+        false,
+        Counter::Encap,
+        LOG_SERVER_ENCAP,
+    );
+    if segs > 0 {
+        count_client(binding.slot, false, segs, bytes);
     }
+    verdict
 }
 
 tunnel_ebpf::logger!(
