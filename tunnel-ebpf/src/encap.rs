@@ -182,7 +182,7 @@ pub fn send_wrapped(
     counter: Counter,
     log_program: u32,
 ) -> (i32, u64) {
-    let mut route = route::lookup_v6(ctx, &cfg.local, dst, cfg.v6_ifindex);
+    let route = route::lookup_v6(ctx, &cfg.local, dst, cfg.v6_ifindex);
     let Ok(segs) = wrap_clamped(
         ctx,
         ip,

@@ -104,7 +104,7 @@ impl V6Route {
     /// that does not forward IPv6), the kernel's own output route lookup and neighbour
     /// resolution still work, at the cost of doing them after we return.
     #[inline(always)]
-    pub fn send(&mut self, ctx: &TcContext, oif: u32, egress: bool) -> Forward {
+    pub fn send(&self, ctx: &TcContext, oif: u32, egress: bool) -> Forward {
         match self.rc {
             BPF_FIB_LKUP_RET_SUCCESS => {
                 // SAFETY: reading a field of the context.
