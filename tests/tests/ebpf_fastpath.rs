@@ -50,6 +50,7 @@ fn config(v6_ifindex: u32) -> TunnelConfig {
         hop_limit: 64,
         enabled: 1,
         policy_events_per_s: 0,
+        ..Default::default()
     }
 }
 

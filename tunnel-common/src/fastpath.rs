@@ -88,6 +88,52 @@ pub struct TunnelConfig {
     /// [`crate::names::POLICY_EVENTS`] (the controller answers them with ICMPv6 type 1
     /// code 5); 0: none.
     pub policy_events_per_s: u16,
+    /// Server only: non-zero when a packet from one softwire to another softwire's address
+    /// and port is dropped (`drop_hairpin_off`) instead of re-encapsulated (`--no-hairpin`).
+    pub no_hairpin: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of [`crate::names::SOFTWIRES`]: a shared (or whole, `psid` 0 with length 0) IPv4
+/// address and the PSID of one port set of it (RFC 7596 lw4o6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SoftwireKey {
+    pub ipv4: Ipv4Key,
+    pub psid: u16,
+    pub _pad: u16,
+}
+
+/// Value of [`crate::names::SOFTWIRES`]: the tunnel endpoints of one softwire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SoftwireEntry {
+    /// The B4's IPv6 address: the outer destination toward it, the only outer source it may
+    /// send from.
+    pub b4: Ipv6Key,
+    /// The AFTR address of this softwire: the outer source toward the B4, the only outer
+    /// destination accepted from it.
+    pub aftr: Ipv6Key,
+}
+
+/// Value of [`crate::names::SHARED_ADDRS`]: how the ports of an IPv4 address that softwires
+/// use are split (all softwires of one address split it the same way).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedAddr {
+    /// k: 0 is the whole address (one softwire, PSID 0).
+    pub psid_len: u8,
+    /// a: ports whose top a bits are zero belong to no set (a = 0: one contiguous range).
+    pub psid_offset: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`crate::names::B4_ADDRS`]: a B4 and an IPv4 address it holds a softwire of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct B4Key {
+    pub b4: Ipv6Key,
+    pub ipv4: Ipv4Key,
 }
 
 /// How much of an offending packet a policy event carries: what fits in an ICMPv6 error
@@ -111,8 +157,10 @@ pub const IPV6_HEADER_LEN: u16 = 40;
 pub const TCP_IPV4_OVERHEAD: u16 = 40;
 /// Default outer hop limit.
 pub const DEFAULT_HOP_LIMIT: u8 = 64;
-/// Bindings a server can hold (both maps).
+/// Bindings a server can hold (both maps), and softwires (each softwire map).
 pub const MAX_BINDINGS: u32 = 65_536;
+/// AFTR addresses a softwire table may name.
+pub const MAX_AFTR_ADDRS: u32 = 64;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -121,6 +169,10 @@ mod pod {
     unsafe impl aya::Pod for super::Binding6 {}
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::ClientTraffic {}
+    unsafe impl aya::Pod for super::SoftwireKey {}
+    unsafe impl aya::Pod for super::SoftwireEntry {}
+    unsafe impl aya::Pod for super::SharedAddr {}
+    unsafe impl aya::Pod for super::B4Key {}
 }
 
 // No implicit padding: the sizes equal the sums of the fields.
@@ -128,5 +180,9 @@ const _: () = assert!(core::mem::size_of::<Binding4>() == 12);
 const _: () = assert!(core::mem::size_of::<Binding6>() == 20);
 const _: () = assert!(core::mem::size_of::<ClientTraffic>() == 32);
 const _: () =
-    assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2);
+    assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<SoftwireKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SoftwireEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<SharedAddr>() == 4);
+const _: () = assert!(core::mem::size_of::<B4Key>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 8 + POLICY_QUOTE);

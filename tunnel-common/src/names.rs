@@ -16,6 +16,18 @@ pub const BIND_BY_V4: &str = "BIND_BY_V4";
 /// [`crate::fastpath::Binding6`]) → [`crate::fastpath::ClientTraffic`]. An array, not a hash:
 /// the lookup the programs add per packet is an index.
 pub const CLIENT_TRAFFIC: &str = "CLIENT_TRAFFIC";
+/// Server (lwAFTR): hash [`crate::fastpath::SoftwireKey`] (IPv4, PSID) →
+/// [`crate::fastpath::SoftwireEntry`] (B4, AFTR address).
+pub const SOFTWIRES: &str = "SOFTWIRES";
+/// Server (lwAFTR): hash IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::SharedAddr`]
+/// (how that address's ports are split among its softwires).
+pub const SHARED_ADDRS: &str = "SHARED_ADDRS";
+/// Server (lwAFTR): hash [`crate::fastpath::B4Key`] → number of softwires that B4 holds on
+/// that address (tells a port outside the B4's set from another B4's address).
+pub const B4_ADDRS: &str = "B4_ADDRS";
+/// Server (lwAFTR): hash IPv6 → number of softwires naming it: the AFTR addresses accepted
+/// besides the tunnel address.
+pub const AFTR_ADDRS: &str = "AFTR_ADDRS";
 
 /// Server: ring buffer of [`crate::fastpath::PolicyEvent`]s (not pinned).
 pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
@@ -85,6 +97,19 @@ pub const LOG_CE_OUT: u32 = 5;
 pub const LOG_BR_DECAP: u32 = 6;
 pub const LOG_BR_ENCAP: u32 = 7;
 
+/// Program array of the programs others tail-call ([`TAIL_PROGRAMS`], by index; not pinned).
+pub const TAIL_PROGS: &str = "TAIL_PROGS";
+/// The programs of [`TAIL_PROGS`], at their indexes (`TAIL_*` below).
+pub const TAIL_PROGRAMS: &[&str] = &[PROG_SERVER_DECAP_SOFTWIRE, PROG_SERVER_HAIRPIN];
+/// Server, tail-called by [`PROG_SERVER_DECAP`] for a source no native client is bound to:
+/// the lwAFTR's softwire checks, decapsulation and hairpinning.
+pub const PROG_SERVER_DECAP_SOFTWIRE: &str = "server_decap_softwire";
+pub const TAIL_SERVER_DECAP_SOFTWIRE: u32 = 0;
+/// Server, tail-called by [`PROG_SERVER_DECAP_SOFTWIRE`] for a checked packet to another
+/// softwire's address: re-encapsulation toward that B4 (RFC 7596 §7.1).
+pub const PROG_SERVER_HAIRPIN: &str = "server_hairpin";
+pub const TAIL_SERVER_HAIRPIN: u32 = 1;
+
 /// Every map the controller expects to find in the object.
 pub const ALL_MAPS: &[&str] = &[
     STATS_MAP,
@@ -92,6 +117,10 @@ pub const ALL_MAPS: &[&str] = &[
     BIND_BY_V6,
     BIND_BY_V4,
     CLIENT_TRAFFIC,
+    SOFTWIRES,
+    SHARED_ADDRS,
+    B4_ADDRS,
+    AFTR_ADDRS,
     POLICY_EVENTS,
     POLICY_LAST,
     NAT_OUT,
@@ -99,6 +128,7 @@ pub const ALL_MAPS: &[&str] = &[
     BR_RULES,
     LOG_PROGS,
     LOG_EVENT,
+    TAIL_PROGS,
 ];
 /// Every program the controller expects to find in the object.
 pub const ALL_PROGRAMS: &[&str] = &[
@@ -114,4 +144,6 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_BR_ENCAP,
     PROG_SERVER_DECAP_XDP,
     PROG_BENCH_EMPTY,
+    PROG_SERVER_DECAP_SOFTWIRE,
+    PROG_SERVER_HAIRPIN,
 ];

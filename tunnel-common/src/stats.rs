@@ -50,6 +50,20 @@ counters! {
     DropUnboundSource = "drop_unbound_source",
     /// Server: inner IPv4 source is not the lease bound to the outer source.
     DropInnerSourceNotLease = "drop_inner_source_not_lease",
+    /// lwAFTR: a B4 sent from a port (or ICMP id) outside every port set it holds on that
+    /// address: dropped.
+    DropPortOutsideSet = "drop_port_outside_set",
+    /// lwAFTR: no softwire holds the port (or the packet has none to check: other protocols,
+    /// or a fragment from a B4 without a softwire on that address): dropped.
+    DropNoBindingForPort = "drop_no_binding_for_port",
+    /// lwAFTR: the softwire of that address and port belongs to another B4 (or another AFTR
+    /// address): dropped.
+    DropB4Mismatch = "drop_b4_mismatch",
+    /// lwAFTR: packets from one softwire to another's address and port, re-encapsulated
+    /// toward that B4 without leaving the AFTR (RFC 7596 §7.1).
+    Hairpinned = "hairpin_packets",
+    /// lwAFTR: packets from one softwire to another that `--no-hairpin` dropped.
+    DropHairpinOff = "drop_hairpin_off",
     /// Server: next header 4 but the inner packet is not IPv4.
     DropInnerNotIpv4 = "drop_inner_not_ipv4",
     /// Server: inner IPv4 header truncated or inconsistent.
@@ -58,6 +72,9 @@ counters! {
     SlowPathTooBig = "slowpath_too_big",
     /// Packets whose TTL would expire here: left to the kernel (ICMP time exceeded).
     SlowPathTtl = "slowpath_ttl_expired",
+    /// lwAFTR: a non-first IPv4 fragment toward a shared address (no port to pick the
+    /// softwire by): left to the kernel and the controller.
+    SlowPathFragment = "slowpath_fragment",
     /// No IPv6 route or neighbour toward a client: dropped.
     DropNoRoute = "drop_no_route_to_client",
     /// A packet rewrite (adjust_room, store) failed: dropped.

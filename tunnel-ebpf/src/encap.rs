@@ -182,11 +182,28 @@ pub fn send_wrapped(
     counter: Counter,
     log_program: u32,
 ) -> (i32, u64) {
-    let route = route::lookup_v6(ctx, &cfg.local, dst, cfg.v6_ifindex);
+    send_wrapped_from(ctx, ip, cfg, &cfg.local, dst, egress, counter, log_program)
+}
+
+/// [`send_wrapped`] from outer source `src` instead of `cfg.local` (an lwAFTR softwire's own
+/// AFTR address).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn send_wrapped_from(
+    ctx: &TcContext,
+    ip: &Ipv4Info,
+    cfg: &TunnelConfig,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    egress: bool,
+    counter: Counter,
+    log_program: u32,
+) -> (i32, u64) {
+    let route = route::lookup_v6(ctx, src, dst, cfg.v6_ifindex);
     let Ok(segs) = wrap_clamped(
         ctx,
         ip,
-        &cfg.local,
+        src,
         dst,
         cfg.mss,
         cfg.hop_limit,

@@ -9,4 +9,5 @@ pub mod mss;
 pub mod nat;
 pub mod packet;
 pub mod route;
+pub mod softwire;
 pub mod stats;

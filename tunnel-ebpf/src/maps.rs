@@ -1,12 +1,22 @@
 //! The fast-path maps. Their names are `tunnel_common::names`; the controller owns every write.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use tunnel_common::{
-    fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, MAX_BINDINGS, TunnelConfig},
+    fastpath::{
+        B4Key, Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, MAX_AFTR_ADDRS, MAX_BINDINGS,
+        SharedAddr, SoftwireEntry, SoftwireKey, TunnelConfig,
+    },
     mape::{MAX_NAT_ENTRIES, MAX_RULES, MapRule, NatIn, NatKey, NatOut},
+    names::TAIL_PROGRAMS,
 };
+
+/// Programs that others tail-call (`tunnel_common::names::TAIL_PROGRAMS`, by index); the
+/// controller installs them at load time.
+#[map]
+pub static TAIL_PROGS: ProgramArray =
+    ProgramArray::with_max_entries(TAIL_PROGRAMS.len() as u32, 0);
 
 /// This instance's endpoint, interfaces and MTU (one entry).
 #[map]
@@ -24,6 +34,23 @@ pub static BIND_BY_V4: HashMap<Ipv4Key, Binding6> = HashMap::pinned(MAX_BINDINGS
 /// the binding and sums the CPUs).
 #[map]
 pub static CLIENT_TRAFFIC: PerCpuArray<ClientTraffic> = PerCpuArray::pinned(MAX_BINDINGS, 0);
+
+/// lwAFTR: (IPv4, PSID) → the softwire's B4 and AFTR address.
+#[map]
+pub static SOFTWIRES: HashMap<SoftwireKey, SoftwireEntry> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// lwAFTR: an IPv4 address that softwires use → how its ports are split.
+#[map]
+pub static SHARED_ADDRS: HashMap<Ipv4Key, SharedAddr> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// lwAFTR: (B4, IPv4) pairs with at least one softwire (only read to name a drop's reason,
+/// and to accept a B4's non-first fragments of its own address).
+#[map]
+pub static B4_ADDRS: HashMap<B4Key, u32> = HashMap::pinned(MAX_BINDINGS, 0);
+
+/// lwAFTR: AFTR addresses softwires name besides the tunnel address.
+#[map]
+pub static AFTR_ADDRS: HashMap<Ipv6Key, u32> = HashMap::pinned(MAX_AFTR_ADDRS, 0);
 
 /// Adds one (possibly GSO) packet of `bytes` to the traffic of the binding at `slot`, `rx`
 /// (from the client) or not (to it).

@@ -16,19 +16,23 @@ use aya_ebpf::{
 };
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
-    fastpath::{POLICY_QUOTE, PolicyEvent, TunnelConfig},
-    names::{LOG_SERVER_DECAP, LOG_SERVER_ENCAP},
+    fastpath::{POLICY_QUOTE, PolicyEvent, SharedAddr, SoftwireEntry, TunnelConfig},
+    names::{LOG_SERVER_DECAP, LOG_SERVER_ENCAP, TAIL_SERVER_DECAP_SOFTWIRE, TAIL_SERVER_HAIRPIN},
     stats::Counter,
 };
 use tunnel_ebpf::{
     encap::{self, Upper},
     log,
-    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, config, count_client},
+    maps::{
+        BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, config, count_client,
+    },
+    nat,
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
         PASS, eq16,
     },
     route,
+    softwire::{self, Miss},
     stats::{count, count_n},
 };
 
@@ -41,7 +45,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
         return PASS;
     };
-    if !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq16(&outer.dst_addr, &cfg.local) && !softwire::is_aftr(&outer.dst_addr) {
         return PASS;
     }
     match encap::outer_upper(&ctx, &outer) {
@@ -54,10 +58,12 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     }
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
     let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
-        let reason = Counter::DropUnboundSource;
-        log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
-        policy_event(&ctx, cfg);
-        return DROP;
+        // A B4's, perhaps: the softwire checks are a program of their own (the verifier
+        // and the stack limit take each program alone), and this one's hot path stays as
+        // it is.
+        // SAFETY: the tail call does not return when it succeeds.
+        let _ = unsafe { TAIL_PROGS.tail_call(&ctx, TAIL_SERVER_DECAP_SOFTWIRE) };
+        return unbound(&ctx, cfg, &outer);
     };
     let inner = match Ipv4Info::parse(&ctx, INNER_OFF) {
         Ok(inner) => inner,
@@ -87,6 +93,141 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     if redirected {
         count_n(Counter::DecapRedirected, segs);
     }
+    verdict
+}
+
+/// A packet from an IPv6 source that no native client is bound to: a B4's, when its inner
+/// source address and port belong to a softwire of that B4 (RFC 7596 §5.1). Then it is
+/// decapsulated and forwarded, or re-encapsulated toward another softwire (hairpinning).
+/// Tail-called by `server_decap` with the outer header alone in front of the inner packet.
+#[classifier]
+pub fn server_decap_softwire(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return DROP;
+    };
+    softwire_decap(&ctx, cfg, &outer)
+}
+
+/// Counts (and logs, and reports) a packet from an IPv6 source that holds nothing: DROP.
+#[inline(always)]
+fn unbound(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
+    let reason = Counter::DropUnboundSource;
+    log::dropped_ipip_unparsed(ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
+    policy_event(ctx, cfg);
+    DROP
+}
+
+#[inline(always)]
+fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
+    let Ok(inner) = Ipv4Info::parse(ctx, INNER_OFF) else {
+        return unbound(ctx, cfg, outer);
+    };
+    let Some(addr) = softwire::shared(inner.src()) else {
+        return unbound(ctx, cfg, outer);
+    };
+    let port = nat::br_port(ctx, INNER_OFF, &inner, true);
+    let holds = || softwire::b4_holds(&outer.src_addr, inner.src());
+    let outside_or = |other: Counter| {
+        if holds() {
+            Some(Counter::DropPortOutsideSet)
+        } else {
+            Some(other)
+        }
+    };
+    let refused = match softwire::psid(&addr, port) {
+        Ok(psid) => match softwire::get(inner.src(), psid) {
+            Some(sw) if eq16(&sw.b4, &outer.src_addr) => {
+                if eq16(&sw.aftr, &outer.dst_addr) {
+                    None
+                } else {
+                    Some(Counter::DropB4Mismatch)
+                }
+            }
+            Some(_) => outside_or(Counter::DropB4Mismatch),
+            None => outside_or(Counter::DropNoBindingForPort),
+        },
+        Err(Miss::Outside) => outside_or(Counter::DropNoBindingForPort),
+        // The first fragment carried the port and was checked; the rest of a B4's own
+        // datagram follows it.
+        Err(Miss::NoPort) if !inner.first_fragment() && holds() => None,
+        Err(Miss::NoPort) => Some(Counter::DropNoBindingForPort),
+    };
+    if let Some(reason) = refused {
+        log::dropped_ipip(ctx, LOG_SERVER_DECAP, reason, &outer.src_addr, &inner);
+        policy_event(ctx, cfg);
+        return DROP;
+    }
+    if inner.hdr.ttl > 1 && softwire::shared(inner.dst()).is_some() {
+        // SAFETY: the tail call does not return when it succeeds.
+        let _ = unsafe { TAIL_PROGS.tail_call(ctx, TAIL_SERVER_HAIRPIN) };
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    if encap::unwrap_for_forwarding(ctx, &inner, cfg.mss, Counter::Decap).is_err() {
+        return DROP;
+    }
+    route::forward_unwrapped(ctx, &inner, inner.dst(), cfg.tun_ifindex).0
+}
+
+/// A checked packet from one softwire to the address `to` of others: re-encapsulated toward
+/// the softwire of its destination port, from that softwire's AFTR address, without leaving
+/// the AFTR (RFC 7596 §7.1); dropped under `--no-hairpin` or when no softwire holds the port.
+/// Tail-called by `server_decap_softwire` (a program of its own for the stack limit).
+#[classifier]
+pub fn server_hairpin(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else { return PASS };
+    let (Ok(outer_src), Some(inner)) = (
+        ctx.load::<[u8; 16]>(ETH_LEN + 8),
+        Ipv4Info::load(&ctx, INNER_OFF),
+    ) else {
+        return DROP;
+    };
+    let Some(to) = softwire::shared(inner.dst()) else {
+        return DROP;
+    };
+    hairpin(&ctx, cfg, &inner, &to, &outer_src)
+}
+
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    cfg: &TunnelConfig,
+    inner: &Ipv4Info,
+    to: &SharedAddr,
+    outer_src: &[u8; 16],
+) -> i32 {
+    if cfg.no_hairpin != 0 {
+        log::dropped_ipip(ctx, LOG_SERVER_DECAP, Counter::DropHairpinOff, outer_src, inner);
+        return DROP;
+    }
+    let port = nat::br_port(ctx, INNER_OFF, inner, false);
+    let Some(sw) = softwire::psid(to, port)
+        .ok()
+        .and_then(|psid| softwire::get(inner.dst(), psid))
+    else {
+        let reason = Counter::DropNoBindingForPort;
+        log::dropped_ipip(ctx, LOG_SERVER_DECAP, reason, outer_src, inner);
+        return DROP;
+    };
+    if encap::unwrap_counted(ctx, inner, cfg.mss, Counter::Decap).is_err() {
+        return DROP;
+    }
+    if packet::decrement_ttl(ctx, ETH_LEN, inner).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    count(Counter::Hairpinned);
+    let (verdict, _) = encap::send_wrapped_from(
+        ctx,
+        inner,
+        cfg,
+        &sw.aftr,
+        &sw.b4,
+        false,
+        Counter::Encap,
+        LOG_SERVER_DECAP,
+    );
     verdict
 }
 
@@ -149,7 +290,12 @@ tunnel_ebpf::logger!(
         DropUnboundSource,
         DropInnerSourceNotLease,
         DropInnerNotIpv4,
-        DropInnerMalformed
+        DropInnerMalformed,
+        DropPortOutsideSet,
+        DropNoBindingForPort,
+        DropB4Mismatch,
+        DropHairpinOff,
+        DropNoRoute
     ]
 );
 
@@ -163,43 +309,92 @@ pub fn server_encap(ctx: TcContext) -> i32 {
         return PASS;
     };
     // SAFETY: copied out at once.
-    let Some(binding) = (unsafe { BIND_BY_V4.get(ip.dst()) }).copied() else {
-        return PASS;
+    // SAFETY: map values live as long as the map.
+    let (src, dst, slot) = match unsafe { BIND_BY_V4.get(ip.dst()) } {
+        Some(binding) => (&cfg.local, &binding.client, Some(binding.slot)),
+        None => match softwire_toward(&ctx, &ip) {
+            Ok(sw) => (&sw.aftr, &sw.b4, None),
+            Err(verdict) => return verdict,
+        },
     };
+    let bytes = inner_bytes(&ctx);
+    let (verdict, segs) = encap_toward(&ctx, cfg, &ip, src, dst);
+    if let Some(slot) = slot
+        && segs > 0
+    {
+        count_client(slot, false, segs, bytes);
+    }
+    verdict
+}
+
+/// IPv4 to an address no native client is bound to: the softwire of its destination port,
+/// when softwires use that address; else the verdict (other addresses pass: the slow path).
+#[inline(always)]
+fn softwire_toward(ctx: &TcContext, ip: &Ipv4Info) -> Result<&'static SoftwireEntry, i32> {
+    let Some(addr) = softwire::shared(ip.dst()) else {
+        return Err(PASS);
+    };
+    let sw = match softwire::psid(&addr, nat::br_port(ctx, ETH_LEN, ip, false)) {
+        Ok(psid) => softwire::get(ip.dst(), psid),
+        Err(Miss::NoPort) if !ip.first_fragment() => {
+            // Only the first fragment names the port; the controller reassembles.
+            log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathFragment, ip);
+            return Err(PASS);
+        }
+        Err(_) => None,
+    };
+    sw.ok_or_else(|| {
+        log::dropped_v4(ctx, LOG_SERVER_ENCAP, Counter::DropNoBindingForPort, ip);
+        DROP
+    })
+}
+
+/// Encapsulates `ip` `src` → `dst` and sends it toward the client, or leaves it to the slow
+/// path (too big, TTL expiring). Returns the verdict and the segments sent.
+#[inline(always)]
+fn encap_toward(
+    ctx: &TcContext,
+    cfg: &TunnelConfig,
+    ip: &Ipv4Info,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+) -> (i32, u64) {
     if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The kernel routes it to the TUN; the controller answers with ICMP
         // fragmentation-needed (DF) or fragments it.
-        log::slow_path(&ctx, LOG_SERVER_ENCAP, Counter::SlowPathTooBig, &ip);
-        return PASS;
+        log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTooBig, ip);
+        return (PASS, 0);
     }
     if ip.hdr.ttl <= 1 {
-        log::slow_path(&ctx, LOG_SERVER_ENCAP, Counter::SlowPathTtl, &ip);
-        return PASS;
+        log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTtl, ip);
+        return (PASS, 0);
     }
-    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
+    if packet::decrement_ttl(ctx, ETH_LEN, ip).is_err() {
         count(Counter::DropRewriteFailed);
-        return DROP;
+        return (DROP, 0);
     }
-    let bytes = inner_bytes(&ctx);
-    let (verdict, segs) = encap::send_wrapped(
-        &ctx,
-        &ip,
+    encap::send_wrapped_from(
+        ctx,
+        ip,
         cfg,
-        &binding.client,
+        src,
+        dst,
         false,
         Counter::Encap,
         LOG_SERVER_ENCAP,
-    );
-    if segs > 0 {
-        count_client(binding.slot, false, segs, bytes);
-    }
-    verdict
+    )
 }
 
 tunnel_ebpf::logger!(
     log_server_encap,
     "server_encap",
-    [SlowPathTooBig, SlowPathTtl, DropNoRoute]
+    [
+        SlowPathTooBig,
+        SlowPathTtl,
+        DropNoRoute,
+        DropNoBindingForPort,
+        SlowPathFragment
+    ]
 );
 
 /// The IPv4 bytes of a packet whose IPv4 header follows the Ethernet header (all segments of a

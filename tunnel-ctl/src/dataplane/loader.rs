@@ -49,6 +49,7 @@ pub fn load_sized(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<Ebpf> {
         .load(OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
     check_names(&ebpf)?;
+    install_programs(&mut ebpf, names::TAIL_PROGS, names::TAIL_PROGRAMS)?;
     if level != 0 {
         forward_logs(&mut ebpf)?;
         install_loggers(&mut ebpf)?;
@@ -94,20 +95,26 @@ fn forward_logs(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Loads the log programs and puts them into the program array the programs tail-call.
 fn install_loggers(ebpf: &mut Ebpf) -> Result<()> {
-    let mut fds = Vec::with_capacity(names::LOG_PROGRAMS.len());
-    for &name in names::LOG_PROGRAMS {
+    install_programs(ebpf, names::LOG_PROGS, names::LOG_PROGRAMS)
+}
+
+/// Loads `programs` and puts each at its index in the program array `array_name`, for the
+/// programs that tail-call them.
+fn install_programs(ebpf: &mut Ebpf, array_name: &str, programs: &[&str]) -> Result<()> {
+    let mut fds = Vec::with_capacity(programs.len());
+    for &name in programs {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("eBPF object has no program {name}"))?
             .try_into()?;
         program
             .load()
-            .with_context(|| format!("loading the log program {name}"))?;
+            .with_context(|| format!("loading the tail-called program {name}"))?;
         fds.push(program.fd()?.try_clone()?);
     }
     let map = ebpf
-        .map_mut(names::LOG_PROGS)
-        .with_context(|| format!("eBPF object has no map {}", names::LOG_PROGS))?;
+        .map_mut(array_name)
+        .with_context(|| format!("eBPF object has no map {array_name}"))?;
     let mut array = ProgramArray::try_from(map)?;
     for (index, fd) in (0u32..).zip(&fds) {
         array.set(index, fd, 0)?;
