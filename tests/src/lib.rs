@@ -442,6 +442,36 @@ impl Lab {
         Ok(Command::new(tunnel_ctl_bin()?).args(args).output()?)
     }
 
+    /// Sends `requests` (management protocol JSON, SPEC §8) one after another to
+    /// `instance`'s socket, a connection each (the daemon bounds what one connection may
+    /// send), each answered before the next goes; fails on the first error answer. Returns
+    /// how many were answered ok.
+    pub fn ctl_batch(
+        &self,
+        instance: &str,
+        requests: impl IntoIterator<Item = serde_json::Value>,
+    ) -> Result<u32> {
+        use std::io::{BufRead as _, Write as _};
+        let path = format!("/run/tunnel/{instance}.sock");
+        let mut ok = 0;
+        for request in requests {
+            let mut stream = std::os::unix::net::UnixStream::connect(&path)
+                .with_context(|| format!("connecting to {path}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            // One write: the daemon reads the line as it comes.
+            stream.write_all(format!("{request}\n").as_bytes())?;
+            let mut answer = String::new();
+            std::io::BufReader::new(stream).read_line(&mut answer)?;
+            let answer: serde_json::Value = serde_json::from_str(&answer)
+                .with_context(|| format!("answer to {request}: {answer:?}"))?;
+            if answer.get("ok").is_none() {
+                bail!("{request} was answered {answer}");
+            }
+            ok += 1;
+        }
+        Ok(ok)
+    }
+
     /// `tunnel-ctl <cmd> --json --instance <instance>`, parsed.
     pub fn ctl_json(&self, cmd: &str, instance: &str) -> Result<serde_json::Value> {
         let out = self.ctl(&[cmd, "--json", "--instance", instance])?;

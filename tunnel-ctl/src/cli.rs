@@ -74,6 +74,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Daemon: attach the eBPF packet counter to interfaces and serve its counters.
@@ -172,6 +174,17 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
   tunnel-ctl forward list --instance home")]
     Forward(ForwardCommand),
 
+    /// Change a server's lwAFTR softwire table at run time (SPEC §4a): each change reaches
+    /// the fast path at once, and no other softwire loses a packet. Changes are not written
+    /// to the --bindings file: a reload makes the table the file's again.
+    #[command(subcommand)]
+    #[command(after_help = "Examples:
+  tunnel-ctl softwire add 203.0.113.1 4/6 2001:db8:1::2 --instance aftr
+  tunnel-ctl softwire add 203.0.113.9 0/0 2001:db8:1::3 --instance aftr    # whole address
+  tunnel-ctl softwire del 203.0.113.1 4 --instance aftr
+  tunnel-ctl softwire list --json --instance aftr")]
+    Softwire(SoftwireCommand),
+
     /// Make a running daemon re-read its configuration (its --config file and the flags it
     /// was started with) and apply the difference without dropping anyone; the same as
     /// SIGHUP. Prints what changed, and what only a restart can change.
@@ -262,12 +275,18 @@ pub struct ServerArgs {
     pub listen: SocketAddr,
 
     /// Client addresses: FIRST-LAST, a CIDR, or one address; repeat or comma-separate.
-    #[arg(long, value_name = "RANGE", required = true, value_delimiter = ',')]
+    /// Without it (and with --bindings) the server is a pure lwAFTR: no control channel.
+    #[arg(
+        long,
+        value_name = "RANGE",
+        required_unless_present = "bindings",
+        value_delimiter = ','
+    )]
     pub pool: Vec<Range4>,
 
     /// The server's own address on the TUN device (never leased).
-    #[arg(long, value_name = "IPV4")]
-    pub gateway: Ipv4Addr,
+    #[arg(long, value_name = "IPV4", required_unless_present = "bindings")]
+    pub gateway: Option<Ipv4Addr>,
 
     /// DNS servers announced in 101 (comma-separated, up to 3 used). Default: the IPv4
     /// nameservers of /etc/resolv.conf.
@@ -418,6 +437,25 @@ pub struct ServerArgs {
     /// 0: drop silently (the counters still tell).
     #[arg(long, value_name = "N", default_value_t = 0, requires = "v6_dev")]
     pub policy_icmp: u32,
+
+    /// lwAFTR (RFC 7596): a static table of softwires, TOML `[[softwire]]` entries with
+    /// ipv4, psid, psid-len (0: whole address), psid-offset (default 6), b4 and optional
+    /// aftr (default --tunnel-addr). B4s send IPv4-in-IPv6 from their b4 address with a
+    /// source port in their set; traffic to the address and port goes back to them. Works
+    /// next to --pool or alone (a pure lwAFTR: no listener, no TUN). Change it at run time
+    /// with `tunnel-ctl softwire add|del` or by editing the file and `tunnel-ctl reload`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "v6_dev",
+        help_heading = "lwAFTR (shared addresses)"
+    )]
+    pub bindings: Option<PathBuf>,
+
+    /// lwAFTR: drop packets from one softwire to another softwire's address and port
+    /// (counted as drop_hairpin_off) instead of sending them straight back toward that B4.
+    #[arg(long, help_heading = "lwAFTR (shared addresses)")]
+    pub no_hairpin: bool,
 
     /// Where leases are saved so that a restarted server re-adopts them.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
@@ -687,6 +725,67 @@ pub enum ForwardCommand {
     List(QueryArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SoftwireCommand {
+    /// Add a softwire: IPV4, PSID/LEN (k bits of port-set id; 0/0 is the whole address), the
+    /// B4's IPv6 address.
+    Add {
+        ipv4: Ipv4Addr,
+        #[arg(value_name = "PSID/LEN", value_parser = parse_psid_len)]
+        psid: (u16, u8),
+        b4: Ipv6Addr,
+        /// a: ports whose top a bits are 0 are in no set (0: one contiguous range, ports
+        /// below 1024 included).
+        #[arg(long, value_name = "A", default_value_t = crate::server::softwires::DEFAULT_PSID_OFFSET)]
+        psid_offset: u8,
+        /// This softwire's AFTR address (default: the server's --tunnel-addr).
+        #[arg(long, value_name = "IPV6")]
+        aftr: Option<Ipv6Addr>,
+        #[command(flatten)]
+        instance: InstanceArg,
+    },
+    /// Remove the softwire of IPV4 and PSID.
+    Del {
+        ipv4: Ipv4Addr,
+        psid: u16,
+        #[command(flatten)]
+        instance: InstanceArg,
+    },
+    /// List the softwires (with --json: ipv4, psid, psid_len, psid_offset, b4, aftr,
+    /// port_count).
+    List(QueryArgs),
+}
+
+impl SoftwireCommand {
+    /// The softwire an `add` names, checked.
+    pub fn softwire(
+        ipv4: Ipv4Addr,
+        (psid, len): (u16, u8),
+        b4: Ipv6Addr,
+        offset: u8,
+        aftr: Option<Ipv6Addr>,
+    ) -> anyhow::Result<crate::server::softwires::Softwire> {
+        crate::server::softwires::Softwire::new(ipv4, psid, len, offset, b4, aftr)
+            .map_err(crate::usage::usage)
+    }
+}
+
+/// `PSID/LEN`, e.g. `4/6`.
+fn parse_psid_len(s: &str) -> Result<(u16, u8), String> {
+    let (p, l) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: write PSID/LEN, e.g. 4/6 (0/0: the whole address)"))?;
+    let psid = p
+        .parse::<u16>()
+        .map_err(|_| format!("{s:?}: PSID {p:?} is not a number 0-65535"))?;
+    let len = l
+        .parse::<u8>()
+        .ok()
+        .filter(|l| *l <= 16)
+        .ok_or_else(|| format!("{s:?}: LEN {l:?} is not 0-16"))?;
+    Ok((psid, len))
+}
+
 /// How a client carries its IPv4 traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ClientMode {
@@ -799,7 +898,7 @@ impl From<ServerArgs> for config::ServerConfig {
         config::ServerConfig {
             listen: a.listen,
             pool: a.pool,
-            gateway: a.gateway,
+            gateway: a.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
             dns: a.dns,
             timers: a.timers.into(),
             hold: a.hold,
@@ -825,6 +924,8 @@ impl From<ServerArgs> for config::ServerConfig {
             v4_dev: a.v4_dev,
             tunnel_addr: a.tunnel_addr,
             policy_icmp: a.policy_icmp,
+            bindings: a.bindings,
+            no_hairpin: a.no_hairpin,
             state_dir: a.state_dir,
             instance: a.instance.instance,
             metrics: a.metrics,

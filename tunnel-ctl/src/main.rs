@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 use tunnel_ctl::{
-    cli::{Cli, Command, ForwardCommand, MapeCommand},
+    cli::{Cli, Command, ForwardCommand, MapeCommand, SoftwireCommand},
     client,
     mgmt::{self, Request},
     monitor, report, server,
@@ -104,6 +104,29 @@ fn main() -> ExitCode {
             }
             Command::Forward(ForwardCommand::List(q)) => {
                 mgmt::request(&q.instance.instance, &Request::ForwardList)
+                    .map(|v| report::print(&v, q.json))
+            }
+            Command::Softwire(SoftwireCommand::Add {
+                ipv4,
+                psid,
+                b4,
+                psid_offset,
+                aftr,
+                instance,
+            }) => {
+                SoftwireCommand::softwire(ipv4, psid, b4, psid_offset, aftr).and_then(|softwire| {
+                    mgmt::request(&instance.instance, &Request::SoftwireAdd { softwire })
+                        .map(|v| report::print(&v, false))
+                })
+            }
+            Command::Softwire(SoftwireCommand::Del {
+                ipv4,
+                psid,
+                instance,
+            }) => mgmt::request(&instance.instance, &Request::SoftwireDel { ipv4, psid })
+                .map(|v| report::print(&v, false)),
+            Command::Softwire(SoftwireCommand::List(q)) => {
+                mgmt::request(&q.instance.instance, &Request::SoftwireList)
                     .map(|v| report::print(&v, q.json))
             }
         };

@@ -200,15 +200,7 @@ pub fn send_wrapped_from(
     log_program: u32,
 ) -> (i32, u64) {
     let route = route::lookup_v6(ctx, src, dst, cfg.v6_ifindex);
-    let Ok(segs) = wrap_clamped(
-        ctx,
-        ip,
-        src,
-        dst,
-        cfg.mss,
-        cfg.hop_limit,
-        route.macs(),
-    ) else {
+    let Ok(segs) = wrap_clamped(ctx, ip, src, dst, cfg.mss, cfg.hop_limit, route.macs()) else {
         return (DROP, 0);
     };
     match route.send(ctx, cfg.v6_ifindex, egress) {

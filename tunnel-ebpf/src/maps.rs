@@ -15,8 +15,7 @@ use tunnel_common::{
 /// Programs that others tail-call (`tunnel_common::names::TAIL_PROGRAMS`, by index); the
 /// controller installs them at load time.
 #[map]
-pub static TAIL_PROGS: ProgramArray =
-    ProgramArray::with_max_entries(TAIL_PROGRAMS.len() as u32, 0);
+pub static TAIL_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_PROGRAMS.len() as u32, 0);
 
 /// This instance's endpoint, interfaces and MTU (one entry).
 #[map]

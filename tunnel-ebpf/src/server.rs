@@ -23,9 +23,7 @@ use tunnel_common::{
 use tunnel_ebpf::{
     encap::{self, Upper},
     log,
-    maps::{
-        BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, config, count_client,
-    },
+    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, config, count_client},
     nat,
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
@@ -62,7 +60,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         // and the stack limit take each program alone), and this one's hot path stays as
         // it is.
         // SAFETY: the tail call does not return when it succeeds.
-        let _ = unsafe { TAIL_PROGS.tail_call(&ctx, TAIL_SERVER_DECAP_SOFTWIRE) };
+        unsafe { TAIL_PROGS.tail_call(&ctx, TAIL_SERVER_DECAP_SOFTWIRE) };
         return unbound(&ctx, cfg, &outer);
     };
     let inner = match Ipv4Info::parse(&ctx, INNER_OFF) {
@@ -160,7 +158,7 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
     }
     if inner.hdr.ttl > 1 && softwire::shared(inner.dst()).is_some() {
         // SAFETY: the tail call does not return when it succeeds.
-        let _ = unsafe { TAIL_PROGS.tail_call(ctx, TAIL_SERVER_HAIRPIN) };
+        unsafe { TAIL_PROGS.tail_call(ctx, TAIL_SERVER_HAIRPIN) };
         count(Counter::DropRewriteFailed);
         return DROP;
     }
@@ -198,7 +196,13 @@ fn hairpin(
     outer_src: &[u8; 16],
 ) -> i32 {
     if cfg.no_hairpin != 0 {
-        log::dropped_ipip(ctx, LOG_SERVER_DECAP, Counter::DropHairpinOff, outer_src, inner);
+        log::dropped_ipip(
+            ctx,
+            LOG_SERVER_DECAP,
+            Counter::DropHairpinOff,
+            outer_src,
+            inner,
+        );
         return DROP;
     }
     let port = nat::br_port(ctx, INNER_OFF, inner, false);
@@ -359,7 +363,7 @@ fn encap_toward(
     src: &[u8; 16],
     dst: &[u8; 16],
 ) -> (i32, u64) {
-    if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
+    if packet::wire_len(ctx, ETH_LEN, ip) > cfg.inner_mtu as usize {
         // The kernel routes it to the TUN; the controller answers with ICMP
         // fragmentation-needed (DF) or fragments it.
         log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTooBig, ip);

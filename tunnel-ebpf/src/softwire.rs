@@ -52,7 +52,7 @@ pub fn get(ipv4: u32, psid: u16) -> Option<&'static SoftwireEntry> {
     };
     // SAFETY: the entry's memory lives as long as the map; the controller replaces a
     // softwire's entry whole (a reader sees the old endpoints or the new ones).
-    unsafe { SOFTWIRES.get(&key) }
+    unsafe { SOFTWIRES.get(key) }
 }
 
 /// `b4` holds at least one softwire of `ipv4` (wire order).
@@ -60,5 +60,5 @@ pub fn get(ipv4: u32, psid: u16) -> Option<&'static SoftwireEntry> {
 pub fn b4_holds(b4: &[u8; 16], ipv4: u32) -> bool {
     let key = B4Key { b4: *b4, ipv4 };
     // SAFETY: only the presence is used.
-    unsafe { B4_ADDRS.get(&key) }.is_some()
+    unsafe { B4_ADDRS.get(key) }.is_some()
 }

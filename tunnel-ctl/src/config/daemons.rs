@@ -45,7 +45,9 @@ impl Timers {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Empty with `bindings`: a pure lwAFTR (no control channel, no TUN).
     pub pool: Vec<Range4>,
+    /// Unspecified (0.0.0.0) only when there is no pool.
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
     pub timers: Timers,
@@ -72,6 +74,9 @@ pub struct ServerConfig {
     pub v4_dev: Option<String>,
     pub tunnel_addr: Option<Ipv6Addr>,
     pub policy_icmp: u32,
+    /// `--bindings`: the static softwire table (lwAFTR).
+    pub bindings: Option<PathBuf>,
+    pub no_hairpin: bool,
     pub state_dir: PathBuf,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,

@@ -9,6 +9,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
+pub mod aftr;
 pub mod br;
 pub mod ce;
 

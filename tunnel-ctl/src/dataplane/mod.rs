@@ -11,6 +11,7 @@ pub mod fastpath;
 pub mod loader;
 pub mod nat;
 pub mod server;
+pub mod softwires;
 pub mod stats;
 pub mod tc;
 

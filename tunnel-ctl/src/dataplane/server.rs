@@ -20,7 +20,8 @@ use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     names::{
-        BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_ENCAP,
+        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, POLICY_EVENTS, PROG_SERVER_DECAP,
+        PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
 };
 
@@ -28,10 +29,12 @@ use crate::{
     dataplane::{
         self, bpffs,
         fastpath::Maps,
+        softwires::Softwires,
         stats::Counters,
         tc::{self, Direction},
     },
     netlink::Netlink,
+    server::softwires::Table,
     softwire::{Sent, Softwire},
 };
 
@@ -44,8 +47,12 @@ pub struct NativeArgs<'a> {
     pub pin_dir: PathBuf,
     /// `--policy-icmp`: policy events per second (0: none).
     pub policy_icmp: u32,
-    /// `--max-bindings`: entries of each binding map.
+    /// `--max-bindings`: entries of each binding map (and of each softwire map).
     pub max_bindings: u32,
+    /// `--bindings`: the static softwires (lwAFTR) to serve from the start.
+    pub softwires: Table,
+    /// `--no-hairpin`.
+    pub no_hairpin: bool,
 }
 
 pub struct Native {
@@ -62,6 +69,7 @@ pub struct Native {
     policy_events: Mutex<Option<RingBuf<MapData>>>,
     pub policy_icmp: u32,
     max_bindings: u32,
+    softwires: Mutex<Softwires>,
 }
 
 impl Native {
@@ -81,6 +89,9 @@ impl Native {
             (BIND_BY_V4, args.max_bindings),
             (BIND_BY_V6, args.max_bindings),
             (CLIENT_TRAFFIC, args.max_bindings),
+            (SOFTWIRES, args.max_bindings),
+            (SHARED_ADDRS, args.max_bindings),
+            (B4_ADDRS, args.max_bindings),
         ];
         let mut ebpf = dataplane::load_sized(&args.pin_dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
@@ -94,8 +105,25 @@ impl Native {
             hop_limit: DEFAULT_HOP_LIMIT,
             enabled: 1,
             policy_events_per_s: args.policy_icmp.min(u32::from(u16::MAX)) as u16,
+            no_hairpin: u8::from(args.no_hairpin),
             ..Default::default()
         })?;
+        if args.softwires.len() > args.max_bindings as usize {
+            anyhow::bail!(
+                "--bindings has {} softwires, more than --max-bindings {}",
+                args.softwires.len(),
+                args.max_bindings
+            );
+        }
+        let loading = std::time::Instant::now();
+        let count = args.softwires.len();
+        let softwires = Softwires::take(&mut ebpf, args.tunnel_addr, args.softwires)?;
+        if count > 0 {
+            info!(
+                "{count} softwires in the fast path ({} ms)",
+                loading.elapsed().as_millis()
+            );
+        }
         let policy_events = if args.policy_icmp > 0 {
             Some(dataplane::fastpath::take(&mut ebpf, POLICY_EVENTS)?)
         } else {
@@ -133,7 +161,13 @@ impl Native {
             policy_events: Mutex::new(policy_events),
             policy_icmp: args.policy_icmp,
             max_bindings: args.max_bindings,
+            softwires: Mutex::new(softwires),
         })
+    }
+
+    /// The softwire table and its maps (lwAFTR).
+    pub fn softwires(&self) -> std::sync::MutexGuard<'_, Softwires> {
+        self.softwires.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {

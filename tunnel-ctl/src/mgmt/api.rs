@@ -12,7 +12,10 @@ use std::{
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 
-use crate::mape::{ForwardPort, ForwardSpec};
+use crate::{
+    mape::{ForwardPort, ForwardSpec},
+    server::softwires::Softwire,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -31,6 +34,12 @@ pub enum Request {
     ForwardDel { port: ForwardPort },
     /// The static port forwards (MAP-E CE).
     ForwardList,
+    /// Add a softwire to the lwAFTR's table (server).
+    SoftwireAdd { softwire: Softwire },
+    /// Remove the softwire of one IPv4 address and PSID (server).
+    SoftwireDel { ipv4: Ipv4Addr, psid: u16 },
+    /// The softwire table (server).
+    SoftwireList,
     /// Re-read the configuration and apply the difference (answered with what changed).
     Reload,
 }
@@ -46,6 +55,9 @@ impl Request {
             Request::Nat => "NAT table (that is a MAP-E CE's)",
             Request::ForwardAdd { .. } | Request::ForwardDel { .. } | Request::ForwardList => {
                 "port forwards (those are a MAP-E CE's)"
+            }
+            Request::SoftwireAdd { .. } | Request::SoftwireDel { .. } | Request::SoftwireList => {
+                "softwire table (that is a server's with --v6-dev)"
             }
         }
     }
@@ -68,6 +80,7 @@ pub enum Reply {
     Leases(Vec<LeaseRow>),
     Nat(Vec<NatRow>),
     Forwards(Vec<ForwardRow>),
+    Softwires(Vec<SoftwireRow>),
     /// `forward add|del`: what was added or removed, one line each.
     Changed(Vec<String>),
 }
@@ -84,6 +97,8 @@ pub enum Status {
     Ce(CeStatus),
     #[serde(rename = "mape-br")]
     Br(BrStatus),
+    #[serde(rename = "lwaftr")]
+    Aftr(AftrStatus),
     #[serde(rename = "monitor")]
     Monitor(MonitorStatus),
 }
@@ -201,6 +216,33 @@ pub struct BrStatus {
     pub v4_dev: String,
     pub inner_mtu: u16,
     pub rules: Vec<BrRuleRow>,
+}
+
+/// A pure lwAFTR (`server --bindings` without `--pool`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AftrStatus {
+    #[serde(flatten)]
+    pub process: Process,
+    pub tunnel_addr: Ipv6Addr,
+    pub v6_dev: String,
+    pub v4_dev: String,
+    pub inner_mtu: u16,
+    pub bindings: Option<PathBuf>,
+    pub softwires: usize,
+    pub hairpin: bool,
+}
+
+/// One line of `softwire list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SoftwireRow {
+    pub ipv4: Ipv4Addr,
+    pub psid: u16,
+    pub psid_len: u8,
+    pub psid_offset: u8,
+    pub b4: Ipv6Addr,
+    /// The AFTR address in force (the softwire's own, or the tunnel address).
+    pub aftr: Ipv6Addr,
+    pub port_count: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -340,6 +382,7 @@ impl Status {
             },
             Status::Ce(c) => format!("{} NAPT mappings, {} ports", c.mappings, c.port_count),
             Status::Br(b) => format!("{} rules", b.rules.len()),
+            Status::Aftr(a) => format!("{} softwires", a.softwires),
             Status::Monitor(m) => format!("counting on {}", m.interfaces.join(", ")),
         }
     }

@@ -49,6 +49,7 @@ pub(crate) mod policy;
 pub(crate) mod queue;
 pub(crate) mod reload;
 pub(crate) mod session;
+pub mod softwires;
 pub(crate) mod state;
 
 use queue::QueueTx;
@@ -348,6 +349,11 @@ impl Server {
 
 impl Handler for Server {
     fn handle(&self, request: Request) -> Response {
+        if let Some(native) = &self.native
+            && let Some(r) = crate::daemon::aftr::softwire_request(native, &request)
+        {
+            return r;
+        }
         match request {
             Request::Status => {
                 let state = self.lock();
@@ -396,6 +402,9 @@ impl Handler for Server {
 
 /// Runs the server with `args`; `source` re-reads the configuration for a reload.
 pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>) -> Result<()> {
+    if args.pool.is_empty() {
+        return crate::daemon::aftr::run(args, source).await;
+    }
     let instance = args.instance.clone();
     crate::daemon::claim(&instance)?;
     raise_fd_limit(args.max_sessions);
@@ -443,6 +452,8 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     pin_dir: instance.pin_dir(),
                     policy_icmp: args.policy_icmp,
                     max_bindings: args.max_bindings,
+                    softwires: softwire_table(&args)?,
+                    no_hairpin: args.no_hairpin,
                 },
             )
             .await?,
@@ -630,6 +641,16 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
 }
 
 /// The 101's DNS servers: `--dns`, else this host's resolv.conf.
+/// The `--bindings` table (empty without one).
+pub fn softwire_table(args: &ServerConfig) -> Result<softwires::Table> {
+    match &args.bindings {
+        Some(path) => {
+            softwires::Table::load(path).map_err(|e| crate::usage::usage(format!("{e:#}")))
+        }
+        None => Ok(softwires::Table::default()),
+    }
+}
+
 fn dns_of(args: &ServerConfig) -> [Ipv4Addr; 3] {
     match args.dns.as_slice() {
         [] => {

@@ -23,6 +23,14 @@ impl Server {
         // A pool that cannot be built is refused before anything changes.
         Pool::new(&new.pool, &[new.gateway], new.hold).map_err(|e| format!("--pool: {e}"))?;
         let mut changes = restart_only(&running, &new);
+        if let Some(native) = &self.native {
+            let table = super::softwire_table(&new).map_err(|e| format!("{e:#}"))?;
+            changes.extend(crate::daemon::aftr::reload_softwires(native, table)?);
+        } else if new.bindings.is_some() {
+            return Err(
+                "--bindings needs native mode (--v6-dev, --v4-dev): restart with it".into(),
+            );
+        }
 
         if running.pool != new.pool {
             changes.push(self.reshape_pool(&running, &new).await?);
@@ -198,6 +206,7 @@ fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
         ("v4-dev", &r.v4_dev, &n.v4_dev),
         ("tunnel-addr", &r.tunnel_addr, &n.tunnel_addr),
         ("policy-icmp", &r.policy_icmp, &n.policy_icmp),
+        ("no-hairpin", &r.no_hairpin, &n.no_hairpin),
         ("state-dir", &r.state_dir, &n.state_dir),
         ("metrics", &r.metrics, &n.metrics),
     ])
