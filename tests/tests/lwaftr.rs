@@ -345,6 +345,38 @@ fn a_static_table_serves_hand_made_b4s_and_softwire_add_and_del_take_effect_at_o
         !t.ctl(&["softwire", "list"])?.contains("203.0.113.4"),
         "the deleted softwire is gone from the list"
     );
+
+    // A reload of the edited file: the whole-address softwire goes, a new one comes, the
+    // rest are not rewritten (and go on working).
+    let edited = TABLE.replacen(
+        "ipv4 = \"203.0.113.1\"\npsid-len = 0\nb4 = \"2001:db8:1::2\"",
+        "ipv4 = \"203.0.113.5\"\npsid-len = 0\nb4 = \"2001:db8:1::6\"",
+        1,
+    );
+    assert_ne!(edited, TABLE);
+    std::fs::write(t.lab.dir().join("bindings.toml"), edited)?;
+    let report = t.ctl(&["reload"])?;
+    assert!(
+        report.contains("softwire removed: 203.0.113.1") && report.contains("203.0.113.5"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("203.0.113.2"),
+        "untouched softwires rewritten: {report}"
+    );
+    t.b4(b4(6))?.echo(v4("203.0.113.5", 53), b"reloaded in")?;
+    let before = t.stats()?;
+    t.b4(b4(2))?
+        .send_udp(v4("203.0.113.1", 80), ECHO, b"reloaded out")?;
+    wait_counter_deltas(
+        "the removed softwire refused",
+        Duration::from_secs(3),
+        &before,
+        &[("drop_unbound_source", 1)],
+        || t.stats(),
+    )?;
+    b4_echo_again(&t, b4(4), v4("203.0.113.2", PORT_2_2))?;
+    assert!(t.seen(b"reloaded out").is_none());
     Ok(())
 }
 
@@ -392,6 +424,25 @@ fn a_b4_outside_its_port_set_or_with_another_b4s_address_gets_nothing_through() 
         "the internet host saw only the control"
     );
     assert!(counter(&after, "fastpath_decap_packets") >= 1, "{after}");
+
+    // From the internet, a datagram that its sender fragments: the first fragment is too
+    // big for the tunnel and the second names no port; both are dropped and counted, not
+    // handed to the kernel (whose routes would send them back out).
+    let before = t.stats()?;
+    let sender = t
+        .internet
+        .enter(|| std::net::UdpSocket::bind("192.0.2.10:0"))??;
+    sender.send_to(&[7u8; 1600], v4("203.0.113.2", PORT_2_1))?;
+    wait_counter_deltas(
+        "both fragments refused",
+        Duration::from_secs(3),
+        &before,
+        &[
+            ("drop_too_big_for_softwire", 1),
+            ("drop_fragment_to_softwire", 1),
+        ],
+        || t.stats(),
+    )?;
     Ok(())
 }
 

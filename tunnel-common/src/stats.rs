@@ -72,9 +72,12 @@ counters! {
     SlowPathTooBig = "slowpath_too_big",
     /// Packets whose TTL would expire here: left to the kernel (ICMP time exceeded).
     SlowPathTtl = "slowpath_ttl_expired",
-    /// lwAFTR: a non-first IPv4 fragment toward a shared address (no port to pick the
-    /// softwire by): left to the kernel and the controller.
-    SlowPathFragment = "slowpath_fragment",
+    /// lwAFTR: a non-first IPv4 fragment toward a softwire's address (no port to pick the
+    /// softwire by): dropped (no reassembly yet).
+    DropFragmentToSoftwire = "drop_fragment_to_softwire",
+    /// lwAFTR: a packet toward a softwire too big for the tunnel: dropped (no ICMP or
+    /// fragmentation for softwires yet; the kernel has no route that would reach the B4).
+    DropTooBigForSoftwire = "drop_too_big_for_softwire",
     /// No IPv6 route or neighbour toward a client: dropped.
     DropNoRoute = "drop_no_route_to_client",
     /// A packet rewrite (adjust_room, store) failed: dropped.

@@ -316,7 +316,7 @@ pub fn server_encap(ctx: TcContext) -> i32 {
     // SAFETY: map values live as long as the map.
     let (src, dst, slot) = match unsafe { BIND_BY_V4.get(ip.dst()) } {
         Some(binding) => (&cfg.local, &binding.client, Some(binding.slot)),
-        None => match softwire_toward(&ctx, &ip) {
+        None => match softwire_toward(&ctx, cfg, &ip) {
             Ok(sw) => (&sw.aftr, &sw.b4, None),
             Err(verdict) => return verdict,
         },
@@ -334,16 +334,26 @@ pub fn server_encap(ctx: TcContext) -> i32 {
 /// IPv4 to an address no native client is bound to: the softwire of its destination port,
 /// when softwires use that address; else the verdict (other addresses pass: the slow path).
 #[inline(always)]
-fn softwire_toward(ctx: &TcContext, ip: &Ipv4Info) -> Result<&'static SoftwireEntry, i32> {
+fn softwire_toward(
+    ctx: &TcContext,
+    cfg: &TunnelConfig,
+    ip: &Ipv4Info,
+) -> Result<&'static SoftwireEntry, i32> {
     let Some(addr) = softwire::shared(ip.dst()) else {
         return Err(PASS);
     };
+    // Left to the kernel, these would follow its routes for the address, which lead back
+    // out (softwire addresses are not routed to the TUN).
+    if packet::wire_len(ctx, ETH_LEN, ip) > cfg.inner_mtu as usize {
+        log::dropped_v4(ctx, LOG_SERVER_ENCAP, Counter::DropTooBigForSoftwire, ip);
+        return Err(DROP);
+    }
     let sw = match softwire::psid(&addr, nat::br_port(ctx, ETH_LEN, ip, false)) {
         Ok(psid) => softwire::get(ip.dst(), psid),
         Err(Miss::NoPort) if !ip.first_fragment() => {
-            // Only the first fragment names the port; the controller reassembles.
-            log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathFragment, ip);
-            return Err(PASS);
+            // Only the first fragment names the port.
+            log::dropped_v4(ctx, LOG_SERVER_ENCAP, Counter::DropFragmentToSoftwire, ip);
+            return Err(DROP);
         }
         Err(_) => None,
     };
@@ -397,7 +407,8 @@ tunnel_ebpf::logger!(
         SlowPathTtl,
         DropNoRoute,
         DropNoBindingForPort,
-        SlowPathFragment
+        DropFragmentToSoftwire,
+        DropTooBigForSoftwire
     ]
 );
 
