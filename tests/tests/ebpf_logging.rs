@@ -10,7 +10,7 @@ use aya::{
     Ebpf,
     programs::{Program, ProgramInfo},
 };
-use tunnel_common::names::{ALL_PROGRAMS, LOG_PROGRAMS};
+use tunnel_common::names::{ALL_PROGRAMS, LOG_PROGRAMS, TAIL_PROGRAMS};
 use tunnel_ctl::dataplane;
 use tunnel_tests::Lab;
 
@@ -29,6 +29,8 @@ fn load_all(lab: &mut Lab, role: &str) -> Result<(Sizes, Sizes)> {
             .program_mut(name)
             .with_context(|| format!("no program {name}"))?;
         match program {
+            // The loader installed the tail-called programs already (verified then).
+            Program::SchedClassifier(_) if TAIL_PROGRAMS.contains(&name) => Ok(()),
             Program::SchedClassifier(p) => p.load(),
             Program::Xdp(p) => p.load(),
             other => bail!("{name}: unexpected program type {:?}", other.prog_type()),
