@@ -57,6 +57,24 @@ pub fn tunnel_ctl_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The release build of tunnel-ctl (`TUNNEL_CTL_RELEASE`, set by `cargo xtask test`), for the
+/// tests that measure what an operator's build does (loading a million softwires); a debug
+/// build is several times slower there and says nothing about the product.
+pub fn tunnel_ctl_release_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("TUNNEL_CTL_RELEASE") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tunnel-ctl"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p tunnel-ctl), or run cargo \
+             xtask test",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A network namespace of the lab.
 #[derive(Clone, Debug)]
 pub struct Ns {
@@ -226,6 +244,8 @@ pub struct Lab {
     namespaces: Vec<Ns>,
     daemons: Vec<Daemon>,
     instances: Vec<String>,
+    /// The tunnel-ctl daemons run from, when not [`tunnel_ctl_bin`].
+    binary: Option<PathBuf>,
 }
 
 impl Lab {
@@ -246,7 +266,14 @@ impl Lab {
             namespaces: Vec::new(),
             daemons: Vec::new(),
             instances: Vec::new(),
+            binary: None,
         })
+    }
+
+    /// Daemons this lab starts from now on run the release build ([`tunnel_ctl_release_bin`]).
+    pub fn use_release_build(&mut self) -> Result<()> {
+        self.binary = Some(tunnel_ctl_release_bin()?);
+        Ok(())
     }
 
     /// The lab's unique id (`tnl-<pid>-<seq>`).
@@ -344,7 +371,11 @@ impl Lab {
             n => self.dir.join(format!("{instance}.{n}.log")),
         };
         let log_file = fs::File::create(&log)?;
-        let mut cmd = ns.command(tunnel_ctl_bin()?);
+        let bin = match &self.binary {
+            Some(b) => b.clone(),
+            None => tunnel_ctl_bin()?,
+        };
+        let mut cmd = ns.command(bin);
         cmd.args(args);
         if with_instance {
             cmd.args(["--instance", instance]);

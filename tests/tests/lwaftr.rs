@@ -83,7 +83,10 @@ impl Drop for Aftr {
 
 impl Aftr {
     fn start(table: &str, extra: &[&str]) -> Result<Aftr> {
-        let mut lab = Lab::new()?;
+        Aftr::start_in(Lab::new()?, table, extra)
+    }
+
+    fn start_in(mut lab: Lab, table: &str, extra: &[&str]) -> Result<Aftr> {
         let b4s = lab.ns("b4")?;
         let aftr = lab.ns("aftr")?;
         let internet = lab.ns("inet")?;
@@ -591,5 +594,79 @@ fn two_thousand_softwire_changes_run_at_a_thousand_a_second_while_another_softwi
         Some(4),
         "back to the file's four"
     );
+    Ok(())
+}
+
+/// A bindings file of `n` softwires: 4,096 per address (psid-len 12, psid-offset 4: 15 ports
+/// each, 4096·j + psid), addresses from 203.0.113.10 up, B4 2001:db8:100::/64 + i, except the
+/// softwires `real` names, whose B4s are the lab's.
+fn big_table(n: u32, real: &[(u32, Ipv6Addr)]) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(n as usize * 110);
+    for i in 0..n {
+        let (ipv4, psid) = big_softwire(i);
+        let b4 = real.iter().find(|(j, _)| *j == i).map_or(
+            Ipv6Addr::from(0x2001_0db8_0100_u128 << 80 | u128::from(i)),
+            |r| r.1,
+        );
+        writeln!(
+            text,
+            "[[softwire]]\nipv4 = \"{ipv4}\"\npsid = {psid}\npsid-len = 12\npsid-offset = 4\nb4 = \"{b4}\""
+        )
+        .expect("writing to a String");
+    }
+    text
+}
+
+/// Softwire `i` of [`big_table`]: its address and PSID.
+fn big_softwire(i: u32) -> (Ipv4Addr, u16) {
+    let ipv4 = Ipv4Addr::new(
+        203,
+        0,
+        113,
+        10 + u8::try_from(i / 4096).expect("at most 245 addresses"),
+    );
+    (ipv4, (i % 4096) as u16)
+}
+
+#[test]
+fn a_million_softwires_load_in_under_ten_seconds_and_each_end_of_the_table_works() -> Result<()> {
+    const N: u32 = 1_000_000;
+    let (first, middle, last) = (0, N / 2 + 7, N - 1);
+    let table = big_table(N, &[(first, b4(2)), (middle, b4(3)), (last, b4(4))]);
+    // What an operator runs: the release build.
+    let mut lab = Lab::new()?;
+    lab.use_release_build()?;
+    let started = Instant::now();
+    let t = Aftr::start_in(lab, &table, &["--max-bindings", "1000000"])?;
+    let took = started.elapsed();
+    let mut t = t;
+    let log = t
+        .lab
+        .daemon(&t.instance.clone())
+        .map(|d| d.log())
+        .unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("softwires")) {
+        eprintln!("daemon: {line}");
+    }
+    let status = t.lab.ctl_json("status", &t.instance)?;
+    eprintln!(
+        "{N} softwires ({} MB of TOML): serving {took:?} after the start",
+        table.len() / 1_000_000
+    );
+    assert_eq!(status["softwires"], N, "{status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "{N} softwires took {took:?} to load"
+    );
+    // Softwires from the start, the middle and the end of the file carry traffic, each from
+    // a port of its own set (4096·j + psid).
+    for (i, addr) in [(first, b4(2)), (middle, b4(3)), (last, b4(4))] {
+        let (ipv4, psid) = big_softwire(i);
+        let src = SocketAddrV4::new(ipv4, 4096 * 3 + psid);
+        t.b4(addr)?
+            .echo(src, format!("softwire {i}").as_bytes())
+            .with_context(|| format!("softwire {i} of {N}"))?;
+    }
     Ok(())
 }

@@ -324,7 +324,9 @@ pub struct ServerArgs {
     pub max_per_source: usize,
 
     /// Native mode: how many clients the fast path can bind (the size of each binding map;
-    /// 1 to 4,194,304). A 105 beyond it is refused with 110 "the fast path is full".
+    /// 1 to 4,194,304). A 105 beyond it is refused with 110 "the fast path is full". It
+    /// sizes the lwAFTR's softwire maps too: a --bindings table of 1,000,000 softwires
+    /// needs --max-bindings 1000000.
     #[arg(long, value_name = "N", default_value_t = tunnel_common::fastpath::MAX_BINDINGS,
           value_parser = clap::value_parser!(u32).range(1..=4_194_304), help_heading = "Limits")]
     pub max_bindings: u32,

@@ -26,8 +26,8 @@ use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatKey, NatOut},
     names::{
-        PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
-        PROG_SERVER_ENCAP,
+        B4_ADDRS, PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP,
+        PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
     stats::Counter,
 };
@@ -36,8 +36,10 @@ use tunnel_ctl::{
         self,
         fastpath::{Maps, v4_key},
         nat::{BrRules, NatMaps},
+        softwires::Softwires,
     },
     mape::rule::{InterfaceId, RuleSpec},
+    server::softwires::{Softwire, Table},
 };
 use tunnel_tests::{Lab, Ns};
 
@@ -126,6 +128,44 @@ fn config(local: Ipv6Addr, remote: Ipv6Addr, ipv4: Ipv4Addr, v6_ifindex: u32) ->
         enabled: 1,
         ..Default::default()
     }
+}
+
+/// Softwire `i` of the lwAFTR tables: 4,096 per address from 203.0.113.10 (psid-len 12,
+/// psid-offset 4: ports 4096·j + psid), B4 2001:db8:100::/64 + i.
+fn softwire(i: u32) -> Softwire {
+    let ipv4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 10)) + i / 4096);
+    let b4 = Ipv6Addr::from(0x2001_0db8_0100_u128 << 80 | u128::from(i));
+    Softwire::new(ipv4, (i % 4096) as u16, 12, 4, b4, None).expect("a valid softwire")
+}
+
+/// An lwAFTR object holding `n` softwires, and the packet of its last one (B4 → internet).
+fn lwaftr(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps, Softwires, Vec<u8>)> {
+    let pin_dir =
+        PathBuf::from("/sys/fs/bpf/tunnel").join(lab.instance(&format!("bench-aftr-{n}")));
+    let size = n.max(1024);
+    let mut ebpf = dataplane::load_sized(
+        &pin_dir,
+        &[(SOFTWIRES, size), (SHARED_ADDRS, size), (B4_ADDRS, size)],
+    )?;
+    let mut maps = Maps::take(&mut ebpf)?;
+    maps.set_config(&config(
+        SERVER_TUNNEL,
+        Ipv6Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        v6_index,
+    ))?;
+    let mut table = Table::default();
+    for i in 0..n {
+        table.insert(softwire(i)).map_err(anyhow::Error::msg)?;
+    }
+    let softwires = Softwires::take(&mut ebpf, SERVER_TUNNEL, table)?;
+    let last = softwire(n - 1);
+    let packet = in_ipv6(
+        last.b4,
+        SERVER_TUNNEL,
+        &udp4(last.ipv4, 4096 * 5 + last.psid, HOST, 53),
+    );
+    Ok((ebpf, maps, softwires, packet))
 }
 
 /// One program on one packet: checked once, then timed.
@@ -270,7 +310,12 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         rule.to_map_rule(),
     )])?;
 
-    let mut objects = [server, ce, br];
+    // lwAFTR: 1,000 and 1,000,000 softwires (the decap cost with a big table).
+    let (aftr_1k, _aftr_1k_cfg, _aftr_1k_sw, packet_1k) = lwaftr(&mut lab, 1_000, v6_index)?;
+    let (aftr_1m, _aftr_1m_cfg, _aftr_1m_sw, packet_1m) =
+        lwaftr(&mut lab, plan.softwires, v6_index)?;
+
+    let mut objects = [server, ce, br, aftr_1k, aftr_1m];
     let cases = [
         Case {
             name: "empty TC program",
@@ -318,6 +363,22 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 2,
             packet: in_ipv6(CE, BR, &udp4(SHARED, EXT_PORT, HOST, 53)),
             counter: Some(Counter::BrDecap),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "lwAFTR decap, 1,000 softwires (softwire + B4 check, decap, FIB, redirect)",
+            program: PROG_SERVER_DECAP,
+            ebpf: 3,
+            packet: packet_1k,
+            counter: Some(Counter::Decap),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "lwAFTR decap, big table (softwire + B4 check, decap, FIB, redirect)",
+            program: PROG_SERVER_DECAP,
+            ebpf: 4,
+            packet: packet_1m,
+            counter: Some(Counter::Decap),
             verdict: TC_ACT_REDIRECT,
         },
     ];
@@ -380,6 +441,20 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             against: format!("empty TC program, {empty:.0} ns per one-packet run"),
         });
     }
+    let (small, big) = (results[6].1, results[7].1);
+    report.figure(
+        sec,
+        format!("lwAFTR decap, {} / 1,000 softwires", plan.softwires),
+        "x",
+        vec![big / small],
+    );
+    report.note(format!(
+        "lwAFTR decap (server_decap, no native binding for the B4, tail call to \
+         server_decap_softwire: split, softwire and B4 lookups, decap, FIB, redirect): \
+         {small:.0} ns with 1,000 softwires, {big:.0} ns with {} in the maps (the last \
+         softwire of each table measured).",
+        plan.softwires
+    ));
     let (tc, xdp) = (results[1].1, results[2].1);
     report.figure(sec, "server decap, XDP / TC", "x", vec![xdp / tc]);
     report.note(format!(

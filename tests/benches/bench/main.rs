@@ -32,6 +32,8 @@ pub struct Plan {
     /// Seconds of keepalive CPU sampling, and of binding churn.
     pub steady_seconds: u32,
     pub churn_seconds: u32,
+    /// Softwires in the big lwAFTR table (the scale, quick or not).
+    pub softwires: u32,
 }
 
 impl Plan {
@@ -45,6 +47,7 @@ impl Plan {
                 sessions: 1_000,
                 steady_seconds: 3,
                 churn_seconds: 2,
+                softwires: 1_000_000,
             }
         } else {
             Plan {
@@ -55,6 +58,7 @@ impl Plan {
                 sessions: 10_000,
                 steady_seconds: 25,
                 churn_seconds: 10,
+                softwires: 1_000_000,
             }
         }
     }

@@ -3,6 +3,7 @@
 //! [`br`]) loads and attaches that role's programs and is the only code that writes its maps;
 //! the rest of the controller goes through these handles.
 
+pub mod batch;
 pub mod bpffs;
 pub mod br;
 pub mod ce;

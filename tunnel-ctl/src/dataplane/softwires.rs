@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::OwnedFd,
 };
 
 use anyhow::{Context as _, Result};
@@ -21,7 +22,10 @@ use tunnel_common::{
     names::{AFTR_ADDRS, B4_ADDRS, SHARED_ADDRS, SOFTWIRES},
 };
 
-use super::fastpath::take;
+use super::{
+    batch::{take_hash, update_all},
+    fastpath::take,
+};
 use crate::server::softwires::{Diff, Key, Softwire, Table};
 
 pub struct Softwires {
@@ -32,6 +36,8 @@ pub struct Softwires {
     shared: HashMap<MapData, Ipv4Key, SharedAddr>,
     b4s: HashMap<MapData, B4Key, u32>,
     aftrs: HashMap<MapData, Ipv6Key, u32>,
+    /// Second descriptors of `softwires`, `shared` and `b4s`, for batch writes.
+    batch_fds: [OwnedFd; 3],
     /// How many softwires use each address, (B4, address) pair and extra AFTR address.
     per_addr: StdHashMap<Ipv4Addr, u32>,
     per_b4: StdHashMap<(Ipv6Addr, Ipv4Addr), u32>,
@@ -50,6 +56,14 @@ fn b4_key(b4: Ipv6Addr, ipv4: Ipv4Addr) -> B4Key {
     B4Key {
         b4: b4.octets(),
         ipv4: v4_key(ipv4),
+    }
+}
+
+fn split_of(sw: &Softwire) -> SharedAddr {
+    SharedAddr {
+        psid_len: sw.psid_len,
+        psid_offset: sw.psid_offset,
+        _pad: [0; 2],
     }
 }
 
@@ -86,59 +100,109 @@ impl Softwires {
     /// Takes the maps out of the object and makes them hold exactly `table` (entries a
     /// previous run pinned and `table` lacks are removed; the rest are rewritten in place).
     pub fn take(ebpf: &mut Ebpf, default_aftr: Ipv6Addr, table: Table) -> Result<Softwires> {
+        let (softwires, softwires_fd) = take_hash(ebpf, SOFTWIRES)?;
+        let (shared, shared_fd) = take_hash(ebpf, SHARED_ADDRS)?;
+        let (b4s, b4s_fd) = take_hash(ebpf, B4_ADDRS)?;
         let mut s = Softwires {
             table: Table::default(),
             default_aftr,
-            softwires: take(ebpf, SOFTWIRES)?,
-            shared: take(ebpf, SHARED_ADDRS)?,
-            b4s: take(ebpf, B4_ADDRS)?,
+            softwires,
+            shared,
+            b4s,
             aftrs: take(ebpf, AFTR_ADDRS)?,
+            batch_fds: [softwires_fd, shared_fd, b4s_fd],
             per_addr: StdHashMap::new(),
             per_b4: StdHashMap::new(),
             per_aftr: StdHashMap::new(),
         };
-        let wanted: std::collections::HashSet<SoftwireKey> = table.iter().map(map_key).collect();
-        let stale: Vec<SoftwireKey> = s
-            .softwires
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for k in &stale {
-            remove_ok(&mut s.softwires, k)?;
-        }
-        // The helper maps are rebuilt from the table: stale entries of them go first.
-        let addrs: std::collections::HashSet<Ipv4Key> =
-            table.iter().map(|sw| v4_key(sw.ipv4)).collect();
-        for k in s.shared.keys().filter_map(Result::ok).collect::<Vec<_>>() {
-            if !addrs.contains(&k) {
-                remove_ok(&mut s.shared, &k)?;
-            }
-        }
-        let pairs: std::collections::HashSet<(Ipv6Key, Ipv4Key)> = table
-            .iter()
-            .map(|sw| (sw.b4.octets(), v4_key(sw.ipv4)))
-            .collect();
-        for k in s.b4s.keys().filter_map(Result::ok).collect::<Vec<_>>() {
-            if !pairs.contains(&(k.b4, k.ipv4)) {
-                remove_ok(&mut s.b4s, &k)?;
-            }
-        }
-        let aftrs: std::collections::HashSet<Ipv6Key> = table
-            .iter()
-            .filter_map(|sw| sw.aftr)
-            .map(|a| a.octets())
-            .collect();
-        for k in s.aftrs.keys().filter_map(Result::ok).collect::<Vec<_>>() {
-            if !aftrs.contains(&k) {
-                remove_ok(&mut s.aftrs, &k)?;
-            }
-        }
-        for sw in table.iter() {
-            s.write_new(sw)?;
-        }
+        s.remove_stale(&table)?;
+        s.load(&table)?;
         s.table = table;
         Ok(s)
+    }
+
+    /// Removes the entries a previous run pinned that `table` lacks (a fresh map has none:
+    /// then no key set is built, which a million-softwire start would notice).
+    fn remove_stale(&mut self, table: &Table) -> Result<()> {
+        use std::collections::HashSet;
+        let pinned: Vec<SoftwireKey> = self.softwires.keys().filter_map(Result::ok).collect();
+        if !pinned.is_empty() {
+            let wanted: HashSet<SoftwireKey> = table.iter().map(map_key).collect();
+            for k in pinned.iter().filter(|k| !wanted.contains(k)) {
+                remove_ok(&mut self.softwires, k)?;
+            }
+        }
+        let pinned: Vec<Ipv4Key> = self.shared.keys().filter_map(Result::ok).collect();
+        if !pinned.is_empty() {
+            let addrs: HashSet<Ipv4Key> = table.iter().map(|sw| v4_key(sw.ipv4)).collect();
+            for k in pinned.iter().filter(|k| !addrs.contains(k)) {
+                remove_ok(&mut self.shared, k)?;
+            }
+        }
+        let pinned: Vec<B4Key> = self.b4s.keys().filter_map(Result::ok).collect();
+        if !pinned.is_empty() {
+            let pairs: HashSet<(Ipv6Key, Ipv4Key)> = table
+                .iter()
+                .map(|sw| (sw.b4.octets(), v4_key(sw.ipv4)))
+                .collect();
+            for k in pinned.iter().filter(|k| !pairs.contains(&(k.b4, k.ipv4))) {
+                remove_ok(&mut self.b4s, k)?;
+            }
+        }
+        let pinned: Vec<Ipv6Key> = self.aftrs.keys().filter_map(Result::ok).collect();
+        if !pinned.is_empty() {
+            let aftrs: HashSet<Ipv6Key> = table
+                .iter()
+                .filter_map(|sw| sw.aftr)
+                .map(|a| a.octets())
+                .collect();
+            for k in pinned.iter().filter(|k| !aftrs.contains(*k)) {
+                remove_ok(&mut self.aftrs, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every softwire of `table` (none of which the maps' bookkeeping holds yet) in
+    /// batches: the splits, then the B4 and AFTR entries, then the softwires.
+    fn load(&mut self, table: &Table) -> Result<()> {
+        let (mut split_keys, mut splits) = (Vec::new(), Vec::new());
+        let mut b4_keys = Vec::new();
+        let (mut sw_keys, mut entries) = (Vec::with_capacity(table.len()), Vec::new());
+        entries.reserve(table.len());
+        for sw in table.iter() {
+            if up(&mut self.per_addr, sw.ipv4) {
+                split_keys.push(v4_key(sw.ipv4));
+                splits.push(split_of(sw));
+            }
+            if up(&mut self.per_b4, (sw.b4, sw.ipv4)) {
+                b4_keys.push(b4_key(sw.b4, sw.ipv4));
+            }
+            if let Some(a) = sw.aftr.filter(|a| *a != self.default_aftr)
+                && up(&mut self.per_aftr, a)
+            {
+                self.aftrs.insert(a.octets(), 1, 0).with_context(|| {
+                    format!("{sw}: map {AFTR_ADDRS} full (at most 64 AFTR addresses)")
+                })?;
+            }
+            sw_keys.push(map_key(sw));
+            entries.push(self.entry_of(sw));
+        }
+        let [sw_fd, split_fd, b4_fd] = &self.batch_fds;
+        update_all(&mut self.shared, split_fd, &split_keys, &splits)
+            .with_context(|| format!("writing map {SHARED_ADDRS} (--max-bindings)"))?;
+        let ones = vec![1u32; b4_keys.len()];
+        update_all(&mut self.b4s, b4_fd, &b4_keys, &ones)
+            .with_context(|| format!("writing map {B4_ADDRS} (--max-bindings)"))?;
+        update_all(&mut self.softwires, sw_fd, &sw_keys, &entries)
+            .with_context(|| format!("writing map {SOFTWIRES} (--max-bindings)"))
+    }
+
+    fn entry_of(&self, sw: &Softwire) -> SoftwireEntry {
+        SoftwireEntry {
+            b4: sw.b4.octets(),
+            aftr: self.aftr_of(sw).octets(),
+        }
     }
 
     pub fn table(&self) -> &Table {
@@ -152,13 +216,8 @@ impl Softwires {
     /// The maps' entries for a softwire the table does not hold yet.
     fn write_new(&mut self, sw: &Softwire) -> Result<()> {
         if up(&mut self.per_addr, sw.ipv4) {
-            let split = SharedAddr {
-                psid_len: sw.psid_len,
-                psid_offset: sw.psid_offset,
-                _pad: [0; 2],
-            };
             self.shared
-                .insert(v4_key(sw.ipv4), split, 0)
+                .insert(v4_key(sw.ipv4), split_of(sw), 0)
                 .with_context(|| format!("{sw}: map {SHARED_ADDRS} full? (--max-bindings)"))?;
         }
         self.hold_endpoints(sw)?;
@@ -166,10 +225,7 @@ impl Softwires {
     }
 
     fn write_entry(&mut self, sw: &Softwire) -> Result<()> {
-        let entry = SoftwireEntry {
-            b4: sw.b4.octets(),
-            aftr: self.aftr_of(sw).octets(),
-        };
+        let entry = self.entry_of(sw);
         self.softwires
             .insert(map_key(sw), entry, 0)
             .with_context(|| format!("{sw}: map {SOFTWIRES} full? (--max-bindings)"))
@@ -177,14 +233,11 @@ impl Softwires {
 
     /// The B4 and AFTR entries `sw` needs.
     fn hold_endpoints(&mut self, sw: &Softwire) -> Result<()> {
-        let n = {
-            let n = self.per_b4.entry((sw.b4, sw.ipv4)).or_insert(0);
-            *n += 1;
-            *n
-        };
-        self.b4s
-            .insert(b4_key(sw.b4, sw.ipv4), n, 0)
-            .with_context(|| format!("{sw}: map {B4_ADDRS} full? (--max-bindings)"))?;
+        if up(&mut self.per_b4, (sw.b4, sw.ipv4)) {
+            self.b4s
+                .insert(b4_key(sw.b4, sw.ipv4), 1, 0)
+                .with_context(|| format!("{sw}: map {B4_ADDRS} full? (--max-bindings)"))?;
+        }
         if let Some(a) = sw.aftr.filter(|a| *a != self.default_aftr)
             && up(&mut self.per_aftr, a)
         {

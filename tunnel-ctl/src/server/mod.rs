@@ -645,7 +645,16 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
 pub fn softwire_table(args: &ServerConfig) -> Result<softwires::Table> {
     match &args.bindings {
         Some(path) => {
-            softwires::Table::load(path).map_err(|e| crate::usage::usage(format!("{e:#}")))
+            let reading = std::time::Instant::now();
+            let table =
+                softwires::Table::load(path).map_err(|e| crate::usage::usage(format!("{e:#}")))?;
+            info!(
+                "--bindings {}: {} softwires ({} ms)",
+                path.display(),
+                table.len(),
+                reading.elapsed().as_millis()
+            );
+            Ok(table)
         }
         None => Ok(softwires::Table::default()),
     }

@@ -218,27 +218,9 @@ impl Table {
 
     /// Parses a bindings file (SPEC §4a); every error names the softwire it is about.
     pub fn parse(text: &str) -> Result<Table, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct File {
-            #[serde(default)]
-            softwire: Vec<Row>,
-        }
-        #[derive(Deserialize)]
-        #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-        struct Row {
-            ipv4: Ipv4Addr,
-            #[serde(default)]
-            psid: u16,
-            #[serde(default)]
-            psid_len: u8,
-            psid_offset: Option<u8>,
-            b4: Ipv6Addr,
-            aftr: Option<Ipv6Addr>,
-        }
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let rows = parse_rows(text)?;
         let mut table = Table::default();
-        for (i, row) in file.softwire.into_iter().enumerate() {
+        for (i, row) in rows.into_iter().enumerate() {
             let sw = Softwire::new(
                 row.ipv4,
                 row.psid,
@@ -265,6 +247,92 @@ impl Table {
             .map_err(|e| anyhow::anyhow!("--bindings {}: {e}", path.display()))?;
         Table::parse(&text).map_err(|e| anyhow::anyhow!("--bindings {}: {e}", path.display()))
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    softwire: Vec<Row>,
+}
+
+/// One `[[softwire]]` as written.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Row {
+    ipv4: Ipv4Addr,
+    #[serde(default)]
+    psid: u16,
+    #[serde(default)]
+    psid_len: u8,
+    psid_offset: Option<u8>,
+    b4: Ipv6Addr,
+    aftr: Option<Ipv6Addr>,
+}
+
+/// Files above this size are parsed in parts of about [`PART`] bytes.
+const PARTS_ABOVE: usize = 256 << 10;
+const PART: usize = 64 << 10;
+const HEADER: &str = "\n[[softwire]]";
+
+/// The rows of a bindings file, in file order. A million softwires is about 100 MB of TOML,
+/// which the `toml` crate takes some 8 s to read in one piece (it lexes the whole document
+/// into one token vector first: most of the time goes to faulting in fresh memory). Cut at
+/// `[[softwire]]` header lines into parts of 64 KiB, each a document of whole
+/// `[[softwire]]` tables with the same rows, it reads in a third of that, and the parts
+/// are spread over the CPUs. When any part does not parse (a cut inside a multi-line
+/// string, a file of another shape), the whole file is parsed again in one piece, for the
+/// error as the file has it.
+fn parse_rows(text: &str) -> Result<Vec<Row>, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    parse_rows_in(text, cpus.min(8), PART, PARTS_ABOVE)
+}
+
+fn parse_rows_in(
+    text: &str,
+    threads: usize,
+    part: usize,
+    parts_above: usize,
+) -> Result<Vec<Row>, String> {
+    let whole = || {
+        toml::from_str::<File>(text)
+            .map(|f| f.softwire)
+            .map_err(|e| e.to_string())
+    };
+    if text.len() <= parts_above {
+        return whole();
+    }
+    let mut cuts = vec![0];
+    let mut at = 0;
+    while let Some(found) = text.get(at + part..).and_then(|rest| rest.find(HEADER)) {
+        at += part + found + 1;
+        cuts.push(at);
+    }
+    cuts.push(text.len());
+    let parts: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let per_thread = parts.len().div_ceil(threads.max(1));
+    let parsed: Vec<Option<Vec<Row>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .chunks(per_thread)
+            .map(|mine| {
+                scope.spawn(move || {
+                    let mut rows = Vec::new();
+                    for part in mine {
+                        rows.extend(toml::from_str::<File>(part).ok()?.softwire);
+                    }
+                    Some(rows)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    if parsed.iter().any(Option::is_none) {
+        return whole();
+    }
+    Ok(parsed.into_iter().flatten().flatten().collect())
 }
 
 #[cfg(test)]
@@ -335,6 +403,41 @@ aftr = "2001:db8:ffff::2"
         assert!(
             e.starts_with("softwire #2") && e.contains("already held"),
             "{e}"
+        );
+    }
+
+    fn rows_text(n: u16) -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "[[softwire]]\nipv4 = \"203.0.113.{}\"\npsid = {}\npsid-len = 4\nb4 = \"2001:db8:1::{i:x}\"\n",
+                    i / 16,
+                    i % 16
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_big_file_parsed_in_parts_gives_the_same_rows_and_errors_as_in_one_piece() {
+        let text = rows_text(1000);
+        let whole = Table::parse(&text).unwrap();
+        for (threads, part) in [(1, 100), (2, 1000), (3, 64), (7, 5000)] {
+            let rows = parse_rows_in(&text, threads, part, 100).unwrap();
+            assert_eq!(rows.len(), 1000);
+            let b4s: Vec<Ipv6Addr> = rows.iter().map(|r| r.b4).collect();
+            let want: Vec<Ipv6Addr> = whole.iter().map(|s| s.b4).collect();
+            assert_eq!(b4s, want, "{threads} threads, parts of {part}");
+        }
+        // A cut that falls inside a multi-line string: the parts do not parse, and the error
+        // is the one-piece parse's.
+        let mut odd = rows_text(10);
+        odd.push_str("[[softwire]]\nipv4 = \"203.0.113.9\"\nnote = '''\n[[softwire]]\n'''\n");
+        odd.push_str(&rows_text(10));
+        let e = parse_rows_in(&odd, 2, 10, 10).err().unwrap();
+        assert_eq!(
+            Some(e),
+            toml::from_str::<File>(&odd).err().map(|e| e.to_string())
         );
     }
 
