@@ -130,7 +130,7 @@ impl Aftr {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (flag, log) = (stop.clone(), seen.clone());
         std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((n, std::net::SocketAddr::V4(from))) = sock.recv_from(&mut buf) {
                     log.lock().unwrap().push((from, buf[..n].to_vec()));
@@ -243,6 +243,54 @@ impl B4 {
         Ok(None)
     }
 
+    /// The next UDP datagram from the AFTR within `limit`, put back together when it comes
+    /// in IPv4 fragments (as a B4's stack would): (source, destination, payload).
+    fn recv_datagram(
+        &self,
+        limit: Duration,
+    ) -> Result<Option<(SocketAddrV4, SocketAddrV4, Vec<u8>)>> {
+        let deadline = Instant::now() + limit;
+        let mut pool = etherparse::defrag::IpDefragPool::<(), ()>::new();
+        let mut buf = [0u8; 65536];
+        while Instant::now() < deadline {
+            let n = match nix::sys::socket::recv(
+                self.fd.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::empty(),
+            ) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let Ok(p) = SlicedPacket::from_ip(&buf[..n]) else {
+                continue;
+            };
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                continue;
+            };
+            let h = ip.header();
+            let (src, dst) = (h.source_addr(), h.destination_addr());
+            let udp = if h.is_fragmenting_payload() {
+                match pool.process_sliced_packet(&p, (), ()) {
+                    Ok(Some(done)) => done.payload,
+                    Ok(None) => continue,
+                    Err(e) => bail!("fragments that do not fit together: {e}"),
+                }
+            } else {
+                ip.payload().payload.to_vec()
+            };
+            let Ok((u, payload)) = etherparse::UdpHeader::from_slice(&udp) else {
+                continue;
+            };
+            return Ok(Some((
+                SocketAddrV4::new(src, u.source_port),
+                SocketAddrV4::new(dst, u.destination_port),
+                payload.to_vec(),
+            )));
+        }
+        Ok(None)
+    }
+
     /// Sends `payload` to the echo service and waits (bounded) for its echo to this socket.
     fn echo(&self, src: SocketAddrV4, payload: &[u8]) -> Result<()> {
         self.send_udp(src, ECHO, payload)?;
@@ -265,6 +313,25 @@ impl B4 {
 fn udp4(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port())
+        .write(&mut out, payload)
+        .expect("a UDP packet");
+    out
+}
+
+/// As [`udp4`], with DF clear: a datagram routers may fragment.
+fn udp4_may_fragment(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut h = etherparse::Ipv4Header::new(
+        0,
+        64,
+        etherparse::IpNumber::UDP,
+        src.ip().octets(),
+        dst.ip().octets(),
+    )
+    .expect("a header");
+    h.dont_fragment = false;
+    let mut out = Vec::new();
+    PacketBuilder::ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
         .udp(src.port(), dst.port())
         .write(&mut out, payload)
         .expect("a UDP packet");
@@ -428,21 +495,23 @@ fn a_b4_outside_its_port_set_or_with_another_b4s_address_gets_nothing_through() 
     );
     assert!(counter(&after, "fastpath_decap_packets") >= 1, "{after}");
 
-    // From the internet, a datagram that its sender fragments: the first fragment is too
-    // big for the tunnel and the second names no port; both are dropped and counted, not
-    // handed to the kernel (whose routes would send them back out).
+    // From the internet, a datagram that its sender fragments toward a port of 203.0.113.3
+    // that no softwire holds: reassembled by the slow path (only the first fragment names
+    // the port), then refused and counted, not handed to the kernel (whose routes would
+    // send it back out).
     let before = t.stats()?;
     let sender = t
         .internet
         .enter(|| std::net::UdpSocket::bind("192.0.2.10:0"))??;
-    sender.send_to(&[7u8; 1600], v4("203.0.113.2", PORT_2_1))?;
+    sender.send_to(&[7u8; 1600], v4("203.0.113.3", 1280 + 256 + 1))?;
     wait_counter_deltas(
-        "both fragments refused",
+        "the reassembled datagram refused",
         Duration::from_secs(3),
         &before,
         &[
-            ("drop_too_big_for_softwire", 1),
-            ("drop_fragment_to_softwire", 1),
+            ("softwire_slow_path_packets", 2),
+            ("fragments_reassembled", 1),
+            ("drop_slowpath_no_softwire", 1),
         ],
         || t.stats(),
     )?;
@@ -668,5 +737,79 @@ fn a_million_softwires_load_in_under_ten_seconds_and_each_end_of_the_table_works
             .echo(src, format!("softwire {i}").as_bytes())
             .with_context(|| format!("softwire {i} of {N}"))?;
     }
+    Ok(())
+}
+
+#[test]
+fn four_thousand_byte_datagrams_cross_the_aftr_whole_both_ways() -> Result<()> {
+    let t = Aftr::start(TABLE, &[])?;
+    let b4 = t.b4(b4(3))?; // 203.0.113.2 psid 1
+    let src = v4("203.0.113.2", PORT_2_1);
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let before = t.stats()?;
+    // 4,028 bytes of IPv4 in IPv6: the B4's kernel fragments the outer packet (the link
+    // has 1,500 bytes); the AFTR's kernel reassembles it, the slow path checks it and the
+    // AFTR's kernel fragments the IPv4 datagram toward the internet host, whose stack puts
+    // it back together for the echo service. The echo (4,000 bytes, fragmented by the
+    // internet host) comes back through the AFTR's reassembly to the B4 of the port.
+    b4.send(&udp4_may_fragment(src, ECHO, &payload))?;
+    let mut echoed = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while echoed.is_none() && Instant::now() < deadline {
+        echoed = b4
+            .recv_datagram(Duration::from_millis(500))?
+            .filter(|(_, _, p)| p.len() > 100);
+    }
+    assert_eq!(
+        t.seen(&payload),
+        Some(src),
+        "the internet host got the 4,000 bytes whole, from the softwire's address and port"
+    );
+    let (from, to, got) = echoed.context("no echo of the 4,000-byte datagram")?;
+    assert_eq!((from, to), (ECHO, src));
+    assert!(
+        got == payload,
+        "the echo arrived whole and unchanged ({} bytes)",
+        got.len()
+    );
+    let after = wait_counter_deltas(
+        "the slow path took both directions",
+        Duration::from_secs(3),
+        &before,
+        &[
+            ("softwire_outer_fragments", 3),
+            ("slowpath_from_b4", 1),
+            ("softwire_slow_path_packets", 3),
+            ("fragments_reassembled", 1),
+            ("slowpath_fragmented", 1),
+        ],
+        || t.stats(),
+    )?;
+    eprintln!(
+        "counters after: {}",
+        serde_json::to_string(&after).unwrap_or_default()
+    );
+
+    // The same size from a port of psid 2 (another B4's): reassembled, then refused as the
+    // fast path refuses it.
+    let before = t.stats()?;
+    let stolen: Vec<u8> = payload.iter().map(|b| b ^ 0x55).collect();
+    b4.send(&udp4_may_fragment(
+        v4("203.0.113.2", PORT_2_2),
+        ECHO,
+        &stolen,
+    ))?;
+    wait_counter_deltas(
+        "the reassembled packet refused",
+        Duration::from_secs(3),
+        &before,
+        &[
+            ("softwire_outer_fragments", 3),
+            ("slowpath_drop_port_outside_set", 1),
+            ("slowpath_from_b4", 0),
+        ],
+        || t.stats(),
+    )?;
+    assert!(t.seen(&stolen).is_none(), "nothing got through");
     Ok(())
 }

@@ -91,7 +91,12 @@ pub struct TunnelConfig {
     /// Server only: non-zero when a packet from one softwire to another softwire's address
     /// and port is dropped (`drop_hairpin_off`) instead of re-encapsulated (`--no-hairpin`).
     pub no_hairpin: u8,
-    pub _pad: [u8; 3],
+    /// Server only: non-zero when the controller reassembles and fragments for softwires
+    /// (pure lwAFTR): IPv4 fragments and too-big packets toward a softwire's address go to
+    /// the TUN, outer IPv6 fragments from B4s to the kernel's reassembly; zero: dropped and
+    /// counted.
+    pub softwire_slow_path: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Key of [`crate::names::SOFTWIRES`]: a shared (or whole, `psid` 0 with length 0) IPv4

@@ -72,12 +72,18 @@ counters! {
     SlowPathTooBig = "slowpath_too_big",
     /// Packets whose TTL would expire here: left to the kernel (ICMP time exceeded).
     SlowPathTtl = "slowpath_ttl_expired",
-    /// lwAFTR: a non-first IPv4 fragment toward a softwire's address (no port to pick the
-    /// softwire by): dropped (no reassembly yet).
+    /// lwAFTR: an IPv4 fragment toward a softwire's address (only the first names the
+    /// port) where no slow path reassembles (a server with a pool): dropped.
     DropFragmentToSoftwire = "drop_fragment_to_softwire",
-    /// lwAFTR: a packet toward a softwire too big for the tunnel: dropped (no ICMP or
-    /// fragmentation for softwires yet; the kernel has no route that would reach the B4).
+    /// lwAFTR: a packet toward a softwire too big for the tunnel where no slow path
+    /// fragments (a server with a pool): dropped.
     DropTooBigForSoftwire = "drop_too_big_for_softwire",
+    /// lwAFTR: IPv4 fragments and too-big packets toward a softwire's address handed to the
+    /// controller (TUN), which reassembles, picks the softwire and fragments to fit.
+    SoftwireSlowPath = "softwire_slow_path_packets",
+    /// lwAFTR: outer IPv6 fragments from a B4 left to the kernel's reassembly; the
+    /// controller checks the whole packet against the table.
+    SoftwireOuterFragment = "softwire_outer_fragments",
     /// No IPv6 route or neighbour toward a client: dropped.
     DropNoRoute = "drop_no_route_to_client",
     /// A packet rewrite (adjust_room, store) failed: dropped.

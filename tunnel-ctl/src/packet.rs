@@ -1,6 +1,7 @@
 //! Just enough IP parsing for the slow path: versions, lengths and addresses, with etherparse.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::mape::table::{ICMP, TCP, UDP};
 use etherparse::{
     Icmpv4Type, Ipv4Header, Ipv4HeaderSlice, Ipv6HeaderSlice, PacketBuilder,
     icmpv4::DestUnreachableHeader,
@@ -141,9 +142,66 @@ pub fn fragment_ipv4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
+/// The port a packet toward a port-set holder (MAP-E CE, lwB4) is mapped by (RFC 7597 §8,
+/// RFC 7596 §5.1): the destination port (TCP, UDP), the ICMP echo identifier, or for an
+/// ICMP error (destination unreachable, time exceeded, parameter problem) the source port
+/// or echo identifier of the packet it quotes, which the holder sent. The BR's own
+/// time-exceeded and fragmentation-needed answers to a CE's packets (traceroute through the
+/// BR) take this way.
+pub fn port_toward(pkt: &[u8]) -> Option<u16> {
+    let (proto, l4) = first_fragment_l4(pkt)?;
+    match (proto, *l4.first()?) {
+        (TCP | UDP, _) => u16_at(l4, 2),
+        (ICMP, 0 | 8) => u16_at(l4, 4),
+        (ICMP, 3 | 11 | 12) => {
+            let (quoted_proto, quoted) = first_fragment_l4(l4.get(8..)?)?;
+            match (quoted_proto, *quoted.first()?) {
+                (TCP | UDP, _) => u16_at(quoted, 0),
+                (ICMP, 0 | 8) => u16_at(quoted, 4),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The protocol and transport bytes of an IPv4 packet (or of the header and first bytes an
+/// ICMP error quotes); None for a non-first fragment, which has no transport header.
+fn first_fragment_l4(pkt: &[u8]) -> Option<(u8, &[u8])> {
+    let h = etherparse::Ipv4HeaderSlice::from_slice(pkt).ok()?;
+    if h.fragments_offset().value() != 0 {
+        return None;
+    }
+    Some((h.protocol().0, pkt.get(h.slice().len()..)?))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// The port a packet from a port-set holder is sent from: the source port (TCP, UDP), the
+/// ICMP echo identifier, or for an ICMP error it sends the destination port or echo
+/// identifier of the packet it quotes. None for a non-first fragment.
+pub fn port_from(pkt: &[u8]) -> Option<u16> {
+    let (proto, l4) = first_fragment_l4(pkt)?;
+    match (proto, *l4.first()?) {
+        (TCP | UDP, _) => u16_at(l4, 0),
+        (ICMP, 0 | 8) => u16_at(l4, 4),
+        (ICMP, 3 | 11 | 12) => {
+            let (quoted_proto, quoted) = first_fragment_l4(l4.get(8..)?)?;
+            match (quoted_proto, *quoted.first()?) {
+                (TCP | UDP, _) => u16_at(quoted, 2),
+                (ICMP, 0 | 8) => u16_at(quoted, 4),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use etherparse::PacketBuilder;
+    use etherparse::{IcmpEchoHeader, PacketBuilder};
 
     use super::*;
 
@@ -230,5 +288,67 @@ mod tests {
             payload.extend_from_slice(&f[20..]);
         }
         assert_eq!(payload, &p[20..]);
+    }
+
+    /// A UDP datagram the CE sent from 203.0.113.18:1680 toward 192.0.2.2:33434, and the
+    /// BR's time-exceeded answer to it (type 11, quoting its header and 8 bytes).
+    fn traceroute_probe_and_answer() -> (Vec<u8>, Vec<u8>) {
+        let mut probe = Vec::new();
+        PacketBuilder::ipv4([203, 0, 113, 18], [192, 0, 2, 2], 1)
+            .udp(1680, 33434)
+            .write(&mut probe, &[0; 32])
+            .unwrap();
+        let mut answer = Vec::new();
+        PacketBuilder::ipv4([192, 0, 2, 1], [203, 0, 113, 18], 64)
+            .icmpv4(Icmpv4Type::TimeExceeded(
+                etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+            ))
+            .write(&mut answer, &probe[..28])
+            .unwrap();
+        (probe, answer)
+    }
+
+    #[test]
+    fn icmp_errors_toward_a_ce_map_by_the_quoted_source_port() {
+        let (_, answer) = traceroute_probe_and_answer();
+        assert_eq!(port_toward(&answer), Some(1680));
+        // A quoted echo request: its identifier.
+        let mut echo = Vec::new();
+        PacketBuilder::ipv4([203, 0, 113, 18], [192, 0, 2, 2], 1)
+            .icmpv4_echo_request(2704, 1)
+            .write(&mut echo, &[0; 8])
+            .unwrap();
+        let mut unreachable = Vec::new();
+        PacketBuilder::ipv4([192, 0, 2, 1], [203, 0, 113, 18], 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1280,
+                },
+            ))
+            .write(&mut unreachable, &echo[..28])
+            .unwrap();
+        assert_eq!(port_toward(&unreachable), Some(2704));
+        // The plain cases: destination port, echo reply identifier.
+        let mut reply = Vec::new();
+        PacketBuilder::ipv4([192, 0, 2, 2], [203, 0, 113, 18], 64)
+            .icmpv4(Icmpv4Type::EchoReply(IcmpEchoHeader { id: 1681, seq: 1 }))
+            .write(&mut reply, &[])
+            .unwrap();
+        assert_eq!(port_toward(&reply), Some(1681));
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4([192, 0, 2, 2], [203, 0, 113, 18], 64)
+            .udp(53, 1682)
+            .write(&mut udp, &[])
+            .unwrap();
+        assert_eq!(port_toward(&udp), Some(1682));
+        // An error cut inside the quoted transport header has no port to go by.
+        let (_, mut cut) = traceroute_probe_and_answer();
+        cut.truncate(20 + 8 + 20 + 1);
+        assert_eq!(port_toward(&cut), None);
+        // From the holder's side: its source port, its echo identifier.
+        let (probe, _) = traceroute_probe_and_answer();
+        assert_eq!(port_from(&probe), Some(1680));
+        assert_eq!(port_from(&echo), Some(2704));
+        assert_eq!(port_from(&cut[28..]), None, "a quoted header cut short");
     }
 }

@@ -112,6 +112,12 @@ impl Ipv4Info {
     pub fn first_fragment(&self) -> bool {
         u16::from_be_bytes(self.hdr.frags) & 0x1fff == 0
     }
+
+    /// Whether this is a fragment at all (more fragments follow, or it is not the first).
+    #[inline(always)]
+    pub fn fragment(&self) -> bool {
+        u16::from_be_bytes(self.hdr.frags) & 0x3fff != 0
+    }
 }
 
 /// The length of the largest packet this skb will become on the wire: its IPv4 total length,

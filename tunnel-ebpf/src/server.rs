@@ -10,7 +10,7 @@
 //! toward the client and redirected out of the IPv6 side. Everything else passes, so the kernel
 //! routes the pool to the TUN and in-band clients keep working (the slow path).
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, generated::bpf_redirect},
     macros::classifier,
     programs::TcContext,
 };
@@ -52,6 +52,16 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         // ICMPv6 for it, are the stack's.
         Upper::Other(_) => return PASS,
         Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
+        // A B4's datagram too big for its link: the kernel reassembles it and hands it to
+        // the controller's raw socket, which checks it against the softwire table.
+        // SAFETY: only the presence of a binding is read.
+        Upper::Fragment(_)
+            if cfg.softwire_slow_path != 0
+                && unsafe { BIND_BY_V6.get(outer.src_addr) }.is_none() =>
+        {
+            count(Counter::SoftwireOuterFragment);
+            return PASS;
+        }
         other => return other.drop_counted(),
     }
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
@@ -342,19 +352,27 @@ fn softwire_toward(
     let Some(addr) = softwire::shared(ip.dst()) else {
         return Err(PASS);
     };
-    // Left to the kernel, these would follow its routes for the address, which lead back
-    // out (softwire addresses are not routed to the TUN).
-    if packet::wire_len(ctx, ETH_LEN, ip) > cfg.inner_mtu as usize {
-        log::dropped_v4(ctx, LOG_SERVER_ENCAP, Counter::DropTooBigForSoftwire, ip);
+    // Fragments (only the first names the port) and packets too big for the tunnel go to
+    // the controller where it reassembles and fragments (pure lwAFTR); left to the kernel,
+    // they would follow its routes for the address, which lead back out.
+    let fragment = ip.fragment();
+    let too_big = packet::wire_len(ctx, ETH_LEN, ip) > cfg.inner_mtu as usize;
+    if fragment || too_big {
+        if cfg.softwire_slow_path != 0 && cfg.tun_ifindex != 0 {
+            count(Counter::SoftwireSlowPath);
+            // SAFETY: bpf_redirect has no memory preconditions.
+            return Err(unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32);
+        }
+        let reason = if fragment {
+            Counter::DropFragmentToSoftwire
+        } else {
+            Counter::DropTooBigForSoftwire
+        };
+        log::dropped_v4(ctx, LOG_SERVER_ENCAP, reason, ip);
         return Err(DROP);
     }
     let sw = match softwire::psid(&addr, nat::br_port(ctx, ETH_LEN, ip, false)) {
         Ok(psid) => softwire::get(ip.dst(), psid),
-        Err(Miss::NoPort) if !ip.first_fragment() => {
-            // Only the first fragment names the port.
-            log::dropped_v4(ctx, LOG_SERVER_ENCAP, Counter::DropFragmentToSoftwire, ip);
-            return Err(DROP);
-        }
         Err(_) => None,
     };
     sw.ok_or_else(|| {

@@ -53,6 +53,10 @@ pub struct NativeArgs<'a> {
     pub softwires: Table,
     /// `--no-hairpin`.
     pub no_hairpin: bool,
+    /// The controller reassembles and fragments for softwires (pure lwAFTR): the fast path
+    /// hands it fragments and too-big packets toward softwires (to `tun_index`), and leaves
+    /// B4s' outer fragments to the kernel's reassembly.
+    pub softwire_slow_path: bool,
 }
 
 pub struct Native {
@@ -106,6 +110,7 @@ impl Native {
             enabled: 1,
             policy_events_per_s: args.policy_icmp.min(u32::from(u16::MAX)) as u16,
             no_hairpin: u8::from(args.no_hairpin),
+            softwire_slow_path: u8::from(args.softwire_slow_path),
             ..Default::default()
         })?;
         if args.softwires.len() > args.max_bindings as usize {

@@ -47,6 +47,7 @@ pub(crate) mod machine;
 pub(crate) mod persist;
 pub(crate) mod policy;
 pub(crate) mod queue;
+pub mod reassembly;
 pub(crate) mod reload;
 pub(crate) mod session;
 pub mod softwires;
@@ -454,6 +455,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     max_bindings: args.max_bindings,
                     softwires: softwire_table(&args)?,
                     no_hairpin: args.no_hairpin,
+                    softwire_slow_path: false,
                 },
             )
             .await?,

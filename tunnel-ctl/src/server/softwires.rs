@@ -136,6 +136,31 @@ pub struct Table {
     by_key: BTreeMap<Key, Softwire>,
 }
 
+/// Why a packet from a B4 belongs to no softwire (the fast path's drop reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No softwire holds any part of the inner source address.
+    Unbound,
+    /// The B4 holds the address, but not the port.
+    PortOutsideSet,
+    /// Another B4 holds the address and port.
+    B4Mismatch,
+    /// The address is shared, and no softwire holds the port.
+    NoBindingForPort,
+}
+
+impl Refused {
+    /// The counter the fast path counts the same refusal under.
+    pub fn counter(self) -> &'static str {
+        match self {
+            Refused::Unbound => "drop_unbound_source",
+            Refused::PortOutsideSet => "drop_port_outside_set",
+            Refused::B4Mismatch => "drop_b4_mismatch",
+            Refused::NoBindingForPort => "drop_no_binding_for_port",
+        }
+    }
+}
+
 /// What turns one table into another: softwires to write (new, or with other endpoints) and
 /// keys to remove. Unchanged softwires are in neither.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -194,6 +219,47 @@ impl Table {
                 sw.ipv4, sw.psid
             )),
             None => Ok(()),
+        }
+    }
+
+    /// Whether any softwire holds (part of) `ipv4`.
+    pub fn holds_address(&self, ipv4: Ipv4Addr) -> bool {
+        self.split_of(ipv4).is_some()
+    }
+
+    /// The softwire that holds `port` of `ipv4` (a whole-address softwire holds every port,
+    /// and packets without one); None when no softwire does.
+    pub fn holder(&self, ipv4: Ipv4Addr, port: Option<u16>) -> Option<&Softwire> {
+        let split = self.split_of(ipv4)?;
+        if split.psid_len == 0 {
+            return self.get((ipv4, 0));
+        }
+        let psid = tunnel_common::mape::psid_of(split.psid_offset, split.psid_len, port?)?;
+        self.get((ipv4, psid))
+    }
+
+    /// The softwire a packet from B4 `b4` with inner source `src` and `port` belongs to, or
+    /// why it belongs to none: the checks of the fast path (RFC 7596 §5.1), for the packets
+    /// the slow path sees whole (reassembled outer fragments).
+    pub fn check_from_b4(
+        &self,
+        b4: Ipv6Addr,
+        src: Ipv4Addr,
+        port: Option<u16>,
+    ) -> Result<&Softwire, Refused> {
+        if !self.holds_address(src) {
+            return Err(Refused::Unbound);
+        }
+        let b4_holds_src = || {
+            self.by_key
+                .range((src, 0)..=(src, u16::MAX))
+                .any(|(_, sw)| sw.b4 == b4)
+        };
+        match self.holder(src, port) {
+            Some(sw) if sw.b4 == b4 => Ok(sw),
+            _ if b4_holds_src() => Err(Refused::PortOutsideSet),
+            Some(_) => Err(Refused::B4Mismatch),
+            None => Err(Refused::NoBindingForPort),
         }
     }
 
@@ -439,6 +505,51 @@ aftr = "2001:db8:ffff::2"
             Some(e),
             toml::from_str::<File>(&odd).err().map(|e| e.to_string())
         );
+    }
+
+    #[test]
+    fn a_b4s_packet_is_checked_as_the_fast_path_checks_it() {
+        let mut t = Table::default();
+        // 203.0.113.1 psid 1/4 (offset 6: ports 1024 + 64 ...) for B4, psid 2 for ::9.
+        t.insert(sw("203.0.113.1", 1, 4, 6)).unwrap();
+        let other: Ipv6Addr = "2001:db8:1::9".parse().unwrap();
+        t.insert(Softwire {
+            b4: other,
+            ..sw("203.0.113.1", 2, 4, 6)
+        })
+        .unwrap();
+        let b4: Ipv6Addr = B4.parse().unwrap();
+        let a: Ipv4Addr = "203.0.113.1".parse().unwrap();
+        assert_eq!(t.check_from_b4(b4, a, Some(1024 + 64 + 5)).unwrap().psid, 1);
+        let refused = |b4, addr: &str, port| t.check_from_b4(b4, addr.parse().unwrap(), port);
+        assert_eq!(
+            refused(b4, "203.0.113.1", Some(1024 + 128)),
+            Err(Refused::PortOutsideSet)
+        );
+        assert_eq!(
+            refused(b4, "203.0.113.1", Some(80)),
+            Err(Refused::PortOutsideSet)
+        );
+        assert_eq!(
+            refused(b4, "203.0.113.1", None),
+            Err(Refused::PortOutsideSet)
+        );
+        let stranger: Ipv6Addr = "2001:db8:1::77".parse().unwrap();
+        assert_eq!(
+            refused(stranger, "203.0.113.1", Some(1024 + 128)),
+            Err(Refused::B4Mismatch)
+        );
+        assert_eq!(
+            refused(stranger, "203.0.113.1", Some(1024 + 3 * 64)),
+            Err(Refused::NoBindingForPort)
+        );
+        assert_eq!(
+            refused(b4, "203.0.113.7", Some(5000)),
+            Err(Refused::Unbound)
+        );
+        // Toward the B4s: by the destination port.
+        assert_eq!(t.holder(a, Some(1024 + 128 + 1)).map(|s| s.b4), Some(other));
+        assert_eq!(t.holder(a, Some(1000)), None);
     }
 
     #[test]
