@@ -742,7 +742,30 @@ fn a_million_softwires_load_in_under_ten_seconds_and_each_end_of_the_table_works
 
 #[test]
 fn four_thousand_byte_datagrams_cross_the_aftr_whole_both_ways() -> Result<()> {
-    let t = Aftr::start(TABLE, &[])?;
+    big_datagrams_cross_whole(&Aftr::start(TABLE, &[])?)
+}
+
+/// The same through a server that also has a pool and a control channel (native mode):
+/// its TUN carries the softwires' slow path next to the in-band clients'.
+#[test]
+fn four_thousand_byte_datagrams_cross_a_server_with_a_pool_whole_both_ways() -> Result<()> {
+    let t = Aftr::start(
+        TABLE,
+        &[
+            "--pool",
+            "198.51.100.2-198.51.100.20",
+            "--gateway",
+            "198.51.100.1",
+            "--dns",
+            "192.0.2.53",
+        ],
+    )?;
+    let status = t.lab.ctl_json("status", &t.instance)?;
+    assert_eq!(status["role"], "server", "a full server: {status}");
+    big_datagrams_cross_whole(&t)
+}
+
+fn big_datagrams_cross_whole(t: &Aftr) -> Result<()> {
     let b4 = t.b4(b4(3))?; // 203.0.113.2 psid 1
     let src = v4("203.0.113.2", PORT_2_1);
     let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();

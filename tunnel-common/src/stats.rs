@@ -73,10 +73,10 @@ counters! {
     /// Packets whose TTL would expire here: left to the kernel (ICMP time exceeded).
     SlowPathTtl = "slowpath_ttl_expired",
     /// lwAFTR: an IPv4 fragment toward a softwire's address (only the first names the
-    /// port) where no slow path reassembles (a server with a pool): dropped.
+    /// port) while no slow path is set up to reassemble it (no TUN yet): dropped.
     DropFragmentToSoftwire = "drop_fragment_to_softwire",
-    /// lwAFTR: a packet toward a softwire too big for the tunnel where no slow path
-    /// fragments (a server with a pool): dropped.
+    /// lwAFTR: a packet toward a softwire too big for the tunnel while no slow path is set
+    /// up to fragment it: dropped.
     DropTooBigForSoftwire = "drop_too_big_for_softwire",
     /// lwAFTR: IPv4 fragments and too-big packets toward a softwire's address handed to the
     /// controller (TUN), which reassembles, picks the softwire and fragments to fit.

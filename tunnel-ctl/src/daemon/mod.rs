@@ -12,6 +12,7 @@ use tracing::info;
 pub mod aftr;
 pub mod br;
 pub mod ce;
+pub mod softwire_slow;
 
 use crate::{
     instance::Instance,

@@ -250,6 +250,8 @@ pub struct Server {
     pub next_session: AtomicU64,
     /// The fast path, when --v6-dev/--v4-dev are given.
     pub native: Option<Native>,
+    /// With the fast path: what it hands over for softwires (fragments, too big).
+    pub softwire_slow: Option<crate::daemon::softwire_slow::SoftwireSlowPath>,
     /// The TUN's address: source of the ICMP errors the slow path sends.
     pub gateway: Ipv4Addr,
     /// IPv6 for clients (107/108), when --pool6 or --delegate is given.
@@ -391,10 +393,13 @@ impl Handler for Server {
                 })
                 .into()
             }
-            Request::Stats => mgmt::counters_response(
-                self.stats.snapshot(),
-                self.native.as_ref().map(|n| n.counters()),
-            ),
+            Request::Stats => {
+                let mut counters = self.stats.snapshot();
+                if let Some(slow) = &self.softwire_slow {
+                    counters.extend(slow.stats.snapshot());
+                }
+                mgmt::counters_response(counters, self.native.as_ref().map(|n| n.counters()))
+            }
             Request::Leases => Response::Ok(Reply::Leases(self.lease_rows())),
             other => mgmt::not_supported("server", &other),
         }
@@ -455,7 +460,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     max_bindings: args.max_bindings,
                     softwires: softwire_table(&args)?,
                     no_hairpin: args.no_hairpin,
-                    softwire_slow_path: false,
+                    softwire_slow_path: true,
                 },
             )
             .await?,
@@ -503,6 +508,11 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         native.reconcile(&state.bindings())?;
     }
 
+    // The slow path's socket for B4s' reassembled packets (native mode only).
+    let b4_receiver = match &native {
+        Some(_) => Some(crate::daemon::softwire_slow::ipip_receiver()?),
+        None => None,
+    };
     let server = Arc::new(Server {
         running: tokio::sync::Mutex::new(args.clone()),
         nl: nl.clone(),
@@ -537,6 +547,9 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         }),
         stats: Arc::new(ServerStats::default()),
         admission: admission::Admission::new(args.max_per_source, args.max_connect_rate),
+        softwire_slow: native.is_some().then(|| {
+            crate::daemon::softwire_slow::SoftwireSlowPath::new(tun.clone(), args.no_hairpin)
+        }),
         tun,
         started: Instant::now(),
         next_session: AtomicU64::new(1),
@@ -625,10 +638,17 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         ));
     }
 
+    let b4_reader = async {
+        match (&server.softwire_slow, &server.native, b4_receiver) {
+            (Some(slow), Some(native), Some(receiver)) => slow.b4_reader(native, receiver).await,
+            _ => std::future::pending().await,
+        }
+    };
     let work = async {
         tokio::select! {
             () = accept_loop(server.clone(), listener) => {}
             () = tun_reader(server.clone()) => {}
+            () = b4_reader => {}
             () = lease_file_writer(server.clone()) => {}
             () = expire_restored(server.clone()) => {}
         }
@@ -790,6 +810,11 @@ async fn tun_reader(server: Arc<Server>) {
                 queue_for_session(&server, &tx, pkt);
             }
             Some(Err(client)) => slow_path_to_native(&server, client, pkt).await,
+            None if let (Some(slow), Some(native)) = (&server.softwire_slow, &server.native)
+                && native.softwires().table().holds_address(dst) =>
+            {
+                slow.toward_b4(native, pkt).await
+            }
             None => {
                 server.stats.drop_no_lease_for_destination.inc();
                 debug!("TUN packet to {dst}: no lease, dropped");
