@@ -44,13 +44,21 @@ static STALE_CLEANUP: Once = Once::new();
 /// Path of the `tunnel-ctl` binary under test: `$TUNNEL_CTL`, else the workspace's
 /// `target/debug/tunnel-ctl` (`cargo xtask test` builds it and sets the variable).
 pub fn tunnel_ctl_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("TUNNEL_CTL") {
+    built_binary("TUNNEL_CTL", "debug", "cargo build -p tunnel-ctl")
+}
+
+/// The tunnel-ctl that `env` names, else the workspace's `profile` build.
+fn built_binary(env: &str, profile: &str, build: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(env) {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tunnel-ctl"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .join(profile)
+            .join("tunnel-ctl"),
     };
     if !path.exists() {
         bail!(
-            "{} not found: build it first (cargo build -p tunnel-ctl), or run cargo xtask test",
+            "{} not found: build it first ({build}), or run cargo xtask test",
             path.display()
         );
     }
@@ -61,18 +69,11 @@ pub fn tunnel_ctl_bin() -> Result<PathBuf> {
 /// tests that measure what an operator's build does (loading a million softwires); a debug
 /// build is several times slower there and says nothing about the product.
 pub fn tunnel_ctl_release_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("TUNNEL_CTL_RELEASE") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tunnel-ctl"),
-    };
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p tunnel-ctl), or run cargo \
-             xtask test",
-            path.display()
-        );
-    }
-    Ok(path)
+    built_binary(
+        "TUNNEL_CTL_RELEASE",
+        "release",
+        "cargo build --release -p tunnel-ctl",
+    )
 }
 
 /// A network namespace of the lab.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{PacketBuilder, SlicedPacket};
 use tunnel_tests::{Lab, Ns, counter, wait_counter_deltas};
 
 const AFTR: &str = "2001:db8:ffff::1";
@@ -210,45 +210,10 @@ impl B4 {
         self.send(&udp4(src, dst, payload))
     }
 
-    /// The next UDP datagram that arrives wrapped from the AFTR within `limit`: (source,
+    /// The next UDP datagram that arrives wrapped from the AFTR within `limit`, put back
+    /// together when it comes in IPv4 fragments (as a B4's stack would): (source,
     /// destination, payload). Other packets are skipped.
     fn recv_udp(&self, limit: Duration) -> Result<Option<(SocketAddrV4, SocketAddrV4, Vec<u8>)>> {
-        let deadline = Instant::now() + limit;
-        let mut buf = [0u8; 65536];
-        while Instant::now() < deadline {
-            let n = match nix::sys::socket::recv(
-                self.fd.as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::empty(),
-            ) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let Ok(p) = SlicedPacket::from_ip(&buf[..n]) else {
-                continue;
-            };
-            let (Some(etherparse::NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) =
-                (&p.net, &p.transport)
-            else {
-                continue;
-            };
-            let h = ip.header();
-            return Ok(Some((
-                SocketAddrV4::new(h.source_addr(), udp.source_port()),
-                SocketAddrV4::new(h.destination_addr(), udp.destination_port()),
-                udp.payload().to_vec(),
-            )));
-        }
-        Ok(None)
-    }
-
-    /// The next UDP datagram from the AFTR within `limit`, put back together when it comes
-    /// in IPv4 fragments (as a B4's stack would): (source, destination, payload).
-    fn recv_datagram(
-        &self,
-        limit: Duration,
-    ) -> Result<Option<(SocketAddrV4, SocketAddrV4, Vec<u8>)>> {
         let deadline = Instant::now() + limit;
         let mut pool = etherparse::defrag::IpDefragPool::<(), ()>::new();
         let mut buf = [0u8; 65536];
@@ -749,17 +714,7 @@ fn four_thousand_byte_datagrams_cross_the_aftr_whole_both_ways() -> Result<()> {
 /// its TUN carries the softwires' slow path next to the in-band clients'.
 #[test]
 fn four_thousand_byte_datagrams_cross_a_server_with_a_pool_whole_both_ways() -> Result<()> {
-    let t = Aftr::start(
-        TABLE,
-        &[
-            "--pool",
-            "198.51.100.2-198.51.100.20",
-            "--gateway",
-            "198.51.100.1",
-            "--dns",
-            "192.0.2.53",
-        ],
-    )?;
+    let t = Aftr::start(TABLE, tunnel_tests::fourover6::BASE_ARGS)?;
     let status = t.lab.ctl_json("status", &t.instance)?;
     assert_eq!(status["role"], "server", "a full server: {status}");
     big_datagrams_cross_whole(&t)
@@ -780,7 +735,7 @@ fn big_datagrams_cross_whole(t: &Aftr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while echoed.is_none() && Instant::now() < deadline {
         echoed = b4
-            .recv_datagram(Duration::from_millis(500))?
+            .recv_udp(Duration::from_millis(500))?
             .filter(|(_, _, p)| p.len() > 100);
     }
     assert_eq!(

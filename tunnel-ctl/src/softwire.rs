@@ -71,9 +71,9 @@ pub enum Sent {
     Failed,
 }
 
-/// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be
-/// configured on an interface: IPV6_FREEBIND). It only sends; its receive buffer is minimal.
-fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
+/// A raw IPv6 socket for next header 4 (non-blocking): it sends IPv4 packets the kernel wraps
+/// in IPv6, and receives the IPv4-in-IPv6 packets the kernel delivers locally.
+pub fn raw_ipip_socket() -> Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -89,7 +89,13 @@ fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
         ));
     }
     // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A raw IPv6 socket for next header 4, bound to the tunnel address (which need not be
+/// configured on an interface: IPV6_FREEBIND). It only sends; its receive buffer is minimal.
+fn raw_socket(tunnel_addr: Ipv6Addr) -> Result<OwnedFd> {
+    let fd = raw_ipip_socket()?;
     let one: libc::c_int = 1;
     let small: libc::c_int = 1;
     // SAFETY: setsockopt with pointers to live locals of the right size.

@@ -130,6 +130,18 @@ fn config(local: Ipv6Addr, remote: Ipv6Addr, ipv4: Ipv4Addr, v6_ifindex: u32) ->
     }
 }
 
+/// A server object's maps, configured for the tunnel address on `v6_index`.
+fn server_maps(ebpf: &mut Ebpf, v6_index: u32) -> Result<Maps> {
+    let mut maps = Maps::take(ebpf)?;
+    maps.set_config(&config(
+        SERVER_TUNNEL,
+        Ipv6Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        v6_index,
+    ))?;
+    Ok(maps)
+}
+
 /// Softwire `i` of the lwAFTR tables: 4,096 per address from 203.0.113.10 (psid-len 12,
 /// psid-offset 4: ports 4096·j + psid), B4 2001:db8:100::/64 + i.
 fn softwire(i: u32) -> Softwire {
@@ -147,13 +159,7 @@ fn lwaftr(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps, Softwires
         &pin_dir,
         &[(SOFTWIRES, size), (SHARED_ADDRS, size), (B4_ADDRS, size)],
     )?;
-    let mut maps = Maps::take(&mut ebpf)?;
-    maps.set_config(&config(
-        SERVER_TUNNEL,
-        Ipv6Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        v6_index,
-    ))?;
+    let maps = server_maps(&mut ebpf, v6_index)?;
     let mut table = Table::default();
     for i in 0..n {
         table.insert(softwire(i)).map_err(anyhow::Error::msg)?;
@@ -244,13 +250,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
 
     // Server: one native binding.
     let mut server = object(&mut lab, "bench-server")?;
-    let mut maps = Maps::take(&mut server)?;
-    maps.set_config(&config(
-        SERVER_TUNNEL,
-        Ipv6Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        v6_index,
-    ))?;
+    let mut maps = server_maps(&mut server, v6_index)?;
     maps.bind(CLIENT, LEASE)?;
 
     // CE: one established UDP mapping LAN_HOST:40000 → HOST:53 as SHARED:1680.

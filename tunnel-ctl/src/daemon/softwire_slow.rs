@@ -11,12 +11,12 @@ use std::{
     collections::HashMap,
     io::IoSliceMut,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{Arc, Mutex},
     time::Instant,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 use tun::AsyncDevice;
@@ -234,22 +234,7 @@ pub fn ipip_receiver() -> Result<AsyncFd<OwnedFd>> {
 }
 
 fn ipip_socket() -> Result<AsyncFd<OwnedFd>> {
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_IPIP,
-        )
-    };
-    if fd < 0 {
-        return Err(anyhow!(
-            "opening a raw IPv6 socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::softwire::raw_ipip_socket()?;
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6RecvPacketInfo, &true)?;
     // SAFETY: the AsyncFd owns the descriptor, which nothing else uses.
     Ok(unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?)
