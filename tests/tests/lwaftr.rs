@@ -68,6 +68,9 @@ type Datagram = (SocketAddrV4, Vec<u8>);
 struct Aftr {
     lab: Lab,
     b4s: Ns,
+    aftr: Ns,
+    /// The daemon's arguments (for a restart).
+    args: Vec<String>,
     internet: Ns,
     instance: String,
     /// What the internet host's echo service received, as (source, payload).
@@ -123,6 +126,7 @@ impl Aftr {
         ];
         args.extend_from_slice(extra);
         lab.spawn_daemon(&aftr, &instance, &args)?;
+        let args = args.into_iter().map(str::to_owned).collect();
 
         let sock = internet.enter(|| std::net::UdpSocket::bind(ECHO))??;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -141,11 +145,28 @@ impl Aftr {
         Ok(Aftr {
             lab,
             b4s,
+            aftr,
+            args,
             internet,
             instance,
             seen,
             stop,
         })
+    }
+
+    /// The same command again (after the daemon died; its pinned maps stay), timed to
+    /// serving and bounded like the first start of `n` softwires.
+    fn respawn_timed(mut self, n: u32) -> Result<Aftr> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        self.lab.spawn_daemon(&self.aftr, &self.instance, &args)?;
+        let took = started.elapsed();
+        eprintln!("restart over {n} pinned softwires: serving after {took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{n} pinned softwires took {took:?} to adopt"
+        );
+        Ok(self)
     }
 
     fn stats(&self) -> Result<serde_json::Value> {
@@ -634,10 +655,10 @@ fn two_thousand_softwire_changes_run_at_a_thousand_a_second_while_another_softwi
 /// A bindings file of `n` softwires: 4,096 per address (psid-len 12, psid-offset 4: 15 ports
 /// each, 4096·j + psid), addresses from 203.0.113.10 up, B4 2001:db8:100::/64 + i, except the
 /// softwires `real` names, whose B4s are the lab's.
-fn big_table(n: u32, real: &[(u32, Ipv6Addr)]) -> String {
+fn big_table(n: u32, real: &[(u32, Ipv6Addr)], skip: Option<u32>) -> String {
     use std::fmt::Write as _;
     let mut text = String::with_capacity(n as usize * 110);
-    for i in 0..n {
+    for i in (0..n).filter(|i| Some(*i) != skip) {
         let (ipv4, psid) = big_softwire(i);
         let b4 = real.iter().find(|(j, _)| *j == i).map_or(
             Ipv6Addr::from(0x2001_0db8_0100_u128 << 80 | u128::from(i)),
@@ -667,7 +688,8 @@ fn big_softwire(i: u32) -> (Ipv4Addr, u16) {
 fn a_million_softwires_load_in_under_ten_seconds_and_each_end_of_the_table_works() -> Result<()> {
     const N: u32 = 1_000_000;
     let (first, middle, last) = (0, N / 2 + 7, N - 1);
-    let table = big_table(N, &[(first, b4(2)), (middle, b4(3)), (last, b4(4))]);
+    let real = [(first, b4(2)), (middle, b4(3)), (last, b4(4))];
+    let table = big_table(N, &real, None);
     // What an operator runs: the release build.
     let mut lab = Lab::new()?;
     lab.use_release_build()?;
@@ -695,13 +717,54 @@ fn a_million_softwires_load_in_under_ten_seconds_and_each_end_of_the_table_works
     );
     // Softwires from the start, the middle and the end of the file carry traffic, each from
     // a port of its own set (4096·j + psid).
-    for (i, addr) in [(first, b4(2)), (middle, b4(3)), (last, b4(4))] {
+    let each_end_works = |t: &Aftr, run: &str| -> Result<()> {
+        for (i, addr) in [(first, b4(2)), (middle, b4(3)), (last, b4(4))] {
+            let (ipv4, psid) = big_softwire(i);
+            let src = SocketAddrV4::new(ipv4, 4096 * 3 + psid);
+            t.b4(addr)?
+                .echo(src, format!("{run}: softwire {i}").as_bytes())
+                .with_context(|| format!("{run}: softwire {i} of {N}"))?;
+        }
+        Ok(())
+    };
+    each_end_works(&t, "first start")?;
+
+    // A crash, the middle softwire taken out of the file, and a restart: the pinned maps
+    // are adopted within the same bound, the softwire the file no longer has is gone from
+    // them, the others work.
+    t.lab
+        .daemon(&t.instance.clone())
+        .context("the AFTR")?
+        .kill();
+    std::fs::write(
+        t.lab.dir().join("bindings.toml"),
+        big_table(N, &real, Some(middle)),
+    )?;
+    let t = t.respawn_timed(N)?;
+    let (ipv4, psid) = big_softwire(middle);
+    let before = t.stats()?;
+    t.b4(b4(3))?.send_udp(
+        SocketAddrV4::new(ipv4, 4096 * 3 + psid),
+        ECHO,
+        b"removed before the restart",
+    )?;
+    wait_counter_deltas(
+        "the removed softwire refused",
+        Duration::from_secs(3),
+        &before,
+        &[("drop_no_binding_for_port", 1)],
+        || t.stats(),
+    )?;
+    let status = t.lab.ctl_json("status", &t.instance)?;
+    assert_eq!(status["softwires"], N - 1, "{status}");
+    for (i, addr) in [(first, b4(2)), (last, b4(4))] {
         let (ipv4, psid) = big_softwire(i);
         let src = SocketAddrV4::new(ipv4, 4096 * 3 + psid);
         t.b4(addr)?
-            .echo(src, format!("softwire {i}").as_bytes())
-            .with_context(|| format!("softwire {i} of {N}"))?;
+            .echo(src, format!("after the restart: softwire {i}").as_bytes())
+            .with_context(|| format!("after the restart: softwire {i} of {N}"))?;
     }
+    assert!(t.seen(b"removed before the restart").is_none());
     Ok(())
 }
 

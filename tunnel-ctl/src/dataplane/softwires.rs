@@ -23,7 +23,7 @@ use tunnel_common::{
 };
 
 use super::{
-    batch::{take_hash, update_all},
+    batch::{all_keys, take_hash, update_all},
     fastpath::take,
 };
 use crate::server::softwires::{Diff, Key, Softwire, Table};
@@ -125,21 +125,22 @@ impl Softwires {
     /// then no key set is built, which a million-softwire start would notice).
     fn remove_stale(&mut self, table: &Table) -> Result<()> {
         use std::collections::HashSet;
-        let pinned: Vec<SoftwireKey> = self.softwires.keys().filter_map(Result::ok).collect();
+        let [sw_fd, split_fd, b4_fd] = &self.batch_fds;
+        let pinned: Vec<SoftwireKey> = all_keys(&self.softwires, sw_fd)?;
         if !pinned.is_empty() {
             let wanted: HashSet<SoftwireKey> = table.iter().map(map_key).collect();
             for k in pinned.iter().filter(|k| !wanted.contains(k)) {
                 remove_ok(&mut self.softwires, k)?;
             }
         }
-        let pinned: Vec<Ipv4Key> = self.shared.keys().filter_map(Result::ok).collect();
+        let pinned: Vec<Ipv4Key> = all_keys(&self.shared, split_fd)?;
         if !pinned.is_empty() {
             let addrs: HashSet<Ipv4Key> = table.iter().map(|sw| v4_key(sw.ipv4)).collect();
             for k in pinned.iter().filter(|k| !addrs.contains(k)) {
                 remove_ok(&mut self.shared, k)?;
             }
         }
-        let pinned: Vec<B4Key> = self.b4s.keys().filter_map(Result::ok).collect();
+        let pinned: Vec<B4Key> = all_keys(&self.b4s, b4_fd)?;
         if !pinned.is_empty() {
             let pairs: HashSet<(Ipv6Key, Ipv4Key)> = table
                 .iter()
