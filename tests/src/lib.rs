@@ -742,6 +742,7 @@ pub mod craft;
 pub mod fourover6;
 pub mod ipv6;
 pub mod loadgen;
+pub mod lwaftr;
 pub mod mape;
 pub mod measure;
 pub mod transfer;

@@ -185,6 +185,7 @@ pub async fn run(args: ServerConfig, source: super::Source<ServerConfig>) -> Res
             pin_dir,
             policy_icmp: args.policy_icmp,
             max_bindings: args.max_bindings,
+            native_clients: false,
             softwires: table,
             no_hairpin: args.no_hairpin,
             softwire_slow_path: true,

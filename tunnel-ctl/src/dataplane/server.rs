@@ -49,6 +49,9 @@ pub struct NativeArgs<'a> {
     pub policy_icmp: u32,
     /// `--max-bindings`: entries of each binding map (and of each softwire map).
     pub max_bindings: u32,
+    /// Whether native clients bind here (a pure lwAFTR has none: its binding maps get one
+    /// entry each instead of `max_bindings`).
+    pub native_clients: bool,
     /// `--bindings`: the static softwires (lwAFTR) to serve from the start.
     pub softwires: Table,
     /// `--no-hairpin`.
@@ -89,10 +92,15 @@ impl Native {
         let inner_mtu = nl
             .inner_mtu(v6_index, &format!("--v6-dev {}", args.v6_dev))
             .await?;
+        let clients = if args.native_clients {
+            args.max_bindings
+        } else {
+            1
+        };
         let sizes = [
-            (BIND_BY_V4, args.max_bindings),
-            (BIND_BY_V6, args.max_bindings),
-            (CLIENT_TRAFFIC, args.max_bindings),
+            (BIND_BY_V4, clients),
+            (BIND_BY_V6, clients),
+            (CLIENT_TRAFFIC, clients),
             (SOFTWIRES, args.max_bindings),
             (SHARED_ADDRS, args.max_bindings),
             (B4_ADDRS, args.max_bindings),

@@ -458,6 +458,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     pin_dir: instance.pin_dir(),
                     policy_icmp: args.policy_icmp,
                     max_bindings: args.max_bindings,
+                    native_clients: true,
                     softwires: softwire_table(&args)?,
                     no_hairpin: args.no_hairpin,
                     softwire_slow_path: true,
