@@ -2,13 +2,17 @@
 //!
 //! `server_decap` runs on ingress of the IPv6 side: IPv4-in-IPv6 to our tunnel address from a
 //! bound client whose inner source is its lease is decapsulated and forwarded (after any
-//! Hop-by-Hop or Destination Options headers are removed); every other IPv4-in-IPv6 packet
-//! addressed to the tunnel (outer fragments, too many extension headers, policy violations)
-//! is dropped and counted per reason; other traffic passes.
+//! Hop-by-Hop or Destination Options headers are removed); a packet from no native client is
+//! a B4's, checked against the softwires (`server_decap_softwire`). Outer fragments from B4s
+//! go to the kernel's reassembly and the controller's slow path; every other IPv4-in-IPv6
+//! packet addressed to the tunnel (native clients' outer fragments, too many extension
+//! headers, policy violations) is dropped and counted per reason; other traffic passes.
 //!
-//! `server_encap` runs on ingress of the IPv4 side: IPv4 to a native lease is encapsulated
-//! toward the client and redirected out of the IPv6 side. Everything else passes, so the kernel
-//! routes the pool to the TUN and in-band clients keep working (the slow path).
+//! `server_encap` runs on ingress of the IPv4 side: IPv4 to a native lease, or to a softwire's
+//! address and port, is encapsulated toward the client or B4 and redirected out of the IPv6
+//! side; fragments and too-big packets toward softwires are redirected to the TUN (the
+//! controller reassembles and fragments them). Everything else passes, so the kernel routes
+//! the pool to the TUN and in-band clients keep working (the slow path).
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, generated::bpf_redirect},
     macros::classifier,
