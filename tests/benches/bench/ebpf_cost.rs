@@ -26,7 +26,7 @@ use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatKey, NatOut},
     names::{
-        B4_ADDRS, PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP,
+        B4_ADDRS, BIND_BY_V6, PROG_BENCH_EMPTY, PROG_BR_DECAP, PROG_CE_OUT, PROG_SERVER_DECAP,
         PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
     stats::Counter,
@@ -140,6 +140,29 @@ fn server_maps(ebpf: &mut Ebpf, v6_index: u32) -> Result<Maps> {
         v6_index,
     ))?;
     Ok(maps)
+}
+
+/// A server object whose decap map holds `n` bindings: the measured client's and `n` − 1
+/// others (2001:db8:2::/64 + i, written straight into `BIND_BY_V6`; the program only looks
+/// them up by source, so they share the lease and no packet is ever sent for them).
+fn server_with_bindings(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps)> {
+    use std::os::fd::AsFd as _;
+    let pin_dir =
+        PathBuf::from("/sys/fs/bpf/tunnel").join(lab.instance(&format!("bench-server-{n}")));
+    let mut ebpf = dataplane::load_sized(&pin_dir, &[(BIND_BY_V6, n.max(1024))])?;
+    let mut maps = server_maps(&mut ebpf, v6_index)?;
+    maps.bind(CLIENT, LEASE)?;
+    let others: Vec<[u8; 16]> = (1..n)
+        .map(|i| (Ipv6Addr::from(0x2001_0db8_0002_u128 << 80 | u128::from(i))).octets())
+        .collect();
+    let binding = tunnel_common::fastpath::Binding4 {
+        ipv4: v4_key(LEASE),
+        ..Default::default()
+    };
+    let by_v6 = aya::maps::MapData::from_pin(pin_dir.join(BIND_BY_V6))?;
+    dataplane::batch::update(by_v6.fd().as_fd(), &others, &vec![binding; others.len()])
+        .map_err(|e| anyhow::anyhow!("filling {BIND_BY_V6}: {e:?}"))?;
+    Ok((ebpf, maps))
 }
 
 /// Softwire `i` of the lwAFTR tables: 4,096 per address from 203.0.113.10 (psid-len 12,
@@ -315,7 +338,11 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let (aftr_1m, _aftr_1m_cfg, _aftr_1m_sw, packet_1m) =
         lwaftr(&mut lab, plan.softwires, v6_index)?;
 
-    let mut objects = [server, ce, br, aftr_1k, aftr_1m];
+    // Server decap with 1,000 and with 1,000,000 bindings in its map.
+    let (server_1k, _server_1k_maps) = server_with_bindings(&mut lab, 1_000, v6_index)?;
+    let (server_1m, _server_1m_maps) = server_with_bindings(&mut lab, plan.softwires, v6_index)?;
+
+    let mut objects = [server, ce, br, aftr_1k, aftr_1m, server_1k, server_1m];
     let cases = [
         Case {
             name: "empty TC program",
@@ -363,6 +390,22 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 2,
             packet: in_ipv6(CE, BR, &udp4(SHARED, EXT_PORT, HOST, 53)),
             counter: Some(Counter::BrDecap),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "server decap, 1,000 bindings (binding + lease check, decap, FIB, redirect)",
+            program: PROG_SERVER_DECAP,
+            ebpf: 5,
+            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            counter: Some(Counter::DecapRedirected),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "server decap, big map (binding + lease check, decap, FIB, redirect)",
+            program: PROG_SERVER_DECAP,
+            ebpf: 6,
+            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            counter: Some(Counter::DecapRedirected),
             verdict: TC_ACT_REDIRECT,
         },
         Case {
@@ -441,10 +484,30 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             against: format!("empty TC program, {empty:.0} ns per one-packet run"),
         });
     }
-    let (small, big) = (results[6].1, results[7].1);
+    let (small, big) = (results[8].1, results[9].1);
+    let (few, many) = (results[6].1, results[7].1);
+    report.target(Target {
+        name: format!(
+            "eBPF server decap, {} / 1,000 bindings",
+            grouped(plan.softwires)
+        ),
+        value: ratio(many, few),
+        unit: "x",
+        op: "<=",
+        threshold: 1.1,
+        against: format!("server decap with 1,000 bindings, {few:.0} ns"),
+    });
+    report.note(format!(
+        "Server decap with {} bindings in BIND_BY_V6: {many:.0} ns against {few:.0} ns with \
+         1,000 (the same client and packet; the other bindings written straight into the map).",
+        plan.softwires
+    ));
     report.figure(
         sec,
-        format!("lwAFTR decap, {} / 1,000 softwires", plan.softwires),
+        format!(
+            "lwAFTR decap, {} / 1,000 softwires",
+            grouped(plan.softwires)
+        ),
         "x",
         vec![big / small],
     );
@@ -476,6 +539,19 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             .join(", ")
     ));
     Ok(())
+}
+
+/// `n` with thousands separated: 1,000,000.
+fn grouped(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The part of a case name before its parenthesis.
