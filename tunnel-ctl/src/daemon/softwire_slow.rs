@@ -214,8 +214,9 @@ impl SoftwireSlowPath {
             let mut ready = match receiver.readable().await {
                 Ok(r) => r,
                 Err(e) => {
+                    // Only when the runtime shuts down; the daemon's other work goes on.
                     warn!("slow path raw socket: {e}");
-                    return;
+                    return std::future::pending().await;
                 }
             };
             match ready.try_io(|fd| recv_from_b4(fd.get_ref(), &mut buf)) {
