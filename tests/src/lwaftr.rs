@@ -188,6 +188,8 @@ impl Aftr {
 /// A hand-made B4: a raw IPv6 socket (next header 4) bound to its address.
 pub struct B4 {
     pub fd: OwnedFd,
+    /// The TTL of the last datagram [`B4::recv_udp`] returned.
+    pub last_ttl: std::cell::Cell<Option<u8>>,
 }
 
 impl B4 {
@@ -206,7 +208,10 @@ impl B4 {
         })??;
         let timeout = nix::sys::time::TimeVal::new(0, 100_000);
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
-        Ok(B4 { fd })
+        Ok(B4 {
+            fd,
+            last_ttl: Default::default(),
+        })
     }
 
     /// Sends IPv4 `inner` to the AFTR wrapped in IPv6.
@@ -254,6 +259,7 @@ impl B4 {
             };
             let h = ip.header();
             let (src, dst) = (h.source_addr(), h.destination_addr());
+            self.last_ttl.set(Some(h.ttl()));
             let udp = if h.is_fragmenting_payload() {
                 match pool.process_sliced_packet(&p, (), ()) {
                     Ok(Some(done)) => done.payload,

@@ -420,3 +420,41 @@ fn big_datagrams_cross_whole(t: &Aftr) -> Result<()> {
     assert!(t.seen(&stolen).is_none(), "nothing got through");
     Ok(())
 }
+
+/// A datagram too big for one packet between two B4s: its outer fragments are reassembled,
+/// it is hairpinned by the slow path (one hop: TTL − 1) and reaches the other B4 whole.
+#[test]
+fn a_big_datagram_between_two_b4s_is_hairpinned_whole_by_the_slow_path() -> Result<()> {
+    let t = Aftr::start(TABLE, &[])?;
+    let a = t.b4(b4(3))?; // 203.0.113.2 psid 1
+    let b = t.b4(b4(5))?; // 203.0.113.3 psid 5, offset 0
+    let (from, to) = (v4("203.0.113.2", PORT_2_1), v4("203.0.113.3", PORT_3_5));
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 241) as u8).collect();
+    let before = t.stats()?;
+    a.send(&udp4_may_fragment(from, to, &payload))?;
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.is_none() && Instant::now() < deadline {
+        got = b
+            .recv_udp(Duration::from_millis(500))?
+            .filter(|(_, _, p)| p.len() > 100);
+    }
+    let (src, dst, data) = got.context("B4 ::5 got nothing")?;
+    assert_eq!((src, dst), (from, to));
+    assert!(data == payload, "arrived whole ({} bytes)", data.len());
+    assert_eq!(b.last_ttl.get(), Some(63), "one hop through the AFTR");
+    wait_counter_deltas(
+        "hairpinned by the slow path",
+        Duration::from_secs(3),
+        &before,
+        &[
+            ("softwire_outer_fragments", 3),
+            ("slowpath_hairpinned", 1),
+            ("slowpath_fragmented", 1),
+            ("slowpath_from_b4", 0),
+        ],
+        || t.stats(),
+    )?;
+    assert!(t.seen(&payload).is_none(), "kept off the internet side");
+    Ok(())
+}

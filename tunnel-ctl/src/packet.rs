@@ -142,6 +142,27 @@ pub fn fragment_ipv4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
+/// Decrements the TTL of the IPv4 packet `pkt` and updates its header checksum, as a router
+/// does before forwarding; false (nothing changed) when it would expire or cannot be parsed.
+pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
+    let Ok(slice) = Ipv4HeaderSlice::from_slice(pkt) else {
+        return false;
+    };
+    if slice.ttl() <= 1 {
+        return false;
+    }
+    let len = slice.slice().len();
+    let mut header = slice.to_header();
+    header.time_to_live -= 1;
+    header.header_checksum = header.calc_header_checksum();
+    let mut bytes = Vec::with_capacity(len);
+    if header.write(&mut bytes).is_err() || bytes.len() != len {
+        return false;
+    }
+    pkt[..len].copy_from_slice(&bytes);
+    true
+}
+
 /// The port a packet toward a port-set holder (MAP-E CE, lwB4) is mapped by (RFC 7597 §8,
 /// RFC 7596 §5.1): the destination port (TCP, UDP), the ICMP echo identifier, or for an
 /// ICMP error (destination unreachable, time exceeded, parameter problem) the source port

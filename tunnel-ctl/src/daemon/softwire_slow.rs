@@ -60,6 +60,8 @@ counters! {
         slowpath_drop_b4_mismatch,
         slowpath_drop_no_binding_for_port,
         slowpath_drop_hairpin_off,
+        /// ... hairpinned with a TTL that would expire.
+        slowpath_drop_ttl_expired,
         drop_slowpath_unfragmentable,
         drop_slowpath_send_error,
         drop_tun_write_error,
@@ -198,8 +200,13 @@ impl SoftwireSlowPath {
             if self.no_hairpin {
                 return stats.slowpath_drop_hairpin_off.inc();
             }
+            // Routed inside the AFTR: one hop, as the fast path's hairpin counts it.
+            let mut pkt = inner.to_vec();
+            if !packet::decrement_ttl(&mut pkt) {
+                return stats.slowpath_drop_ttl_expired.inc();
+            }
             stats.slowpath_hairpinned.inc();
-            return self.send_to_softwire(native, dst, inner).await;
+            return self.send_to_softwire(native, dst, &pkt).await;
         }
         match self.tun.send(inner).await {
             Ok(_) => stats.slowpath_from_b4.inc(),
