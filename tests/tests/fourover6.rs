@@ -516,7 +516,17 @@ fn cidr_pools_skip_network_and_broadcast_zero_is_no_limit_and_sighup_reloads() -
             .then_some(()))
         },
     )?;
+    // The two sessions end; their addresses are free once the server has seen both go (a
+    // connect before that would find the pool still full).
+    let before = t.lab.ctl_json("stats", &instance)?;
     drop(held);
+    wait_for("both sessions closed", Duration::from_secs(10), || {
+        let now = t.lab.ctl_json("stats", &instance)?;
+        Ok(
+            (counter(&now, "sessions_closed") >= counter(&before, "sessions_closed") + 2)
+                .then_some(()),
+        )
+    })?;
     let mut after = RawPeer::connect(&ns)?;
     assert!(
         after.lease()?.starts_with("198.51.100.20"),
