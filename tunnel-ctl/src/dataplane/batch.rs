@@ -38,6 +38,38 @@ pub fn take_hash<K: Pod, V: Pod>(
     Ok((map, fd))
 }
 
+/// One batch command: `fill` sets the batch member of a zeroed `bpf_attr`; returns the call's
+/// result and the count the kernel wrote back (entries processed or returned).
+///
+/// The caller's pointers in `fill` must name arrays of `count` keys and values of the map's
+/// sizes (and a token buffer, for lookups) that outlive the call.
+fn batch_call(
+    cmd: bpf_cmd,
+    fill: impl FnOnce(&mut aya_obj::generated::bpf_attr__bindgen_ty_3),
+) -> (io::Result<()>, usize) {
+    // SAFETY: bpf_attr is plain old data; all-zero is its "unset" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the batch member of the union (the one the batch commands read).
+    fill(unsafe { &mut attr.batch });
+    // SAFETY: the attr is valid for the command; the arrays it points to are the caller's
+    // (see above).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    let result = if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: as above; the kernel wrote back the count.
+    (result, unsafe { attr.batch.count } as usize)
+}
+
 /// Why a batch was not written.
 #[derive(Debug)]
 pub enum BatchError {
@@ -57,28 +89,13 @@ pub fn update<K: Pod, V: Pod>(
     let mut done = 0;
     while done < keys.len() {
         let n = (keys.len() - done).min(PER_CALL);
-        // SAFETY: bpf_attr is plain old data; all-zero is its "unset" value.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: writing the batch member of the union (the one BPF_MAP_UPDATE_BATCH reads).
-        let batch = unsafe { &mut attr.batch };
-        batch.keys = keys[done..].as_ptr() as u64;
-        batch.values = values[done..].as_ptr() as u64;
-        batch.count = n as u32;
-        batch.map_fd = fd.as_raw_fd() as u32;
-        // SAFETY: the key and value arrays hold `n` entries each, of the map's key and value
-        // sizes (the types are the ones the map was opened with), and outlive the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-                &mut attr as *mut bpf_attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        // SAFETY: as above; the kernel wrote back how many it processed.
-        let written = unsafe { attr.batch.count } as usize;
-        if r < 0 {
-            let error = io::Error::last_os_error();
+        let (r, written) = batch_call(bpf_cmd::BPF_MAP_UPDATE_BATCH, |batch| {
+            batch.keys = keys[done..].as_ptr() as u64;
+            batch.values = values[done..].as_ptr() as u64;
+            batch.count = n as u32;
+            batch.map_fd = fd.as_raw_fd() as u32;
+        });
+        if let Err(error) = r {
             let unsupported = matches!(
                 error.raw_os_error(),
                 Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524) // ENOTSUPP
@@ -137,30 +154,16 @@ pub fn keys<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<K>>> {
     let mut token = [0u64; 1];
     let mut first = true;
     loop {
-        // SAFETY: bpf_attr is plain old data; all-zero is its "unset" value.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: writing the batch member of the union.
-        let batch = unsafe { &mut attr.batch };
-        batch.in_batch = if first { 0 } else { token.as_ptr() as u64 };
-        batch.out_batch = token.as_mut_ptr() as u64;
-        batch.keys = keys.as_mut_ptr() as u64;
-        batch.values = values.as_mut_ptr() as u64;
-        batch.count = PER_CALL as u32;
-        batch.map_fd = fd.as_raw_fd() as u32;
-        // SAFETY: the buffers hold PER_CALL keys and values of the map's sizes and outlive
-        // the call; the token buffer outlives it too.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &mut attr as *mut bpf_attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        // SAFETY: as above; the kernel wrote back how many it returned.
-        let got = (unsafe { attr.batch.count } as usize).min(PER_CALL);
-        if r < 0 {
-            let error = io::Error::last_os_error();
+        let (r, got) = batch_call(bpf_cmd::BPF_MAP_LOOKUP_BATCH, |batch| {
+            batch.in_batch = if first { 0 } else { token.as_ptr() as u64 };
+            batch.out_batch = token.as_mut_ptr() as u64;
+            batch.keys = keys.as_mut_ptr() as u64;
+            batch.values = values.as_mut_ptr() as u64;
+            batch.count = PER_CALL as u32;
+            batch.map_fd = fd.as_raw_fd() as u32;
+        });
+        let got = got.min(PER_CALL);
+        if let Err(error) = r {
             match error.raw_os_error() {
                 // The end of the map (with the last entries in this call).
                 Some(libc::ENOENT) => {
