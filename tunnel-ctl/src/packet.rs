@@ -170,14 +170,20 @@ pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
 /// time-exceeded and fragmentation-needed answers to a CE's packets (traceroute through the
 /// BR) take this way.
 pub fn port_toward(pkt: &[u8]) -> Option<u16> {
+    holder_port(pkt, 2)
+}
+
+/// The holder's port of `pkt`: the TCP/UDP port at `at` (2: destination, 0: source), the
+/// echo identifier, or in a quoted packet the port at the other offset.
+fn holder_port(pkt: &[u8], at: usize) -> Option<u16> {
     let (proto, l4) = first_fragment_l4(pkt)?;
     match (proto, *l4.first()?) {
-        (TCP | UDP, _) => u16_at(l4, 2),
+        (TCP | UDP, _) => u16_at(l4, at),
         (ICMP, 0 | 8) => u16_at(l4, 4),
         (ICMP, 3 | 11 | 12) => {
             let (quoted_proto, quoted) = first_fragment_l4(l4.get(8..)?)?;
             match (quoted_proto, *quoted.first()?) {
-                (TCP | UDP, _) => u16_at(quoted, 0),
+                (TCP | UDP, _) => u16_at(quoted, 2 - at),
                 (ICMP, 0 | 8) => u16_at(quoted, 4),
                 _ => None,
             }
@@ -204,20 +210,7 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 /// ICMP echo identifier, or for an ICMP error it sends the destination port or echo
 /// identifier of the packet it quotes. None for a non-first fragment.
 pub fn port_from(pkt: &[u8]) -> Option<u16> {
-    let (proto, l4) = first_fragment_l4(pkt)?;
-    match (proto, *l4.first()?) {
-        (TCP | UDP, _) => u16_at(l4, 0),
-        (ICMP, 0 | 8) => u16_at(l4, 4),
-        (ICMP, 3 | 11 | 12) => {
-            let (quoted_proto, quoted) = first_fragment_l4(l4.get(8..)?)?;
-            match (quoted_proto, *quoted.first()?) {
-                (TCP | UDP, _) => u16_at(quoted, 2),
-                (ICMP, 0 | 8) => u16_at(quoted, 4),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
+    holder_port(pkt, 0)
 }
 
 #[cfg(test)]
