@@ -454,6 +454,32 @@ pub struct ServerArgs {
     )]
     pub bindings: Option<PathBuf>,
 
+    /// lw4o6 (RFC 7596): share each pool address among N native clients (a power of two,
+    /// 1-1024; 1 = whole addresses). A client that asks for native mode before its lease
+    /// (our client does) gets the address with a PSID of log2(N) bits and NAPTs into that
+    /// port set; the 101 and the 106 carry `psid=P/K offset=A`. In-band clients, and native
+    /// clients that ask after their lease, keep whole addresses from the same pool, never a
+    /// shared one. Needs native mode (--v6-dev, --v4-dev).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "lwAFTR (shared addresses)"
+    )]
+    pub share: u16,
+
+    /// lw4o6: the PSID offset A of shared leases (SPEC §6): with A > 0 the ports below
+    /// 2^(16-A) are never used (A = 6: not 0-1023); A = 0 gives each client one contiguous
+    /// range.
+    #[arg(
+        long,
+        value_name = "A",
+        default_value_t = 6,
+        value_parser = clap::value_parser!(u8).range(0..=15),
+        help_heading = "lwAFTR (shared addresses)"
+    )]
+    pub psid_offset: u8,
+
     /// lwAFTR: drop packets from one softwire to another softwire's address and port
     /// (counted as drop_hairpin_off) instead of sending them straight back toward that B4.
     #[arg(long, help_heading = "lwAFTR (shared addresses)")]
@@ -928,6 +954,8 @@ impl From<ServerArgs> for config::ServerConfig {
             policy_icmp: a.policy_icmp,
             bindings: a.bindings,
             no_hairpin: a.no_hairpin,
+            share: a.share,
+            psid_offset: a.psid_offset,
             state_dir: a.state_dir,
             instance: a.instance.instance,
             metrics: a.metrics,

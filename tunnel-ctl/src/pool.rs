@@ -151,6 +151,11 @@ impl Pool {
     }
 
     /// Whether `addr` is one this pool hands out.
+    /// How long a released address stays held for its client.
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
         !self.exclude.contains(&addr)
             && self

@@ -120,6 +120,16 @@ impl fmt::Display for End {
     }
 }
 
+/// The 106 of a shared lease names the 101's port set (a 101 without one is a whole
+/// address, unless the 106 says otherwise).
+fn agree(lease: &Lease4, grant: NativeGrant) -> Result<NativeGrant, String> {
+    match (lease.share()?, grant.share) {
+        (Some(a), Some(b)) if a != b => Err(format!("106 names {b}, the 101 named {a}")),
+        (Some(a), None) => Err(format!("106 names no port set, the 101 named {a}")),
+        _ => Ok(grant),
+    }
+}
+
 /// Where the session stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
@@ -159,7 +169,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session whose connection opened at `now`: the 100 goes out first.
+    /// A session whose connection opened at `now`: the 100 goes out first; in native mode
+    /// the 105 goes before it, so that the server knows the lease is for native mode (and
+    /// may share the address: the 101 and the 106 then name the port set).
     pub fn new(cfg: SessionConfig, stats: Arc<ClientStats>, now: Instant) -> Session {
         let mut s = Session {
             deadline: now + cfg.timeout,
@@ -169,6 +181,9 @@ impl Session {
             next_keepalive: None,
             actions: VecDeque::new(),
         };
+        if let Some(local) = s.cfg.native {
+            s.send(Frame::text(MsgType::NativeRequest, &local.to_string()));
+        }
         s.send(Frame::empty(MsgType::AddrRequest));
         s
     }
@@ -264,7 +279,7 @@ impl Session {
             (MsgType::AddrReply, _) => {}
             (MsgType::NativeReply, Phase::Native(lease)) => {
                 let lease = lease.clone();
-                match NativeGrant::parse(&frame.data) {
+                match NativeGrant::parse(&frame.data).and_then(|g| agree(&lease, g)) {
                     Ok(grant) => {
                         self.stats.native_granted.inc();
                         self.actions.push_back(Action::ApplyNative {
@@ -376,8 +391,8 @@ impl Session {
 
     fn got_lease(&mut self, lease: Lease4, now: Instant) {
         match self.cfg.native {
-            Some(local) => {
-                self.send(Frame::text(MsgType::NativeRequest, &local.to_string()));
+            // The 105 went before the 100.
+            Some(_) => {
                 self.phase = Phase::Native(lease);
                 self.deadline = now + self.cfg.timeout;
             }
@@ -491,15 +506,71 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_lease_applies_the_port_set_of_the_106_and_a_106_that_disagrees_ends_it() {
+        use crate::protocol::text::Share;
+        let lab = Lab::new();
+        let shared = format!("{LEASE} psid=3/2 offset=6");
+        let share = Share {
+            psid: 3,
+            psid_len: 2,
+            offset: 6,
+        };
+        let mut s = lab.session(true, false);
+        drain(&mut s);
+        s.handle_frame(text(MsgType::AddrReply, &shared), lab.at(1));
+        s.handle_frame(
+            text(
+                MsgType::NativeReply,
+                "2001:db8:ff::1 1460 psid=3/2 offset=6",
+            ),
+            lab.at(2),
+        );
+        let actions = drain(&mut s);
+        assert!(
+            matches!(&actions[0], Action::ApplyNative { grant, .. } if grant.share == Some(share)),
+            "{actions:?}"
+        );
+        assert!(s.is_established());
+        for (reply, why) in [
+            (
+                "2001:db8:ff::1 1460 psid=2/2 offset=6",
+                "bad 106: 106 names psid=2/2 offset=6, the 101 named psid=3/2 offset=6",
+            ),
+            (
+                "2001:db8:ff::1 1460",
+                "bad 106: 106 names no port set, the 101 named psid=3/2 offset=6",
+            ),
+            (
+                "2001:db8:ff::1 1460 psid=4/2 offset=6",
+                "bad 106: 106: psid 4 does not fit in 2 bits",
+            ),
+        ] {
+            let mut s = lab.session(true, false);
+            drain(&mut s);
+            s.handle_frame(text(MsgType::AddrReply, &shared), lab.at(1));
+            s.handle_frame(text(MsgType::NativeReply, reply), lab.at(2));
+            assert_eq!(
+                drain(&mut s),
+                vec![Action::Close(End::BadAnswer(why.into()))],
+                "{reply}"
+            );
+        }
+    }
+
+    #[test]
     fn native_mode_sends_105_with_the_local_address_and_applies_the_106() {
         let lab = Lab::new();
         let mut s = lab.session(true, false);
-        drain(&mut s);
-        s.handle_frame(text(MsgType::AddrReply, LEASE), lab.at(1));
+        // The 105 before the 100: the server knows the lease is for native mode.
         assert_eq!(
             drain(&mut s),
-            vec![Action::Send(text(MsgType::NativeRequest, LOCAL))]
+            vec![
+                Action::Send(text(MsgType::NativeRequest, LOCAL)),
+                Action::Send(Frame::empty(MsgType::AddrRequest))
+            ]
         );
+        s.handle_frame(text(MsgType::AddrReply, LEASE), lab.at(1));
+        assert_eq!(drain(&mut s), vec![]);
         assert!(!s.is_established());
         s.handle_frame(text(MsgType::NativeReply, "2001:db8:ff::1 1460"), lab.at(2));
         assert_eq!(
@@ -509,7 +580,8 @@ mod tests {
                     lease: "198.51.100.7".parse().unwrap(),
                     grant: NativeGrant {
                         tunnel: "2001:db8:ff::1".parse().unwrap(),
-                        mtu: 1460
+                        mtu: 1460,
+                        share: None,
                     }
                 },
                 Action::Established {

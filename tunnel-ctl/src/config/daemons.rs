@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// `--bindings`: the static softwire table (lwAFTR).
     pub bindings: Option<PathBuf>,
     pub no_hairpin: bool,
+    /// `--share`: clients per address (1: whole addresses).
+    pub share: u16,
+    pub psid_offset: u8,
     pub state_dir: PathBuf,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,

@@ -283,6 +283,13 @@ pub struct LeaseRow {
     /// as IP packets and their bytes, since its session or binding began.
     #[serde(flatten)]
     pub traffic: Traffic,
+    /// A shared lease (`--share`): its PSID, PSID length and offset (SPEC §4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid_len: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid_offset: Option<u8>,
 }
 
 /// A client's traffic as the server counts it: `rx` from the client, `tx` to it.
@@ -464,6 +471,9 @@ mod tests {
                 rx_packets: 1,
                 tx_packets: 2,
             },
+            psid: None,
+            psid_len: None,
+            psid_offset: None,
         };
         let restored = LeaseRow {
             mode: "inband",

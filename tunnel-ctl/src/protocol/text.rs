@@ -13,12 +13,67 @@ fn c_string(data: &[u8]) -> &[u8] {
     data.split(|b| *b == 0).next().unwrap_or(data)
 }
 
-/// The 106 payload: `"<server-tunnel-ipv6> <mtu>"`.
+/// A shared lease's port set (RFC 7596): the SPEC §3 tokens `psid=P/K offset=A` of a 101
+/// or a 106. The client NAPTs into the ports of PSID `psid` (of `psid_len` bits) at offset
+/// `offset` (SPEC §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub psid: u16,
+    pub psid_len: u8,
+    pub offset: u8,
+}
+
+impl Share {
+    /// The share named by `tokens` (`key=value` pairs): None when there is no `psid`, Err
+    /// when it is malformed or names no port at all.
+    pub fn from_tokens<'a>(
+        mut tokens: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> Result<Option<Share>, String> {
+        let Some((_, psid)) = tokens.clone().find(|(k, _)| *k == "psid") else {
+            return Ok(None);
+        };
+        let offset = tokens.find(|(k, _)| *k == "offset").map_or("6", |t| t.1);
+        let bad = || format!("psid={psid} offset={offset}: expected psid=P/K offset=A");
+        let (p, k) = psid.split_once('/').ok_or_else(bad)?;
+        let (psid, psid_len, offset): (u16, u8, u8) = (
+            p.parse().map_err(|_| bad())?,
+            k.parse().map_err(|_| bad())?,
+            offset.parse().map_err(|_| bad())?,
+        );
+        if psid_len == 0 || u32::from(psid_len) + u32::from(offset) > 16 {
+            return Err(format!(
+                "psid length {psid_len} with offset {offset}: needs 1 <= length and length + offset <= 16"
+            ));
+        }
+        if u32::from(psid) >= 1 << psid_len {
+            return Err(format!("psid {psid} does not fit in {psid_len} bits"));
+        }
+        Ok(Some(Share {
+            psid,
+            psid_len,
+            offset,
+        }))
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "psid={}/{} offset={}",
+            self.psid, self.psid_len, self.offset
+        )
+    }
+}
+
+/// The 106 payload: `"<server-tunnel-ipv6> <mtu>"`, then for a shared lease its port set
+/// (`psid=P/K offset=A`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NativeGrant {
     pub tunnel: Ipv6Addr,
     /// Inner (IPv4) MTU.
     pub mtu: u16,
+    pub share: Option<Share>,
 }
 
 impl NativeGrant {
@@ -39,13 +94,19 @@ impl NativeGrant {
             .ok()
             .filter(|m| *m >= 576)
             .ok_or_else(|| format!("106: {mtu:?} is not an MTU (576-65535)"))?;
-        Ok(NativeGrant { tunnel, mtu })
+        let share = Share::from_tokens(fields.filter_map(|t| t.split_once('=')))
+            .map_err(|e| format!("106: {e}"))?;
+        Ok(NativeGrant { tunnel, mtu, share })
     }
 }
 
 impl fmt::Display for NativeGrant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.tunnel, self.mtu)
+        write!(f, "{} {}", self.tunnel, self.mtu)?;
+        if let Some(share) = self.share {
+            write!(f, " {share}")?;
+        }
+        Ok(())
     }
 }
 
@@ -114,6 +175,12 @@ impl Lease4 {
             dns: [ip(2, "dns1")?, ip(3, "dns2")?, ip(4, "dns3")?],
             extra,
         })
+    }
+
+    /// The shared lease's port set, if the 101 names one.
+    pub fn share(&self) -> Result<Option<Share>, String> {
+        Share::from_tokens(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| format!("101: {e}"))
     }
 
     #[cfg(test)]

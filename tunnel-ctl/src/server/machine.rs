@@ -20,13 +20,13 @@ use super::{
     ServerStats,
     inbound::{AllowIn, Flows, Verdict},
     ipv6::GATEWAY6,
-    state::{Grant, Holder, Mode, State, Units6},
+    state::{Grant, Holder, Mode, SharedGrant, Sharing, State, Units6},
 };
 use crate::{
     packet,
     protocol::{
         Frame, FrameError, MsgType,
-        text::{Lease4, Lease6, NativeGrant},
+        text::{Lease4, Lease6, NativeGrant, Share},
     },
 };
 
@@ -42,6 +42,9 @@ pub struct SessionConfig {
     pub native: Option<NativeGrant>,
     /// IPv6 for clients (107/108) when a pool is configured.
     pub ipv6: Option<Ipv6Offer>,
+    /// `--share`: a client that asks for native mode before its lease (105 before 100)
+    /// gets a shared lease.
+    pub sharing: Option<Sharing>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +63,15 @@ pub trait Leases {
     /// An address for `holder` (see [`State::grant`]); a session silent for longer than
     /// `stale` as of `now` may lose its lease to `holder` (the implementation closes it).
     fn grant(&mut self, holder: Holder, stale: Duration, now: Instant) -> Grant;
+
+    /// A shared lease for `holder` bound to `tunnel` (see [`State::grant_shared`]).
+    fn grant_shared(
+        &mut self,
+        holder: Holder,
+        tunnel: Ipv6Addr,
+        stale: Duration,
+        now: Instant,
+    ) -> Result<SharedGrant, Grant>;
 
     fn grant6(&mut self, holder: Holder) -> Result<Units6, String> {
         self.with_table(|t| t.grant6(holder))
@@ -102,8 +114,13 @@ pub enum Action {
     Send(Frame),
     /// A packet from the client (a 102's content) for the TUN.
     ToTun(Bytes),
-    /// Install the fast-path binding, then call [`Session::bind_done`].
-    Bind { addr: Ipv4Addr, endpoint: Ipv6Addr },
+    /// Install the fast-path binding (a softwire for a shared lease), then call
+    /// [`Session::bind_done`].
+    Bind {
+        addr: Ipv4Addr,
+        endpoint: Ipv6Addr,
+        share: Option<Share>,
+    },
     /// Remove a fast-path binding.
     Unbind { addr: Ipv4Addr, endpoint: Ipv6Addr },
     /// Make the kernel (proxy NDP, routes) agree with the table on these units.
@@ -198,6 +215,10 @@ pub struct Session {
     cfg: Arc<SessionConfig>,
     stats: Arc<ServerStats>,
     lease: Option<Ipv4Addr>,
+    /// The lease is shared: its port set.
+    share: Option<Share>,
+    /// A 105 came before the 100: the endpoint it named (a shared lease needs it).
+    native_first: Option<Ipv6Addr>,
     /// The lease is bound in the fast path.
     native: bool,
     lease6: Option<Units6>,
@@ -242,6 +263,8 @@ impl Session {
             cfg,
             stats,
             lease: None,
+            share: None,
+            native_first: None,
             native: false,
             lease6: None,
             flows: Flows::default(),
@@ -409,19 +432,24 @@ impl Session {
         result: Result<(), String>,
         leases: &mut impl Leases,
     ) {
-        let Some(grant) = self.cfg.native else {
+        let Some(mut grant) = self.cfg.native else {
             return;
         };
         if let Err(e) = result {
-            leases.set_inband(addr, self.holder.id);
+            // A shared lease has no in-band fallback: it ends with the session.
+            if self.share.is_none() {
+                leases.set_inband(addr, self.holder.id);
+            }
             return self.refuse_native(format!("fast path unavailable: {e}"));
         }
+        grant.share = self.share;
         self.native = true;
         self.stats.native_granted.inc();
         self.actions.push_back(Action::LeasesChanged);
         info!(
             peer = %self.holder.peer, session = self.holder.id,
-            "native mode for {addr}: {endpoint} ↔ {} (inner MTU {})", grant.tunnel, grant.mtu
+            "native mode for {addr}{}: {endpoint} ↔ {} (inner MTU {})",
+            self.share.map(|s| format!(" {s}")).unwrap_or_default(), grant.tunnel, grant.mtu
         );
         self.send_text(MsgType::NativeReply, &grant.to_string());
     }
@@ -449,6 +477,30 @@ impl Session {
         // Some clients resend 100 until they see 101: the same lease again.
         let addr = match self.lease {
             Some(addr) => addr,
+            None if let (Some(sharing), Some(endpoint)) = (self.cfg.sharing, self.native_first) => {
+                let stale = self.cfg.keepalive * 3 / 2;
+                match leases.grant_shared(self.holder, endpoint, stale, now) {
+                    Ok(g) => {
+                        let share = sharing.share(g.psid);
+                        info!(
+                            peer = %self.holder.peer, session = id,
+                            "leased {} {share}{}", g.ipv4,
+                            match (g.restored, g.taken_over) {
+                                (true, _) => " again (saved before the server restarted)".to_owned(),
+                                (_, Some(old)) => format!(" (taken over from silent session {old} of the same client)"),
+                                _ => String::new(),
+                            }
+                        );
+                        self.stats.leases_granted.inc();
+                        self.stats.shared_leases_granted.inc();
+                        self.lease = Some(g.ipv4);
+                        self.share = Some(share);
+                        self.actions.push_back(Action::LeasesChanged);
+                        g.ipv4
+                    }
+                    Err(refusal) => return self.refused_grant(refusal, leases),
+                }
+            }
             None => {
                 // A live client sends something at least every keepalive interval.
                 let stale = self.cfg.keepalive * 3 / 2;
@@ -471,17 +523,8 @@ impl Session {
                         );
                         addr
                     }
-                    Grant::Limited(limit) => {
-                        self.stats.lease_limit_refused.inc();
-                        let text = limit.text();
-                        warn!(peer = %self.holder.peer, session = id, "{text}");
-                        return self.refuse(CloseReason::LeaseLimit(text));
-                    }
-                    Grant::Exhausted => {
-                        self.stats.pool_exhausted.inc();
-                        let text = format!("pool exhausted: {} are leased", leases.describe_pool());
-                        warn!(peer = %self.holder.peer, session = id, "{text}");
-                        return self.refuse(CloseReason::PoolExhausted(text));
+                    refusal @ (Grant::Limited(_) | Grant::Exhausted | Grant::Conflict(_)) => {
+                        return self.refused_grant(refusal, leases);
                     }
                 };
                 self.stats.leases_granted.inc();
@@ -492,14 +535,66 @@ impl Session {
                 addr
             }
         };
+        let extra = match self.share {
+            Some(s) => vec![
+                ("psid".to_owned(), format!("{}/{}", s.psid, s.psid_len)),
+                ("offset".to_owned(), s.offset.to_string()),
+            ],
+            None => vec![],
+        };
         let text = Lease4 {
             addr,
             route: Ipv4Addr::UNSPECIFIED,
             dns: self.cfg.dns,
-            extra: vec![],
+            extra,
         }
         .to_string();
         self.send_text(MsgType::AddrReply, &text);
+        // A 105 came first: native mode now (once; a repeated 100 only repeats the 101).
+        if let Some(endpoint) = self.native_first.take() {
+            if self.share.is_some() {
+                let share = self.share;
+                self.actions.push_back(Action::Bind {
+                    addr,
+                    endpoint,
+                    share,
+                });
+            } else if !self.native {
+                match leases.set_native(addr, self.holder.id, endpoint) {
+                    Ok(()) => self.actions.push_back(Action::Bind {
+                        addr,
+                        endpoint,
+                        share: None,
+                    }),
+                    Err(text) => self.refuse_native(text),
+                }
+            }
+        }
+    }
+
+    /// A lease request that the table refused: a 110 naming why.
+    fn refused_grant(&mut self, refusal: Grant, leases: &mut impl Leases) {
+        let id = self.holder.id;
+        match refusal {
+            Grant::Limited(limit) => {
+                self.stats.lease_limit_refused.inc();
+                let text = limit.text();
+                warn!(peer = %self.holder.peer, session = id, "{text}");
+                self.refuse(CloseReason::LeaseLimit(text));
+            }
+            Grant::Conflict(text) => self.refuse_native(text),
+            _ => {
+                self.stats.pool_exhausted.inc();
+                let what = if self.native_first.is_some() && self.cfg.sharing.is_some() {
+                    format!("every PSID of {}", leases.describe_pool())
+                } else {
+                    leases.describe_pool()
+                };
+                let text = format!("pool exhausted: {what} are leased");
+                warn!(peer = %self.holder.peer, session = id, "{text}");
+                self.refuse(CloseReason::PoolExhausted(text));
+            }
+        }
     }
 
     /// A 107: an IPv6 address and/or prefix, answered with 108 (the same again for a repeat).
@@ -538,8 +633,24 @@ impl Session {
     /// A 105: the endpoint must be the session's own IPv6 address (a client cannot point
     /// another host's traffic somewhere else); the table records it, then [`Action::Bind`].
     fn on_native_request(&mut self, data: &[u8], leases: &mut impl Leases) {
+        if self.lease.is_none() {
+            // Before the 100: the lease will be native from the start (a shared one with
+            // `--share`); the 106 follows the 101.
+            return match self.native_endpoint(data) {
+                Ok(endpoint) => self.native_first = Some(endpoint),
+                Err(text) => self.refuse_native(text),
+            };
+        }
+        if self.share.is_some() {
+            // Already bound (its 106 went out after the 101).
+            return;
+        }
         match self.check_native(data, leases) {
-            Ok((addr, endpoint)) => self.actions.push_back(Action::Bind { addr, endpoint }),
+            Ok((addr, endpoint)) => self.actions.push_back(Action::Bind {
+                addr,
+                endpoint,
+                share: None,
+            }),
             Err(text) => self.refuse_native(text),
         }
     }
@@ -558,6 +669,14 @@ impl Session {
         let addr = self
             .lease
             .ok_or("native mode (105) before a lease: send 100 first")?;
+        let endpoint = self.native_endpoint(data)?;
+        leases.set_native(addr, self.holder.id, endpoint)?;
+        Ok((addr, endpoint))
+    }
+
+    /// The endpoint a 105 names: this session's own IPv6 address (a client cannot point
+    /// another host's traffic somewhere else).
+    fn native_endpoint(&self, data: &[u8]) -> Result<Ipv6Addr, String> {
         let peer = match self.holder.peer {
             IpAddr::V6(p) if p.to_ipv4_mapped().is_none() => p,
             _ => return Err("native mode needs a client connected over IPv6".into()),
@@ -575,14 +694,21 @@ impl Session {
                 "native endpoint {endpoint} is not this session's address {peer}"
             ));
         }
-        leases.set_native(addr, self.holder.id, endpoint)?;
-        Ok((addr, endpoint))
+        Ok(endpoint)
     }
 
     /// A 102: each packet whose source is this client's lease goes to the TUN; the rest is
     /// dropped and counted. On a native lease the client went back to in-band (an old client,
     /// or a fallback): its binding goes, so its traffic takes the TUN again.
     fn on_data(&mut self, data: &Bytes, now: Instant, leases: &mut impl Leases) {
+        if self.share.is_some() {
+            // A shared address's ports belong to several clients: no in-band path for it.
+            self.stats.drop_inband_on_shared_lease.inc();
+            self.log_bad(format_args!(
+                "102 on a shared lease (native mode only); dropped"
+            ));
+            return;
+        }
         if self.native
             && let Some(addr) = self.lease
         {
@@ -737,7 +863,9 @@ mod tests {
             native: native.then(|| NativeGrant {
                 tunnel: TUNNEL.parse().unwrap(),
                 mtu: 1460,
+                share: None,
             }),
+            sharing: None,
             ipv6: ipv6.then(|| Ipv6Offer {
                 dns: vec!["2001:db8:53::1".parse().unwrap()],
                 allow_in: vec![],
@@ -769,6 +897,15 @@ mod tests {
         }
         fn grant(&mut self, holder: Holder, _stale: Duration, _now: Instant) -> Grant {
             self.state.grant(holder, &self.silent)
+        }
+        fn grant_shared(
+            &mut self,
+            holder: Holder,
+            tunnel: Ipv6Addr,
+            _stale: Duration,
+            _now: Instant,
+        ) -> Result<SharedGrant, Grant> {
+            self.state.grant_shared(holder, tunnel, &self.silent)
         }
     }
 
@@ -881,7 +1018,14 @@ mod tests {
         let addr = lease_of(&mut s, &mut t, lab.at(1));
         s.handle_frame(frame(MsgType::NativeRequest, b""), lab.at(2), &mut t);
         let endpoint: Ipv6Addr = CLIENT6.parse().unwrap();
-        assert_eq!(drain(&mut s), vec![Action::Bind { addr, endpoint }]);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Bind {
+                addr,
+                endpoint,
+                share: None
+            }]
+        );
         assert_eq!(t.state.bindings(), vec![(addr, endpoint)]);
         s.bind_done(addr, endpoint, Ok(()), &mut t);
         assert_eq!(
@@ -898,7 +1042,14 @@ mod tests {
             lab.at(3),
             &mut t,
         );
-        assert_eq!(drain(&mut s), vec![Action::Bind { addr, endpoint }]);
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Bind {
+                addr,
+                endpoint,
+                share: None
+            }]
+        );
     }
 
     #[test]
@@ -906,11 +1057,12 @@ mod tests {
         let lab = Lab::new();
         let native = cfg(true, false);
         let cases: [(&str, &[u8], bool, &str); 4] = [
+            // Before the lease too (a 105 may come first).
             (
-                CLIENT6,
+                "192.0.2.9",
                 b"",
                 false,
-                "native mode (105) before a lease: send 100 first",
+                "native mode needs a client connected over IPv6",
             ),
             (
                 "192.0.2.9",
@@ -947,6 +1099,181 @@ mod tests {
             assert!(t.state.bindings().is_empty(), "nothing bound: {text}");
         }
         assert_eq!(lab.stats.native_refused.get(), 4);
+    }
+
+    fn shared_cfg(psid_len: u8) -> Arc<SessionConfig> {
+        let mut c = (*cfg(true, false)).clone();
+        c.sharing = Some(Sharing {
+            psid_len,
+            offset: 6,
+        });
+        Arc::new(c)
+    }
+
+    fn shared_table(range: &str, psid_len: u8) -> Table<impl Fn(u64) -> bool> {
+        let mut t = table(range);
+        t.state.sharing = Some(Sharing {
+            psid_len,
+            offset: 6,
+        });
+        t
+    }
+
+    /// Session `id` from `2001:db8:1::<id>`: 105, then 100.
+    fn native_first(lab: &Lab, id: u64, c: &Arc<SessionConfig>, t: &mut impl Leases) -> Session {
+        let peer = format!("2001:db8:1::{id:x}");
+        let mut s = lab.session(id, &peer, c);
+        s.handle_frame(frame(MsgType::NativeRequest, b""), lab.at(1), t);
+        assert_eq!(drain(&mut s), vec![], "nothing until the 100");
+        s.handle_frame(Frame::empty(MsgType::AddrRequest), lab.at(1), t);
+        s
+    }
+
+    #[test]
+    fn a_105_before_the_100_without_share_makes_the_whole_lease_native_at_once() {
+        let lab = Lab::new();
+        let mut t = table("198.51.100.7-198.51.100.7");
+        let mut s = native_first(&lab, 1, &cfg(true, false), &mut t);
+        let addr = Ipv4Addr::new(198, 51, 100, 7);
+        let endpoint: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::LeasesChanged,
+                send(
+                    MsgType::AddrReply,
+                    "198.51.100.7 0.0.0.0 192.0.2.53 192.0.2.53 192.0.2.53"
+                ),
+                Action::Bind {
+                    addr,
+                    endpoint,
+                    share: None
+                },
+            ]
+        );
+        s.bind_done(addr, endpoint, Ok(()), &mut t);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::LeasesChanged,
+                send(MsgType::NativeReply, "2001:db8:ff::1 1460")
+            ]
+        );
+        assert_eq!(t.state.bindings(), vec![(addr, endpoint)]);
+    }
+
+    #[test]
+    fn with_share_4_one_address_serves_four_native_clients_and_nobody_else() {
+        let lab = Lab::new();
+        let c = shared_cfg(2);
+        let mut t = shared_table("198.51.100.7-198.51.100.7", 2);
+        let addr = Ipv4Addr::new(198, 51, 100, 7);
+        let mut sessions = Vec::new();
+        for id in 1..=4u64 {
+            let mut s = native_first(&lab, id, &c, &mut t);
+            let endpoint: Ipv6Addr = format!("2001:db8:1::{id:x}").parse().unwrap();
+            let psid = id - 1;
+            let share = Share {
+                psid: psid as u16,
+                psid_len: 2,
+                offset: 6,
+            };
+            assert_eq!(
+                drain(&mut s),
+                vec![
+                    Action::LeasesChanged,
+                    send(
+                        MsgType::AddrReply,
+                        &format!(
+                            "198.51.100.7 0.0.0.0 192.0.2.53 192.0.2.53 192.0.2.53 psid={psid}/2 offset=6"
+                        )
+                    ),
+                    Action::Bind {
+                        addr,
+                        endpoint,
+                        share: Some(share)
+                    },
+                ]
+            );
+            s.bind_done(addr, endpoint, Ok(()), &mut t);
+            assert_eq!(
+                drain(&mut s),
+                vec![
+                    Action::LeasesChanged,
+                    send(
+                        MsgType::NativeReply,
+                        &format!("2001:db8:ff::1 1460 psid={psid}/2 offset=6")
+                    )
+                ]
+            );
+            sessions.push(s);
+        }
+        let rows = t.state.lease_list();
+        assert_eq!(
+            rows.iter().map(|r| (r.ipv4, r.psid)).collect::<Vec<_>>(),
+            (0..4).map(|p| (addr, Some(p))).collect::<Vec<_>>()
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.psid_len == Some(2) && r.psid_offset == Some(6))
+        );
+        assert_eq!(t.state.shared_softwires().len(), 4);
+        // A fifth native client, and an in-band one: the address is all given out.
+        let mut fifth = native_first(&lab, 5, &c, &mut t);
+        assert!(
+            matches!(&drain(&mut fifth)[..], [Action::Send(f), Action::Close(CloseReason::PoolExhausted(_))] if f.kind == MsgType::Error)
+        );
+        let mut inband = lab.session(6, "2001:db8:1::6", &c);
+        inband.handle_frame(Frame::empty(MsgType::AddrRequest), lab.at(1), &mut t);
+        assert!(matches!(
+            drain(&mut inband).last(),
+            Some(Action::Close(CloseReason::PoolExhausted(_)))
+        ));
+        // A 102 on a shared lease goes nowhere.
+        sessions[0].handle_frame(
+            Frame::new(
+                MsgType::DataRequest,
+                Bytes::from(udp4(addr, Ipv4Addr::new(192, 0, 2, 1), b"x")),
+            ),
+            lab.at(2),
+            &mut t,
+        );
+        assert_eq!(drain(&mut sessions[0]), vec![]);
+        assert_eq!(lab.stats.drop_inband_on_shared_lease.get(), 1);
+        // Session 2 ends: its PSID is free again, and held for its client.
+        let ended = t.state.release(addr, 2).expect("held");
+        assert_eq!(
+            (ended.psid, ended.tunnel),
+            (Some(1), Some("2001:db8:1::2".parse().unwrap()))
+        );
+        let mut again = native_first(&lab, 2, &c, &mut t);
+        assert!(drain(&mut again).contains(&send(
+            MsgType::AddrReply,
+            "198.51.100.7 0.0.0.0 192.0.2.53 192.0.2.53 192.0.2.53 psid=1/2 offset=6"
+        )));
+        // The lease file keeps the PSIDs; a restart restores all four.
+        let saved = t.state.saved();
+        assert_eq!(saved.iter().filter(|s| s.psid.is_some()).count(), 4);
+        let mut restarted = shared_table("198.51.100.7-198.51.100.7", 2);
+        assert!(
+            restarted
+                .state
+                .restore(&saved, Duration::from_secs(30))
+                .is_empty()
+        );
+        assert_eq!(restarted.state.shared_softwires().len(), 4);
+        let mut back = native_first(&lab, 3, &c, &mut restarted);
+        assert!(drain(&mut back).contains(&send(
+            MsgType::AddrReply,
+            "198.51.100.7 0.0.0.0 192.0.2.53 192.0.2.53 192.0.2.53 psid=2/2 offset=6"
+        )));
+        // All four released: the address goes back to the pool whole.
+        for id in 1..=4 {
+            t.state.release(addr, id);
+        }
+        assert!(t.state.shared_softwires().is_empty());
+        let mut whole = lab.session(9, "2001:db8:1::9", &c);
+        assert_eq!(lease_of(&mut whole, &mut t, lab.at(3)), addr);
     }
 
     #[test]
@@ -1137,6 +1464,9 @@ mod tests {
             mode: Mode::Native,
             since: "2026-12-01T00:00:00Z".into(),
             tunnel: Some(endpoint),
+            psid: None,
+            psid_len: None,
+            psid_offset: None,
         };
         assert!(
             t.state

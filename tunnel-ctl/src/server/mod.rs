@@ -107,6 +107,8 @@ counters! {
         drop_tun_write_error,
         native_granted,
         native_refused,
+        shared_leases_granted,
+        drop_inband_on_shared_lease,
         leases_restored,
         leases_restored_expired,
         slowpath_native_packets,
@@ -207,8 +209,15 @@ impl Shared {
 /// The lease table as a session machine reaches it: one lock per call.
 pub struct Locked<'a>(pub &'a Server);
 
-impl machine::Leases for Locked<'_> {
-    fn grant(&mut self, holder: Holder, stale: Duration, _now: Instant) -> Grant {
+impl Locked<'_> {
+    /// Runs `f` on the table with "silent for longer than `stale`", then closes the session
+    /// whose lease it took over (if any).
+    fn granting<R>(
+        &mut self,
+        stale: Duration,
+        f: impl FnOnce(&mut State, &dyn Fn(u64) -> bool) -> R,
+        taken_over: impl Fn(&R) -> Option<u64>,
+    ) -> R {
         let now_ms = self.0.now_ms();
         let stale_ms = stale.as_millis() as u64;
         let mut shared = self.0.lock();
@@ -218,13 +227,39 @@ impl machine::Leases for Locked<'_> {
                 now_ms.saturating_sub(l.last_rx.load(Ordering::Relaxed)) > stale_ms
             })
         };
-        let grant = table.grant(holder, silent);
-        if let Grant::TakenOver(_, old) = grant
+        let r = f(table, &silent);
+        if let Some(old) = taken_over(&r)
             && let Some(link) = links.get(&old)
         {
             link.cancel.cancel();
         }
-        grant
+        r
+    }
+}
+
+impl machine::Leases for Locked<'_> {
+    fn grant(&mut self, holder: Holder, stale: Duration, _now: Instant) -> Grant {
+        self.granting(
+            stale,
+            |t, silent| t.grant(holder, silent),
+            |g| match g {
+                Grant::TakenOver(_, old) => Some(*old),
+                _ => None,
+            },
+        )
+    }
+    fn grant_shared(
+        &mut self,
+        holder: Holder,
+        tunnel: Ipv6Addr,
+        stale: Duration,
+        _now: Instant,
+    ) -> Result<state::SharedGrant, Grant> {
+        self.granting(
+            stale,
+            |t, silent| t.grant_shared(holder, tunnel, silent),
+            |g| g.as_ref().ok().and_then(|g| g.taken_over),
+        )
     }
     fn with_table<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R {
         f(&mut self.0.lock())
@@ -329,8 +364,14 @@ impl Server {
     pub fn ended(&self, ended: &[Ended]) {
         if let Some(native) = &self.native {
             for e in ended {
-                if let Some(t) = e.tunnel {
-                    native.unbind(t, e.ipv4);
+                match (e.psid, e.tunnel) {
+                    (Some(psid), _) => {
+                        if let Err(err) = native.softwires().del((e.ipv4, psid)) {
+                            warn!("removing the softwire of {} psid {psid}: {err:#}", e.ipv4);
+                        }
+                    }
+                    (None, Some(t)) => native.unbind(t, e.ipv4),
+                    (None, None) => {}
                 }
             }
         }
@@ -422,6 +463,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         anyhow::bail!("--allow-in filters clients' IPv6: it needs --pool6 or --delegate");
     }
     let dns = dns_of(&args);
+    let sharing = sharing_of(&args)?;
 
     let tunnel_addr = match (&args.v6_dev, args.tunnel_addr, args.listen.ip()) {
         (None, _, _) => None,
@@ -446,6 +488,42 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     } else {
         None
     };
+    let state_path = persist::path(&args.state_dir, instance.name());
+    let mut state = State::new(pool);
+    state.limits = state::LeaseLimits {
+        per_prefix: args.max_leases_per_prefix,
+        prefix_len: args.prefix_len,
+        per_address: args.max_leases_per_address,
+    };
+    state.pool6 = pool6;
+    state.delegate = delegate;
+    state.sharing = sharing;
+    let saved = persist::load(&state_path, std::time::SystemTime::now());
+    for (lease, why) in state.restore(&saved, args.timers.timeout) {
+        warn!(
+            "not restoring saved lease {} of {}: {why}",
+            lease.ipv4, lease.client
+        );
+    }
+    let restored = state.lease_list().len();
+    if restored > 0 {
+        info!(
+            "restored {restored} leases from {}; their clients have {:?} to reconnect",
+            state_path.display(),
+            args.timers.timeout
+        );
+    }
+    // Shared leases are softwires: those restored are in the table from the start, so that
+    // their pinned entries stay in place across the restart.
+    let mut softwires = softwire_table(&args)?;
+    for sw in state.shared_softwires() {
+        if let Err(e) = softwires.insert(sw) {
+            warn!(
+                "not restoring the softwire of shared lease {} psid {}: {e}",
+                sw.ipv4, sw.psid
+            );
+        }
+    }
     let native = match (&args.v6_dev, &args.v4_dev, tunnel_addr) {
         (Some(v6_dev), Some(v4_dev), Some(tunnel_addr)) => Some(
             Native::start(
@@ -459,7 +537,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     policy_icmp: args.policy_icmp,
                     max_bindings: args.max_bindings,
                     native_clients: true,
-                    softwires: softwire_table(&args)?,
+                    softwires,
                     no_hairpin: args.no_hairpin,
                     softwire_slow_path: true,
                 },
@@ -481,30 +559,6 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     // them for the next start to re-adopt.
     let _pins = crate::dataplane::bpffs::PinGuard(native.is_some().then(|| instance.pin_dir()));
 
-    let state_path = persist::path(&args.state_dir, instance.name());
-    let mut state = State::new(pool);
-    state.limits = state::LeaseLimits {
-        per_prefix: args.max_leases_per_prefix,
-        prefix_len: args.prefix_len,
-        per_address: args.max_leases_per_address,
-    };
-    state.pool6 = pool6;
-    state.delegate = delegate;
-    let saved = persist::load(&state_path, std::time::SystemTime::now());
-    for (lease, why) in state.restore(&saved, args.timers.timeout) {
-        warn!(
-            "not restoring saved lease {} of {}: {why}",
-            lease.ipv4, lease.client
-        );
-    }
-    let restored = state.lease_list().len();
-    if restored > 0 {
-        info!(
-            "restored {restored} leases from {}; their clients have {:?} to reconnect",
-            state_path.display(),
-            args.timers.timeout
-        );
-    }
     if let Some(native) = &native {
         native.reconcile(&state.bindings())?;
     }
@@ -536,7 +590,9 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
             native: native.as_ref().map(|n| protocol::text::NativeGrant {
                 tunnel: n.tunnel_addr,
                 mtu: n.inner_mtu,
+                share: None,
             }),
+            sharing,
             ipv6: ipv6.as_ref().map(|v6| machine::Ipv6Offer {
                 dns: v6.dns.clone(),
                 allow_in: v6.allow_in.clone(),
@@ -661,6 +717,36 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         v6.shutdown(pool).await;
     }
     Ok(())
+}
+
+/// `--share N --psid-offset A`: None for whole addresses (N = 1).
+pub fn sharing_of(args: &ServerConfig) -> Result<Option<state::Sharing>> {
+    if args.share <= 1 {
+        return Ok(None);
+    }
+    if !args.share.is_power_of_two() || args.share > 1024 {
+        return Err(crate::usage::usage(format!(
+            "--share {}: a power of two from 1 to 1024 (clients per address)",
+            args.share
+        )));
+    }
+    if args.v6_dev.is_none() {
+        return Err(crate::usage::usage(
+            "--share: shared leases are native mode only; add --v6-dev, --v4-dev and --tunnel-addr",
+        ));
+    }
+    let psid_len = args.share.trailing_zeros() as u8;
+    if u32::from(psid_len) + u32::from(args.psid_offset) > 16 {
+        return Err(crate::usage::usage(format!(
+            "--share {} (a {psid_len}-bit PSID) with --psid-offset {}: the two take more than \
+             16 bits of the port",
+            args.share, args.psid_offset
+        )));
+    }
+    Ok(Some(state::Sharing {
+        psid_len,
+        offset: args.psid_offset,
+    }))
 }
 
 /// The 101's DNS servers: `--dns`, else this host's resolv.conf.

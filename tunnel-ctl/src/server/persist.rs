@@ -134,6 +134,9 @@ mod tests {
             mode: Mode::Native,
             since: "2026-11-23T10:00:00Z".into(),
             tunnel: Some("2001:db8:1::2".parse().unwrap()),
+            psid: None,
+            psid_len: None,
+            psid_offset: None,
         }];
         save(&p, &leases).unwrap();
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);

@@ -24,7 +24,17 @@ impl Server {
         Pool::new(&new.pool, &[new.gateway], new.hold).map_err(|e| format!("--pool: {e}"))?;
         let mut changes = restart_only(&running, &new);
         if let Some(native) = &self.native {
-            let table = super::softwire_table(&new).map_err(|e| format!("{e:#}"))?;
+            let mut table = super::softwire_table(&new).map_err(|e| format!("{e:#}"))?;
+            // The softwires of shared leases are the lease table's, not the file's: they stay.
+            let shared = self.lock().shared_softwires();
+            for sw in shared {
+                table.insert(sw).map_err(|e| {
+                    format!(
+                        "--bindings: {e} (shared lease {} psid {})",
+                        sw.ipv4, sw.psid
+                    )
+                })?;
+            }
             changes.extend(crate::daemon::aftr::reload_softwires(native, table)?);
         } else if new.bindings.is_some() {
             return Err(
@@ -106,6 +116,7 @@ impl Server {
                 dns,
                 native: session.native,
                 ipv6: session.ipv6.clone(),
+                sharing: session.sharing,
             });
         self.admission
             .set_limits(new.max_per_source, new.max_connect_rate);
@@ -207,6 +218,8 @@ fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
         ("tunnel-addr", &r.tunnel_addr, &n.tunnel_addr),
         ("policy-icmp", &r.policy_icmp, &n.policy_icmp),
         ("no-hairpin", &r.no_hairpin, &n.no_hairpin),
+        ("share", &r.share, &n.share),
+        ("psid-offset", &r.psid_offset, &n.psid_offset),
         ("state-dir", &r.state_dir, &n.state_dir),
         ("metrics", &r.metrics, &n.metrics),
     ])

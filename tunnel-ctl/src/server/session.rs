@@ -251,10 +251,29 @@ impl Driver {
                         self.machine.log_bad(format_args!("TUN write failed: {e}"));
                     }
                 },
-                Action::Bind { addr, endpoint } => {
-                    let result = match &server.native {
-                        Some(native) => native.bind(endpoint, addr).map_err(|e| format!("{e:#}")),
-                        None => Err("native mode is off".into()),
+                Action::Bind {
+                    addr,
+                    endpoint,
+                    share,
+                } => {
+                    let result = match (&server.native, share) {
+                        (Some(native), None) => {
+                            native.bind(endpoint, addr).map_err(|e| format!("{e:#}"))
+                        }
+                        // A shared lease is a softwire (RFC 7596): the lwAFTR path checks
+                        // its port set both ways.
+                        (Some(native), Some(share)) => native
+                            .softwires()
+                            .add(crate::server::softwires::Softwire {
+                                ipv4: addr,
+                                psid: share.psid,
+                                psid_len: share.psid_len,
+                                psid_offset: share.offset,
+                                b4: endpoint,
+                                aftr: None,
+                            })
+                            .map_err(|e| format!("{e:#}")),
+                        (None, _) => Err("native mode is off".into()),
                     };
                     self.machine
                         .bind_done(addr, endpoint, result, &mut Locked(&server));

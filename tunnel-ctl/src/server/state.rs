@@ -43,6 +43,13 @@ pub struct SavedLease {
     /// The native binding's client endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Ipv6Addr>,
+    /// A shared lease (`--share`): its PSID, of the length and offset the server had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psid: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psid_len: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psid_offset: Option<u8>,
 }
 
 /// The session that holds a lease: its id and its client's address.
@@ -75,6 +82,46 @@ pub type Withdrawn = (Vec<(Ipv4Addr, u64)>, Vec<Ended>);
 pub struct Ended {
     pub ipv4: Ipv4Addr,
     pub tunnel: Option<Ipv6Addr>,
+    /// A shared lease's PSID: its softwire goes.
+    pub psid: Option<u16>,
+}
+
+/// `--share 2^k --psid-offset A`: how a shared address is split (SPEC §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sharing {
+    pub psid_len: u8,
+    pub offset: u8,
+}
+
+impl Sharing {
+    /// The port-set text of `psid` (the 101/106 tokens).
+    pub fn share(&self, psid: u16) -> crate::protocol::text::Share {
+        crate::protocol::text::Share {
+            psid,
+            psid_len: self.psid_len,
+            offset: self.offset,
+        }
+    }
+}
+
+/// One PSID of a shared address, held by a native client.
+#[derive(Debug)]
+struct SharedLease {
+    client: IpAddr,
+    session: Option<Holder>,
+    since: SystemTime,
+    tunnel: Ipv6Addr,
+    restored_until: Option<Instant>,
+}
+
+/// A shared lease granted to a session: its address and PSID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedGrant {
+    pub ipv4: Ipv4Addr,
+    pub psid: u16,
+    /// Taken over from this silent earlier session of the same client (the caller closes it).
+    pub taken_over: Option<u64>,
+    pub restored: bool,
 }
 
 pub struct State {
@@ -91,6 +138,12 @@ pub struct State {
     /// Sessions whose IPv4 lease a newer session of the same client took over; their IPv6
     /// units go to that client's next 107 too. Forgotten when the session ends.
     replaced: HashSet<u64>,
+    /// `--share`: None when every lease is a whole address.
+    pub sharing: Option<Sharing>,
+    /// Addresses taken from the pool for sharing → their PSIDs' leases (index = PSID).
+    shared: HashMap<Ipv4Addr, Vec<Option<SharedLease>>>,
+    /// The PSID a client held last (sticky like whole leases, for the pool's hold time).
+    shared_held: HashMap<IpAddr, ((Ipv4Addr, u16), Instant)>,
 }
 
 /// How many leases the clients of one place may hold at once (0: no limit), so that one
@@ -172,6 +225,8 @@ pub enum Grant {
     Restored(Ipv4Addr),
     Exhausted,
     Limited(LimitReached),
+    /// A shared lease refused: the endpoint is bound already.
+    Conflict(String),
 }
 
 impl State {
@@ -185,7 +240,193 @@ impl State {
             leases6: HashMap::new(),
             limits: LeaseLimits::default(),
             replaced: HashSet::new(),
+            sharing: None,
+            shared: HashMap::new(),
+            shared_held: HashMap::new(),
         }
+    }
+
+    fn shared_leases(&self) -> impl Iterator<Item = ((Ipv4Addr, u16), &SharedLease)> {
+        self.shared.iter().flat_map(|(a, slots)| {
+            slots
+                .iter()
+                .enumerate()
+                .filter_map(move |(p, l)| l.as_ref().map(|l| ((*a, p as u16), l)))
+        })
+    }
+
+    /// How many leases `client` holds (whole and shared).
+    fn held_by(&self, matches: impl Fn(IpAddr) -> bool) -> usize {
+        self.leases.values().filter(|l| matches(l.client)).count()
+            + self
+                .shared_leases()
+                .filter(|(_, l)| matches(l.client))
+                .count()
+    }
+
+    /// A shared lease (`--share`) for `session`, bound to `tunnel`: its restored lease, else
+    /// the lease of a silent earlier session of the same client (`silent(id)`), else the PSID
+    /// it held last if still free, else a free PSID of an address already shared, else a new
+    /// address from the pool split anew. Err: the 110 text.
+    pub fn grant_shared(
+        &mut self,
+        session: Holder,
+        tunnel: Ipv6Addr,
+        silent: impl Fn(u64) -> bool,
+    ) -> Result<SharedGrant, Grant> {
+        let Some(sharing) = self.sharing else {
+            return Err(Grant::Exhausted);
+        };
+        let client = session.peer.to_canonical();
+        let mine = self
+            .shared_leases()
+            .find(|(_, l)| {
+                l.client == client && l.session.is_none_or(|s| s.id != session.id && silent(s.id))
+            })
+            .map(|(k, l)| (k, l.session.map(|s| s.id)));
+        if let Some(((ipv4, psid), old)) = mine {
+            let lease = self.slot(ipv4, psid).expect("found above");
+            let restored = lease.session.is_none();
+            lease.session = Some(session);
+            lease.restored_until = None;
+            lease.tunnel = tunnel;
+            if let Some(old) = old {
+                self.replaced.insert(old);
+            }
+            return Ok(SharedGrant {
+                ipv4,
+                psid,
+                taken_over: old,
+                restored,
+            });
+        }
+        if let Some(other) = self
+            .leases
+            .iter()
+            .find(|(_, l)| l.tunnel == Some(tunnel))
+            .map(|(a, _)| a.to_string())
+            .or_else(|| {
+                self.shared_leases()
+                    .find(|(_, l)| l.tunnel == tunnel)
+                    .map(|((a, p), _)| format!("{a} psid {p}"))
+            })
+        {
+            return Err(Grant::Conflict(format!(
+                "{tunnel} is already the native endpoint of lease {other}"
+            )));
+        }
+        if let Err(limit) = self.check_limits(client) {
+            return Err(Grant::Limited(limit));
+        }
+        let now = Instant::now();
+        self.shared_held.retain(|_, (_, until)| *until > now);
+        let held = self.shared_held.remove(&client).map(|(k, _)| k);
+        let held_free = held.filter(|(a, p)| {
+            self.shared
+                .get(a)
+                .is_some_and(|s| s[usize::from(*p)].is_none())
+        });
+        let held_by_others: HashSet<(Ipv4Addr, u16)> =
+            self.shared_held.values().map(|(k, _)| *k).collect();
+        let free = held_free.or_else(|| {
+            let mut addrs: Vec<&Ipv4Addr> = self.shared.keys().collect();
+            addrs.sort();
+            let free_slots = addrs.into_iter().flat_map(|a| {
+                self.shared[a]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.is_none())
+                    .map(move |(p, _)| (*a, p as u16))
+            });
+            let all: Vec<_> = free_slots.collect();
+            all.iter()
+                .find(|k| !held_by_others.contains(k))
+                .or(all.first())
+                .copied()
+        });
+        let (ipv4, psid) = match free {
+            Some(k) => k,
+            None => {
+                let Some(addr) = self.pool.allocate(v6_key(client), now) else {
+                    return Err(Grant::Exhausted);
+                };
+                let slots = 1usize << sharing.psid_len;
+                self.shared
+                    .insert(addr, std::iter::repeat_with(|| None).take(slots).collect());
+                // The pool held this address for the client: its PSID comes back with it.
+                (addr, held.filter(|(a, _)| *a == addr).map_or(0, |(_, p)| p))
+            }
+        };
+        self.shared.get_mut(&ipv4).expect("chosen above")[usize::from(psid)] = Some(SharedLease {
+            client,
+            session: Some(session),
+            since: SystemTime::now(),
+            tunnel,
+            restored_until: None,
+        });
+        Ok(SharedGrant {
+            ipv4,
+            psid,
+            taken_over: None,
+            restored: false,
+        })
+    }
+
+    fn slot(&mut self, ipv4: Ipv4Addr, psid: u16) -> Option<&mut SharedLease> {
+        self.shared
+            .get_mut(&ipv4)?
+            .get_mut(usize::from(psid))?
+            .as_mut()
+    }
+
+    /// The PSID `session_id` holds on shared address `addr`.
+    fn shared_psid(&self, addr: Ipv4Addr, session_id: u64) -> Option<u16> {
+        let slots = self.shared.get(&addr)?;
+        slots
+            .iter()
+            .position(|l| {
+                l.as_ref()
+                    .is_some_and(|l| l.session.is_some_and(|s| s.id == session_id))
+            })
+            .map(|p| p as u16)
+    }
+
+    /// Ends the shared lease (`addr`, `psid`): the PSID is held for its client, and the
+    /// address goes back to the pool once no PSID of it is leased.
+    fn remove_shared(&mut self, addr: Ipv4Addr, psid: u16) -> Ended {
+        let slots = self.shared.get_mut(&addr).expect("caller checked");
+        let lease = slots[usize::from(psid)].take().expect("caller checked");
+        let empty = slots.iter().all(Option::is_none);
+        let now = Instant::now();
+        if empty {
+            self.shared.remove(&addr);
+            self.shared_held.retain(|_, ((a, _), _)| *a != addr);
+            self.pool.release(addr, v6_key(lease.client), now);
+        }
+        self.shared_held
+            .insert(lease.client, ((addr, psid), now + self.pool.hold()));
+        Ended {
+            ipv4: addr,
+            tunnel: Some(lease.tunnel),
+            psid: Some(psid),
+        }
+    }
+
+    /// The softwires of all shared leases (what the fast path must hold for them).
+    pub fn shared_softwires(&self) -> Vec<crate::server::softwires::Softwire> {
+        let Some(sharing) = self.sharing else {
+            return Vec::new();
+        };
+        self.shared_leases()
+            .map(|((ipv4, psid), l)| crate::server::softwires::Softwire {
+                ipv4,
+                psid,
+                psid_len: sharing.psid_len,
+                psid_offset: sharing.offset,
+                b4: l.tunnel,
+                aftr: None,
+            })
+            .collect()
     }
 
     /// Whether `client` may hold one more lease under [`State::limits`].
@@ -195,19 +436,13 @@ impl State {
             prefix_len,
             per_address,
         } = self.limits;
-        if per_address > 0
-            && self.leases.values().filter(|l| l.client == client).count() >= per_address
-        {
+        if per_address > 0 && self.held_by(|c| c == client) >= per_address {
             return Err(LimitReached::Address { max: per_address });
         }
         if let (IpAddr::V6(v6), true) = (client, per_prefix > 0) {
             let prefix =
                 Ipv6Net::new(v6, prefix_len).map_or_else(|_| Ipv6Net::from(v6), |n| n.trunc());
-            let held = self
-                .leases
-                .values()
-                .filter(|l| matches!(l.client, IpAddr::V6(c) if prefix.contains(&c)))
-                .count();
+            let held = self.held_by(|c| matches!(c, IpAddr::V6(c) if prefix.contains(&c)));
             if held >= per_prefix {
                 return Err(LimitReached::Prefix {
                     prefix,
@@ -310,6 +545,12 @@ impl State {
         let until = Instant::now() + grace;
         let mut rejected = Vec::new();
         for s in saved {
+            if let (Some(psid), Some(tunnel)) = (s.psid, s.tunnel) {
+                if let Err(why) = self.restore_shared(s, psid, tunnel, until) {
+                    rejected.push((s.clone(), why));
+                }
+                continue;
+            }
             if !self.pool.reserve(s.ipv4) {
                 rejected.push((s.clone(), "address not free in the current pool"));
                 continue;
@@ -328,6 +569,43 @@ impl State {
             );
         }
         rejected
+    }
+
+    fn restore_shared(
+        &mut self,
+        s: &SavedLease,
+        psid: u16,
+        tunnel: Ipv6Addr,
+        until: Instant,
+    ) -> Result<(), &'static str> {
+        let Some(sharing) = self.sharing else {
+            return Err("a shared lease, and the server no longer runs with --share");
+        };
+        if (s.psid_len, s.psid_offset) != (Some(sharing.psid_len), Some(sharing.offset)) {
+            return Err("a shared lease of another --share or --psid-offset");
+        }
+        if !self.shared.contains_key(&s.ipv4) {
+            if !self.pool.reserve(s.ipv4) {
+                return Err("address not free in the current pool");
+            }
+            let slots = 1usize << sharing.psid_len;
+            self.shared.insert(
+                s.ipv4,
+                std::iter::repeat_with(|| None).take(slots).collect(),
+            );
+        }
+        let slot = &mut self.shared.get_mut(&s.ipv4).expect("inserted above")[usize::from(psid)];
+        if slot.is_some() {
+            return Err("PSID saved twice");
+        }
+        *slot = Some(SharedLease {
+            client: s.client.to_canonical(),
+            session: None,
+            since: humantime::parse_rfc3339(&s.since).unwrap_or_else(|_| SystemTime::now()),
+            tunnel,
+            restored_until: Some(until),
+        });
+        Ok(())
     }
 
     /// An address for `session`: its restored lease if it had one, else the lease of a silent
@@ -429,6 +707,9 @@ impl State {
     /// Ends `session`'s lease on `addr` (if it still holds it) and returns the address to the
     /// pool, held for the same client.
     pub fn release(&mut self, addr: Ipv4Addr, session_id: u64) -> Option<Ended> {
+        if let Some(psid) = self.shared_psid(addr, session_id) {
+            return Some(self.remove_shared(addr, psid));
+        }
         match self.leases.get(&addr) {
             Some(l) if l.session.as_ref().is_some_and(|s| s.id == session_id) => {
                 Some(self.remove(addr))
@@ -444,6 +725,7 @@ impl State {
         Ended {
             ipv4: addr,
             tunnel: lease.tunnel,
+            psid: None,
         }
     }
 
@@ -455,6 +737,21 @@ impl State {
         let mut held = Vec::new();
         let mut ended = Vec::new();
         for addr in withdrawn {
+            if let Some(slots) = self.shared.get(&addr) {
+                let (live, restored): (Vec<_>, Vec<_>) = slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(p, l)| l.as_ref().map(|l| (p as u16, l.session)))
+                    .partition(|(_, s)| s.is_some());
+                held.extend(
+                    live.into_iter()
+                        .filter_map(|(_, s)| s.map(|s| (addr, s.id))),
+                );
+                for (psid, _) in restored {
+                    ended.push(self.remove_shared(addr, psid));
+                }
+                continue;
+            }
             match self.leases.get(&addr).and_then(|l| l.session) {
                 Some(s) => held.push((addr, s.id)),
                 None if self.leases.contains_key(&addr) => ended.push(self.remove(addr)),
@@ -472,7 +769,14 @@ impl State {
             .filter(|(_, l)| l.session.is_none() && l.restored_until.is_some_and(|t| t <= now))
             .map(|(a, _)| *a)
             .collect();
-        expired.into_iter().map(|a| self.remove(a)).collect()
+        let shared: Vec<(Ipv4Addr, u16)> = self
+            .shared_leases()
+            .filter(|(_, l)| l.session.is_none() && l.restored_until.is_some_and(|t| t <= now))
+            .map(|(k, _)| k)
+            .collect();
+        let mut ended: Vec<Ended> = expired.into_iter().map(|a| self.remove(a)).collect();
+        ended.extend(shared.into_iter().map(|(a, p)| self.remove_shared(a, p)));
+        ended
     }
 
     /// Where a packet to `addr` goes: the in-band session's queue, or the native endpoint.
@@ -514,9 +818,33 @@ impl State {
                     .and_then(|s| ipv6.get(&s.id).cloned())
                     .unwrap_or_default(),
                 traffic: Default::default(),
+                psid: None,
+                psid_len: None,
+                psid_offset: None,
             })
             .collect();
-        rows.sort_by_key(|r| r.ipv4);
+        if let Some(sharing) = self.sharing {
+            rows.extend(self.shared_leases().map(|((addr, psid), l)| {
+                LeaseRow {
+                    ipv4: addr,
+                    client: l.client.to_string(),
+                    mode: Mode::Native.as_str(),
+                    since: humantime::format_rfc3339_seconds(l.since).to_string(),
+                    session: l.session.as_ref().map(|s| s.id),
+                    tunnel: Some(l.tunnel),
+                    ipv6: l
+                        .session
+                        .as_ref()
+                        .and_then(|s| ipv6.get(&s.id).cloned())
+                        .unwrap_or_default(),
+                    traffic: Default::default(),
+                    psid: Some(psid),
+                    psid_len: Some(sharing.psid_len),
+                    psid_offset: Some(sharing.offset),
+                }
+            }));
+        }
+        rows.sort_by_key(|r| (r.ipv4, r.psid));
         rows
     }
 
@@ -531,9 +859,24 @@ impl State {
                 mode: l.mode,
                 since: humantime::format_rfc3339_seconds(l.since).to_string(),
                 tunnel: l.tunnel,
+                psid: None,
+                psid_len: None,
+                psid_offset: None,
             })
             .collect();
-        saved.sort_by_key(|s| s.ipv4);
+        if let Some(sharing) = self.sharing {
+            saved.extend(self.shared_leases().map(|((addr, psid), l)| SavedLease {
+                ipv4: addr,
+                client: l.client,
+                mode: Mode::Native,
+                since: humantime::format_rfc3339_seconds(l.since).to_string(),
+                tunnel: Some(l.tunnel),
+                psid: Some(psid),
+                psid_len: Some(sharing.psid_len),
+                psid_offset: Some(sharing.offset),
+            }));
+        }
+        saved.sort_by_key(|s| (s.ipv4, s.psid));
         saved
     }
 }
