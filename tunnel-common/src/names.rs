@@ -56,6 +56,9 @@ pub const PROG_CLIENT_DECAP: &str = "client_decap";
 
 /// MAP-E CE, ingress of the LAN side: NAPT into the port set and encapsulate to the BR.
 pub const PROG_CE_OUT: &str = "ce_out";
+/// lwB4 (a native client on a shared lease), egress of its IPv6 interface: NAPT the host's
+/// (and its LAN's) IPv4 into the port set and encapsulate to the AFTR; unmapped to the TUN.
+pub const PROG_LWB4_OUT: &str = "lwb4_out";
 /// MAP-E CE, ingress of the WAN side: decapsulate from the BR and NAPT back to the LAN.
 pub const PROG_CE_IN: &str = "ce_in";
 /// MAP-E BR, ingress of the IPv6 side: check a CE's source against the rules, decapsulate.
@@ -139,6 +142,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_CLIENT_ENCAP,
     PROG_CLIENT_DECAP,
     PROG_CE_OUT,
+    PROG_LWB4_OUT,
     PROG_CE_IN,
     PROG_BR_DECAP,
     PROG_BR_ENCAP,

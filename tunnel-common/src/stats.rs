@@ -104,6 +104,9 @@ counters! {
     CeNaptIn = "mape_ce_napt_in_packets",
     /// MAP-E CE: ICMP errors from the BR handed to the controller (they need the flow table).
     CeSlowPathIn = "mape_ce_slowpath_in_packets",
+    /// lwB4 (native client on a shared lease): outbound packets without a mapping (or too
+    /// big, or fragments) handed to the controller's TUN.
+    CeSlowPathOut = "mape_ce_slowpath_out_packets",
     /// MAP-E CE: packets from the BR for a port and remote with no mapping: dropped.
     CeDropInNoMapping = "mape_ce_drop_in_no_mapping",
     /// MAP-E CE: IPv4-in-IPv6 to our address whose outer source is not the BR: dropped.

@@ -46,29 +46,65 @@ fn lookup<V>(map: &HashMap<NatKey, V>, key: &NatKey) -> Option<*mut V> {
 
 #[classifier]
 pub fn ce_out(ctx: TcContext) -> i32 {
+    napt_out(&ctx, false)
+}
+
+/// An lwB4 (a native client on a shared lease, RFC 7596), egress of its IPv6 interface: the
+/// host's own IPv4 (from 192.0.0.2) and what it routes from a LAN leave through the softwire
+/// route (192.0.0.1, whose neighbour entry is the interface's own MAC). A frame to our own
+/// MAC is such a packet; it is translated and wrapped exactly like `ce_out`'s, or handed to
+/// the controller's TUN when it has no mapping yet (it has nowhere else to go). The kernel
+/// already did the forwarding (TTL) for routed packets.
+#[classifier]
+pub fn lwb4_out(ctx: TcContext) -> i32 {
+    napt_out(&ctx, true)
+}
+
+#[inline(always)]
+fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
     let Some(cfg) = config() else { return PASS };
-    if packet::eth_proto(&ctx) != Some(ETH_P_IP) {
+    if packet::eth_proto(ctx) != Some(ETH_P_IP) {
         return PASS;
     }
-    let Some(ip) = Ipv4Info::load(&ctx, ETH_LEN) else {
-        return PASS;
+    // What the programs do not translate: the kernel's for the CE, the controller's for
+    // the lwB4 (redirected to its TUN).
+    let slow = || {
+        if lwb4 {
+            count(Counter::CeSlowPathOut);
+            // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
+            unsafe { bpf_redirect(cfg.tun_ifindex, 0) as i32 }
+        } else {
+            PASS
+        }
+    };
+    if lwb4 {
+        let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+            return PASS;
+        };
+        if macs[..6] != macs[6..] {
+            // Not the softwire's route: native IPv4 of this interface.
+            return PASS;
+        }
+    }
+    let Some(ip) = Ipv4Info::load(ctx, ETH_LEN) else {
+        return slow();
     };
     if !ip.first_fragment() {
-        return PASS;
+        return slow();
     }
-    let Classified::Flow(flow) = nat::classify(&ctx, ETH_LEN, &ip, true) else {
-        return PASS;
+    let Classified::Flow(flow) = nat::classify(ctx, ETH_LEN, &ip, true) else {
+        return slow();
     };
     let Some(entry) = lookup(&NAT_OUT, &flow.key) else {
-        return PASS;
+        return slow();
     };
-    if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
+    if packet::wire_len(ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The controller answers with ICMP fragmentation-needed or fragments it.
-        log::slow_path(&ctx, LOG_CE_OUT, Counter::SlowPathTooBig, &ip);
-        return PASS;
+        log::slow_path(ctx, LOG_CE_OUT, Counter::SlowPathTooBig, &ip);
+        return slow();
     }
-    if ip.hdr.ttl <= 1 {
-        log::slow_path(&ctx, LOG_CE_OUT, Counter::SlowPathTtl, &ip);
+    if !lwb4 && ip.hdr.ttl <= 1 {
+        log::slow_path(ctx, LOG_CE_OUT, Counter::SlowPathTtl, &ip);
         return PASS;
     }
     // SAFETY: `entry` comes from a successful lookup and stays valid for this program run;
@@ -77,20 +113,21 @@ pub fn ce_out(ctx: TcContext) -> i32 {
         nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
         (*entry).ext_port
     };
-    // The TTL first: its checksum update starts from the header as it arrived (`ip`); the
-    // address translation then adjusts the checksum in the packet in turn.
-    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err()
-        || nat::rewrite(&ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
+    // The TTL first (the CE forwards): its checksum update starts from the header as it
+    // arrived (`ip`); the address translation then adjusts the checksum in the packet in
+    // turn.
+    if (!lwb4 && packet::decrement_ttl(ctx, ETH_LEN, &ip).is_err())
+        || nat::rewrite(ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
     {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
     encap::send_wrapped(
-        &ctx,
+        ctx,
         &ip,
         cfg,
         &cfg.remote,
-        false,
+        lwb4,
         Counter::CeNaptOut,
         LOG_CE_OUT,
     )

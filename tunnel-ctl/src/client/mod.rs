@@ -33,6 +33,7 @@ use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 use tun::AsyncDevice;
 
+pub(crate) mod lwb4;
 pub(crate) mod machine;
 pub(crate) mod ra;
 
@@ -161,16 +162,33 @@ impl Handler for Client {
                             local: a.local,
                             server_tunnel: a.grant.tunnel,
                             inner_mtu: a.grant.mtu,
+                            psid: a.grant.share.map(|s| s.psid),
+                            psid_len: a.grant.share.map(|s| s.psid_len),
+                            psid_offset: a.grant.share.map(|s| s.offset),
+                            port_ranges: a.grant.share.map(|s| {
+                                crate::mape::rule::port_set(s.offset, s.psid_len, s.psid).0
+                            }),
                         }),
                     }),
                     last_error: st.last_error.clone(),
                 })
                 .into()
             }
-            Request::Stats => mgmt::counters_response(
-                self.stats.snapshot(),
-                self.native.as_ref().map(|n| n.counters()),
-            ),
+            Request::Stats => {
+                let mut own = self.stats.snapshot();
+                if let Some(napt) = self.native.as_ref().and_then(|n| n.lwb4()) {
+                    own.extend(napt.stats.snapshot());
+                }
+                mgmt::counters_response(own, self.native.as_ref().map(|n| n.counters()))
+            }
+            Request::Nat => match self.native.as_ref().and_then(|n| n.lwb4()) {
+                Some(napt) => Response::Ok(mgmt::Reply::Nat(napt.nat_list())),
+                None => Response::Error(
+                    "no NAPT: this client's lease is not shared (native mode with a 106 that \
+                     names a port set)"
+                        .into(),
+                ),
+            },
             other => mgmt::not_supported("client", &other),
         }
     }
@@ -203,8 +221,14 @@ pub async fn run(args: ClientConfig) -> Result<()> {
                 .v6_dev
                 .as_deref()
                 .ok_or_else(|| anyhow!("--mode native needs --v6-dev IFACE"))?;
-            let path =
-                NativePath::start(&nl, dev, instance.pin_dir(), !args.no_default_route).await?;
+            let path = NativePath::start(
+                &nl,
+                dev,
+                instance.pin_dir(),
+                !args.no_default_route,
+                &args.tun,
+            )
+            .await?;
             (None, 0, Some(path))
         }
     };

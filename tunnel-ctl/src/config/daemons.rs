@@ -120,6 +120,18 @@ pub struct NatTimeouts {
     pub icmp_timeout: Duration,
 }
 
+/// `mape ce`'s defaults (RFC 5382, RFC 4787); the lwB4 uses them.
+impl Default for NatTimeouts {
+    fn default() -> NatTimeouts {
+        NatTimeouts {
+            tcp_timeout: Duration::from_secs(2 * 3600 + 4 * 60),
+            tcp_transitory_timeout: Duration::from_secs(4 * 60),
+            udp_timeout: Duration::from_secs(2 * 60),
+            icmp_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// `tunnel-ctl mape ce`.
 #[derive(Debug, Clone)]
 pub struct CeConfig {

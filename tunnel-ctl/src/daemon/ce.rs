@@ -6,7 +6,7 @@
 //! big for the tunnel, ICMP errors from the internet), when idle mappings expire, and the
 //! management commands (`nat`, `forward`, `stats`, `status`).
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -71,25 +71,69 @@ fn mono_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The NAPT into a port set and its slow path on a TUN: first packets, packets too big for
+/// the tunnel, ICMP errors from the far side, idle mappings. The MAP-E CE's, and the lwB4's
+/// (a native client on a shared lease, RFC 7596: the same code).
+pub struct Napt {
+    /// The shared address.
+    pub ipv4: Ipv4Addr,
+    /// Where the tunnel goes: the BR, or the lwAFTR.
+    pub br: Ipv6Addr,
+    pub inner_mtu: u16,
+    pub mss: u16,
+    pub timeouts: NatTimeouts,
+    pub dataplane: CeDataplane,
+    pub stats: CeStats,
+    pub tun: Arc<AsyncDevice>,
+    pub softwire: Softwire,
+    /// Last time an exhaustion was logged (they are counted always, logged once a second).
+    exhaustion_logged: Mutex<Option<Instant>>,
+}
+
+impl Napt {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ipv4: Ipv4Addr,
+        br: Ipv6Addr,
+        inner_mtu: u16,
+        timeouts: NatTimeouts,
+        dataplane: CeDataplane,
+        tun: Arc<AsyncDevice>,
+        softwire: Softwire,
+    ) -> Napt {
+        Napt {
+            ipv4,
+            br,
+            inner_mtu,
+            mss: inner_mtu - TCP_IPV4_OVERHEAD,
+            timeouts,
+            dataplane,
+            stats: CeStats::default(),
+            tun,
+            softwire,
+            exhaustion_logged: Mutex::new(None),
+        }
+    }
+
+    /// The slow path and the expiry, for as long as the NAPT runs.
+    pub async fn run(self: Arc<Self>) {
+        tokio::select! {
+            () = tun_reader(self.clone()) => {}
+            () = expire(self.clone()) => {}
+        }
+    }
+}
+
 struct Ce {
     mapping: Mapping,
-    br: Ipv6Addr,
-    inner_mtu: u16,
-    mss: u16,
-    timeouts: NatTimeouts,
+    napt: Arc<Napt>,
     /// The configuration running now (reloads compare with it and take turns on it).
     running: tokio::sync::Mutex<CeConfig>,
-    dataplane: CeDataplane,
-    stats: CeStats,
-    tun: Arc<AsyncDevice>,
-    softwire: Softwire,
     started: Instant,
     instance: Instance,
     wan: String,
     lan: String,
     tun_name: String,
-    /// Last time an exhaustion was logged (they are counted always, logged once a second).
-    exhaustion_logged: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,19 +176,19 @@ impl Ce {
         let remove = |specs: &[crate::mape::ForwardSpec]| {
             for spec in specs {
                 for &proto in &spec.protos {
-                    self.dataplane.remove_forward(spec.ext_port, proto);
+                    self.napt.dataplane.remove_forward(spec.ext_port, proto);
                 }
             }
         };
         remove(&gone);
         let mut done = Vec::new();
         for spec in &added {
-            match self.dataplane.add_forward(spec) {
+            match self.napt.dataplane.add_forward(spec) {
                 Ok(_) => done.push(spec.clone()),
                 Err(e) => {
                     remove(&done);
                     for g in &gone {
-                        let _ = self.dataplane.add_forward(g);
+                        let _ = self.napt.dataplane.add_forward(g);
                     }
                     return Err(format!("--forward {}: {e:#}", spec.ext_port));
                 }
@@ -165,7 +209,9 @@ impl Ce {
         }
         Ok(changes)
     }
+}
 
+impl Napt {
     /// The idle timeout of `entry` given what the programs saw.
     fn timeout(&self, entry: &Entry, flags: u16, in_flags: u16) -> Duration {
         let t = &self.timeouts;
@@ -177,7 +223,7 @@ impl Ce {
         }
     }
 
-    fn nat_list(&self) -> Vec<api::NatRow> {
+    pub fn nat_list(&self) -> Vec<api::NatRow> {
         let now = mono_ns();
         let mut rows: Vec<api::NatRow> = self
             .dataplane
@@ -218,7 +264,7 @@ impl Handler for Ce {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => {
-                let (mappings, (out, inb)) = self.dataplane.counts();
+                let (mappings, (out, inb)) = self.napt.dataplane.counts();
                 let m = &self.mapping;
                 Status::Ce(api::CeStatus {
                     process: api::Process::now(&self.instance, self.started),
@@ -231,20 +277,22 @@ impl Handler for Ce {
                     psid_offset: m.psid_offset,
                     port_count: m.port_count,
                     ce_ipv6: m.ce_ipv6,
-                    br: self.br,
-                    inner_mtu: self.inner_mtu,
+                    br: self.napt.br,
+                    inner_mtu: self.napt.inner_mtu,
                     mappings,
                     map_entries_out: out,
                     map_entries_in: inb,
                 })
                 .into()
             }
-            Request::Stats => {
-                mgmt::counters_response(self.stats.snapshot(), Some(self.dataplane.counters()))
-            }
-            Request::Nat => Response::Ok(Reply::Nat(self.nat_list())),
+            Request::Stats => mgmt::counters_response(
+                self.napt.stats.snapshot(),
+                Some(self.napt.dataplane.counters()),
+            ),
+            Request::Nat => Response::Ok(Reply::Nat(self.napt.nat_list())),
             Request::ForwardList => {
                 let mut rows: Vec<api::ForwardRow> = self
+                    .napt
                     .dataplane
                     .forwards()
                     .into_iter()
@@ -257,7 +305,7 @@ impl Handler for Ce {
                 rows.sort_by_key(|r| (r.external_port, r.proto));
                 Response::Ok(Reply::Forwards(rows))
             }
-            Request::ForwardAdd { forward } => match self.dataplane.add_forward(&forward) {
+            Request::ForwardAdd { forward } => match self.napt.dataplane.add_forward(&forward) {
                 Ok(added) => {
                     for e in &added {
                         info!("forward added: {}", describe(e));
@@ -269,7 +317,7 @@ impl Handler for Ce {
             Request::ForwardDel { port } => {
                 let mut removed = Vec::new();
                 for &proto in &port.protos {
-                    if let Some(e) = self.dataplane.remove_forward(port.ext_port, proto) {
+                    if let Some(e) = self.napt.dataplane.remove_forward(port.ext_port, proto) {
                         info!("forward removed: {}", describe(&e));
                         removed.push(describe(&e));
                     }
@@ -334,7 +382,7 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
             ..Default::default()
         },
         Table::new(&mapping.port_ranges, args.udp_eim),
-        CeDevices {
+        CeDevices::Ce {
             lan: &args.lan,
             wan: &args.wan,
         },
@@ -344,26 +392,28 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
     }
     let softwire = Softwire::open(mapping.ce_ipv6)?;
 
-    let ce = Arc::new(Ce {
-        dataplane,
-        mapping,
+    let napt = Arc::new(Napt::new(
+        mapping.ipv4,
         br,
         inner_mtu,
-        mss,
-        timeouts: args.timeouts,
-        running: tokio::sync::Mutex::new(args.clone()),
-        stats: CeStats::default(),
+        args.timeouts,
+        dataplane,
         tun,
         softwire,
+    ));
+    let ce = Arc::new(Ce {
+        napt,
+        mapping,
+        running: tokio::sync::Mutex::new(args.clone()),
         started: Instant::now(),
         instance: instance.clone(),
         wan: args.wan.clone(),
         lan: args.lan.clone(),
         tun_name: args.tun.clone(),
-        exhaustion_logged: Mutex::new(None),
     });
     for spec in &args.forward {
-        ce.dataplane
+        ce.napt
+            .dataplane
             .add_forward(spec)
             .with_context(|| format!("--forward {}", spec.ext_port))?;
     }
@@ -385,17 +435,11 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
         args.wan,
         args.lan
     );
-    let work = async {
-        tokio::select! {
-            () = tun_reader(ce.clone()) => {}
-            () = expire(ce.clone()) => {}
-        }
-    };
-    daemon.run(work, "stopping").await;
+    daemon.run(ce.napt.clone().run(), "stopping").await;
     Ok(())
 }
 
-async fn tun_reader(ce: Arc<Ce>) {
+async fn tun_reader(ce: Arc<Napt>) {
     let mut buf = vec![0u8; 65536];
     loop {
         let n = crate::tundev::recv(&ce.tun, &mut buf).await;
@@ -403,13 +447,13 @@ async fn tun_reader(ce: Arc<Ce>) {
     }
 }
 
-async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
+async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
     let stats = &ce.stats;
     let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
         stats.drop_tun_not_ipv4.inc();
         return;
     };
-    if dst == ce.mapping.ipv4 {
+    if dst == ce.ipv4 {
         // Redirected by ce_in: an ICMP error about one of our flows.
         let ok = ce.dataplane.with_table(|table| {
             translate::translate_icmp_error_in(pkt, |proto, port, remote| {
@@ -475,7 +519,7 @@ async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
         }
         return;
     }
-    translate::translate_out(pkt, ce.mapping.ipv4, entry.ext_port, ce.mss);
+    translate::translate_out(pkt, ce.ipv4, entry.ext_port, ce.mss);
     // DF packets that are too big were answered above; the rest fits or is fragmented.
     match ce
         .softwire
@@ -489,7 +533,7 @@ async fn slow_path(ce: &Ce, pkt: &mut [u8]) {
 }
 
 /// Removes mappings idle for longer than their timeout, from the maps first.
-async fn expire(ce: Arc<Ce>) {
+async fn expire(ce: Arc<Napt>) {
     let t = &ce.timeouts;
     let shortest = [
         t.tcp_timeout,

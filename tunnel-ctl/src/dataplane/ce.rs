@@ -9,7 +9,7 @@ use aya::Ebpf;
 use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatOut},
-    names::{PROG_CE_IN, PROG_CE_OUT},
+    names::{PROG_CE_IN, PROG_CE_OUT, PROG_LWB4_OUT},
 };
 
 use super::{
@@ -23,10 +23,29 @@ use crate::mape::{
     table::{Entry, Flow, Kind, Table, TableError},
 };
 
-/// Where the CE's programs go.
-pub struct CeDevices<'a> {
-    pub lan: &'a str,
-    pub wan: &'a str,
+/// Where the NAPT's programs go.
+pub enum CeDevices<'a> {
+    /// MAP-E CE: `ce_out` on the LAN's ingress, `ce_in` on the WAN's.
+    Ce { lan: &'a str, wan: &'a str },
+    /// lwB4 (a native client on a shared lease): `lwb4_out` on the IPv6 interface's egress,
+    /// `ce_in` on its ingress.
+    Lwb4 { v6: &'a str },
+}
+
+impl CeDevices<'_> {
+    /// (program, interface, direction) of each attachment.
+    pub fn attachments(&self) -> [(&'static str, &str, Direction); 2] {
+        match *self {
+            CeDevices::Ce { lan, wan } => [
+                (PROG_CE_OUT, lan, Direction::Ingress),
+                (PROG_CE_IN, wan, Direction::Ingress),
+            ],
+            CeDevices::Lwb4 { v6 } => [
+                (PROG_LWB4_OUT, v6, Direction::Egress),
+                (PROG_CE_IN, v6, Direction::Ingress),
+            ],
+        }
+    }
 }
 
 /// The mapping a new outbound flow got.
@@ -106,8 +125,8 @@ impl CeDataplane {
         let mut nat = NatMaps::take(&mut ebpf)?;
         let stale = nat.clear()?;
         maps.set_config(config)?;
-        for (program, dev) in [(PROG_CE_OUT, devices.lan), (PROG_CE_IN, devices.wan)] {
-            tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, pin_dir)?;
+        for (program, dev, direction) in devices.attachments() {
+            tc::attach_pinned(&mut ebpf, program, dev, direction, pin_dir)?;
         }
         let dp = CeDataplane {
             ebpf: Mutex::new(ebpf),

@@ -7,6 +7,10 @@
 //! tunnel; 192.0.0.1 gets a permanent neighbour entry with the interface's own MAC. The kernel
 //! thus builds ordinary Ethernet + IPv4 frames, the program encapsulates them and the IPv6
 //! FIB (or the kernel's neighbour output) supplies the real next hop.
+//!
+//! A shared lease (the 106 names a port set) swaps the client programs for the lwB4's
+//! ([`crate::client::lwb4`]): the host then has 192.0.0.2 on the interface instead of the
+//! lease, and the NAPT translates its traffic into the port set.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
@@ -19,10 +23,11 @@ use ipnet::Ipv4Net;
 use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
-    names::{PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP},
+    names::{PROG_CE_IN, PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_LWB4_OUT},
 };
 
 use crate::{
+    client::lwb4::{self, B4_ADDR, Lwb4},
     dataplane::{
         self, bpffs,
         fastpath::{Maps, v4_key},
@@ -54,6 +59,29 @@ pub struct NativePath {
     pin_dir: PathBuf,
     applied: Mutex<Option<Applied>>,
     routes: bool,
+    /// The lwB4's slow-path TUN name (`--tun`).
+    tun: String,
+    /// On a shared lease: the lwB4 in place of the client programs.
+    lwb4: tokio::sync::Mutex<Option<Lwb4>>,
+}
+
+/// The client programs' attachments.
+const CLIENT_PROGRAMS: [(&str, Direction); 2] = [
+    (PROG_CLIENT_ENCAP, Direction::Egress),
+    (PROG_CLIENT_DECAP, Direction::Ingress),
+];
+/// The lwB4's.
+const LWB4_PROGRAMS: [&str; 2] = [PROG_LWB4_OUT, PROG_CE_IN];
+
+impl Applied {
+    /// The host's IPv4 address on the interface: the lease, or behind an lwB4's NAPT
+    /// 192.0.0.2.
+    fn host_addr(&self) -> Ipv4Addr {
+        match self.grant.share {
+            Some(_) => B4_ADDR,
+            None => self.lease,
+        }
+    }
 }
 
 impl NativePath {
@@ -64,6 +92,7 @@ impl NativePath {
         v6_dev: &str,
         pin_dir: PathBuf,
         routes: bool,
+        tun: &str,
     ) -> Result<NativePath> {
         let v6_index = nl
             .index(v6_dev)
@@ -75,20 +104,12 @@ impl NativePath {
         }
         let mut ebpf = dataplane::load(&pin_dir)?;
         let maps = Maps::take(&mut ebpf)?;
-        tc::attach_pinned(
-            &mut ebpf,
-            PROG_CLIENT_ENCAP,
-            v6_dev,
-            Direction::Egress,
-            &pin_dir,
-        )?;
-        tc::attach_pinned(
-            &mut ebpf,
-            PROG_CLIENT_DECAP,
-            v6_dev,
-            Direction::Ingress,
-            &pin_dir,
-        )?;
+        // An earlier run's lwB4 comes back with its session's 106, if the lease is shared
+        // still; until then the client programs forward for a whole lease.
+        unpin_links(&pin_dir, &LWB4_PROGRAMS, v6_dev);
+        for (program, direction) in CLIENT_PROGRAMS {
+            tc::attach_pinned(&mut ebpf, program, v6_dev, direction, &pin_dir)?;
+        }
         Ok(NativePath {
             v6_dev: v6_dev.to_owned(),
             v6_index,
@@ -98,7 +119,50 @@ impl NativePath {
             pin_dir,
             applied: Mutex::new(None),
             routes,
+            tun: tun.to_owned(),
+            lwb4: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The lwB4 running now (a shared lease), for its NAPT table and counters.
+    pub fn lwb4(&self) -> Option<std::sync::Arc<crate::daemon::ce::Napt>> {
+        self.lwb4
+            .try_lock()
+            .ok()
+            .and_then(|l| l.as_ref().map(|l| l.napt.clone()))
+    }
+
+    /// Puts the programs for `want` in place: the lwB4 for a shared lease (restarted when
+    /// the lease or its port set changed), the client programs for a whole one.
+    async fn programs(&self, nl: &Netlink, want: Applied) -> Result<()> {
+        let mut lwb4 = self.lwb4.lock().await;
+        if let Some(old) = lwb4.take() {
+            old.stop().await;
+            unpin_links(&self.pin_dir, &LWB4_PROGRAMS, &self.v6_dev);
+        }
+        match want.grant.share {
+            Some(share) => {
+                unpin_links(
+                    &self.pin_dir,
+                    &CLIENT_PROGRAMS.map(|(p, _)| p),
+                    &self.v6_dev,
+                );
+                let at = lwb4::Place {
+                    v6_dev: &self.v6_dev,
+                    v6_index: self.v6_index,
+                    pin_dir: &self.pin_dir,
+                    tun: &self.tun,
+                };
+                *lwb4 = Some(Lwb4::start(nl, at, want.lease, want.local, want.grant, share).await?);
+            }
+            None => {
+                let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+                for (program, direction) in CLIENT_PROGRAMS {
+                    tc::attach_pinned(&mut ebpf, program, &self.v6_dev, direction, &self.pin_dir)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn applied(&self) -> Option<Applied> {
@@ -112,26 +176,32 @@ impl NativePath {
         if old == Some(want) {
             return Ok(());
         }
-        self.maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_config(&TunnelConfig {
-                local: want.local.octets(),
-                remote: want.grant.tunnel.octets(),
-                ipv4: v4_key(want.lease),
-                v6_ifindex: self.v6_index,
-                inner_mtu: want.grant.mtu,
-                mss: want.grant.mtu.saturating_sub(TCP_IPV4_OVERHEAD),
-                hop_limit: DEFAULT_HOP_LIMIT,
-                enabled: 1,
-                ..Default::default()
-            })?;
-        if let Some(old) = old
-            && old.lease != want.lease
-        {
-            nl.del_address(self.v6_index, IpAddr::V4(old.lease)).await?;
+        if want.grant.share.is_some() || old.is_some_and(|o| o.grant.share.is_some()) {
+            self.programs(nl, want).await?;
         }
-        nl.add_address(self.v6_index, IpAddr::V4(want.lease), 32)
+        if want.grant.share.is_none() {
+            self.maps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_config(&TunnelConfig {
+                    local: want.local.octets(),
+                    remote: want.grant.tunnel.octets(),
+                    ipv4: v4_key(want.lease),
+                    v6_ifindex: self.v6_index,
+                    inner_mtu: want.grant.mtu,
+                    mss: want.grant.mtu.saturating_sub(TCP_IPV4_OVERHEAD),
+                    hop_limit: DEFAULT_HOP_LIMIT,
+                    enabled: 1,
+                    ..Default::default()
+                })?;
+        }
+        if let Some(old) = old
+            && old.host_addr() != want.host_addr()
+        {
+            nl.del_address(self.v6_index, IpAddr::V4(old.host_addr()))
+                .await?;
+        }
+        nl.add_address(self.v6_index, IpAddr::V4(want.host_addr()), 32)
             .await?;
         nl.permanent_neighbour(self.v6_index, IpAddr::V4(SOFTWIRE_NEXT_HOP), &self.mac)
             .await?;
@@ -147,8 +217,16 @@ impl NativePath {
             }
         }
         info!(
-            "native path on {}: {} ↔ {} as {} (inner MTU {})",
-            self.v6_dev, want.local, want.grant.tunnel, want.lease, want.grant.mtu
+            "native path on {}: {} ↔ {} as {}{} (inner MTU {})",
+            self.v6_dev,
+            want.local,
+            want.grant.tunnel,
+            want.lease,
+            want.grant
+                .share
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default(),
+            want.grant.mtu
         );
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(want);
         Ok(())
@@ -160,6 +238,9 @@ impl NativePath {
 
     /// Clean shutdown: routes and address off the interface, programs detached, pins gone.
     pub async fn teardown(&self, nl: &Netlink) {
+        if let Some(lwb4) = self.lwb4.lock().await.take() {
+            lwb4.stop().await;
+        }
         if let Some(a) = self.applied() {
             if self.routes {
                 for net in HALVES {
@@ -168,12 +249,27 @@ impl NativePath {
                         .await;
                 }
             }
-            if let Err(e) = nl.del_address(self.v6_index, IpAddr::V4(a.lease)).await {
-                warn!("removing {} from {}: {e:#}", a.lease, self.v6_dev);
+            if let Err(e) = nl
+                .del_address(self.v6_index, IpAddr::V4(a.host_addr()))
+                .await
+            {
+                warn!("removing {} from {}: {e:#}", a.host_addr(), self.v6_dev);
             }
         }
         if let Err(e) = bpffs::remove_pins(&self.pin_dir) {
             warn!("removing pins: {e:#}");
+        }
+    }
+}
+
+/// Detaches `programs` from `iface` by removing their link pins (the pins hold the links).
+fn unpin_links(pin_dir: &std::path::Path, programs: &[&str], iface: &str) {
+    for program in programs {
+        let pin = pin_dir.join(tc::link_pin_name(program, iface));
+        match std::fs::remove_file(&pin) {
+            Ok(()) => info!("detached {program} from {iface}"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("removing {}: {e}", pin.display()),
         }
     }
 }

@@ -185,6 +185,16 @@ pub struct ClientNativeConfigured {
     pub local: Ipv6Addr,
     pub server_tunnel: Ipv6Addr,
     pub inner_mtu: u16,
+    /// A shared lease (lwB4): its port set; the host's traffic is NAPTed into it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid_len: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psid_offset: Option<u8>,
+    /// Inclusive `[first, last]` ranges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_ranges: Option<Vec<[u16; 2]>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

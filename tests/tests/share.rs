@@ -1,0 +1,253 @@
+//! lw4o6 address sharing through the control channel (issue 24, Done-when 1): `server
+//! --share 4` gives four native clients one IPv4 address with different PSIDs; each client is
+//! an lwB4 that NAPTs its own traffic into its port set (the MAP-E CE's eBPF code). The
+//! internet host counts, with nftables, every packet that arrives from outside the sending
+//! client's address and port set.
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tunnel_tests::{
+    Ns,
+    fourover6::{FourOverSix, NATIVE_ARGS},
+    transfer::tcp_transfer,
+};
+
+const SHARED: &str = "198.51.100.2";
+const CLIENTS: u16 = 4;
+const TCP_BYTES: usize = 20 * 1024 * 1024;
+const PINGS: u32 = 20;
+const DATAGRAMS: u32 = 20;
+
+/// The internet host's address that client `i` (1-4) talks to, so that its packets can be
+/// told apart there.
+fn target(i: u16) -> String {
+    format!("192.0.2.{}", 10 + i)
+}
+
+/// Ports of PSID `psid` (length 2, offset 6, SPEC §6): `(j << 10) | (psid << 8) | 0..255`
+/// for j = 1..63, as nft ranges.
+fn port_set(psid: u16) -> String {
+    (1u16..64)
+        .map(|j| {
+            let first = (j << 10) | (psid << 8);
+            format!("{first}-{}", first + 255)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// nftables on the internet host: per client, `seen<i>` counts what arrives for its target
+/// address, `bad<i>` what arrives there from another address, or with a TCP/UDP source port
+/// or an ICMP echo id outside its set.
+fn watch(internet: &Ns, psids: &[(u16, u16)]) -> Result<()> {
+    let mut rules = String::from("table ip watch {\n");
+    for (i, _) in psids {
+        rules += &format!("  counter seen{i} {{}}\n  counter bad{i} {{}}\n");
+    }
+    rules += "  chain in {\n    type filter hook prerouting priority -300; policy accept;\n";
+    for (i, psid) in psids {
+        let (dst, set) = (target(*i), port_set(*psid));
+        rules += &format!(
+            "    ip daddr {dst} counter name seen{i}\n\
+             \x20   ip daddr {dst} ip saddr != {SHARED} counter name bad{i}\n\
+             \x20   ip daddr {dst} tcp sport != {{ {set} }} counter name bad{i}\n\
+             \x20   ip daddr {dst} udp sport != {{ {set} }} counter name bad{i}\n\
+             \x20   ip daddr {dst} icmp type echo-request icmp id != {{ {set} }} counter name bad{i}\n"
+        );
+    }
+    rules += "  }\n}\n";
+    let mut child = internet
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("nft -f - refused:\n{rules}");
+    }
+    Ok(())
+}
+
+/// Packets counted by the named nft counter.
+fn nft_packets(internet: &Ns, name: &str) -> Result<u64> {
+    let out = internet.run(&["nft", "list", "counter", "ip", "watch", name])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no packet count in {out:?}"))
+}
+
+/// UDP echo on `addr` in `ns` until `stop`: replies come from the address asked.
+fn echo_server(
+    ns: &Ns,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let sock = ns.enter(|| UdpSocket::bind(addr))??;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    }))
+}
+
+/// `DATAGRAMS` UDP echoes from `ns` to `to`, each tried up to three times; the number that
+/// came back with their own payload.
+fn udp_echoes(ns: &Ns, to: SocketAddr, who: u16) -> Result<u32> {
+    let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut answered = 0;
+    let mut buf = [0u8; 2048];
+    for seq in 0..DATAGRAMS {
+        let payload = format!("client {who} datagram {seq}");
+        'tries: for _ in 0..3 {
+            sock.send_to(payload.as_bytes(), to)?;
+            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if &buf[..n] == payload.as_bytes() {
+                    answered += 1;
+                    break 'tries;
+                }
+            }
+        }
+    }
+    Ok(answered)
+}
+
+#[test]
+fn four_native_clients_share_one_address_and_each_stays_in_its_port_set() -> Result<()> {
+    let mut args = vec![
+        "--pool",
+        "198.51.100.2-198.51.100.2",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--share",
+        "4",
+    ];
+    args.extend_from_slice(NATIVE_ARGS);
+    let mut t = FourOverSix::start(&args)?;
+    for i in 1..=CLIENTS {
+        t.internet
+            .ip(&format!("addr add {}/24 dev eth0", target(i)))?;
+    }
+    let mut clients = Vec::new();
+    for i in 1..=CLIENTS {
+        let ns = t.client_ns()?;
+        let (instance, addr) = t.start_native_client(&ns, &[])?;
+        assert_eq!(addr, SHARED, "client {i} holds the shared address");
+        let status = t.lab.ctl_json("status", &instance)?;
+        let psid = status["native"]["configured"]["psid"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("client {i} has no PSID: {status}"))? as u16;
+        clients.push((i, ns, instance, psid));
+    }
+    let mut psids: Vec<u16> = clients.iter().map(|c| c.3).collect();
+    psids.sort_unstable();
+    assert_eq!(psids, vec![0, 1, 2, 3], "four different PSIDs");
+    let leases = t.leases()?;
+    assert_eq!(leases.len(), 4, "{leases:?}");
+    for l in &leases {
+        assert_eq!(l["ipv4"], SHARED, "{l}");
+        assert_eq!(
+            (l["psid_len"].as_u64(), l["psid_offset"].as_u64()),
+            (Some(2), Some(6)),
+            "{l}"
+        );
+    }
+
+    watch(
+        &t.internet,
+        &clients.iter().map(|c| (c.0, c.3)).collect::<Vec<_>>(),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoes = (1..=CLIENTS)
+        .map(|i| {
+            let addr: SocketAddr = format!("{}:7", target(i)).parse()?;
+            echo_server(&t.internet, addr, stop.clone())
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // All four at once: a 20 MB stream, UDP echoes and pings each.
+    let internet = &t.internet;
+    let results: Vec<Result<(u16, u32, u32)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|(i, ns, _, _)| {
+                s.spawn(move || -> Result<(u16, u32, u32)> {
+                    let tcp = s.spawn(move || {
+                        let to: SocketAddr = format!("{}:5001", target(*i)).parse()?;
+                        tcp_transfer(ns, internet, to, TCP_BYTES, u64::from(*i))
+                    });
+                    let udp = udp_echoes(ns, format!("{}:7", target(*i)).parse()?, *i)?;
+                    let (pings, text) = ns.ping_with(&[], &target(*i), PINGS)?;
+                    tcp.join()
+                        .map_err(|_| anyhow!("client {i}'s transfer panicked"))?
+                        .with_context(|| format!("client {i}'s 20 MB transfer"))?;
+                    Ok((*i, udp, pings.ok_or_else(|| anyhow!("ping said {text}"))?))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a client thread panicked"))?)
+            .collect()
+    });
+    stop.store(true, Ordering::Relaxed);
+    for e in echoes {
+        let _ = e.join();
+    }
+    for r in results {
+        let (i, udp, pings) = r?;
+        assert_eq!(udp, DATAGRAMS, "client {i}: UDP echoes answered");
+        assert_eq!(pings, PINGS, "client {i}: ping replies");
+    }
+    for (i, _, instance, psid) in &clients {
+        let seen = nft_packets(&t.internet, &format!("seen{i}"))?;
+        let bad = nft_packets(&t.internet, &format!("bad{i}"))?;
+        assert!(
+            seen > (TCP_BYTES / 65536) as u64,
+            "client {i}: only {seen} packets seen"
+        );
+        assert_eq!(
+            bad, 0,
+            "client {i} (PSID {psid}): {bad} of {seen} packets from outside {SHARED} and its port set"
+        );
+        let stats = t.lab.ctl_json("stats", instance)?;
+        eprintln!(
+            "client {i} (PSID {psid}): {seen} packets seen at the internet host, {bad} outside; \
+             eBPF NAPT out {} in {}, slow path out {}, mappings {}",
+            tunnel_tests::counter(&stats, "mape_ce_napt_out_packets"),
+            tunnel_tests::counter(&stats, "mape_ce_napt_in_packets"),
+            tunnel_tests::counter(&stats, "slowpath_out_packets"),
+            tunnel_tests::counter(&stats, "mappings_created"),
+        );
+        // Its NAPT made the mappings, and the programs carried the bulk.
+        let nat = t.lab.ctl_json("nat", instance)?;
+        let rows = nat.as_array().cloned().unwrap_or_default();
+        assert!(
+            ["tcp", "udp", "icmp"]
+                .iter()
+                .all(|p| rows.iter().any(|r| r["proto"] == *p)),
+            "client {i}'s mappings: {nat}"
+        );
+    }
+    Ok(())
+}
