@@ -559,7 +559,8 @@ impl Session {
                     endpoint,
                     share,
                 });
-            } else if !self.native {
+            } else {
+                // As a 105 after the lease: bound again (also a restored native lease), 106.
                 match leases.set_native(addr, self.holder.id, endpoint) {
                     Ok(()) => self.actions.push_back(Action::Bind {
                         addr,
@@ -1160,6 +1161,40 @@ mod tests {
             ]
         );
         assert_eq!(t.state.bindings(), vec![(addr, endpoint)]);
+    }
+
+    #[test]
+    fn a_restored_native_lease_asked_105_first_is_bound_again_and_gets_its_106() {
+        let lab = Lab::new();
+        let mut t = table("198.51.100.7-198.51.100.7");
+        let addr = Ipv4Addr::new(198, 51, 100, 7);
+        let endpoint: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+        let saved = SavedLease {
+            ipv4: addr,
+            client: IpAddr::V6(endpoint),
+            mode: Mode::Native,
+            since: "2026-12-01T00:00:00Z".into(),
+            tunnel: Some(endpoint),
+            psid: None,
+            psid_len: None,
+            psid_offset: None,
+        };
+        assert!(
+            t.state
+                .restore(&[saved], Duration::from_secs(30))
+                .is_empty()
+        );
+        let mut s = native_first(&lab, 1, &cfg(true, false), &mut t);
+        assert_eq!(
+            drain(&mut s).last(),
+            Some(&Action::Bind {
+                addr,
+                endpoint,
+                share: None
+            })
+        );
+        s.bind_done(addr, endpoint, Ok(()), &mut t);
+        assert!(drain(&mut s).contains(&send(MsgType::NativeReply, "2001:db8:ff::1 1460")));
     }
 
     #[test]
