@@ -251,3 +251,90 @@ fn four_native_clients_share_one_address_and_each_stays_in_its_port_set() -> Res
     }
     Ok(())
 }
+
+#[test]
+fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
+    let mut args = vec![
+        "--pool",
+        "198.51.100.2-198.51.100.2",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--share",
+        "4",
+    ];
+    args.extend_from_slice(NATIVE_ARGS);
+    let mut t = FourOverSix::start(&args)?;
+    t.internet
+        .ip(&format!("addr add {}/24 dev eth0", target(1)))?;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let ns = t.client_ns()?;
+        let (instance, _) = t.start_native_client(&ns, &[])?;
+        let status = t.lab.ctl_json("status", &instance)?;
+        let psid = status["native"]["configured"]["psid"].clone();
+        clients.push((ns, instance, psid));
+    }
+    let rows = |t: &FourOverSix| -> Result<Vec<(String, String)>> {
+        let mut v: Vec<(String, String)> = t
+            .leases()?
+            .iter()
+            .map(|l| (l["client"].to_string(), l["psid"].to_string()))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let before = rows(&t)?;
+    assert_eq!(before.len(), 2, "{before:?}");
+    let status = t.lab.ctl_json("status", &t.server_instance)?;
+    let file = status["state_file"].as_str().unwrap_or_default().to_owned();
+    tunnel_tests::wait_for(
+        "both PSIDs in the lease file",
+        Duration::from_secs(5),
+        || {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            Ok((text.matches("\"psid\"").count() == 2).then_some(()))
+        },
+    )?;
+
+    // 300 pings 10 ms apart from the first client while the server is killed and restarted:
+    // its softwire stays in the pinned maps.
+    let ping = clients[0]
+        .0
+        .command("ping")
+        .args(["-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", &target(1)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    t.start_server()?;
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u32 = text
+        .split(',')
+        .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
+        .ok_or_else(|| anyhow!("no ping summary in {text}"))?;
+    eprintln!("{received}/300 pings answered around the server's SIGKILL and restart");
+    assert!(received >= 295, "{received}/300 pings:\n{text}");
+
+    // Both clients are back on the same PSIDs, and the table says so.
+    for (ns, instance, psid) in &clients {
+        t.wait_connected(instance, Duration::from_secs(20))?;
+        let status = t.lab.ctl_json("status", instance)?;
+        assert_eq!(&status["native"]["configured"]["psid"], psid, "{status}");
+        assert_eq!(ns.ping(&target(1), 3)?, 3);
+    }
+    tunnel_tests::wait_for(
+        "the restored leases held again",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                (rows(&t)? == before && t.leases()?.iter().all(|l| !l["session"].is_null()))
+                    .then_some(()),
+            )
+        },
+    )?;
+    Ok(())
+}

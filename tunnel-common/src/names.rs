@@ -100,7 +100,8 @@ pub const LOG_CE_OUT: u32 = 5;
 pub const LOG_BR_DECAP: u32 = 6;
 pub const LOG_BR_ENCAP: u32 = 7;
 
-/// Program array of the programs others tail-call ([`TAIL_PROGRAMS`], by index; not pinned).
+/// Program array of the programs others tail-call ([`TAIL_PROGRAMS`], by index). Pinned, so
+/// that a killed controller leaves it filled.
 pub const TAIL_PROGS: &str = "TAIL_PROGS";
 /// The programs of [`TAIL_PROGS`], at their indexes (`TAIL_*` below).
 pub const TAIL_PROGRAMS: &[&str] = &[PROG_SERVER_DECAP_SOFTWIRE, PROG_SERVER_HAIRPIN];

@@ -13,9 +13,12 @@ use tunnel_common::{
 };
 
 /// Programs that others tail-call (`tunnel_common::names::TAIL_PROGRAMS`, by index); the
-/// controller installs them at load time.
+/// controller installs them at load time. Pinned: the kernel empties a program array when
+/// no process and no pin refers to it any more, so an unpinned one went empty the moment a
+/// controller was killed, and the still attached programs lost their tail calls (every
+/// softwire packet dropped) until the next one had loaded.
 #[map]
-pub static TAIL_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_PROGRAMS.len() as u32, 0);
+pub static TAIL_PROGS: ProgramArray = ProgramArray::pinned(TAIL_PROGRAMS.len() as u32, 0);
 
 /// This instance's endpoint, interfaces and MTU (one entry).
 #[map]

@@ -262,17 +262,26 @@ impl Driver {
                         }
                         // A shared lease is a softwire (RFC 7596): the lwAFTR path checks
                         // its port set both ways.
-                        (Some(native), Some(share)) => native
-                            .softwires()
-                            .add(crate::server::softwires::Softwire {
+                        (Some(native), Some(share)) => {
+                            let sw = crate::server::softwires::Softwire {
                                 ipv4: addr,
                                 psid: share.psid,
                                 psid_len: share.psid_len,
                                 psid_offset: share.offset,
                                 b4: endpoint,
                                 aftr: None,
-                            })
-                            .map_err(|e| format!("{e:#}")),
+                            };
+                            let mut softwires = native.softwires();
+                            // A restored or taken-over lease: its softwire may be in place.
+                            match softwires.table().get(sw.key()).copied() {
+                                Some(old) if old == sw => Ok(()),
+                                Some(_) => softwires
+                                    .del(sw.key())
+                                    .and_then(|_| softwires.add(sw))
+                                    .map_err(|e| format!("{e:#}")),
+                                None => softwires.add(sw).map_err(|e| format!("{e:#}")),
+                            }
+                        }
                         (None, _) => Err("native mode is off".into()),
                     };
                     self.machine
