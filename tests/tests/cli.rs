@@ -350,6 +350,18 @@ fn usage_errors_found_after_parsing_exit_2() -> Result<()> {
             ],
             &["--ipv6", "--mode inband"],
         ),
+        (
+            server(&["--pool", "198.51.100.2-198.51.100.9", "--share", "3"]),
+            &["--share 3", "power of two"],
+        ),
+        (
+            server(&["--pool", "198.51.100.2-198.51.100.9", "--share", "4"]),
+            &["--share", "native mode only", "--v6-dev"],
+        ),
+        (
+            vec!["client", "--server", "[2001:db8::1]:5678", "--lan", "eth1"],
+            &["--lan", "--ipv6", "--mode native"],
+        ),
     ] {
         let (code, stdout, stderr) = run(&args)?;
         assert_eq!(code, Some(2), "{args:?}: {stderr}");

@@ -338,3 +338,69 @@ fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn a_lan_behind_a_shared_lease_client_is_napted_into_its_port_set_too() -> Result<()> {
+    let mut args = vec![
+        "--pool",
+        "198.51.100.2-198.51.100.2",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--share",
+        "4",
+    ];
+    args.extend_from_slice(NATIVE_ARGS);
+    let mut t = FourOverSix::start(&args)?;
+    t.internet
+        .ip(&format!("addr add {}/24 dev eth0", target(1)))?;
+    let ns = t.client_ns()?;
+    let lan = t.lab.ns("lan")?;
+    t.lab.veth(&ns, "lan0", &lan, "eth0")?;
+    ns.ip("addr add 203.0.113.1/24 dev lan0")?;
+    lan.ip("addr add 203.0.113.10/24 dev eth0")?;
+    lan.ip("route add default via 203.0.113.1")?;
+    let (instance, addr) = t.start_native_client(&ns, &["--lan", "lan0"])?;
+    assert_eq!(addr, SHARED);
+    let status = t.lab.ctl_json("status", &instance)?;
+    let psid = status["native"]["configured"]["psid"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no PSID: {status}"))? as u16;
+    watch(&t.internet, &[(1, psid)])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = echo_server(
+        &t.internet,
+        format!("{}:7", target(1)).parse()?,
+        stop.clone(),
+    )?;
+    let to: SocketAddr = format!("{}:5001", target(1)).parse()?;
+    tcp_transfer(&lan, &t.internet, to, 2 * 1024 * 1024, 9).context("2 MB from the LAN host")?;
+    let udp = udp_echoes(&lan, format!("{}:7", target(1)).parse()?, 9)?;
+    let pings = lan.ping(&target(1), 5)?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    assert_eq!(
+        (udp, pings),
+        (DATAGRAMS, 5),
+        "UDP echoes and pings from the LAN host"
+    );
+    let (seen, bad) = (
+        nft_packets(&t.internet, "seen1")?,
+        nft_packets(&t.internet, "bad1")?,
+    );
+    assert!(seen > 20, "{seen} packets seen");
+    assert_eq!(
+        bad, 0,
+        "{bad} of {seen} packets outside {SHARED} and PSID {psid}'s ports"
+    );
+    let nat = t.lab.ctl_json("nat", &instance)?;
+    assert!(
+        nat.as_array()
+            .is_some_and(|rows| rows.iter().all(|r| r["lan"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("203.0.113.10:")))),
+        "every mapping is the LAN host's: {nat}"
+    );
+    Ok(())
+}

@@ -851,9 +851,12 @@ pub struct ClientArgs {
     #[arg(long)]
     pub ipv6: bool,
 
-    /// Hand the delegated IPv6 prefix to this LAN interface: number it <prefix>::1, send
-    /// router advertisements so hosts autoconfigure (SLAAC), and forward for them.
-    #[arg(long, value_name = "IFACE", requires = "ipv6")]
+    /// A LAN behind this client. With --ipv6: hand the delegated IPv6 prefix to it (number
+    /// it <prefix>::1, send router advertisements so hosts autoconfigure, forward for them).
+    /// In native mode on a shared lease (lwB4): the LAN's IPv4 hosts (numbered by you, with
+    /// this host as their router) are NAPTed into the lease's port set like this host's own
+    /// traffic (net.ipv4.ip_forward is turned on).
+    #[arg(long, value_name = "IFACE")]
     pub lan: Option<String>,
 
     /// Write the leased DNS servers to this resolv.conf-style file.

@@ -205,9 +205,21 @@ pub async fn run(args: ClientConfig) -> Result<()> {
     }
     crate::daemon::claim(&instance)?;
     let nl = Netlink::connect()?;
-    let lan = match &args.lan {
-        Some(dev) => Some(start_lan(&nl, dev).await?),
-        None => None,
+    let lan = match (&args.lan, args.ipv6) {
+        (Some(dev), true) => Some(start_lan(&nl, dev).await?),
+        (Some(dev), false) if args.mode == ClientMode::Native => {
+            nl.index(dev)
+                .await
+                .with_context(|| format!("--lan {dev}"))?;
+            None
+        }
+        (Some(_), false) => {
+            return Err(crate::usage::usage(
+                "--lan: in-band, a LAN gets IPv6 only (add --ipv6); its IPv4 hosts are NAPTed \
+                 by a native client on a shared lease (--mode native)",
+            ));
+        }
+        (None, _) => None,
     };
     let (tun, index, native) = match args.mode {
         ClientMode::Inband => {
@@ -227,6 +239,7 @@ pub async fn run(args: ClientConfig) -> Result<()> {
                 instance.pin_dir(),
                 !args.no_default_route,
                 &args.tun,
+                args.lan.is_some(),
             )
             .await?;
             (None, 0, Some(path))

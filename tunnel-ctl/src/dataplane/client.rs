@@ -61,6 +61,8 @@ pub struct NativePath {
     routes: bool,
     /// The lwB4's slow-path TUN name (`--tun`).
     tun: String,
+    /// `--lan`: an lwB4 forwards (and NAPTs) its IPv4 hosts.
+    forward_lan: bool,
     /// On a shared lease: the lwB4 in place of the client programs.
     lwb4: tokio::sync::Mutex<Option<Lwb4>>,
 }
@@ -93,6 +95,7 @@ impl NativePath {
         pin_dir: PathBuf,
         routes: bool,
         tun: &str,
+        forward_lan: bool,
     ) -> Result<NativePath> {
         let v6_index = nl
             .index(v6_dev)
@@ -120,6 +123,7 @@ impl NativePath {
             applied: Mutex::new(None),
             routes,
             tun: tun.to_owned(),
+            forward_lan,
             lwb4: tokio::sync::Mutex::new(None),
         })
     }
@@ -142,6 +146,11 @@ impl NativePath {
         }
         match want.grant.share {
             Some(share) => {
+                if self.forward_lan {
+                    crate::tundev::ensure_ipv4_forwarding(
+                        "the LAN (--lan) is NAPTed into the shared lease's port set",
+                    )?;
+                }
                 unpin_links(
                     &self.pin_dir,
                     &CLIENT_PROGRAMS.map(|(p, _)| p),
