@@ -151,6 +151,25 @@ impl Ns {
 
     /// `ping` with extra flags (e.g. `-M do -s 1452`): how many replies came back (None
     /// when ping printed no summary), and everything ping printed.
+    /// Applies an nftables ruleset (`nft -f -`) in this namespace.
+    pub fn nft(&self, rules: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(rules.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("nft -f - in {} refused:\n{rules}", self.name);
+        }
+        Ok(())
+    }
+
     pub fn ping_with(
         &self,
         flags: &[&str],
@@ -176,6 +195,14 @@ impl Ns {
             .and_then(|n| n.parse().ok());
         Ok((received, text))
     }
+}
+
+/// The "N received" of a finished `ping`'s summary in `stdout`.
+pub fn ping_received(stdout: &[u8]) -> Result<u32> {
+    let text = String::from_utf8_lossy(stdout);
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no ping summary in {text}"))
 }
 
 fn check(what: &str, out: Output) -> Result<String> {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tunnel_tests::{Ns, counter, lwaftr::*, wait_counter_deltas};
+use tunnel_tests::{counter, lwaftr::*, wait_counter_deltas};
 
 #[test]
 fn a_static_table_serves_hand_made_b4s_and_softwire_add_and_del_take_effect_at_once() -> Result<()>
@@ -194,7 +194,7 @@ fn hairpinning_reaches_another_b4_without_leaving_the_aftr_and_no_hairpin_drops_
         // Nothing toward 203.0.113.0/24 may reach the internet side: counted there.
         let nft = "table netdev leak {\n chain c {\n type filter hook ingress device v4 \
                    priority 0;\n ip daddr 203.0.113.0/24 counter\n }\n}\n";
-        nft_apply(&t.internet, nft)?;
+        t.internet.nft(nft)?;
         let (a, b) = (t.b4(b4(3))?, t.b4(b4(4))?);
         let (a_src, b_dst) = (v4("203.0.113.2", PORT_2_1), v4("203.0.113.2", PORT_2_2));
         let before = t.stats()?;
@@ -245,23 +245,6 @@ fn hairpinning_reaches_another_b4_without_leaving_the_aftr_and_no_hairpin_drops_
         );
         drop(t);
     }
-    Ok(())
-}
-
-fn nft_apply(ns: &Ns, rules: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut child = ns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(rules.as_bytes())?;
-    let status = child.wait()?;
-    anyhow::ensure!(status.success(), "nft -f - failed for {rules}");
     Ok(())
 }
 

@@ -476,10 +476,7 @@ fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> 
     t.start_server()?;
     let out = ping.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let received: u32 = text
-        .split(',')
-        .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
-        .ok_or_else(|| anyhow!("no ping summary in {text}"))?;
+    let received = tunnel_tests::ping_received(&out.stdout)?;
     eprintln!("{received}/500 pings answered around the server's SIGKILL and restart");
 
     assert!(

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use tunnel_tests::{
     Ns,
     fourover6::{FourOverSix, NATIVE_ARGS},
@@ -29,6 +29,22 @@ const DATAGRAMS: u32 = 20;
 /// told apart there.
 fn target(i: u16) -> String {
     format!("192.0.2.{}", 10 + i)
+}
+
+/// A server sharing its one pool address among four native clients.
+fn start() -> Result<FourOverSix> {
+    let mut args = vec![
+        "--pool",
+        "198.51.100.2-198.51.100.2",
+        "--gateway",
+        "198.51.100.1",
+        "--dns",
+        "192.0.2.53",
+        "--share",
+        "4",
+    ];
+    args.extend_from_slice(NATIVE_ARGS);
+    FourOverSix::start(&args)
 }
 
 /// Ports of PSID `psid` (length 2, offset 6, SPEC §6): `(j << 10) | (psid << 8) | 0..255`
@@ -63,21 +79,7 @@ fn watch(internet: &Ns, psids: &[(u16, u16)]) -> Result<()> {
         );
     }
     rules += "  }\n}\n";
-    let mut child = internet
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(rules.as_bytes())?;
-    if !child.wait()?.success() {
-        bail!("nft -f - refused:\n{rules}");
-    }
-    Ok(())
+    internet.nft(&rules)
 }
 
 /// Packets counted by the named nft counter.
@@ -132,18 +134,7 @@ fn udp_echoes(ns: &Ns, to: SocketAddr, who: u16) -> Result<u32> {
 
 #[test]
 fn four_native_clients_share_one_address_and_each_stays_in_its_port_set() -> Result<()> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.2",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-        "--share",
-        "4",
-    ];
-    args.extend_from_slice(NATIVE_ARGS);
-    let mut t = FourOverSix::start(&args)?;
+    let mut t = start()?;
     for i in 1..=CLIENTS {
         t.internet
             .ip(&format!("addr add {}/24 dev eth0", target(i)))?;
@@ -254,18 +245,7 @@ fn four_native_clients_share_one_address_and_each_stays_in_its_port_set() -> Res
 
 #[test]
 fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.2",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-        "--share",
-        "4",
-    ];
-    args.extend_from_slice(NATIVE_ARGS);
-    let mut t = FourOverSix::start(&args)?;
+    let mut t = start()?;
     t.internet
         .ip(&format!("addr add {}/24 dev eth0", target(1)))?;
     let mut clients = Vec::new();
@@ -312,10 +292,7 @@ fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
     t.start_server()?;
     let out = ping.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let received: u32 = text
-        .split(',')
-        .find_map(|part| part.trim().strip_suffix(" received")?.parse().ok())
-        .ok_or_else(|| anyhow!("no ping summary in {text}"))?;
+    let received = tunnel_tests::ping_received(&out.stdout)?;
     eprintln!("{received}/300 pings answered around the server's SIGKILL and restart");
     assert!(received >= 295, "{received}/300 pings:\n{text}");
 
@@ -341,18 +318,7 @@ fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
 
 #[test]
 fn a_lan_behind_a_shared_lease_client_is_napted_into_its_port_set_too() -> Result<()> {
-    let mut args = vec![
-        "--pool",
-        "198.51.100.2-198.51.100.2",
-        "--gateway",
-        "198.51.100.1",
-        "--dns",
-        "192.0.2.53",
-        "--share",
-        "4",
-    ];
-    args.extend_from_slice(NATIVE_ARGS);
-    let mut t = FourOverSix::start(&args)?;
+    let mut t = start()?;
     t.internet
         .ip(&format!("addr add {}/24 dev eth0", target(1)))?;
     let ns = t.client_ns()?;

@@ -972,6 +972,21 @@ mod tests {
         out
     }
 
+    /// A native lease of `addr` bound to `endpoint`, as a restart finds it in the file.
+    fn restore_native(state: &mut State, addr: Ipv4Addr, endpoint: Ipv6Addr) {
+        let saved = SavedLease {
+            ipv4: addr,
+            client: IpAddr::V6(endpoint),
+            mode: Mode::Native,
+            since: "2026-12-01T00:00:00Z".into(),
+            tunnel: Some(endpoint),
+            psid: None,
+            psid_len: None,
+            psid_offset: None,
+        };
+        assert!(state.restore(&[saved], Duration::from_secs(30)).is_empty());
+    }
+
     fn lease_of(s: &mut Session, t: &mut impl Leases, now: Instant) -> Ipv4Addr {
         s.handle_frame(Frame::empty(MsgType::AddrRequest), now, t);
         drain(s);
@@ -1169,21 +1184,7 @@ mod tests {
         let mut t = table("198.51.100.7-198.51.100.7");
         let addr = Ipv4Addr::new(198, 51, 100, 7);
         let endpoint: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
-        let saved = SavedLease {
-            ipv4: addr,
-            client: IpAddr::V6(endpoint),
-            mode: Mode::Native,
-            since: "2026-12-01T00:00:00Z".into(),
-            tunnel: Some(endpoint),
-            psid: None,
-            psid_len: None,
-            psid_offset: None,
-        };
-        assert!(
-            t.state
-                .restore(&[saved], Duration::from_secs(30))
-                .is_empty()
-        );
+        restore_native(&mut t.state, addr, endpoint);
         let mut s = native_first(&lab, 1, &cfg(true, false), &mut t);
         assert_eq!(
             drain(&mut s).last(),
@@ -1493,21 +1494,7 @@ mod tests {
         let mut t = table("198.51.100.7-198.51.100.7");
         let addr = Ipv4Addr::new(198, 51, 100, 7);
         let endpoint: Ipv6Addr = CLIENT6.parse().unwrap();
-        let saved = SavedLease {
-            ipv4: addr,
-            client: IpAddr::V6(endpoint),
-            mode: Mode::Native,
-            since: "2026-12-01T00:00:00Z".into(),
-            tunnel: Some(endpoint),
-            psid: None,
-            psid_len: None,
-            psid_offset: None,
-        };
-        assert!(
-            t.state
-                .restore(&[saved], Duration::from_secs(30))
-                .is_empty()
-        );
+        restore_native(&mut t.state, addr, endpoint);
         let mut s = lab.session(1, CLIENT6, &cfg(true, false));
         assert_eq!(lease_of(&mut s, &mut t, lab.at(1)), addr);
         assert_eq!(
