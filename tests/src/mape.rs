@@ -65,6 +65,9 @@ pub struct MapeLab {
     pub internet: Ns,
     pub ce_instance: String,
     pub br_instance: String,
+    /// The CE's command line (to start it again the same way).
+    pub ce_args: Vec<String>,
+    from_config: bool,
 }
 
 impl MapeLab {
@@ -129,6 +132,7 @@ impl MapeLab {
         spawn(&mut lab, &br, &br_instance, &br_args)?;
         let ce_instance = lab.instance("ce");
         let (ea, offset) = (rule.ea_len.to_string(), rule.psid_offset.to_string());
+        let state_dir = lab.dir().join("state").display().to_string();
         let mut args = vec![
             "mape",
             "ce",
@@ -148,6 +152,8 @@ impl MapeLab {
             BR_ADDR,
             "--prefix",
             rule.prefix,
+            "--state-dir",
+            &state_dir,
         ];
         args.extend_from_slice(ce_extra);
         spawn(&mut lab, &ce, &ce_instance, &args)?;
@@ -159,7 +165,37 @@ impl MapeLab {
             internet,
             ce_instance,
             br_instance,
+            ce_args: args.iter().map(|a| a.to_string()).collect(),
+            from_config,
         })
+    }
+
+    /// SIGKILLs the CE and starts it again with the same command line.
+    pub fn kill_and_restart_ce(&mut self) -> Result<()> {
+        self.restart_ce(true)
+    }
+
+    /// Stops the CE (SIGKILL with `kill`, else SIGTERM: a clean stop that removes its pins)
+    /// and starts it again with the same command line.
+    pub fn restart_ce(&mut self, kill: bool) -> Result<()> {
+        let instance = self.ce_instance.clone();
+        let daemon = self
+            .lab
+            .daemon(&instance)
+            .ok_or_else(|| anyhow!("no CE daemon"))?;
+        if kill {
+            daemon.kill();
+        } else {
+            daemon.stop();
+        }
+        let args: Vec<&str> = self.ce_args.iter().map(String::as_str).collect();
+        let ce = self.ce.clone();
+        if self.from_config {
+            self.lab.spawn_daemon_from_config(&ce, &instance, &args)?;
+        } else {
+            self.lab.spawn_daemon(&ce, &instance, &args)?;
+        }
+        Ok(())
     }
 
     pub fn ce_stats(&self) -> Result<serde_json::Value> {

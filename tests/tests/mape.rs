@@ -622,3 +622,157 @@ fn the_ce_accepts_a_tunnel_encapsulation_limit_from_the_br() -> Result<()> {
     );
     Ok(())
 }
+
+/// The CE's TCP mapping of `lan_port` toward `remote_port`, as `nat --json` lists it.
+fn tcp_mapping(t: &MapeLab, remote_port: u16) -> Result<Option<serde_json::Value>> {
+    Ok(t.nat()?.into_iter().find(|m| {
+        m["proto"] == "tcp"
+            && m["remote"]
+                .as_str()
+                .is_some_and(|r| r.ends_with(&format!(":{remote_port}")))
+    }))
+}
+
+/// Issue 21, Done-when 5: a CE SIGKILLed in the middle of a 200 MB TCP transfer from the LAN
+/// and started again takes its mappings back from the pinned maps: the transfer completes
+/// byte-identical, and `nat --json` lists the same mapping.
+#[test]
+fn a_ce_killed_mid_transfer_and_restarted_keeps_the_flow_and_its_mapping() -> Result<()> {
+    let mut t = MapeLab::start(&RULE_252, &[])?;
+    let to = SocketAddr::from((INTERNET_HOST, 5201));
+    let (lan, internet) = (t.lan.clone(), t.internet.clone());
+    let transfer =
+        std::thread::spawn(move || tcp_transfer(&lan, &internet, to, 200 * 1024 * 1024, 21));
+    let before = wait_for("the transfer's mapping", Duration::from_secs(10), || {
+        tcp_mapping(&t, 5201)
+    })?;
+    t.kill_and_restart_ce()?;
+    let log = t.lab.daemon_log(&t.ce_instance).unwrap_or_default();
+    transfer
+        .join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))?
+        .context("the 200 MB transfer across the CE's restart")?;
+    let after = tcp_mapping(&t, 5201)?.context("the mapping after the restart")?;
+    for key in ["lan", "external_port", "remote", "kind"] {
+        assert_eq!(after[key], before[key], "{key}: {before} then {after}");
+    }
+    assert!(
+        log.contains("took back 1 NAPT mappings from the pinned maps"),
+        "the restarted CE's log:\n{log}"
+    );
+    Ok(())
+}
+
+/// Issue 21, Done-when 6: the port log answers "which LAN endpoint used external port P at
+/// time T" for a flow the test made, also after the CE was killed and started again.
+#[test]
+fn the_port_log_names_the_lan_endpoint_of_an_external_port_across_a_restart() -> Result<()> {
+    let log_file = std::env::temp_dir().join(format!("tunnel-ports-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log_file);
+    let log_arg = log_file.display().to_string();
+    let mut t = MapeLab::start(&RULE_252, &["--port-log", &log_arg, "--udp-timeout", "1s"])?;
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let stop = udp_echo(&t.internet, echo_at)?;
+    // The internet host sees the external port; the LAN host knows its own.
+    let seen = Capture::start(&t.internet, "eth0")?;
+    let lan_port = udp_roundtrip(&t.lan, echo_at, b"who am i")?;
+    let mid = std::time::SystemTime::now();
+    let ext = seen
+        .stop()?
+        .into_iter()
+        .find(|s| s.proto == 17 && s.src == SHARED)
+        .and_then(|s| s.port)
+        .context("the datagram at the internet host")?;
+    // The mapping ends (idle), then the CE is killed and started again.
+    wait_for("the mapping to expire", Duration::from_secs(10), || {
+        Ok(t.nat()?.is_empty().then_some(()))
+    })?;
+    t.kill_and_restart_ce()?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ask = |at: std::time::SystemTime| -> Result<serde_json::Value> {
+        let out = t.lab.ctl(&[
+            "portlog",
+            &log_arg,
+            "--port",
+            &ext.to_string(),
+            "--proto",
+            "udp",
+            "--at",
+            &humantime::format_rfc3339_micros(at).to_string(),
+            "--json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let then = ask(mid)?;
+    assert_eq!(
+        then[0]["lan"],
+        format!("{LAN_HOST}:{lan_port}"),
+        "who used {ext} at {mid:?}: {then}"
+    );
+    assert_eq!(then[0]["remote"], echo_at.to_string(), "{then}");
+    assert!(then[0]["end"].is_string(), "it ended (idle): {then}");
+    let now = ask(std::time::SystemTime::now())?;
+    assert_eq!(now, serde_json::json!([]), "nobody uses {ext} now");
+    let _ = std::fs::remove_file(&log_file);
+    Ok(())
+}
+
+/// Issue 21 (hitless restart): a CE stopped cleanly (its pins go) and started again
+/// re-creates its mappings from the state file: a UDP flow goes on with the same external
+/// port, and a port forward is a forward still.
+#[test]
+fn a_ce_stopped_and_started_again_re_creates_its_mappings_from_the_state_file() -> Result<()> {
+    let mut t = MapeLab::start(&RULE_252, &[])?;
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let stop = udp_echo(&t.internet, echo_at)?;
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let internet = t.internet.clone();
+    let roundtrip = |msg: &[u8]| -> Result<u16> {
+        let seen = Capture::start(&internet, "eth0")?;
+        sock.send_to(msg, echo_at)?;
+        let mut buf = [0u8; 64];
+        let (n, _) = sock.recv_from(&mut buf).context("no echo")?;
+        anyhow::ensure!(&buf[..n] == msg, "another echo");
+        seen.stop()?
+            .into_iter()
+            .find(|s| s.proto == 17 && s.src == SHARED)
+            .and_then(|s| s.port)
+            .context("the datagram at the internet host")
+    };
+    let before = roundtrip(b"before")?;
+    let nat_before = t.nat()?;
+    let state = t
+        .lab
+        .dir()
+        .join("state")
+        .join(format!("{}.nat.json", t.ce_instance));
+    wait_for("the state file", Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        Ok(text
+            .contains(&format!("\"external_port\":{before}"))
+            .then_some(()))
+    })?;
+    t.restart_ce(false)?;
+    let log = t.lab.daemon_log(&t.ce_instance).unwrap_or_default();
+    assert!(log.contains("re-created 1 NAPT mappings saved in"), "{log}");
+    assert_eq!(
+        roundtrip(b"after")?,
+        before,
+        "the same external port after the restart"
+    );
+    let strip = |v: Vec<serde_json::Value>| -> Vec<(String, String, String)> {
+        v.iter()
+            .map(|m| {
+                (
+                    m["lan"].to_string(),
+                    m["external_port"].to_string(),
+                    m["remote"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(t.nat()?), strip(nat_before));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}

@@ -166,6 +166,18 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     #[command(after_help = "Example:\n  tunnel-ctl nat --instance home --json")]
     Nat(QueryArgs),
 
+    /// Answer "who used external port P at time T" from a CE's port log (`mape ce
+    /// --port-log FILE`, and its rotated FILE.1): each mapping of that port in use then, with
+    /// its LAN endpoint, remote, start and end. Reads the files: works without the daemon.
+    ///
+    /// With --json: a list of objects with proto, lan, external_port, remote (null for
+    /// forwards and endpoint-independent mappings), kind, start, end (null: still in use).
+    #[command(
+        after_help = "Example:\n  tunnel-ctl portlog /var/log/tunnel/ports.log --port 4100 \\
+    --at 2026-12-01T21:30:00Z --proto tcp"
+    )]
+    Portlog(PortlogArgs),
+
     /// Manage a MAP-E CE's static port forwards at runtime.
     #[command(subcommand)]
     #[command(after_help = "Examples:
@@ -201,6 +213,34 @@ pub struct InstanceArg {
     /// Instance name: picks /run/tunnel/NAME.sock and /sys/fs/bpf/tunnel/NAME/.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_INSTANCE, value_parser = parse_instance)]
     pub instance: Instance,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PortlogArgs {
+    /// The port log (`mape ce --port-log`).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The external port asked about.
+    #[arg(long, value_name = "PORT")]
+    pub port: u16,
+
+    /// The moment asked about: RFC 3339 (`2026-12-01T21:30:00Z`; UTC when no offset).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub at: std::time::SystemTime,
+
+    /// Only this protocol.
+    #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+    pub proto: Option<String>,
+
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?}: {e} (RFC 3339, e.g. 2026-12-01T21:30:00Z)"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -683,6 +723,22 @@ pub struct MapeCeArgs {
     #[arg(long)]
     pub no_default_route: bool,
 
+    /// Where the NAPT mappings are saved (`<instance>.nat.json`), so that a restarted CE
+    /// takes them back and established flows continue (after a SIGKILL the pinned maps
+    /// keep them too).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
+    pub state_dir: PathBuf,
+
+    /// Log every mapping's start and end (time, protocol, LAN endpoint, external port,
+    /// remote) as JSON lines to FILE, for abuse requests: `tunnel-ctl portlog FILE --port P
+    /// --at TIME` answers who used a port when. Rotated to FILE.1 at --port-log-size.
+    #[arg(long, value_name = "FILE")]
+    pub port_log: Option<PathBuf>,
+
+    /// Size at which the port log is rotated (bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub port_log_size: u64,
+
     #[command(flatten)]
     pub instance: InstanceArg,
 
@@ -1005,6 +1061,9 @@ impl From<MapeCeArgs> for config::CeConfig {
             },
             tun: a.tun,
             no_default_route: a.no_default_route,
+            state_dir: a.state_dir,
+            port_log: a.port_log,
+            port_log_size: a.port_log_size,
             instance: a.instance.instance,
             metrics: a.metrics,
         }

@@ -94,6 +94,21 @@ fn main() -> ExitCode {
                 .map(|v| report::print(&v, q.json)),
             Command::Nat(q) => mgmt::request(&q.instance.instance, &Request::Nat)
                 .map(|v| report::print(&v, q.json)),
+            Command::Portlog(q) => {
+                tunnel_ctl::mape::portlog::query(&q.file, q.port, q.proto.as_deref(), q.at).map(
+                    |uses| {
+                        if uses.is_empty() && !q.json {
+                            println!(
+                                "nobody used external port {} at {}",
+                                q.port,
+                                humantime::format_rfc3339(q.at)
+                            );
+                        } else {
+                            report::print(&serde_json::json!(uses), q.json);
+                        }
+                    },
+                )
+            }
             Command::Forward(ForwardCommand::Add { spec, instance }) => {
                 mgmt::request(&instance.instance, &Request::ForwardAdd { forward: spec })
                     .map(|v| report::print(&v, false))

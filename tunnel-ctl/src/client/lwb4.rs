@@ -73,14 +73,19 @@ impl Lwb4 {
             enabled: 1,
             ..Default::default()
         };
-        let (dataplane, stale) = CeDataplane::start(
+        let (dataplane, adopted) = CeDataplane::start(
             at.pin_dir,
             &config,
             Table::new(&ranges, false),
             CeDevices::Lwb4 { v6: at.v6_dev },
+            &[],
+            crate::daemon::ce::mono_ns(),
         )?;
-        if stale > 0 {
-            info!("cleared {stale} NAPT map entries pinned by an earlier run");
+        if adopted.pinned > 0 {
+            info!(
+                "took back {} NAPT mappings of an earlier run",
+                adopted.pinned
+            );
         }
         let napt = Arc::new(Napt::new(
             lease,
@@ -90,6 +95,8 @@ impl Lwb4 {
             dataplane,
             tun,
             Softwire::open(local)?,
+            None,
+            false,
         ));
         let task = tokio::spawn(napt.clone().run());
         info!(

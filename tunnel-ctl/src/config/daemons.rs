@@ -143,6 +143,11 @@ pub struct CeConfig {
     pub timeouts: NatTimeouts,
     pub tun: String,
     pub no_default_route: bool,
+    /// Where `<instance>.nat.json` (the mappings) is saved.
+    pub state_dir: PathBuf,
+    /// `--port-log FILE`, rotated at `port_log_size` bytes.
+    pub port_log: Option<PathBuf>,
+    pub port_log_size: u64,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,
 }

@@ -21,7 +21,8 @@ use tunnel_common::{
 };
 
 use crate::mape::{
-    calc,
+    calc, portlog,
+    portlog::PortLog,
     rule::Mapping,
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
     translate::{self, Outbound},
@@ -65,7 +66,7 @@ counters! {
 }
 
 /// Monotonic clock in ns, the clock of `bpf_ktime_get_ns`.
-fn mono_ns() -> u64 {
+pub fn mono_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
@@ -88,6 +89,10 @@ pub struct Napt {
     pub softwire: Softwire,
     /// Last time an exhaustion was logged (they are counted always, logged once a second).
     exhaustion_logged: Mutex<Option<Instant>>,
+    /// `--port-log`: each mapping's start and end.
+    port_log: Option<PortLog>,
+    /// The mappings changed: the state file is due (None: no state file).
+    pub changed: Option<tokio::sync::Notify>,
 }
 
 impl Napt {
@@ -100,6 +105,8 @@ impl Napt {
         dataplane: CeDataplane,
         tun: Arc<AsyncDevice>,
         softwire: Softwire,
+        port_log: Option<PortLog>,
+        state_file: bool,
     ) -> Napt {
         Napt {
             ipv4,
@@ -112,6 +119,39 @@ impl Napt {
             tun,
             softwire,
             exhaustion_logged: Mutex::new(None),
+            port_log,
+            changed: state_file.then(tokio::sync::Notify::new),
+        }
+    }
+
+    /// Adds a port forward (see [`CeDataplane::add_forward`]), logged.
+    pub fn add_forward(&self, spec: &crate::mape::ForwardSpec) -> Result<Vec<Entry>> {
+        let added = self.dataplane.add_forward(spec)?;
+        for e in &added {
+            self.log_mapping(e, true, None);
+        }
+        Ok(added)
+    }
+
+    /// Removes the forward of `port`/`proto`, logged.
+    pub fn remove_forward(&self, port: u16, proto: u8) -> Option<Entry> {
+        let e = self.dataplane.remove_forward(port, proto)?;
+        self.log_mapping(&e, false, Some("removed"));
+        Some(e)
+    }
+
+    /// A mapping started or ended: the port log says so, the state file is due.
+    pub fn log_mapping(&self, entry: &Entry, start: bool, reason: Option<&str>) {
+        if let Some(log) = &self.port_log {
+            log.record(&portlog::Event::of(
+                entry,
+                start,
+                reason,
+                std::time::SystemTime::now(),
+            ));
+        }
+        if let Some(changed) = &self.changed {
+            changed.notify_one();
         }
     }
 
@@ -176,19 +216,19 @@ impl Ce {
         let remove = |specs: &[crate::mape::ForwardSpec]| {
             for spec in specs {
                 for &proto in &spec.protos {
-                    self.napt.dataplane.remove_forward(spec.ext_port, proto);
+                    self.napt.remove_forward(spec.ext_port, proto);
                 }
             }
         };
         remove(&gone);
         let mut done = Vec::new();
         for spec in &added {
-            match self.napt.dataplane.add_forward(spec) {
+            match self.napt.add_forward(spec) {
                 Ok(_) => done.push(spec.clone()),
                 Err(e) => {
                     remove(&done);
                     for g in &gone {
-                        let _ = self.napt.dataplane.add_forward(g);
+                        let _ = self.napt.add_forward(g);
                     }
                     return Err(format!("--forward {}: {e:#}", spec.ext_port));
                 }
@@ -305,7 +345,7 @@ impl Handler for Ce {
                 rows.sort_by_key(|r| (r.external_port, r.proto));
                 Response::Ok(Reply::Forwards(rows))
             }
-            Request::ForwardAdd { forward } => match self.napt.dataplane.add_forward(&forward) {
+            Request::ForwardAdd { forward } => match self.napt.add_forward(&forward) {
                 Ok(added) => {
                     for e in &added {
                         info!("forward added: {}", describe(e));
@@ -317,7 +357,7 @@ impl Handler for Ce {
             Request::ForwardDel { port } => {
                 let mut removed = Vec::new();
                 for &proto in &port.protos {
-                    if let Some(e) = self.napt.dataplane.remove_forward(port.ext_port, proto) {
+                    if let Some(e) = self.napt.remove_forward(port.ext_port, proto) {
                         info!("forward removed: {}", describe(&e));
                         removed.push(describe(&e));
                     }
@@ -365,9 +405,18 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
     }
     tundev::ensure_ipv4_forwarding("the LAN is routed into MAP-E")?;
 
+    crate::server::persist::ensure_writable(&args.state_dir)?;
+    let state_path = nat_state::path(&args.state_dir, instance.name());
+    let saved = nat_state::load(&state_path);
+    let port_log = args
+        .port_log
+        .as_deref()
+        .map(|p| PortLog::open(p, args.port_log_size))
+        .transpose()?;
+
     let pin_dir = instance.pin_dir();
     let _pins = PinGuard(Some(pin_dir.clone()));
-    let (dataplane, stale) = CeDataplane::start(
+    let (dataplane, adopted) = CeDataplane::start(
         &pin_dir,
         &TunnelConfig {
             local: mapping.ce_ipv6.octets(),
@@ -386,9 +435,28 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
             lan: &args.lan,
             wan: &args.wan,
         },
+        &saved,
+        mono_ns(),
     )?;
-    if stale > 0 {
-        info!("cleared {stale} NAPT map entries pinned by an earlier run");
+    if adopted.pinned > 0 {
+        info!(
+            "took back {} NAPT mappings from the pinned maps of an earlier run (their flows \
+             went on meanwhile)",
+            adopted.pinned
+        );
+    } else if adopted.saved > 0 {
+        info!(
+            "re-created {} NAPT mappings saved in {}",
+            adopted.saved,
+            state_path.display()
+        );
+    }
+    if adopted.removed > 0 {
+        info!(
+            "removed {} pinned NAPT map entries this CE cannot take back (outside its port \
+             set now, or half a mapping)",
+            adopted.removed
+        );
     }
     let softwire = Softwire::open(mapping.ce_ipv6)?;
 
@@ -400,6 +468,8 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
         dataplane,
         tun,
         softwire,
+        port_log,
+        true,
     ));
     let ce = Arc::new(Ce {
         napt,
@@ -435,7 +505,14 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
         args.wan,
         args.lan
     );
-    daemon.run(ce.napt.clone().run(), "stopping").await;
+    let work = async {
+        tokio::select! {
+            () = ce.napt.clone().run() => {}
+            () = nat_state::writer(&ce.napt, &state_path) => {}
+        }
+    };
+    daemon.run(work, "stopping").await;
+    nat_state::save_now(&ce.napt, &state_path);
     Ok(())
 }
 
@@ -482,6 +559,7 @@ async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
         FlowMapping::Created(entry) => {
             stats.mappings_created.inc();
             debug!("new mapping {}", describe(&entry));
+            ce.log_mapping(&entry, true, None);
             entry
         }
         FlowMapping::MapFull(entry, e) => {
@@ -554,6 +632,147 @@ async fn expire(ce: Arc<Napt>) {
         for e in expired {
             ce.stats.mappings_expired.inc();
             debug!("mapping expired: {}", describe(&e));
+            ce.log_mapping(&e, false, Some("idle"));
+        }
+    }
+}
+
+/// `<state-dir>/<instance>.nat.json`: the CE's mappings, so that a restarted CE takes them
+/// back (with the pinned maps after a SIGKILL they only give each mapping its kind; after a
+/// clean stop they are all there is).
+mod nat_state {
+    use std::{
+        net::SocketAddrV4,
+        path::{Path, PathBuf},
+        time::Duration,
+    };
+
+    use serde::{Deserialize, Serialize};
+    use tracing::warn;
+    use tunnel_common::{fastpath::v4_key, mape::NatKey};
+
+    use super::Napt;
+    use crate::{
+        dataplane::ce::Saved,
+        mape::table::{ICMP, Kind, TCP, UDP},
+    };
+
+    const VERSION: u32 = 1;
+
+    #[derive(Serialize, Deserialize)]
+    struct File {
+        version: u32,
+        mappings: Vec<Mapping>,
+    }
+
+    /// As `nat --json` names things.
+    #[derive(Serialize, Deserialize)]
+    struct Mapping {
+        proto: String,
+        lan: SocketAddrV4,
+        external_port: u16,
+        /// None: any remote (forwards, endpoint-independent UDP).
+        remote: Option<SocketAddrV4>,
+        kind: String,
+    }
+
+    pub fn path(dir: &Path, instance: &str) -> PathBuf {
+        dir.join(format!("{instance}.nat.json"))
+    }
+
+    /// The saved mappings; none when the file is missing or unreadable (with a warning).
+    pub fn load(path: &Path) -> Vec<Saved> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                warn!("{}: {e}; starting without saved mappings", path.display());
+                return Vec::new();
+            }
+        };
+        let file: File = match serde_json::from_str(&text) {
+            Ok(
+                f @ File {
+                    version: VERSION, ..
+                },
+            ) => f,
+            Ok(f) => {
+                warn!(
+                    "{}: format version {} (this CE reads {VERSION}); starting without saved mappings",
+                    path.display(),
+                    f.version
+                );
+                return Vec::new();
+            }
+            Err(e) => {
+                warn!("{}: {e}; starting without saved mappings", path.display());
+                return Vec::new();
+            }
+        };
+        file.mappings
+            .into_iter()
+            .filter_map(|m| {
+                let proto = match m.proto.as_str() {
+                    "tcp" => TCP,
+                    "udp" => UDP,
+                    "icmp" => ICMP,
+                    _ => return None,
+                };
+                let kind = match m.kind.as_str() {
+                    "forward" => Kind::Forward,
+                    "endpoint-independent" => Kind::EndpointIndependent,
+                    _ => Kind::Dynamic,
+                };
+                let (remote_ip, remote_port) =
+                    m.remote.map_or((0, 0), |r| (v4_key(*r.ip()), r.port()));
+                Some(Saved {
+                    out_key: NatKey {
+                        local_ip: v4_key(*m.lan.ip()),
+                        remote_ip,
+                        local_port: m.lan.port(),
+                        remote_port,
+                        proto,
+                        _pad: [0; 3],
+                    },
+                    ext_port: m.external_port,
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the table now.
+    pub fn save_now(napt: &Napt, path: &Path) {
+        let mappings = napt.dataplane.with_table(|t| {
+            t.entries()
+                .map(|e| Mapping {
+                    proto: crate::mape::table::proto_name(e.proto()).to_owned(),
+                    lan: e.lan(),
+                    external_port: e.ext_port,
+                    remote: e.remote(),
+                    kind: e.kind.as_str().to_owned(),
+                })
+                .collect::<Vec<_>>()
+        });
+        let text = serde_json::to_vec(&File {
+            version: VERSION,
+            mappings,
+        })
+        .unwrap_or_default();
+        if let Err(e) = crate::server::persist::write_atomic(path, &text) {
+            warn!("saving the NAPT mappings: {e:#}");
+        }
+    }
+
+    /// Saves the table at most once a second while it changes.
+    pub async fn writer(napt: &Napt, path: &Path) {
+        let Some(changed) = &napt.changed else {
+            return std::future::pending().await;
+        };
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            save_now(napt, path);
         }
     }
 }

@@ -91,6 +91,68 @@ impl Nat {
     }
 }
 
+/// A mapping as the state file keeps it: its outbound key, external port and kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    pub out_key: tunnel_common::mape::NatKey,
+    pub ext_port: u16,
+    pub kind: Kind,
+}
+
+/// What [`CeDataplane::start`] took back from an earlier run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Mappings found in the pinned maps and kept.
+    pub pinned: usize,
+    /// Mappings re-created from the state file (nothing was pinned).
+    pub saved: usize,
+    /// Map entries removed: outside the port set now, half of a mapping, or conflicting.
+    pub removed: usize,
+}
+
+/// The table and the maps agree afterwards: every pinned mapping the table can take is
+/// kept (with its activity), the rest removed; with nothing pinned, `saved` is installed.
+fn adopt(table: &mut Table, nat: &mut NatMaps, saved: &[Saved], now_ns: u64) -> Result<Adopted> {
+    let mut a = Adopted::default();
+    let pinned = nat.pinned();
+    let kind_of = |k: &tunnel_common::mape::NatKey| {
+        saved
+            .iter()
+            .find(|s| s.out_key == *k)
+            .map_or(Kind::Dynamic, |s| s.kind)
+    };
+    for (out_key, out, in_key, inb) in &pinned {
+        let whole =
+            inb.is_some_and(|i| (i.lan_ip, i.lan_port) == (out_key.local_ip, out_key.local_port));
+        let kept = whole
+            && table
+                .adopt(*out_key, out.ext_port, kind_of(out_key), now_ns)
+                .is_ok();
+        if kept {
+            a.pinned += 1;
+        } else {
+            nat.remove(out_key, in_key)?;
+            a.removed += 1;
+        }
+    }
+    let live: std::collections::HashSet<tunnel_common::mape::NatKey> =
+        table.entries().map(|e| e.in_key).collect();
+    a.removed += nat.retain_inbound(|k| live.contains(k))?;
+    if pinned.is_empty() {
+        for s in saved {
+            if let Ok(e) = table.adopt(s.out_key, s.ext_port, s.kind, now_ns) {
+                let (out, inb) = map_values(&e);
+                if nat.insert(e.out_key, out, e.in_key, inb).is_ok() {
+                    a.saved += 1;
+                } else {
+                    table.remove(&e.out_key);
+                }
+            }
+        }
+    }
+    Ok(a)
+}
+
 fn map_values(entry: &Entry) -> (NatOut, NatIn) {
     (
         NatOut {
@@ -111,19 +173,23 @@ pub struct CeDataplane {
 }
 
 impl CeDataplane {
-    /// Loads (re-adopting pins in `pin_dir`), empties the NAPT maps an earlier run left (their
-    /// table is gone with it), writes `config`, attaches. Returns the handle and how many
-    /// stale entries went.
+    /// Loads (re-adopting pins in `pin_dir`), takes back the NAPT mappings an earlier run
+    /// left in the pinned maps (so that a CE killed and started again keeps its flows: the
+    /// programs went on translating meanwhile) or, with none pinned, those `saved` lists
+    /// (a clean restart), writes `config`, attaches. `saved` also gives the kind of each
+    /// pinned mapping (a forward or an endpoint-independent one look alike in the maps).
     pub fn start(
         pin_dir: &Path,
         config: &TunnelConfig,
-        table: Table,
+        mut table: Table,
         devices: CeDevices<'_>,
-    ) -> Result<(CeDataplane, usize)> {
+        saved: &[Saved],
+        now_ns: u64,
+    ) -> Result<(CeDataplane, Adopted)> {
         let mut ebpf = super::load(pin_dir)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let mut nat = NatMaps::take(&mut ebpf)?;
-        let stale = nat.clear()?;
+        let adopted = adopt(&mut table, &mut nat, saved, now_ns)?;
         maps.set_config(config)?;
         for (program, dev, direction) in devices.attachments() {
             tc::attach_pinned(&mut ebpf, program, dev, direction, pin_dir)?;
@@ -132,7 +198,7 @@ impl CeDataplane {
             ebpf: Mutex::new(ebpf),
             nat: Mutex::new(Nat { table, maps: nat }),
         };
-        Ok((dp, stale))
+        Ok((dp, adopted))
     }
 
     fn nat(&self) -> std::sync::MutexGuard<'_, Nat> {

@@ -72,17 +72,39 @@ impl NatMaps {
         }
     }
 
-    /// Removes every entry (left pinned by an earlier run); returns how many there were.
-    pub fn clear(&mut self) -> Result<usize> {
-        let out: Vec<NatKey> = self.out.keys().filter_map(Result::ok).collect();
-        let inb: Vec<NatKey> = self.inb.keys().filter_map(Result::ok).collect();
-        for k in &out {
-            ok_if_gone(self.out.remove(k))?;
-        }
-        for k in &inb {
+    /// Every outbound entry with its inbound half, as an earlier run left them pinned:
+    /// (outbound key, external port, inbound key, inbound value when present).
+    pub fn pinned(&self) -> Vec<(NatKey, NatOut, NatKey, Option<NatIn>)> {
+        self.out
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let in_key = NatKey {
+                    local_ip: 0,
+                    remote_ip: k.remote_ip,
+                    local_port: v.ext_port,
+                    remote_port: k.remote_port,
+                    proto: k.proto,
+                    _pad: [0; 3],
+                };
+                let inb = self.inb.get(&in_key, 0).ok();
+                (k, v, in_key, inb)
+            })
+            .collect()
+    }
+
+    /// Removes the inbound entries whose key `keep` refuses; returns how many went.
+    pub fn retain_inbound(&mut self, keep: impl Fn(&NatKey) -> bool) -> Result<usize> {
+        let gone: Vec<NatKey> = self
+            .inb
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k))
+            .collect();
+        for k in &gone {
             ok_if_gone(self.inb.remove(k))?;
         }
-        Ok(out.len() + inb.len())
+        Ok(gone.len())
     }
 
     /// Number of entries (outbound, inbound).

@@ -316,6 +316,21 @@ impl Table {
         if !self.in_set(port) {
             return Err(self.outside_set(port));
         }
+        let key = NatKey {
+            local_ip: v4_key(*lan.ip()),
+            remote_ip: 0,
+            local_port: lan.port(),
+            remote_port: 0,
+            proto,
+            _pad: [0; 3],
+        };
+        // The same forward, taken back after a restart (adopted as a wildcard mapping).
+        if let Some(e) = self.entries.get_mut(&key)
+            && e.ext_port == port
+        {
+            e.kind = Kind::Forward;
+            return Ok(e.clone());
+        }
         if let Some(u) = self.ports.get(&(proto, port)) {
             if u.wildcard {
                 let to = self
@@ -336,14 +351,6 @@ impl Table {
                 flows: u.remotes.len(),
             });
         }
-        let key = NatKey {
-            local_ip: v4_key(*lan.ip()),
-            remote_ip: 0,
-            local_port: lan.port(),
-            remote_port: 0,
-            proto,
-            _pad: [0; 3],
-        };
         if let Some(old) = self.entries.get(&key) {
             return Err(TableError::AlreadyForwarded {
                 port: old.ext_port,
@@ -352,6 +359,47 @@ impl Table {
             });
         }
         Ok(self.insert(key, port, Kind::Forward, 0))
+    }
+
+    /// Takes back a mapping an earlier run made (found in the pinned maps or the state
+    /// file): `out_key` → external `port`, of `kind`. Err when the port is outside this
+    /// table's set (the rule changed) or taken in a way the mapping cannot share.
+    pub fn adopt(
+        &mut self,
+        out_key: NatKey,
+        port: u16,
+        kind: Kind,
+        now_ns: u64,
+    ) -> Result<Entry, TableError> {
+        if !self.in_set(port) || port == 0 {
+            return Err(self.outside_set(port));
+        }
+        let wildcard = out_key.remote_ip == 0 && out_key.remote_port == 0;
+        if self.entries.contains_key(&out_key) {
+            return Err(TableError::InUse {
+                port,
+                proto: proto_name(out_key.proto),
+                flows: 1,
+            });
+        }
+        if let Some(u) = self.ports.get(&(out_key.proto, port))
+            && (u.wildcard
+                || (wildcard && !u.remotes.is_empty())
+                || u.remotes
+                    .contains(&(out_key.remote_ip, out_key.remote_port)))
+        {
+            return Err(TableError::InUse {
+                port,
+                proto: proto_name(out_key.proto),
+                flows: u.remotes.len().max(1),
+            });
+        }
+        let kind = match kind {
+            Kind::Forward | Kind::EndpointIndependent if wildcard => kind,
+            _ if wildcard => Kind::EndpointIndependent,
+            _ => Kind::Dynamic,
+        };
+        Ok(self.insert(out_key, port, kind, now_ns))
     }
 
     /// Removes the forward on external `port`/`proto`.

@@ -105,15 +105,23 @@ pub fn ensure_writable(dir: &Path) -> Result<()> {
 
 /// Writes the leases atomically (temporary file + fsync + rename).
 pub fn save(path: &Path, leases: &[SavedLease]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(&File {
         version: VERSION,
         leases: leases.to_vec(),
     })?;
+    write_atomic(path, &text)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new file whole: a temporary
+/// file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&text)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
