@@ -776,3 +776,26 @@ fn a_ce_stopped_and_started_again_re_creates_its_mappings_from_the_state_file() 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
+
+/// Issue 21, Done-when 4 (second half): a UDP datagram from the internet to a forwarded
+/// port whose LAN service is closed returns the LAN host's ICMP port unreachable, translated
+/// (quoted packet included) so that the internet host's socket sees "connection refused".
+#[test]
+fn a_closed_forwarded_port_answers_port_unreachable_that_the_sender_matches() -> Result<()> {
+    let forward = format!("1680={LAN_HOST}:5000/udp");
+    let t = MapeLab::start(&RULE_252, &["--forward", &forward])?;
+    let sock = t
+        .internet
+        .enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.connect(SocketAddrV4::new(SHARED, 1680))?;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    sock.send(b"anyone there?")?;
+    let mut buf = [0u8; 64];
+    match sock.recv(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => bail!("expected connection refused (ICMP port unreachable), got {other:?}"),
+    }
+    let stats = t.ce_stats()?;
+    assert_eq!(counter(&stats, "slowpath_out_icmp_errors"), 1, "{stats}");
+    Ok(())
+}

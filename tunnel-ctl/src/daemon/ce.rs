@@ -47,6 +47,7 @@ counters! {
     pub struct CeStats {
         slowpath_out_packets,
         slowpath_in_icmp_errors,
+        slowpath_out_icmp_errors,
         mappings_created,
         mappings_expired,
         port_exhausted,
@@ -550,7 +551,7 @@ async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
     let flow = match translate::outbound(pkt) {
         Outbound::Flow(flow) => flow,
         Outbound::Fragment => return stats.drop_fragment_out.inc(),
-        Outbound::IcmpError => return stats.drop_outbound_icmp_error.inc(),
+        Outbound::IcmpError => return icmp_error_out(ce, pkt).await,
         Outbound::Unsupported => return stats.drop_unsupported_protocol.inc(),
         Outbound::Malformed => return stats.drop_malformed_packet.inc(),
     };
@@ -605,6 +606,25 @@ async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
     {
         Sent::Whole => stats.slowpath_out_packets.inc(),
         Sent::Fragmented => stats.slowpath_fragmented.inc(),
+        Sent::TooBig(_) | Sent::Unfragmentable => stats.drop_unfragmentable.inc(),
+        Sent::Failed => stats.drop_send_error.inc(),
+    }
+}
+
+/// An ICMP error from a LAN host about a mapped flow: translated (its quoted packet too)
+/// and sent to the BR; without a mapping it is dropped and counted.
+async fn icmp_error_out(ce: &Napt, pkt: &mut [u8]) {
+    let stats = &ce.stats;
+    let ok = ce.dataplane.with_table(|table| {
+        translate::translate_icmp_error_out(pkt, ce.ipv4, |proto, lan, remote| {
+            table.outbound(proto, lan, remote).map(|e| e.ext_port)
+        })
+    });
+    let Some(IpAddr::V4(remote)) = packet::destination(pkt).filter(|_| ok) else {
+        return stats.drop_outbound_icmp_error.inc();
+    };
+    match ce.softwire.send_fitted(ce.br, pkt, ce.inner_mtu, remote) {
+        Sent::Whole | Sent::Fragmented => stats.slowpath_out_icmp_errors.inc(),
         Sent::TooBig(_) | Sent::Unfragmentable => stats.drop_unfragmentable.inc(),
         Sent::Failed => stats.drop_send_error.inc(),
     }

@@ -416,6 +416,25 @@ impl Table {
         Ok(self.remove(&key).expect("found above"))
     }
 
+    /// The mapping of LAN endpoint `lan` toward `remote` (exact, else its wildcard).
+    pub fn outbound(&self, proto: u8, lan: SocketAddrV4, remote: SocketAddrV4) -> Option<&Entry> {
+        let key = NatKey {
+            local_ip: v4_key(*lan.ip()),
+            remote_ip: v4_key(*remote.ip()),
+            local_port: lan.port(),
+            remote_port: remote.port(),
+            proto,
+            _pad: [0; 3],
+        };
+        self.entries.get(&key).or_else(|| {
+            self.entries.get(&NatKey {
+                remote_ip: 0,
+                remote_port: 0,
+                ..key
+            })
+        })
+    }
+
     /// The mapping that inbound packets from `remote` to external `port` use.
     pub fn inbound(&self, proto: u8, port: u16, remote: SocketAddrV4) -> Option<&Entry> {
         let exact = (v4_key(*remote.ip()), remote.port());

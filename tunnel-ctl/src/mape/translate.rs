@@ -161,6 +161,58 @@ pub fn translate_icmp_error_in(
     true
 }
 
+/// An ICMP error from a LAN host (a port unreachable for a forwarded port, a time exceeded)
+/// about a packet that came in through a mapping: the source becomes `addr`, and inside the
+/// quoted packet (remote → LAN host) the destination becomes `addr` and the external port,
+/// using `lookup(proto, LAN endpoint, remote)` → external port, so that the remote matches
+/// it to its own socket. False when no mapping matches.
+pub fn translate_icmp_error_out(
+    pkt: &mut [u8],
+    addr: Ipv4Addr,
+    lookup: impl Fn(u8, SocketAddrV4, SocketAddrV4) -> Option<u16>,
+) -> bool {
+    let Some((h, ihl)) = header(pkt) else {
+        return false;
+    };
+    let total = usize::from(h.total_len());
+    if h.protocol().0 != ICMP || !pkt.get(ihl).is_some_and(|t| ICMP_ERRORS.contains(t)) {
+        return false;
+    }
+    let q = ihl + 8;
+    let Some((qh, qihl)) = Ipv4HeaderSlice::from_slice(pkt.get(q..total).unwrap_or(&[]))
+        .ok()
+        .map(|s| {
+            let len = s.slice().len();
+            (s, len)
+        })
+    else {
+        return false;
+    };
+    let (qproto, qsrc, qdst) = (qh.protocol().0, qh.source_addr(), qh.destination_addr());
+    let ql4 = q + qihl;
+    // TCP and UDP only: an echo request from outside is not something a LAN host answers
+    // with an error through a mapping.
+    let (remote_port, lan_port) = match qproto {
+        TCP | UDP => match u16_at(pkt, ql4).zip(u16_at(pkt, ql4 + 2)) {
+            Some(p) => p,
+            None => return false,
+        },
+        _ => return false,
+    };
+    let lan = SocketAddrV4::new(qdst, lan_port);
+    let Some(ext) = lookup(qproto, lan, SocketAddrV4::new(qsrc, remote_port)) else {
+        return false;
+    };
+    pkt[12..16].copy_from_slice(&addr.octets());
+    pkt[q + 16..q + 20].copy_from_slice(&addr.octets());
+    pkt[ql4 + 2..ql4 + 4].copy_from_slice(&ext.to_be_bytes());
+    pkt[q + 10..q + 12].fill(0);
+    let c = checksum(&pkt[q..q + qihl], 0);
+    pkt[q + 10..q + 12].copy_from_slice(&c.to_be_bytes());
+    fix_checksums(&mut pkt[..total], ihl, ICMP);
+    true
+}
+
 /// Recomputes the IPv4 header checksum and the transport checksum (TCP, UDP unless it was
 /// 0, ICMP).
 fn fix_checksums(pkt: &mut [u8], ihl: usize, proto: u8) {
