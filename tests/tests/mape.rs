@@ -540,7 +540,7 @@ fn the_br_decapsulates_behind_options_and_never_bounces_what_it_does_not_take() 
     Ok(())
 }
 
-/// Issue 18 item 3: `traceroute -n` (UDP) from the LAN host shows every hop: the CE
+/// Issue 18 item 3: `traceroute -n` (UDP, and ICMP with -I) from the LAN host shows every hop: the CE
 /// (198.51.100.1), the BR (192.0.2.1: its time-exceeded goes back through the softwire to
 /// the CE that the quoted packet's source port selects) and the internet host.
 #[test]
@@ -551,23 +551,24 @@ fn traceroute_from_the_lan_shows_the_br_hop() -> Result<()> {
         ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
     }
     let before = t.br_stats()?;
-    let out = t.lan.run(&[
-        "traceroute",
-        "-n",
-        "-q",
-        "1",
-        "-w",
-        "2",
-        "-m",
-        "5",
-        &INTERNET_HOST.to_string(),
-    ])?;
-    let hops: Vec<String> = out
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        .collect();
-    assert_eq!(hops, ["198.51.100.1", "192.0.2.1", "192.0.2.2"], "{out}");
+    let host = INTERNET_HOST.to_string();
+    // UDP probes (the host answers port unreachable), then ICMP echo (issue 21 Done-when 4).
+    for probe in [&[][..], &["-I"]] {
+        let mut argv = vec!["traceroute", "-n", "-q", "1", "-w", "2", "-m", "5"];
+        argv.extend_from_slice(probe);
+        argv.push(&host);
+        let out = t.lan.run(&argv)?;
+        let hops: Vec<String> = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect();
+        assert_eq!(
+            hops,
+            ["198.51.100.1", "192.0.2.1", "192.0.2.2"],
+            "{probe:?}: {out}"
+        );
+    }
     let after = t.br_stats()?;
     assert_eq!(
         stat(&after, "drop_slowpath_no_port"),
