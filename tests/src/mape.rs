@@ -367,7 +367,7 @@ pub fn udp_echo(ns: &Ns, addr: SocketAddrV4) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         while !flag.load(Ordering::Relaxed) {
             if let Ok((n, from)) = sock.recv_from(&mut buf) {
                 let _ = sock.send_to(&buf[..n], from);

@@ -800,3 +800,167 @@ fn a_closed_forwarded_port_answers_port_unreachable_that_the_sender_matches() ->
     assert_eq!(counter(&stats, "slowpath_out_icmp_errors"), 1, "{stats}");
     Ok(())
 }
+
+/// What the internet host sees of one IPv4 packet toward it: source, fragment offset
+/// (bytes), more-fragments, and the source port (ICMP echo id) when the transport header is
+/// in it.
+#[derive(Clone, Debug)]
+struct Piece {
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    offset: u16,
+    more: bool,
+    port: Option<u16>,
+}
+
+fn piece(frame: &[u8]) -> Option<Piece> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let frags = u16::from_be_bytes([ip[6], ip[7]]);
+    let offset = (frags & 0x1fff) * 8;
+    let l4 = ip.get(ihl..)?;
+    let port = match (offset, ip[9]) {
+        (0, 6 | 17) => Some(u16::from_be_bytes([*l4.first()?, *l4.get(1)?])),
+        (0, 1) => Some(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?])),
+        _ => None,
+    };
+    Some(Piece {
+        src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        offset,
+        more: frags & 0x2000 != 0,
+        port,
+    })
+}
+
+/// A UDP datagram `src` → `dst` with `payload`, as IPv4 fragments of at most 1,400 bytes of
+/// payload each (DF clear, id `id`).
+fn udp_fragments(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], id: u16) -> Vec<Vec<u8>> {
+    let mut udp = Vec::new();
+    etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port())
+        .write(&mut udp, payload)
+        .expect("a UDP packet");
+    let l4 = &udp[20..];
+    l4.chunks(1400)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut h = etherparse::Ipv4Header::new(
+                chunk.len() as u16,
+                64,
+                etherparse::IpNumber::UDP,
+                src.ip().octets(),
+                dst.ip().octets(),
+            )
+            .expect("a header");
+            h.identification = id;
+            h.dont_fragment = false;
+            h.more_fragments = (i + 1) * 1400 < l4.len();
+            h.fragment_offset = etherparse::IpFragOffset::try_new((i * 1400 / 8) as u16).unwrap();
+            h.header_checksum = h.calc_header_checksum();
+            let mut out = h.to_bytes().to_vec();
+            out.extend_from_slice(chunk);
+            out
+        })
+        .collect()
+}
+
+/// Sends whole IPv4 packets (headers included) from a raw socket in `ns`.
+fn send_raw_ipv4(ns: &tunnel_tests::Ns, packets: &[Vec<u8>]) -> Result<()> {
+    ns.enter(|| -> Result<()> {
+        // SAFETY: plain socket(2); closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        for p in packets {
+            let dst = std::net::Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(dst).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: valid buffer and address of the sizes given.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    (&sin as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            anyhow::ensure!(n >= 0, "sendto: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        Ok(())
+    })?
+}
+
+/// Issue 21, Done-when 1: from the LAN host a 3,000-byte ping and a 4,000-byte UDP datagram
+/// with its 4,000-byte echo (fragmented on the internet side, through the BR) arrive whole,
+/// also when the LAN host sends the fragments last first; the internet host sees the shared
+/// address on every fragment and a port of the set on every first one.
+#[test]
+fn fragmented_datagrams_cross_the_ce_and_the_br_whole_both_ways() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let stop = udp_echo(&t.internet, echo_at)?;
+    let seen = Capture::start_with(&t.internet, "eth0", piece)?;
+
+    let (pings, text) =
+        t.lan
+            .ping_with(&["-s", "3000", "-M", "dont"], &INTERNET_HOST.to_string(), 3)?;
+    assert_eq!(pings, Some(3), "ping -s 3000:\n{text}");
+
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let big: Vec<u8> = (0..4000u32).map(|i| (i * 7) as u8).collect();
+    let mut buf = vec![0u8; 8192];
+    for order in ["in order", "last fragment first"] {
+        if order == "in order" {
+            sock.send_to(&big, echo_at)?;
+        } else {
+            let port = sock.local_addr()?.port();
+            let mut frags = udp_fragments(SocketAddrV4::new(LAN_HOST, port), echo_at, &big, 0x4242);
+            frags.reverse();
+            send_raw_ipv4(&t.lan, &frags)?;
+        }
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .with_context(|| format!("no 4,000-byte echo ({order})"))?;
+        assert_eq!(n, big.len(), "the echo's length, {order}");
+        assert!(buf[..n] == big[..], "the echo's bytes differ, {order}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let toward: Vec<Piece> = seen
+        .stop()?
+        .into_iter()
+        .filter(|p| p.dst == INTERNET_HOST)
+        .collect();
+    let fragments = toward.iter().filter(|p| p.offset > 0 || p.more).count();
+    assert!(
+        fragments >= 3 * 3 + 2 * 3,
+        "only {fragments} fragments at the internet host"
+    );
+    for p in &toward {
+        assert_eq!(p.src, SHARED, "{p:?}");
+        if let Some(port) = p.port {
+            assert!(in_set_252(port), "{p:?}");
+        }
+    }
+    let (ce, br) = (t.ce_stats()?, t.br_stats()?);
+    assert!(counter(&ce, "fragments_reassembled") >= 3 + 2, "{ce}");
+    assert!(
+        counter(&br, "fragments_reassembled") >= 2,
+        "the echoes came in fragments: {br}"
+    );
+    Ok(())
+}

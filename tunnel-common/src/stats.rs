@@ -102,7 +102,8 @@ counters! {
     CeNaptOut = "mape_ce_napt_out_packets",
     /// MAP-E CE: packets from the BR decapsulated and translated back to a LAN host.
     CeNaptIn = "mape_ce_napt_in_packets",
-    /// MAP-E CE: ICMP errors from the BR handed to the controller (they need the flow table).
+    /// MAP-E CE: ICMP errors and fragments from the BR handed to the controller (they need
+    /// the flow table, or reassembly).
     CeSlowPathIn = "mape_ce_slowpath_in_packets",
     /// lwB4 (native client on a shared lease): outbound packets without a mapping (or too
     /// big, or fragments) handed to the controller's TUN.
@@ -111,8 +112,8 @@ counters! {
     CeDropInNoMapping = "mape_ce_drop_in_no_mapping",
     /// MAP-E CE: IPv4-in-IPv6 to our address whose outer source is not the BR: dropped.
     CeDropNotFromBr = "mape_ce_drop_not_from_br",
-    /// MAP-E CE: inbound non-first IPv4 fragments (no ports to map): dropped.
-    CeDropFragment = "mape_ce_drop_fragment",
+    /// MAP-E BR: IPv4 fragments toward a CE handed to the controller for reassembly.
+    BrSlowPathFragment = "mape_br_slowpath_fragments",
     /// MAP-E BR: packets from CEs checked and decapsulated.
     BrDecap = "mape_br_decap_packets",
     /// MAP-E BR: packets to CEs encapsulated.

@@ -142,6 +142,39 @@ pub fn fragment_ipv4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
+/// Whether `pkt` is an IPv4 fragment (more fragments follow, or it is not the first).
+pub fn is_fragment(pkt: &[u8]) -> bool {
+    Ipv4HeaderSlice::from_slice(pkt).is_ok_and(|h| h.is_fragmenting_payload())
+}
+
+/// Writes `id` as the IPv4 identification of `pkt` and updates its header checksum.
+pub fn set_ipv4_id(pkt: &mut [u8], id: u16) -> bool {
+    let Ok(slice) = Ipv4HeaderSlice::from_slice(pkt) else {
+        return false;
+    };
+    let len = slice.slice().len();
+    let mut header = slice.to_header();
+    header.identification = id;
+    header.header_checksum = header.calc_header_checksum();
+    let mut bytes = Vec::with_capacity(len);
+    if header.write(&mut bytes).is_err() || bytes.len() != len {
+        return false;
+    }
+    pkt[..len].copy_from_slice(&bytes);
+    true
+}
+
+/// The IPv4 identification a CE of PSID `psid` (`psid_len` bits) gives a datagram it
+/// fragments or forwards fragmented: the PSID in the top bits, so that CEs sharing one
+/// address never send two datagrams with one id (RFC 7597 §8.3.3).
+pub fn shared_ipv4_id(id: u16, psid: u16, psid_len: u8) -> u16 {
+    if psid_len == 0 || psid_len >= 16 {
+        return if psid_len >= 16 { psid } else { id };
+    }
+    let low = 16 - u32::from(psid_len);
+    (psid << low) | (id & ((1u16 << low) - 1))
+}
+
 /// Decrements the TTL of the IPv4 packet `pkt` and updates its header checksum, as a router
 /// does before forwarding; false (nothing changed) when it would expire or cannot be parsed.
 pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
@@ -215,6 +248,18 @@ pub fn port_from(pkt: &[u8]) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ce_ids_carry_the_psid_in_their_top_bits() {
+        // Two CEs of one address, PSIDs 0xa4 and 0xa5 (8 bits): one LAN id, two wire ids.
+        let (a, b) = (
+            super::shared_ipv4_id(0x1234, 0xa4, 8),
+            super::shared_ipv4_id(0x1234, 0xa5, 8),
+        );
+        assert_eq!((a, b), (0xa434, 0xa534));
+        assert_eq!(super::shared_ipv4_id(0x1234, 0, 0), 0x1234, "not shared: kept");
+        assert_eq!(super::shared_ipv4_id(0x1234, 0x7, 16), 0x7, "one port: the PSID");
+    }
+
     use etherparse::{IcmpEchoHeader, PacketBuilder};
 
     use super::*;

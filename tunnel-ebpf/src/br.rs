@@ -74,13 +74,19 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
         return DROP;
     };
-    let Some(port) = nat::br_port(&ctx, INNER_OFF, &inner, true) else {
-        let reason = Counter::BrDropNoPort;
-        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
-        return DROP;
-    };
     let src = u32::from_be(inner.src());
-    let expected = rule.psid_of(port).map(|psid| rule.ce_address(src, psid));
+    let expected = if inner.first_fragment() {
+        let Some(port) = nat::br_port(&ctx, INNER_OFF, &inner, true) else {
+            let reason = Counter::BrDropNoPort;
+            log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
+            return DROP;
+        };
+        rule.psid_of(port).map(|psid| rule.ce_address(src, psid))
+    } else {
+        // A later fragment names no port: its CE must be one of the address's (the PSID its
+        // address carries); the first fragment was checked for its port.
+        Some(rule.ce_address(src, psid_in(rule, &outer.src_addr)))
+    };
     if !expected.is_some_and(|e| eq16(&e, &outer.src_addr)) {
         // A CE that is who it says (its address matches the rule for the PSID it carries)
         // but used a port outside its set, or a source the rule does not give at all.
@@ -111,6 +117,12 @@ pub fn br_encap(ctx: TcContext) -> i32 {
     let Some(rule) = rule_for(ip.dst()) else {
         return PASS;
     };
+    if ip.fragment() {
+        // Only the first fragment names the port that picks the CE: the kernel routes the
+        // rule prefixes to the TUN, where the controller reassembles (RFC 7597 §8.3.2).
+        count(Counter::BrSlowPathFragment);
+        return PASS;
+    }
     let Some(psid) = nat::br_port(&ctx, ETH_LEN, &ip, false).and_then(|p| rule.psid_of(p)) else {
         log::dropped_v4(&ctx, LOG_BR_ENCAP, Counter::BrDropNoPort, &ip);
         return DROP;

@@ -89,7 +89,9 @@ fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
     let Some(ip) = Ipv4Info::load(ctx, ETH_LEN) else {
         return slow();
     };
-    if !ip.first_fragment() {
+    if ip.fragment() {
+        // Fragments are reassembled by the controller (a non-first one carries no port, and
+        // the datagram gets an IPv4 id of this CE's own, RFC 7597 §8.3.3).
         return slow();
     }
     let Classified::Flow(flow) = nat::classify(ctx, ETH_LEN, &ip, true) else {
@@ -174,22 +176,14 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
         return DROP;
     }
-    if !inner.first_fragment() {
-        let reason = Counter::CeDropFragment;
-        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
-        return DROP;
+    // Fragments (only the first names the port) and ICMP errors (mapped by the packet they
+    // quote) are the controller's: reassembled or translated on the TUN.
+    if inner.fragment() {
+        return to_controller(&ctx, cfg.tun_ifindex);
     }
     let flow = match nat::classify(&ctx, INNER_OFF, &inner, false) {
         Classified::Flow(flow) => flow,
-        Classified::IcmpError => {
-            if encap::decapsulate(&ctx).is_err() {
-                count(Counter::DropRewriteFailed);
-                return DROP;
-            }
-            count(Counter::CeSlowPathIn);
-            // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
-            return unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
-        }
+        Classified::IcmpError => return to_controller(&ctx, cfg.tun_ifindex),
         Classified::Other => {
             let reason = Counter::CeDropInNoMapping;
             log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
@@ -224,13 +218,20 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     verdict
 }
 
+/// Unwraps the packet and hands it to the controller's TUN (counted).
+#[inline(always)]
+fn to_controller(ctx: &TcContext, tun_ifindex: u32) -> i32 {
+    if encap::decapsulate(ctx).is_err() {
+        count(Counter::DropRewriteFailed);
+        return DROP;
+    }
+    count(Counter::CeSlowPathIn);
+    // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
+    unsafe { bpf_redirect(tun_ifindex, 0) as i32 }
+}
+
 tunnel_ebpf::logger!(
     log_ce_in,
     "ce_in",
-    [
-        CeDropNotFromBr,
-        DropInnerMalformed,
-        CeDropInNoMapping,
-        CeDropFragment
-    ]
+    [CeDropNotFromBr, DropInnerMalformed, CeDropInNoMapping]
 );

@@ -89,6 +89,7 @@ impl Lwb4 {
         }
         let napt = Arc::new(Napt::new(
             lease,
+            (share.psid, share.psid_len),
             grant.tunnel,
             grant.mtu,
             NatTimeouts::default(),

@@ -25,6 +25,7 @@ use crate::{
     mgmt::{self, Handler, Request, Response, Status, api},
     netlink::Netlink,
     packet,
+    server::reassembly::{Reassembly, Step},
     softwire::{Sent, Softwire},
     tundev,
 };
@@ -39,6 +40,10 @@ counters! {
         drop_unfragmentable,
         drop_send_error,
         drop_tun_write_error,
+        fragments_reassembled,
+        drop_reassembly_full,
+        drop_reassembly_bad,
+        drop_reassembly_timeout,
     }
 }
 
@@ -261,9 +266,36 @@ pub async fn run(args: BrConfig, source: super::Source<BrConfig>) -> Result<()> 
 async fn tun_reader(br: Arc<Br>) {
     let mut buf = vec![0u8; 65536];
     let stats = &br.stats;
+    // Fragments toward a CE: only the first names the port that picks the CE (RFC 7597
+    // §8.3.2), so they are put back together first (bounded, timed out).
+    let mut reassembly = Reassembly::default();
     loop {
         let n = crate::tundev::recv(&br.tun, &mut buf).await;
-        let pkt = &buf[..n];
+        let whole;
+        let pkt = if packet::is_fragment(&buf[..n]) {
+            let mut expired = 0;
+            let step = reassembly.push(&buf[..n], std::time::Instant::now(), &mut expired);
+            stats.drop_reassembly_timeout.add(expired as u64);
+            match step {
+                Step::Done(p) => {
+                    stats.fragments_reassembled.inc();
+                    whole = p;
+                    &whole[..]
+                }
+                Step::Whole => &buf[..n],
+                Step::Kept => continue,
+                Step::Full => {
+                    stats.drop_reassembly_full.inc();
+                    continue;
+                }
+                Step::Bad => {
+                    stats.drop_reassembly_bad.inc();
+                    continue;
+                }
+            }
+        } else {
+            &buf[..n]
+        };
         let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
             continue;
         };

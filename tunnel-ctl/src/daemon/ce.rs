@@ -27,6 +27,7 @@ use crate::mape::{
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
     translate::{self, Outbound},
 };
+use crate::server::reassembly::{Reassembly, Step};
 use crate::{
     config::{CeConfig, NatTimeouts},
     counters,
@@ -46,6 +47,7 @@ use crate::{
 counters! {
     pub struct CeStats {
         slowpath_out_packets,
+        slowpath_in_packets,
         slowpath_in_icmp_errors,
         slowpath_out_icmp_errors,
         mappings_created,
@@ -63,6 +65,12 @@ counters! {
         drop_tun_write_error,
         drop_unfragmentable,
         drop_tun_not_ipv4,
+        fragments_reassembled,
+        drop_reassembly_full,
+        drop_reassembly_bad,
+        drop_reassembly_timeout,
+        drop_in_no_mapping,
+        ipv4_ids_rewritten,
     }
 }
 
@@ -94,12 +102,17 @@ pub struct Napt {
     port_log: Option<PortLog>,
     /// The mappings changed: the state file is due (None: no state file).
     pub changed: Option<tokio::sync::Notify>,
+    /// Fragments both ways are put back together here first.
+    reassembly: Mutex<Reassembly>,
+    /// (PSID, its length): the top bits of the IPv4 id of datagrams sent fragmented.
+    id_bits: (u16, u8),
 }
 
 impl Napt {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ipv4: Ipv4Addr,
+        id_bits: (u16, u8),
         br: Ipv6Addr,
         inner_mtu: u16,
         timeouts: NatTimeouts,
@@ -122,6 +135,8 @@ impl Napt {
             exhaustion_logged: Mutex::new(None),
             port_log,
             changed: state_file.then(tokio::sync::Notify::new),
+            reassembly: Mutex::new(Reassembly::default()),
+            id_bits,
         }
     }
 
@@ -463,6 +478,7 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
 
     let napt = Arc::new(Napt::new(
         mapping.ipv4,
+        (mapping.psid, mapping.psid_len),
         br,
         inner_mtu,
         args.timeouts,
@@ -527,10 +543,51 @@ async fn tun_reader(ce: Arc<Napt>) {
 
 async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
     let stats = &ce.stats;
+    if packet::is_fragment(pkt) {
+        // Both ways: a non-first fragment names no port (RFC 7597 §8.3.2).
+        let step = {
+            let mut expired = 0;
+            let step = lock(&ce.reassembly).push(pkt, Instant::now(), &mut expired);
+            stats.drop_reassembly_timeout.add(expired as u64);
+            step
+        };
+        match step {
+            Step::Done(mut whole) => {
+                stats.fragments_reassembled.inc();
+                return slow_path_whole(ce, &mut whole, true).await;
+            }
+            Step::Kept => return,
+            Step::Full => return stats.drop_reassembly_full.inc(),
+            Step::Bad => return stats.drop_reassembly_bad.inc(),
+            Step::Whole => {}
+        }
+    }
+    slow_path_whole(ce, pkt, false).await
+}
+
+/// A whole packet (`reassembled` from fragments, or as it came).
+async fn slow_path_whole(ce: &Napt, pkt: &mut [u8], reassembled: bool) {
+    let stats = &ce.stats;
     let Some(IpAddr::V4(dst)) = packet::destination(pkt) else {
         stats.drop_tun_not_ipv4.inc();
         return;
     };
+    if dst == ce.ipv4 && reassembled && !translate::is_icmp_error(pkt) {
+        // A datagram from the internet that came in fragments.
+        let lan = translate::inbound_key(pkt).and_then(|(proto, port, remote)| {
+            ce.dataplane
+                .with_table(|t| t.inbound(proto, port, remote).map(Entry::lan))
+        });
+        let Some(lan) = lan else {
+            return stats.drop_in_no_mapping.inc();
+        };
+        translate::translate_in(pkt, lan);
+        match ce.tun.send(pkt).await {
+            Ok(_) => stats.slowpath_in_packets.inc(),
+            Err(_) => stats.drop_tun_write_error.inc(),
+        }
+        return;
+    }
     if dst == ce.ipv4 {
         // Redirected by ce_in: an ICMP error about one of our flows.
         let ok = ce.dataplane.with_table(|table| {
@@ -599,6 +656,13 @@ async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
         return;
     }
     translate::translate_out(pkt, ce.ipv4, entry.ext_port, ce.mss);
+    if (reassembled || pkt.len() > usize::from(ce.inner_mtu)) && ce.id_bits.1 > 0 {
+        // Sent in fragments: an id no other CE of this address uses.
+        let id = u16::from_be_bytes([pkt[4], pkt[5]]);
+        if packet::set_ipv4_id(pkt, packet::shared_ipv4_id(id, ce.id_bits.0, ce.id_bits.1)) {
+            stats.ipv4_ids_rewritten.inc();
+        }
+    }
     // DF packets that are too big were answered above; the rest fits or is fragmented.
     match ce
         .softwire

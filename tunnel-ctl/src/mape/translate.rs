@@ -62,6 +62,14 @@ pub fn outbound(pkt: &[u8]) -> Outbound {
     }
 }
 
+/// Whether `pkt` is an ICMP error (destination unreachable, time exceeded, parameter
+/// problem).
+pub fn is_icmp_error(pkt: &[u8]) -> bool {
+    header(pkt).is_some_and(|(h, ihl)| {
+        h.protocol().0 == ICMP && pkt.get(ihl).is_some_and(|t| ICMP_ERRORS.contains(t))
+    })
+}
+
 /// Rewrites a LAN packet's source to `addr`:`port` (the ICMP identifier for echo), clamps a
 /// SYN's MSS to `mss` and recomputes the checksums.
 pub fn translate_out(pkt: &mut [u8], addr: Ipv4Addr, port: u16, mss: u16) {
@@ -103,6 +111,38 @@ fn clamp_mss(tcp: &mut [u8], mss: u16) {
                 i += len;
             }
         }
+    }
+}
+
+/// A (reassembled) packet from the internet to the shared address, for LAN endpoint `lan`:
+/// rewrites the destination address and port (the ICMP echo reply's identifier) and
+/// recomputes the checksums.
+pub fn translate_in(pkt: &mut [u8], lan: SocketAddrV4) {
+    let Some((h, ihl)) = header(pkt) else { return };
+    let (proto, total) = (h.protocol().0, usize::from(h.total_len()));
+    pkt[16..20].copy_from_slice(&lan.ip().octets());
+    let port_at = if proto == ICMP { ihl + 4 } else { ihl + 2 };
+    if let Some(p) = pkt.get_mut(port_at..port_at + 2) {
+        p.copy_from_slice(&lan.port().to_be_bytes());
+    }
+    fix_checksums(&mut pkt[..total], ihl, proto);
+}
+
+/// The (protocol, external port, remote) a packet from the internet to the shared address
+/// is mapped by: its destination port (the echo reply's identifier) and its source.
+pub fn inbound_key(pkt: &[u8]) -> Option<(u8, u16, SocketAddrV4)> {
+    let (h, ihl) = header(pkt)?;
+    let (proto, src) = (h.protocol().0, h.source_addr());
+    match proto {
+        TCP | UDP => Some((
+            proto,
+            u16_at(pkt, ihl + 2)?,
+            SocketAddrV4::new(src, u16_at(pkt, ihl)?),
+        )),
+        ICMP if pkt.get(ihl) == Some(&0) => {
+            Some((proto, u16_at(pkt, ihl + 4)?, SocketAddrV4::new(src, 0)))
+        }
+        _ => None,
     }
 }
 
