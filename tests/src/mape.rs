@@ -68,6 +68,14 @@ pub struct MapeLab {
     /// The CE's command line (to start it again the same way).
     pub ce_args: Vec<String>,
     from_config: bool,
+    second: Option<SecondCe>,
+}
+
+/// The second CE of [`MapeLab::start_two`].
+pub struct SecondCe {
+    pub lan: Ns,
+    pub ce: Ns,
+    pub instance: String,
 }
 
 impl MapeLab {
@@ -80,6 +88,24 @@ impl MapeLab {
     /// As [`MapeLab::start`]; with `from_config` the BR and the CE read their settings from
     /// a TOML file alone (`--config`).
     pub fn start_with(rule: &Rule, ce_extra: &[&str], from_config: bool) -> Result<MapeLab> {
+        MapeLab::build(rule, ce_extra, from_config, None)
+    }
+
+    /// As [`MapeLab::start`], with a second CE for end-user prefix `prefix2` (its own LAN
+    /// namespace, the LAN host at the same address): both CEs and the BR share one IPv6
+    /// segment (a bridge in a switch namespace), the second CE at 2001:db8:ffff::3.
+    pub fn start_two(rule: &Rule, prefix2: &'static str) -> Result<(MapeLab, SecondCe)> {
+        let mut t = MapeLab::build(rule, &[], false, Some(prefix2))?;
+        let second = t.second.take().expect("built with a second CE");
+        Ok((t, second))
+    }
+
+    fn build(
+        rule: &Rule,
+        ce_extra: &[&str],
+        from_config: bool,
+        prefix2: Option<&'static str>,
+    ) -> Result<MapeLab> {
         let mut lab = Lab::new()?;
         let lan = lab.ns("lan")?;
         let ce = lab.ns("ce")?;
@@ -95,7 +121,35 @@ impl MapeLab {
         lan.ip(&format!("addr add {LAN_HOST}/24 dev eth0"))?;
         lan.ip("route add default via 198.51.100.1")?;
         ce.ip("addr add 198.51.100.1/24 dev lan0")?;
-        lab.veth(&ce, "wan0", &br, "ce0")?;
+        let ce2 = match prefix2 {
+            None => {
+                lab.veth(&ce, "wan0", &br, "ce0")?;
+                None
+            }
+            Some(_) => {
+                let sw = lab.ns("sw")?;
+                let (lan2, ce2) = (lab.ns("lan2")?, lab.ns("ce2")?);
+                ce2.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+                ce2.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+                sw.ip("link add sw0 type bridge")?;
+                for (ns, dev, port) in [
+                    (&ce, "wan0", "p1"),
+                    (&br, "ce0", "p0"),
+                    (&ce2, "wan0", "p2"),
+                ] {
+                    lab.veth(ns, dev, &sw, port)?;
+                    sw.ip(&format!("link set {port} master sw0"))?;
+                }
+                sw.ip("link set sw0 up")?;
+                lab.veth(&lan2, "eth0", &ce2, "lan0")?;
+                lan2.ip(&format!("addr add {LAN_HOST}/24 dev eth0"))?;
+                lan2.ip("route add default via 198.51.100.1")?;
+                ce2.ip("addr add 198.51.100.1/24 dev lan0")?;
+                ce2.ip("addr add 2001:db8:ffff::3/64 dev wan0 nodad")?;
+                ce2.ip("-6 route add default via 2001:db8:ffff::1")?;
+                Some((lan2, ce2))
+            }
+        };
         ce.ip("addr add 2001:db8:ffff::2/64 dev wan0 nodad")?;
         br.ip("addr add 2001:db8:ffff::1/64 dev ce0 nodad")?;
         ce.ip("-6 route add default via 2001:db8:ffff::1")?;
@@ -157,6 +211,27 @@ impl MapeLab {
         ];
         args.extend_from_slice(ce_extra);
         spawn(&mut lab, &ce, &ce_instance, &args)?;
+        let second = match (ce2, prefix2) {
+            (Some((lan2, ce2)), Some(prefix2)) => {
+                br.ip(&format!("-6 route add {prefix2} via 2001:db8:ffff::3"))?;
+                ce2.run(&["ping", "-6", "-c", "1", "-W", "2", "2001:db8:ffff::1"])?;
+                let instance = lab.instance("ce2");
+                let state_dir2 = lab.dir().join("state2").display().to_string();
+                let mut args2: Vec<&str> = args.clone();
+                for (flag, value) in [("--prefix", prefix2), ("--state-dir", state_dir2.as_str())] {
+                    if let Some(i) = args2.iter().position(|a| *a == flag) {
+                        args2[i + 1] = value;
+                    }
+                }
+                spawn(&mut lab, &ce2, &instance, &args2)?;
+                Some(SecondCe {
+                    lan: lan2,
+                    ce: ce2,
+                    instance,
+                })
+            }
+            _ => None,
+        };
         Ok(MapeLab {
             lab,
             lan,
@@ -167,6 +242,7 @@ impl MapeLab {
             br_instance,
             ce_args: args.iter().map(|a| a.to_string()).collect(),
             from_config,
+            second,
         })
     }
 

@@ -964,3 +964,55 @@ fn fragmented_datagrams_cross_the_ce_and_the_br_whole_both_ways() -> Result<()> 
     );
     Ok(())
 }
+
+/// Issue 21, Done-when 2: two CEs that share one IPv4 address (PSIDs 0xa4 and 0xa5) send
+/// fragmented datagrams with the same IPv4 id toward one internet host at the same moment:
+/// each CE gives them an id with its own PSID in the top bits, so both reassemble there.
+#[test]
+fn two_ces_of_one_address_send_fragments_with_one_id_and_both_arrive_whole() -> Result<()> {
+    let (t, second) = MapeLab::start_two(&RULE_252, "2001:db8:12:a500::/56")?;
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let stop = udp_echo(&t.internet, echo_at)?;
+    let hosts = [(&t.lan, 1u8), (&second.lan, 2u8)];
+    let mut socks = Vec::new();
+    let mut datagrams = Vec::new();
+    for (lan, n) in hosts {
+        let sock = lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let payload: Vec<u8> = (0..4000u32)
+            .map(|i| (i as u8) ^ n.wrapping_mul(0x5a))
+            .collect();
+        let port = sock.local_addr()?.port();
+        // The same id from both LAN hosts (and the same LAN address and port would do too).
+        datagrams.push(udp_fragments(
+            SocketAddrV4::new(LAN_HOST, port),
+            echo_at,
+            &payload,
+            0x4242,
+        ));
+        socks.push((sock, payload));
+    }
+    // The first fragment of each, then the rest of each, interleaved.
+    let (a, b) = (&datagrams[0], &datagrams[1]);
+    for i in 0..a.len() {
+        send_raw_ipv4(&t.lan, std::slice::from_ref(&a[i]))?;
+        send_raw_ipv4(&second.lan, std::slice::from_ref(&b[i]))?;
+    }
+    let mut buf = vec![0u8; 8192];
+    for (i, (sock, payload)) in socks.iter().enumerate() {
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .with_context(|| format!("no echo for the datagram of CE {}", i + 1))?;
+        assert_eq!(n, payload.len(), "CE {}'s echo length", i + 1);
+        assert!(buf[..n] == payload[..], "CE {}'s echo differs", i + 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for instance in [&t.ce_instance, &second.instance] {
+        let stats = t.lab.ctl_json("stats", instance)?;
+        assert!(
+            counter(&stats, "ipv4_ids_rewritten") >= 1,
+            "{instance}: {stats}"
+        );
+    }
+    Ok(())
+}

@@ -256,8 +256,16 @@ mod tests {
             super::shared_ipv4_id(0x1234, 0xa5, 8),
         );
         assert_eq!((a, b), (0xa434, 0xa534));
-        assert_eq!(super::shared_ipv4_id(0x1234, 0, 0), 0x1234, "not shared: kept");
-        assert_eq!(super::shared_ipv4_id(0x1234, 0x7, 16), 0x7, "one port: the PSID");
+        assert_eq!(
+            super::shared_ipv4_id(0x1234, 0, 0),
+            0x1234,
+            "not shared: kept"
+        );
+        assert_eq!(
+            super::shared_ipv4_id(0x1234, 0x7, 16),
+            0x7,
+            "one port: the PSID"
+        );
     }
 
     use etherparse::{IcmpEchoHeader, PacketBuilder};
