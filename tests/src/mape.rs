@@ -48,6 +48,14 @@ pub const RULE_252: Rule = Rule {
     prefix: "2001:db8:12:a400::/56",
 };
 
+/// [`RULE_252`] with `--prefix auto`: the CE reads [`AUTO_WAN_ADDR`]'s /64 from its WAN.
+pub const RULE_252_AUTO: Rule = Rule {
+    prefix: "auto",
+    ..RULE_252
+};
+/// The CE's global WAN address under [`RULE_252_AUTO`]: RULE_252's prefix.
+pub const AUTO_WAN_ADDR: &str = "2001:db8:12:a400::1";
+
 /// A 16-port set: offset 0, EA 20 → PSID 0xa40 owns 41984-41999.
 pub const RULE_16: Rule = Rule {
     ipv6: "2001:db8::/40",
@@ -151,6 +159,10 @@ impl MapeLab {
             }
         };
         ce.ip("addr add 2001:db8:ffff::2/64 dev wan0 nodad")?;
+        if rule.prefix == "auto" {
+            // What an RA would give: the CE takes its end-user prefix from here.
+            ce.ip(&format!("addr add {AUTO_WAN_ADDR}/64 dev wan0 nodad"))?;
+        }
         br.ip("addr add 2001:db8:ffff::1/64 dev ce0 nodad")?;
         ce.ip("-6 route add default via 2001:db8:ffff::1")?;
         br.ip(&format!("-6 route add {} via 2001:db8:ffff::2", rule.ipv6))?;

@@ -756,7 +756,7 @@ fn a_ce_stopped_and_started_again_re_creates_its_mappings_from_the_state_file() 
     })?;
     t.restart_ce(false)?;
     let log = t.lab.daemon_log(&t.ce_instance).unwrap_or_default();
-    assert!(log.contains("re-created 1 NAPT mappings saved in"), "{log}");
+    assert!(log.contains("re-created 1 NAPT mappings saved"), "{log}");
     assert_eq!(
         roundtrip(b"after")?,
         before,
@@ -1012,6 +1012,80 @@ fn two_ces_of_one_address_send_fragments_with_one_id_and_both_arrive_whole() -> 
         assert!(
             counter(&stats, "ipv4_ids_rewritten") >= 1,
             "{instance}: {stats}"
+        );
+    }
+    Ok(())
+}
+
+/// The source address and port the internet host sees for one UDP echo from the LAN.
+fn seen_from_lan(t: &MapeLab, msg: &[u8]) -> Result<(std::net::Ipv4Addr, u16)> {
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let seen = Capture::start(&t.internet, "eth0")?;
+    udp_roundtrip(&t.lan, echo_at, msg)?;
+    seen.stop()?
+        .into_iter()
+        .find(|s| s.proto == 17 && s.port.is_some())
+        .map(|s| (s.src, s.port.unwrap_or(0)))
+        .context("the datagram at the internet host")
+}
+
+/// Issue 21, Done-when 7: `--prefix auto` takes the end-user prefix from the WAN's address;
+/// when the line's /64 changes, the CE moves to the new shared address within 5 s, new flows
+/// use it, and `mape calc` for the new prefix agrees with the CE's status.
+#[test]
+fn prefix_auto_follows_the_wans_prefix_to_a_new_shared_address() -> Result<()> {
+    let t = MapeLab::start(&tunnel_tests::mape::RULE_252_AUTO, &[])?;
+    let status = t.lab.ctl_json("status", &t.ce_instance)?;
+    assert_eq!(status["ipv4"], SHARED.to_string(), "{status}");
+    let stop = udp_echo(&t.internet, SocketAddrV4::new(INTERNET_HOST, 7))?;
+    assert_eq!(seen_from_lan(&t, b"before")?.0, SHARED);
+
+    // The ISP renumbers the line: 2001:db8:12:a400::/64 becomes 2001:db8:13:a400::/64
+    // (IPv4 suffix 0x13, the same PSID 0xa4).
+    t.ce.ip(&format!(
+        "addr del {}/64 dev wan0",
+        tunnel_tests::mape::AUTO_WAN_ADDR
+    ))?;
+    t.ce.ip("addr add 2001:db8:13:a400::1/64 dev wan0 nodad")?;
+    let moved = std::time::Instant::now();
+    let new_shared = std::net::Ipv4Addr::new(203, 0, 113, 19);
+    let status = wait_for("the CE on the new prefix", Duration::from_secs(5), || {
+        let s = t.lab.ctl_json("status", &t.ce_instance)?;
+        Ok((s["ipv4"] == new_shared.to_string()).then_some(s))
+    })?;
+    eprintln!("moved to {new_shared} in {:?}", moved.elapsed());
+    let (src, port) = seen_from_lan(&t, b"after")?;
+    assert_eq!(src, new_shared, "a new flow uses the new address");
+    assert!(in_set_252(port), "port {port} of the set");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let calc = t.lab.ctl(&[
+        "mape",
+        "calc",
+        "--rule-ipv6",
+        "2001:db8::/40",
+        "--rule-ipv4",
+        "203.0.113.0/24",
+        "--ea-len",
+        "16",
+        "--psid-offset",
+        "6",
+        "--prefix",
+        "2001:db8:13:a400::/64",
+        "--json",
+    ])?;
+    let calc: serde_json::Value = serde_json::from_str(&calc)?;
+    for key in [
+        "ipv4",
+        "psid",
+        "psid_len",
+        "psid_offset",
+        "port_count",
+        "ce_ipv6",
+    ] {
+        assert_eq!(
+            status[key], calc[key],
+            "{key}: status {status}, calc {calc}"
         );
     }
     Ok(())

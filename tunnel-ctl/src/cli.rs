@@ -637,8 +637,27 @@ pub struct RuleArgs {
     pub interface_id: Option<crate::mape::rule::InterfaceId>,
 
     /// The line's end-user IPv6 prefix (delegated prefix), e.g. 2400:4050:1234:5600::/56.
-    #[arg(long, value_name = "IPV6PREFIX")]
-    pub prefix: ipnet::Ipv6Net,
+    /// `mape ce` also takes `auto`: the /64 of a global address on --wan that a rule covers
+    /// (the prefix an RA gives), followed when it changes: the CE moves to the new shared
+    /// address and port set within seconds.
+    #[arg(long, value_name = "IPV6PREFIX|auto", value_parser = parse_prefix)]
+    pub prefix: PrefixArg,
+}
+
+/// `--prefix`: a prefix, or `auto` (taken from the WAN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixArg {
+    Net(ipnet::Ipv6Net),
+    Auto,
+}
+
+fn parse_prefix(s: &str) -> Result<PrefixArg, String> {
+    if s == "auto" {
+        return Ok(PrefixArg::Auto);
+    }
+    s.parse().map(PrefixArg::Net).map_err(|e| {
+        format!("{s:?}: {e} (an IPv6 prefix such as 2400:4050:1234:5600::/56, or auto)")
+    })
 }
 
 impl RuleArgs {
@@ -654,7 +673,11 @@ impl RuleArgs {
             psid_len: self.psid_len,
             br: self.br,
             interface_id: self.interface_id,
-            prefix: self.prefix,
+            prefix: match self.prefix {
+                PrefixArg::Net(n) => n,
+                // Filled in from the WAN's addresses (`mape ce`).
+                PrefixArg::Auto => ipnet::Ipv6Net::default(),
+            },
         }
     }
 }
@@ -1061,6 +1084,7 @@ impl From<MapeCeArgs> for config::CeConfig {
             },
             tun: a.tun,
             no_default_route: a.no_default_route,
+            prefix_auto: a.rule.prefix == PrefixArg::Auto,
             state_dir: a.state_dir,
             port_log: a.port_log,
             port_log_size: a.port_log_size,

@@ -75,6 +75,13 @@ fn main() -> ExitCode {
                 });
                 run_daemon(tunnel_ctl::daemon::br::run(args.into(), source))
             }
+            Command::Mape(MapeCommand::Calc(args))
+                if args.rule.prefix == tunnel_ctl::cli::PrefixArg::Auto =>
+            {
+                Err(tunnel_ctl::usage::usage(
+                    "--prefix auto reads a CE's --wan addresses: give mape calc the prefix itself",
+                ))
+            }
             Command::Mape(MapeCommand::Calc(args)) => tunnel_ctl::mape::calc(&args.rule.query())
                 .map(|m| {
                     if args.json {

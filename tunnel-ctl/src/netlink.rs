@@ -154,6 +154,43 @@ impl Netlink {
             .with_context(|| format!("adding address {addr}/{prefix}"))
     }
 
+    /// The global IPv6 addresses of the link, with their prefix lengths (tentative and
+    /// deprecated ones left out).
+    pub async fn global_ipv6(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs.try_next().await? {
+            if msg.header.family != rtnetlink::packet_route::AddressFamily::Inet6
+                || msg.header.scope != AddressScope::Universe
+            {
+                continue;
+            }
+            let flags = msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                })
+                .unwrap_or(AddressFlags::empty());
+            if flags.intersects(AddressFlags::Tentative | AddressFlags::Deprecated) {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(v6)) = a {
+                    out.push((*v6, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every IPv4 address of the link.
     pub async fn flush_ipv4(&self, index: u32) -> Result<()> {
         let mut addrs = self

@@ -99,7 +99,7 @@ pub struct Napt {
     /// Last time an exhaustion was logged (they are counted always, logged once a second).
     exhaustion_logged: Mutex<Option<Instant>>,
     /// `--port-log`: each mapping's start and end.
-    port_log: Option<PortLog>,
+    port_log: Option<Arc<PortLog>>,
     /// The mappings changed: the state file is due (None: no state file).
     pub changed: Option<tokio::sync::Notify>,
     /// Fragments both ways are put back together here first.
@@ -119,7 +119,7 @@ impl Napt {
         dataplane: CeDataplane,
         tun: Arc<AsyncDevice>,
         softwire: Softwire,
-        port_log: Option<PortLog>,
+        port_log: Option<Arc<PortLog>>,
         state_file: bool,
     ) -> Napt {
         Napt {
@@ -181,8 +181,8 @@ impl Napt {
 }
 
 struct Ce {
-    mapping: Mapping,
-    napt: Arc<Napt>,
+    /// The NAPT and the mapping it serves (`--prefix auto` replaces both).
+    current: std::sync::RwLock<(Arc<Napt>, Mapping)>,
     /// The configuration running now (reloads compare with it and take turns on it).
     running: tokio::sync::Mutex<CeConfig>,
     started: Instant,
@@ -197,6 +197,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Ce {
+    fn current(&self) -> (Arc<Napt>, Mapping) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn napt(&self) -> Arc<Napt> {
+        self.current().0
+    }
+
     /// Reload: the file's port forwards are applied in place (those it no longer lists go,
     /// new ones come; forwards added with `tunnel-ctl forward` stay), every other mapping is
     /// left alone; the rest only changes with a restart and is reported so. A forward that
@@ -232,19 +243,19 @@ impl Ce {
         let remove = |specs: &[crate::mape::ForwardSpec]| {
             for spec in specs {
                 for &proto in &spec.protos {
-                    self.napt.remove_forward(spec.ext_port, proto);
+                    self.napt().remove_forward(spec.ext_port, proto);
                 }
             }
         };
         remove(&gone);
         let mut done = Vec::new();
         for spec in &added {
-            match self.napt.add_forward(spec) {
+            match self.napt().add_forward(spec) {
                 Ok(_) => done.push(spec.clone()),
                 Err(e) => {
                     remove(&done);
                     for g in &gone {
-                        let _ = self.napt.add_forward(g);
+                        let _ = self.napt().add_forward(g);
                     }
                     return Err(format!("--forward {}: {e:#}", spec.ext_port));
                 }
@@ -320,8 +331,8 @@ impl Handler for Ce {
     fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => {
-                let (mappings, (out, inb)) = self.napt.dataplane.counts();
-                let m = &self.mapping;
+                let (napt, m) = self.current();
+                let (mappings, (out, inb)) = napt.dataplane.counts();
                 Status::Ce(api::CeStatus {
                     process: api::Process::now(&self.instance, self.started),
                     wan: self.wan.clone(),
@@ -333,8 +344,8 @@ impl Handler for Ce {
                     psid_offset: m.psid_offset,
                     port_count: m.port_count,
                     ce_ipv6: m.ce_ipv6,
-                    br: self.napt.br,
-                    inner_mtu: self.napt.inner_mtu,
+                    br: napt.br,
+                    inner_mtu: napt.inner_mtu,
                     mappings,
                     map_entries_out: out,
                     map_entries_in: inb,
@@ -342,13 +353,13 @@ impl Handler for Ce {
                 .into()
             }
             Request::Stats => mgmt::counters_response(
-                self.napt.stats.snapshot(),
-                Some(self.napt.dataplane.counters()),
+                self.napt().stats.snapshot(),
+                Some(self.napt().dataplane.counters()),
             ),
-            Request::Nat => Response::Ok(Reply::Nat(self.napt.nat_list())),
+            Request::Nat => Response::Ok(Reply::Nat(self.napt().nat_list())),
             Request::ForwardList => {
                 let mut rows: Vec<api::ForwardRow> = self
-                    .napt
+                    .napt()
                     .dataplane
                     .forwards()
                     .into_iter()
@@ -361,7 +372,7 @@ impl Handler for Ce {
                 rows.sort_by_key(|r| (r.external_port, r.proto));
                 Response::Ok(Reply::Forwards(rows))
             }
-            Request::ForwardAdd { forward } => match self.napt.add_forward(&forward) {
+            Request::ForwardAdd { forward } => match self.napt().add_forward(&forward) {
                 Ok(added) => {
                     for e in &added {
                         info!("forward added: {}", describe(e));
@@ -373,7 +384,7 @@ impl Handler for Ce {
             Request::ForwardDel { port } => {
                 let mut removed = Vec::new();
                 for &proto in &port.protos {
-                    if let Some(e) = self.napt.remove_forward(port.ext_port, proto) {
+                    if let Some(e) = self.napt().remove_forward(port.ext_port, proto) {
                         info!("forward removed: {}", describe(&e));
                         removed.push(describe(&e));
                     }
@@ -390,25 +401,166 @@ impl Handler for Ce {
 }
 
 /// Runs the CE with `args`; `source` re-reads the configuration for a reload.
-pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> {
-    let instance = args.instance.clone();
-    super::claim(&instance)?;
-    let mapping = calc(&args.rule)?;
+/// What a CE's NAPT is built on (the same across prefix changes).
+struct Base {
+    wan_index: u32,
+    tun_index: u32,
+    inner_mtu: u16,
+    tun: Arc<AsyncDevice>,
+    pin_dir: std::path::PathBuf,
+    port_log: Option<Arc<PortLog>>,
+}
+
+/// Loads the data plane for `mapping` (taking back what it can of `saved` and the pinned
+/// maps) and the NAPT over it, with the configured port forwards.
+fn build_napt(
+    args: &CeConfig,
+    base: &Base,
+    mapping: &Mapping,
+    saved: &[crate::dataplane::ce::Saved],
+) -> Result<Arc<Napt>> {
     let br = mapping.br.ok_or_else(|| {
         anyhow!("the rule names no BR: pass --br IPV6 (profiles carry their own)")
     })?;
+    let (dataplane, adopted) = CeDataplane::start(
+        &base.pin_dir,
+        &TunnelConfig {
+            local: mapping.ce_ipv6.octets(),
+            remote: br.octets(),
+            ipv4: v4_key(mapping.ipv4),
+            v6_ifindex: base.wan_index,
+            tun_ifindex: base.tun_index,
+            inner_mtu: base.inner_mtu,
+            mss: base.inner_mtu - TCP_IPV4_OVERHEAD,
+            hop_limit: DEFAULT_HOP_LIMIT,
+            enabled: 1,
+            ..Default::default()
+        },
+        Table::new(&mapping.port_ranges, args.udp_eim),
+        CeDevices::Ce {
+            lan: &args.lan,
+            wan: &args.wan,
+        },
+        saved,
+        mono_ns(),
+    )?;
+    if adopted.pinned > 0 {
+        info!(
+            "took back {} NAPT mappings from the pinned maps of an earlier run (their flows \
+             went on meanwhile)",
+            adopted.pinned
+        );
+    } else if adopted.saved > 0 {
+        info!("re-created {} NAPT mappings saved earlier", adopted.saved);
+    }
+    if adopted.removed > 0 {
+        info!(
+            "removed {} pinned NAPT map entries this CE cannot take back (outside its port \
+             set now, or half a mapping)",
+            adopted.removed
+        );
+    }
+    let napt = Arc::new(Napt::new(
+        mapping.ipv4,
+        (mapping.psid, mapping.psid_len),
+        br,
+        base.inner_mtu,
+        args.timeouts,
+        dataplane,
+        base.tun.clone(),
+        Softwire::open(mapping.ce_ipv6)?,
+        base.port_log.clone(),
+        true,
+    ));
+    for spec in &args.forward {
+        napt.add_forward(spec)
+            .with_context(|| format!("--forward {}", spec.ext_port))?;
+    }
+    info!(
+        "MAP-E CE: {} with PSID {} ({} ports in {} blocks), CE {} → BR {}, WAN {} (inner MTU {}), LAN {}",
+        mapping.ipv4,
+        mapping.psid,
+        mapping.port_count,
+        mapping.port_ranges.len(),
+        mapping.ce_ipv6,
+        br,
+        args.wan,
+        base.inner_mtu,
+        args.lan
+    );
+    Ok(napt)
+}
+
+/// `--prefix auto`: the mapping of the first global address on the WAN (its /64) that the
+/// rule covers; None while there is none.
+async fn mapping_from_wan(
+    nl: &Netlink,
+    wan_index: u32,
+    rule: &crate::mape::RuleQuery,
+) -> Option<(ipnet::Ipv6Net, Mapping)> {
+    let addrs = nl.global_ipv6(wan_index).await.ok()?;
+    addrs.into_iter().find_map(|(addr, _)| {
+        let prefix = ipnet::Ipv6Net::new(addr, 64).ok()?.trunc();
+        let q = crate::mape::RuleQuery {
+            prefix,
+            ..rule.clone()
+        };
+        calc(&q).ok().map(|m| (prefix, m))
+    })
+}
+
+/// `--prefix auto`: waits (polling once a second) until the WAN's prefix gives another
+/// mapping than `current`; returns it.
+async fn prefix_change(
+    nl: &Netlink,
+    wan_index: u32,
+    rule: &crate::mape::RuleQuery,
+    current: &Mapping,
+) -> (ipnet::Ipv6Net, Mapping) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Some((prefix, m)) = mapping_from_wan(nl, wan_index, rule).await
+            && (m.ipv4, m.psid, m.ce_ipv6) != (current.ipv4, current.psid, current.ce_ipv6)
+        {
+            return (prefix, m);
+        }
+    }
+}
+
+/// Runs the CE with `args`; `source` re-reads the configuration for a reload.
+pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> {
+    let instance = args.instance.clone();
+    super::claim(&instance)?;
     let nl = Netlink::connect()?;
     let wan_index = nl
         .index(&args.wan)
         .await
         .with_context(|| format!("--wan {}", args.wan))?;
+    let mapping = if args.prefix_auto {
+        let mut logged = false;
+        loop {
+            if let Some((prefix, m)) = mapping_from_wan(&nl, wan_index, &args.rule).await {
+                info!("--prefix auto: {prefix} from the addresses of {}", args.wan);
+                break m;
+            }
+            if !std::mem::replace(&mut logged, true) {
+                info!(
+                    "--prefix auto: waiting for a global IPv6 address on {} that the rule covers",
+                    args.wan
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    } else {
+        calc(&args.rule)?
+    };
     nl.index(&args.lan)
         .await
         .with_context(|| format!("--lan {}", args.lan))?;
     let inner_mtu = nl
         .inner_mtu(wan_index, &format!("--wan {}", args.wan))
         .await?;
-    let mss = inner_mtu - TCP_IPV4_OVERHEAD;
 
     let tun = tundev::create(&args.tun)?;
     let tun_index = nl.index(&args.tun).await?;
@@ -428,69 +580,22 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
         .port_log
         .as_deref()
         .map(|p| PortLog::open(p, args.port_log_size))
-        .transpose()?;
+        .transpose()?
+        .map(Arc::new);
 
     let pin_dir = instance.pin_dir();
     let _pins = PinGuard(Some(pin_dir.clone()));
-    let (dataplane, adopted) = CeDataplane::start(
-        &pin_dir,
-        &TunnelConfig {
-            local: mapping.ce_ipv6.octets(),
-            remote: br.octets(),
-            ipv4: v4_key(mapping.ipv4),
-            v6_ifindex: wan_index,
-            tun_ifindex: tun_index,
-            inner_mtu,
-            mss,
-            hop_limit: DEFAULT_HOP_LIMIT,
-            enabled: 1,
-            ..Default::default()
-        },
-        Table::new(&mapping.port_ranges, args.udp_eim),
-        CeDevices::Ce {
-            lan: &args.lan,
-            wan: &args.wan,
-        },
-        &saved,
-        mono_ns(),
-    )?;
-    if adopted.pinned > 0 {
-        info!(
-            "took back {} NAPT mappings from the pinned maps of an earlier run (their flows \
-             went on meanwhile)",
-            adopted.pinned
-        );
-    } else if adopted.saved > 0 {
-        info!(
-            "re-created {} NAPT mappings saved in {}",
-            adopted.saved,
-            state_path.display()
-        );
-    }
-    if adopted.removed > 0 {
-        info!(
-            "removed {} pinned NAPT map entries this CE cannot take back (outside its port \
-             set now, or half a mapping)",
-            adopted.removed
-        );
-    }
-    let softwire = Softwire::open(mapping.ce_ipv6)?;
-
-    let napt = Arc::new(Napt::new(
-        mapping.ipv4,
-        (mapping.psid, mapping.psid_len),
-        br,
+    let base = Base {
+        wan_index,
+        tun_index,
         inner_mtu,
-        args.timeouts,
-        dataplane,
         tun,
-        softwire,
+        pin_dir,
         port_log,
-        true,
-    ));
+    };
+    let napt = build_napt(&args, &base, &mapping, &saved)?;
     let ce = Arc::new(Ce {
-        napt,
-        mapping,
+        current: std::sync::RwLock::new((napt, mapping)),
         running: tokio::sync::Mutex::new(args.clone()),
         started: Instant::now(),
         instance: instance.clone(),
@@ -498,38 +603,41 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
         lan: args.lan.clone(),
         tun_name: args.tun.clone(),
     });
-    for spec in &args.forward {
-        ce.napt
-            .dataplane
-            .add_forward(spec)
-            .with_context(|| format!("--forward {}", spec.ext_port))?;
-    }
     let reload = super::reloader(source, ce.clone(), |ce, cfg| {
         Box::pin(async move { ce.reload(cfg?).await })
     });
     let daemon = super::Daemon::start(&instance, ce.clone(), args.metrics)
         .await?
         .with_reload(reload);
-    let m = &ce.mapping;
-    info!(
-        "MAP-E CE: {} with PSID {} ({} ports in {} blocks), CE {} → BR {}, WAN {} (inner MTU {inner_mtu}), LAN {}",
-        m.ipv4,
-        m.psid,
-        m.port_count,
-        m.port_ranges.len(),
-        m.ce_ipv6,
-        br,
-        args.wan,
-        args.lan
-    );
     let work = async {
-        tokio::select! {
-            () = ce.napt.clone().run() => {}
-            () = nat_state::writer(&ce.napt, &state_path) => {}
+        loop {
+            let (napt, mapping) = ce.current();
+            let auto = async {
+                if args.prefix_auto {
+                    prefix_change(&nl, wan_index, &args.rule, &mapping).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            let (prefix, new) = tokio::select! {
+                () = napt.clone().run() => return,
+                () = nat_state::writer(&napt, &state_path) => return,
+                change = auto => change,
+            };
+            info!(
+                "--prefix auto: {} now has {prefix}: moving from {} PSID {} to {} PSID {}; \
+                 existing flows end",
+                args.wan, mapping.ipv4, mapping.psid, new.ipv4, new.psid
+            );
+            let config = ce.running.lock().await.clone();
+            match build_napt(&config, &base, &new, &[]) {
+                Ok(n) => *ce.current.write().unwrap_or_else(|p| p.into_inner()) = (n, new),
+                Err(e) => warn!("--prefix auto: staying on {}: {e:#}", mapping.ipv4),
+            }
         }
     };
     daemon.run(work, "stopping").await;
-    nat_state::save_now(&ce.napt, &state_path);
+    nat_state::save_now(&ce.napt(), &state_path);
     Ok(())
 }
 
