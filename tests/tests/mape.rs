@@ -1090,3 +1090,93 @@ fn prefix_auto_follows_the_wans_prefix_to_a_new_shared_address() -> Result<()> {
     }
     Ok(())
 }
+
+/// A PCP MAP request (RFC 6887 §7.1, §11.1) for `internal` port of `proto`, suggesting
+/// external port `suggested`, from the LAN host; the response's (result code, lifetime,
+/// assigned port, assigned IPv4).
+fn pcp_map(
+    t: &MapeLab,
+    proto: u8,
+    internal: u16,
+    suggested: u16,
+) -> Result<(u8, u32, u16, std::net::Ipv4Addr)> {
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut req = vec![2u8, 1, 0, 0];
+    req.extend_from_slice(&600u32.to_be_bytes());
+    req.extend_from_slice(&LAN_HOST.to_ipv6_mapped().octets());
+    req.extend_from_slice(b"a nonce 1234");
+    req.extend_from_slice(&[proto, 0, 0, 0]);
+    req.extend_from_slice(&internal.to_be_bytes());
+    req.extend_from_slice(&suggested.to_be_bytes());
+    req.extend_from_slice(&[0u8; 16]);
+    sock.send_to(&req, "198.51.100.1:5351")?;
+    let mut buf = [0u8; 1100];
+    let (n, _) = sock.recv_from(&mut buf).context("no PCP response")?;
+    let r = &buf[..n];
+    anyhow::ensure!(
+        n == 60 && r[0] == 2 && r[1] == 0x81,
+        "not a MAP response: {r:?}"
+    );
+    anyhow::ensure!(&r[24..36] == b"a nonce 1234", "the nonce is not echoed");
+    let ext_ip: [u8; 16] = r[44..60].try_into()?;
+    let ext_ip = std::net::Ipv6Addr::from(ext_ip)
+        .to_ipv4_mapped()
+        .context("an IPv4-mapped external address")?;
+    Ok((
+        r[3],
+        u32::from_be_bytes([r[4], r[5], r[6], r[7]]),
+        u16::from_be_bytes([r[42], r[43]]),
+        ext_ip,
+    ))
+}
+
+/// Issue 21, Done-when 8: a PCP MAP request from the LAN host gets an external port inside
+/// the set, through which the internet host reaches the LAN host's service; a request for a
+/// port outside the set is answered with one inside it.
+#[test]
+fn pcp_map_requests_open_ports_of_the_set_to_lan_services() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &["--pcp"])?;
+    let service = t
+        .lan
+        .enter(|| TcpListener::bind(SocketAddrV4::new(LAN_HOST, 8080)))??;
+    let (code, lifetime, port, ip) = pcp_map(&t, 6, 8080, 1680)?;
+    assert_eq!(
+        (code, lifetime, port, ip),
+        (0, 600, 1680, SHARED),
+        "the suggested port, in the set"
+    );
+    let server = std::thread::spawn(move || -> Result<Vec<u8>> {
+        let (mut conn, _) = service.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut got = vec![0u8; 5];
+        conn.read_exact(&mut got)?;
+        conn.write_all(b"hello from the LAN")?;
+        Ok(got)
+    });
+    let mut conn = t.internet.enter(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((SHARED, port)), Duration::from_secs(5))
+    })??;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"hello")?;
+    let mut answer = vec![0u8; 18];
+    conn.read_exact(&mut answer)?;
+    assert_eq!(&answer, b"hello from the LAN");
+    let got = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("service panicked"))??;
+    assert_eq!(&got, b"hello");
+
+    // Port 80 is not this CE's: the answer is a port of the set instead.
+    let (code, _, port, ip) = pcp_map(&t, 17, 9000, 80)?;
+    assert_eq!((code, ip), (0, SHARED));
+    assert!(port != 80 && in_set_252(port), "assigned {port}");
+    let nat = t.nat()?;
+    assert!(
+        nat.iter().any(|m| m["external_port"] == port
+            && m["proto"] == "udp"
+            && m["lan"] == format!("{LAN_HOST}:9000")),
+        "{nat:?}"
+    );
+    Ok(())
+}

@@ -752,6 +752,12 @@ pub struct MapeCeArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
     pub state_dir: PathBuf,
 
+    /// Answer PCP (RFC 6887) MAP requests from the LAN on UDP 5351: an application gets an
+    /// inbound port forward from the port set (the port it suggests when that one is free),
+    /// for the lifetime it asks, at most 2 h, renewed by asking again.
+    #[arg(long)]
+    pub pcp: bool,
+
     /// Log every mapping's start and end (time, protocol, LAN endpoint, external port,
     /// remote) as JSON lines to FILE, for abuse requests: `tunnel-ctl portlog FILE --port P
     /// --at TIME` answers who used a port when. Rotated to FILE.1 at --port-log-size.
@@ -1085,6 +1091,7 @@ impl From<MapeCeArgs> for config::CeConfig {
             tun: a.tun,
             no_default_route: a.no_default_route,
             prefix_auto: a.rule.prefix == PrefixArg::Auto,
+            pcp: a.pcp,
             state_dir: a.state_dir,
             port_log: a.port_log,
             port_log_size: a.port_log_size,

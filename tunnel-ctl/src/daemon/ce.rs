@@ -21,7 +21,7 @@ use tunnel_common::{
 };
 
 use crate::mape::{
-    calc, portlog,
+    calc, pcp, portlog,
     portlog::PortLog,
     rule::Mapping,
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
@@ -71,6 +71,10 @@ counters! {
         drop_reassembly_timeout,
         drop_in_no_mapping,
         ipv4_ids_rewritten,
+        pcp_requests,
+        pcp_mappings_created,
+        pcp_mappings_expired,
+        pcp_refused,
     }
 }
 
@@ -106,6 +110,8 @@ pub struct Napt {
     reassembly: Mutex<Reassembly>,
     /// (PSID, its length): the top bits of the IPv4 id of datagrams sent fragmented.
     id_bits: (u16, u8),
+    /// PCP mappings (port forwards with a lifetime): (protocol, external port) → until.
+    pcp: Mutex<std::collections::HashMap<(u8, u16), (std::net::SocketAddrV4, Instant)>>,
 }
 
 impl Napt {
@@ -137,6 +143,7 @@ impl Napt {
             changed: state_file.then(tokio::sync::Notify::new),
             reassembly: Mutex::new(Reassembly::default()),
             id_bits,
+            pcp: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -154,6 +161,106 @@ impl Napt {
         let e = self.dataplane.remove_forward(port, proto)?;
         self.log_mapping(&e, false, Some("removed"));
         Some(e)
+    }
+
+    /// Answers one PCP request from `from` on the LAN (RFC 6887; MAP only): a port forward
+    /// from a port of the set (the one suggested when it is free) to the client's internal
+    /// port, for at most [`pcp::MAX_LIFETIME`]; lifetime 0 deletes it. `epoch`: seconds
+    /// since the CE started.
+    pub fn pcp_answer(
+        &self,
+        data: &[u8],
+        from: std::net::SocketAddrV4,
+        epoch: u32,
+    ) -> Option<Vec<u8>> {
+        use pcp::{Request, ResultCode};
+        self.stats.pcp_requests.inc();
+        let req = match pcp::parse(data) {
+            Request::Map(req) => req,
+            Request::Refuse {
+                opcode,
+                lifetime,
+                code,
+            } => {
+                self.stats.pcp_refused.inc();
+                return Some(pcp::refusal(opcode, code, lifetime, epoch));
+            }
+            Request::Ignore => return None,
+        };
+        let refuse = |code| {
+            self.stats.pcp_refused.inc();
+            Some(pcp::map_response(
+                &req,
+                code,
+                0,
+                epoch,
+                (0, Ipv4Addr::UNSPECIFIED),
+            ))
+        };
+        if req.client != from.ip().to_ipv6_mapped() {
+            return refuse(ResultCode::AddressMismatch);
+        }
+        if !matches!(req.protocol, TCP | UDP) || req.internal_port == 0 {
+            return refuse(ResultCode::UnsuppProtocol);
+        }
+        let lan = std::net::SocketAddrV4::new(*from.ip(), req.internal_port);
+        let held = lock(&self.pcp)
+            .iter()
+            .find(|((p, _), (l, _))| *p == req.protocol && *l == lan)
+            .map(|((_, port), _)| *port);
+        if req.lifetime == 0 {
+            if let Some(port) = held {
+                lock(&self.pcp).remove(&(req.protocol, port));
+                self.remove_forward(port, req.protocol);
+            }
+            return Some(pcp::map_response(
+                &req,
+                ResultCode::Success,
+                0,
+                epoch,
+                (0, self.ipv4),
+            ));
+        }
+        let lifetime = req.lifetime.min(pcp::MAX_LIFETIME);
+        let until = Instant::now() + Duration::from_secs(u64::from(lifetime));
+        let port = match held {
+            Some(port) => port,
+            None => {
+                let port = self.dataplane.with_table(|t| {
+                    if t.port_free(req.protocol, req.suggested_port) {
+                        Some(req.suggested_port)
+                    } else {
+                        t.free_port(req.protocol)
+                    }
+                });
+                let Some(port) = port else {
+                    return refuse(ResultCode::NoResources);
+                };
+                let spec = crate::mape::ForwardSpec {
+                    ext_port: port,
+                    lan,
+                    protos: vec![req.protocol],
+                };
+                if let Err(e) = self.add_forward(&spec) {
+                    warn!("PCP mapping {port} → {lan}: {e:#}");
+                    return refuse(ResultCode::NoResources);
+                }
+                self.stats.pcp_mappings_created.inc();
+                info!(
+                    "PCP: {} port {port} → {lan} for {lifetime} s",
+                    proto_name(req.protocol)
+                );
+                port
+            }
+        };
+        lock(&self.pcp).insert((req.protocol, port), (lan, until));
+        Some(pcp::map_response(
+            &req,
+            ResultCode::Success,
+            lifetime,
+            epoch,
+            (port, self.ipv4),
+        ))
     }
 
     /// A mapping started or ended: the port log says so, the state file is due.
@@ -227,6 +334,9 @@ impl Ce {
                 &new.no_default_route,
             ),
             ("metrics", &running.metrics, &new.metrics),
+            ("pcp", &running.pcp, &new.pcp),
+            ("port-log", &running.port_log, &new.port_log),
+            ("state-dir", &running.state_dir, &new.state_dir),
         ]);
         let gone: Vec<_> = running
             .forward
@@ -491,6 +601,35 @@ fn build_napt(
     Ok(napt)
 }
 
+/// The PCP server's socket: port 5351 on the LAN interface only.
+fn pcp_socket(lan: &str) -> Result<tokio::net::UdpSocket> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    sock.bind_device(Some(lan.as_bytes()))
+        .with_context(|| format!("--pcp: binding to {lan}"))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, pcp::PORT)).into())
+        .with_context(|| format!("--pcp: UDP port {} on {lan}", pcp::PORT))?;
+    sock.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(sock.into())?)
+}
+
+/// Answers PCP requests from the LAN for as long as the CE runs.
+async fn pcp_server(ce: &Ce, sock: &tokio::net::UdpSocket) {
+    let mut buf = [0u8; 1100];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let std::net::SocketAddr::V4(from) = from else {
+            continue;
+        };
+        let epoch = ce.started.elapsed().as_secs() as u32;
+        if let Some(answer) = ce.napt().pcp_answer(&buf[..n], from, epoch) {
+            let _ = sock.send_to(&answer, from).await;
+        }
+    }
+}
+
 /// `--prefix auto`: the mapping of the first global address on the WAN (its /64) that the
 /// rule covers; None while there is none.
 async fn mapping_from_wan(
@@ -609,7 +748,18 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
     let daemon = super::Daemon::start(&instance, ce.clone(), args.metrics)
         .await?
         .with_reload(reload);
-    let work = async {
+    let pcp_socket = if args.pcp {
+        Some(pcp_socket(&args.lan)?)
+    } else {
+        None
+    };
+    let pcp = async {
+        match &pcp_socket {
+            Some(sock) => pcp_server(&ce, sock).await,
+            None => std::future::pending().await,
+        }
+    };
+    let remap = async {
         loop {
             let (napt, mapping) = ce.current();
             let auto = async {
@@ -634,6 +784,12 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
                 Ok(n) => *ce.current.write().unwrap_or_else(|p| p.into_inner()) = (n, new),
                 Err(e) => warn!("--prefix auto: staying on {}: {e:#}", mapping.ipv4),
             }
+        }
+    };
+    let work = async {
+        tokio::select! {
+            () = remap => {}
+            () = pcp => {}
         }
     };
     daemon.run(work, "stopping").await;
@@ -825,6 +981,19 @@ async fn expire(ce: Arc<Napt>) {
             ce.stats.mappings_expired.inc();
             debug!("mapping expired: {}", describe(&e));
             ce.log_mapping(&e, false, Some("idle"));
+        }
+        let now = Instant::now();
+        let due: Vec<(u8, u16)> = lock(&ce.pcp)
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (proto, port) in due {
+            lock(&ce.pcp).remove(&(proto, port));
+            if let Some(e) = ce.remove_forward(port, proto) {
+                ce.stats.pcp_mappings_expired.inc();
+                debug!("PCP mapping expired: {}", describe(&e));
+            }
         }
     }
 }

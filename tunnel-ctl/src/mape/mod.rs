@@ -1,6 +1,7 @@
 //! MAP-E (RFC 7597, SPEC §6), the decisions: the rule calculator (`mape calc`), the CE's NAPT
 //! table and translation. The CE and BR daemons are [`crate::daemon::ce`] and
 //! [`crate::daemon::br`].
+pub mod pcp;
 pub mod portlog;
 pub mod profiles;
 pub mod rule;

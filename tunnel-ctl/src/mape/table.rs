@@ -416,6 +416,20 @@ impl Table {
         Ok(self.remove(&key).expect("found above"))
     }
 
+    /// A port of the set that no mapping of `proto` uses (for a PCP mapping), in the
+    /// table's spread-out order.
+    pub fn free_port(&self, proto: u8) -> Option<u16> {
+        self.order
+            .iter()
+            .copied()
+            .find(|p| !self.ports.contains_key(&(proto, *p)))
+    }
+
+    /// Whether `port` of the set is unused by `proto`.
+    pub fn port_free(&self, proto: u8, port: u16) -> bool {
+        port != 0 && self.in_set(port) && !self.ports.contains_key(&(proto, port))
+    }
+
     /// The mapping of LAN endpoint `lan` toward `remote` (exact, else its wildcard).
     pub fn outbound(&self, proto: u8, lan: SocketAddrV4, remote: SocketAddrV4) -> Option<&Entry> {
         let key = NatKey {
