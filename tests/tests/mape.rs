@@ -426,8 +426,9 @@ fn probe_id(frame: &[u8]) -> Option<u8> {
 }
 
 /// Issue 18 item 2: IPv4-in-IPv6 to the BR with a Tunnel Encapsulation Limit (ip6tnl's
-/// default) or Hop-by-Hop options is decapsulated; outer fragments, a chain of five
-/// Destination Options and ICMPv6 to the BR address are dropped and counted. With IPv6
+/// default) or Hop-by-Hop options is decapsulated; outer fragments are reassembled by the
+/// controller (issue 21) and go on; a chain of five Destination Options and ICMPv6 to the
+/// BR address are dropped and counted. With IPv6
 /// forwarding on and a route that would send the BR address back toward the CE, a capture on
 /// the CE-BR link sees each crafted packet exactly once (no loop).
 #[test]
@@ -493,7 +494,10 @@ fn the_br_decapsulates_behind_options_and_never_bounces_what_it_does_not_take() 
     let want = [
         ("mape_br_decap_packets", 2),
         ("ext_headers_removed", 2),
-        ("drop_outer_fragment", 2),
+        ("mape_br_slowpath_outer_fragments", 2),
+        ("outer_fragments_reassembled", 1),
+        ("slowpath_decap_packets", 1),
+        ("drop_outer_fragment", 0),
         ("drop_ext_headers_too_many", 1),
         ("mape_br_drop_not_ipip", 1),
     ];
@@ -507,12 +511,13 @@ fn the_br_decapsulates_behind_options_and_never_bounces_what_it_does_not_take() 
     // Stopping a capture reads what has arrived by then (a bounce takes microseconds).
     let link = link.stop()?;
     let seen = arrivals.stop()?;
-    // The two it took reach the internet host from the shared address and port.
+    // The three it took (the fragmented one put together) reach the internet host from the
+    // shared address and port.
     let from_ce: Vec<_> = seen
         .iter()
         .filter(|s| s.proto == 17 && s.src == SHARED && s.port == Some(1680))
         .collect();
-    assert_eq!(from_ce.len(), 2, "datagrams at the internet host: {seen:?}");
+    assert_eq!(from_ce.len(), 3, "datagrams at the internet host: {seen:?}");
     let after = t.br_stats()?;
     for (name, n) in want {
         assert_eq!(
@@ -1178,5 +1183,57 @@ fn pcp_map_requests_open_ports_of_the_set_to_lan_services() -> Result<()> {
             && m["lan"] == format!("{LAN_HOST}:9000")),
         "{nat:?}"
     );
+    Ok(())
+}
+
+/// An IPv6 packet on the CE-BR link: (source, next header, payload length).
+fn outer(frame: &[u8]) -> Option<(std::net::Ipv6Addr, u8, u16)> {
+    if frame.len() < 54 || frame[12..14] != [0x86, 0xdd] {
+        return None;
+    }
+    let src: [u8; 16] = frame[22..38].try_into().ok()?;
+    Some((
+        src.into(),
+        frame[20],
+        u16::from_be_bytes([frame[18], frame[19]]),
+    ))
+}
+
+/// Issue 21, Done-when 3 (first half): a 3,000-byte datagram without DF from the LAN host
+/// crosses the CE-BR link (MTU 1500) as fragments of the outer IPv6 packet (RFC 2473 §7),
+/// which the BR reassembles, and arrives whole (its echo comes back).
+#[test]
+fn a_big_datagram_without_df_crosses_the_ce_br_link_in_outer_ipv6_fragments() -> Result<()> {
+    let t = MapeLab::start(&RULE_252, &[])?;
+    let echo_at = SocketAddrV4::new(INTERNET_HOST, 7);
+    let stop = udp_echo(&t.internet, echo_at)?;
+    let link = Capture::start_with(&t.br, "ce0", outer)?;
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let big: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+    sock.send_to(&big, echo_at)?;
+    let mut buf = vec![0u8; 8192];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .context("no echo of the 3,000-byte datagram")?;
+    assert!(
+        n == big.len() && buf[..n] == big[..],
+        "the echo differs ({n} bytes)"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ce: std::net::Ipv6Addr = "2001:db8:12:a400:0:cb00:7112:a4".parse()?;
+    let frags: Vec<_> = link
+        .stop()?
+        .into_iter()
+        .filter(|(src, next, _)| *src == ce && *next == 44)
+        .collect();
+    assert!(
+        frags.len() >= 3,
+        "outer fragments from the CE on the link: {frags:?}"
+    );
+    assert!(frags.iter().all(|(_, _, len)| *len <= 1460), "{frags:?}");
+    let br = t.br_stats()?;
+    assert_eq!(counter(&br, "outer_fragments_reassembled"), 1, "{br}");
+    assert_eq!(counter(&br, "slowpath_decap_packets"), 1, "{br}");
     Ok(())
 }

@@ -114,6 +114,8 @@ counters! {
     CeDropNotFromBr = "mape_ce_drop_not_from_br",
     /// MAP-E BR: IPv4 fragments toward a CE handed to the controller for reassembly.
     BrSlowPathFragment = "mape_br_slowpath_fragments",
+    /// MAP-E BR: outer IPv6 fragments from CEs handed to the controller for reassembly.
+    BrSlowPathOuterFragment = "mape_br_slowpath_outer_fragments",
     /// MAP-E BR: packets from CEs checked and decapsulated.
     BrDecap = "mape_br_decap_packets",
     /// MAP-E BR: packets to CEs encapsulated.

@@ -60,6 +60,27 @@ impl Softwire {
     }
 }
 
+impl Softwire {
+    /// As [`Softwire::send_fitted`], but a packet too big for `mtu` without DF goes whole:
+    /// the kernel sends it as fragments of the outer IPv6 packet (RFC 2473 §7), which the far
+    /// end reassembles before it decapsulates ([`Sent::Fragmented`]).
+    pub fn send_outer_fragmented(
+        &self,
+        remote: Ipv6Addr,
+        packet: &[u8],
+        mtu: u16,
+        icmp_src: Ipv4Addr,
+    ) -> Sent {
+        if packet.len() <= usize::from(mtu) || crate::packet::dont_fragment(packet) {
+            return self.send_fitted(remote, packet, mtu, icmp_src);
+        }
+        match self.send(remote, packet) {
+            Ok(()) => Sent::Fragmented,
+            Err(_) => Sent::Failed,
+        }
+    }
+}
+
 /// What [`Softwire::send_fitted`] did.
 pub enum Sent {
     Whole,

@@ -4,10 +4,13 @@
 //! only when its outer source is the CE address that the rule computes from the inner source
 //! address and port; then it is unwrapped (Hop-by-Hop and Destination Options headers too)
 //! and forwarded. Nothing else addressed to the BR address is returned to the stack: outer
-//! fragments, too long a header chain and other protocols are dropped and counted. `br_encap` runs on ingress of the
+//! fragments go to the controller's TUN (it reassembles them), too long a header chain and
+//! other protocols are dropped and counted. `br_encap` runs on ingress of the
 //! IPv4 side: a packet to an address that a rule covers goes to the CE address computed from
 //! its destination address and port.
-use aya_ebpf::{macros::classifier, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::generated::bpf_redirect, macros::classifier, maps::lpm_trie::Key, programs::TcContext,
+};
 use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     mape::{IID_DRAFT03, MapRule},
@@ -57,6 +60,13 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     // to it leaves this program but decapsulated IPv4.
     match encap::outer_upper(&ctx, &outer) {
         Upper::Ipip => {}
+        Upper::Fragment(packet::IPPROTO_IPIP) => {
+            // A CE's packet sent in outer fragments (RFC 2473 §7): the controller
+            // reassembles it, checks it like this program does and forwards the IPv4.
+            count(Counter::BrSlowPathOuterFragment);
+            // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
+            return unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+        }
         Upper::Other(_) => {
             let reason = Counter::BrDropNotIpip;
             log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src_addr);

@@ -25,7 +25,7 @@ use crate::{
     mgmt::{self, Handler, Request, Response, Status, api},
     netlink::Netlink,
     packet,
-    server::reassembly::{Reassembly, Step},
+    server::reassembly::{Reassembly, Step, Step6},
     softwire::{Sent, Softwire},
     tundev,
 };
@@ -41,6 +41,9 @@ counters! {
         drop_send_error,
         drop_tun_write_error,
         fragments_reassembled,
+        outer_fragments_reassembled,
+        slowpath_decap_packets,
+        drop_slowpath_source_mismatch,
         drop_reassembly_full,
         drop_reassembly_bad,
         drop_reassembly_timeout,
@@ -271,6 +274,26 @@ async fn tun_reader(br: Arc<Br>) {
     let mut reassembly = Reassembly::default();
     loop {
         let n = crate::tundev::recv(&br.tun, &mut buf).await;
+        if buf[..n].first().is_some_and(|b| b >> 4 == 6) {
+            // An outer IPv6 fragment from a CE (br_decap handed it over).
+            let mut expired = 0;
+            let step = reassembly.push6(&buf[..n], std::time::Instant::now(), &mut expired);
+            stats.drop_reassembly_timeout.add(expired as u64);
+            match step {
+                Step6::Done {
+                    src,
+                    next: 4,
+                    payload,
+                } => {
+                    stats.outer_fragments_reassembled.inc();
+                    from_ce(&br, src, payload).await;
+                }
+                Step6::Done { .. } | Step6::Bad => stats.drop_reassembly_bad.inc(),
+                Step6::Full => stats.drop_reassembly_full.inc(),
+                Step6::Kept => {}
+            }
+            continue;
+        }
         let whole;
         let pkt = if packet::is_fragment(&buf[..n]) {
             let mut expired = 0;
@@ -326,5 +349,35 @@ async fn tun_reader(br: Arc<Br>) {
             Sent::Unfragmentable => stats.drop_unfragmentable.inc(),
             Sent::Failed => stats.drop_send_error.inc(),
         }
+    }
+}
+
+/// A CE's IPv4 packet that came in outer fragments, reassembled: accepted only from the CE
+/// address the rule gives for its source address and port (as `br_decap` checks), then
+/// written to the TUN for the kernel to forward.
+async fn from_ce(br: &Br, ce: Ipv6Addr, inner: Vec<u8>) {
+    let stats = &br.stats;
+    let Some(IpAddr::V4(src)) = packet::source(&inner) else {
+        return stats.drop_slowpath_source_mismatch.inc();
+    };
+    let rule = br
+        .rules()
+        .iter()
+        .filter(|r| r.ipv4.contains(&src))
+        .max_by_key(|r| r.ipv4.prefix_len())
+        .cloned();
+    let expected = rule.and_then(|r| {
+        let mr = r.to_map_rule();
+        packet::port_from(&inner)
+            .and_then(|p| mr.psid_of(p))
+            .map(|psid| Ipv6Addr::from(mr.ce_address(u32::from(src), psid)))
+    });
+    if expected != Some(ce) {
+        return stats.drop_slowpath_source_mismatch.inc();
+    }
+    // The kernel forwards it from the TUN (and decrements the TTL).
+    match br.tun.send(&inner).await {
+        Ok(_) => stats.slowpath_decap_packets.inc(),
+        Err(_) => stats.drop_tun_write_error.inc(),
     }
 }

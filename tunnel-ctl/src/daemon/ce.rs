@@ -928,9 +928,10 @@ async fn slow_path_whole(ce: &Napt, pkt: &mut [u8], reassembled: bool) {
         }
     }
     // DF packets that are too big were answered above; the rest fits or is fragmented.
+    // Too big without DF: outer IPv6 fragments (the BR reassembles them).
     match ce
         .softwire
-        .send_fitted(ce.br, pkt, ce.inner_mtu, *flow.remote.ip())
+        .send_outer_fragmented(ce.br, pkt, ce.inner_mtu, *flow.remote.ip())
     {
         Sent::Whole => stats.slowpath_out_packets.inc(),
         Sent::Fragmented => stats.slowpath_fragmented.inc(),

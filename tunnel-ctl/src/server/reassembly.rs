@@ -5,7 +5,7 @@
 //! fragment. Pure: time is passed in. The buffers are etherparse's `IpDefragPool`.
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,8 @@ pub const MAX_OPEN: usize = 1024;
 /// kernel waits 30 s; a B4 behind one tunnel has no reason to be slower).
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 
-type Id = (Ipv4Addr, Ipv4Addr, u16, u8);
+/// A datagram: source, destination, identification, and (IPv4) protocol.
+type Id = (IpAddr, IpAddr, u32, u8);
 
 pub struct Reassembly {
     pool: IpDefragPool<Instant, ()>,
@@ -94,9 +95,9 @@ impl Reassembly {
             return Step::Whole;
         }
         let id: Id = (
-            h.source_addr(),
-            h.destination_addr(),
-            h.identification(),
+            IpAddr::V4(h.source_addr()),
+            IpAddr::V4(h.destination_addr()),
+            u32::from(h.identification()),
             h.protocol().0,
         );
         if !self.open.contains_key(&id) && self.open.len() >= self.max_open {
@@ -129,6 +130,64 @@ impl Reassembly {
             }
             // The pool keeps what it has of the datagram; it times out with it.
             Err(_) => Step::Bad,
+        }
+    }
+}
+
+/// What one outer IPv6 fragment gave ([`Reassembly::push6`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step6 {
+    /// The packet is complete: its source and next header, and the reassembled payload.
+    Done {
+        src: Ipv6Addr,
+        next: u8,
+        payload: Vec<u8>,
+    },
+    Kept,
+    Full,
+    Bad,
+}
+
+impl Reassembly {
+    /// Takes one IPv6 fragment (RFC 8200 §4.5; the same bounds and timeout as IPv4).
+    pub fn push6(&mut self, pkt: &[u8], now: Instant, expired: &mut usize) -> Step6 {
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            *expired += self.expire(now);
+        }
+        let Ok(sliced) = SlicedPacket::from_ip(pkt) else {
+            return Step6::Bad;
+        };
+        let Some(etherparse::NetSlice::Ipv6(v6)) = &sliced.net else {
+            return Step6::Bad;
+        };
+        let Some(frag) = v6.extensions().clone().into_iter().find_map(|e| match e {
+            etherparse::Ipv6ExtensionSlice::Fragment(f) => Some(f.to_header()),
+            _ => None,
+        }) else {
+            return Step6::Bad;
+        };
+        let (src, dst) = (v6.header().source_addr(), v6.header().destination_addr());
+        let id: Id = (IpAddr::V6(src), IpAddr::V6(dst), frag.identification, 0);
+        if !self.open.contains_key(&id) && self.open.len() >= self.max_open {
+            return Step6::Full;
+        }
+        match self.pool.process_sliced_packet(&sliced, now, ()) {
+            Ok(None) => {
+                self.open.insert(id, now);
+                Step6::Kept
+            }
+            Ok(Some(done)) => {
+                self.open.remove(&id);
+                Step6::Done {
+                    src,
+                    next: done.ip_number.0,
+                    payload: done.payload,
+                }
+            }
+            Err(_) => Step6::Bad,
         }
     }
 }
