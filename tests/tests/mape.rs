@@ -967,6 +967,8 @@ fn fragmented_datagrams_cross_the_ce_and_the_br_whole_both_ways() -> Result<()> 
         counter(&br, "fragments_reassembled") >= 2,
         "the echoes came in fragments: {br}"
     );
+    // The BR sent the 4,000-byte echoes on in outer IPv6 fragments; the CE put them together.
+    assert!(counter(&ce, "outer_fragments_reassembled") >= 2, "{ce}");
     Ok(())
 }
 

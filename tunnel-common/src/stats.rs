@@ -114,6 +114,8 @@ counters! {
     CeDropNotFromBr = "mape_ce_drop_not_from_br",
     /// MAP-E BR: IPv4 fragments toward a CE handed to the controller for reassembly.
     BrSlowPathFragment = "mape_br_slowpath_fragments",
+    /// MAP-E CE: outer IPv6 fragments from the BR handed to the controller for reassembly.
+    CeSlowPathOuterFragment = "mape_ce_slowpath_outer_fragments",
     /// MAP-E BR: outer IPv6 fragments from CEs handed to the controller for reassembly.
     BrSlowPathOuterFragment = "mape_br_slowpath_outer_fragments",
     /// MAP-E BR: packets from CEs checked and decapsulated.

@@ -159,6 +159,13 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         // The CE address is the CE's own: its ICMPv6 and other traffic are the stack's.
         Upper::Other(_) => return PASS,
         Upper::Fragment(next) if next != IPPROTO_IPIP => return PASS,
+        // IPv4-in-IPv6 the BR sent in outer fragments (RFC 2473 §7): the controller
+        // reassembles it (and checks it came from the BR).
+        Upper::Fragment(_) => {
+            count(Counter::CeSlowPathOuterFragment);
+            // SAFETY: plain helper call; the TUN takes the frame without its MAC header.
+            return unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+        }
         other => return other.drop_counted(),
     }
     if !eq16(&outer.src_addr, &cfg.remote) {

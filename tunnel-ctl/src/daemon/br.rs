@@ -339,7 +339,11 @@ async fn tun_reader(br: Arc<Br>) {
         };
         let ce = Ipv6Addr::from(mr.ce_address(u32::from(dst), psid));
         // ICMP errors come "from" the destination, like a router on its last hop.
-        match br.softwire.send_fitted(ce, pkt, br.inner_mtu, dst) {
+        // Too big without DF: outer IPv6 fragments (the CE reassembles them).
+        match br
+            .softwire
+            .send_outer_fragmented(ce, pkt, br.inner_mtu, dst)
+        {
             Sent::Whole => stats.slowpath_packets.inc(),
             Sent::Fragmented => stats.slowpath_fragmented.inc(),
             Sent::TooBig(icmp) => match br.tun.send(&icmp).await {

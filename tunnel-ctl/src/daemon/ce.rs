@@ -27,7 +27,7 @@ use crate::mape::{
     table::{Entry, Kind, TCP, Table, UDP, proto_name},
     translate::{self, Outbound},
 };
-use crate::server::reassembly::{Reassembly, Step};
+use crate::server::reassembly::{Reassembly, Step, Step6};
 use crate::{
     config::{CeConfig, NatTimeouts},
     counters,
@@ -66,6 +66,8 @@ counters! {
         drop_unfragmentable,
         drop_tun_not_ipv4,
         fragments_reassembled,
+        outer_fragments_reassembled,
+        drop_outer_not_from_br,
         drop_reassembly_full,
         drop_reassembly_bad,
         drop_reassembly_timeout,
@@ -801,12 +803,39 @@ async fn tun_reader(ce: Arc<Napt>) {
     let mut buf = vec![0u8; 65536];
     loop {
         let n = crate::tundev::recv(&ce.tun, &mut buf).await;
-        slow_path(&ce, &mut buf[..n]).await;
+        slow_path(&ce, &mut buf[..n], false).await;
     }
 }
 
-async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
+/// A packet from the TUN; `unwrapped`: it came out of reassembled outer fragments (so ce_in
+/// never saw it).
+async fn slow_path(ce: &Napt, pkt: &mut [u8], unwrapped: bool) {
     let stats = &ce.stats;
+    if pkt.first().is_some_and(|b| b >> 4 == 6) {
+        // Outer IPv6 fragments from the BR (ce_in handed them over).
+        let step = {
+            let mut expired = 0;
+            let step = lock(&ce.reassembly).push6(pkt, Instant::now(), &mut expired);
+            stats.drop_reassembly_timeout.add(expired as u64);
+            step
+        };
+        return match step {
+            Step6::Done {
+                src,
+                next: 4,
+                mut payload,
+            } if src == ce.br => {
+                stats.outer_fragments_reassembled.inc();
+                // The inner packet, as if ce_in had unwrapped it (it may be a fragment
+                // itself).
+                Box::pin(slow_path(ce, &mut payload, true)).await
+            }
+            Step6::Done { .. } => stats.drop_outer_not_from_br.inc(),
+            Step6::Kept => {}
+            Step6::Full => stats.drop_reassembly_full.inc(),
+            Step6::Bad => stats.drop_reassembly_bad.inc(),
+        };
+    }
     if packet::is_fragment(pkt) {
         // Both ways: a non-first fragment names no port (RFC 7597 §8.3.2).
         let step = {
@@ -826,7 +855,7 @@ async fn slow_path(ce: &Napt, pkt: &mut [u8]) {
             Step::Whole => {}
         }
     }
-    slow_path_whole(ce, pkt, false).await
+    slow_path_whole(ce, pkt, unwrapped).await
 }
 
 /// A whole packet (`reassembled` from fragments, or as it came).
