@@ -1182,8 +1182,39 @@ fn pcp_map_requests_open_ports_of_the_set_to_lan_services() -> Result<()> {
     assert!(
         nat.iter().any(|m| m["external_port"] == port
             && m["proto"] == "udp"
-            && m["lan"] == format!("{LAN_HOST}:9000")),
+            && m["lan"] == format!("{LAN_HOST}:9000")
+            && m["kind"] == "pcp"),
         "{nat:?}"
+    );
+
+    // NAT-PMP (RFC 6886), the same service: the external address, then a TCP mapping.
+    let sock = t.lan.enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = [0u8; 64];
+    sock.send_to(&[0, 0], "198.51.100.1:5351")?;
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .context("no NAT-PMP address answer")?;
+    assert_eq!(&buf[..2], &[0, 128]);
+    assert_eq!(&buf[8..n], &SHARED.octets(), "the external address");
+    sock.send_to(
+        &[0, 2, 0, 0, 0x1f, 0x91, 0, 80, 0, 0, 0x02, 0x58],
+        "198.51.100.1:5351",
+    )?;
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .context("no NAT-PMP mapping answer")?;
+    assert_eq!(
+        (n, buf[1], buf[2], buf[3]),
+        (16, 130, 0, 0),
+        "{:?}",
+        &buf[..n]
+    );
+    let ext = u16::from_be_bytes([buf[10], buf[11]]);
+    assert!(ext != 80 && in_set_252(ext), "NAT-PMP assigned {ext}");
+    assert_eq!(
+        u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
+        600
     );
     Ok(())
 }

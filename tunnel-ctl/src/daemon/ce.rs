@@ -165,10 +165,8 @@ impl Napt {
         Some(e)
     }
 
-    /// Answers one PCP request from `from` on the LAN (RFC 6887; MAP only): a port forward
-    /// from a port of the set (the one suggested when it is free) to the client's internal
-    /// port, for at most [`pcp::MAX_LIFETIME`]; lifetime 0 deletes it. `epoch`: seconds
-    /// since the CE started.
+    /// Answers one request from `from` on the LAN to the PCP port: PCP (RFC 6887, MAP) or
+    /// NAT-PMP (RFC 6886, version 0). `epoch`: seconds since the CE started.
     pub fn pcp_answer(
         &self,
         data: &[u8],
@@ -177,6 +175,9 @@ impl Napt {
     ) -> Option<Vec<u8>> {
         use pcp::{Request, ResultCode};
         self.stats.pcp_requests.inc();
+        if data.first() == Some(&0) {
+            return self.natpmp_answer(data, from, epoch);
+        }
         let req = match pcp::parse(data) {
             Request::Map(req) => req,
             Request::Refuse {
@@ -189,80 +190,129 @@ impl Napt {
             }
             Request::Ignore => return None,
         };
-        let refuse = |code| {
-            self.stats.pcp_refused.inc();
-            Some(pcp::map_response(
-                &req,
-                code,
-                0,
-                epoch,
-                (0, Ipv4Addr::UNSPECIFIED),
-            ))
+        let answer = if req.client != from.ip().to_ipv6_mapped() {
+            Err(ResultCode::AddressMismatch)
+        } else {
+            self.pcp_grant(
+                req.protocol,
+                std::net::SocketAddrV4::new(*from.ip(), req.internal_port),
+                req.suggested_port,
+                req.lifetime,
+            )
         };
-        if req.client != from.ip().to_ipv6_mapped() {
-            return refuse(ResultCode::AddressMismatch);
-        }
-        if !matches!(req.protocol, TCP | UDP) || req.internal_port == 0 {
-            return refuse(ResultCode::UnsuppProtocol);
-        }
-        let lan = std::net::SocketAddrV4::new(*from.ip(), req.internal_port);
-        let held = lock(&self.pcp)
-            .iter()
-            .find(|((p, _), (l, _))| *p == req.protocol && *l == lan)
-            .map(|((_, port), _)| *port);
-        if req.lifetime == 0 {
-            if let Some(port) = held {
-                lock(&self.pcp).remove(&(req.protocol, port));
-                self.remove_forward(port, req.protocol);
-            }
-            return Some(pcp::map_response(
+        Some(match answer {
+            Ok((port, lifetime)) => pcp::map_response(
                 &req,
                 ResultCode::Success,
-                0,
+                lifetime,
                 epoch,
-                (0, self.ipv4),
-            ));
+                (port, self.ipv4),
+            ),
+            Err(code) => {
+                self.stats.pcp_refused.inc();
+                pcp::map_response(&req, code, 0, epoch, (0, Ipv4Addr::UNSPECIFIED))
+            }
+        })
+    }
+
+    /// NAT-PMP (RFC 6886): the external address, and UDP/TCP mappings as PCP makes them.
+    fn natpmp_answer(
+        &self,
+        data: &[u8],
+        from: std::net::SocketAddrV4,
+        epoch: u32,
+    ) -> Option<Vec<u8>> {
+        use pcp::{NatPmp, ResultCode};
+        Some(match pcp::parse_natpmp(data) {
+            NatPmp::ExternalAddress => pcp::natpmp_address(epoch, self.ipv4),
+            NatPmp::Map {
+                protocol,
+                internal_port,
+                suggested_port,
+                lifetime,
+            } => {
+                let lan = std::net::SocketAddrV4::new(*from.ip(), internal_port);
+                match self.pcp_grant(protocol, lan, suggested_port, lifetime) {
+                    Ok((port, lifetime)) => {
+                        pcp::natpmp_map(protocol, 0, epoch, internal_port, port, lifetime)
+                    }
+                    Err(code) => {
+                        self.stats.pcp_refused.inc();
+                        let code = match code {
+                            ResultCode::NoResources => 4,
+                            _ => 2,
+                        };
+                        pcp::natpmp_map(protocol, code, epoch, internal_port, 0, 0)
+                    }
+                }
+            }
+            NatPmp::Refuse { opcode, code } => {
+                self.stats.pcp_refused.inc();
+                pcp::natpmp_refusal(opcode, code, epoch)
+            }
+            NatPmp::Ignore => return None,
+        })
+    }
+
+    /// A PCP/NAT-PMP mapping of `lan` for `proto`: a port forward from a port of the set
+    /// (`suggested` when it is free), for at most [`pcp::MAX_LIFETIME`]; asking again
+    /// renews it, lifetime 0 deletes it. Ok: (external port, lifetime granted).
+    fn pcp_grant(
+        &self,
+        proto: u8,
+        lan: std::net::SocketAddrV4,
+        suggested: u16,
+        lifetime: u32,
+    ) -> Result<(u16, u32), pcp::ResultCode> {
+        use pcp::ResultCode;
+        if !matches!(proto, TCP | UDP) || lan.port() == 0 {
+            return Err(ResultCode::UnsuppProtocol);
         }
-        let lifetime = req.lifetime.min(pcp::MAX_LIFETIME);
+        let held = lock(&self.pcp)
+            .iter()
+            .find(|((p, _), (l, _))| *p == proto && *l == lan)
+            .map(|((_, port), _)| *port);
+        if lifetime == 0 {
+            if let Some(port) = held {
+                lock(&self.pcp).remove(&(proto, port));
+                self.remove_forward(port, proto);
+            }
+            return Ok((0, 0));
+        }
+        let lifetime = lifetime.min(pcp::MAX_LIFETIME);
         let until = Instant::now() + Duration::from_secs(u64::from(lifetime));
         let port = match held {
             Some(port) => port,
             None => {
                 let port = self.dataplane.with_table(|t| {
-                    if t.port_free(req.protocol, req.suggested_port) {
-                        Some(req.suggested_port)
+                    if t.port_free(proto, suggested) {
+                        Some(suggested)
                     } else {
-                        t.free_port(req.protocol)
+                        t.free_port(proto)
                     }
                 });
                 let Some(port) = port else {
-                    return refuse(ResultCode::NoResources);
+                    return Err(ResultCode::NoResources);
                 };
                 let spec = crate::mape::ForwardSpec {
                     ext_port: port,
                     lan,
-                    protos: vec![req.protocol],
+                    protos: vec![proto],
                 };
                 if let Err(e) = self.add_forward(&spec) {
                     warn!("PCP mapping {port} → {lan}: {e:#}");
-                    return refuse(ResultCode::NoResources);
+                    return Err(ResultCode::NoResources);
                 }
                 self.stats.pcp_mappings_created.inc();
                 info!(
                     "PCP: {} port {port} → {lan} for {lifetime} s",
-                    proto_name(req.protocol)
+                    proto_name(proto)
                 );
                 port
             }
         };
-        lock(&self.pcp).insert((req.protocol, port), (lan, until));
-        Some(pcp::map_response(
-            &req,
-            ResultCode::Success,
-            lifetime,
-            epoch,
-            (port, self.ipv4),
-        ))
+        lock(&self.pcp).insert((proto, port), (lan, until));
+        Ok((port, lifetime))
     }
 
     /// A mapping started or ended: the port log says so, the state file is due.
@@ -415,7 +465,11 @@ impl Napt {
                     lan: e.lan().to_string(),
                     external_port: e.ext_port,
                     remote: e.remote().map_or("*".to_owned(), |r| r.to_string()),
-                    kind: e.kind.as_str(),
+                    kind: if lock(&self.pcp).contains_key(&(e.proto(), e.ext_port)) {
+                        "pcp"
+                    } else {
+                        e.kind.as_str()
+                    },
                     idle_ms: if e.kind == Kind::Forward {
                         0
                     } else {

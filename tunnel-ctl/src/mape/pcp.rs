@@ -124,6 +124,82 @@ pub fn map_response(
     out
 }
 
+/// A NAT-PMP request (RFC 6886 §3.2, §3.3).
+#[derive(Debug, PartialEq, Eq)]
+pub enum NatPmp {
+    ExternalAddress,
+    Map {
+        protocol: u8,
+        internal_port: u16,
+        suggested_port: u16,
+        lifetime: u32,
+    },
+    Refuse {
+        opcode: u8,
+        code: u16,
+    },
+    Ignore,
+}
+
+pub fn parse_natpmp(data: &[u8]) -> NatPmp {
+    if data.len() < 2 || data[1] & 0x80 != 0 {
+        return NatPmp::Ignore;
+    }
+    match (data[1], data.len()) {
+        (0, _) => NatPmp::ExternalAddress,
+        (op @ (1 | 2), 12..) => NatPmp::Map {
+            protocol: if op == 1 { 17 } else { 6 },
+            internal_port: u16::from_be_bytes([data[4], data[5]]),
+            suggested_port: u16::from_be_bytes([data[6], data[7]]),
+            lifetime: u32::from_be_bytes([data[8], data[9], data[10], data[11]]),
+        },
+        (op @ (1 | 2), _) => NatPmp::Refuse {
+            opcode: op,
+            code: 5,
+        },
+        // 5: unsupported opcode.
+        (op, _) => NatPmp::Refuse {
+            opcode: op,
+            code: 5,
+        },
+    }
+}
+
+fn natpmp_header(opcode: u8, code: u16, epoch: u32) -> Vec<u8> {
+    let mut out = vec![0, 0x80 | opcode];
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out
+}
+
+/// The answer to an external-address request.
+pub fn natpmp_address(epoch: u32, addr: Ipv4Addr) -> Vec<u8> {
+    let mut out = natpmp_header(0, 0, epoch);
+    out.extend_from_slice(&addr.octets());
+    out
+}
+
+/// The answer to a UDP (`protocol` 17) or TCP mapping request.
+pub fn natpmp_map(
+    protocol: u8,
+    code: u16,
+    epoch: u32,
+    internal: u16,
+    external: u16,
+    lifetime: u32,
+) -> Vec<u8> {
+    let mut out = natpmp_header(if protocol == 17 { 1 } else { 2 }, code, epoch);
+    out.extend_from_slice(&internal.to_be_bytes());
+    out.extend_from_slice(&external.to_be_bytes());
+    out.extend_from_slice(&lifetime.to_be_bytes());
+    out
+}
+
+/// A refusal without a mapping.
+pub fn natpmp_refusal(opcode: u8, code: u16, epoch: u32) -> Vec<u8> {
+    natpmp_header(opcode, code, epoch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +271,27 @@ mod tests {
         assert_eq!(parse(&r[..20]), Request::Ignore);
         r[1] = 0x81;
         assert_eq!(parse(&r), Request::Ignore, "a response");
+    }
+
+    #[test]
+    fn nat_pmp_requests_parse_and_answers_have_rfc_6886_layouts() {
+        assert_eq!(parse_natpmp(&[0, 0]), NatPmp::ExternalAddress);
+        let req = [0, 2, 0, 0, 0x1f, 0x90, 0, 80, 0, 0, 0x0e, 0x10];
+        assert_eq!(
+            parse_natpmp(&req),
+            NatPmp::Map {
+                protocol: 6,
+                internal_port: 8080,
+                suggested_port: 80,
+                lifetime: 3600
+            }
+        );
+        assert_eq!(parse_natpmp(&[0, 3]), NatPmp::Refuse { opcode: 3, code: 5 });
+        let a = natpmp_address(9, Ipv4Addr::new(203, 0, 113, 18));
+        assert_eq!(a, [0, 128, 0, 0, 0, 0, 0, 9, 203, 0, 113, 18]);
+        let m = natpmp_map(6, 0, 9, 8080, 1680, 3600);
+        assert_eq!(m.len(), 16);
+        assert_eq!(&m[..2], &[0, 130]);
+        assert_eq!(u16::from_be_bytes([m[10], m[11]]), 1680);
     }
 }
