@@ -151,6 +151,26 @@ impl Ns {
 
     /// `ping` with extra flags (e.g. `-M do -s 1452`): how many replies came back (None
     /// when ping printed no summary), and everything ping printed.
+    /// Starts `count` pings 10 ms apart to `addr` (1 s wait each) in the background; its
+    /// summary is in the output ([`ping_received`]).
+    pub fn ping_every_10ms(&self, addr: &str, count: u32) -> Result<std::process::Child> {
+        Ok(self
+            .command("ping")
+            .args([
+                "-n",
+                "-q",
+                "-i",
+                "0.01",
+                "-c",
+                &count.to_string(),
+                "-W",
+                "1",
+                addr,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
     /// Applies an nftables ruleset (`nft -f -`) in this namespace.
     pub fn nft(&self, rules: &str) -> Result<()> {
         use std::io::Write as _;

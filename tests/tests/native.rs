@@ -448,21 +448,7 @@ fn server_sigkill_and_restart_keep_native_forwarding_and_leases() -> Result<()> 
     let leases_before = t.leases()?;
 
     // 500 pings 10 ms apart (5 s); the server is killed and restarted in the middle.
-    let ping = ns
-        .command("ping")
-        .args([
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            "500",
-            "-W",
-            "1",
-            INTERNET_HOST,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let ping = ns.ping_every_10ms(INTERNET_HOST, 500)?;
     // Kill only once the pings flow: an answer encapsulated back to the client by the fast path.
     let encap_before = stat(&t, "fastpath_encap_packets")?;
     wait_for("the first ping answer", Duration::from_secs(10), || {

@@ -280,13 +280,16 @@ fn shared_leases_and_their_forwarding_survive_a_server_sigkill() -> Result<()> {
 
     // 300 pings 10 ms apart from the first client while the server is killed and restarted:
     // its softwire stays in the pinned maps.
-    let ping = clients[0]
-        .0
-        .command("ping")
-        .args(["-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", &target(1)])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    let ping = clients[0].0.ping_every_10ms(&target(1), 300)?;
+    // Kill only once the answers come back through the client's NAPT.
+    let napt_in = |t: &FourOverSix| -> Result<u64> {
+        let stats = t.lab.ctl_json("stats", &clients[0].1)?;
+        Ok(tunnel_tests::counter(&stats, "mape_ce_napt_in_packets"))
+    };
+    let answered = napt_in(&t)?;
+    tunnel_tests::wait_for("the first ping answers", Duration::from_secs(10), || {
+        Ok((napt_in(&t)? >= answered + 5).then_some(()))
+    })?;
     let instance = t.server_instance.clone();
     t.lab.daemon(&instance).expect("server").kill();
     t.start_server()?;

@@ -149,12 +149,23 @@ pub fn is_fragment(pkt: &[u8]) -> bool {
 
 /// Writes `id` as the IPv4 identification of `pkt` and updates its header checksum.
 pub fn set_ipv4_id(pkt: &mut [u8], id: u16) -> bool {
+    rewrite_ipv4_header(pkt, |h| {
+        h.identification = id;
+        true
+    })
+}
+
+/// Changes the IPv4 header of `pkt` with `change` (false: leave it) and writes it back with
+/// its checksum; false when nothing was written.
+fn rewrite_ipv4_header(pkt: &mut [u8], change: impl FnOnce(&mut Ipv4Header) -> bool) -> bool {
     let Ok(slice) = Ipv4HeaderSlice::from_slice(pkt) else {
         return false;
     };
     let len = slice.slice().len();
     let mut header = slice.to_header();
-    header.identification = id;
+    if !change(&mut header) {
+        return false;
+    }
     header.header_checksum = header.calc_header_checksum();
     let mut bytes = Vec::with_capacity(len);
     if header.write(&mut bytes).is_err() || bytes.len() != len {
@@ -178,22 +189,13 @@ pub fn shared_ipv4_id(id: u16, psid: u16, psid_len: u8) -> u16 {
 /// Decrements the TTL of the IPv4 packet `pkt` and updates its header checksum, as a router
 /// does before forwarding; false (nothing changed) when it would expire or cannot be parsed.
 pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
-    let Ok(slice) = Ipv4HeaderSlice::from_slice(pkt) else {
-        return false;
-    };
-    if slice.ttl() <= 1 {
-        return false;
-    }
-    let len = slice.slice().len();
-    let mut header = slice.to_header();
-    header.time_to_live -= 1;
-    header.header_checksum = header.calc_header_checksum();
-    let mut bytes = Vec::with_capacity(len);
-    if header.write(&mut bytes).is_err() || bytes.len() != len {
-        return false;
-    }
-    pkt[..len].copy_from_slice(&bytes);
-    true
+    rewrite_ipv4_header(pkt, |h| {
+        if h.time_to_live <= 1 {
+            return false;
+        }
+        h.time_to_live -= 1;
+        true
+    })
 }
 
 /// The port a packet toward a port-set holder (MAP-E CE, lwB4) is mapped by (RFC 7597 §8,

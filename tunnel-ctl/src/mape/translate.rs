@@ -146,6 +146,38 @@ pub fn inbound_key(pkt: &[u8]) -> Option<(u8, u16, SocketAddrV4)> {
     }
 }
 
+/// Where an ICMP error's parts are: its header length and total length, and the packet it
+/// quotes (offset, header length, protocol, addresses).
+struct Quoted {
+    ihl: usize,
+    total: usize,
+    q: usize,
+    qihl: usize,
+    qproto: u8,
+    qsrc: Ipv4Addr,
+    qdst: Ipv4Addr,
+}
+
+/// The parts of an ICMP error (None for anything else).
+fn quoted(pkt: &[u8]) -> Option<Quoted> {
+    let (h, ihl) = header(pkt)?;
+    let total = usize::from(h.total_len());
+    if h.protocol().0 != ICMP || !pkt.get(ihl).is_some_and(|t| ICMP_ERRORS.contains(t)) {
+        return None;
+    }
+    let q = ihl + 8;
+    let qh = Ipv4HeaderSlice::from_slice(pkt.get(q..total)?).ok()?;
+    Some(Quoted {
+        ihl,
+        total,
+        q,
+        qihl: qh.slice().len(),
+        qproto: qh.protocol().0,
+        qsrc: qh.source_addr(),
+        qdst: qh.destination_addr(),
+    })
+}
+
 /// An ICMP error from the internet to the shared address, mapped back to the LAN: rewrites
 /// the destination, and inside the quoted packet the source address and port, using
 /// `lookup(proto, external port, remote)` → LAN endpoint. False when no mapping matches.
@@ -153,26 +185,19 @@ pub fn translate_icmp_error_in(
     pkt: &mut [u8],
     lookup: impl Fn(u8, u16, SocketAddrV4) -> Option<SocketAddrV4>,
 ) -> bool {
-    let Some((h, ihl)) = header(pkt) else {
-        return false;
-    };
-    let total = usize::from(h.total_len());
-    if h.protocol().0 != ICMP || !pkt.get(ihl).is_some_and(|t| ICMP_ERRORS.contains(t)) {
-        return false;
-    }
     // The quoted packet: it went from the shared address:port to the remote.
-    let q = ihl + 8;
-    let Some((qh, qihl)) = Ipv4HeaderSlice::from_slice(pkt.get(q..total).unwrap_or(&[]))
-        .ok()
-        .map(|s| {
-            let len = s.slice().len();
-            (s, len)
-        })
+    let Some(Quoted {
+        ihl,
+        total,
+        q,
+        qihl,
+        qproto,
+        qdst,
+        ..
+    }) = quoted(pkt)
     else {
         return false;
     };
-    let qproto = qh.protocol().0;
-    let qdst = qh.destination_addr();
     let ql4 = q + qihl;
     let (ext, remote_port, port_at) = match qproto {
         TCP | UDP => match u16_at(pkt, ql4).zip(u16_at(pkt, ql4 + 2)) {
@@ -211,24 +236,18 @@ pub fn translate_icmp_error_out(
     addr: Ipv4Addr,
     lookup: impl Fn(u8, SocketAddrV4, SocketAddrV4) -> Option<u16>,
 ) -> bool {
-    let Some((h, ihl)) = header(pkt) else {
-        return false;
-    };
-    let total = usize::from(h.total_len());
-    if h.protocol().0 != ICMP || !pkt.get(ihl).is_some_and(|t| ICMP_ERRORS.contains(t)) {
-        return false;
-    }
-    let q = ihl + 8;
-    let Some((qh, qihl)) = Ipv4HeaderSlice::from_slice(pkt.get(q..total).unwrap_or(&[]))
-        .ok()
-        .map(|s| {
-            let len = s.slice().len();
-            (s, len)
-        })
+    let Some(Quoted {
+        ihl,
+        total,
+        q,
+        qihl,
+        qproto,
+        qsrc,
+        qdst,
+    }) = quoted(pkt)
     else {
         return false;
     };
-    let (qproto, qsrc, qdst) = (qh.protocol().0, qh.source_addr(), qh.destination_addr());
     let ql4 = q + qihl;
     // TCP and UDP only: an echo request from outside is not something a LAN host answers
     // with an error through a mapping.
