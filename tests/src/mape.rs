@@ -55,6 +55,9 @@ pub const RULE_252_AUTO: Rule = Rule {
 };
 /// The CE's global WAN address under [`RULE_252_AUTO`]: RULE_252's prefix.
 pub const AUTO_WAN_ADDR: &str = "2001:db8:12:a400::1";
+/// The CE's LAN address when a test passes `--prefix-from lan0`: another prefix of the rule
+/// (IPv4 suffix 0x13, PSID 0xa4).
+pub const PREFIX_FROM_LAN_ADDR: &str = "2001:db8:13:a400::1";
 
 /// A 16-port set: offset 0, EA 20 → PSID 0xa40 owns 41984-41999.
 pub const RULE_16: Rule = Rule {
@@ -162,6 +165,12 @@ impl MapeLab {
         if rule.prefix == "auto" {
             // What an RA would give: the CE takes its end-user prefix from here.
             ce.ip(&format!("addr add {AUTO_WAN_ADDR}/64 dev wan0 nodad"))?;
+        }
+        if ce_extra.contains(&"--prefix-from") {
+            // A /64 of a delegated prefix, numbered on the LAN side.
+            ce.ip(&format!(
+                "addr add {PREFIX_FROM_LAN_ADDR}/64 dev lan0 nodad"
+            ))?;
         }
         br.ip("addr add 2001:db8:ffff::1/64 dev ce0 nodad")?;
         ce.ip("-6 route add default via 2001:db8:ffff::1")?;

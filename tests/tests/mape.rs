@@ -1270,3 +1270,23 @@ fn a_big_datagram_without_df_crosses_the_ce_br_link_in_outer_ipv6_fragments() ->
     assert_eq!(counter(&br, "slowpath_decap_packets"), 1, "{br}");
     Ok(())
 }
+
+/// Issue 21 (`--prefix-from IFACE`): with the delegated prefix numbered on the LAN side, the
+/// CE takes the prefix from there rather than from the WAN.
+#[test]
+fn prefix_auto_from_the_lan_side_takes_the_delegated_prefix() -> Result<()> {
+    let t = MapeLab::start(
+        &tunnel_tests::mape::RULE_252_AUTO,
+        &["--prefix-from", "lan0"],
+    )?;
+    let status = t.lab.ctl_json("status", &t.ce_instance)?;
+    // The WAN's 2001:db8:12:a400::/64 would give .18; the LAN's 2001:db8:13:a400::/64 gives .19.
+    assert_eq!(status["ipv4"], "203.0.113.19", "{status}");
+    let stop = udp_echo(&t.internet, SocketAddrV4::new(INTERNET_HOST, 7))?;
+    assert_eq!(
+        seen_from_lan(&t, b"hi")?.0,
+        std::net::Ipv4Addr::new(203, 0, 113, 19)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}

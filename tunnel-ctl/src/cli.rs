@@ -581,7 +581,7 @@ pub enum MapeCommand {
 
 The upstream must route the end-user prefix to --wan; nothing needs to be configured on it.
 The CE enables net.ipv4.ip_forward.")]
-    Ce(MapeCeArgs),
+    Ce(Box<MapeCeArgs>),
 
     /// Daemon: a MAP-E BR (stateless). Checks each CE's source against the rules and
     /// decapsulates; encapsulates toward the CE address computed from destination and port.
@@ -751,6 +751,11 @@ pub struct MapeCeArgs {
     /// keep them too).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
     pub state_dir: PathBuf,
+
+    /// With --prefix auto: read the prefix from this interface's addresses instead of
+    /// --wan's (a LAN interface numbered from a delegated prefix, when the WAN has none).
+    #[arg(long, value_name = "IFACE")]
+    pub prefix_from: Option<String>,
 
     /// Answer PCP (RFC 6887) MAP requests from the LAN on UDP 5351: an application gets an
     /// inbound port forward from the port set (the port it suggests when that one is free),
@@ -1091,6 +1096,7 @@ impl From<MapeCeArgs> for config::CeConfig {
             tun: a.tun,
             no_default_route: a.no_default_route,
             prefix_auto: a.rule.prefix == PrefixArg::Auto,
+            prefix_from: a.prefix_from,
             pcp: a.pcp,
             state_dir: a.state_dir,
             port_log: a.port_log,

@@ -63,10 +63,10 @@ fn main() -> ExitCode {
             Command::Client(args) => run_daemon(client::run(args.into())),
             Command::Mape(MapeCommand::Ce(args)) => {
                 let source = tunnel_ctl::cli::reread(typed, |c| match c {
-                    Command::Mape(MapeCommand::Ce(a)) => Some(a.into()),
+                    Command::Mape(MapeCommand::Ce(a)) => Some((*a).into()),
                     _ => None,
                 });
-                run_daemon(tunnel_ctl::daemon::ce::run(args.into(), source))
+                run_daemon(tunnel_ctl::daemon::ce::run((*args).into(), source))
             }
             Command::Mape(MapeCommand::Br(args)) => {
                 let source = tunnel_ctl::cli::reread(typed, |c| match c {

@@ -145,6 +145,8 @@ pub struct CeConfig {
     pub no_default_route: bool,
     /// `--prefix auto`: `rule.prefix` is taken from the WAN's addresses, and followed.
     pub prefix_auto: bool,
+    /// `--prefix-from`: the interface `--prefix auto` reads (default `wan`).
+    pub prefix_from: Option<String>,
     /// `--pcp`: answer PCP MAP requests from the LAN.
     pub pcp: bool,
     /// Where `<instance>.nat.json` (the mappings) is saved.

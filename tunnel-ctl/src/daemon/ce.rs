@@ -387,6 +387,7 @@ impl Ce {
             ),
             ("metrics", &running.metrics, &new.metrics),
             ("pcp", &running.pcp, &new.pcp),
+            ("prefix-from", &running.prefix_from, &new.prefix_from),
             ("port-log", &running.port_log, &new.port_log),
             ("state-dir", &running.state_dir, &new.state_dir),
         ]);
@@ -726,23 +727,34 @@ async fn prefix_change(
 /// Runs the CE with `args`; `source` re-reads the configuration for a reload.
 pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> {
     let instance = args.instance.clone();
+    if args.prefix_from.is_some() && !args.prefix_auto {
+        return Err(crate::usage::usage(
+            "--prefix-from names where --prefix auto reads the prefix: add --prefix auto",
+        ));
+    }
     super::claim(&instance)?;
     let nl = Netlink::connect()?;
     let wan_index = nl
         .index(&args.wan)
         .await
         .with_context(|| format!("--wan {}", args.wan))?;
+    // `--prefix auto` reads the addresses of --wan, or of --prefix-from (a LAN interface
+    // that holds a /64 of the delegated prefix).
+    let prefix_dev = args.prefix_from.as_deref().unwrap_or(&args.wan);
+    let prefix_index = nl
+        .index(prefix_dev)
+        .await
+        .with_context(|| format!("--prefix-from {prefix_dev}"))?;
     let mapping = if args.prefix_auto {
         let mut logged = false;
         loop {
-            if let Some((prefix, m)) = mapping_from_wan(&nl, wan_index, &args.rule).await {
-                info!("--prefix auto: {prefix} from the addresses of {}", args.wan);
+            if let Some((prefix, m)) = mapping_from_wan(&nl, prefix_index, &args.rule).await {
+                info!("--prefix auto: {prefix} from the addresses of {prefix_dev}");
                 break m;
             }
             if !std::mem::replace(&mut logged, true) {
                 info!(
-                    "--prefix auto: waiting for a global IPv6 address on {} that the rule covers",
-                    args.wan
+                    "--prefix auto: waiting for a global IPv6 address on {prefix_dev} that the rule covers"
                 );
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -820,7 +832,7 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
             let (napt, mapping) = ce.current();
             let auto = async {
                 if args.prefix_auto {
-                    prefix_change(&nl, wan_index, &args.rule, &mapping).await
+                    prefix_change(&nl, prefix_index, &args.rule, &mapping).await
                 } else {
                     std::future::pending().await
                 }
@@ -831,9 +843,9 @@ pub async fn run(args: CeConfig, source: super::Source<CeConfig>) -> Result<()> 
                 change = auto => change,
             };
             info!(
-                "--prefix auto: {} now has {prefix}: moving from {} PSID {} to {} PSID {}; \
+                "--prefix auto: {prefix_dev} now has {prefix}: moving from {} PSID {} to {} PSID {}; \
                  existing flows end",
-                args.wan, mapping.ipv4, mapping.psid, new.ipv4, new.psid
+                mapping.ipv4, mapping.psid, new.ipv4, new.psid
             );
             let config = ce.running.lock().await.clone();
             match build_napt(&config, &base, &new, &[]) {
