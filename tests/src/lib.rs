@@ -785,6 +785,7 @@ pub fn xdp_test_ctx(ifindex: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+pub mod cluster;
 pub mod craft;
 pub mod fourover6;
 pub mod ipv6;
@@ -792,6 +793,7 @@ pub mod loadgen;
 pub mod lwaftr;
 pub mod mape;
 pub mod measure;
+pub mod postgres;
 pub mod transfer;
 
 #[cfg(test)]

@@ -140,12 +140,17 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     #[command(subcommand)]
     Mape(MapeCommand),
 
-    /// List a server's leases (address, client, mode, since).
+    /// List a server's leases (address, client, mode, since), or with --history who held an
+    /// address when.
     ///
-    /// With --json: a list of objects with ipv4, client, mode, since (RFC 3339).
-    #[command(after_help = "Example:
-  tunnel-ctl leases --instance concentrator --json")]
-    Leases(QueryArgs),
+    /// With --json: a list of objects with ipv4, client, mode, since (RFC 3339). With
+    /// --history: ipv4, psid, client, node (the concentrator), start and end (null: held
+    /// now), from the lease store (the history file in --state-dir, or PostgreSQL: every
+    /// concentrator's leases).
+    #[command(after_help = "Examples:
+  tunnel-ctl leases --instance concentrator --json
+  tunnel-ctl leases --history --ipv4 198.51.100.7 --at 2026-12-01T21:30:00Z")]
+    Leases(LeasesArgs),
 
     /// Show what a running daemon is doing (role, interfaces, uptime).
     #[command(after_help = "Example:\n  tunnel-ctl status --instance lab --json")]
@@ -241,6 +246,24 @@ pub struct PortlogArgs {
 fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
     humantime::parse_rfc3339_weak(s)
         .map_err(|e| format!("{s:?}: {e} (RFC 3339, e.g. 2026-12-01T21:30:00Z)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LeasesArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+
+    /// Who held addresses when (an abuse request: who had A at T?), ended leases included.
+    #[arg(long)]
+    pub history: bool,
+
+    /// With --history: only this address.
+    #[arg(long, value_name = "IPV4", requires = "history")]
+    pub ipv4: Option<Ipv4Addr>,
+
+    /// With --history: only leases held at this moment (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, requires = "history")]
+    pub at: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -529,6 +552,20 @@ pub struct ServerArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
     pub state_dir: PathBuf,
 
+    /// Where leases live: `file` (the lease file in --state-dir, one machine) or a
+    /// PostgreSQL URL, `postgres://USER@HOST/DB` (or `postgresql:///DB?host=/run/postgresql`
+    /// for a unix socket), shared by several concentrators that serve one pool: no address
+    /// is leased twice and a client that fails over gets its address back. The password
+    /// comes from the URL or PGPASSFILE (~/.pgpass); the schema is created on first start.
+    #[arg(long, value_name = "file|URL", default_value = "file", value_parser = parse_lease_store,
+          help_heading = "Several concentrators")]
+    pub lease_store: crate::config::LeaseStoreSpec,
+
+    /// This concentrator's name in the shared lease store: the owner of its leases and the
+    /// node in lease history. Default: the host name. Unique per concentrator.
+    #[arg(long, value_name = "NAME", help_heading = "Several concentrators")]
+    pub node_id: Option<String>,
+
     #[command(flatten)]
     pub instance: InstanceArg,
 
@@ -539,6 +576,10 @@ pub struct ServerArgs {
     /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+}
+
+fn parse_lease_store(s: &str) -> Result<crate::config::LeaseStoreSpec, String> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]
@@ -915,9 +956,11 @@ pub enum ClientMode {
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The server's control address.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub server: SocketAddr,
+    /// The server's control address. Repeat it for several concentrators that share one
+    /// lease store: the client starts with the first, moves to the next when a connection
+    /// or session setup fails (keeping its backoff), and gets its address back there.
+    #[arg(long, value_name = "ADDR:PORT", required = true)]
+    pub server: Vec<SocketAddr>,
 
     /// In-band (TUN, 102/103) or native (eBPF IPv4-in-IPv6 on --v6-dev).
     #[arg(long, value_enum, default_value_t = ClientMode::Inband)]
@@ -1050,6 +1093,8 @@ impl From<ServerArgs> for config::ServerConfig {
             share: a.share,
             psid_offset: a.psid_offset,
             state_dir: a.state_dir,
+            lease_store: a.lease_store,
+            node_id: a.node_id,
             instance: a.instance.instance,
             metrics: a.metrics,
         }
@@ -1059,7 +1104,7 @@ impl From<ServerArgs> for config::ServerConfig {
 impl From<ClientArgs> for config::ClientConfig {
     fn from(a: ClientArgs) -> config::ClientConfig {
         config::ClientConfig {
-            server: a.server,
+            servers: a.server,
             mode: match a.mode {
                 ClientMode::Inband => config::ClientMode::Inband,
                 ClientMode::Native => config::ClientMode::Native,

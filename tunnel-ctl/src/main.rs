@@ -93,8 +93,23 @@ fn main() -> ExitCode {
             Command::Reload(i) => {
                 mgmt::request(&i.instance, &Request::Reload).map(|v| report::print(&v, false))
             }
-            Command::Leases(q) => mgmt::request(&q.instance.instance, &Request::Leases)
-                .map(|v| report::print(&v, q.json)),
+            Command::Leases(l) if l.history => {
+                let request = Request::LeaseHistory {
+                    ipv4: l.ipv4,
+                    at: l
+                        .at
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                };
+                mgmt::request(&l.query.instance.instance, &request).map(|v| {
+                    if v.as_array().is_some_and(Vec::is_empty) && !l.query.json {
+                        println!("no lease matches");
+                    } else {
+                        report::print(&v, l.query.json);
+                    }
+                })
+            }
+            Command::Leases(l) => mgmt::request(&l.query.instance.instance, &Request::Leases)
+                .map(|v| report::print(&v, l.query.json)),
             Command::Status(q) => mgmt::request(&q.instance.instance, &Request::Status)
                 .map(|v| report::print(&v, q.json)),
             Command::Stats(q) => mgmt::request(&q.instance.instance, &Request::Stats)

@@ -168,6 +168,15 @@ pub fn run(mode: Mode) -> Result<()> {
         installed.extend(missing.iter().map(|p| format!("apt:{p}")));
     }
 
+    // The shared lease store's tests run a throwaway PostgreSQL cluster (initdb + postgres
+    // as the postgres user), from Debian's packages: the server is not on PATH there.
+    if postgres_server_present() {
+        say("PostgreSQL server: present");
+    } else {
+        install_debian(&["postgresql"])?;
+        installed.push("apt:postgresql".into());
+    }
+
     // The tests parse /metrics with the Prometheus project's own (Python) parser.
     if Command::new("python3")
         .args(["-c", "import prometheus_client.openmetrics.parser"])
@@ -308,6 +317,19 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     )?;
     bpf_linker_version().ok_or_else(|| anyhow!("bpf-linker was installed but does not run"))?;
     Ok(())
+}
+
+/// Whether initdb and postgres are installed (Debian: /usr/lib/postgresql/<version>/bin), with
+/// the postgres user they run as.
+fn postgres_server_present() -> bool {
+    let in_lib = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|v| v.path().join("bin/initdb").exists() && v.path().join("bin/postgres").exists());
+    let user = std::fs::read_to_string("/etc/passwd")
+        .is_ok_and(|p| p.lines().any(|l| l.starts_with("postgres:")));
+    (in_lib || (find_in_path("initdb").is_some() && find_in_path("postgres").is_some())) && user
 }
 
 fn install_debian(packages: &[&str]) -> Result<()> {

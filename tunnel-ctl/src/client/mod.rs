@@ -13,7 +13,7 @@
 //! eBPF programs on `--v6-dev`. The data path outlives sessions: while reconnecting (a server
 //! restart, say) packets keep flowing, and a reconnect that gets the same lease changes nothing.
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -106,6 +106,25 @@ struct Client {
     /// The server answered 107 with 110: later sessions do not ask again.
     ipv6_refused: AtomicBool,
     started: Instant,
+    /// The index in `--server` of the server tried now.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Client {
+    /// The server this client talks to (or tries) now.
+    fn server(&self) -> SocketAddr {
+        let i = self.current.load(Ordering::Relaxed);
+        self.args.servers[i % self.args.servers.len()]
+    }
+
+    /// After a failure: the next `--server` (round robin).
+    fn next_server(&self) {
+        if self.args.servers.len() > 1 {
+            let from = self.server();
+            self.current.fetch_add(1, Ordering::Relaxed);
+            info!("trying the next server, {} (after {from})", self.server());
+        }
+    }
 }
 
 /// The LAN of `--lan` and its router advertisements.
@@ -122,8 +141,9 @@ struct Lan {
 struct Configured {
     v4: Option<Ipv4Addr>,
     v6: Option<Lease6>,
-    /// The host route that keeps the control connection out of the tunnel's default routes.
-    pinned: Option<(IpAddr, u32)>,
+    /// The host routes that keep the control connections (one per `--server`) out of the
+    /// tunnel's default routes.
+    pinned: Vec<(IpAddr, u32)>,
 }
 
 impl Handler for Client {
@@ -133,7 +153,8 @@ impl Handler for Client {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 api::Status::Client(api::ClientStatus {
                     process: api::Process::now(&self.args.instance, self.started),
-                    server: self.args.server,
+                    server: self.server(),
+                    servers: self.args.servers.clone(),
                     state: if st.connected {
                         "connected"
                     } else {
@@ -255,13 +276,14 @@ pub async fn run(args: ClientConfig) -> Result<()> {
         lan,
         ipv6_refused: AtomicBool::new(false),
         started: Instant::now(),
+        current: Default::default(),
     });
     let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
     let daemon =
         crate::daemon::Daemon::start(&instance, client.clone(), client.args.metrics).await?;
     info!(
         "4over6 client for {} ({}, keepalive {:?}, timeout {:?})",
-        client.args.server,
+        client.server(),
         match &client.native {
             Some(n) => format!("native mode on {}", n.v6_dev),
             None => format!("in-band mode, TUN {}", client.args.tun),
@@ -313,7 +335,7 @@ impl Client {
     /// Undoes what the in-band sessions configured outside the TUN (whose addresses and
     /// routes go with it): the pinned route to the server, the LAN's address and prefix.
     async fn teardown(&self, nl: &Netlink, configured: Configured) {
-        if let Some((server, oif)) = configured.pinned {
+        for (server, oif) in configured.pinned {
             let _ = nl.del_host_route(server, oif).await;
         }
         if let Some(lan) = &self.lan {
@@ -377,10 +399,11 @@ async fn connection_loop(
             });
         }
         match &result {
-            Ok(reason) => warn!("disconnected from {}: {reason}", client.args.server),
+            Ok(reason) => warn!("disconnected from {}: {reason}", client.server()),
             Err(e) => {
                 client.stats.connect_failures.inc();
-                warn!("session with {} failed: {e:#}", client.args.server);
+                warn!("session with {} failed: {e:#}", client.server());
+                client.next_server();
             }
         }
         // A session that lasted a while resets the backoff.
@@ -404,7 +427,7 @@ async fn session(
     rx: &mut mpsc::Receiver<Bytes>,
 ) -> Result<String> {
     let timers = &client.args.timers;
-    let server = client.args.server;
+    let server = client.server();
     let stream = tokio::time::timeout(timers.timeout, TcpStream::connect(server))
         .await
         .map_err(|_| {
@@ -539,7 +562,7 @@ async fn configure_ipv4(
     if lock(configured).v4 == Some(lease.addr) {
         return Ok(());
     }
-    let server = client.args.server;
+    let server = client.server();
     nl.flush_ipv4(index).await?;
     nl.add_address(index, IpAddr::V4(lease.addr), 32).await?;
     if !client.args.no_default_route {
@@ -567,7 +590,11 @@ fn established(
 ) {
     info!(
         "leased {} from {}; DNS {} {} {}",
-        lease.addr, client.args.server, lease.dns[0], lease.dns[1], lease.dns[2]
+        lease.addr,
+        client.server(),
+        lease.dns[0],
+        lease.dns[1],
+        lease.dns[2]
     );
     if let Some(path) = &client.args.write_resolv_conf {
         let v6 = lease6
@@ -612,7 +639,7 @@ async fn pin_server_route(
     configured: &Mutex<Configured>,
 ) -> Result<()> {
     let server = server.to_canonical();
-    if lock(configured).pinned.is_some() {
+    if lock(configured).pinned.iter().any(|(s, _)| *s == server) {
         return Ok(());
     }
     let (gateway, oif) = nl.route_to(server).await?;
@@ -624,7 +651,7 @@ async fn pin_server_route(
         "route to the server {server} pinned{} so that it stays outside the tunnel",
         gateway.map(|g| format!(" via {g}")).unwrap_or_default()
     );
-    lock(configured).pinned = Some((server, oif));
+    lock(configured).pinned.push((server, oif));
     Ok(())
 }
 
@@ -678,8 +705,8 @@ async fn configure_ipv6(
         }
     }
     if !client.args.no_default_route {
-        if client.args.server.ip().to_canonical().is_ipv6() {
-            pin_server_route(nl, client.args.server.ip(), index, configured).await?;
+        if client.server().ip().to_canonical().is_ipv6() {
+            pin_server_route(nl, client.server().ip(), index, configured).await?;
         }
         for net in ["::/1", "8000::/1"] {
             nl.route(net.parse::<Ipv6Net>().expect("valid"), index)

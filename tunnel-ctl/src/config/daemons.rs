@@ -81,8 +81,63 @@ pub struct ServerConfig {
     pub share: u16,
     pub psid_offset: u8,
     pub state_dir: PathBuf,
+    /// `--lease-store`.
+    pub lease_store: LeaseStoreSpec,
+    /// `--node-id`; None: the host name.
+    pub node_id: Option<String>,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,
+}
+
+/// `--lease-store`: where a concentrator keeps its leases.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LeaseStoreSpec {
+    /// The lease file in `--state-dir` (one machine).
+    File,
+    /// A PostgreSQL connection URL (several concentrators, one pool).
+    Postgres(String),
+}
+
+impl fmt::Debug for LeaseStoreSpec {
+    /// Without the URL's password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseStoreSpec::File => f.write_str("file"),
+            LeaseStoreSpec::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `url` with any password replaced by `***` (for logs).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            match auth.find(':') {
+                Some(colon) => {
+                    format!("{}{}:***{}", &url[..scheme + 3], &auth[..colon], &url[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl FromStr for LeaseStoreSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LeaseStoreSpec, String> {
+        if s == "file" {
+            return Ok(LeaseStoreSpec::File);
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return s
+                .parse::<tokio_postgres::Config>()
+                .map(|_| LeaseStoreSpec::Postgres(s.to_owned()))
+                .map_err(|e| format!("not a PostgreSQL URL ({e})"));
+        }
+        Err("`file` or a PostgreSQL URL (postgres://USER@HOST/DB)".into())
+    }
 }
 
 /// How a client carries its IPv4 traffic.
@@ -97,7 +152,8 @@ pub enum ClientMode {
 /// `tunnel-ctl client`.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub server: SocketAddr,
+    /// `--server`, in order of preference (at least one).
+    pub servers: Vec<SocketAddr>,
     pub mode: ClientMode,
     pub v6_dev: Option<String>,
     pub tun: String,

@@ -19,8 +19,8 @@ use crate::usage::{UsageError, usage};
 mod daemons;
 
 pub use daemons::{
-    AllowIn, BrConfig, CeConfig, ClientConfig, ClientMode, MonitorConfig, NatTimeouts,
-    ServerConfig, Timers,
+    AllowIn, BrConfig, CeConfig, ClientConfig, ClientMode, LeaseStoreSpec, MonitorConfig,
+    NatTimeouts, ServerConfig, Timers, redact_url,
 };
 
 /// Flags that are not settings and so never keys.

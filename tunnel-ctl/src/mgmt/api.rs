@@ -26,6 +26,14 @@ pub enum Request {
     Stats,
     /// The lease table (servers).
     Leases,
+    /// Who held an address when (servers): `ipv4` (all: None) at `at` (RFC 3339; any
+    /// time: None).
+    LeaseHistory {
+        #[serde(default)]
+        ipv4: Option<Ipv4Addr>,
+        #[serde(default)]
+        at: Option<String>,
+    },
     /// The NAPT mappings (MAP-E CE).
     Nat,
     /// Add a static port forward (MAP-E CE).
@@ -51,7 +59,7 @@ impl Request {
             Request::Status => "status",
             Request::Reload => "reload",
             Request::Stats => "counters",
-            Request::Leases => "lease table (leases are a server's)",
+            Request::Leases | Request::LeaseHistory { .. } => "lease table (leases are a server's)",
             Request::Nat => "NAT table (that is a MAP-E CE's)",
             Request::ForwardAdd { .. } | Request::ForwardDel { .. } | Request::ForwardList => {
                 "port forwards (those are a MAP-E CE's)"
@@ -78,6 +86,7 @@ pub enum Reply {
     /// `stats`: counter name → value (the controller's and the eBPF programs').
     Counters(BTreeMap<String, u64>),
     Leases(Vec<LeaseRow>),
+    History(Vec<crate::server::store::HistoryRow>),
     Nat(Vec<NatRow>),
     Forwards(Vec<ForwardRow>),
     Softwires(Vec<SoftwireRow>),
@@ -124,6 +133,8 @@ pub struct ServerStatus {
     pub native: Option<NativeStatus>,
     pub ipv6: Option<ServerIpv6Status>,
     pub state_file: PathBuf,
+    /// `file ...` or `postgres URL (node N)`.
+    pub lease_store: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -151,6 +162,8 @@ pub struct ClientStatus {
     #[serde(flatten)]
     pub process: Process,
     pub server: SocketAddr,
+    /// Every `--server`, in order.
+    pub servers: Vec<SocketAddr>,
     /// `connected` or `connecting`.
     pub state: &'static str,
     pub ipv4: Option<Ipv4Addr>,
@@ -382,6 +395,7 @@ pub(crate) fn example_server_status() -> ServerStatus {
         }),
         ipv6: None,
         state_file: "/var/lib/tunnel/hub.leases.json".into(),
+        lease_store: "file /var/lib/tunnel/hub.leases.json".into(),
     }
 }
 
@@ -518,7 +532,8 @@ mod tests {
                 "pool_size": 8, "leases": 1, "sessions": 2,
                 "native": {"tunnel_addr": "2001:db8:ff::1", "v6_dev": "v6", "v4_dev": "v4",
                            "inner_mtu": 1460, "bindings_v4": 1, "bindings_v6": 1},
-                "ipv6": null, "state_file": "/var/lib/tunnel/hub.leases.json"}})
+                "ipv6": null, "state_file": "/var/lib/tunnel/hub.leases.json",
+                "lease_store": "file /var/lib/tunnel/hub.leases.json"}})
         );
     }
 

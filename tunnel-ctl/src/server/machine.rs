@@ -147,6 +147,8 @@ pub enum CloseReason {
     Unsupported(&'static str),
     LeaseLimit(String),
     PoolExhausted(String),
+    /// The shared lease store cannot grant now.
+    LeaseStore(String),
     Ipv6PoolExhausted(String),
     NativeRefused(String),
     WriteError(String),
@@ -162,6 +164,7 @@ impl CloseReason {
             CloseReason::Unsupported(_)
             | CloseReason::LeaseLimit(_)
             | CloseReason::PoolExhausted(_)
+            | CloseReason::LeaseStore(_)
             | CloseReason::Ipv6PoolExhausted(_)
             | CloseReason::NativeRefused(_)
             | CloseReason::Withdrawn(_) => Some(self.to_string()),
@@ -189,6 +192,7 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::LeaseLimit(t)
             | CloseReason::PoolExhausted(t)
+            | CloseReason::LeaseStore(t)
             | CloseReason::Ipv6PoolExhausted(t)
             | CloseReason::NativeRefused(t)
             | CloseReason::Withdrawn(t) => f.write_str(t),
@@ -273,6 +277,10 @@ impl Session {
             log_no_lease: Throttle::default(),
             log_bad_packet: Throttle::default(),
         }
+    }
+
+    pub fn holder(&self) -> Holder {
+        self.holder
     }
 
     pub fn id(&self) -> u64 {
@@ -523,7 +531,11 @@ impl Session {
                         );
                         addr
                     }
-                    refusal @ (Grant::Limited(_) | Grant::Exhausted | Grant::Conflict(_)) => {
+                    refusal @ (Grant::Limited(_)
+                    | Grant::Exhausted
+                    | Grant::Conflict(_)
+                    | Grant::StoreUnavailable(_)
+                    | Grant::HeldElsewhere(_)) => {
                         return self.refused_grant(refusal, leases);
                     }
                 };
@@ -584,6 +596,17 @@ impl Session {
                 self.refuse(CloseReason::LeaseLimit(text));
             }
             Grant::Conflict(text) => self.refuse_native(text),
+            Grant::StoreUnavailable(text) => {
+                if self.stats.lease_store_unavailable.inc_and_log() {
+                    warn!(peer = %self.holder.peer, session = id, "{text}");
+                }
+                self.refuse(CloseReason::LeaseStore(text));
+            }
+            Grant::HeldElsewhere(text) => {
+                self.stats.lease_held_elsewhere.inc();
+                info!(peer = %self.holder.peer, session = id, "{text}");
+                self.refuse(CloseReason::LeaseStore(text));
+            }
             _ => {
                 self.stats.pool_exhausted.inc();
                 let what = if self.native_first.is_some() && self.cfg.sharing.is_some() {

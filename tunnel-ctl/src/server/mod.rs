@@ -52,6 +52,7 @@ pub(crate) mod reload;
 pub(crate) mod session;
 pub mod softwires;
 pub(crate) mod state;
+pub mod store;
 
 use queue::QueueTx;
 
@@ -75,6 +76,10 @@ counters! {
         reloads_refused,
         pool_exhausted,
         lease_limit_refused,
+        lease_store_unavailable,
+        lease_held_elsewhere,
+        lease_store_errors,
+        leases_taken_over_elsewhere,
         frames_in,
         frames_out,
         keepalives_in,
@@ -206,8 +211,23 @@ impl Shared {
     }
 }
 
-/// The lease table as a session machine reaches it: one lock per call.
-pub struct Locked<'a>(pub &'a Server);
+/// The lease table as a session machine reaches it: one lock per call. The claim is the
+/// shared lease store's answer to the frame being handled, when it is a 100 (see
+/// [`session`]).
+pub struct Locked<'a>(pub &'a Server, pub Option<store::Claim>);
+
+/// "Has session `id` been silent for longer than `stale_ms`?"
+fn silent_since(
+    links: &HashMap<u64, Link>,
+    now_ms: u64,
+    stale_ms: u64,
+) -> impl Fn(u64) -> bool + '_ {
+    move |id: u64| {
+        links
+            .get(&id)
+            .is_some_and(|l| now_ms.saturating_sub(l.last_rx.load(Ordering::Relaxed)) > stale_ms)
+    }
+}
 
 impl Locked<'_> {
     /// Runs `f` on the table with "silent for longer than `stale`", then closes the session
@@ -222,11 +242,7 @@ impl Locked<'_> {
         let stale_ms = stale.as_millis() as u64;
         let mut shared = self.0.lock();
         let Shared { table, links } = &mut *shared;
-        let silent = |id: u64| {
-            links.get(&id).is_some_and(|l| {
-                now_ms.saturating_sub(l.last_rx.load(Ordering::Relaxed)) > stale_ms
-            })
-        };
+        let silent = silent_since(links, now_ms, stale_ms);
         let r = f(table, &silent);
         if let Some(old) = taken_over(&r)
             && let Some(link) = links.get(&old)
@@ -239,14 +255,27 @@ impl Locked<'_> {
 
 impl machine::Leases for Locked<'_> {
     fn grant(&mut self, holder: Holder, stale: Duration, _now: Instant) -> Grant {
-        self.granting(
+        let pick = match (self.1.take(), &self.0.store) {
+            (Some(store::Claim::Picked(a)), _) => state::Pick::Addr(a),
+            (Some(store::Claim::Exhausted), _) => return Grant::Exhausted,
+            (Some(store::Claim::HeldElsewhere(text)), _) => return Grant::HeldElsewhere(text),
+            (Some(store::Claim::Unavailable(text)), _) => return Grant::StoreUnavailable(text),
+            // Only what the table holds already: a new address comes from the store alone.
+            (None, store::LeaseStore::Postgres(_)) => state::Pick::ReuseOnly,
+            (Some(store::Claim::Local) | None, _) => state::Pick::Pool,
+        };
+        let g = self.granting(
             stale,
-            |t, silent| t.grant(holder, silent),
+            |t, silent| t.grant_from(holder, silent, pick),
             |g| match g {
                 Grant::TakenOver(_, old) => Some(*old),
                 _ => None,
             },
-        )
+        );
+        if let (state::Pick::Addr(a), store::LeaseStore::Postgres(pg)) = (pick, &self.0.store) {
+            pg.settled(a, matches!(g, Grant::New(x) if x == a));
+        }
+        g
     }
     fn grant_shared(
         &mut self,
@@ -293,6 +322,8 @@ pub struct Server {
     pub ipv6: Option<ipv6::Ipv6Service>,
     /// Wakes the lease-file writer.
     pub leases_changed: Notify,
+    /// `--lease-store`.
+    pub store: store::LeaseStore,
     state_path: PathBuf,
     instance: Instance,
     listen: SocketAddr,
@@ -350,6 +381,35 @@ impl Server {
         rows
     }
 
+    /// The lease a reconnecting client gets again without asking the store (see
+    /// [`State::reusable`]).
+    pub fn reusable(&self, holder: Holder, stale: Duration) -> Option<Ipv4Addr> {
+        let now_ms = self.now_ms();
+        let shared = self.lock();
+        let silent = silent_since(&shared.links, now_ms, stale.as_millis() as u64);
+        shared.table.reusable(holder, silent)
+    }
+
+    /// `leases --history`: from the store's history, and (file store) the leases held now.
+    fn history(&self, ipv4: Option<Ipv4Addr>, at: Option<&str>) -> Result<Vec<store::HistoryRow>> {
+        let at = at
+            .map(humantime::parse_rfc3339_weak)
+            .transpose()
+            .context("--at: not an RFC 3339 time")?;
+        match &self.store {
+            store::LeaseStore::File(f) => {
+                let mut rows = f.history(ipv4, at)?;
+                let open = store::open_rows(&self.lock().lease_list(), f.node());
+                rows.extend(open.into_iter().filter(|r| r.matches(ipv4, at)));
+                rows.sort_by(|a, b| (&a.start, a.ipv4).cmp(&(&b.start, b.ipv4)));
+                Ok(rows)
+            }
+            store::LeaseStore::Postgres(pg) => tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(pg.history(ipv4, at))
+            }),
+        }
+    }
+
     /// Whether an IPv6 unit is leased now (see [`ipv6::Ipv6Service::sync`]).
     pub fn leased6(&self, unit: ipnet::Ipv6Net) -> bool {
         self.lock().is_leased6(unit)
@@ -375,6 +435,7 @@ impl Server {
                 }
             }
         }
+        self.store.ended(ended);
         self.leases_changed.notify_one();
     }
 
@@ -431,6 +492,7 @@ impl Handler for Server {
                     native,
                     ipv6,
                     state_file: self.state_path.clone(),
+                    lease_store: self.store.describe(),
                 })
                 .into()
             }
@@ -442,6 +504,10 @@ impl Handler for Server {
                 mgmt::counters_response(counters, self.native.as_ref().map(|n| n.counters()))
             }
             Request::Leases => Response::Ok(Reply::Leases(self.lease_rows())),
+            Request::LeaseHistory { ipv4, at } => match self.history(ipv4, at.as_deref()) {
+                Ok(rows) => Response::Ok(Reply::History(rows)),
+                Err(e) => Response::Error(format!("{e:#}")),
+            },
             other => mgmt::not_supported("server", &other),
         }
     }
@@ -498,7 +564,36 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     state.pool6 = pool6;
     state.delegate = delegate;
     state.sharing = sharing;
-    let saved = persist::load(&state_path, std::time::SystemTime::now());
+    let node = store::node_id(args.node_id.as_deref());
+    let (lease_store, saved, saved_from) = match &args.lease_store {
+        crate::config::LeaseStoreSpec::File => {
+            let saved = persist::load(&state_path, std::time::SystemTime::now());
+            let file = store::FileStore::new(&args.state_dir, instance.name(), node);
+            (
+                store::LeaseStore::File(file),
+                saved,
+                state_path.display().to_string(),
+            )
+        }
+        crate::config::LeaseStoreSpec::Postgres(url) => {
+            if sharing.is_some() {
+                return Err(crate::usage::usage(
+                    "--share with --lease-store postgres: shared leases are kept in the lease                      file only so far; run shared leases with --lease-store file",
+                ));
+            }
+            let (pg, saved) = store::postgres::PgStore::start(store::postgres::PgSettings {
+                url: url.clone(),
+                node,
+                ttl: args.timers.timeout,
+                hold: args.hold,
+                pool: args.pool.clone(),
+                exclude: vec![args.gateway],
+            })
+            .await?;
+            let from = pg.describe();
+            (store::LeaseStore::Postgres(pg), saved, from)
+        }
+    };
     for (lease, why) in state.restore(&saved, args.timers.timeout) {
         warn!(
             "not restoring saved lease {} of {}: {why}",
@@ -508,8 +603,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     let restored = state.lease_list().len();
     if restored > 0 {
         info!(
-            "restored {restored} leases from {}; their clients have {:?} to reconnect",
-            state_path.display(),
+            "restored {restored} leases from {saved_from}; their clients have {:?} to reconnect",
             args.timers.timeout
         );
     }
@@ -614,6 +708,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         gateway: args.gateway,
         ipv6,
         leases_changed: Notify::new(),
+        store: lease_store,
         state_path,
         instance: instance.clone(),
         listen: args.listen,
@@ -707,11 +802,14 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
             () = tun_reader(server.clone()) => {}
             () = b4_reader => {}
             () = lease_file_writer(server.clone()) => {}
+            () = store_sync(server.clone()) => {}
             () = expire_restored(server.clone()) => {}
         }
     };
     daemon.run(work, "closing all sessions").await;
-    save_leases(&server);
+    if server.store.file().is_some() {
+        save_leases(&server);
+    }
     if let Some(v6) = &server.ipv6 {
         let pool = server.lock().pool6.as_ref().map(|p| p.prefix());
         v6.shutdown(pool).await;
@@ -791,8 +889,56 @@ fn save_leases(server: &Server) {
     }
 }
 
+/// Keeps a shared lease store in step (see [`store::postgres::PgStore::sync`]).
+async fn store_sync(server: Arc<Server>) {
+    match &server.store {
+        store::LeaseStore::Postgres(pg) => pg.clone().sync(server.clone()).await,
+        store::LeaseStore::File(_) => std::future::pending().await,
+    }
+}
+
+impl store::postgres::Owner for Server {
+    fn held(&self) -> Vec<(Ipv4Addr, state::Mode, Option<Ipv6Addr>)> {
+        self.lock().held()
+    }
+
+    fn lost(&self, addr: Ipv4Addr, why: &str) {
+        let taken = {
+            let mut shared = self.lock();
+            match shared.table.taken_away(addr) {
+                Some(Ok(id)) => {
+                    if let Some(link) = shared.links.get(&id) {
+                        link.cancel.cancel();
+                    }
+                    Some(Ok(id))
+                }
+                other => other,
+            }
+        };
+        match taken {
+            Some(Ok(id)) => {
+                self.stats.leases_taken_over_elsewhere.inc();
+                info!("lease {addr}: {why}; closing session {id}");
+            }
+            Some(Err(ended)) => {
+                self.stats.leases_taken_over_elsewhere.inc();
+                info!("restored lease {addr}: {why}; its binding goes");
+                self.ended(&[ended]);
+            }
+            None => {}
+        }
+    }
+
+    fn renew_failed(&self) {
+        self.stats.lease_store_errors.inc();
+    }
+}
+
 /// Writes the lease file after changes, at most every 100 ms (bursts coalesce).
 async fn lease_file_writer(server: Arc<Server>) {
+    if server.store.file().is_none() {
+        return std::future::pending().await;
+    }
     loop {
         server.leases_changed.notified().await;
         let s = server.clone();

@@ -23,6 +23,7 @@ use super::{
     machine::{self, Action, CloseReason},
     queue::{QueueRx, queue},
     state::Holder,
+    store::{Claim, LeaseStore},
 };
 use crate::protocol::{
     Frame, FrameCodec, MsgType,
@@ -31,6 +32,9 @@ use crate::protocol::{
 
 /// 103 frames written per flush when packets queue up.
 const WRITE_BATCH: usize = 64;
+
+/// How often a client's address held by another concentrator is asked for again.
+const HELD_RETRY: Duration = Duration::from_millis(500);
 
 pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
     let id = server.next_session.fetch_add(1, Ordering::Relaxed);
@@ -217,8 +221,9 @@ impl Driver {
                     Some(Err(e)) => self.machine.handle_frame_error(&e),
                     Some(Ok(frame)) => {
                         self.link.last_rx.store(self.server.now_ms(), Ordering::Relaxed);
+                        let claim = self.claim(&frame).await;
                         let now = std::time::Instant::now();
-                        self.machine.handle_frame(frame, now, &mut Locked(&self.server));
+                        self.machine.handle_frame(frame, now, &mut Locked(&self.server, claim));
                     }
                 },
                 Some(pkt) = rx.recv() => {
@@ -226,6 +231,33 @@ impl Driver {
                         return reason;
                     }
                 }
+            }
+        }
+    }
+
+    /// With a shared lease store, a 100 that needs a new address is answered by the store
+    /// first (the machine then takes what it claimed). The client's address held by another
+    /// concentrator that is about to give it up (its session ending, or its expiry passing
+    /// after a crash) is waited for, up to half the timeout, then refused (the client retries).
+    async fn claim(&self, frame: &Frame) -> Option<Claim> {
+        let LeaseStore::Postgres(pg) = &self.server.store else {
+            return None;
+        };
+        if frame.kind != MsgType::AddrRequest || self.machine.lease().is_some() {
+            return None;
+        }
+        let holder = self.machine.holder();
+        let stale = self.server.session_cfg().keepalive * 3 / 2;
+        if self.server.reusable(holder, stale).is_some() {
+            return None;
+        }
+        let give_up = tokio::time::Instant::now() + self.timeout / 2;
+        loop {
+            match pg.claim(holder.peer.to_canonical()).await {
+                Claim::HeldElsewhere(_) if tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(HELD_RETRY).await;
+                }
+                claim => return Some(claim),
             }
         }
     }
@@ -285,7 +317,7 @@ impl Driver {
                         (None, _) => Err("native mode is off".into()),
                     };
                     self.machine
-                        .bind_done(addr, endpoint, result, &mut Locked(&server));
+                        .bind_done(addr, endpoint, result, &mut Locked(&server, None));
                 }
                 Action::Unbind { addr, endpoint } => {
                     if let Some(native) = &server.native {

@@ -84,6 +84,9 @@ pub struct Ended {
     pub tunnel: Option<Ipv6Addr>,
     /// A shared lease's PSID: its softwire goes.
     pub psid: Option<u16>,
+    /// Who held it, since when (the lease history).
+    pub client: IpAddr,
+    pub since: SystemTime,
 }
 
 /// `--share 2^k --psid-offset A`: how a shared address is split (SPEC §4).
@@ -216,6 +219,17 @@ impl Units6 {
     }
 }
 
+/// Where a new lease's address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// The table's pool (the file store).
+    Pool,
+    /// The shared lease store claimed this one.
+    Addr(Ipv4Addr),
+    /// Nowhere: only a lease the table holds already.
+    ReuseOnly,
+}
+
 /// The outcome of a lease request.
 pub enum Grant {
     New(Ipv4Addr),
@@ -227,6 +241,10 @@ pub enum Grant {
     Limited(LimitReached),
     /// A shared lease refused: the endpoint is bound already.
     Conflict(String),
+    /// The shared lease store cannot be reached: the 110 text.
+    StoreUnavailable(String),
+    /// The client's address is still held by another concentrator: the 110 text.
+    HeldElsewhere(String),
 }
 
 impl State {
@@ -409,6 +427,8 @@ impl State {
             ipv4: addr,
             tunnel: Some(lease.tunnel),
             psid: Some(psid),
+            client: lease.client,
+            since: lease.since,
         }
     }
 
@@ -612,6 +632,32 @@ impl State {
     /// (`silent(id)`) earlier session of the same client, which the caller must close
     /// ([`Grant::TakenOver`] names it), else a new one from the pool.
     pub fn grant(&mut self, session: Holder, silent: impl Fn(u64) -> bool) -> Grant {
+        self.grant_from(session, silent, Pick::Pool)
+    }
+
+    /// The address [`State::grant`] would give `session` again without the pool: its
+    /// restored lease or that of a silent earlier session of the same client.
+    pub fn reusable(&self, session: Holder, silent: impl Fn(u64) -> bool) -> Option<Ipv4Addr> {
+        let client = session.peer.to_canonical();
+        self.leases
+            .iter()
+            .find(|(_, l)| {
+                l.client == client
+                    && match &l.session {
+                        None => true,
+                        Some(s) => s.id != session.id && silent(s.id),
+                    }
+            })
+            .map(|(a, _)| *a)
+    }
+
+    /// As [`State::grant`], a new lease's address coming from `pick`.
+    pub fn grant_from(
+        &mut self,
+        session: Holder,
+        silent: impl Fn(u64) -> bool,
+        pick: Pick,
+    ) -> Grant {
         let client = session.peer.to_canonical();
         let restored = self
             .leases
@@ -639,7 +685,19 @@ impl State {
         if let Err(limit) = self.check_limits(client) {
             return Grant::Limited(limit);
         }
-        match self.pool.allocate(v6_key(session.peer), Instant::now()) {
+        let addr = match pick {
+            Pick::Addr(addr) if self.pool.reserve(addr) => Some(addr),
+            Pick::ReuseOnly => None,
+            Pick::Addr(addr) => {
+                tracing::warn!(
+                    "the lease store picked {addr}, which is not a free address of this \
+                     server's pool"
+                );
+                None
+            }
+            Pick::Pool => self.pool.allocate(v6_key(session.peer), Instant::now()),
+        };
+        match addr {
             Some(addr) => {
                 self.leases.insert(
                     addr,
@@ -726,6 +784,8 @@ impl State {
             ipv4: addr,
             tunnel: lease.tunnel,
             psid: None,
+            client: lease.client,
+            since: lease.since,
         }
     }
 
@@ -759,6 +819,25 @@ impl State {
             }
         }
         Ok((held, ended))
+    }
+
+    /// A whole lease that another concentrator took over (the shared lease store): the id
+    /// of the session to close (its end releases the lease), or for a restored lease
+    /// without one, its end. None when this server does not hold `addr`.
+    pub fn taken_away(&mut self, addr: Ipv4Addr) -> Option<Result<u64, Ended>> {
+        match self.leases.get(&addr)?.session {
+            Some(s) => Some(Ok(s.id)),
+            None => Some(Err(self.remove(addr))),
+        }
+    }
+
+    /// The addresses of every whole lease held now, with mode and binding (what the shared
+    /// lease store renews).
+    pub fn held(&self) -> Vec<(Ipv4Addr, Mode, Option<Ipv6Addr>)> {
+        self.leases
+            .iter()
+            .map(|(a, l)| (*a, l.mode, l.tunnel))
+            .collect()
     }
 
     /// Releases restored leases whose client did not come back in time.
