@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use tunnel_tests::{
     cluster::{CLIENT_NET, Cluster},
-    loadgen::{Session, source},
+    loadgen::{Refused, Session, source},
     wait_for,
 };
 
@@ -105,7 +105,7 @@ fn tables_agree(c: &Cluster) -> Result<Option<()>> {
 fn two_concentrators_one_pool_never_lease_an_address_twice() -> Result<()> {
     const CLIENTS: usize = 60;
     const OPS: usize = 300;
-    let mut c = Cluster::new(&[])?;
+    let mut c = Cluster::new(&[], false)?;
     c.start_node(0)?;
     c.start_node(1)?;
     let c = &c;
@@ -193,5 +193,204 @@ fn two_concentrators_one_pool_never_lease_an_address_twice() -> Result<()> {
         moved > 10,
         "too few clients moved between the concentrators ({moved})"
     );
+    Ok(())
+}
+
+/// A raw client `i` (of [`CLIENT_NET`]) asks concentrator `node` for a lease and leaves:
+/// Ok(address), or Err(the 110's text).
+fn raw_lease(c: &Cluster, node: usize, i: u32) -> Result<std::result::Result<Ipv4Addr, String>> {
+    c.cli.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut s = Session::connect(c.nodes[node].listen, source(CLIENT_NET, i)).await?;
+            let answer = match s.lease().await {
+                Ok(text) => Ok(leased(&text)?),
+                Err(e) => match e.downcast_ref::<Refused>() {
+                    Some(r) => Err(r.0.clone()),
+                    None => return Err(e),
+                },
+            };
+            s.close().await;
+            Ok(answer)
+        })
+    })?
+}
+
+const FAST_TIMERS: &[&str] = &["--keepalive", "2s", "--timeout", "10s"];
+
+#[test]
+fn a_lease_store_outage_refuses_new_leases_and_loses_none() -> Result<()> {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let mut c = Cluster::new(FAST_TIMERS, false)?;
+    c.start_node(0)?;
+    c.start_node(1)?;
+    let ns1 = c.client_ns()?;
+    let ns2 = c.client_ns()?;
+    let (cl1, a1) = c.start_client(&ns1, &[0], FAST_TIMERS)?;
+    let (cl2, a2) = c.start_client(&ns2, &[1], FAST_TIMERS)?;
+    ensure!(a1 != a2, "two clients got {a1}");
+    let result = (|| -> Result<()> {
+        c.pg.stop()?;
+        let stopped = std::time::Instant::now();
+        // A new client is told why it gets nothing.
+        match raw_lease(&c, 0, 1)? {
+            Err(text) => ensure!(
+                text.contains("lease store unavailable"),
+                "110 during the outage: {text:?}"
+            ),
+            Ok(addr) => anyhow::bail!("a client got {addr} while the lease store was down"),
+        }
+        // Established clients keep pinging for the whole outage (each round ~2 s).
+        let mut rounds = 0;
+        while stopped.elapsed() < OUTAGE {
+            for (ns, who) in [(&ns1, &cl1), (&ns2, &cl2)] {
+                let got = ns.ping(tunnel_tests::cluster::GATEWAY, 3)?;
+                ensure!(
+                    got == 3,
+                    "{who}: {got} of 3 pings answered {:?} into the outage",
+                    stopped.elapsed()
+                );
+            }
+            rounds += 1;
+        }
+        c.pg.run()?;
+        // New clients get leases again, none of the two held before the outage.
+        let a3 = wait_for(
+            "a new client to get a lease once the store is back",
+            Duration::from_secs(15),
+            || Ok(raw_lease(&c, 1, 2)?.ok()),
+        )?;
+        ensure!(
+            a3.to_string() != a1 && a3.to_string() != a2,
+            "the new client got {a3}, already held (a1 {a1}, a2 {a2})"
+        );
+        // Nothing was lost: both clients kept their lease throughout, and both tables agree
+        // with the database (their rows renewed, not expired or taken).
+        for (who, addr) in [(&cl1, &a1), (&cl2, &a2)] {
+            let status = c.lab.ctl_json("status", who)?;
+            ensure!(
+                status["state"] == "connected" && status["ipv4"] == addr.as_str(),
+                "{who} after the outage: {status}"
+            );
+            ensure!(
+                tunnel_tests::counter(&c.lab.ctl_json("stats", who)?, "disconnects") == 0,
+                "{who} was disconnected"
+            );
+        }
+        wait_for(
+            "both lease tables to agree with the database",
+            Duration::from_secs(10),
+            || tables_agree(&c),
+        )?;
+        let stats = c.lab.ctl_json("stats", &c.nodes[0].instance)?;
+        ensure!(
+            tunnel_tests::counter(&stats, "lease_store_unavailable") >= 1,
+            "the refusal was not counted: {stats}"
+        );
+        // The outage is logged once, and its end.
+        let log = c.lab.daemon_log(&c.nodes[0].instance).unwrap_or_default();
+        let went = log.matches("native forwarding go on").count();
+        ensure!(went == 1, "the outage was logged {went} times:\n{log}");
+        ensure!(
+            log.contains("is back after"),
+            "its end was not logged:\n{log}"
+        );
+        eprintln!(
+            "{rounds} ping rounds of both clients during the {OUTAGE:?} outage; new lease {a3}"
+        );
+        Ok(())
+    })();
+    result.inspect_err(|_| c.dump_logs())
+}
+
+/// `leases --history --ipv4 A --at T` of `instance`: the clients named.
+fn history(
+    c: &Cluster,
+    instance: &str,
+    addr: Ipv4Addr,
+    at: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let out = c.lab.ctl(&[
+        "leases",
+        "--history",
+        "--ipv4",
+        &addr.to_string(),
+        "--at",
+        at,
+        "--json",
+        "--instance",
+        instance,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    v.as_array().cloned().context("a list")
+}
+
+/// A client holds an address for a while and leaves; the history names it for a moment in
+/// that while, asked of `ask` (another concentrator, with the shared store).
+fn history_names_the_client(c: &Cluster, on: usize, ask: usize, i: u32) -> Result<()> {
+    let client = source(CLIENT_NET, i).ip().to_string();
+    let (addr, during) = c.cli.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut s = Session::connect(c.nodes[on].listen, source(CLIENT_NET, i)).await?;
+            let addr = leased(&s.lease().await?)?;
+            // A moment while it holds the address, after the lease began.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let during = std::time::SystemTime::now();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.close().await;
+            anyhow::Ok((addr, during))
+        })
+    })??;
+    wait_for("the lease to end", Duration::from_secs(5), || {
+        Ok((!c.table(on)?.contains_key(&addr)).then_some(()))
+    })?;
+    let at = humantime::format_rfc3339_micros(during).to_string();
+    let ask_instance = &c.nodes[ask].instance;
+    let rows = wait_for(
+        "the history to name the client",
+        Duration::from_secs(5),
+        || {
+            let rows = history(c, ask_instance, addr, &at)?;
+            Ok(rows.iter().any(|r| r["end"].is_string()).then_some(rows))
+        },
+    )?;
+    ensure!(rows.len() == 1, "{addr} at {at}: {rows:?}");
+    ensure!(
+        rows[0]["client"] == client.as_str() && rows[0]["node"] == c.nodes[on].name,
+        "{addr} at {at}: {rows:?}, want {client} on {}",
+        c.nodes[on].name
+    );
+    // Before the lease nobody held it.
+    let before = humantime::format_rfc3339_micros(during - Duration::from_secs(3600)).to_string();
+    let rows = history(c, ask_instance, addr, &before)?;
+    ensure!(rows.is_empty(), "{addr} an hour earlier: {rows:?}");
+    Ok(())
+}
+
+#[test]
+fn the_lease_history_names_who_held_an_address_with_either_store() -> Result<()> {
+    let mut c = Cluster::new(&[], false)?;
+    c.start_node(0)?;
+    c.start_node(1)?;
+    // PostgreSQL: held on A, asked of B.
+    history_names_the_client(&c, 0, 1, 5).inspect_err(|_| c.dump_logs())?;
+    // The file store (one machine): A again, with the history file in its state directory.
+    c.lab
+        .daemon(&c.nodes[0].instance.clone())
+        .context("A")?
+        .stop();
+    let args = &mut c.nodes[0].args;
+    let at = args
+        .iter()
+        .position(|a| a == "--lease-store")
+        .context("--lease-store")?;
+    args[at + 1] = "file".into();
+    c.start_node(0)?;
+    history_names_the_client(&c, 0, 0, 6).inspect_err(|_| c.dump_logs())?;
     Ok(())
 }

@@ -98,7 +98,7 @@ fn main() -> ExitCode {
                     ipv4: l.ipv4,
                     at: l
                         .at
-                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        .map(|t| humantime::format_rfc3339_micros(t).to_string()),
                 };
                 mgmt::request(&l.query.instance.instance, &request).map(|v| {
                     if v.as_array().is_some_and(Vec::is_empty) && !l.query.json {

@@ -126,7 +126,7 @@ impl FileStore {
         if ended.is_empty() {
             return;
         }
-        let end = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let end = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         let mut text = Vec::new();
         for e in ended {
             let row = HistoryRow {
@@ -134,7 +134,7 @@ impl FileStore {
                 psid: e.psid,
                 client: e.client.to_string(),
                 node: self.node.clone(),
-                start: humantime::format_rfc3339_seconds(e.since).to_string(),
+                start: humantime::format_rfc3339_micros(e.since).to_string(),
                 end: Some(end.clone()),
             };
             if let Ok(line) = serde_json::to_string(&row) {

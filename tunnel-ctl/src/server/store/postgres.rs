@@ -586,7 +586,7 @@ impl PgStore {
                 bail!("{}", self.unavailable_text());
             }
         };
-        let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let time = |t: SystemTime| humantime::format_rfc3339_micros(t).to_string();
         Ok(rows
             .iter()
             .filter_map(|r| {
