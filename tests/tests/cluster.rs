@@ -394,3 +394,87 @@ fn the_lease_history_names_who_held_an_address_with_either_store() -> Result<()>
     history_names_the_client(&c, 0, 0, 6).inspect_err(|_| c.dump_logs())?;
     Ok(())
 }
+
+#[test]
+fn clients_of_a_killed_concentrator_fail_over_with_their_address() -> Result<()> {
+    use tunnel_tests::cluster::INTERNET_HOST;
+    // --timeout 10s: a client must pass traffic again within 15 s of the kill.
+    const AGAIN: Duration = Duration::from_secs(15);
+    let mut c = Cluster::new(FAST_TIMERS, true)?;
+    c.start_node(0)?;
+    c.start_node(1)?;
+    let client_args = [
+        "--keepalive",
+        "2s",
+        "--timeout",
+        "10s",
+        "--max-backoff",
+        "1s",
+    ];
+    let ns1 = c.client_ns()?;
+    let ns2 = c.client_ns()?;
+    let (inband, a1) = c.start_client(&ns1, &[0, 1], &client_args)?;
+    let mut native_args = vec!["--mode", "native", "--v6-dev", "v6"];
+    native_args.extend(client_args);
+    let (native, a2) = c.start_client(&ns2, &[0, 1], &native_args)?;
+    let result = (|| -> Result<()> {
+        let clients = [(&inband, &ns1, &a1), (&native, &ns2, &a2)];
+        for (who, ns, _) in clients {
+            ensure!(ns.ping(INTERNET_HOST, 3)? == 3, "{who} before the kill");
+        }
+        let status = c.lab.ctl_json("status", &native)?;
+        ensure!(
+            status["native"]["configured"]["ipv4"] == a2.as_str(),
+            "the native client is not native: {status}"
+        );
+        c.kill_node(0)?;
+        let killed = std::time::Instant::now();
+        // The operator's routing: A's announcement of the pool is gone, B's remains.
+        c.route_pool_to(1)?;
+        for (who, ns, addr) in clients {
+            let left = AGAIN.saturating_sub(killed.elapsed());
+            let got = c.wait_connected(who, Some(1), left)?;
+            ensure!(got == *addr, "{who} had {addr}, got {got} from B");
+            let left = AGAIN.saturating_sub(killed.elapsed());
+            wait_for(&format!("{who}'s traffic through B"), left, || {
+                Ok((ns.ping(INTERNET_HOST, 1)? == 1).then_some(()))
+            })?;
+        }
+        let took = killed.elapsed();
+        let table = c.table(1)?;
+        for (who, _, addr) in clients {
+            ensure!(
+                table.contains_key(&addr.parse()?),
+                "{who}'s {addr} not in B's table {table:?}"
+            );
+        }
+        let status = c.lab.ctl_json("status", &native)?;
+        ensure!(
+            status["native"]["configured"]["server_tunnel"] == "2001:db8:200::4",
+            "the native client does not send to B: {status}"
+        );
+        // A starts again: it re-adopts nothing that B holds (its pinned bindings for those
+        // addresses go) and serves new clients.
+        c.start_node(0)?;
+        let table = c.table(0)?;
+        ensure!(table.is_empty(), "A re-adopted {table:?}");
+        let status = c.lab.ctl_json("status", &c.nodes[0].instance)?;
+        ensure!(
+            status["native"]["bindings_v4"] == 0,
+            "A kept bindings of B's leases: {status}"
+        );
+        let a3 = raw_lease(&c, 0, 9)?.map_err(anyhow::Error::msg)?;
+        ensure!(
+            a3.to_string() != a1 && a3.to_string() != a2,
+            "A gave {a3}, which B holds"
+        );
+        for (who, ns, _) in clients {
+            ensure!(ns.ping(INTERNET_HOST, 3)? == 3, "{who} after A's return");
+        }
+        eprintln!(
+            "both clients passed traffic through B {took:?} after A's SIGKILL; A's new client got {a3}"
+        );
+        Ok(())
+    })();
+    result.inspect_err(|_| c.dump_logs())
+}
