@@ -56,6 +56,11 @@ impl Cluster {
     /// `server_args` go to both concentrators, after the pool and the store; with `native`
     /// they run the fast path too.
     pub fn new(server_args: &[&str], native: bool) -> Result<Cluster> {
+        Cluster::with_pool(server_args, native, &[POOL])
+    }
+
+    /// As [`Cluster::new`], with other pool ranges (the bench's 10,000 leases).
+    pub fn with_pool(server_args: &[&str], native: bool, pool: &[&str]) -> Result<Cluster> {
         let mut lab = Lab::new()?;
         let pg = Postgres::start(lab.dir())?;
         let cli = lab.ns("cli")?;
@@ -92,7 +97,7 @@ impl Cluster {
                 "--listen",
                 &listen,
                 "--pool",
-                POOL,
+                &pool.join(","),
                 "--gateway",
                 GATEWAY,
                 "--dns",

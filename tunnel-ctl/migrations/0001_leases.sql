@@ -16,10 +16,17 @@ CREATE TABLE tunnel_leases (
     released timestamptz
 );
 CREATE INDEX tunnel_leases_client ON tunnel_leases (client);
--- Not a partial index (WHERE node IS NULL): the planner would drop that condition from the
--- query, and a row locked FOR UPDATE after a concurrent claim committed would not be checked
--- against it again.
-CREATE INDEX tunnel_leases_free ON tunnel_leases (released NULLS FIRST, ipv4);
+-- Every lease change rewrites a row's indexed columns: vacuum often, so that index scans do not
+-- wade through the dead entries of claims a moment ago.
+ALTER TABLE tunnel_leases SET (autovacuum_vacuum_scale_factor = 0.02,
+                               autovacuum_vacuum_threshold = 200,
+                               autovacuum_analyze_scale_factor = 0.05);
+-- Free rows by address: a claim reads the first unlocked one from a random place, so that
+-- the rows claimed a moment ago (whose index entries stay until vacuum) are not scanned again
+-- by every claim, and two concentrators rarely want the same row. A partial index makes the
+-- planner drop `node IS NULL` from the query, so a row re-read after a concurrent claim
+-- committed is not checked against it again: tunnel_claim's guarded UPDATE is what decides.
+CREATE INDEX tunnel_leases_free ON tunnel_leases (ipv4) WHERE node IS NULL;
 CREATE INDEX tunnel_leases_node ON tunnel_leases (node) WHERE node IS NOT NULL;
 
 -- Who held which address when (abuse requests): one row per lease, `ended` NULL while held.
@@ -44,7 +51,7 @@ $$;
 -- A lease for `p_client` on concentrator `p_node`, in one transaction (one round trip):
 --   1. the client's own address, if free again (released, or its holder's expiry passed);
 --      if another concentrator still holds it: status 'held' (with that node and expiry);
---   2. else a free address nobody held within p_hold seconds, oldest release first;
+--   2. else a free address nobody held within p_hold seconds, from a random place on;
 --   3. else the free address whose hold is oldest;
 --   4. else an address of a concentrator that has not renewed for p_reclaim seconds;
 --   else status 'exhausted'. Rows other sessions are claiming are skipped (SKIP LOCKED).
@@ -65,7 +72,23 @@ DECLARE
     held_by text;
     held_addr inet;
     held_until timestamptz;
+    i integer;
+    total bigint := 0;
+    off bigint;
+    start inet;
 BEGIN
+    -- A random address of the pool, every address as likely (ranges weighted by size).
+    FOR i IN 1 .. array_length(p_first, 1) LOOP
+        total := total + (p_last[i] - p_first[i] + 1);
+    END LOOP;
+    off := floor(random() * total)::bigint;
+    FOR i IN 1 .. array_length(p_first, 1) LOOP
+        IF off <= p_last[i] - p_first[i] THEN
+            start := p_first[i] + off;
+            EXIT;
+        END IF;
+        off := off - (p_last[i] - p_first[i] + 1);
+    END LOOP;
     LOOP
         FOR r IN SELECT l.ipv4, l.node, l.expires FROM tunnel_leases l
                  WHERE l.client = p_client AND l.node IS DISTINCT FROM p_node
@@ -90,10 +113,18 @@ BEGIN
         END IF;
         IF pick IS NULL THEN
             SELECT l.ipv4 INTO pick FROM tunnel_leases l
-            WHERE l.node IS NULL
+            WHERE l.node IS NULL AND l.ipv4 >= start
               AND (l.client IS NULL OR l.released < now() - make_interval(secs => p_hold))
               AND tunnel_in_pool(l.ipv4, p_first, p_last, p_exclude)
-            ORDER BY l.released NULLS FIRST, l.ipv4 LIMIT 1
+            ORDER BY l.ipv4 LIMIT 1
+            FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF pick IS NULL THEN
+            SELECT l.ipv4 INTO pick FROM tunnel_leases l
+            WHERE l.node IS NULL AND l.ipv4 < start
+              AND (l.client IS NULL OR l.released < now() - make_interval(secs => p_hold))
+              AND tunnel_in_pool(l.ipv4, p_first, p_last, p_exclude)
+            ORDER BY l.ipv4 LIMIT 1
             FOR UPDATE SKIP LOCKED;
         END IF;
         IF pick IS NULL THEN

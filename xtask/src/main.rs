@@ -61,7 +61,7 @@ enum Cmd {
         /// Short runs (one round, 1 s each, 1,000 sessions): checks the bench works.
         #[arg(long)]
         quick: bool,
-        /// Only one part: throughput, ebpf or control.
+        /// Only one part: throughput, ebpf, control or store (the shared lease store).
         #[arg(long, value_name = "PART")]
         only: Option<String>,
         /// Record each measured run with `perf record -a -g` (needs perf) and write the

@@ -13,6 +13,7 @@ mod control;
 mod ebpf_cost;
 mod profile;
 mod report;
+mod store;
 mod throughput;
 
 use report::Report;
@@ -87,7 +88,7 @@ fn run() -> Result<()> {
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             other => anyhow::bail!(
-                "unknown argument {other:?} (use --quick, --out DIR, --only throughput|ebpf|control, --profile)"
+                "unknown argument {other:?} (use --quick, --out DIR, --only throughput|ebpf|control|store, --profile)"
             ),
         }
     }
@@ -116,6 +117,13 @@ fn run() -> Result<()> {
     if want("control") {
         eprintln!("bench: control plane ({} sessions)", plan.sessions);
         control::run(&plan, &mut report).context("control plane")?;
+    }
+    if want("store") {
+        eprintln!(
+            "bench: shared lease store ({} sessions, PostgreSQL and file)",
+            plan.sessions
+        );
+        store::run(&plan, &mut report).context("lease store")?;
     }
     report.set_duration(started.elapsed());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -63,8 +63,10 @@ pub struct PgStore {
     first: Vec<IpAddr>,
     last: Vec<IpAddr>,
     exclude: Vec<IpAddr>,
-    /// One operation at a time (claims, releases and renewals never cross).
-    conn: tokio::sync::Mutex<Conn>,
+    /// Claims share the connection (pipelined); releases, renewals and reconnects have it
+    /// to themselves, so a renewal never runs while a claim is between the store and
+    /// `pending`.
+    conn: tokio::sync::RwLock<Conn>,
     /// Claimed in the store, not yet in the lease table (renewed all the same).
     pending: Mutex<HashSet<Ipv4Addr>>,
     /// Ended here, not yet released in the store.
@@ -75,6 +77,9 @@ pub struct PgStore {
     lost_rx: Mutex<Option<mpsc::UnboundedReceiver<Ipv4Addr>>>,
     /// Since when the database is unreachable.
     down: Mutex<Option<Instant>>,
+    /// To the claim batcher: claims that arrive while one transaction runs go together in
+    /// the next.
+    claims: mpsc::UnboundedSender<ClaimRequest>,
 }
 
 #[derive(Default)]
@@ -85,8 +90,26 @@ struct Conn {
     last_attempt: Option<Instant>,
 }
 
-const CLAIM: &str = "SELECT status, addr, holder, until FROM \
-                     tunnel_claim($1, $2, $3, $4, $5, $6, $7, $8)";
+impl Conn {
+    fn is_up(&self) -> bool {
+        self.client.as_ref().is_some_and(|c| !c.is_closed())
+    }
+}
+
+/// Claims for several clients in one transaction (one round trip, one commit), in order.
+const CLAIM: &str = "SELECT c.n, r.status, r.addr, r.holder, r.until \
+                     FROM unnest($1::inet[]) WITH ORDINALITY AS c(client, n), \
+                     LATERAL tunnel_claim(c.client, $2, $3, $4, $5, $6, $7, $8) AS r \
+                     ORDER BY c.n";
+
+/// At most this many claims go in one transaction.
+const MAX_BATCH: usize = 64;
+
+/// A session waiting for its claim.
+struct ClaimRequest {
+    client: IpAddr,
+    reply: tokio::sync::oneshot::Sender<Claim>,
+}
 
 /// What the server does for the store's sync task.
 pub trait Owner: Send + Sync {
@@ -114,6 +137,7 @@ impl PgStore {
             config.application_name(&format!("tunnel-ctl {}", s.node));
         }
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let (claims, claims_rx) = mpsc::unbounded_channel();
         let ip4 = |a: Ipv4Addr| IpAddr::V4(a);
         let store = Arc::new(PgStore {
             shown: crate::config::redact_url(&s.url),
@@ -125,13 +149,14 @@ impl PgStore {
             first: s.pool.iter().map(|r| ip4(r.first)).collect(),
             last: s.pool.iter().map(|r| ip4(r.last)).collect(),
             exclude: s.exclude.iter().copied().map(ip4).collect(),
-            conn: tokio::sync::Mutex::default(),
+            conn: tokio::sync::RwLock::default(),
             pending: Mutex::default(),
             releases: Mutex::default(),
             wake: Notify::new(),
             lost_tx,
             lost_rx: Mutex::new(Some(lost_rx)),
             down: Mutex::new(None),
+            claims,
         });
         let mut client = store.connect().await.with_context(|| {
             format!(
@@ -160,10 +185,11 @@ impl PgStore {
             saved.len()
         );
         let claim = client.prepare(CLAIM).await?;
-        let mut conn = store.conn.lock().await;
+        let mut conn = store.conn.write().await;
         conn.client = Some(client);
         conn.claim = Some(claim);
         drop(conn);
+        tokio::spawn(store.clone().batcher(claims_rx));
         Ok((store, saved))
     }
 
@@ -220,6 +246,10 @@ impl PgStore {
                 )
                 .await?;
         }
+        if added > 0 {
+            // Plans for the claim need the table's statistics; autovacuum would take its time.
+            client.batch_execute("ANALYZE tunnel_leases").await?;
+        }
         Ok(added)
     }
 
@@ -261,9 +291,9 @@ impl PgStore {
     }
 
     /// The connection, (re)connecting if needed; Err: the 110 text.
-    async fn connected(&self) -> Result<tokio::sync::MutexGuard<'_, Conn>, String> {
-        let mut conn = self.conn.lock().await;
-        if conn.client.as_ref().is_some_and(|c| !c.is_closed()) {
+    async fn connected(&self) -> Result<tokio::sync::RwLockWriteGuard<'_, Conn>, String> {
+        let mut conn = self.conn.write().await;
+        if conn.is_up() {
             return Ok(conn);
         }
         conn.client = None;
@@ -329,60 +359,122 @@ impl PgStore {
 
     /// A lease for `client` (see the module comment).
     pub async fn claim(&self, client: IpAddr) -> Claim {
-        let mut conn = match self.connected().await {
-            Ok(c) => c,
-            Err(text) => return Claim::Unavailable(text),
-        };
-        let result = async {
+        // Ends first, so that the client's own address just released here can be had again;
+        // and a connection. Both need the connection to themselves.
+        let ends_waiting = !self
+            .releases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if ends_waiting || !self.conn.read().await.is_up() {
+            let mut conn = match self.connected().await {
+                Ok(c) => c,
+                Err(text) => return Claim::Unavailable(text),
+            };
             let c = conn.client.as_ref().expect("connected");
-            let statement = conn.claim.as_ref().expect("prepared with the connection");
-            self.flush_releases(c).await?;
-            run(c.query_one(
-                statement,
-                &[
-                    &client,
-                    &self.node,
-                    &self.ttl.as_secs_f64(),
-                    &self.hold.as_secs_f64(),
-                    &self.reclaim.as_secs_f64(),
-                    &self.first,
-                    &self.last,
-                    &self.exclude,
-                ],
-            ))
-            .await
-        }
-        .await;
-        let row = match result {
-            Ok(row) => row,
-            Err(e) => {
+            if let Err(e) = self.flush_releases(c).await {
                 self.failed(&mut conn, &e);
                 return Claim::Unavailable(self.unavailable_text());
             }
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.claims.send(ClaimRequest { client, reply }).is_err() {
+            return Claim::Unavailable(self.unavailable_text());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Claim::Unavailable(self.unavailable_text()))
+    }
+
+    /// Runs the claims, a batch per transaction, for the server's life.
+    async fn batcher(self: Arc<Self>, mut requests: mpsc::UnboundedReceiver<ClaimRequest>) {
+        while let Some(first) = requests.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let clients: Vec<IpAddr> = batch.iter().map(|r| r.client).collect();
+            let answers = self.claim_batch(&clients).await;
+            for (request, answer) in batch.into_iter().zip(answers) {
+                let _ = request.reply.send(answer);
+            }
+        }
+    }
+
+    /// One transaction of claims: an answer per client, in order.
+    async fn claim_batch(&self, clients: &[IpAddr]) -> Vec<Claim> {
+        let unavailable = || vec![Claim::Unavailable(self.unavailable_text()); clients.len()];
+        let conn = self.conn.read().await;
+        let (Some(c), Some(statement)) = (&conn.client, &conn.claim) else {
+            return unavailable();
         };
-        drop(conn);
+        let result = run(c.query(
+            statement,
+            &[
+                &clients,
+                &self.node,
+                &self.ttl.as_secs_f64(),
+                &self.hold.as_secs_f64(),
+                &self.reclaim.as_secs_f64(),
+                &self.first,
+                &self.last,
+                &self.exclude,
+            ],
+        ))
+        .await;
+        let rows = match result {
+            Ok(rows) if rows.len() == clients.len() => rows,
+            Ok(rows) => {
+                let e = format!("{} answers to {} claims", rows.len(), clients.len());
+                drop(conn);
+                self.failed(&mut *self.conn.write().await, &e);
+                return unavailable();
+            }
+            Err(e) => {
+                drop(conn);
+                self.failed(&mut *self.conn.write().await, &e);
+                return unavailable();
+            }
+        };
         self.came_back();
-        let addr = match row.get::<_, Option<IpAddr>>(1) {
+        let answers: Vec<Claim> = rows
+            .iter()
+            .zip(clients)
+            .map(|(row, client)| self.answer(row, *client))
+            .collect();
+        // Before the connection is given back: a renewal then counts them.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend(answers.iter().filter_map(|a| match a {
+            Claim::Picked(addr) => Some(*addr),
+            _ => None,
+        }));
+        drop(pending);
+        drop(conn);
+        answers
+    }
+
+    /// One row of [`CLAIM`] as a [`Claim`].
+    fn answer(&self, row: &tokio_postgres::Row, client: IpAddr) -> Claim {
+        let addr = match row.get::<_, Option<IpAddr>>(2) {
             Some(IpAddr::V4(a)) => Some(a),
             _ => None,
         };
-        match (row.get::<_, &str>(0), addr) {
+        match (row.get::<_, &str>(1), addr) {
             ("ok", Some(addr)) => {
-                if let Some(old) = row.get::<_, Option<String>>(2) {
+                if let Some(old) = row.get::<_, Option<String>>(3) {
                     info!(
                         "lease store: {addr} taken over for {client} from concentrator {old} \
                          (its expiry passed)"
                     );
                 }
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(addr);
                 Claim::Picked(addr)
             }
             ("held", Some(addr)) => {
-                let holder: String = row.get(2);
-                let until: Option<SystemTime> = row.get(3);
+                let holder: String = row.get(3);
+                let until: Option<SystemTime> = row.get(4);
                 Claim::HeldElsewhere(format!(
                     "lease store: this client's address {addr} is still held by concentrator \
                      {holder} (until {}, or until that session ends); connect again then",
