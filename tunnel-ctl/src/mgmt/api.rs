@@ -542,6 +542,10 @@ mod tests {
         let status = Status::Client(ClientStatus {
             process: process(),
             server: "[2001:db8:100::1]:5678".parse().unwrap(),
+            servers: vec![
+                "[2001:db8:100::1]:5678".parse().unwrap(),
+                "[2001:db8:200::1]:5678".parse().unwrap(),
+            ],
             state: "connected",
             ipv4: Some("198.51.100.7".parse().unwrap()),
             dns: Some(["192.0.2.53".parse().unwrap(); 3]),
@@ -556,7 +560,9 @@ mod tests {
             wire(&status.into()),
             json!({"ok": {
                 "role": "client", "instance": "hub", "pid": 42, "uptime_s": 7,
-                "server": "[2001:db8:100::1]:5678", "state": "connected",
+                "server": "[2001:db8:100::1]:5678",
+                "servers": ["[2001:db8:100::1]:5678", "[2001:db8:200::1]:5678"],
+                "state": "connected",
                 "ipv4": "198.51.100.7", "dns": ["192.0.2.53", "192.0.2.53", "192.0.2.53"],
                 "since": "2026-12-01T00:00:00Z", "mode": "inband", "tun": "tun0",
                 "ipv6": null, "native": null, "last_error": null}})

@@ -1448,6 +1448,56 @@ mod tests {
         assert_eq!(lab.stats.ipv6_pool_exhausted.get(), 1);
     }
 
+    /// The table, with a shared lease store's refusal for the next grant.
+    struct StoreSays<'a, F: Fn(u64) -> bool>(&'a mut Table<F>, Option<Grant>);
+
+    impl<F: Fn(u64) -> bool> Leases for StoreSays<'_, F> {
+        fn with_table<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> R {
+            self.0.with_table(f)
+        }
+        fn grant(&mut self, holder: Holder, stale: Duration, now: Instant) -> Grant {
+            match self.1.take() {
+                Some(g) => g,
+                None => self.0.grant(holder, stale, now),
+            }
+        }
+        fn grant_shared(
+            &mut self,
+            holder: Holder,
+            tunnel: Ipv6Addr,
+            stale: Duration,
+            now: Instant,
+        ) -> Result<SharedGrant, Grant> {
+            self.0.grant_shared(holder, tunnel, stale, now)
+        }
+    }
+
+    #[test]
+    fn a_lease_store_refusal_ends_the_session_with_its_110_and_is_counted() {
+        let lab = Lab::new();
+        let mut t = table("198.51.100.7-198.51.100.9");
+        let down = "lease store unavailable: no new leases until it is back";
+        let held = "lease store: this client's address 198.51.100.8 is still held by \
+                    concentrator b";
+        for (id, refusal, text) in [
+            (1, Grant::StoreUnavailable(down.into()), down),
+            (2, Grant::HeldElsewhere(held.into()), held),
+        ] {
+            let mut s = lab.session(id, "2001:db8:1::1", &cfg(false, false));
+            let mut store = StoreSays(&mut t, Some(refusal));
+            s.handle_frame(Frame::empty(MsgType::AddrRequest), lab.at(1), &mut store);
+            assert_eq!(
+                drain(&mut s),
+                refused(text, CloseReason::LeaseStore(text.into()))
+            );
+            assert_eq!(s.lease(), None);
+        }
+        assert_eq!(lab.stats.lease_store_unavailable.get(), 1);
+        assert_eq!(lab.stats.lease_held_elsewhere.get(), 1);
+        assert_eq!(lab.stats.leases_granted.get(), 0);
+        assert!(t.state.lease_list().is_empty(), "nothing leased");
+    }
+
     #[test]
     fn an_exhausted_pool_ends_the_session_with_110_naming_the_pool() {
         let lab = Lab::new();

@@ -1020,6 +1020,41 @@ mod tests {
         s
     }
 
+    /// With the shared store: the store's pick, or only what the table holds.
+    #[test]
+    fn a_store_pick_is_leased_and_a_takeover_elsewhere_ends_it() {
+        let mut s = state();
+        let a: Ipv4Addr = "198.51.100.5".parse().unwrap();
+        let never = |_| false;
+        let h1 = holder(1, "2001:db8:1::1");
+        assert!(matches!(s.grant_from(h1, never, Pick::Addr(a)), Grant::New(x) if x == a));
+        // The store cannot pick an address the table holds, and nothing comes from the pool.
+        let h2 = holder(2, "2001:db8:2::1");
+        assert!(matches!(
+            s.grant_from(h2, never, Pick::Addr(a)),
+            Grant::Exhausted
+        ));
+        assert!(matches!(
+            s.grant_from(h2, never, Pick::ReuseOnly),
+            Grant::Exhausted
+        ));
+        assert_eq!(s.reusable(h2, never), None);
+        // The same client again, its session silent: that lease, no store needed.
+        let h3 = holder(3, "2001:db8:1::1");
+        assert_eq!(s.reusable(h3, |id| id == 1), Some(a));
+        assert_eq!(s.held(), vec![(a, Mode::Inband, None)]);
+        // Another concentrator took it: the session holding it is named, to be closed.
+        assert_eq!(s.taken_away(a), Some(Ok(1)));
+        assert_eq!(s.taken_away("198.51.100.6".parse().unwrap()), None);
+        // A restored lease without a session just ends.
+        let mut r = state();
+        r.restore(&s.saved(), Duration::from_secs(60));
+        let ended = r.taken_away(a).unwrap().unwrap_err();
+        assert_eq!(ended.ipv4, a);
+        assert_eq!(ended.client, "2001:db8:1::1".parse::<IpAddr>().unwrap());
+        assert!(r.lease_list().is_empty());
+    }
+
     /// A pool of 8; clients of one /64 may hold 3, one address 2.
     #[test]
     fn one_prefix_or_address_cannot_take_the_pool() {

@@ -134,7 +134,7 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(3));
         }
         if config.get_application_name().is_none() {
-            config.application_name(&format!("tunnel-ctl {}", s.node));
+            config.application_name(format!("tunnel-ctl {}", s.node));
         }
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let (claims, claims_rx) = mpsc::unbounded_channel();
