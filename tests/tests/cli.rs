@@ -362,6 +362,32 @@ fn usage_errors_found_after_parsing_exit_2() -> Result<()> {
             vec!["client", "--server", "[2001:db8::1]:5678", "--lan", "eth1"],
             &["--lan", "--ipv6", "--mode native"],
         ),
+        (
+            server(&[
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--lease-store",
+                "mysql://db.example.net/tunnel",
+            ]),
+            &["--lease-store", "PostgreSQL URL"],
+        ),
+        (
+            server(&[
+                "--pool",
+                "198.51.100.2-198.51.100.9",
+                "--share",
+                "4",
+                "--v6-dev",
+                "v6",
+                "--v4-dev",
+                "v4",
+                "--tunnel-addr",
+                "2001:db8::4",
+                "--lease-store",
+                "postgresql:///tunnel?host=/nonexistent",
+            ]),
+            &["--share", "--lease-store postgres", "lease file"],
+        ),
     ] {
         let (code, stdout, stderr) = run(&args)?;
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
@@ -456,5 +482,32 @@ fn config_file_errors_name_file_line_and_key_and_flags_override_it() -> Result<(
     assert_eq!(code, Some(0));
     assert!(stdout.contains("max-sessions = 7\n"), "{stdout}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A lease store that cannot be reached stops the server at start (exit 1), naming it, before
+/// it sets anything up.
+#[test]
+fn an_unreachable_lease_store_stops_the_start_with_its_name() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tnl-cli-store-{}", std::process::id()));
+    let (code, _, stderr) = run(&[
+        "server",
+        "--pool",
+        "198.51.100.2-198.51.100.9",
+        "--gateway",
+        "198.51.100.1",
+        "--instance",
+        "tnl-cli-store",
+        "--state-dir",
+        &dir.display().to_string(),
+        "--lease-store",
+        "postgresql:///tunnel?host=/nonexistent&user=tunnel&password=secret",
+    ])?;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(1), "{stderr}");
+    for w in ["lease store", "cannot be reached", "host=/nonexistent"] {
+        assert!(stderr.contains(w), "no {w:?} in {stderr}");
+    }
+    assert!(!stderr.contains("secret"), "the password shows: {stderr}");
     Ok(())
 }

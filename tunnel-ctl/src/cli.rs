@@ -113,11 +113,17 @@ pub enum Command {
   tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \\
       --pool6 2001:db8:ff::100:0/112 --proxy-ndp eth0
 
+  # two concentrators sharing the pool through PostgreSQL (run the same on the second,
+  # --node-id b); clients list both: client --server A --server B
+  tunnel-ctl server --pool 198.51.100.2-198.51.100.128 --gateway 198.51.100.1 \\
+      --lease-store postgres://tunnel@db.example.net/tunnel --node-id a
+
 The server enables net.ipv4.ip_forward (and IPv6 forwarding with --pool6/--delegate); the
 IPv4 side needs a route for the pool back to this host, the IPv6 side one for --pool6 and
 --delegate (unless --proxy-ndp), and with native mode one for --tunnel-addr.
-Leases are saved in --state-dir; after a crash or upgrade the next start re-adopts them
-and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
+Leases are saved in --state-dir (or the --lease-store database); after a crash or upgrade
+the next start re-adopts them and the pinned eBPF state, so native clients keep forwarding
+meanwhile.")]
     Server(ServerArgs),
 
     /// Daemon: a 4over6 client: lease an IPv4 address and route IPv4 through the server.
@@ -132,6 +138,8 @@ and the pinned eBPF state, so native clients keep forwarding meanwhile.")]
     #[command(after_help = "Examples:
   tunnel-ctl client --server [2001:db8:100::1]:5678 --instance uplink
   tunnel-ctl client --server [2001:db8:100::1]:5678 --mode native --v6-dev eth0
+  # two concentrators sharing a lease store: the second when the first fails
+  tunnel-ctl client --server [2001:db8:100::1]:5678 --server [2001:db8:200::1]:5678
   # IPv4 and IPv6 from a server reached over IPv4; the delegated /64 advertised on eth1
   tunnel-ctl client --server 192.0.2.1:5678 --ipv6 --lan eth1")]
     Client(ClientArgs),

@@ -108,9 +108,10 @@ impl fmt::Debug for LeaseStoreSpec {
     }
 }
 
-/// `url` with any password replaced by `***` (for logs).
+/// `url` with any password (`user:PASSWORD@`, `password=PASSWORD`) replaced by `***` (for
+/// logs and errors).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let auth = &url[scheme + 3..at];
             match auth.find(':') {
@@ -121,7 +122,18 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    };
+    if let Some(query) = out.find('?') {
+        let redacted: Vec<String> = out[query + 1..]
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k == "password" => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{}?{}", &out[..query], redacted.join("&"));
     }
+    out
 }
 
 impl FromStr for LeaseStoreSpec {
@@ -274,5 +286,26 @@ impl fmt::Display for AllowIn {
             Some(17) => write!(f, "{}/udp", self.port),
             _ => write!(f, "{}", self.port),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_store_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_url("postgres://tunnel:s3cret@db.example.net/tunnel"),
+            "postgres://tunnel:***@db.example.net/tunnel"
+        );
+        assert_eq!(
+            redact_url("postgresql:///tunnel?host=/run/postgresql&password=s3cret&user=t"),
+            "postgresql:///tunnel?host=/run/postgresql&password=***&user=t"
+        );
+        assert_eq!(
+            redact_url("postgres://tunnel@db.example.net/tunnel"),
+            "postgres://tunnel@db.example.net/tunnel"
+        );
     }
 }

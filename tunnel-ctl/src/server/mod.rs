@@ -542,28 +542,9 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     };
 
     persist::ensure_writable(&args.state_dir)?;
-    let listener =
-        bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let nl = Netlink::connect()?;
-    let (tun, tun_index) = setup_tun(&nl, &args).await?;
-    let ipv6 = if pool6.is_some() || delegate.is_some() {
-        Some(
-            ipv6::Ipv6Service::start(&nl, &args, tun_index, pool6.as_ref(), delegate.as_ref())
-                .await?,
-        )
-    } else {
-        None
-    };
+    // The lease store before any device: a store that cannot be reached stops the start
+    // with nothing to undo.
     let state_path = persist::path(&args.state_dir, instance.name());
-    let mut state = State::new(pool);
-    state.limits = state::LeaseLimits {
-        per_prefix: args.max_leases_per_prefix,
-        prefix_len: args.prefix_len,
-        per_address: args.max_leases_per_address,
-    };
-    state.pool6 = pool6;
-    state.delegate = delegate;
-    state.sharing = sharing;
     let node = store::node_id(args.node_id.as_deref());
     let (lease_store, saved, saved_from) = match &args.lease_store {
         crate::config::LeaseStoreSpec::File => {
@@ -578,7 +559,8 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
         crate::config::LeaseStoreSpec::Postgres(url) => {
             if sharing.is_some() {
                 return Err(crate::usage::usage(
-                    "--share with --lease-store postgres: shared leases are kept in the lease                      file only so far; run shared leases with --lease-store file",
+                    "--share with --lease-store postgres: shared leases are kept in the lease \
+                     file only so far; run shared leases with --lease-store file",
                 ));
             }
             let (pg, saved) = store::postgres::PgStore::start(store::postgres::PgSettings {
@@ -594,6 +576,27 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
             (store::LeaseStore::Postgres(pg), saved, from)
         }
     };
+    let listener =
+        bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let nl = Netlink::connect()?;
+    let (tun, tun_index) = setup_tun(&nl, &args).await?;
+    let ipv6 = if pool6.is_some() || delegate.is_some() {
+        Some(
+            ipv6::Ipv6Service::start(&nl, &args, tun_index, pool6.as_ref(), delegate.as_ref())
+                .await?,
+        )
+    } else {
+        None
+    };
+    let mut state = State::new(pool);
+    state.limits = state::LeaseLimits {
+        per_prefix: args.max_leases_per_prefix,
+        prefix_len: args.prefix_len,
+        per_address: args.max_leases_per_address,
+    };
+    state.pool6 = pool6;
+    state.delegate = delegate;
+    state.sharing = sharing;
     for (lease, why) in state.restore(&saved, args.timers.timeout) {
         warn!(
             "not restoring saved lease {} of {}: {why}",

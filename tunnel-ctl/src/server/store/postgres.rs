@@ -130,6 +130,11 @@ impl PgStore {
             .url
             .parse()
             .with_context(|| format!("--lease-store {}", crate::config::redact_url(&s.url)))?;
+        if config.get_password().is_none()
+            && let Some(password) = pgpass_password(&config)
+        {
+            config.password(password);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(3));
         }
@@ -698,6 +703,55 @@ impl PgStore {
     }
 }
 
+/// The password for `config` from PGPASSFILE (else ~/.pgpass), as libpq finds it:
+/// `hostname:port:database:username:password` lines, `*` matching anything, `\:` and `\\`
+/// escaped, the first match wins; a unix socket's host is `localhost`. tokio-postgres reads
+/// no password file itself, so this is ours.
+fn pgpass_password(config: &tokio_postgres::Config) -> Option<Vec<u8>> {
+    let path = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")))?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let db = config.get_dbname().unwrap_or(&user).to_owned();
+    pgpass_lookup(&text, [&host, &port, &db, &user]).map(String::into_bytes)
+}
+
+/// The password of the first line of `text` whose four fields match `want`.
+fn pgpass_lookup(text: &str, want: [&str; 4]) -> Option<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .find_map(|line| {
+            let mut fields = Vec::with_capacity(5);
+            let mut field = String::new();
+            let mut chars = line.chars();
+            while let Some(ch) = chars.next() {
+                match ch {
+                    '\\' => field.extend(chars.next()),
+                    ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                    other => field.push(other),
+                }
+            }
+            fields.push(field);
+            (fields.len() == 5
+                && fields[..4]
+                    .iter()
+                    .zip(want)
+                    .all(|(f, w)| f == "*" || f == w))
+            .then(|| fields.pop().unwrap_or_default())
+        })
+}
+
 /// One query within [`OP_TIMEOUT`]; the error as text.
 async fn run<T>(
     q: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
@@ -746,4 +800,26 @@ async fn migrate(client: &mut Client) -> Result<()> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pgpass_line_matches_field_by_field_with_wildcards_and_escapes() {
+        let text = "# comment\n\
+                    db1.example.net:5432:tunnel:other:nope\n\
+                    *:5432:tunnel:tunnel:s\\:cret\\\\x\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, ["db1.example.net", "5432", "tunnel", "tunnel"]).as_deref(),
+            Some("s:cret\\x")
+        );
+        assert_eq!(
+            pgpass_lookup(text, ["localhost", "6432", "postgres", "x"]).as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pgpass_lookup("h:1:d:u\n", ["h", "1", "d", "u"]), None);
+    }
 }
