@@ -225,6 +225,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops concentrator `i` cleanly (SIGTERM).
+    pub fn stop_node(&mut self, i: usize) -> Result<()> {
+        let instance = self.nodes[i].instance.clone();
+        self.lab
+            .daemon(&instance)
+            .context("the node is not running")?
+            .stop();
+        Ok(())
+    }
+
+    /// Stops concentrator `i` and starts it again with the lease file instead of PostgreSQL
+    /// (one machine).
+    pub fn restart_with_file_store(&mut self, i: usize) -> Result<()> {
+        self.stop_node(i)?;
+        let args = &mut self.nodes[i].args;
+        let at = args
+            .iter()
+            .position(|a| a == "--lease-store")
+            .context("--lease-store")?;
+        args[at + 1] = "file".into();
+        self.start_node(i)
+    }
+
     /// SIGKILL of concentrator `i` (its pins and rows stay).
     pub fn kill_node(&mut self, i: usize) -> Result<()> {
         let instance = self.nodes[i].instance.clone();

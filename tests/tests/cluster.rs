@@ -380,17 +380,7 @@ fn the_lease_history_names_who_held_an_address_with_either_store() -> Result<()>
     // PostgreSQL: held on A, asked of B.
     history_names_the_client(&c, 0, 1, 5).inspect_err(|_| c.dump_logs())?;
     // The file store (one machine): A again, with the history file in its state directory.
-    c.lab
-        .daemon(&c.nodes[0].instance.clone())
-        .context("A")?
-        .stop();
-    let args = &mut c.nodes[0].args;
-    let at = args
-        .iter()
-        .position(|a| a == "--lease-store")
-        .context("--lease-store")?;
-    args[at + 1] = "file".into();
-    c.start_node(0)?;
+    c.restart_with_file_store(0)?;
     history_names_the_client(&c, 0, 0, 6).inspect_err(|_| c.dump_logs())?;
     Ok(())
 }

@@ -89,21 +89,8 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         "leases overlapped in the history: {double}"
     );
     // The file store: concentrator A alone.
-    c.lab
-        .daemon(&c.nodes[1].instance.clone())
-        .context("B")?
-        .stop();
-    c.lab
-        .daemon(&c.nodes[0].instance.clone())
-        .context("A")?
-        .stop();
-    let args = &mut c.nodes[0].args;
-    let at = args
-        .iter()
-        .position(|a| a == "--lease-store")
-        .context("--lease-store")?;
-    args[at + 1] = "file".into();
-    c.start_node(0)?;
+    c.stop_node(1)?;
+    c.restart_with_file_store(0)?;
     let file = pile_up(&c, &[0], n).context("file store")?;
 
     let sec = "store";
