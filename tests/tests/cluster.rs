@@ -468,3 +468,21 @@ fn clients_of_a_killed_concentrator_fail_over_with_their_address() -> Result<()>
     })();
     result.inspect_err(|_| c.dump_logs())
 }
+
+#[test]
+fn with_client_key_prefix64_a_client_back_from_its_64_gets_its_address() -> Result<()> {
+    let mut c = Cluster::new(&["--client-key", "prefix64"], false)?;
+    c.start_node(0)?;
+    c.start_node(1)?;
+    let result = (|| -> Result<()> {
+        // Client c::1 leases on A and leaves; c::2 (the same /64) asks B: the same address.
+        let a = raw_lease(&c, 0, 0)?.map_err(anyhow::Error::msg)?;
+        wait_for("the lease to end", Duration::from_secs(5), || {
+            Ok((!c.table(0)?.contains_key(&a)).then_some(()))
+        })?;
+        let b = raw_lease(&c, 1, 1)?.map_err(anyhow::Error::msg)?;
+        ensure!(a == b, "the /64 had {a}, got {b}");
+        Ok(())
+    })();
+    result.inspect_err(|_| c.dump_logs())
+}

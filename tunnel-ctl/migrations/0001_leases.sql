@@ -3,11 +3,13 @@
 
 -- One row per pool address, inserted by every concentrator that serves it. `node` is the
 -- concentrator holding the lease (NULL: free); `client` is who holds it, or held it last
--- (a free address stays held for that client for --hold); `expires` is renewed by the owner
+-- (a free address stays held for that client for --hold), and `client_key` what makes two
+-- connections the same client (the address, or its /64 with --client-key prefix64); `expires` is renewed by the owner
 -- well before --timeout, and another concentrator takes the lease over only after it passed.
 CREATE TABLE tunnel_leases (
     ipv4     inet PRIMARY KEY,
     client   inet,
+    client_key inet,
     node     text,
     mode     text NOT NULL DEFAULT 'inband',
     tunnel   inet,
@@ -15,7 +17,7 @@ CREATE TABLE tunnel_leases (
     expires  timestamptz,
     released timestamptz
 );
-CREATE INDEX tunnel_leases_client ON tunnel_leases (client);
+CREATE INDEX tunnel_leases_client ON tunnel_leases (client_key);
 -- Every lease change rewrites a row's indexed columns: vacuum often, so that index scans do not
 -- wade through the dead entries of claims a moment ago.
 ALTER TABLE tunnel_leases SET (autovacuum_vacuum_scale_factor = 0.02,
@@ -49,7 +51,7 @@ RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- A lease for `p_client` on concentrator `p_node`, in one transaction (one round trip):
---   1. the client's own address, if free again (released, or its holder's expiry passed);
+--   1. the client's own address (same p_key), if free again (released, or its holder's expiry passed);
 --      if another concentrator still holds it: status 'held' (with that node and expiry);
 --   2. else a free address nobody held within p_hold seconds, from a random place on;
 --   3. else the free address whose hold is oldest;
@@ -58,7 +60,7 @@ $$;
 -- A lease taken from another concentrator is announced to it (NOTIFY tunnel_lease_lost).
 -- The final UPDATE checks the row is still as chosen (another claim may have won it between),
 -- else the choice is made again.
-CREATE FUNCTION tunnel_claim(p_client inet, p_node text, p_ttl float8, p_hold float8,
+CREATE FUNCTION tunnel_claim(p_client inet, p_key inet, p_node text, p_ttl float8, p_hold float8,
                              p_reclaim float8, p_first inet[], p_last inet[],
                              p_exclude inet[])
 RETURNS TABLE (status text, addr inet, holder text, until timestamptz)
@@ -91,7 +93,7 @@ BEGIN
     END LOOP;
     LOOP
         FOR r IN SELECT l.ipv4, l.node, l.expires FROM tunnel_leases l
-                 WHERE l.client = p_client AND l.node IS DISTINCT FROM p_node
+                 WHERE l.client_key = p_key AND l.node IS DISTINCT FROM p_node
                    AND tunnel_in_pool(l.ipv4, p_first, p_last, p_exclude)
                  ORDER BY l.node IS NULL DESC, l.released DESC NULLS LAST
                  FOR UPDATE
@@ -114,7 +116,7 @@ BEGIN
         IF pick IS NULL THEN
             SELECT l.ipv4 INTO pick FROM tunnel_leases l
             WHERE l.node IS NULL AND l.ipv4 >= start
-              AND (l.client IS NULL OR l.released < now() - make_interval(secs => p_hold))
+              AND (l.client_key IS NULL OR l.released < now() - make_interval(secs => p_hold))
               AND tunnel_in_pool(l.ipv4, p_first, p_last, p_exclude)
             ORDER BY l.ipv4 LIMIT 1
             FOR UPDATE SKIP LOCKED;
@@ -122,7 +124,7 @@ BEGIN
         IF pick IS NULL THEN
             SELECT l.ipv4 INTO pick FROM tunnel_leases l
             WHERE l.node IS NULL AND l.ipv4 < start
-              AND (l.client IS NULL OR l.released < now() - make_interval(secs => p_hold))
+              AND (l.client_key IS NULL OR l.released < now() - make_interval(secs => p_hold))
               AND tunnel_in_pool(l.ipv4, p_first, p_last, p_exclude)
             ORDER BY l.ipv4 LIMIT 1
             FOR UPDATE SKIP LOCKED;
@@ -145,7 +147,7 @@ BEGIN
             RETURN QUERY SELECT 'exhausted'::text, NULL::inet, NULL::text, NULL::timestamptz;
             RETURN;
         END IF;
-        UPDATE tunnel_leases SET client = p_client, node = p_node, mode = 'inband', tunnel = NULL,
+        UPDATE tunnel_leases SET client = p_client, client_key = p_key, node = p_node, mode = 'inband', tunnel = NULL,
                since = now(), expires = now() + make_interval(secs => p_ttl), released = NULL
          WHERE ipv4 = pick AND node IS NOT DISTINCT FROM old_node;
         GET DIAGNOSTICS won = ROW_COUNT;

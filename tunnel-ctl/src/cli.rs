@@ -574,6 +574,13 @@ pub struct ServerArgs {
     #[arg(long, value_name = "NAME", help_heading = "Several concentrators")]
     pub node_id: Option<String>,
 
+    /// Which clients count as the same one for getting their address back (a reconnect, a
+    /// failover to another concentrator, the --hold): `address`, the same source address;
+    /// `prefix64`, any source in the same IPv6 /64 (clients whose address changes within
+    /// their /64, privacy addresses say).
+    #[arg(long, value_name = "KEY", value_enum, default_value = "address")]
+    pub client_key: ClientKeyArg,
+
     #[command(flatten)]
     pub instance: InstanceArg,
 
@@ -584,6 +591,12 @@ pub struct ServerArgs {
     /// counter as tunnel_<name>_total, status figures as gauges. Off unless given.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientKeyArg {
+    Address,
+    Prefix64,
 }
 
 fn parse_lease_store(s: &str) -> Result<crate::config::LeaseStoreSpec, String> {
@@ -1103,6 +1116,10 @@ impl From<ServerArgs> for config::ServerConfig {
             state_dir: a.state_dir,
             lease_store: a.lease_store,
             node_id: a.node_id,
+            client_key: match a.client_key {
+                ClientKeyArg::Address => config::ClientKey::Address,
+                ClientKeyArg::Prefix64 => config::ClientKey::Prefix64,
+            },
             instance: a.instance.instance,
             metrics: a.metrics,
         }

@@ -85,8 +85,31 @@ pub struct ServerConfig {
     pub lease_store: LeaseStoreSpec,
     /// `--node-id`; None: the host name.
     pub node_id: Option<String>,
+    pub client_key: ClientKey,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,
+}
+
+/// `--client-key`: which clients count as the same one for getting their address back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientKey {
+    /// The same source address.
+    #[default]
+    Address,
+    /// Any IPv6 source in the same /64 (IPv4 clients: the same address).
+    Prefix64,
+}
+
+impl ClientKey {
+    /// `peer`'s key (canonical: IPv4-mapped clients as IPv4).
+    pub fn of(self, peer: std::net::IpAddr) -> std::net::IpAddr {
+        match (self, peer.to_canonical()) {
+            (ClientKey::Prefix64, std::net::IpAddr::V6(a)) => {
+                std::net::IpAddr::V6(Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)))
+            }
+            (_, other) => other,
+        }
+    }
 }
 
 /// `--lease-store`: where a concentrator keeps its leases.

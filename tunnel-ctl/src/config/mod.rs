@@ -19,8 +19,8 @@ use crate::usage::{UsageError, usage};
 mod daemons;
 
 pub use daemons::{
-    AllowIn, BrConfig, CeConfig, ClientConfig, ClientMode, LeaseStoreSpec, MonitorConfig,
-    NatTimeouts, ServerConfig, Timers, redact_url,
+    AllowIn, BrConfig, CeConfig, ClientConfig, ClientKey, ClientMode, LeaseStoreSpec,
+    MonitorConfig, NatTimeouts, ServerConfig, Timers, redact_url,
 };
 
 /// Flags that are not settings and so never keys.

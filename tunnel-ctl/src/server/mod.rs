@@ -570,6 +570,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                 hold: args.hold,
                 pool: args.pool.clone(),
                 exclude: vec![args.gateway],
+                client_key: args.client_key,
             })
             .await?;
             let from = pg.describe();
@@ -597,6 +598,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     state.pool6 = pool6;
     state.delegate = delegate;
     state.sharing = sharing;
+    state.client_key = args.client_key;
     for (lease, why) in state.restore(&saved, args.timers.timeout) {
         warn!(
             "not restoring saved lease {} of {}: {why}",

@@ -42,7 +42,16 @@ impl Server {
             );
         }
 
-        if running.pool != new.pool {
+        // With a shared store the database holds the pool's rows: a restart adds new ones.
+        let shared_store = matches!(self.store, super::store::LeaseStore::Postgres(_));
+        if running.pool != new.pool && shared_store {
+            changes.push(format!(
+                "pool: not changed, it needs a restart with --lease-store postgres (running {}, \
+                 file {})",
+                list(&running.pool),
+                list(&new.pool)
+            ));
+        } else if running.pool != new.pool {
             changes.push(self.reshape_pool(&running, &new).await?);
         }
         let mut cfg: Config = self.cfg();
@@ -128,7 +137,11 @@ impl Server {
 
         // What only a restart changes keeps its running value.
         let applied = ServerConfig {
-            pool: new.pool,
+            pool: if shared_store {
+                running.pool.clone()
+            } else {
+                new.pool
+            },
             dns: new.dns,
             timers: new.timers,
             allow: new.allow,
@@ -221,6 +234,9 @@ fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
         ("share", &r.share, &n.share),
         ("psid-offset", &r.psid_offset, &n.psid_offset),
         ("state-dir", &r.state_dir, &n.state_dir),
+        ("lease-store", &r.lease_store, &n.lease_store),
+        ("node-id", &r.node_id, &n.node_id),
+        ("client-key", &r.client_key, &n.client_key),
         ("metrics", &r.metrics, &n.metrics),
     ])
 }

@@ -12,6 +12,7 @@ use std::{
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::ClientKey;
 use crate::{mgmt::api::LeaseRow, pool::Pool, pool6::Pool6};
 
 /// How a client's traffic flows.
@@ -147,6 +148,8 @@ pub struct State {
     shared: HashMap<Ipv4Addr, Vec<Option<SharedLease>>>,
     /// The PSID a client held last (sticky like whole leases, for the pool's hold time).
     shared_held: HashMap<IpAddr, ((Ipv4Addr, u16), Instant)>,
+    /// `--client-key`: which clients count as the same for getting a whole lease back.
+    pub client_key: ClientKey,
 }
 
 /// How many leases the clients of one place may hold at once (0: no limit), so that one
@@ -261,6 +264,7 @@ impl State {
             sharing: None,
             shared: HashMap::new(),
             shared_held: HashMap::new(),
+            client_key: ClientKey::Address,
         }
     }
 
@@ -638,11 +642,12 @@ impl State {
     /// The address [`State::grant`] would give `session` again without the pool: its
     /// restored lease or that of a silent earlier session of the same client.
     pub fn reusable(&self, session: Holder, silent: impl Fn(u64) -> bool) -> Option<Ipv4Addr> {
-        let client = session.peer.to_canonical();
+        let key = self.client_key;
+        let client = key.of(session.peer);
         self.leases
             .iter()
             .find(|(_, l)| {
-                l.client == client
+                key.of(l.client) == client
                     && match &l.session {
                         None => true,
                         Some(s) => s.id != session.id && silent(s.id),
@@ -659,10 +664,11 @@ impl State {
         pick: Pick,
     ) -> Grant {
         let client = session.peer.to_canonical();
+        let key = self.client_key;
         let restored = self
             .leases
             .iter()
-            .find(|(_, l)| l.client == client && l.session.is_none())
+            .find(|(_, l)| key.of(l.client) == key.of(client) && l.session.is_none())
             .map(|(a, _)| *a);
         if let Some(addr) = restored {
             let lease = self.leases.get_mut(&addr).expect("found above");
@@ -674,7 +680,9 @@ impl State {
             .leases
             .iter()
             .filter_map(|(a, l)| l.session.as_ref().map(|s| (a, l, s)))
-            .find(|(_, l, s)| l.client == client && s.id != session.id && silent(s.id))
+            .find(|(_, l, s)| {
+                key.of(l.client) == key.of(client) && s.id != session.id && silent(s.id)
+            })
             .map(|(a, _, s)| (*a, s.id));
         if let Some((addr, old_id)) = stale {
             let lease = self.leases.get_mut(&addr).expect("found above");
@@ -695,7 +703,7 @@ impl State {
                 );
                 None
             }
-            Pick::Pool => self.pool.allocate(v6_key(session.peer), Instant::now()),
+            Pick::Pool => self.pool.allocate(v6_key(key.of(client)), Instant::now()),
         };
         match addr {
             Some(addr) => {
@@ -778,8 +786,11 @@ impl State {
 
     fn remove(&mut self, addr: Ipv4Addr) -> Ended {
         let lease = self.leases.remove(&addr).expect("caller checked");
-        self.pool
-            .release(addr, v6_key(lease.client), Instant::now());
+        self.pool.release(
+            addr,
+            v6_key(self.client_key.of(lease.client)),
+            Instant::now(),
+        );
         Ended {
             ipv4: addr,
             tunnel: lease.tunnel,
@@ -1018,6 +1029,50 @@ mod tests {
         s.pool6 = Some(Pool6::new("2001:db8:600::/64".parse().unwrap(), 128).unwrap());
         s.delegate = Some(Pool6::new("2001:db8:700::/48".parse().unwrap(), 64).unwrap());
         s
+    }
+
+    /// `--client-key prefix64`: a client back from another address of its /64 is the same.
+    #[test]
+    fn with_prefix64_keys_a_client_of_the_same_64_gets_its_address_back() {
+        for (key, same) in [(ClientKey::Address, false), (ClientKey::Prefix64, true)] {
+            let mut s = state();
+            s.client_key = key;
+            let never = |_| false;
+            let Grant::New(a) = s.grant(holder(1, "2001:db8:1::1"), never) else {
+                panic!("no lease")
+            };
+            // Silent, then back from another address of the /64: taken over, or a new one.
+            let back = s.grant(holder(2, "2001:db8:1::99"), |id| id == 1);
+            assert_eq!(
+                matches!(back, Grant::TakenOver(x, 1) if x == a),
+                same,
+                "{key:?}"
+            );
+            // Released and back within the hold: the same address, or (address keys) not.
+            let mut s = state();
+            s.client_key = key;
+            let Grant::New(a) = s.grant(holder(1, "2001:db8:1::1"), never) else {
+                panic!("no lease")
+            };
+            s.release(a, 1);
+            let Grant::New(b) = s.grant(holder(2, "2001:db8:1::99"), never) else {
+                panic!("no lease")
+            };
+            assert_eq!(a == b, same, "{key:?}: {a} then {b}");
+            // Another /64 is another client with either key.
+            let Grant::New(c) = s.grant(holder(3, "2001:db8:2::1"), never) else {
+                panic!("no lease")
+            };
+            assert_ne!(c, b);
+        }
+        assert_eq!(
+            ClientKey::Prefix64.of("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            ClientKey::Prefix64.of("::ffff:192.0.2.9".parse().unwrap()),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
     }
 
     /// With the shared store: the store's pick, or only what the table holds.

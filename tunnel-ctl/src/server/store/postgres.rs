@@ -50,6 +50,7 @@ pub struct PgSettings {
     pub pool: Vec<Range4>,
     /// Never leased (the gateway).
     pub exclude: Vec<Ipv4Addr>,
+    pub client_key: crate::config::ClientKey,
 }
 
 pub struct PgStore {
@@ -60,6 +61,7 @@ pub struct PgStore {
     hold: Duration,
     /// Another concentrator's lease is free for anyone after it has not renewed this long.
     reclaim: Duration,
+    client_key: crate::config::ClientKey,
     first: Vec<IpAddr>,
     last: Vec<IpAddr>,
     exclude: Vec<IpAddr>,
@@ -98,8 +100,8 @@ impl Conn {
 
 /// Claims for several clients in one transaction (one round trip, one commit), in order.
 const CLAIM: &str = "SELECT c.n, r.status, r.addr, r.holder, r.until \
-                     FROM unnest($1::inet[]) WITH ORDINALITY AS c(client, n), \
-                     LATERAL tunnel_claim(c.client, $2, $3, $4, $5, $6, $7, $8) AS r \
+                     FROM unnest($1::inet[], $9::inet[]) WITH ORDINALITY AS c(client, key, n), \
+                     LATERAL tunnel_claim(c.client, c.key, $2, $3, $4, $5, $6, $7, $8) AS r \
                      ORDER BY c.n";
 
 /// At most this many claims go in one transaction.
@@ -151,6 +153,7 @@ impl PgStore {
             ttl: s.ttl,
             hold: s.hold,
             reclaim: (s.ttl * 10).max(Duration::from_secs(600)),
+            client_key: s.client_key,
             first: s.pool.iter().map(|r| ip4(r.first)).collect(),
             last: s.pool.iter().map(|r| ip4(r.last)).collect(),
             exclude: s.exclude.iter().copied().map(ip4).collect(),
@@ -416,6 +419,7 @@ impl PgStore {
         let (Some(c), Some(statement)) = (&conn.client, &conn.claim) else {
             return unavailable();
         };
+        let keys: Vec<IpAddr> = clients.iter().map(|c| self.client_key.of(*c)).collect();
         let result = run(c.query(
             statement,
             &[
@@ -427,6 +431,7 @@ impl PgStore {
                 &self.first,
                 &self.last,
                 &self.exclude,
+                &keys,
             ],
         ))
         .await;
