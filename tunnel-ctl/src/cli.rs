@@ -339,6 +339,18 @@ pub struct TimerArgs {
     pub timeout: Duration,
 }
 
+/// `--no-tun-offload` (server and client).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct TunOffloadArg {
+    /// Read and write the TUN one packet at a time. By default the TUN uses the kernel's
+    /// offloads (IFF_VNET_HDR, TSO/USO): one read brings a TCP super-packet of up to 64 KiB,
+    /// split here into MTU-sized packets, and consecutive packets of one flow from the tunnel
+    /// go down in one write. The wire is the same either way (one packet per 102/103); a
+    /// kernel without offloads gets this mode by itself.
+    #[arg(long)]
+    pub no_tun_offload: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// TCP address to listen on; [::] also accepts IPv4 (mapped) clients.
@@ -374,6 +386,15 @@ pub struct ServerArgs {
     /// Name of the TUN device.
     #[arg(long, value_name = "NAME", default_value = "tun4o6", value_parser = crate::tundev::parse_name)]
     pub tun: String,
+
+    /// TUN queues read in parallel, one worker each (IFF_MULTI_QUEUE: the kernel spreads
+    /// flows over them; sessions are spread over them for their writes). Default: one per
+    /// CPU, at most 8.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tun_queues: Option<u16>,
+
+    #[command(flatten)]
+    pub tun_offload: TunOffloadArg,
 
     /// Only accept clients from these prefixes (repeatable). Default: everyone.
     #[arg(long, value_name = "CIDR")]
@@ -995,6 +1016,9 @@ pub struct ClientArgs {
     #[arg(long, value_name = "NAME", default_value = "tun4o6", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
+    #[command(flatten)]
+    pub tun_offload: TunOffloadArg,
+
     /// Do not route IPv4 (and IPv6, with --ipv6) through the tunnel (only the leased
     /// addresses are configured).
     #[arg(long)]
@@ -1078,6 +1102,11 @@ impl From<TimerArgs> for config::Timers {
     }
 }
 
+/// One TUN queue per CPU, at most 8.
+fn default_tun_queues() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
 impl From<ServerArgs> for config::ServerConfig {
     fn from(a: ServerArgs) -> config::ServerConfig {
         config::ServerConfig {
@@ -1088,6 +1117,8 @@ impl From<ServerArgs> for config::ServerConfig {
             timers: a.timers.into(),
             hold: a.hold,
             tun: a.tun,
+            tun_queues: a.tun_queues.map_or_else(default_tun_queues, usize::from),
+            tun_offload: !a.tun_offload.no_tun_offload,
             allow: a.allow,
             max_sessions: a.max_sessions,
             max_per_source: a.max_per_source,
@@ -1136,6 +1167,7 @@ impl From<ClientArgs> for config::ClientConfig {
             },
             v6_dev: a.v6_dev,
             tun: a.tun,
+            tun_offload: !a.tun_offload.no_tun_offload,
             no_default_route: a.no_default_route,
             ipv6: a.ipv6,
             lan: a.lan,

@@ -25,6 +25,8 @@ use crate::{
 /// The internet host's second address, reached without any tunnel.
 const PLAIN_DST: &str = "192.0.2.3";
 const TUNNEL_DST: &str = "192.0.2.2";
+/// In-band clients in the all-at-once run.
+const INBAND_CLIENTS: usize = 8;
 
 /// A background process killed on drop.
 struct Bg(Child);
@@ -36,11 +38,17 @@ impl Drop for Bg {
     }
 }
 
-/// iperf3 server in `ns`, waited for until it listens.
+/// iperf3 server in `ns` on port 5201, waited for until it listens.
 fn iperf_server(ns: &Ns) -> Result<Bg> {
+    iperf_server_on(ns, 5201)
+}
+
+/// iperf3 server in `ns` on `port` (one serves one test at a time).
+fn iperf_server_on(ns: &Ns, port: u16) -> Result<Bg> {
+    let port_s = port.to_string();
     let child = ns
         .command("iperf3")
-        .args(["-s", "-p", "5201"])
+        .args(["-s", "-p", &port_s])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -51,8 +59,8 @@ fn iperf_server(ns: &Ns) -> Result<Bg> {
         std::time::Duration::from_secs(10),
         || {
             Ok(ns
-                .run(&["ss", "-Hltn", "sport = :5201"])?
-                .contains("5201")
+                .run(&["ss", "-Hltn", &format!("sport = :{port}")])?
+                .contains(&port_s)
                 .then_some(()))
         },
     )?;
@@ -61,6 +69,12 @@ fn iperf_server(ns: &Ns) -> Result<Bg> {
 
 /// Runs iperf3 in `ns` toward `dst` with `extra` flags; returns its JSON `end` object.
 fn iperf(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<Value> {
+    iperf_on(ns, dst, 5201, seconds, extra)
+}
+
+/// As [`iperf`], to the server on `port`.
+fn iperf_on(ns: &Ns, dst: &str, port: u16, seconds: u32, extra: &[&str]) -> Result<Value> {
+    let port = port.to_string();
     let secs = seconds.to_string();
     let limit = (seconds + 20).to_string();
     let mut argv = vec![
@@ -70,7 +84,7 @@ fn iperf(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<Value> {
         "-c",
         dst,
         "-p",
-        "5201",
+        &port,
         "-t",
         &secs,
         "-J",
@@ -92,14 +106,44 @@ fn tcp_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
     tcp_streams_gbps(ns, dst, seconds, 1)
 }
 
-/// `streams` parallel TCP streams, Gbit/s received by all of them together.
-fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32, streams: u32) -> Result<f64> {
-    let parallel = streams.to_string();
-    let end = iperf(ns, dst, seconds, &["-P", &parallel])?;
+/// Single-stream TCP from `dst` to `ns` (iperf3 -R: the far end sends), Gbit/s received.
+fn tcp_down_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    let end = iperf(ns, dst, seconds, &["-R"])?;
+    received_gbps(&end)
+}
+
+fn received_gbps(end: &Value) -> Result<f64> {
     end["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
         .ok_or_else(|| anyhow!("no sum_received in {end}"))
+}
+
+/// One TCP stream from each of `clients` at once (each to its own iperf3 server, ports from
+/// 5202 on), Gbit/s received by all of them together.
+fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                scope.spawn(move || {
+                    let end = iperf_on(ns, dst, 5202 + i as u16, seconds, &[])?;
+                    received_gbps(&end)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().map_err(|_| anyhow!("an iperf3 thread panicked"))?)
+            .sum()
+    })
+}
+
+/// `streams` parallel TCP streams, Gbit/s received by all of them together.
+fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32, streams: u32) -> Result<f64> {
+    let parallel = streams.to_string();
+    let end = iperf(ns, dst, seconds, &["-P", &parallel])?;
+    received_gbps(&end)
 }
 
 /// Port of the request/response echo server in the internet namespace.
@@ -249,7 +293,18 @@ fn xmits_text(label: &str, xmits: &[Xmits]) -> String {
 
 /// UDP with 64-byte payloads at full speed, thousands of packets per second received.
 fn udp_kpps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
-    let end = iperf(ns, dst, seconds, &["-u", "-b", "0", "-l", "64"])?;
+    udp_kpps_with(ns, dst, seconds, &[])
+}
+
+/// As [`udp_kpps`], `dst` sending to `ns` (iperf3 -R).
+fn udp_down_kpps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    udp_kpps_with(ns, dst, seconds, &["-R"])
+}
+
+fn udp_kpps_with(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<f64> {
+    let mut argv = vec!["-u", "-b", "0", "-l", "64"];
+    argv.extend_from_slice(extra);
+    let end = iperf(ns, dst, seconds, &argv)?;
     let r = &end["sum_received"];
     let (bytes, secs) = (r["bytes"].as_f64(), r["seconds"].as_f64());
     match (bytes, secs) {
@@ -302,14 +357,27 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     t.start_native_client(&native, &[])?;
     let inband = t.client_ns()?;
     t.start_client(&inband, &[])?;
+    // Seven more in-band clients for the eight-at-once run (the first is `inband`).
+    let mut eight = vec![];
+    for _ in 1..INBAND_CLIENTS {
+        let ns = t.client_ns()?;
+        t.start_client(&ns, &[])?;
+        eight.push(ns);
+    }
     plain_route_4over6(&t, &native)?;
     let _server = iperf_server(&t.internet)?;
+    let _servers = (0..INBAND_CLIENTS)
+        .map(|i| iperf_server_on(&t.internet, 5202 + i as u16))
+        .collect::<Result<Vec<_>>>()?;
     rr_server(&t.internet)?;
     let s = plan.seconds;
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
     let (mut plain_tcp8, mut native_tcp8) = (vec![], vec![]);
     let (mut plain_rr, mut native_rr) = (vec![], vec![]);
+    let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
+    let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
+    let mut inband_tcp8 = vec![];
     let before = t.server_stats()?;
     for round in 1..=plan.rounds {
         eprintln!("  4over6 round {round}/{}", plan.rounds);
@@ -323,6 +391,14 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
         plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
         native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
+        plain_tcp_down.push(tcp_down_gbps(&native, PLAIN_DST, s)?);
+        inband_tcp_down.push(tcp_down_gbps(&inband, TUNNEL_DST, s)?);
+        plain_udp_down.push(udp_down_kpps(&native, PLAIN_DST, s)?);
+        inband_udp_down.push(udp_down_kpps(&inband, TUNNEL_DST, s)?);
+        let all: Vec<Ns> = std::iter::once(inband.clone())
+            .chain(eight.iter().cloned())
+            .collect();
+        inband_tcp8.push(tcp_clients_gbps(&all, TUNNEL_DST, s)?);
     }
     // Separate runs (the tracepoint counting costs a little per transmit): how many
     // transmits each device of the path makes, and how many of them are GSO packets.
@@ -364,7 +440,37 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     let i_tcp = report.figure(sec, "4over6 in-band TUN, TCP", "Gbit/s", inband_tcp);
     let p_udp = report.figure(sec, "plain IPv4 routing, UDP 64 B", "kpps", plain_udp);
     let n_udp = report.figure(sec, "4over6 native fast path, UDP 64 B", "kpps", native_udp);
-    report.figure(sec, "4over6 in-band TUN, UDP 64 B", "kpps", inband_udp);
+    let i_udp = report.figure(sec, "4over6 in-band TUN, UDP 64 B", "kpps", inband_udp);
+    let p_tcp_down = report.figure(
+        sec,
+        "plain IPv4 routing, TCP download",
+        "Gbit/s",
+        plain_tcp_down,
+    );
+    let i_tcp_down = report.figure(
+        sec,
+        "4over6 in-band TUN, TCP download",
+        "Gbit/s",
+        inband_tcp_down,
+    );
+    let p_udp_down = report.figure(
+        sec,
+        "plain IPv4 routing, UDP 64 B download",
+        "kpps",
+        plain_udp_down,
+    );
+    let i_udp_down = report.figure(
+        sec,
+        "4over6 in-band TUN, UDP 64 B download",
+        "kpps",
+        inband_udp_down,
+    );
+    let i_tcp8 = report.figure(
+        sec,
+        "4over6 in-band TUN, 8 clients, one TCP stream each",
+        "Gbit/s",
+        inband_tcp8,
+    );
     let p_tcp8 = report.figure(
         sec,
         "plain IPv4 routing, 8 TCP streams",
@@ -422,6 +528,42 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         threshold: 0.90,
         against: "plain IPv4 routing, same veths, 1-byte transactions".into(),
     });
+    // The in-band issue's targets (upload: the client sends; download: the internet host).
+    for (name, value, threshold) in [
+        (
+            "in-band TCP upload / plain routing",
+            ratio(i_tcp, p_tcp),
+            0.30,
+        ),
+        (
+            "in-band TCP download / plain routing",
+            ratio(i_tcp_down, p_tcp_down),
+            0.30,
+        ),
+        (
+            "in-band UDP 64 B pps upload / plain routing",
+            ratio(i_udp, p_udp),
+            0.75,
+        ),
+        (
+            "in-band UDP 64 B pps download / plain routing",
+            ratio(i_udp_down, p_udp_down),
+            0.75,
+        ),
+    ] {
+        report.target(Target {
+            name: name.into(),
+            value,
+            unit: "x",
+            op: ">=",
+            threshold,
+            against: "plain IPv4 routing, same veths, same direction".into(),
+        });
+    }
+    report.note(format!(
+        "in-band, {INBAND_CLIENTS} clients at once: {:.2}x of plain routing with 8 TCP streams",
+        ratio(i_tcp8, p_tcp8)
+    ));
     report.target(Target {
         name: "fast path TCP / in-band TUN".into(),
         value: ratio(n_tcp, i_tcp),

@@ -21,8 +21,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use crate::tundev::Tun;
 use anyhow::{Context as _, Result, anyhow, bail};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::{
@@ -31,7 +32,6 @@ use tokio::{
 };
 use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
-use tun::AsyncDevice;
 
 pub(crate) mod lwb4;
 pub(crate) mod machine;
@@ -69,6 +69,7 @@ counters! {
         inband_packets_from_server,
         inband_bytes_from_server,
         drop_while_disconnected,
+        drop_tun_unsplittable,
         drop_tun_write_error,
         drop_unexpected_frame,
         native_granted,
@@ -83,6 +84,8 @@ counters! {
 const UPLINK_QUEUE: usize = 512;
 /// 102 frames written per flush.
 const WRITE_BATCH: usize = 64;
+/// 103 frames handled before their packets go to the TUN: what one read of the socket brings.
+const FRAMES_PER_TUN_WRITE: usize = 64;
 
 #[derive(Default)]
 struct Status {
@@ -98,7 +101,7 @@ struct Client {
     stats: Arc<ClientStats>,
     status: Mutex<Status>,
     /// In-band mode.
-    tun: Option<Arc<AsyncDevice>>,
+    tun: Option<Arc<Tun>>,
     /// Native mode.
     native: Option<NativePath>,
     /// `--lan`: the delegated prefix goes there.
@@ -244,7 +247,8 @@ pub async fn run(args: ClientConfig) -> Result<()> {
     };
     let (tun, index, native) = match args.mode {
         ClientMode::Inband => {
-            let tun = tundev::create(&args.tun)?;
+            let mut queues = tundev::open(&args.tun, 1, args.tun_offload)?;
+            let tun = queues.remove(0);
             let index = nl.index(&args.tun).await?;
             nl.up(index, tundev::TUN_MTU).await?;
             (Some(tun), index, None)
@@ -286,15 +290,25 @@ pub async fn run(args: ClientConfig) -> Result<()> {
         client.server(),
         match &client.native {
             Some(n) => format!("native mode on {}", n.v6_dev),
-            None => format!("in-band mode, TUN {}", client.args.tun),
+            None => format!(
+                "in-band mode, TUN {}{}",
+                client.args.tun,
+                match &client.tun {
+                    Some(t) if t.offload() => " with offloads",
+                    _ => " without offloads",
+                }
+            ),
         },
         client.args.timers.keepalive,
         client.args.timers.timeout
     );
     let configured = Mutex::new(Configured::default());
+    // The TUN reader is a task of its own: it reads and splits while the session writes.
+    let mut reader = tokio::task::JoinSet::new();
+    reader.spawn(tun_reader(client.clone(), tx));
     let work = async {
         tokio::select! {
-            () = tun_reader(client.clone(), tx) => {}
+            _ = reader.join_next() => {}
             () = connection_loop(client.clone(), &nl, index, rx, &configured) => {}
         }
     };
@@ -360,17 +374,35 @@ fn lan_address(prefix: Ipv6Net) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(prefix.network()) | 1)
 }
 
+/// Packets routed into the tunnel → the session's queue. A super-packet's segments are
+/// copied into one buffer; a full queue drops (and counts) what does not fit.
 async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
     let Some(tun) = client.tun.clone() else {
         // Native mode: nothing to read; keep the sender alive so the session's queue stays open.
         let _keep = tx;
         return std::future::pending().await;
     };
-    let mut buf = vec![0u8; 65536];
+    let mut reader = tundev::Reader::new(tun);
+    let bad = |e: &std::io::Error| {
+        client.stats.drop_tun_unsplittable.inc();
+        tracing::debug!("TUN super-packet not split: {e}");
+    };
+    let mut batch = BytesMut::new();
+    let mut ends = Vec::with_capacity(tundev::READ_BATCH);
     loop {
-        let n = crate::tundev::recv(&tun, &mut buf).await;
-        if tx.try_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
-            client.stats.drop_while_disconnected.inc();
+        reader.read(&bad).await;
+        for pkt in reader.packets() {
+            batch.extend_from_slice(pkt);
+            ends.push(batch.len());
+        }
+        let packets = batch.split().freeze();
+        let mut start = 0;
+        for end in ends.drain(..) {
+            // Full while no session reads it (or the session falls behind).
+            if tx.try_send(packets.slice(start..end)).is_err() {
+                client.stats.drop_while_disconnected.inc();
+            }
+            start = end;
         }
     }
 }
@@ -455,8 +487,18 @@ async fn session(
     };
     let mut framed = frame::framed(stream);
     let mut m = machine::Session::new(cfg, client.stats.clone(), Instant::now());
+    let mut to_tun = client.tun.clone().map(tundev::Writer::new);
     loop {
         while let Some(action) = m.next_action() {
+            if let Action::ToTun(pkt) = &action {
+                match &mut to_tun {
+                    Some(w) => w.push(pkt),
+                    None => client.stats.drop_unexpected_frame.inc(),
+                }
+                continue;
+            }
+            // Whatever follows the packets waits for them.
+            flush_tun(client, &mut to_tun).await;
             match action {
                 Action::Send(frame) => match write(&mut framed, timers.timeout, [frame]).await {
                     Ok(()) => client.stats.frames_out.inc(),
@@ -482,16 +524,7 @@ async fn session(
                     configure_ipv6(client, nl, index, &lease6, configured).await?
                 }
                 Action::Established { lease, lease6 } => established(client, lease, lease6, rx),
-                Action::ToTun(pkt) => match &client.tun {
-                    Some(tun) => match tun.send(&pkt).await {
-                        Ok(_) => {
-                            client.stats.inband_packets_from_server.inc();
-                            client.stats.inband_bytes_from_server.add(pkt.len() as u64);
-                        }
-                        Err(_) => client.stats.drop_tun_write_error.inc(),
-                    },
-                    None => client.stats.drop_unexpected_frame.inc(),
-                },
+                Action::ToTun(_) => unreachable!("pushed above"),
                 Action::StopAskingIpv6 => {
                     client.ipv6_refused.store(true, Ordering::Relaxed);
                     info!("continuing with IPv4 only from the next connection on");
@@ -500,15 +533,31 @@ async fn session(
                 Action::Close(end) => return Err(anyhow!("{end}")),
             }
         }
+        flush_tun(client, &mut to_tun).await;
         let wake = tokio::time::Instant::from_std(m.poll_timeout());
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(wake) => m.handle_timeout(Instant::now()),
-            item = framed.next() => match item {
-                None => m.handle_closed(),
-                Some(Err(e)) => m.handle_frame_error(&e),
-                Some(Ok(frame)) => m.handle_frame(frame, Instant::now()),
-            },
+            item = framed.next() => {
+                // The 103s already read go together: one TUN write per flow.
+                let mut item = Some(item);
+                let mut handled = 0;
+                while let Some(next) = item.take() {
+                    match next {
+                        None => m.handle_closed(),
+                        Some(Err(e)) => m.handle_frame_error(&e),
+                        Some(Ok(frame)) => {
+                            let data =
+                                matches!(frame.kind, MsgType::DataReply | MsgType::Keepalive);
+                            m.handle_frame(frame, Instant::now());
+                            handled += 1;
+                            if data && handled < FRAMES_PER_TUN_WRITE {
+                                item = futures::FutureExt::now_or_never(framed.next());
+                            }
+                        }
+                    }
+                }
+            }
             Some(pkt) = rx.recv(), if m.is_established() => {
                 let mut batch = Vec::with_capacity(8);
                 let mut next = Some(pkt);
@@ -534,6 +583,21 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// Writes the packets from the server that were pushed for the TUN.
+async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
+    let Some(w) = to_tun.as_mut().filter(|w| !w.is_empty()) else {
+        return;
+    };
+    let (n, bytes) = (w.len() as u64, w.bytes() as u64);
+    match w.flush().await {
+        Ok(_) => {
+            client.stats.inband_packets_from_server.add(n);
+            client.stats.inband_bytes_from_server.add(bytes);
+        }
+        Err(_) => client.stats.drop_tun_write_error.inc(),
     }
 }
 

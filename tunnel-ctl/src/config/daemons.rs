@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub timers: Timers,
     pub hold: Duration,
     pub tun: String,
+    /// TUN queues, each read by its own worker (`IFF_MULTI_QUEUE` when more than one).
+    pub tun_queues: usize,
+    /// TUN offloads (super-packets read, GRO writes) unless `--no-tun-offload`.
+    pub tun_offload: bool,
     pub allow: Vec<IpNet>,
     pub max_sessions: usize,
     pub max_per_source: usize,
@@ -192,6 +196,8 @@ pub struct ClientConfig {
     pub mode: ClientMode,
     pub v6_dev: Option<String>,
     pub tun: String,
+    /// TUN offloads (super-packets read, GRO writes) unless `--no-tun-offload`.
+    pub tun_offload: bool,
     pub no_default_route: bool,
     pub ipv6: bool,
     pub lan: Option<String>,

@@ -8,9 +8,9 @@ use std::{
     time::Instant,
 };
 
+use crate::tundev::Tun;
 use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
-use tun::AsyncDevice;
 use tunnel_common::fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig};
 
 use crate::mape::rule::Rule;
@@ -61,7 +61,7 @@ struct Br {
     inner_mtu: u16,
     stats: BrStats,
     dataplane: BrDataplane,
-    tun: Arc<AsyncDevice>,
+    tun: Arc<Tun>,
     softwire: Softwire,
     instance: Instance,
     started: Instant,

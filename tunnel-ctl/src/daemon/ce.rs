@@ -11,10 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::tundev::Tun;
 use anyhow::{Context as _, Result, anyhow};
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
-use tun::AsyncDevice;
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     mape::{NAT_FIN_RST, NAT_SEEN},
@@ -100,7 +100,7 @@ pub struct Napt {
     pub timeouts: NatTimeouts,
     pub dataplane: CeDataplane,
     pub stats: CeStats,
-    pub tun: Arc<AsyncDevice>,
+    pub tun: Arc<Tun>,
     pub softwire: Softwire,
     /// Last time an exhaustion was logged (they are counted always, logged once a second).
     exhaustion_logged: Mutex<Option<Instant>>,
@@ -125,7 +125,7 @@ impl Napt {
         inner_mtu: u16,
         timeouts: NatTimeouts,
         dataplane: CeDataplane,
-        tun: Arc<AsyncDevice>,
+        tun: Arc<Tun>,
         softwire: Softwire,
         port_log: Option<Arc<PortLog>>,
         state_file: bool,
@@ -573,7 +573,7 @@ struct Base {
     wan_index: u32,
     tun_index: u32,
     inner_mtu: u16,
-    tun: Arc<AsyncDevice>,
+    tun: Arc<Tun>,
     pin_dir: std::path::PathBuf,
     port_log: Option<Arc<PortLog>>,
 }

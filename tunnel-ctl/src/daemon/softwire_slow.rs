@@ -16,10 +16,10 @@ use std::{
     time::Instant,
 };
 
+use crate::tundev::Tun;
 use anyhow::{Context as _, Result};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
-use tun::AsyncDevice;
 
 use crate::{
     counters,
@@ -69,7 +69,7 @@ counters! {
 }
 
 pub struct SoftwireSlowPath {
-    pub tun: Arc<AsyncDevice>,
+    pub tun: Arc<Tun>,
     no_hairpin: bool,
     reassembly: Mutex<Reassembly>,
     /// A sending socket per AFTR address, opened when first needed.
@@ -78,7 +78,7 @@ pub struct SoftwireSlowPath {
 }
 
 impl SoftwireSlowPath {
-    pub fn new(tun: Arc<AsyncDevice>, no_hairpin: bool) -> SoftwireSlowPath {
+    pub fn new(tun: Arc<Tun>, no_hairpin: bool) -> SoftwireSlowPath {
         SoftwireSlowPath {
             tun,
             no_hairpin,

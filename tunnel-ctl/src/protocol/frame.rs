@@ -125,9 +125,12 @@ pub struct FrameCodec;
 /// for writing, allocated up front) was most of the memory of a server holding thousands of
 /// idle sessions.
 const INITIAL_BUF: usize = 256;
-/// Queued output that makes `feed` flush by itself (tokio-util's default): batches of 103
-/// frames go out in few writes.
-const WRITE_FLUSH_AT: usize = 8 * 1024;
+/// Queued output that makes `feed` flush by itself: a batch of 102/103 frames (a TCP
+/// super-packet's segments) goes out in two or three writes.
+const WRITE_FLUSH_AT: usize = 32 * 1024;
+/// Room made in the read buffer while a frame's data is incomplete: the frames behind it come
+/// in the same read. A session that only exchanges keepalives never grows its buffer to it.
+const READ_AHEAD: usize = 32 * 1024;
 
 /// `io` framed with [`FrameCodec`], with small initial buffers (see [`INITIAL_BUF`]).
 pub fn framed<T>(io: T) -> Framed<T, FrameCodec> {
@@ -187,7 +190,9 @@ impl Decoder for FrameCodec {
         let kind = MsgType::from_code(src[4]).ok_or(FrameError::UnknownType(src[4]))?;
         let length = length as usize;
         if src.len() < length {
-            src.reserve(length - src.len());
+            // Room for what follows too: a burst of 102/103 is then a few reads, not two per
+            // frame.
+            src.reserve((length - src.len()).max(READ_AHEAD));
             return Ok(None);
         }
         src.advance(HEADER_LEN);

@@ -18,14 +18,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::Notify,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use tun::AsyncDevice;
 
 use crate::{
     config::ServerConfig,
@@ -37,7 +36,7 @@ use crate::{
     pool::Pool,
     protocol::{self, text::three_dns},
     softwire::Sent,
-    tundev,
+    tundev::{self, Tun},
 };
 
 pub(crate) mod admission;
@@ -100,6 +99,7 @@ counters! {
         drop_ipv6_without_lease,
         drop_no_lease_for_destination,
         drop_tun_not_ip,
+        drop_tun_unsplittable,
         tun_link_local_ignored,
         ipv6_leases_granted,
         ipv6_pool_exhausted,
@@ -309,7 +309,10 @@ pub struct Server {
     pub stats: Arc<ServerStats>,
     /// Per-source connection count and rate.
     pub admission: admission::Admission,
-    pub tun: Arc<AsyncDevice>,
+    /// The TUN's first queue: single packets (ICMP errors, the slow path).
+    pub tun: Arc<Tun>,
+    /// Every queue of the TUN, each with its reader; sessions write to `id % len`.
+    pub tun_queues: Vec<Arc<Tun>>,
     pub started: Instant,
     pub next_session: AtomicU64,
     /// The fast path, when --v6-dev/--v4-dev are given.
@@ -580,7 +583,8 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     let listener =
         bind_dual_stack(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let nl = Netlink::connect()?;
-    let (tun, tun_index) = setup_tun(&nl, &args).await?;
+    let (tun_queues, tun_index) = setup_tun(&nl, &args).await?;
+    let tun = tun_queues[0].clone();
     let ipv6 = if pool6.is_some() || delegate.is_some() {
         Some(
             ipv6::Ipv6Service::start(&nl, &args, tun_index, pool6.as_ref(), delegate.as_ref())
@@ -707,6 +711,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
             crate::daemon::softwire_slow::SoftwireSlowPath::new(tun.clone(), args.no_hairpin)
         }),
         tun,
+        tun_queues,
         started: Instant::now(),
         next_session: AtomicU64::new(1),
         native,
@@ -804,7 +809,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
     let work = async {
         tokio::select! {
             () = accept_loop(server.clone(), listener) => {}
-            () = tun_reader(server.clone()) => {}
+            () = tun_readers(server.clone()) => {}
             () = b4_reader => {}
             () = lease_file_writer(server.clone()) => {}
             () = store_sync(server.clone()) => {}
@@ -987,8 +992,18 @@ fn bind_dual_stack(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Creates the TUN, gives it the gateway address, routes the pool to it, enables forwarding.
-async fn setup_tun(nl: &Netlink, args: &ServerConfig) -> Result<(Arc<AsyncDevice>, u32)> {
-    let tun = tundev::create(&args.tun)?;
+async fn setup_tun(nl: &Netlink, args: &ServerConfig) -> Result<(Vec<Arc<Tun>>, u32)> {
+    let tun = tundev::open(&args.tun, args.tun_queues, args.tun_offload)?;
+    info!(
+        "TUN {}: {} queue(s), {}",
+        args.tun,
+        tun.len(),
+        if tun[0].offload() {
+            "offloads on (TCP/UDP super-packets in, GRO writes out)"
+        } else {
+            "one packet per read and write"
+        }
+    );
     let index = nl.index(&args.tun).await?;
     nl.up(index, tundev::TUN_MTU).await?;
     nl.add_address(index, IpAddr::V4(args.gateway), 32).await?;
@@ -1017,84 +1032,150 @@ async fn accept_loop(server: Arc<Server>, listener: TcpListener) {
     }
 }
 
-/// Packets the kernel routed to the TUN (destination in the pool) → the session holding that
-/// address, as 103. Unknown destinations are dropped and counted.
-async fn tun_reader(server: Arc<Server>) {
-    let mut buf = vec![0u8; 65536];
+/// Reads at most this many times before routing what it read (one lock of the lease table).
+const READS_PER_BATCH: usize = 16;
+
+/// One reader per TUN queue, until the daemon stops.
+async fn tun_readers(server: Arc<Server>) {
+    let mut readers = tokio::task::JoinSet::new();
+    for tun in server.tun_queues.clone() {
+        readers.spawn(tun_reader(server.clone(), tun));
+    }
+    while readers.join_next().await.is_some() {}
+}
+
+/// Where a packet from the TUN goes.
+#[derive(Clone)]
+enum Toward {
+    Session(QueueTx),
+    Native(Ipv6Addr),
+    /// Not leased here: maybe a softwire's (lwAFTR slow path), else dropped.
+    Unleased(Ipv4Addr),
+    /// An IPv6 destination no session holds.
+    Unleased6(Ipv6Addr),
+    /// The kernel's own IPv6 chatter on the TUN.
+    LinkLocal,
+    NotIp,
+}
+
+/// Packets the kernel routed to one TUN queue (destination in the pool) → the session
+/// holding that address, as 103. Each read (a packet, or a super-packet's segments) and
+/// whatever else the queue has right now, up to [`READS_PER_BATCH`] reads, is copied into one
+/// buffer and routed under one lock of the lease table. Unknown destinations are dropped and
+/// counted.
+async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
+    let mut reader = tundev::Reader::new(tun);
+    let bad = |e: &std::io::Error| {
+        server.stats.drop_tun_unsplittable.inc();
+        debug!("TUN super-packet not split: {e}");
+    };
+    let mut batch = BytesMut::new();
+    let mut ends: Vec<usize> = Vec::with_capacity(tundev::READ_BATCH);
+    let mut toward: Vec<Toward> = Vec::with_capacity(tundev::READ_BATCH);
     loop {
-        let n = crate::tundev::recv(&server.tun, &mut buf).await;
-        let pkt = &buf[..n];
-        let dst = match packet::addrs(pkt) {
-            Some((_, IpAddr::V4(dst))) => dst,
-            Some((src, IpAddr::V6(dst))) => {
-                route_ipv6(&server, src, dst, pkt);
-                continue;
+        reader.read(&bad).await;
+        let mut reads = 1;
+        loop {
+            for pkt in reader.packets() {
+                batch.extend_from_slice(pkt);
+                ends.push(batch.len());
             }
-            None => {
-                server.stats.drop_tun_not_ip.inc();
-                continue;
+            if reads == READS_PER_BATCH || !reader.try_read(&bad) {
+                break;
             }
-        };
-        let route = {
+            reads += 1;
+        }
+        let packets = batch.split().freeze();
+        let mut start = 0;
+        {
             let state = server.lock();
-            match state.route(dst) {
-                Some(Route::Inband(id)) => state.queue(id).map(Ok),
-                Some(Route::Native(client)) => Some(Err(client)),
-                None => None,
-            }
-        };
-        match route {
-            Some(Ok(tx)) => {
-                queue_for_session(&server, &tx, pkt);
-            }
-            Some(Err(client)) => slow_path_to_native(&server, client, pkt).await,
-            None if let (Some(slow), Some(native)) = (&server.softwire_slow, &server.native)
-                && native.softwires().table().holds_address(dst) =>
-            {
-                slow.toward_b4(native, pkt).await
-            }
-            None => {
-                server.stats.drop_no_lease_for_destination.inc();
-                debug!("TUN packet to {dst}: no lease, dropped");
+            let mut last: Option<(IpAddr, Toward)> = None;
+            for &end in &ends {
+                let pkt = &packets[start..end];
+                start = end;
+                let t = match packet::addrs(pkt) {
+                    // A super-packet's segments share their destination: one lookup.
+                    Some((_, dst))
+                        if let Some((d, t)) = &last
+                            && *d == dst =>
+                    {
+                        t.clone()
+                    }
+                    Some((_, IpAddr::V4(dst))) => match state.route(dst) {
+                        Some(Route::Inband(id)) => state
+                            .queue(id)
+                            .map_or(Toward::Unleased(dst), Toward::Session),
+                        Some(Route::Native(client)) => Toward::Native(client),
+                        None => Toward::Unleased(dst),
+                    },
+                    Some((src, IpAddr::V6(dst))) => {
+                        if matches!(src, IpAddr::V6(s) if packet::link_local_v6(s, dst)) {
+                            Toward::LinkLocal
+                        } else {
+                            match state.route6(dst).and_then(|id| state.queue(id)) {
+                                Some(tx) => Toward::Session(tx),
+                                None => Toward::Unleased6(dst),
+                            }
+                        }
+                    }
+                    None => Toward::NotIp,
+                };
+                if let Some((_, dst)) = packet::addrs(pkt) {
+                    last = Some((dst, t.clone()));
+                }
+                toward.push(t);
             }
         }
+        start = 0;
+        for (t, &end) in toward.drain(..).zip(&ends) {
+            let pkt = packets.slice(start..end);
+            start = end;
+            deliver_from_tun(&server, t, pkt).await;
+        }
+        ends.clear();
+    }
+}
+
+/// Hands one packet from the TUN on, as [`tun_reader`] routed it.
+async fn deliver_from_tun(server: &Server, toward: Toward, pkt: Bytes) {
+    match toward {
+        Toward::Session(tx) => {
+            let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+            if queue_for_session(server, &tx, pkt) && v6 {
+                server.stats.ipv6_packets_from_tun.inc();
+            }
+        }
+        Toward::Native(client) => slow_path_to_native(server, client, &pkt).await,
+        Toward::Unleased(dst)
+            if let (Some(slow), Some(native)) = (&server.softwire_slow, &server.native)
+                && native.softwires().table().holds_address(dst) =>
+        {
+            slow.toward_b4(native, &pkt).await
+        }
+        Toward::Unleased(dst) => {
+            server.stats.drop_no_lease_for_destination.inc();
+            debug!("TUN packet to {dst}: no lease, dropped");
+        }
+        Toward::Unleased6(dst) => {
+            server.stats.drop_no_lease_for_destination.inc();
+            debug!("TUN packet to {dst}: no IPv6 lease, dropped");
+        }
+        Toward::LinkLocal => server.stats.tun_link_local_ignored.inc(),
+        Toward::NotIp => server.stats.drop_tun_not_ip.inc(),
     }
 }
 
 /// Queues a TUN packet for its session's 103s; a full queue drops it (that session's loss
 /// only). Whether it was queued.
-fn queue_for_session(server: &Server, tx: &QueueTx, pkt: &[u8]) -> bool {
-    if tx.try_push(Bytes::copy_from_slice(pkt)) {
+fn queue_for_session(server: &Server, tx: &QueueTx, pkt: Bytes) -> bool {
+    let len = pkt.len() as u64;
+    if tx.try_push(pkt) {
         server.stats.inband_packets_from_tun.inc();
-        server.stats.inband_bytes_from_tun.add(pkt.len() as u64);
+        server.stats.inband_bytes_from_tun.add(len);
         true
     } else {
         server.stats.drop_session_queue_full.inc();
         false
-    }
-}
-
-/// An IPv6 packet from the TUN → the session holding the destination's address or prefix.
-/// The kernel's own chatter on the TUN (router solicitations, MLD) is counted apart.
-fn route_ipv6(server: &Server, src: IpAddr, dst: Ipv6Addr, pkt: &[u8]) {
-    if matches!(src, IpAddr::V6(s) if packet::link_local_v6(s, dst)) {
-        server.stats.tun_link_local_ignored.inc();
-        return;
-    }
-    let tx = {
-        let state = server.lock();
-        state.route6(dst).and_then(|id| state.queue(id))
-    };
-    match tx {
-        Some(tx) => {
-            if queue_for_session(server, &tx, pkt) {
-                server.stats.ipv6_packets_from_tun.inc();
-            }
-        }
-        None => {
-            server.stats.drop_no_lease_for_destination.inc();
-            debug!("TUN packet to {dst}: no IPv6 lease, dropped");
-        }
     }
 }
 

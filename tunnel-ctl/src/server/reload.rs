@@ -219,6 +219,8 @@ fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
         ("gateway", &r.gateway, &n.gateway),
         ("hold", &r.hold, &n.hold),
         ("tun", &r.tun, &n.tun),
+        ("tun-queues", &r.tun_queues, &n.tun_queues),
+        ("no-tun-offload", &!r.tun_offload, &!n.tun_offload),
         ("max-bindings", &r.max_bindings, &n.max_bindings),
         ("pool6", &r.pool6, &n.pool6),
         ("delegate", &r.delegate, &n.delegate),

@@ -121,12 +121,14 @@ pub async fn run(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
         server.stats.clone(),
         std::time::Instant::now(),
     );
+    let queue_of_tun = server.tun_queues[(id as usize) % server.tun_queues.len()].clone();
     let mut session = Driver {
         server: server.clone(),
         link,
         peer,
         machine,
         timeout: cfg.timeout,
+        to_tun: crate::tundev::Writer::new(queue_of_tun),
     };
     let reason = session.serve(&mut framed, rx).await;
 
@@ -191,7 +193,13 @@ struct Driver {
     machine: machine::Session,
     /// Writes that take longer end the session (the client stopped reading).
     timeout: Duration,
+    /// The client's packets for the TUN, written together (GRO) once the frames that were
+    /// in are handled.
+    to_tun: crate::tundev::Writer,
 }
+
+/// Frames handled before their packets go to the TUN: what one read of the socket brings.
+const FRAMES_PER_TUN_WRITE: usize = 64;
 
 type Conn = Framed<TcpStream, FrameCodec>;
 
@@ -216,16 +224,39 @@ impl Driver {
                 () = tokio::time::sleep_until(wake) => {
                     self.machine.handle_timeout(std::time::Instant::now());
                 }
-                item = framed.next() => match item {
-                    None => return CloseReason::PeerClosed,
-                    Some(Err(e)) => self.machine.handle_frame_error(&e),
-                    Some(Ok(frame)) => {
-                        self.link.last_rx.store(self.server.now_ms(), Ordering::Relaxed);
-                        let claim = self.claim(&frame).await;
-                        let now = std::time::Instant::now();
-                        self.machine.handle_frame(frame, now, &mut Locked(&self.server, claim));
+                item = framed.next() => {
+                    let mut item = Some(item);
+                    let mut handled = 0;
+                    // The 102s (and 104s) already read go together: their packets are one
+                    // TUN write per flow. Any other frame's actions run before the next.
+                    while let Some(next) = item.take() {
+                        match next {
+                            None if handled == 0 => return CloseReason::PeerClosed,
+                            None => {
+                                // What came before the close still goes out.
+                                return self
+                                    .run_actions(framed)
+                                    .await
+                                    .unwrap_or(CloseReason::PeerClosed);
+                            }
+                            Some(Err(e)) => {
+                                self.machine.handle_frame_error(&e);
+                                break;
+                            }
+                            Some(Ok(frame)) => {
+                                let data = matches!(
+                                    frame.kind,
+                                    MsgType::DataRequest | MsgType::Keepalive
+                                );
+                                self.on_frame(frame).await;
+                                handled += 1;
+                                if data && handled < FRAMES_PER_TUN_WRITE {
+                                    item = futures::FutureExt::now_or_never(framed.next());
+                                }
+                            }
+                        }
                     }
-                },
+                }
                 Some(pkt) = rx.recv() => {
                     if let Err(reason) = self.write_packets(pkt, &mut rx, framed).await {
                         return reason;
@@ -233,6 +264,16 @@ impl Driver {
                 }
             }
         }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) {
+        self.link
+            .last_rx
+            .store(self.server.now_ms(), Ordering::Relaxed);
+        let claim = self.claim(&frame).await;
+        let now = std::time::Instant::now();
+        self.machine
+            .handle_frame(frame, now, &mut Locked(&self.server, claim));
     }
 
     /// With a shared lease store, a 100 that needs a new address is answered by the store
@@ -266,23 +307,20 @@ impl Driver {
     async fn run_actions(&mut self, framed: &mut Conn) -> Option<CloseReason> {
         let server = self.server.clone();
         while let Some(action) = self.machine.next_action() {
+            if let Action::ToTun(pkt) = &action {
+                self.to_tun.push(pkt);
+                self.link.traffic.rx(pkt.len());
+                continue;
+            }
+            // Whatever follows the packets waits for them (a Close after a 102 included).
+            self.flush_tun().await;
             match action {
                 Action::Send(frame) => {
                     if let Err(reason) = self.send(framed, frame).await {
                         return Some(reason);
                     }
                 }
-                Action::ToTun(pkt) => match server.tun.send(&pkt).await {
-                    Ok(_) => {
-                        self.link.traffic.rx(pkt.len());
-                        server.stats.inband_packets_to_tun.inc();
-                        server.stats.inband_bytes_to_tun.add(pkt.len() as u64);
-                    }
-                    Err(e) => {
-                        server.stats.drop_tun_write_error.inc();
-                        self.machine.log_bad(format_args!("TUN write failed: {e}"));
-                    }
-                },
+                Action::ToTun(_) => unreachable!("pushed above"),
                 Action::Bind {
                     addr,
                     endpoint,
@@ -336,7 +374,27 @@ impl Driver {
                 Action::Close(reason) => return Some(reason),
             }
         }
+        self.flush_tun().await;
         None
+    }
+
+    /// Writes the packets pushed for the TUN.
+    async fn flush_tun(&mut self) {
+        let (n, bytes) = (self.to_tun.len() as u64, self.to_tun.bytes() as u64);
+        if n == 0 {
+            return;
+        }
+        let stats = &self.server.stats;
+        match self.to_tun.flush().await {
+            Ok(_) => {
+                stats.inband_packets_to_tun.add(n);
+                stats.inband_bytes_to_tun.add(bytes);
+            }
+            Err(e) => {
+                stats.drop_tun_write_error.inc();
+                self.machine.log_bad(format_args!("TUN write failed: {e}"));
+            }
+        }
     }
 
     /// Sends one frame (flushed), bounded by the timeout so a client that stopped reading
