@@ -303,12 +303,9 @@ pub async fn run(args: ClientConfig) -> Result<()> {
         client.args.timers.timeout
     );
     let configured = Mutex::new(Configured::default());
-    // The TUN reader is a task of its own: it reads and splits while the session writes.
-    let mut reader = tokio::task::JoinSet::new();
-    reader.spawn(tun_reader(client.clone(), tx));
     let work = async {
         tokio::select! {
-            _ = reader.join_next() => {}
+            () = tun_reader(client.clone(), tx) => {}
             () = connection_loop(client.clone(), &nl, index, rx, &configured) => {}
         }
     };

@@ -127,10 +127,10 @@ pub struct FrameCodec;
 const INITIAL_BUF: usize = 256;
 /// Queued output that makes `feed` flush by itself: a batch of 102/103 frames (a TCP
 /// super-packet's segments) goes out in two or three writes.
-const WRITE_FLUSH_AT: usize = 32 * 1024;
+const WRITE_FLUSH_AT: usize = 64 * 1024;
 /// Room made in the read buffer while a frame's data is incomplete: the frames behind it come
 /// in the same read. A session that only exchanges keepalives never grows its buffer to it.
-const READ_AHEAD: usize = 32 * 1024;
+const READ_AHEAD: usize = 64 * 1024;
 
 /// `io` framed with [`FrameCodec`], with small initial buffers (see [`INITIAL_BUF`]).
 pub fn framed<T>(io: T) -> Framed<T, FrameCodec> {
