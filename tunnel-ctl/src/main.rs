@@ -246,6 +246,15 @@ fn init_logging(verbose: u8, format: tunnel_ctl::cli::LogFormat) {
 }
 
 fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    // The packet paths take and give back 64 KiB buffers all the time (a super-packet's
+    // copy, a coalesced write's head); glibc's defaults give the top of the heap back to the
+    // kernel and fault it in again each time (brk, page faults: 5% of the in-band client's
+    // time). Keep what was freed, up to 64 MiB, and keep such buffers off mmap.
+    // SAFETY: mallopt only sets allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -10,7 +10,7 @@
 use std::{io, io::IoSlice, sync::Arc};
 
 use anyhow::{Context as _, Result};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, VIRTIO_NET_HDR_LEN};
 
 /// Default MTU of the TUN device; a 103 frame then stays within 2053 bytes (SPEC §3).
@@ -28,6 +28,9 @@ pub struct Tun {
     dev: AsyncDevice,
     /// Reads and writes carry a virtio-net header (`IFF_VNET_HDR`).
     offload: bool,
+    /// The coalescing table of the queue's writers (about 1 MiB: one per queue, not one per
+    /// session), held for one flush.
+    gro: std::sync::Mutex<GROTable>,
 }
 
 /// A zero virtio-net header: one whole packet, checksum complete.
@@ -106,7 +109,13 @@ pub fn open(name: &str, queues: usize, offload: bool) -> Result<Vec<Arc<Tun>>> {
     devs.insert(0, first);
     Ok(devs
         .into_iter()
-        .map(|dev| Arc::new(Tun { dev, offload }))
+        .map(|dev| {
+            Arc::new(Tun {
+                dev,
+                offload,
+                gro: std::sync::Mutex::new(GROTable::default()),
+            })
+        })
         .collect())
 }
 
@@ -131,6 +140,15 @@ fn why(io: &io::Error) -> String {
             format!("{io} (pick another --tun: 1-15 bytes)")
         }
         _ => io.to_string(),
+    }
+}
+
+/// Room for a read's packets in `buf` (where they are copied to be handed on as `Bytes`):
+/// taken 64 KiB at a time, so small packets do not cost an allocation each.
+fn reserve_chunk(buf: &mut BytesMut) {
+    const CHUNK: usize = 64 * 1024;
+    if buf.capacity() - buf.len() < CHUNK / 2 {
+        buf.reserve(CHUNK);
     }
 }
 
@@ -211,6 +229,23 @@ impl Reader {
                 }
                 Err(e) => bad(&e),
             }
+        }
+    }
+
+    /// The packets of the last read, copied into `chunk` and appended to `out` as `Bytes`
+    /// that share it.
+    pub fn take(&self, chunk: &mut BytesMut, out: &mut Vec<Bytes>) {
+        reserve_chunk(chunk);
+        let mut ends = [0usize; READ_BATCH];
+        for (end, pkt) in ends.iter_mut().zip(self.packets()) {
+            chunk.extend_from_slice(pkt);
+            *end = chunk.len();
+        }
+        let read = chunk.split().freeze();
+        let mut start = 0;
+        for &end in &ends[..self.n] {
+            out.push(read.slice(start..end));
+            start = end;
         }
     }
 
@@ -299,21 +334,17 @@ impl Headers {
 
 /// Packets for one queue, written together: with offloads, consecutive TCP or UDP packets of
 /// one flow go down as one GSO write (checksums checked first: a packet with a bad one is
-/// written alone, as it came).
+/// written alone, as it came). Each session has one; what it keeps between bursts is its
+/// buffers for one batch.
 pub struct Writer {
     tun: Arc<Tun>,
-    gro: GROTable,
     batch: Batch,
 }
 
 impl Writer {
     pub fn new(tun: Arc<Tun>) -> Writer {
         let batch = Batch::new(tun.offload);
-        Writer {
-            tun,
-            gro: GROTable::default(),
-            batch,
-        }
+        Writer { tun, batch }
     }
 
     /// Packets waiting for [`Writer::flush`].
@@ -336,26 +367,19 @@ impl Writer {
     }
 
     /// Writes what was pushed; how many packets that was. On an error some of them may not
-    /// have been written.
-    pub async fn flush(&mut self) -> io::Result<usize> {
+    /// have been written. A TUN write does not wait (the kernel takes the packet or drops
+    /// it), so this is done in place, under the queue's coalescing table.
+    pub fn flush(&mut self) -> io::Result<usize> {
         let n = self.batch.used;
         if n == 0 {
             return Ok(0);
         }
         let b = &mut self.batch;
-        let result = if self.tun.offload {
-            self.tun
-                .dev
-                .send_multiple(&mut self.gro, &mut b.bufs[..n], b.headroom)
-                .await
-        } else {
-            let mut result = Ok(0);
-            for buf in &b.bufs[..n] {
-                if let Err(e) = self.tun.dev.send(buf).await {
-                    result = Err(e);
-                }
-            }
-            result
+        let dev: &tun_rs::DeviceImpl = &self.tun.dev;
+        // Without offloads tun-rs writes each packet as it is.
+        let result = {
+            let mut gro = self.tun.gro.lock().unwrap_or_else(|p| p.into_inner());
+            dev.send_multiple(&mut gro, &mut b.bufs[..n], b.headroom)
         };
         b.clear();
         result.map(|_| n)

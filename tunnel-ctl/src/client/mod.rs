@@ -384,22 +384,16 @@ async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
         client.stats.drop_tun_unsplittable.inc();
         tracing::debug!("TUN super-packet not split: {e}");
     };
-    let mut batch = BytesMut::new();
-    let mut ends = Vec::with_capacity(tundev::READ_BATCH);
+    let mut chunk = BytesMut::new();
+    let mut packets = Vec::with_capacity(tundev::READ_BATCH);
     loop {
         reader.read(&bad).await;
-        for pkt in reader.packets() {
-            batch.extend_from_slice(pkt);
-            ends.push(batch.len());
-        }
-        let packets = batch.split().freeze();
-        let mut start = 0;
-        for end in ends.drain(..) {
+        reader.take(&mut chunk, &mut packets);
+        for pkt in packets.drain(..) {
             // Full while no session reads it (or the session falls behind).
-            if tx.try_send(packets.slice(start..end)).is_err() {
+            if tx.try_send(pkt).is_err() {
                 client.stats.drop_while_disconnected.inc();
             }
-            start = end;
         }
     }
 }
@@ -589,7 +583,7 @@ async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
         return;
     };
     let (n, bytes) = (w.len() as u64, w.bytes() as u64);
-    match w.flush().await {
+    match w.flush() {
         Ok(_) => {
             client.stats.inband_packets_from_server.add(n);
             client.stats.inband_bytes_from_server.add(bytes);

@@ -1069,31 +1069,25 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
         server.stats.drop_tun_unsplittable.inc();
         debug!("TUN super-packet not split: {e}");
     };
-    let mut batch = BytesMut::new();
-    let mut ends: Vec<usize> = Vec::with_capacity(tundev::READ_BATCH);
+    let mut chunk = BytesMut::new();
+    let mut packets: Vec<Bytes> = Vec::with_capacity(tundev::READ_BATCH);
     let mut toward: Vec<Toward> = Vec::with_capacity(tundev::READ_BATCH);
     loop {
         reader.read(&bad).await;
         let mut reads = 1;
         loop {
-            for pkt in reader.packets() {
-                batch.extend_from_slice(pkt);
-                ends.push(batch.len());
-            }
+            reader.take(&mut chunk, &mut packets);
             if reads == READS_PER_BATCH || !reader.try_read(&bad) {
                 break;
             }
             reads += 1;
         }
-        let packets = batch.split().freeze();
-        let mut start = 0;
         {
             let state = server.lock();
             let mut last: Option<(IpAddr, Toward)> = None;
-            for &end in &ends {
-                let pkt = &packets[start..end];
-                start = end;
-                let t = match packet::addrs(pkt) {
+            for pkt in &packets {
+                let dst = packet::addrs(pkt);
+                let t = match dst {
                     // A super-packet's segments share their destination: one lookup.
                     Some((_, dst))
                         if let Some((d, t)) = &last
@@ -1120,19 +1114,15 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
                     }
                     None => Toward::NotIp,
                 };
-                if let Some((_, dst)) = packet::addrs(pkt) {
+                if let Some((_, dst)) = dst {
                     last = Some((dst, t.clone()));
                 }
                 toward.push(t);
             }
         }
-        start = 0;
-        for (t, &end) in toward.drain(..).zip(&ends) {
-            let pkt = packets.slice(start..end);
-            start = end;
+        for (t, pkt) in toward.drain(..).zip(packets.drain(..)) {
             deliver_from_tun(&server, t, pkt).await;
         }
-        ends.clear();
     }
 }
 

@@ -385,7 +385,7 @@ impl Driver {
             return;
         }
         let stats = &self.server.stats;
-        match self.to_tun.flush().await {
+        match self.to_tun.flush() {
             Ok(_) => {
                 stats.inband_packets_to_tun.add(n);
                 stats.inband_bytes_to_tun.add(bytes);
