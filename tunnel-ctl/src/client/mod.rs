@@ -108,6 +108,9 @@ struct Client {
     lan: Option<Lan>,
     /// The server answered 107 with 110: later sessions do not ask again.
     ipv6_refused: AtomicBool,
+    /// A session is established and reads the uplink queue: the TUN reader waits for room
+    /// in it (the local senders' TCP slows down) instead of dropping.
+    uplink_open: AtomicBool,
     started: Instant,
     /// The index in `--server` of the server tried now.
     current: std::sync::atomic::AtomicUsize,
@@ -279,6 +282,7 @@ pub async fn run(args: ClientConfig) -> Result<()> {
         native,
         lan,
         ipv6_refused: AtomicBool::new(false),
+        uplink_open: AtomicBool::new(false),
         started: Instant::now(),
         current: Default::default(),
     });
@@ -390,8 +394,15 @@ async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
         reader.read(&bad).await;
         reader.take(&mut chunk, &mut packets);
         for pkt in packets.drain(..) {
-            // Full while no session reads it (or the session falls behind).
-            if tx.try_send(pkt).is_err() {
+            // While a session reads the queue a full queue is waited out (the TUN's queue
+            // fills behind it and the local TCP senders slow down, as on any link); while
+            // none does, what does not fit is dropped.
+            let sent = if client.uplink_open.load(Ordering::Relaxed) {
+                tx.send(pkt).await.is_ok()
+            } else {
+                tx.try_send(pkt).is_ok()
+            };
+            if !sent {
                 client.stats.drop_while_disconnected.inc();
             }
         }
@@ -416,6 +427,7 @@ async fn connection_loop(
                 client.stats.disconnects.inc();
             }
             st.connected = false;
+            client.uplink_open.store(false, Ordering::Relaxed);
             st.last_error = Some(match &result {
                 Ok(reason) => reason.clone(),
                 Err(e) => format!("{e:#}"),
@@ -669,6 +681,7 @@ fn established(
     {
         let mut st = client.status.lock().unwrap_or_else(|p| p.into_inner());
         st.connected = true;
+        client.uplink_open.store(true, Ordering::Relaxed);
         st.lease = Some(lease);
         st.lease6 = lease6;
         st.since = Some(SystemTime::now());
