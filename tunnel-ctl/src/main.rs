@@ -245,7 +245,9 @@ fn init_logging(verbose: u8, format: tunnel_ctl::cli::LogFormat) {
     }
 }
 
-fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+fn run_daemon(
+    fut: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<()> {
     // The packet paths take and give back 64 KiB buffers all the time (a super-packet's
     // copy, a coalesced write's head); glibc's defaults give the top of the heap back to the
     // kernel and fault it in again each time (brk, page faults: 5% of the in-band client's
@@ -264,6 +266,13 @@ fn run_daemon(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
             // hang-up during start-up cannot end the daemon uncleanly either;
             // the daemon skeleton takes them over once it serves (a reload).
             let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-            fut.await
+            // The daemon runs on a worker: the workers poll the sockets and TUNs, so a task
+            // there is woken where its I/O is seen; on the main thread (block_on) every
+            // readiness would be a wake-up from one thread to another.
+            match tokio::spawn(fut).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(anyhow::anyhow!("the daemon's task ended: {e}")),
+            }
         })
 }
