@@ -232,21 +232,33 @@ impl Reader {
         }
     }
 
-    /// The packets of the last read, copied into `chunk` and appended to `out` as `Bytes`
-    /// that share it.
-    pub fn take(&self, chunk: &mut BytesMut, out: &mut Vec<Bytes>) {
+    /// The packets of the last read, each made a whole frame of type `kind` (5-byte header,
+    /// then the packet) in `chunk` and appended to `out` as `Bytes` that share it, ready for
+    /// [`crate::protocol::frame::write_wire`]. Packets too long for a frame are left out;
+    /// returns how many.
+    pub fn take_frames(&self, kind: u8, chunk: &mut BytesMut, out: &mut Vec<Bytes>) -> usize {
+        use crate::protocol::frame::{HEADER_LEN, MAX_DATA};
         reserve_chunk(chunk);
         let mut ends = [0usize; READ_BATCH];
-        for (end, pkt) in ends.iter_mut().zip(self.packets()) {
+        let (mut n, mut too_long) = (0, 0);
+        for pkt in self.packets() {
+            if pkt.len() > MAX_DATA {
+                too_long += 1;
+                continue;
+            }
+            chunk.extend_from_slice(&((HEADER_LEN + pkt.len()) as u32).to_le_bytes());
+            chunk.extend_from_slice(&[kind]);
             chunk.extend_from_slice(pkt);
-            *end = chunk.len();
+            ends[n] = chunk.len();
+            n += 1;
         }
         let read = chunk.split().freeze();
         let mut start = 0;
-        for &end in &ends[..self.n] {
+        for &end in &ends[..n] {
             out.push(read.slice(start..end));
             start = end;
         }
+        too_long
     }
 
     /// The packets of the last read.

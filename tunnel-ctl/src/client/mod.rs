@@ -70,6 +70,7 @@ counters! {
         inband_bytes_from_server,
         drop_while_disconnected,
         drop_tun_unsplittable,
+        drop_tun_too_long,
         drop_tun_write_error,
         drop_unexpected_frame,
         native_granted,
@@ -80,7 +81,7 @@ counters! {
     }
 }
 
-/// Queue between the TUN reader and the session.
+/// Queue between the TUN reader and the session (whole 102 frames).
 const UPLINK_QUEUE: usize = 512;
 /// 102 frames written per flush.
 const WRITE_BATCH: usize = 64;
@@ -392,7 +393,9 @@ async fn tun_reader(client: Arc<Client>, tx: mpsc::Sender<Bytes>) {
     let mut packets = Vec::with_capacity(tundev::READ_BATCH);
     loop {
         reader.read(&bad).await;
-        reader.take(&mut chunk, &mut packets);
+        // Each packet as a whole 102 (header and packet): the session writes it as it is.
+        let too_long = reader.take_frames(MsgType::DataRequest.code(), &mut chunk, &mut packets);
+        client.stats.drop_tun_too_long.add(too_long as u64);
         for pkt in packets.drain(..) {
             // While a session reads the queue a full queue is waited out (the TUN's queue
             // fills behind it and the local TCP senders slow down, as on any link); while
@@ -561,12 +564,13 @@ async fn session(
                     }
                 }
             }
-            Some(pkt) = rx.recv(), if m.is_established() => {
+            Some(first) = rx.recv(), if m.is_established() => {
+                // Whole 102s from the TUN reader, written as they are.
                 let mut batch = Vec::with_capacity(8);
-                let mut next = Some(pkt);
-                while let Some(p) = next {
-                    if m.uplink(&p) == Uplink::Send {
-                        batch.push(p);
+                let mut next = Some(first);
+                while let Some(f) = next {
+                    if m.uplink(&f[frame::HEADER_LEN..]) == Uplink::Send {
+                        batch.push(f);
                     }
                     next = if batch.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
                 }
@@ -574,9 +578,12 @@ async fn session(
                 if n == 0 {
                     continue;
                 }
-                let bytes: u64 = batch.iter().map(|p| p.len() as u64).sum();
-                let frames = batch.into_iter().map(|p| Frame::new(MsgType::DataRequest, p));
-                match write(&mut framed, timers.timeout, frames).await {
+                let bytes: u64 = batch.iter().map(|f| (f.len() - frame::HEADER_LEN) as u64).sum();
+                let written = frame::write_wire(&mut framed, timers.timeout, &batch).await;
+                match written.map(|_| ()).map_err(|e| match e {
+                    frame::WriteFailed::Error(e) => Some(e.to_string()),
+                    frame::WriteFailed::Stalled => None,
+                }) {
                     Ok(()) => {
                         client.stats.frames_out.add(n);
                         client.stats.inband_packets_to_server.add(n);

@@ -34,7 +34,7 @@ use crate::{
     netlink::Netlink,
     packet,
     pool::Pool,
-    protocol::{self, text::three_dns},
+    protocol::{self, MsgType, frame::HEADER_LEN, text::three_dns},
     softwire::Sent,
     tundev::{self, Tun},
 };
@@ -100,6 +100,7 @@ counters! {
         drop_no_lease_for_destination,
         drop_tun_not_ip,
         drop_tun_unsplittable,
+        drop_tun_too_long,
         tun_link_local_ignored,
         ipv6_leases_granted,
         ipv6_pool_exhausted,
@@ -1070,13 +1071,15 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
         debug!("TUN super-packet not split: {e}");
     };
     let mut chunk = BytesMut::new();
-    let mut packets: Vec<Bytes> = Vec::with_capacity(tundev::READ_BATCH);
+    // Each packet as a whole 103 (header and packet), so the session writes it as it is.
+    let mut frames: Vec<Bytes> = Vec::with_capacity(tundev::READ_BATCH);
     let mut toward: Vec<Toward> = Vec::with_capacity(tundev::READ_BATCH);
     loop {
         reader.read(&bad).await;
         let mut reads = 1;
         loop {
-            reader.take(&mut chunk, &mut packets);
+            let too_long = reader.take_frames(MsgType::DataReply.code(), &mut chunk, &mut frames);
+            server.stats.drop_tun_too_long.add(too_long as u64);
             if reads == READS_PER_BATCH || !reader.try_read(&bad) {
                 break;
             }
@@ -1085,8 +1088,8 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
         {
             let state = server.lock();
             let mut last: Option<(IpAddr, Toward)> = None;
-            for pkt in &packets {
-                let dst = packet::addrs(pkt);
+            for frame in &frames {
+                let dst = packet::addrs(&frame[HEADER_LEN..]);
                 let t = match dst {
                     // A super-packet's segments share their destination: one lookup.
                     Some((_, dst))
@@ -1120,27 +1123,28 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
                 toward.push(t);
             }
         }
-        for (t, pkt) in toward.drain(..).zip(packets.drain(..)) {
-            deliver_from_tun(&server, t, pkt).await;
+        for (t, frame) in toward.drain(..).zip(frames.drain(..)) {
+            deliver_from_tun(&server, t, frame).await;
         }
     }
 }
 
-/// Hands one packet from the TUN on, as [`tun_reader`] routed it.
-async fn deliver_from_tun(server: &Server, toward: Toward, pkt: Bytes) {
+/// Hands one packet from the TUN (made a 103: `frame`) on, as [`tun_reader`] routed it.
+async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes) {
+    let pkt = &frame[HEADER_LEN..];
     match toward {
         Toward::Session(tx) => {
             let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
-            if queue_for_session(server, &tx, pkt) && v6 {
+            if queue_for_session(server, &tx, frame) && v6 {
                 server.stats.ipv6_packets_from_tun.inc();
             }
         }
-        Toward::Native(client) => slow_path_to_native(server, client, &pkt).await,
+        Toward::Native(client) => slow_path_to_native(server, client, pkt).await,
         Toward::Unleased(dst)
             if let (Some(slow), Some(native)) = (&server.softwire_slow, &server.native)
                 && native.softwires().table().holds_address(dst) =>
         {
-            slow.toward_b4(native, &pkt).await
+            slow.toward_b4(native, pkt).await
         }
         Toward::Unleased(dst) => {
             server.stats.drop_no_lease_for_destination.inc();
@@ -1155,11 +1159,11 @@ async fn deliver_from_tun(server: &Server, toward: Toward, pkt: Bytes) {
     }
 }
 
-/// Queues a TUN packet for its session's 103s; a full queue drops it (that session's loss
+/// Queues a TUN packet (as its 103) for its session; a full queue drops it (that session's loss
 /// only). Whether it was queued.
-fn queue_for_session(server: &Server, tx: &QueueTx, pkt: Bytes) -> bool {
-    let len = pkt.len() as u64;
-    if tx.try_push(pkt) {
+fn queue_for_session(server: &Server, tx: &QueueTx, frame: Bytes) -> bool {
+    let len = (frame.len() - HEADER_LEN) as u64;
+    if tx.try_push(frame) {
         server.stats.inband_packets_from_tun.inc();
         server.stats.inband_bytes_from_tun.add(len);
         true

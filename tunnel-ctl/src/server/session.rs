@@ -419,8 +419,8 @@ impl Driver {
         }
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch) as 103 frames, one flush.
-    /// IPv6 packets pass the inbound filter first.
+    /// Writes `first` and whatever else is queued (up to a batch): 103 frames as the TUN
+    /// reader made them, in one `writev`. IPv6 packets pass the inbound filter first.
     async fn write_packets(
         &mut self,
         first: Bytes,
@@ -431,10 +431,10 @@ impl Driver {
         let mut next = Some(first);
         let mut taken = 0;
         let now = std::time::Instant::now();
-        while let Some(p) = next {
+        while let Some(f) = next {
             taken += 1;
-            if self.machine.inbound_allowed(&p, now) {
-                frames.push(Frame::new(MsgType::DataReply, p));
+            if self.machine.inbound_allowed(&f[frame::HEADER_LEN..], now) {
+                frames.push(f);
             }
             next = if taken < WRITE_BATCH {
                 rx.try_recv()
@@ -447,9 +447,16 @@ impl Driver {
         }
         let (n, bytes) = (
             frames.len() as u64,
-            frames.iter().map(|f| f.data.len() as u64).sum(),
+            frames
+                .iter()
+                .map(|f| (f.len() - frame::HEADER_LEN) as u64)
+                .sum(),
         );
-        self.write(framed, frames).await?;
+        match frame::write_wire(framed, self.timeout, &frames).await {
+            Ok(n) => self.server.stats.frames_out.add(n),
+            Err(WriteFailed::Error(e)) => return Err(CloseReason::WriteError(e.to_string())),
+            Err(WriteFailed::Stalled) => return Err(CloseReason::StoppedReading(self.timeout)),
+        }
         self.link.traffic.tx(n, bytes);
         Ok(())
     }
