@@ -31,9 +31,21 @@ fn tun_rw(ns: &Ns, dev: &str) -> Result<(u64, u64)> {
     Ok((n("rx")?, n("tx")?))
 }
 
-/// A client that uploads and downloads 20 MB over TCP; returns the server's TUN counters
-/// and the server's counters of packets written to and read from it, over the transfers.
-fn transfers(extra: &[&str]) -> Result<(FourOverSix, (u64, u64), serde_json::Value)> {
+/// What the server's TUN saw over a 20 MB upload and a 20 MB download of one client.
+struct Transfers {
+    /// The kernel's counts of the TUN's writes and reads.
+    writes: u64,
+    reads: u64,
+    /// The server's counts of packets written to and read from it.
+    to_tun: u64,
+    from_tun: u64,
+    /// The server's log.
+    log: String,
+}
+
+/// A client that uploads and downloads 20 MB over TCP, server and client started with
+/// `extra`.
+fn transfers(extra: &[&str]) -> Result<Transfers> {
     let mut t = FourOverSix::start(&server_args(extra))?;
     let ns = t.client_ns()?;
     let (_, addr) = t.start_client(&ns, extra)?;
@@ -60,49 +72,64 @@ fn transfers(extra: &[&str]) -> Result<(FourOverSix, (u64, u64), serde_json::Val
     let after = tun_rw(&t.server, "tun4o6")?;
     let stats = t.server_stats()?;
     let delta = |k: &str| counter(&stats, k) - counter(&stats_before, k);
-    let counts = serde_json::json!({
-        "inband_packets_to_tun": delta("inband_packets_to_tun"),
-        "inband_packets_from_tun": delta("inband_packets_from_tun"),
-    });
-    Ok((t, (after.0 - before.0, after.1 - before.1), counts))
+    let run = Transfers {
+        writes: after.0 - before.0,
+        reads: after.1 - before.1,
+        to_tun: delta("inband_packets_to_tun"),
+        from_tun: delta("inband_packets_from_tun"),
+        log: t.lab.daemon_log(&t.server_instance).unwrap_or_default(),
+    };
+    // 20 MB each way is ~14,000 full-sized packets each way.
+    ensure!(
+        run.to_tun > 14_000 && run.from_tun > 14_000,
+        "{} packets to the TUN, {} from it",
+        run.to_tun,
+        run.from_tun
+    );
+    Ok(run)
 }
 
 #[test]
 fn offloads_make_few_tun_writes_and_reads_and_without_them_every_packet_is_one() -> Result<()> {
-    let (t, (writes, reads), stats) = transfers(&[])?;
-    let to_tun = counter(&stats, "inband_packets_to_tun");
-    let from_tun = counter(&stats, "inband_packets_from_tun");
-    let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+    let on = transfers(&[])?;
     ensure!(
-        log.contains("offloads on"),
-        "the server should say it uses offloads:\n{log}"
-    );
-    // 20 MB each way is ~14,000 full-sized packets each way.
-    ensure!(to_tun > 14_000 && from_tun > 14_000, "{stats}");
-    ensure!(
-        writes * 4 < to_tun,
-        "with offloads the client's packets should go down in GSO writes: {writes} writes for \
-         {to_tun} packets"
+        on.log.contains("offloads on"),
+        "the server should say it uses offloads:\n{}",
+        on.log
     );
     ensure!(
-        reads * 4 < from_tun,
-        "with offloads the TUN should give super-packets: {reads} reads for {from_tun} packets"
+        on.writes * 4 < on.to_tun,
+        "with offloads the client's packets should go down in GSO writes: {} writes for {} \
+         packets",
+        on.writes,
+        on.to_tun
     );
-    drop(t);
+    ensure!(
+        on.reads * 4 < on.from_tun,
+        "with offloads the TUN should give super-packets: {} reads for {} packets",
+        on.reads,
+        on.from_tun
+    );
 
-    let off = ["--no-tun-offload"];
-    let (t, (writes, reads), stats) = transfers(&off)?;
-    let to_tun = counter(&stats, "inband_packets_to_tun");
-    let from_tun = counter(&stats, "inband_packets_from_tun");
-    let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+    let off = transfers(&["--no-tun-offload"])?;
     ensure!(
-        log.contains("one packet per read and write"),
-        "the server should say it reads and writes one packet at a time:\n{log}"
+        off.log.contains("one packet per read and write"),
+        "the server should say it reads and writes one packet at a time:\n{}",
+        off.log
     );
-    ensure!(to_tun > 14_000 && from_tun > 14_000, "{stats}");
     // Keepalives and pings aside, one write per packet and one read per packet.
-    ensure!(writes >= to_tun, "{writes} writes for {to_tun} packets");
-    ensure!(reads >= from_tun, "{reads} reads for {from_tun} packets");
+    ensure!(
+        off.writes >= off.to_tun,
+        "{} writes for {} packets",
+        off.writes,
+        off.to_tun
+    );
+    ensure!(
+        off.reads >= off.from_tun,
+        "{} reads for {} packets",
+        off.reads,
+        off.from_tun
+    );
     Ok(())
 }
 

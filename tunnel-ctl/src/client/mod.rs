@@ -579,17 +579,13 @@ async fn session(
                     continue;
                 }
                 let bytes: u64 = batch.iter().map(|f| (f.len() - frame::HEADER_LEN) as u64).sum();
-                let written = frame::write_wire(&mut framed, timers.timeout, &batch).await;
-                match written.map(|_| ()).map_err(|e| match e {
-                    frame::WriteFailed::Error(e) => Some(e.to_string()),
-                    frame::WriteFailed::Stalled => None,
-                }) {
-                    Ok(()) => {
+                match frame::write_wire(&mut framed, timers.timeout, &batch).await {
+                    Ok(_) => {
                         client.stats.frames_out.add(n);
                         client.stats.inband_packets_to_server.add(n);
                         client.stats.inband_bytes_to_server.add(bytes);
                     }
-                    Err(e) => m.write_failed(e),
+                    Err(e) => m.write_failed(failed(e)),
                 }
             }
         }
@@ -617,10 +613,17 @@ async fn write(
     timeout: Duration,
     frames: impl IntoIterator<Item = Frame>,
 ) -> Result<(), Option<String>> {
-    match frame::write_frames(framed, timeout, frames).await {
-        Ok(_) => Ok(()),
-        Err(frame::WriteFailed::Error(e)) => Err(Some(e.to_string())),
-        Err(frame::WriteFailed::Stalled) => Err(None),
+    frame::write_frames(framed, timeout, frames)
+        .await
+        .map(|_| ())
+        .map_err(failed)
+}
+
+/// What the machine is told of a failed write (`None`: the peer stopped reading).
+fn failed(e: frame::WriteFailed) -> Option<String> {
+    match e {
+        frame::WriteFailed::Error(e) => Some(e.to_string()),
+        frame::WriteFailed::Stalled => None,
     }
 }
 

@@ -409,13 +409,18 @@ impl Driver {
         frames: impl IntoIterator<Item = Frame>,
     ) -> Result<(), CloseReason> {
         let timeout = self.timeout;
-        match frame::write_frames(framed, timeout, frames).await {
-            Ok(n) => {
-                self.server.stats.frames_out.add(n);
-                Ok(())
-            }
-            Err(WriteFailed::Error(e)) => Err(CloseReason::WriteError(e.to_string())),
-            Err(WriteFailed::Stalled) => Err(CloseReason::StoppedReading(timeout)),
+        let n = frame::write_frames(framed, timeout, frames)
+            .await
+            .map_err(|e| self.closed_by(e))?;
+        self.server.stats.frames_out.add(n);
+        Ok(())
+    }
+
+    /// Why the session ends after a failed write.
+    fn closed_by(&self, e: WriteFailed) -> CloseReason {
+        match e {
+            WriteFailed::Error(e) => CloseReason::WriteError(e.to_string()),
+            WriteFailed::Stalled => CloseReason::StoppedReading(self.timeout),
         }
     }
 
@@ -452,11 +457,10 @@ impl Driver {
                 .map(|f| (f.len() - frame::HEADER_LEN) as u64)
                 .sum(),
         );
-        match frame::write_wire(framed, self.timeout, &frames).await {
-            Ok(n) => self.server.stats.frames_out.add(n),
-            Err(WriteFailed::Error(e)) => return Err(CloseReason::WriteError(e.to_string())),
-            Err(WriteFailed::Stalled) => return Err(CloseReason::StoppedReading(self.timeout)),
-        }
+        let written = frame::write_wire(framed, self.timeout, &frames)
+            .await
+            .map_err(|e| self.closed_by(e))?;
+        self.server.stats.frames_out.add(written);
         self.link.traffic.tx(n, bytes);
         Ok(())
     }
