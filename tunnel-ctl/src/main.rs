@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                 });
                 run_daemon(server::run(args.into(), source))
             }
-            Command::Client(args) => run_daemon(client::run(args.into())),
+            Command::Client(args) => run_daemon_on(RunOn::Worker, client::run(args.into())),
             Command::Mape(MapeCommand::Ce(args)) => {
                 let source = tunnel_ctl::cli::reread(typed, |c| match c {
                     Command::Mape(MapeCommand::Ce(a)) => Some((*a).into()),
@@ -245,7 +245,26 @@ fn init_logging(verbose: u8, format: tunnel_ctl::cli::LogFormat) {
     }
 }
 
+/// Where a daemon's own future runs.
+#[derive(Clone, Copy, PartialEq)]
+enum RunOn {
+    /// The main thread (block_on): the servers, whose packet and session work is spawned on
+    /// the workers anyway; their accept loops keep a thread of their own there.
+    Main,
+    /// A runtime worker: the in-band client, whose session is its own future. The workers
+    /// poll the sockets and TUN, so it is woken where its I/O is seen; on the main thread
+    /// every readiness would be a wake-up from one thread to another.
+    Worker,
+}
+
 fn run_daemon(
+    fut: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_daemon_on(RunOn::Main, fut)
+}
+
+fn run_daemon_on(
+    on: RunOn,
     fut: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 ) -> anyhow::Result<()> {
     // The packet paths take and give back 64 KiB buffers all the time (a super-packet's
@@ -266,9 +285,9 @@ fn run_daemon(
             // hang-up during start-up cannot end the daemon uncleanly either;
             // the daemon skeleton takes them over once it serves (a reload).
             let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-            // The daemon runs on a worker: the workers poll the sockets and TUNs, so a task
-            // there is woken where its I/O is seen; on the main thread (block_on) every
-            // readiness would be a wake-up from one thread to another.
+            if on == RunOn::Main {
+                return fut.await;
+            }
             match tokio::spawn(fut).await {
                 Ok(result) => result,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
