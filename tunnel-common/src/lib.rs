@@ -7,4 +7,5 @@
 pub mod fastpath;
 pub mod mape;
 pub mod names;
+pub mod nexthop;
 pub mod stats;

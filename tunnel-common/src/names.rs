@@ -34,6 +34,18 @@ pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
 /// Server: array with the time (ns) of the last policy event on each CPU (the rate limit).
 pub const POLICY_LAST: &str = "POLICY_LAST";
 
+/// LRU hash: IPv4 destination ([`crate::fastpath::Ipv4Key`]) → [`crate::nexthop::NextHop`]
+/// (not pinned: a new controller starts it empty).
+pub const NEXTHOPS_V4: &str = "NEXTHOPS_V4";
+/// LRU hash: IPv6 destination ([`crate::fastpath::Ipv6Key`]) → [`crate::nexthop::NextHop`].
+pub const NEXTHOPS_V6: &str = "NEXTHOPS_V6";
+/// Array with one [`crate::nexthop::NextHopState`].
+pub const NEXTHOP_STATE: &str = "NEXTHOP_STATE";
+/// Ring buffer of [`crate::nexthop::NextHopMiss`]es for the controller.
+pub const NEXTHOP_MISSES: &str = "NEXTHOP_MISSES";
+/// Per-CPU array: when this CPU last reported a miss, and what (the reports' rate limit).
+pub const NEXTHOP_MISS_LAST: &str = "NEXTHOP_MISS_LAST";
+
 /// MAP-E CE: hash [`crate::mape::NatKey`] (LAN host, remote) → [`crate::mape::NatOut`].
 pub const NAT_OUT: &str = "NAT_OUT";
 /// MAP-E CE: hash [`crate::mape::NatKey`] (external port, remote) → [`crate::mape::NatIn`].
@@ -68,6 +80,9 @@ pub const PROG_BR_ENCAP: &str = "br_encap";
 /// The server's IPv6-side decapsulation in XDP (the plain case only; everything else passes to
 /// [`PROG_SERVER_DECAP`]). Measured by `cargo xtask bench`; not attached by the controller.
 pub const PROG_SERVER_DECAP_XDP: &str = "server_decap_xdp";
+/// Run by the controller (BPF_PROG_TEST_RUN) to ask the FIB helper what the data path would
+/// get for a destination ([`crate::nexthop::NextHopQuery`]); never attached.
+pub const PROG_NEXTHOP_RESOLVE: &str = "nexthop_resolve";
 /// A TC program that does nothing: the baseline of `cargo xtask bench`'s per-packet cost.
 /// Never attached.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
@@ -130,6 +145,11 @@ pub const ALL_MAPS: &[&str] = &[
     NAT_OUT,
     NAT_IN,
     BR_RULES,
+    NEXTHOPS_V4,
+    NEXTHOPS_V6,
+    NEXTHOP_STATE,
+    NEXTHOP_MISSES,
+    NEXTHOP_MISS_LAST,
     LOG_PROGS,
     LOG_EVENT,
     TAIL_PROGS,
@@ -149,6 +169,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_BR_ENCAP,
     PROG_SERVER_DECAP_XDP,
     PROG_BENCH_EMPTY,
+    PROG_NEXTHOP_RESOLVE,
     PROG_SERVER_DECAP_SOFTWIRE,
     PROG_SERVER_HAIRPIN,
 ];

@@ -19,6 +19,7 @@ pub(crate) mod metrics;
 pub mod mgmt;
 pub mod monitor;
 pub(crate) mod netlink;
+pub mod nexthop;
 pub(crate) mod packet;
 pub(crate) mod pool;
 pub(crate) mod pool6;

@@ -2,6 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, anyhow};
+
+use crate::nexthop;
 use futures::TryStreamExt as _;
 use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::{
@@ -345,6 +347,192 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+/// The kernel's routing state as the next-hop cache sees it (`crate::nexthop`).
+impl Netlink {
+    /// The policy routing rules of both families.
+    pub async fn rules(&self) -> Result<Vec<nexthop::Rule>> {
+        use rtnetlink::{
+            IpVersion,
+            packet_route::rule::{RuleAction, RuleAttribute},
+        };
+        let mut out = Vec::new();
+        for (version, family) in [
+            (IpVersion::V4, nexthop::Family::V4),
+            (IpVersion::V6, nexthop::Family::V6),
+        ] {
+            let mut rules = self.handle.rule().get(version).execute();
+            while let Some(msg) = rules.try_next().await.context("listing routing rules")? {
+                let mut priority = 0;
+                let mut table = u32::from(msg.header.table);
+                let mut selective = msg.header.dst_len != 0
+                    || msg.header.src_len != 0
+                    || msg.header.tos != 0
+                    || msg.header.action != RuleAction::ToTable;
+                for attr in &msg.attributes {
+                    match attr {
+                        RuleAttribute::Priority(p) => priority = *p,
+                        RuleAttribute::Table(t) => table = *t,
+                        RuleAttribute::Protocol(_) => {}
+                        // A mark of 0 with mask 0 matches everything (kernels report them).
+                        RuleAttribute::FwMark(0) | RuleAttribute::FwMask(0) => {}
+                        _ => selective = true,
+                    }
+                }
+                out.push(nexthop::Rule {
+                    family,
+                    priority,
+                    table,
+                    selective,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The shape of every route of both families, all tables.
+    pub async fn route_shapes(&self) -> Result<Vec<nexthop::Route>> {
+        let mut out = Vec::new();
+        for (msg, family) in [
+            (RouteMessageBuilder::<Ipv4Addr>::new().build(), nexthop::Family::V4),
+            (RouteMessageBuilder::<Ipv6Addr>::new().build(), nexthop::Family::V6),
+        ] {
+            let mut routes = self.handle.route().get(msg).execute();
+            while let Some(route) = routes.try_next().await.context("listing routes")? {
+                let mut shape = nexthop::Route {
+                    family,
+                    multipath: false,
+                    nexthop_object: false,
+                    tos: route.header.tos,
+                    src_len: route.header.source_prefix_length,
+                };
+                for attr in &route.attributes {
+                    match attr {
+                        RouteAttribute::MultiPath(hops) if hops.len() > 1 => {
+                            shape.multipath = true
+                        }
+                        RouteAttribute::NhId(_) => shape.nexthop_object = true,
+                        _ => {}
+                    }
+                }
+                out.push(shape);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The neighbour entries of both families (proxy entries left out).
+    pub async fn neighbours(&self) -> Result<Vec<(u32, IpAddr, nexthop::Neighbour)>> {
+        let mut entries = self.handle.neighbours().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = entries.try_next().await.context("listing neighbours")? {
+            if let Some(n) = neighbour_of(&msg) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A neighbour message as (interface, address, what the FIB reads of it); None for proxy
+/// entries and other families.
+pub fn neighbour_of(
+    msg: &rtnetlink::packet_route::neighbour::NeighbourMessage,
+) -> Option<(u32, IpAddr, nexthop::Neighbour)> {
+    if msg.header.flags.contains(NeighbourFlags::Proxy) {
+        return None;
+    }
+    let mut addr = None;
+    let mut lladdr = Vec::new();
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                addr = Some(IpAddr::V4(*a))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                addr = Some(IpAddr::V6(*a))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => lladdr.clone_from(l),
+            _ => {}
+        }
+    }
+    let usable = matches!(
+        msg.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    Some((msg.header.ifindex, addr?, nexthop::Neighbour { lladdr, usable }))
+}
+
+/// A change of the kernel's routing state, from the rtnetlink multicast groups the next-hop
+/// cache watches.
+#[derive(Debug)]
+pub enum RoutingEvent {
+    /// A neighbour entry was added or changed.
+    Neighbour(u32, IpAddr, nexthop::Neighbour),
+    /// A neighbour entry was removed.
+    NeighbourGone(u32, IpAddr),
+    /// A route, rule, address or link changed (what: for the log).
+    Changed(&'static str),
+    /// The socket overflowed: events were lost.
+    Overrun,
+}
+
+/// A stream of [`RoutingEvent`]s (its connection runs as a task until the receiver is
+/// dropped).
+pub fn watch_routing() -> Result<tokio::sync::mpsc::UnboundedReceiver<RoutingEvent>> {
+    use futures::StreamExt as _;
+    use rtnetlink::{
+        MulticastGroup,
+        packet_core::NetlinkPayload,
+        packet_route::RouteNetlinkMessage as M,
+    };
+    let groups = [
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
+    ];
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
+        .context("subscribing to rtnetlink route, neighbour and link changes")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let event = match msg.payload {
+                NetlinkPayload::Overrun(_) => RoutingEvent::Overrun,
+                NetlinkPayload::InnerMessage(inner) => match inner {
+                    M::NewNeighbour(n) => match neighbour_of(&n) {
+                        Some((i, a, n)) => RoutingEvent::Neighbour(i, a, n),
+                        None => continue,
+                    },
+                    M::DelNeighbour(n) => match neighbour_of(&n) {
+                        Some((i, a, _)) => RoutingEvent::NeighbourGone(i, a),
+                        None => continue,
+                    },
+                    M::NewRoute(_) | M::DelRoute(_) => RoutingEvent::Changed("route"),
+                    M::NewRule(_) | M::DelRule(_) => RoutingEvent::Changed("rule"),
+                    M::NewAddress(_) | M::DelAddress(_) => RoutingEvent::Changed("address"),
+                    M::NewLink(_) | M::DelLink(_) => RoutingEvent::Changed("link"),
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// A route to `net` out of link `index`.

@@ -11,18 +11,18 @@
 use aya_ebpf::{
     helpers::generated::bpf_redirect, macros::classifier, maps::lpm_trie::Key, programs::TcContext,
 };
-use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     mape::{IID_DRAFT03, MapRule},
     names::{LOG_BR_DECAP, LOG_BR_ENCAP},
     stats::Counter,
 };
 use tunnel_ebpf::{
+    direct::{map_words, to_words},
     encap::{self, Upper},
     log,
     maps::{BR_RULES, config},
     nat,
-    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, PASS, eq16},
+    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, Outer6, PASS, eq_words},
     route,
     stats::count,
 };
@@ -35,11 +35,13 @@ fn rule_for(addr: u32) -> Option<&'static MapRule> {
 
 /// The PSID written in a CE address's interface id.
 #[inline(always)]
-fn psid_in(rule: &MapRule, ce: &[u8; 16]) -> u16 {
+fn psid_in(rule: &MapRule, ce: &[u64; 2]) -> u16 {
+    // Bytes 8-15 of the address are the second word, byte 8 lowest.
+    let b = |i: u32| (ce[1] >> (8 * (i - 8))) as u8;
     if rule.iid_layout == IID_DRAFT03 {
-        u16::from_be_bytes([ce[13], ce[14]])
+        u16::from_be_bytes([b(13), b(14)])
     } else {
-        u16::from_be_bytes([ce[14], ce[15]])
+        u16::from_be_bytes([b(14), b(15)])
     }
 }
 
@@ -49,10 +51,10 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
         return PASS;
     }
-    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+    let Some(outer) = Outer6::load(&ctx) else {
         return PASS;
     };
-    if !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq_words(&outer.dst, &map_words(&cfg.local)) {
         return PASS;
     }
     // The BR address is on no interface: whatever is handed back to the stack would be
@@ -69,44 +71,44 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         }
         Upper::Other(_) => {
             let reason = Counter::BrDropNotIpip;
-            log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src_addr);
+            log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src);
             return DROP;
         }
         other => return other.drop_counted(),
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
         let reason = Counter::DropInnerMalformed;
-        log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src_addr);
+        log::dropped_ipip_unparsed(&ctx, LOG_BR_DECAP, reason, &outer.src);
         return DROP;
     };
     let Some(rule) = rule_for(inner.src()) else {
         let reason = Counter::BrDropNoRule;
-        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src, &inner);
         return DROP;
     };
     let src = u32::from_be(inner.src());
     let expected = if inner.first_fragment() {
         let Some(port) = nat::br_port(&ctx, INNER_OFF, &inner, true) else {
             let reason = Counter::BrDropNoPort;
-            log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
+            log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src, &inner);
             return DROP;
         };
         rule.psid_of(port).map(|psid| rule.ce_address(src, psid))
     } else {
         // A later fragment names no port: its CE must be one of the address's (the PSID its
         // address carries); the first fragment was checked for its port.
-        Some(rule.ce_address(src, psid_in(rule, &outer.src_addr)))
+        Some(rule.ce_address(src, psid_in(rule, &outer.src)))
     };
-    if !expected.is_some_and(|e| eq16(&e, &outer.src_addr)) {
+    if !expected.is_some_and(|e| eq_words(&to_words(&e), &outer.src)) {
         // A CE that is who it says (its address matches the rule for the PSID it carries)
         // but used a port outside its set, or a source the rule does not give at all.
-        let own = rule.ce_address(src, psid_in(rule, &outer.src_addr));
-        let reason = if eq16(&own, &outer.src_addr) {
+        let own = rule.ce_address(src, psid_in(rule, &outer.src));
+        let reason = if eq_words(&to_words(&own), &outer.src) {
             Counter::BrDropPortOutsideSet
         } else {
             Counter::BrDropSourceMismatch
         };
-        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src, &inner);
         return DROP;
     }
     if encap::unwrap_for_forwarding(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
@@ -144,7 +146,7 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         log::slow_path(&ctx, LOG_BR_ENCAP, Counter::SlowPathTooBig, &ip);
         return PASS;
     }
-    if ip.hdr.ttl <= 1 {
+    if ip.ttl() <= 1 {
         log::slow_path(&ctx, LOG_BR_ENCAP, Counter::SlowPathTtl, &ip);
         return PASS;
     }
@@ -152,7 +154,16 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    encap::send_wrapped(&ctx, &ip, cfg, &ce, false, Counter::BrEncap, LOG_BR_ENCAP).0
+    encap::send_wrapped(
+        &ctx,
+        &ip,
+        cfg,
+        &to_words(&ce),
+        false,
+        Counter::BrEncap,
+        LOG_BR_ENCAP,
+    )
+    .0
 }
 
 tunnel_ebpf::logger!(

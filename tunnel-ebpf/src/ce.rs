@@ -12,19 +12,20 @@
 use aya_ebpf::{
     helpers::generated::bpf_redirect, macros::classifier, maps::HashMap, programs::TcContext,
 };
-use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     mape::NatKey,
     names::{LOG_CE_IN, LOG_CE_OUT},
     stats::Counter,
 };
 use tunnel_ebpf::{
+    direct::map_words,
     encap::{self, Upper},
     log,
     maps::{NAT_IN, NAT_OUT, config},
     nat::{self, Classified, DST_ADDR, SRC_ADDR},
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, Outer6, PASS,
+        eq_words,
     },
     route,
     stats::count,
@@ -105,7 +106,7 @@ fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
         log::slow_path(ctx, LOG_CE_OUT, Counter::SlowPathTooBig, &ip);
         return slow();
     }
-    if !lwb4 && ip.hdr.ttl <= 1 {
+    if !lwb4 && ip.ttl() <= 1 {
         log::slow_path(ctx, LOG_CE_OUT, Counter::SlowPathTtl, &ip);
         return PASS;
     }
@@ -128,7 +129,7 @@ fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
         ctx,
         &ip,
         cfg,
-        &cfg.remote,
+        &map_words(&cfg.remote),
         lwb4,
         Counter::CeNaptOut,
         LOG_CE_OUT,
@@ -148,10 +149,10 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
         return PASS;
     }
-    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+    let Some(outer) = Outer6::load(&ctx) else {
         return PASS;
     };
-    if !eq16(&outer.dst_addr, &cfg.local) {
+    if !eq_words(&outer.dst, &map_words(&cfg.local)) {
         return PASS;
     }
     match encap::outer_upper(&ctx, &outer) {
@@ -168,19 +169,19 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         }
         other => return other.drop_counted(),
     }
-    if !eq16(&outer.src_addr, &cfg.remote) {
+    if !eq_words(&outer.src, &map_words(&cfg.remote)) {
         let reason = Counter::CeDropNotFromBr;
-        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src_addr);
+        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src);
         return DROP;
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF) else {
         let reason = Counter::DropInnerMalformed;
-        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src_addr);
+        log::dropped_ipip_unparsed(&ctx, LOG_CE_IN, reason, &outer.src);
         return DROP;
     };
     if inner.dst() != cfg.ipv4 {
         let reason = Counter::CeDropInNoMapping;
-        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src, &inner);
         return DROP;
     }
     // Fragments (only the first names the port) and ICMP errors (mapped by the packet they
@@ -193,13 +194,13 @@ pub fn ce_in(ctx: TcContext) -> i32 {
         Classified::IcmpError => return to_controller(&ctx, cfg.tun_ifindex),
         Classified::Other => {
             let reason = Counter::CeDropInNoMapping;
-            log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
+            log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src, &inner);
             return DROP;
         }
     };
     let Some(entry) = lookup(&NAT_IN, &flow.key) else {
         let reason = Counter::CeDropInNoMapping;
-        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(&ctx, LOG_CE_IN, reason, &outer.src, &inner);
         return DROP;
     };
     // SAFETY: as in ce_out.

@@ -8,17 +8,18 @@
 //! ingress `client_decap` unwraps IPv4-in-IPv6 from the server to us, and the kernel delivers
 //! the inner packet locally (the lease is a local address).
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     names::{LOG_CLIENT_DECAP, LOG_CLIENT_ENCAP},
     stats::Counter,
 };
 use tunnel_ebpf::{
+    direct::map_words,
     encap::{self, Upper},
     log,
     maps::config,
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, PASS, eq16,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, Outer6, PASS,
+        eq_words,
     },
 };
 
@@ -39,7 +40,7 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         &ctx,
         &ip,
         cfg,
-        &cfg.remote,
+        &map_words(&cfg.remote),
         true,
         Counter::ClientEncap,
         LOG_CLIENT_ENCAP,
@@ -55,10 +56,12 @@ pub fn client_decap(ctx: TcContext) -> i32 {
     if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
         return PASS;
     }
-    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+    let Some(outer) = Outer6::load(&ctx) else {
         return PASS;
     };
-    if !eq16(&outer.dst_addr, &cfg.local) || !eq16(&outer.src_addr, &cfg.remote) {
+    if !eq_words(&outer.dst, &map_words(&cfg.local))
+        || !eq_words(&outer.src, &map_words(&cfg.remote))
+    {
         return PASS;
     }
     match encap::outer_upper(&ctx, &outer) {
@@ -69,7 +72,7 @@ pub fn client_decap(ctx: TcContext) -> i32 {
     }
     let Some(inner) = Ipv4Info::load(&ctx, INNER_OFF).filter(|i| i.dst() == cfg.ipv4) else {
         let reason = Counter::ClientDropNotForLease;
-        log::dropped_ipip_unparsed(&ctx, LOG_CLIENT_DECAP, reason, &outer.src_addr);
+        log::dropped_ipip_unparsed(&ctx, LOG_CLIENT_DECAP, reason, &outer.src);
         return DROP;
     };
     match encap::unwrap_counted(&ctx, &inner, cfg.mss, Counter::ClientDecap) {

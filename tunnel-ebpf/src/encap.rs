@@ -8,72 +8,63 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     fastpath::{IPV6_HEADER_LEN, TunnelConfig},
     stats::Counter,
 };
 
 use crate::{
+    direct::map_words,
     log,
     packet::{
         DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-        IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, RewriteFailed, segments,
-        set_eth_proto,
+        IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, Outer6, RewriteFailed,
+        segments, set_eth_proto,
     },
-    route::{self, Forward},
+    route::{self, Forward, Head},
     stats::{count, count_n},
 };
 
-/// The frame from the EtherType on, as encapsulation writes it.
-#[repr(C)]
-struct Outer {
-    proto: [u8; 2],
-    ip6: Ipv6Hdr,
+/// The EtherType word of a [`Head`] without known MACs: IPv6's, at buffer bytes 14-15.
+const IPV6_PROTO_WORD: u64 = (ETH_P_IPV6.to_be() as u64) << 48;
+
+/// The first eight bytes of the outer IPv6 header (version 6 with the inner TOS as traffic
+/// class, no flow label, payload length, next header 4, hop limit) as a word.
+#[inline(always)]
+fn outer_w0(tos: u8, payload: u16, hop_limit: u8) -> u64 {
+    u64::from(0x60 | (tos >> 4))
+        | u64::from((tos & 0x0f) << 4) << 8
+        | u64::from(payload.to_be()) << 32
+        | u64::from(IPPROTO_IPIP) << 48
+        | u64::from(hop_limit) << 56
 }
 
-/// The whole new frame head, when the next hop's MACs are known.
-#[repr(C)]
-struct Head {
-    macs: [u8; 12],
-    outer: Outer,
-}
-
-/// Puts an IPv6 header (next header 4) between the Ethernet header and the IPv4 packet, with
-/// the EtherType, and with `macs` (destination, source) when known, all in one store. GSO
-/// packets keep their segment size (the MSS already accounts for the tunnel).
+/// Puts an IPv6 header `src` → `dst` (next header 4) between the Ethernet header and the IPv4
+/// packet, with the EtherType, and with `eth` as the MAC header (the [`NextHop::eth`] layout)
+/// when the next hop is known, all in one store. GSO packets keep their segment size (the
+/// MSS already accounts for the tunnel).
+///
+/// [`NextHop::eth`]: tunnel_common::nexthop::NextHop::eth
 #[inline(always)]
 pub fn encapsulate(
     ctx: &TcContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &[u64; 2],
+    dst: &[u64; 2],
     inner: &Ipv4Info,
     hop_limit: u8,
-    macs: Option<[u8; 12]>,
+    eth: Option<[u64; 2]>,
 ) -> Result<(), RewriteFailed> {
-    let tos = inner.hdr.tos;
-    let outer = Outer {
-        proto: ETH_P_IPV6.to_be_bytes(),
-        ip6: Ipv6Hdr {
-            vcf: [0x60 | (tos >> 4), (tos & 0x0f) << 4, 0, 0],
-            payload_len: inner.tot_len.to_be_bytes(),
-            next_hdr: IPPROTO_IPIP,
-            hop_limit,
-            src_addr: *src,
-            dst_addr: *dst,
-        },
-    };
+    let w0 = outer_w0(inner.tos(), inner.tot_len, hop_limit);
     ctx.adjust_room(
         IPV6_HEADER_LEN as i32,
         BPF_ADJ_ROOM_MAC,
         (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_FIXED_GSO) as u64,
     )
     .map_err(|_| RewriteFailed)?;
-    match macs {
-        Some(macs) => ctx.store(0, &Head { macs, outer }, 0),
-        None => ctx.store(ETH_LEN - 2, &outer, 0),
+    match eth {
+        Some([e0, e1]) => Head([e0, e1, w0, src[0], src[1], dst[0], dst[1]]).store(ctx, 54),
+        None => Head([0, IPV6_PROTO_WORD, w0, src[0], src[1], dst[0], dst[1]]).store_at(ctx, 12, 42),
     }
-    .map_err(|_| RewriteFailed)
 }
 
 /// Removes the outer IPv6 header; the frame becomes Ethernet + IPv4 and the kernel treats it
@@ -142,24 +133,24 @@ pub fn unwrap_for_forwarding(
 }
 
 /// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it
-/// in IPv6 `src` → `dst` (with `macs` as its MAC header, when known). Returns its segment
+/// in IPv6 `src` → `dst` (with `eth` as its MAC header, when known). Returns its segment
 /// count, to be counted once it is on its way; failures are counted here.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn wrap_clamped(
     ctx: &TcContext,
     ip: &Ipv4Info,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &[u64; 2],
+    dst: &[u64; 2],
     mss: u16,
     hop_limit: u8,
-    macs: Option<[u8; 12]>,
+    eth: Option<[u64; 2]>,
 ) -> Result<u64, RewriteFailed> {
     if crate::mss::clamp(ctx, ETH_LEN, ip, mss) {
         count(Counter::MssClamped);
     }
     let segs = segments(ctx);
-    if encapsulate(ctx, src, dst, ip, hop_limit, macs).is_err() {
+    if encapsulate(ctx, src, dst, ip, hop_limit, eth).is_err() {
         count(Counter::DropRewriteFailed);
         return Err(RewriteFailed);
     }
@@ -167,8 +158,8 @@ pub fn wrap_clamped(
 }
 
 /// Wraps the IPv4 packet that follows the Ethernet header in IPv6 `cfg.local` → `dst` and
-/// sends it on: the FIB is asked first, so the new frame head goes in with one store, then the
-/// redirect ([`crate::route::V6Route`]). `egress`: the program runs on egress of the IPv6
+/// sends it on: the next hop is looked up first (cache or FIB), so the new frame head goes in
+/// with one store, then the redirect ([`crate::route::V6Route`]). `egress`: the program runs on egress of the IPv6
 /// side. On its way, its segments are counted under `counter`; a route that does not work is
 /// counted as `drop_no_route_to_client` and logged through `log_program`. Returns the verdict
 /// and the segments sent (0 when it was not).
@@ -177,12 +168,13 @@ pub fn send_wrapped(
     ctx: &TcContext,
     ip: &Ipv4Info,
     cfg: &TunnelConfig,
-    dst: &[u8; 16],
+    dst: &[u64; 2],
     egress: bool,
     counter: Counter,
     log_program: u32,
 ) -> (i32, u64) {
-    send_wrapped_from(ctx, ip, cfg, &cfg.local, dst, egress, counter, log_program)
+    let src = map_words(&cfg.local);
+    send_wrapped_from(ctx, ip, cfg, &src, dst, egress, counter, log_program)
 }
 
 /// [`send_wrapped`] from outer source `src` instead of `cfg.local` (an lwAFTR softwire's own
@@ -193,14 +185,14 @@ pub fn send_wrapped_from(
     ctx: &TcContext,
     ip: &Ipv4Info,
     cfg: &TunnelConfig,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &[u64; 2],
+    dst: &[u64; 2],
     egress: bool,
     counter: Counter,
     log_program: u32,
 ) -> (i32, u64) {
     let route = route::lookup_v6(ctx, src, dst, cfg.v6_ifindex);
-    let Ok(segs) = wrap_clamped(ctx, ip, src, dst, cfg.mss, cfg.hop_limit, route.macs()) else {
+    let Ok(segs) = wrap_clamped(ctx, ip, src, dst, cfg.mss, cfg.hop_limit, route.eth()) else {
         return (DROP, 0);
     };
     match route.send(ctx, cfg.v6_ifindex, egress) {
@@ -252,8 +244,8 @@ impl Upper {
 /// the program expects. Options whose type asks to discard unknown ones are not acted on: a
 /// packet to a tunnel endpoint is the endpoint's to take.
 #[inline(always)]
-pub fn outer_upper(ctx: &TcContext, outer: &Ipv6Hdr) -> Upper {
-    let mut next = outer.next_hdr;
+pub fn outer_upper(ctx: &TcContext, outer: &Outer6) -> Upper {
+    let mut next = outer.next_hdr();
     let mut len = 0usize;
     for i in 0..=MAX_EXT_HEADERS {
         match next {
@@ -281,11 +273,11 @@ pub fn outer_upper(ctx: &TcContext, outer: &Ipv6Hdr) -> Upper {
 /// Removes `len` bytes of extension headers after the outer IPv6 header and makes it say
 /// next header 4 with the payload length reduced to match.
 #[inline(always)]
-fn strip_ext(ctx: &TcContext, outer: &Ipv6Hdr, len: usize) -> Upper {
+fn strip_ext(ctx: &TcContext, outer: &Outer6, len: usize) -> Upper {
     if len == 0 {
         return Upper::Ipip;
     }
-    let payload = u16::from_be_bytes(outer.payload_len) as usize;
+    let payload = outer.payload_len() as usize;
     if payload < len + 20 || len > 2048 {
         return Upper::Malformed;
     }

@@ -22,6 +22,7 @@ use aya_ebpf::{
 use tunnel_common::{names::LOG_PROGRAMS, stats::Counter};
 
 use crate::{
+    direct::Key16,
     packet::{DROP, INNER_OFF, Ipv4Info, PASS},
     stats::count,
 };
@@ -88,11 +89,11 @@ pub fn dropped_ipip(
     ctx: &TcContext,
     program: u32,
     reason: Counter,
-    outer_src: &[u8; 16],
+    outer_src: &[u64; 2],
     inner: &Ipv4Info,
 ) {
     emit(ctx, program, reason, || LogEvent {
-        outer_src: *outer_src,
+        outer_src: *Key16(*outer_src).bytes(),
         src: inner.src(),
         dst: inner.dst(),
         reason: reason.index(),
@@ -105,9 +106,14 @@ pub fn dropped_ipip(
 /// (only when logging) from where they are without outer extension headers, 0 if the packet
 /// is too short.
 #[inline(always)]
-pub fn dropped_ipip_unparsed(ctx: &TcContext, program: u32, reason: Counter, outer_src: &[u8; 16]) {
+pub fn dropped_ipip_unparsed(
+    ctx: &TcContext,
+    program: u32,
+    reason: Counter,
+    outer_src: &[u64; 2],
+) {
     emit(ctx, program, reason, || LogEvent {
-        outer_src: *outer_src,
+        outer_src: *Key16(*outer_src).bytes(),
         src: ctx.load::<u32>(INNER_OFF + 12).unwrap_or(0),
         dst: ctx.load::<u32>(INNER_OFF + 16).unwrap_or(0),
         reason: reason.index(),

@@ -8,6 +8,7 @@ mod br;
 mod ce;
 mod client;
 mod monitor;
+mod resolve;
 mod server;
 mod server_xdp;
 

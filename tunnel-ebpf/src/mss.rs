@@ -1,7 +1,10 @@
 //! TCP MSS clamping on SYNs, so that TCP segments fit the tunnel without fragments.
 use aya_ebpf::programs::TcContext;
 
-use crate::packet::{IPPROTO_TCP, Ipv4Info};
+use crate::{
+    direct::View,
+    packet::{IPPROTO_TCP, Ipv4Info},
+};
 
 /// TCP flag SYN in byte 13 of the header.
 const TCP_SYN: u8 = 0x02;
@@ -16,12 +19,20 @@ const MAX_OPTION_STEPS: usize = 8;
 /// rewrites the option to `max` and fixes the checksum. Returns whether it did.
 #[inline(always)]
 pub fn clamp(ctx: &TcContext, ip_off: usize, ip: &Ipv4Info, max: u16) -> bool {
-    if ip.hdr.proto != IPPROTO_TCP || !ip.first_fragment() || max == 0 {
+    if ip.proto() != IPPROTO_TCP || !ip.first_fragment() || max == 0 {
         return false;
     }
     let tcp_off = ip_off + ip.ihl;
-    let Ok([doff, flags]) = ctx.load::<[u8; 2]>(tcp_off + 12) else {
-        return false;
+    // Every TCP packet is asked, so the flags are read straight from the packet when its
+    // headers are in the linear part (they are, but for odd drivers).
+    let v = View::of(ctx);
+    let [doff, flags] = if let Some(tcp) = v.at(tcp_off, 14) {
+        tcp.w16(12).to_ne_bytes()
+    } else {
+        match ctx.load::<[u8; 2]>(tcp_off + 12) {
+            Ok(b) => b,
+            Err(_) => return false,
+        }
     };
     if flags & TCP_SYN == 0 {
         return false;

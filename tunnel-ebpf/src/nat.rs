@@ -55,7 +55,7 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
     } else {
         (0, ip.src())
     };
-    match ip.hdr.proto {
+    match ip.proto() {
         proto @ (IPPROTO_TCP | IPPROTO_UDP) => {
             let Ok(p) = ctx.load::<[u8; 4]>(off + l4) else {
                 return Classified::Other;
@@ -147,7 +147,7 @@ pub fn rewrite(
     } else {
         ip.dst()
     };
-    let udp = if ip.hdr.proto == IPPROTO_UDP {
+    let udp = if ip.proto() == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
@@ -159,7 +159,7 @@ pub fn rewrite(
         ctx.l3_csum_replace(off + 10, old_addr as u64, new_addr as u64, 4)
             .map_err(|_| RewriteFailed)?;
         // TCP and UDP checksums cover the addresses (pseudo-header); ICMP's does not.
-        if ip.hdr.proto != IPPROTO_ICMP {
+        if ip.proto() != IPPROTO_ICMP {
             ctx.l4_csum_replace(
                 csum,
                 old_addr as u64,
@@ -210,7 +210,7 @@ pub fn br_port(ctx: &TcContext, off: usize, ip: &Ipv4Info, from_ce: bool) -> Opt
         return None;
     }
     let l4 = off + ip.ihl;
-    match ip.hdr.proto {
+    match ip.proto() {
         IPPROTO_TCP | IPPROTO_UDP => {
             let p = ctx.load::<[u8; 4]>(l4).ok()?;
             Some(if from_ce {

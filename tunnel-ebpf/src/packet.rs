@@ -1,9 +1,12 @@
-//! Header offsets and small packet operations shared by the programs. Reads and writes go
-//! through `bpf_skb_load_bytes` / `bpf_skb_store_bytes`, which also work on non-linear skbs
-//! (GSO packets whose headers are not all in the linear part).
-use aya_ebpf::programs::TcContext;
-use network_types::ip::Ipv4Hdr;
+//! Header offsets and small packet operations shared by the programs. Headers are read as
+//! words straight from the packet's linear part ([`crate::direct`]), or through
+//! `bpf_skb_load_bytes` when they are not in it; writes go through `bpf_skb_store_bytes`
+//! (direct writes would make the verifier unclone every packet of the program's hook, also
+//! the ones it passes).
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use tunnel_common::fastpath::IPV6_HEADER_LEN;
+
+use crate::direct::{Key16, View};
 
 pub const ETH_LEN: usize = 14;
 /// Offset of the EtherType in the Ethernet header.
@@ -57,9 +60,17 @@ pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
             == u64::from_ne_bytes(b1.try_into().unwrap_or([1; 8]))
 }
 
-/// The parts of an IPv4 header the programs decide on.
+/// An IPv4 header as the programs read it: its 20 fixed bytes as three words (wire order,
+/// as loaded), with accessors for the fields. Read with one load per word from the packet
+/// (or one helper call when the header is not in the linear part).
+#[derive(Clone, Copy)]
 pub struct Ipv4Info {
-    pub hdr: Ipv4Hdr,
+    /// Bytes 0-7: version and header length, TOS, total length, id, flags and offset.
+    pub w0: u64,
+    /// Bytes 8-15: TTL, protocol, checksum, source address.
+    pub w1: u64,
+    /// Bytes 16-19: destination address.
+    pub w2: u32,
     /// Header length in bytes (20-60).
     pub ihl: usize,
     pub tot_len: u16,
@@ -74,50 +85,196 @@ pub enum NotIpv4 {
     Malformed,
 }
 
+/// 24 bytes, 8-aligned: what a header read through the helper lands in.
+#[repr(C, align(8))]
+struct Words3([u64; 3]);
+
 impl Ipv4Info {
-    /// Reads and sanity-checks the IPv4 header at `off`.
+    /// Reads and sanity-checks the IPv4 header at `off` (a constant: 14 or 54).
     #[inline(always)]
     pub fn load(ctx: &TcContext, off: usize) -> Option<Ipv4Info> {
         Self::parse(ctx, off).ok()
     }
 
-    /// As [`Ipv4Info::load`], telling why it is not an IPv4 header (one read of the packet).
+    /// As [`Ipv4Info::load`], telling why it is not an IPv4 header.
     #[inline(always)]
     pub fn parse(ctx: &TcContext, off: usize) -> Result<Ipv4Info, NotIpv4> {
-        let hdr: Ipv4Hdr = ctx.load(off).map_err(|_| NotIpv4::Malformed)?;
-        if hdr.vihl >> 4 != 4 {
+        let v = View::of(ctx);
+        let (w0, w1, w2) = if v.holds(off + 20) {
+            (v.w64(off), v.w64(off + 8), v.w32(off + 16))
+        } else {
+            let mut buf = Words3([0; 3]);
+            // SAFETY: the helper writes at most 20 bytes into the 24-byte buffer.
+            let rc = unsafe {
+                bpf_skb_load_bytes(
+                    ctx.skb.skb as *const _,
+                    off as u32,
+                    buf.0.as_mut_ptr().cast(),
+                    20,
+                )
+            };
+            if rc != 0 {
+                return Err(NotIpv4::Malformed);
+            }
+            (buf.0[0], buf.0[1], buf.0[2] as u32)
+        };
+        Self::from_words(w0, w1, w2)
+    }
+
+    /// The header whose words are `w0`, `w1`, `w2`, checked.
+    #[inline(always)]
+    pub fn from_words(w0: u64, w1: u64, w2: u32) -> Result<Ipv4Info, NotIpv4> {
+        let vihl = w0 as u8;
+        if vihl >> 4 != 4 {
             return Err(NotIpv4::OtherVersion);
         }
-        let ihl = ((hdr.vihl & 0x0f) as usize) * 4;
-        let tot_len = u16::from_be_bytes(hdr.tot_len);
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let tot_len = u16::from_be((w0 >> 16) as u16);
         if ihl < 20 || (tot_len as usize) < ihl {
             return Err(NotIpv4::Malformed);
         }
-        Ok(Ipv4Info { hdr, ihl, tot_len })
+        Ok(Ipv4Info {
+            w0,
+            w1,
+            w2,
+            ihl,
+            tot_len,
+        })
     }
 
+    /// The source address, wire order (as [`tunnel_common::fastpath::Ipv4Key`]).
+    #[inline(always)]
     pub fn src(&self) -> u32 {
-        u32::from_ne_bytes(self.hdr.src_addr)
+        (self.w1 >> 32) as u32
     }
 
+    /// The destination address, wire order.
+    #[inline(always)]
     pub fn dst(&self) -> u32 {
-        u32::from_ne_bytes(self.hdr.dst_addr)
+        self.w2
+    }
+
+    #[inline(always)]
+    pub fn tos(&self) -> u8 {
+        (self.w0 >> 8) as u8
+    }
+
+    #[inline(always)]
+    pub fn ttl(&self) -> u8 {
+        self.w1 as u8
+    }
+
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        (self.w1 >> 8) as u8
+    }
+
+    /// The header checksum's value.
+    #[inline(always)]
+    pub fn check(&self) -> u16 {
+        u16::from_be((self.w1 >> 16) as u16)
+    }
+
+    /// Flags and fragment offset.
+    #[inline(always)]
+    fn frags(&self) -> u16 {
+        u16::from_be((self.w0 >> 48) as u16)
     }
 
     pub fn dont_fragment(&self) -> bool {
-        self.hdr.frags[0] & 0x40 != 0
+        self.frags() & 0x4000 != 0
     }
 
     /// Offset 0 (the first or only fragment): the transport header is here.
+    #[inline(always)]
     pub fn first_fragment(&self) -> bool {
-        u16::from_be_bytes(self.hdr.frags) & 0x1fff == 0
+        self.frags() & 0x1fff == 0
     }
 
     /// Whether this is a fragment at all (more fragments follow, or it is not the first).
     #[inline(always)]
     pub fn fragment(&self) -> bool {
-        u16::from_be_bytes(self.hdr.frags) & 0x3fff != 0
+        self.frags() & 0x3fff != 0
     }
+
+    /// Bytes 8-11 (TTL, protocol, checksum) with the TTL one lower and the checksum to match
+    /// (RFC 1624, as the kernel's `ip_decrease_ttl`), wire order.
+    #[inline(always)]
+    pub fn ttl_decremented(&self) -> u32 {
+        let check = ttl_decremented_checksum(self.check()).to_be();
+        u32::from(self.ttl().wrapping_sub(1)) | u32::from(self.proto()) << 8 | u32::from(check) << 16
+    }
+}
+
+/// The outer IPv6 header of an encapsulated frame (at [`ETH_LEN`]), as words.
+#[derive(Clone, Copy)]
+pub struct Outer6 {
+    /// Bytes 0-7: version, traffic class, flow label, payload length, next header, hop limit.
+    pub w0: u64,
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
+}
+
+impl Outer6 {
+    /// Reads the IPv6 header after the Ethernet header; None when the frame is shorter.
+    #[inline(always)]
+    pub fn load(ctx: &TcContext) -> Option<Outer6> {
+        let v = View::of(ctx);
+        if v.holds(ETH_LEN + 40) {
+            return Some(Outer6 {
+                w0: v.w64(ETH_LEN),
+                src: v.addr6(ETH_LEN + 8),
+                dst: v.addr6(ETH_LEN + 24),
+            });
+        }
+        let mut buf = Words5([0; 5]);
+        // SAFETY: the helper writes 40 bytes into the 40-byte buffer.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                ETH_LEN as u32,
+                buf.0.as_mut_ptr().cast(),
+                40,
+            )
+        };
+        (rc == 0).then_some(Outer6 {
+            w0: buf.0[0],
+            src: [buf.0[1], buf.0[2]],
+            dst: [buf.0[3], buf.0[4]],
+        })
+    }
+
+    #[inline(always)]
+    pub fn next_hdr(&self) -> u8 {
+        (self.w0 >> 48) as u8
+    }
+
+    #[inline(always)]
+    pub fn payload_len(&self) -> u16 {
+        u16::from_be((self.w0 >> 32) as u16)
+    }
+
+    /// The source as a map key.
+    #[inline(always)]
+    pub fn src_key(&self) -> Key16 {
+        Key16(self.src)
+    }
+
+    /// The source address's bytes (for logs and keys built elsewhere).
+    #[inline(always)]
+    pub fn src_bytes(&self) -> [u8; 16] {
+        *Key16(self.src).bytes()
+    }
+}
+
+/// 40 bytes, 8-aligned.
+#[repr(C, align(8))]
+struct Words5([u64; 5]);
+
+/// Whether two addresses held as words are the same.
+#[inline(always)]
+pub fn eq_words(a: &[u64; 2], b: &[u64; 2]) -> bool {
+    a[0] == b[0] && a[1] == b[1]
 }
 
 /// The length of the largest packet this skb will become on the wire: its IPv4 total length,
@@ -129,7 +286,7 @@ pub fn wire_len(ctx: &TcContext, ip_off: usize, ip: &Ipv4Info) -> usize {
     if gso_size == 0 {
         return ip.tot_len as usize;
     }
-    let l4 = match ip.hdr.proto {
+    let l4 = match ip.proto() {
         IPPROTO_TCP => ctx
             .load::<u8>(ip_off + ip.ihl + 12)
             .map(|b| ((b >> 4) as usize) * 4)
@@ -153,9 +310,7 @@ pub fn segments(ctx: &TcContext) -> u64 {
 /// does it), not a store and a checksum helper.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, off: usize, ip: &Ipv4Info) -> Result<(), RewriteFailed> {
-    let check = ttl_decremented_checksum(u16::from_be_bytes(ip.hdr.check));
-    let [c0, c1] = check.to_be_bytes();
-    let new = [ip.hdr.ttl.wrapping_sub(1), ip.hdr.proto, c0, c1];
+    let new = ip.ttl_decremented();
     ctx.store(off + 8, &new, 0).map_err(|_| RewriteFailed)
 }
 

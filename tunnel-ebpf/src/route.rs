@@ -1,22 +1,28 @@
-//! Sending rewritten packets on: FIB lookup, MAC rewrite, redirect (or neighbour resolution
-//! by the kernel when the next hop's MAC is not known yet).
+//! Sending rewritten packets on: the next hop from the cache ([`crate::nexthop`]) or, when
+//! the cache has no current answer, from the FIB helper; MAC rewrite; redirect (or neighbour
+//! resolution by the kernel when the next hop's MAC is not known yet).
 use core::mem;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_store_bytes,
+    },
     programs::TcContext,
 };
-use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
+use tunnel_common::{
+    fastpath::IPV6_HEADER_LEN,
+    nexthop::NH_FORWARD,
+    stats::Counter,
+};
 
 use crate::{
-    packet::{
-        DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, decrement_ttl, set_eth_proto,
-        ttl_decremented_checksum,
-    },
+    direct::map_words,
+    nexthop,
+    packet::{DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, RewriteFailed, decrement_ttl, set_eth_proto},
     stats::count,
 };
 
@@ -24,8 +30,12 @@ use crate::{
 const VERDICT_OK: i32 = TC_ACT_OK as _;
 const VERDICT_REDIRECT: i32 = TC_ACT_REDIRECT as _;
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// What the FIB helper's size-only check of a non-GSO packet allows beyond the device MTU:
+/// the Ethernet header and a VLAN tag (the kernel's `is_skb_forwardable`).
+const FORWARDABLE_SLACK: u32 = 14 + 4;
 
 /// Result of a forwarding attempt.
 pub enum Forward {
@@ -37,31 +47,115 @@ pub enum Forward {
     Excluded,
 }
 
+/// A frame head as the programs write it, 8-aligned: two bytes of padding, then the frame
+/// from its first byte (the Ethernet header in buffer bytes 2-15), so that the IP header
+/// that follows starts at buffer byte 16 and its words are aligned. [`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) has the
+/// same padding, so the Ethernet header goes in as two words.
+#[repr(C, align(8))]
+pub struct Head(pub [u64; 7]);
+
+impl Head {
+    /// Writes the first `len` bytes of the frame (at most 54).
+    #[inline(always)]
+    pub fn store(&self, ctx: &TcContext, len: u32) -> Result<(), RewriteFailed> {
+        self.store_at(ctx, 0, len)
+    }
+
+    /// Writes `len` bytes of the frame from its byte `from` on (the MAC addresses kept when
+    /// `from` is 12).
+    #[inline(always)]
+    pub fn store_at(&self, ctx: &TcContext, from: u32, len: u32) -> Result<(), RewriteFailed> {
+        // SAFETY: the helper reads `len` bytes of this buffer from frame byte `from` (buffer
+        // byte `from` + 2); callers keep `from + len` within its 54 frame bytes.
+        let rc = unsafe {
+            bpf_skb_store_bytes(
+                ctx.skb.skb.cast(),
+                from,
+                (self.0.as_ptr() as *const u8).add(2 + from as usize).cast(),
+                len,
+                0,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(RewriteFailed) }
+    }
+}
+
 #[inline(always)]
 fn zeroed() -> bpf_fib_lookup {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     unsafe { mem::zeroed() }
 }
 
-/// The FIB's answer for an IPv6 packet we are about to build (outer `src` → `dst`), asked
-/// before the packet is rewritten, so that the MAC header can go in with the outer header in
-/// one store ([`V6Route::macs`]) and [`V6Route::send`] only redirects.
-pub struct V6Route {
-    p: bpf_fib_lookup,
-    rc: u32,
+/// The padded Ethernet header ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout) for the FIB's answer `p` and
+/// EtherType `proto`, as words.
+#[inline(always)]
+pub fn eth_of(p: &bpf_fib_lookup, proto: u16) -> [u64; 2] {
+    let d = &p.dmac;
+    let s = &p.smac;
+    let [t0, t1] = proto.to_be_bytes();
+    [
+        u64::from_le_bytes([0, 0, d[0], d[1], d[2], d[3], d[4], d[5]]),
+        u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], t0, t1]),
+    ]
 }
 
-/// Looks up the route for the IPv6 packet this skb becomes once encapsulated. `oif` is the
-/// IPv6-side interface.
+/// Where an IPv6 packet we are about to build goes: the cache's next hop, or the FIB's
+/// answer (asked before the packet is rewritten, so that the MAC header can go in with the
+/// outer header in one store, [`V6Route::eth`], and [`V6Route::send`] only redirects). Every
+/// field is set on every path: the verifier refuses a program that copies an unset one.
+pub struct V6Route {
+    how: u32,
+    /// [`V6_KNOWN`]: the Ethernet header ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout) and the interface.
+    eth: [u64; 2],
+    ifindex: u32,
+    /// [`V6_NEIGH`]: the next hop the kernel resolves.
+    gateway: [u32; 4],
+}
+
+/// The next hop's MAC is known and the packet fits: write it and redirect.
+const V6_KNOWN: u32 = 0;
+/// The next hop is known but not its MAC: the kernel resolves it (ND) on `ifindex`.
+const V6_NEIGH: u32 = 1;
+/// Anything else: the kernel's own route lookup and neighbour resolution, out of `oif`.
+const V6_KERNEL: u32 = 2;
+
+/// Whether a packet of `ctx.len() + grow` bytes (with its MAC header) fits `mtu`: GSO packets
+/// are checked per segment when they are split, as the FIB helper does.
 #[inline(always)]
-pub fn lookup_v6(ctx: &TcContext, src: &[u8; 16], dst: &[u8; 16], oif: u32) -> V6Route {
+fn fits(ctx: &TcContext, grow: u32, mtu: u32) -> bool {
+    // SAFETY: reading a field of the context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    gso_size != 0 || ctx.len() + grow <= mtu + ETH_LEN as u32
+}
+
+/// The FIB helper's check of a packet it forwards (`is_skb_forwardable`): GSO, or at most the
+/// device MTU plus the Ethernet header and a VLAN tag.
+#[inline(always)]
+fn forwardable(ctx: &TcContext, mtu: u32) -> bool {
+    fits(ctx, 0, mtu + FORWARDABLE_SLACK - ETH_LEN as u32)
+}
+
+/// Looks up the route for the IPv6 packet this skb becomes once encapsulated (outer `src` →
+/// `dst`). `oif` is the IPv6-side interface.
+#[inline(always)]
+pub fn lookup_v6(ctx: &TcContext, src: &[u64; 2], dst: &[u64; 2], oif: u32) -> V6Route {
+    let grow = u32::from(IPV6_HEADER_LEN);
+    if let Some(nh) = nexthop::get6(dst) {
+        let known = nh.kind == NH_FORWARD && fits(ctx, grow, nh.mtu);
+        return V6Route {
+            how: if known { V6_KNOWN } else { V6_KERNEL },
+            eth: map_words(&nh.eth),
+            ifindex: nh.ifindex,
+            gateway: [0; 4],
+        };
+    }
     let mut p = zeroed();
     p.family = AF_INET6;
     p.ifindex = oif;
-    p.__bindgen_anon_3.ipv6_src = words(src);
-    p.__bindgen_anon_4.ipv6_dst = words(dst);
+    p.__bindgen_anon_3.ipv6_src = halves(src);
+    p.__bindgen_anon_4.ipv6_dst = halves(dst);
     // SAFETY: the helper reads and writes `p`, whose size we pass.
-    let mut rc = unsafe {
+    let rc = unsafe {
         fib_lookup(
             ctx.skb.skb.cast(),
             &mut p,
@@ -71,61 +165,63 @@ pub fn lookup_v6(ctx: &TcContext, src: &[u8; 16], dst: &[u8; 16], oif: u32) -> V
     } as u32;
     // The helper checked the skb as it is now against the egress MTU; it grows by the outer
     // header.
-    // GSO packets are checked per segment when they are split, as the helper does.
-    // SAFETY: reading fields of the context and of the union the helper filled in.
-    let (gso_size, mtu) = unsafe { ((*ctx.skb.skb).gso_size, p.__bindgen_anon_1.mtu_result) };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS
-        && gso_size == 0
-        && ctx.len() + u32::from(IPV6_HEADER_LEN) > u32::from(mtu) + ETH_LEN as u32
-    {
-        rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+    // SAFETY: reading the union the helper filled in.
+    let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
+    let how = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS if fits(ctx, grow, mtu) => V6_KNOWN,
+        BPF_FIB_LKUP_RET_NO_NEIGH => V6_NEIGH,
+        _ => V6_KERNEL,
+    };
+    V6Route {
+        how,
+        eth: eth_of(&p, crate::packet::ETH_P_IPV6),
+        ifindex: p.ifindex,
+        // SAFETY: after the lookup the destination field holds the next hop.
+        gateway: unsafe { p.__bindgen_anon_4.ipv6_dst },
     }
-    V6Route { p, rc }
 }
 
 impl V6Route {
-    /// Destination and source MAC, when the FIB knows the next hop's.
+    /// The Ethernet header toward the next hop ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout), when it is known.
     #[inline(always)]
-    pub fn macs(&self) -> Option<[u8; 12]> {
-        if self.rc != BPF_FIB_LKUP_RET_SUCCESS {
-            return None;
-        }
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&self.p.dmac);
-        macs[6..].copy_from_slice(&self.p.smac);
-        Some(macs)
+    pub fn eth(&self) -> Option<[u64; 2]> {
+        (self.how == V6_KNOWN).then_some(self.eth)
     }
 
-    /// Sends the packet (built with [`V6Route::macs`] in its MAC header) out of the interface
-    /// the FIB picked. `current` is the interface the program runs on and `egress` tells
-    /// whether it runs on egress there (then a packet already on the right interface just
-    /// continues). Without a known next hop the kernel resolves it (ND) and queues the
-    /// packet; when the FIB refuses (IPv6 forwarding off on `oif`: a client host, or a server
-    /// that does not forward IPv6), the kernel's own output route lookup and neighbour
-    /// resolution still work, at the cost of doing them after we return.
+    /// Sends the packet (built with [`V6Route::eth`] as its MAC header) out of the interface
+    /// the route names. `egress` tells whether the program runs on egress of the interface
+    /// it is on (then a packet already on the right interface just continues). Without a
+    /// known next hop the kernel resolves it (ND) and queues the packet; when the FIB refuses
+    /// (IPv6 forwarding off on `oif`: a client host, or a server that does not forward IPv6),
+    /// the kernel's own output route lookup and neighbour resolution still work, at the cost
+    /// of doing them after we return.
     #[inline(always)]
     pub fn send(&self, ctx: &TcContext, oif: u32, egress: bool) -> Forward {
-        match self.rc {
-            BPF_FIB_LKUP_RET_SUCCESS => {
-                // SAFETY: reading a field of the context.
-                let current = unsafe { (*ctx.skb.skb).ifindex };
-                if egress && self.p.ifindex == current {
-                    return Forward::Verdict(VERDICT_OK);
-                }
-                // SAFETY: plain helper call.
-                Forward::Verdict(unsafe { bpf_redirect(self.p.ifindex, 0) } as i32)
-            }
-            BPF_FIB_LKUP_RET_NO_NEIGH => {
-                // SAFETY: plain data; after the lookup the destination field holds the next
-                // hop.
+        match self.how {
+            V6_KNOWN => redirect_known(ctx, self.ifindex, egress),
+            V6_NEIGH => {
+                // SAFETY: plain data.
                 let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
-                nh.nh_family = AF_INET6 as u32;
-                nh.__bindgen_anon_1.ipv6_nh = unsafe { self.p.__bindgen_anon_4.ipv6_dst };
-                redirect_neigh(self.p.ifindex, Some(&mut nh))
+                nh.nh_family = u32::from(AF_INET6);
+                nh.__bindgen_anon_1.ipv6_nh = self.gateway;
+                redirect_neigh(self.ifindex, Some(&mut nh))
             }
             _ => redirect_neigh(oif, None),
         }
     }
+}
+
+/// Out of `ifindex` with the MAC header already written: redirect, or carry on when the
+/// program runs on egress of that very interface.
+#[inline(always)]
+fn redirect_known(ctx: &TcContext, ifindex: u32, egress: bool) -> Forward {
+    // SAFETY: reading a field of the context.
+    let current = unsafe { (*ctx.skb.skb).ifindex };
+    if egress && ifindex == current {
+        return Forward::Verdict(VERDICT_OK);
+    }
+    // SAFETY: plain helper call.
+    Forward::Verdict(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// `bpf_redirect_neigh` toward `nh` on `ifindex`, or with the kernel's route lookup when `nh`
@@ -160,31 +256,43 @@ pub fn v4_lookup(ifindex: u32, src: u32, dst: u32, tos: u8) -> bpf_fib_lookup {
     p
 }
 
-/// The frame head a forwarded IPv4 packet gets in one store: MAC header, EtherType and the
-/// first 12 bytes of the IPv4 header (through the TTL, protocol and checksum).
-#[repr(C)]
-struct Head4 {
-    macs: [u8; 12],
-    proto: [u8; 2],
-    ipv4: [u8; 12],
+/// Writes the frame head of a forwarded IPv4 packet in one store: the Ethernet header `eth`
+/// ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout) and the first 12 bytes of the IPv4 header `ip` with the TTL
+/// decremented and the checksum to match.
+#[inline(always)]
+fn write_head4(ctx: &TcContext, eth: [u64; 2], ip: &Ipv4Info) -> Result<(), RewriteFailed> {
+    Head([eth[0], eth[1], ip.w0, u64::from(ip.ttl_decremented()), 0, 0, 0]).store(ctx, 26)
 }
 
 /// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped by
 /// `encap::unwrap_for_forwarding`, so the frame's EtherType is still IPv6's; header `inner`,
-/// destination `dst`) as the kernel's router would: TTL checked and decremented, FIB lookup,
+/// destination `dst`) as the kernel's router would: TTL checked and decremented, next hop,
 /// redirect. With the next hop known, the MAC header, the EtherType and the decremented TTL
 /// with its checksum go in with one store. Routes to `exclude` (the TUN), local delivery,
-/// unresolved routes and expiring TTLs are left to the kernel (with the EtherType written).
-/// Returns the verdict and whether we redirected it.
+/// unresolved routes, packets too big for the egress and expiring TTLs are left to the kernel
+/// (with the EtherType written). Returns the verdict and whether we redirected it.
 #[inline(always)]
 pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u32) -> (i32, bool) {
-    if inner.hdr.ttl <= 1 {
+    if inner.ttl() <= 1 {
         count(Counter::SlowPathTtl);
         return (to_kernel(ctx), false);
     }
+    if let Some(nh) = nexthop::get4(dst) {
+        if nh.kind != NH_FORWARD
+            || (exclude != 0 && nh.ifindex == exclude)
+            || !forwardable(ctx, nh.mtu)
+        {
+            return (to_kernel(ctx), false);
+        }
+        if write_head4(ctx, map_words(&nh.eth), inner).is_err() {
+            return (to_kernel(ctx), false);
+        }
+        // SAFETY: plain helper call.
+        return (unsafe { bpf_redirect(nh.ifindex, 0) } as i32, true);
+    }
     // SAFETY: reading a field of the context.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let mut p = v4_lookup(ingress, inner.src(), dst, inner.hdr.tos);
+    let mut p = v4_lookup(ingress, inner.src(), dst, inner.tos());
     // SAFETY: the helper reads and writes `p`, whose size we pass.
     let rc = unsafe {
         fib_lookup(
@@ -199,30 +307,7 @@ pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u
     }
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let h = &inner.hdr;
-            let [c0, c1] = ttl_decremented_checksum(u16::from_be_bytes(h.check)).to_be_bytes();
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&p.dmac);
-            macs[6..].copy_from_slice(&p.smac);
-            let head = Head4 {
-                macs,
-                proto: ETH_P_IP.to_be_bytes(),
-                ipv4: [
-                    h.vihl,
-                    h.tos,
-                    h.tot_len[0],
-                    h.tot_len[1],
-                    h.id[0],
-                    h.id[1],
-                    h.frags[0],
-                    h.frags[1],
-                    h.ttl - 1,
-                    h.proto,
-                    c0,
-                    c1,
-                ],
-            };
-            if ctx.store(0, &head, 0).is_err() {
+            if write_head4(ctx, eth_of(&p, ETH_P_IP), inner).is_err() {
                 return (to_kernel(ctx), false);
             }
             // SAFETY: plain helper call.
@@ -236,7 +321,7 @@ pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u
             }
             // SAFETY: plain data; after the lookup the destination field holds the next hop.
             let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
-            nh.nh_family = AF_INET as u32;
+            nh.nh_family = u32::from(AF_INET);
             nh.__bindgen_anon_1.ipv4_nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
             match redirect_neigh(p.ifindex, Some(&mut nh)) {
                 // The redirect happens when the program returns: the TTL can go down now.
@@ -264,13 +349,8 @@ fn to_kernel(ctx: &TcContext) -> i32 {
     PASS
 }
 
+/// An address held as two words, as the FIB helper's four.
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    let mut w = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        w[i] = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
-        i += 1;
-    }
-    w
+fn halves(a: &[u64; 2]) -> [u32; 4] {
+    [a[0] as u32, (a[0] >> 32) as u32, a[1] as u32, (a[1] >> 32) as u32]
 }

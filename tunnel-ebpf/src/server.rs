@@ -18,20 +18,20 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use network_types::ip::Ipv6Hdr;
 use tunnel_common::{
     fastpath::{POLICY_QUOTE, PolicyEvent, SharedAddr, SoftwireEntry, TunnelConfig},
     names::{LOG_SERVER_DECAP, LOG_SERVER_ENCAP, TAIL_SERVER_DECAP_SOFTWIRE, TAIL_SERVER_HAIRPIN},
     stats::Counter,
 };
 use tunnel_ebpf::{
+    direct::{Key16, map_words},
     encap::{self, Upper},
     log,
     maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, config, count_client},
     nat,
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
-        PASS, eq16,
+        Outer6, PASS, eq_words,
     },
     route,
     softwire::{self, Miss},
@@ -44,10 +44,12 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     if packet::eth_proto(&ctx) != Some(ETH_P_IPV6) {
         return PASS;
     }
-    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+    let Some(outer) = Outer6::load(&ctx) else {
         return PASS;
     };
-    if !eq16(&outer.dst_addr, &cfg.local) && !softwire::is_aftr(&outer.dst_addr) {
+    if !eq_words(&outer.dst, &map_words(&cfg.local))
+        && !softwire::is_aftr(Key16(outer.dst).bytes())
+    {
         return PASS;
     }
     match encap::outer_upper(&ctx, &outer) {
@@ -61,7 +63,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         // SAFETY: only the presence of a binding is read.
         Upper::Fragment(_)
             if cfg.softwire_slow_path != 0
-                && unsafe { BIND_BY_V6.get(outer.src_addr) }.is_none() =>
+                && unsafe { BIND_BY_V6.get(outer.src_key().bytes()) }.is_none() =>
         {
             count(Counter::SoftwireOuterFragment);
             return PASS;
@@ -69,7 +71,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         other => return other.drop_counted(),
     }
     // SAFETY: the value is copied out before anything can change the map entry's meaning.
-    let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
+    let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_key().bytes()) }).copied() else {
         // A B4's, perhaps: the softwire checks are a program of their own (the verifier
         // and the stack limit take each program alone), and this one's hot path stays as
         // it is.
@@ -84,13 +86,13 @@ pub fn server_decap(ctx: TcContext) -> i32 {
                 NotIpv4::OtherVersion => Counter::DropInnerNotIpv4,
                 NotIpv4::Malformed => Counter::DropInnerMalformed,
             };
-            log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
+            log::dropped_ipip_unparsed(&ctx, LOG_SERVER_DECAP, reason, &outer.src);
             return DROP;
         }
     };
     if inner.src() != binding.ipv4 {
         let reason = Counter::DropInnerSourceNotLease;
-        log::dropped_ipip(&ctx, LOG_SERVER_DECAP, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(&ctx, LOG_SERVER_DECAP, reason, &outer.src, &inner);
         policy_event(&ctx, cfg);
         return DROP;
     }
@@ -115,7 +117,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn server_decap_softwire(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else { return PASS };
-    let Ok(outer) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+    let Some(outer) = Outer6::load(&ctx) else {
         return DROP;
     };
     softwire_decap(&ctx, cfg, &outer)
@@ -123,15 +125,15 @@ pub fn server_decap_softwire(ctx: TcContext) -> i32 {
 
 /// Counts (and logs, and reports) a packet from an IPv6 source that holds nothing: DROP.
 #[inline(always)]
-fn unbound(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
+fn unbound(ctx: &TcContext, cfg: &TunnelConfig, outer: &Outer6) -> i32 {
     let reason = Counter::DropUnboundSource;
-    log::dropped_ipip_unparsed(ctx, LOG_SERVER_DECAP, reason, &outer.src_addr);
+    log::dropped_ipip_unparsed(ctx, LOG_SERVER_DECAP, reason, &outer.src);
     policy_event(ctx, cfg);
     DROP
 }
 
 #[inline(always)]
-fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
+fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Outer6) -> i32 {
     let Ok(inner) = Ipv4Info::parse(ctx, INNER_OFF) else {
         return unbound(ctx, cfg, outer);
     };
@@ -139,7 +141,7 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
         return unbound(ctx, cfg, outer);
     };
     let port = nat::br_port(ctx, INNER_OFF, &inner, true);
-    let holds = || softwire::b4_holds(&outer.src_addr, inner.src());
+    let holds = || softwire::b4_holds(&outer.src_bytes(), inner.src());
     let outside_or = |other: Counter| {
         if holds() {
             Some(Counter::DropPortOutsideSet)
@@ -149,8 +151,8 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
     };
     let refused = match softwire::psid(&addr, port) {
         Ok(psid) => match softwire::get(inner.src(), psid) {
-            Some(sw) if eq16(&sw.b4, &outer.src_addr) => {
-                if eq16(&sw.aftr, &outer.dst_addr) {
+            Some(sw) if eq_words(&map_words(&sw.b4), &outer.src) => {
+                if eq_words(&map_words(&sw.aftr), &outer.dst) {
                     None
                 } else {
                     Some(Counter::DropB4Mismatch)
@@ -166,11 +168,11 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
         Err(Miss::NoPort) => Some(Counter::DropNoBindingForPort),
     };
     if let Some(reason) = refused {
-        log::dropped_ipip(ctx, LOG_SERVER_DECAP, reason, &outer.src_addr, &inner);
+        log::dropped_ipip(ctx, LOG_SERVER_DECAP, reason, &outer.src, &inner);
         policy_event(ctx, cfg);
         return DROP;
     }
-    if inner.hdr.ttl > 1 && softwire::shared(inner.dst()).is_some() {
+    if inner.ttl() > 1 && softwire::shared(inner.dst()).is_some() {
         // SAFETY: the tail call does not return when it succeeds.
         unsafe { TAIL_PROGS.tail_call(ctx, TAIL_SERVER_HAIRPIN) };
         count(Counter::DropRewriteFailed);
@@ -189,12 +191,10 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Ipv6Hdr) -> i32 {
 #[classifier]
 pub fn server_hairpin(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else { return PASS };
-    let (Ok(outer_src), Some(inner)) = (
-        ctx.load::<[u8; 16]>(ETH_LEN + 8),
-        Ipv4Info::load(&ctx, INNER_OFF),
-    ) else {
+    let (Some(outer), Some(inner)) = (Outer6::load(&ctx), Ipv4Info::load(&ctx, INNER_OFF)) else {
         return DROP;
     };
+    let outer_src = outer.src;
     let Some(to) = softwire::shared(inner.dst()) else {
         return DROP;
     };
@@ -207,7 +207,7 @@ fn hairpin(
     cfg: &TunnelConfig,
     inner: &Ipv4Info,
     to: &SharedAddr,
-    outer_src: &[u8; 16],
+    outer_src: &[u64; 2],
 ) -> i32 {
     if cfg.no_hairpin != 0 {
         log::dropped_ipip(
@@ -240,8 +240,8 @@ fn hairpin(
         ctx,
         inner,
         cfg,
-        &sw.aftr,
-        &sw.b4,
+        &map_words(&sw.aftr),
+        &map_words(&sw.b4),
         false,
         Counter::Encap,
         LOG_SERVER_DECAP,
@@ -326,20 +326,24 @@ pub fn server_encap(ctx: TcContext) -> i32 {
     let Some(ip) = Ipv4Info::load(&ctx, ETH_LEN) else {
         return PASS;
     };
-    // SAFETY: copied out at once.
+    // The binding's traffic slot, NO_SLOT for a softwire (a plain integer: an Option's unset
+    // payload, copied on the softwire path, is a register the verifier refuses to read).
+    const NO_SLOT: u32 = u32::MAX;
     // SAFETY: map values live as long as the map.
     let (src, dst, slot) = match unsafe { BIND_BY_V4.get(ip.dst()) } {
-        Some(binding) => (&cfg.local, &binding.client, Some(binding.slot)),
+        Some(binding) => (
+            map_words(&cfg.local),
+            map_words(&binding.client),
+            binding.slot,
+        ),
         None => match softwire_toward(&ctx, cfg, &ip) {
-            Ok(sw) => (&sw.aftr, &sw.b4, None),
+            Ok(sw) => (map_words(&sw.aftr), map_words(&sw.b4), NO_SLOT),
             Err(verdict) => return verdict,
         },
     };
     let bytes = inner_bytes(&ctx);
-    let (verdict, segs) = encap_toward(&ctx, cfg, &ip, src, dst);
-    if let Some(slot) = slot
-        && segs > 0
-    {
+    let (verdict, segs) = encap_toward(&ctx, cfg, &ip, &src, &dst);
+    if slot != NO_SLOT && segs > 0 {
         count_client(slot, false, segs, bytes);
     }
     verdict
@@ -392,8 +396,8 @@ fn encap_toward(
     ctx: &TcContext,
     cfg: &TunnelConfig,
     ip: &Ipv4Info,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &[u64; 2],
+    dst: &[u64; 2],
 ) -> (i32, u64) {
     if packet::wire_len(ctx, ETH_LEN, ip) > cfg.inner_mtu as usize {
         // The kernel routes it to the TUN; the controller answers with ICMP
@@ -401,7 +405,7 @@ fn encap_toward(
         log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTooBig, ip);
         return (PASS, 0);
     }
-    if ip.hdr.ttl <= 1 {
+    if ip.ttl() <= 1 {
         log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTtl, ip);
         return (PASS, 0);
     }

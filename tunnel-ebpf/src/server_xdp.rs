@@ -1,13 +1,15 @@
-//! `server_decap_xdp`: the common case of [`crate::server::server_decap`] in XDP, measured by
-//! `cargo xtask bench` against the TC program (SPEC §9; the issue keeps it only if it wins).
+//! `server_decap_xdp`: the common case of [`crate::server::server_decap`] in XDP, for the
+//! server's IPv6 side on NICs with native XDP (`server --xdp`), and measured by
+//! `cargo xtask bench` against the TC program (SPEC §9).
 //!
 //! It only takes the plain case: IPv4-in-IPv6 to our tunnel address from a bound client, inner
 //! source its lease, inner header without options, not a TCP SYN (MSS clamping), TTL above 1,
-//! and a FIB route with a resolved neighbour that is not the TUN. It then rewrites the frame in
-//! place (new Ethernet header over the end of the IPv6 header, TTL and checksum), moves the
-//! packet start past the old headers and redirects. Everything else is passed on unchanged,
-//! so the TC program behind it decides, drops and counts exactly as without XDP; only the
-//! drops that need no decision (unbound source, spoofed inner source) are taken here.
+//! and a next hop (cache or FIB) with a resolved neighbour that is not the TUN and whose MTU
+//! the packet fits. It then rewrites the frame in place (new Ethernet header over the end of
+//! the IPv6 header, TTL and checksum), moves the packet start past the old headers and
+//! redirects. Everything else is passed on unchanged, so the TC program behind it decides,
+//! drops and counts exactly as without XDP; only the drops that need no decision (unbound
+//! source, spoofed inner source) are taken here.
 use core::mem;
 
 use aya_ebpf::{
@@ -16,109 +18,118 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
-use tunnel_common::{fastpath::IPV6_HEADER_LEN, stats::Counter};
+use tunnel_common::{fastpath::IPV6_HEADER_LEN, nexthop::NH_FORWARD, stats::Counter};
 use tunnel_ebpf::{
+    direct::{Key16, View, map_words, store16, store32, store64},
     maps::{BIND_BY_V6, config, count_client},
-    packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, IPPROTO_TCP, eq16},
-    route::v4_lookup,
+    nexthop,
+    packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, IPPROTO_TCP, Ipv4Info},
+    route::{eth_of, v4_lookup},
     stats::count,
 };
 
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
-/// TCP flags byte offset in the TCP header, and the SYN bit.
+/// The TCP flags byte in the TCP header, and the SYN bit.
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
 
-/// A pointer to a `T` at `off`, when the packet is long enough (the verifier's bounds check).
-#[inline(always)]
-fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + off + mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
 #[xdp]
 pub fn server_decap_xdp(ctx: XdpContext) -> u32 {
-    // SAFETY: every pointer comes from `at`, which checked it against the packet's end.
-    unsafe { decap(&ctx) }.unwrap_or(PASS)
+    decap(&ctx).unwrap_or(PASS)
 }
 
 #[inline(always)]
-unsafe fn decap(ctx: &XdpContext) -> Option<u32> {
+fn decap(ctx: &XdpContext) -> Option<u32> {
     let cfg = config()?;
-    let proto: *const [u8; 2] = at(ctx, 12)?;
-    if u16::from_be_bytes(unsafe { *proto }) != ETH_P_IPV6 {
+    let v = View::from_bounds(ctx.data(), ctx.data_end());
+    if !v.holds(INNER_OFF + 20) || u16::from_be(v.w16(12)) != ETH_P_IPV6 {
         return None;
     }
-    let outer: *const Ipv6Hdr = at(ctx, ETH_LEN)?;
-    let outer = unsafe { &*outer };
-    if outer.next_hdr != IPPROTO_IPIP || !eq16(&outer.dst_addr, &cfg.local) {
+    let outer_w0 = v.w64(ETH_LEN);
+    if (outer_w0 >> 48) as u8 != IPPROTO_IPIP
+        || v.addr6(ETH_LEN + 24) != map_words(&cfg.local)
+    {
         return None;
     }
+    let client = Key16(v.addr6(ETH_LEN + 8));
     // SAFETY: copied out at once.
-    let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_addr) }).copied() else {
+    let Some(binding) = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied() else {
         count(Counter::DropUnboundSource);
         return Some(DROP);
     };
-    let inner: *mut Ipv4Hdr = at(ctx, INNER_OFF)?;
-    let inner = unsafe { &mut *inner };
-    // Options, other versions and short packets: the TC program sorts them out.
-    if inner.vihl != 0x45 {
+    let inner = Ipv4Info::from_words(
+        v.w64(INNER_OFF),
+        v.w64(INNER_OFF + 8),
+        v.w32(INNER_OFF + 16),
+    )
+    .ok()?;
+    // Options and odd headers: the TC program sorts them out.
+    if inner.ihl != 20 {
         return None;
     }
-    if u32::from_ne_bytes(inner.src_addr) != binding.ipv4 {
+    if inner.src() != binding.ipv4 {
         count(Counter::DropInnerSourceNotLease);
         return Some(DROP);
     }
-    if inner.ttl <= 1 {
+    if inner.ttl() <= 1 {
         return None;
     }
-    if inner.proto == IPPROTO_TCP {
-        let flags: *const u8 = at(ctx, INNER_OFF + 20 + TCP_FLAGS_OFF)?;
-        if unsafe { *flags } & TCP_SYN != 0 {
+    if inner.proto() == IPPROTO_TCP {
+        if !v.holds(INNER_OFF + 20 + TCP_FLAGS_OFF + 1) {
+            return None;
+        }
+        if v.u8(INNER_OFF + 20 + TCP_FLAGS_OFF) & TCP_SYN != 0 {
             return None; // MSS clamping is the TC program's
         }
     }
-    let mut p: bpf_fib_lookup = v4_lookup(
-        ctx.ingress_ifindex() as u32,
-        u32::from_ne_bytes(inner.src_addr),
-        u32::from_ne_bytes(inner.dst_addr),
-        inner.tos,
-    );
-    // SAFETY: the helper reads and writes `p`, whose size we pass.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &mut p,
-            mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex == cfg.tun_ifindex {
-        return None;
+    // The frame once decapsulated: length, and where the new Ethernet header goes.
+    let len = (ctx.data_end() - ctx.data()) as u32 - u32::from(IPV6_HEADER_LEN);
+    let (eth, ifindex) = match nexthop::get4(inner.dst()) {
+        Some(nh) => {
+            if nh.kind != NH_FORWARD
+                || nh.ifindex == cfg.tun_ifindex
+                || len > nh.mtu + ETH_LEN as u32
+            {
+                return None;
+            }
+            (map_words(&nh.eth), nh.ifindex)
+        }
+        None => {
+            let mut p: bpf_fib_lookup =
+                v4_lookup(ctx.ingress_ifindex() as u32, inner.src(), inner.dst(), inner.tos());
+            // SAFETY: the helper reads and writes `p`, whose size we pass.
+            let rc = unsafe {
+                fib_lookup(
+                    ctx.ctx.cast(),
+                    &mut p,
+                    mem::size_of::<bpf_fib_lookup>() as i32,
+                    0,
+                )
+            } as u32;
+            if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex == cfg.tun_ifindex {
+                return None;
+            }
+            (eth_of(&p, ETH_P_IP), p.ifindex)
+        }
+    };
+    // The new Ethernet header ends where the IPv4 header starts; TTL − 1 with its checksum.
+    let at = v.addr(IPV6_HEADER_LEN as usize);
+    // SAFETY: all within the INNER_OFF + 20 bytes checked above (through `v`, whose range the
+    // verifier knows).
+    unsafe {
+        store64(at, (eth[0] >> 16) | (eth[1] << 48));
+        store32(at + 8, (eth[1] >> 16) as u32);
+        store16(at + 12, (eth[1] >> 48) as u16);
+        store32(v.addr(INNER_OFF + 8), inner.ttl_decremented());
     }
-    // TTL - 1 and the matching checksum update (RFC 1624), as the kernel's ip_decrease_ttl.
-    inner.ttl -= 1;
-    let check = u32::from(u16::from_ne_bytes(inner.check)) + u32::from(0x0100u16.to_be());
-    inner.check = ((check + u32::from(check >= 0xffff)) as u16).to_ne_bytes();
-    // The new Ethernet header ends where the IPv4 header starts.
-    let eth: *mut [u8; ETH_LEN] = at(ctx, IPV6_HEADER_LEN as usize)?;
-    let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&p.dmac);
-    eth[6..12].copy_from_slice(&p.smac);
-    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
     // SAFETY: plain helper call; no packet pointer is used after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV6_HEADER_LEN as i32) } != 0 {
         return Some(DROP);
     }
     count(Counter::Decap);
     count(Counter::DecapRedirected);
-    let bytes = (ctx.data_end() - ctx.data()).saturating_sub(ETH_LEN) as u64;
-    count_client(binding.slot, true, 1, bytes);
+    count_client(binding.slot, true, 1, u64::from(len) - ETH_LEN as u64);
     // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
+    Some(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }

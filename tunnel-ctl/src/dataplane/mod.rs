@@ -11,6 +11,7 @@ pub mod client;
 pub mod fastpath;
 pub mod loader;
 pub mod nat;
+pub mod nexthop;
 pub mod server;
 pub mod softwires;
 pub mod stats;

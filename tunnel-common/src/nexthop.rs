@@ -1,0 +1,109 @@
+//! The next-hop cache: what the FIB answers for a destination, kept by the controller so that
+//! the fast path forwards without a FIB lookup per packet (SPEC §5; the fast-path issue).
+//!
+//! The programs look a destination up in [`crate::names::NEXTHOPS_V4`] or
+//! [`crate::names::NEXTHOPS_V6`]; an entry counts only when its `generation` is the current
+//! one in [`crate::names::NEXTHOP_STATE`]. Anything else (no entry, an old one, the cache off)
+//! takes the FIB helper as before and reports the destination on
+//! [`crate::names::NEXTHOP_MISSES`]. The controller answers a report by asking the kernel's
+//! FIB the same question (through the resolver program, [`crate::names::PROG_NEXTHOP_RESOLVE`],
+//! so the answer is the helper's own) and writes the entry; on every route, rule, address,
+//! link or netconf change and every neighbour whose address or validity changes it moves the
+//! generation on, which retires every entry at once. A stale MAC never outlives the netlink
+//! event that announced the change.
+
+/// Value of the next-hop maps.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Two zero bytes, then the Ethernet header toward the next hop: destination MAC, source
+    /// MAC, EtherType. The padding puts the end of the Ethernet header (where the IP header
+    /// starts) on an 8-byte boundary in the programs' head buffer, so they copy it as words.
+    pub eth: [u8; 16],
+    /// The interface the FIB sends it out of.
+    pub ifindex: u32,
+    /// The FIB's MTU for the route ([`NH_FORWARD`]); the programs' too-big checks use it.
+    pub mtu: u32,
+    /// [`NextHopState::generation`] when the entry was resolved.
+    pub generation: u32,
+    /// [`NH_FORWARD`] or [`NH_KERNEL`].
+    pub kind: u32,
+}
+
+/// The FIB found a route and a resolved neighbour: rewrite the MAC header and redirect.
+pub const NH_FORWARD: u32 = 1;
+/// The FIB's answer was neither (local delivery, unreachable, forwarding off, ...): the
+/// program does what it does with such an answer (leave it to the kernel).
+pub const NH_KERNEL: u32 = 2;
+
+/// The single entry of [`crate::names::NEXTHOP_STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopState {
+    /// Entries of another generation are ignored.
+    pub generation: u32,
+    /// [`NH_CACHE_V4`] | [`NH_CACHE_V6`]: which families the programs look up at all (off
+    /// where the cache could not give the FIB's answer: policy routing, multipath routes).
+    pub enabled: u32,
+    /// CLOCK_MONOTONIC (coarse) in ns until which the entries may be used. The controller
+    /// moves it on every second; a controller that died (nobody would retire entries on a
+    /// route change any more) leaves the fast path on the FIB within seconds.
+    pub valid_until_ns: u64,
+}
+
+pub const NH_CACHE_V4: u32 = 1;
+pub const NH_CACHE_V6: u32 = 2;
+
+/// One record of [`crate::names::NEXTHOP_MISSES`]: a destination the cache did not answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopMiss {
+    /// 4 or 6.
+    pub family: u32,
+    pub _pad: u32,
+    /// The IPv6 address, or the IPv4 address in the first four bytes (wire order).
+    pub addr: [u8; 16],
+}
+
+/// The resolver program's packet: an Ethernet header (test runs need one) and this. The
+/// controller fills the question; the program writes the answer in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopQuery {
+    /// 4 or 6.
+    pub family: u32,
+    /// `bpf_fib_lookup` flags (BPF_FIB_LOOKUP_OUTPUT for the encapsulating lookups).
+    pub flags: u32,
+    /// The ingress (or, with OUTPUT, egress) interface the data path asks with.
+    pub ifindex: u32,
+    /// Answer: the FIB helper's return code (`BPF_FIB_LKUP_RET_*`), or `u32::MAX` when the
+    /// question was malformed.
+    pub rc: u32,
+    /// Source and destination (IPv4 in the first four bytes, wire order).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Answer, when `rc` is 0: the next hop as the cache holds it (`generation` and `kind`
+    /// left for the controller).
+    pub answer: NextHop,
+}
+
+/// Where the query starts in the resolver's packet.
+pub const NEXTHOP_QUERY_OFF: usize = 14;
+
+/// Default size of each next-hop map (entries are destinations: clients, B4s, BRs, CEs and
+/// IPv4 hosts the fast path forwards to).
+pub const MAX_NEXTHOPS: u32 = 65_536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, no padding (checked below).
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::NextHopState {}
+    unsafe impl aya::Pod for super::NextHopMiss {}
+    unsafe impl aya::Pod for super::NextHopQuery {}
+}
+
+const _: () = assert!(core::mem::size_of::<NextHop>() == 16 + 4 * 4);
+const _: () = assert!(core::mem::size_of::<NextHopState>() == 16);
+const _: () = assert!(core::mem::size_of::<NextHopMiss>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHopQuery>() == 16 + 32 + 32);

@@ -1,0 +1,458 @@
+//! The next-hop cache's I/O (`tunnel_common::nexthop` says what it is, `crate::nexthop`
+//! decides): its maps, the resolver program that asks the FIB helper, and the task that
+//! answers the programs' misses and retires every entry when the kernel's routing state
+//! changes. Each role's data-plane handle takes one from its object; this is the only code
+//! that writes these maps.
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use tokio::{io::unix::AsyncFd, task::JoinHandle};
+use tracing::{debug, info, warn};
+use tunnel_common::{
+    fastpath::TunnelConfig,
+    names::{
+        NEXTHOP_MISSES, NEXTHOP_STATE, NEXTHOPS_V4, NEXTHOPS_V6, PROG_NEXTHOP_RESOLVE,
+        TUNNEL_CONFIG,
+    },
+    nexthop::{
+        NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop,
+        NextHopMiss, NextHopQuery, NextHopState,
+    },
+};
+
+use super::fastpath::take;
+use crate::{
+    netlink::{self, Netlink, RoutingEvent},
+    nexthop::{Family, Misses, Neighbours, cacheable},
+};
+
+/// `bpf_fib_lookup` flags and return codes (uapi/linux/bpf.h).
+const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
+const BPF_FIB_LKUP_RET_SUCCESS: u32 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: u32 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: u32 = 8;
+
+/// How long the entries stay usable without the controller confirming it is alive (it does
+/// every second): a controller that died leaves the fast path on the FIB after this.
+pub const VALIDITY: Duration = Duration::from_secs(3);
+
+crate::counters! {
+    pub struct NextHopStats {
+        /// Misses reported by the programs and read by the controller.
+        nexthop_misses_reported,
+        /// Destinations resolved into an entry the programs use.
+        nexthop_resolved,
+        /// Resolutions that gave nothing to cache (no neighbour yet, an error).
+        nexthop_unresolved,
+        /// Times every entry was retired at once (a routing change, a lost event).
+        nexthop_invalidations,
+    }
+}
+
+/// What resolving a destination gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// An entry the programs forward with.
+    Forward(NextHop),
+    /// An entry that sends the packets to the kernel (the FIB's return code).
+    Kernel(u32),
+    /// Nothing cached: no neighbour yet, or a packet too big (the FIB's return code).
+    Nothing(u32),
+}
+
+pub struct NextHops {
+    v4: HashMap<MapData, u32, NextHop>,
+    v6: HashMap<MapData, [u8; 16], NextHop>,
+    state: Array<MapData, NextHopState>,
+    misses: Option<RingBuf<MapData>>,
+    resolver: SchedClassifier,
+    /// The object's configuration (read only: its interfaces and tunnel address are the
+    /// questions' parameters).
+    config: Array<MapData, TunnelConfig>,
+    current: NextHopState,
+    pub stats: Arc<NextHopStats>,
+}
+
+impl NextHops {
+    /// Takes the cache's maps and program out of a loaded object whose maps are pinned in
+    /// `pin_dir`. The cache starts off (the programs ask the FIB) and empty.
+    pub fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<NextHops> {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_NEXTHOP_RESOLVE)
+            .with_context(|| format!("eBPF object has no program {PROG_NEXTHOP_RESOLVE}"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading {PROG_NEXTHOP_RESOLVE}"))?;
+        }
+        let resolver =
+            SchedClassifier::from_program_info(program.info()?, PROG_NEXTHOP_RESOLVE.into())
+                .with_context(|| format!("opening {PROG_NEXTHOP_RESOLVE}"))?;
+        let config_pin = pin_dir.join(TUNNEL_CONFIG);
+        let config = MapData::from_pin(&config_pin)
+            .with_context(|| format!("opening {}", config_pin.display()))?;
+        let config = Array::try_from(Map::Array(config))?;
+        let mut state: Array<MapData, NextHopState> = take(ebpf, NEXTHOP_STATE)?;
+        let previous = state.get(&0, 0).unwrap_or_default();
+        let current = NextHopState {
+            generation: previous.generation.wrapping_add(1),
+            enabled: 0,
+            valid_until_ns: 0,
+        };
+        state.set(0, current, 0).context("writing NEXTHOP_STATE")?;
+        Ok(NextHops {
+            v4: take(ebpf, NEXTHOPS_V4)?,
+            v6: take(ebpf, NEXTHOPS_V6)?,
+            state,
+            misses: Some(take(ebpf, NEXTHOP_MISSES)?),
+            resolver,
+            config,
+            current,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The generation entries must carry now.
+    pub fn generation(&self) -> u32 {
+        self.current.generation
+    }
+
+    /// Whether the programs use the cache for IPv4 and for IPv6.
+    pub fn enabled(&self) -> (bool, bool) {
+        (
+            self.current.enabled & NH_CACHE_V4 != 0,
+            self.current.enabled & NH_CACHE_V6 != 0,
+        )
+    }
+
+    fn write_state(&mut self) -> Result<()> {
+        self.state
+            .set(0, self.current, 0)
+            .context("writing NEXTHOP_STATE")
+    }
+
+    /// Turns the cache on or off per family.
+    pub fn set_enabled(&mut self, v4: bool, v6: bool) -> Result<()> {
+        let enabled = if v4 { NH_CACHE_V4 } else { 0 } | if v6 { NH_CACHE_V6 } else { 0 };
+        if enabled != self.current.enabled {
+            self.current.enabled = enabled;
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    /// Lets the programs use the entries for `validity` from now.
+    pub fn keep_valid(&mut self, validity: Duration) -> Result<()> {
+        self.current.valid_until_ns = coarse_now_ns()? + validity.as_nanos() as u64;
+        self.write_state()
+    }
+
+    /// Retires every entry at once.
+    pub fn invalidate(&mut self) -> Result<()> {
+        self.current.generation = self.current.generation.wrapping_add(1);
+        self.stats.nexthop_invalidations.inc();
+        self.write_state()
+    }
+
+    /// Asks the FIB helper (through the resolver program, in this network namespace) what the
+    /// data path gets for `dst`, with the questions the programs ask: IPv4 as forwarded from
+    /// the IPv6 side's interface, IPv6 as sent out of it from the tunnel address.
+    pub fn ask(&self, dst: IpAddr) -> Result<NextHopQuery> {
+        let cfg = self.config.get(&0, 0).context("reading TUNNEL_CONFIG")?;
+        let mut q = NextHopQuery {
+            ifindex: cfg.v6_ifindex,
+            ..Default::default()
+        };
+        match dst {
+            IpAddr::V4(a) => {
+                q.family = 4;
+                q.dst[..4].copy_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                q.family = 6;
+                q.flags = BPF_FIB_LOOKUP_OUTPUT;
+                q.src = cfg.local;
+                q.dst = a.octets();
+            }
+        }
+        let mut packet = vec![0u8; NEXTHOP_QUERY_OFF + size_of::<NextHopQuery>()];
+        packet[12..14].copy_from_slice(&if dst.is_ipv4() { 0x0800u16 } else { 0x86ddu16 }.to_be_bytes());
+        // SAFETY: NextHopQuery is plain old data without padding.
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts((&raw const q).cast(), size_of::<NextHopQuery>())
+        };
+        packet[NEXTHOP_QUERY_OFF..].copy_from_slice(bytes);
+        let mut out = vec![0u8; packet.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let run = self
+            .resolver
+            .test_run(opts)
+            .context("running the next-hop resolver")?;
+        if run.return_value != 0 {
+            bail!("the next-hop resolver refused the question (verdict {})", run.return_value);
+        }
+        let answer = out
+            .get(NEXTHOP_QUERY_OFF..NEXTHOP_QUERY_OFF + size_of::<NextHopQuery>())
+            .ok_or_else(|| anyhow!("the next-hop resolver's answer is short"))?;
+        // SAFETY: the slice holds a whole NextHopQuery; read unaligned into a copy.
+        Ok(unsafe { std::ptr::read_unaligned(answer.as_ptr().cast()) })
+    }
+
+    /// Resolves `dst` and writes what the programs should use, in the current generation.
+    pub fn resolve(&mut self, dst: IpAddr) -> Result<Resolved> {
+        let generation = self.current.generation;
+        let q = self.ask(dst)?;
+        let entry = match q.rc {
+            BPF_FIB_LKUP_RET_SUCCESS => NextHop {
+                generation,
+                kind: NH_FORWARD,
+                ..q.answer
+            },
+            BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED | u32::MAX => {
+                self.stats.nexthop_unresolved.inc();
+                return Ok(Resolved::Nothing(q.rc));
+            }
+            // Blackhole, unreachable, prohibit, local, forwarding off, tunnel routes: the
+            // kernel's.
+            _ => NextHop {
+                generation,
+                kind: NH_KERNEL,
+                ..Default::default()
+            },
+        };
+        match dst {
+            IpAddr::V4(a) => self.v4.insert(u32::from_ne_bytes(a.octets()), entry, 0),
+            IpAddr::V6(a) => self.v6.insert(a.octets(), entry, 0),
+        }
+        .with_context(|| format!("writing the next hop of {dst}"))?;
+        self.stats.nexthop_resolved.inc();
+        Ok(if entry.kind == NH_FORWARD {
+            Resolved::Forward(entry)
+        } else {
+            Resolved::Kernel(q.rc)
+        })
+    }
+
+    /// The entry the programs would use for `dst` now, if any.
+    pub fn current_entry(&self, dst: IpAddr) -> Option<NextHop> {
+        let entry = match dst {
+            IpAddr::V4(a) => self.v4.get(&u32::from_ne_bytes(a.octets()), 0).ok(),
+            IpAddr::V6(a) => self.v6.get(&a.octets(), 0).ok(),
+        }?;
+        (entry.generation == self.current.generation).then_some(entry)
+    }
+
+    /// Runs the cache for the rest of the daemon's life: turns it on where it can give the
+    /// FIB's answer, resolves what the programs report, retires it on every routing change
+    /// (within one netlink event of it) and keeps it valid every second. On any failure it
+    /// turns the cache off (the programs then ask the FIB, as without it) and says so.
+    pub fn spawn(mut self, nl: Netlink) -> NextHopTask {
+        let stats = self.stats.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = self.run(&nl).await {
+                warn!("next-hop cache stopped, the fast path asks the FIB for every packet: {e:#}");
+                let _ = self.set_enabled(false, false);
+            }
+        });
+        NextHopTask { task, stats }
+    }
+
+    async fn run(&mut self, nl: &Netlink) -> Result<()> {
+        let mut events = netlink::watch_routing()?;
+        let mut neighbours = Neighbours::default();
+        for (ifindex, addr, n) in nl.neighbours().await? {
+            neighbours.changed(ifindex, addr, n);
+        }
+        self.recheck(nl).await?;
+        self.keep_valid(VALIDITY)?;
+        let mut forwarding = self.forwarding_sysctls();
+        let ring = self
+            .misses
+            .take()
+            .ok_or_else(|| anyhow!("the miss ring is already read"))?;
+        // SAFETY: the ring owns its descriptor, which stays open and the same for as long as
+        // the AsyncFd (its owner) lives.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow!("watching {NEXTHOP_MISSES}: {e}"))?;
+        let mut misses = Misses::default();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut routes_changed = false;
+        let (v4, v6) = self.enabled();
+        info!(
+            "next-hop cache: IPv4 {}, IPv6 {}",
+            if v4 { "on" } else { "off (policy routing or multipath)" },
+            if v6 { "on" } else { "off (policy routing or multipath)" }
+        );
+        loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { bail!("the rtnetlink event stream ended") };
+                    // One retirement for a burst of changes.
+                    let mut retire = false;
+                    let mut rules_changed = false;
+                    let mut next = Some(event);
+                    while let Some(event) = next {
+                        match event {
+                            RoutingEvent::Neighbour(i, a, n) => retire |= neighbours.changed(i, a, n),
+                            RoutingEvent::NeighbourGone(i, a) => retire |= neighbours.removed(i, a),
+                            RoutingEvent::Changed(what) => {
+                                debug!("next-hop cache: {what} changed");
+                                retire = true;
+                                rules_changed |= what == "rule";
+                                routes_changed |= what == "route";
+                            }
+                            RoutingEvent::Overrun => {
+                                warn!("next-hop cache: rtnetlink events were lost; retiring every entry");
+                                retire = true;
+                                rules_changed = true;
+                            }
+                        }
+                        next = events.try_recv().ok();
+                    }
+                    if retire {
+                        self.invalidate()?;
+                    }
+                    if rules_changed {
+                        self.recheck(nl).await?;
+                    }
+                }
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let reported = drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    let now = Instant::now();
+                    for (family, addr) in reported {
+                        self.stats.nexthop_misses_reported.inc();
+                        let key = match addr {
+                            IpAddr::V4(a) => {
+                                let mut k = [0u8; 16];
+                                k[..4].copy_from_slice(&a.octets());
+                                k
+                            }
+                            IpAddr::V6(a) => a.octets(),
+                        };
+                        let generation = self.current.generation;
+                        if !misses.take(family, key, generation, now) {
+                            continue;
+                        }
+                        let cached = match self.resolve(addr) {
+                            Ok(Resolved::Forward(_) | Resolved::Kernel(_)) => true,
+                            Ok(Resolved::Nothing(_)) => false,
+                            Err(e) => {
+                                debug!("next-hop cache: resolving {addr}: {e:#}");
+                                false
+                            }
+                        };
+                        misses.resolved(family, key, generation, now, cached);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.keep_valid(VALIDITY)?;
+                    let now = self.forwarding_sysctls();
+                    if now != forwarding {
+                        debug!("next-hop cache: forwarding settings changed");
+                        forwarding = now;
+                        self.invalidate()?;
+                    }
+                    if routes_changed {
+                        routes_changed = false;
+                        self.recheck(nl).await?;
+                    }
+                    misses.forget_older_than(Instant::now(), Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Turns the cache on for the families where the destination alone decides the FIB's
+    /// answer, off elsewhere.
+    async fn recheck(&mut self, nl: &Netlink) -> Result<()> {
+        let (rules, routes) = (nl.rules().await?, nl.route_shapes().await?);
+        let (v4, v6) = cacheable(&rules, &routes);
+        if (v4, v6) != self.enabled() {
+            info!(
+                "next-hop cache: IPv4 {}, IPv6 {}",
+                if v4 { "on" } else { "off" },
+                if v6 { "on" } else { "off" }
+            );
+        }
+        self.set_enabled(v4, v6)
+    }
+
+    /// The forwarding settings the FIB helper checks for the questions we ask (the IPv6
+    /// side's interface, IPv4 and IPv6), as read now.
+    fn forwarding_sysctls(&self) -> Vec<String> {
+        let Ok(cfg) = self.config.get(&0, 0) else {
+            return Vec::new();
+        };
+        let Ok(name) = nix::net::if_::if_indextoname(cfg.v6_ifindex) else {
+            return Vec::new();
+        };
+        let name = name.to_string_lossy().into_owned();
+        ["ipv4", "ipv6"]
+            .iter()
+            .flat_map(|family| {
+                [format!("all"), name.clone()].map(|dev| {
+                    std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/{dev}/forwarding"))
+                        .unwrap_or_default()
+                })
+            })
+            .collect()
+    }
+}
+
+/// The running cache: its task stops when this is dropped.
+pub struct NextHopTask {
+    task: JoinHandle<()>,
+    pub stats: Arc<NextHopStats>,
+}
+
+impl Drop for NextHopTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The misses in the ring now.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<(Family, IpAddr)> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<NextHopMiss>() {
+            continue;
+        }
+        // SAFETY: the record is a NextHopMiss written by the programs (size checked); read
+        // unaligned into a copy.
+        let miss: NextHopMiss = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        match miss.family {
+            4 => {
+                let a = [miss.addr[0], miss.addr[1], miss.addr[2], miss.addr[3]];
+                out.push((Family::V4, IpAddr::from(a)));
+            }
+            6 => out.push((Family::V6, IpAddr::V6(Ipv6Addr::from(miss.addr)))),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the programs' `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("reading CLOCK_MONOTONIC_COARSE")?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}

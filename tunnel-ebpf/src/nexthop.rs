@@ -1,0 +1,106 @@
+//! The next-hop cache's side in the programs (`tunnel_common::nexthop`): look a destination
+//! up, and report the ones it does not answer. The controller writes every entry.
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+};
+use tunnel_common::nexthop::{
+    MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState,
+};
+
+use crate::direct::Key16;
+
+/// Named by `tunnel_common::names::NEXTHOPS_V4`.
+#[map]
+pub static NEXTHOPS_V4: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(MAX_NEXTHOPS, 0);
+
+/// Named by `tunnel_common::names::NEXTHOPS_V6`.
+#[map]
+pub static NEXTHOPS_V6: LruHashMap<[u8; 16], NextHop> =
+    LruHashMap::with_max_entries(MAX_NEXTHOPS, 0);
+
+/// Named by `tunnel_common::names::NEXTHOP_STATE`.
+#[map]
+pub static NEXTHOP_STATE: Array<NextHopState> = Array::with_max_entries(1, 0);
+
+/// Named by `tunnel_common::names::NEXTHOP_MISSES`.
+#[map]
+pub static NEXTHOP_MISSES: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
+
+/// Named by `tunnel_common::names::NEXTHOP_MISS_LAST`: the last report of this CPU
+/// (destination, and the coarse clock's tick), so that a burst to one destination reports it
+/// once per tick.
+#[map]
+pub static NEXTHOP_MISS_LAST: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The generation entries must have, when the cache is on for `family` (and the controller
+/// is alive); with it, the coarse clock's reading.
+#[inline(always)]
+fn current(family: u32) -> Option<(u32, u64)> {
+    let state = NEXTHOP_STATE.get(0)?;
+    if state.enabled & family == 0 {
+        return None;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now > state.valid_until_ns {
+        return None;
+    }
+    Some((state.generation, now))
+}
+
+/// The next hop toward `dst` (IPv4, wire order), when the cache has a current one; else the
+/// caller asks the FIB (and the miss has been reported).
+#[inline(always)]
+pub fn get4(dst: u32) -> Option<&'static NextHop> {
+    let (generation, now) = current(NH_CACHE_V4)?;
+    // SAFETY: the entry is read at once; the controller replaces entries whole.
+    match unsafe { NEXTHOPS_V4.get(&dst) } {
+        Some(nh) if nh.generation == generation => Some(nh),
+        _ => {
+            report(4, [u64::from(dst), 0], now);
+            None
+        }
+    }
+}
+
+/// As [`get4`] for an IPv6 destination held as words.
+#[inline(always)]
+pub fn get6(dst: &[u64; 2]) -> Option<&'static NextHop> {
+    let (generation, now) = current(NH_CACHE_V6)?;
+    let key = Key16(*dst);
+    // SAFETY: as in `get4`.
+    match unsafe { NEXTHOPS_V6.get(key.bytes()) } {
+        Some(nh) if nh.generation == generation => Some(nh),
+        _ => {
+            report(6, *dst, now);
+            None
+        }
+    }
+}
+
+/// Tells the controller that `addr` missed, unless this CPU reported it already in this tick
+/// of the coarse clock. A full ring drops the report (the next miss reports again).
+#[inline(always)]
+fn report(family: u32, addr: [u64; 2], now: u64) {
+    let Some(last) = NEXTHOP_MISS_LAST.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU value from a successful lookup, used on this CPU only.
+    let last = unsafe { &mut *last };
+    if last[0] == addr[0] && last[1] == addr[1] && last[2] == now {
+        return;
+    }
+    *last = [addr[0], addr[1], now];
+    let Some(mut slot) = NEXTHOP_MISSES.reserve::<NextHopMiss>(0) else {
+        return;
+    };
+    let key = Key16(addr);
+    slot.write(NextHopMiss {
+        family,
+        _pad: 0,
+        addr: *key.bytes(),
+    });
+    slot.submit(0);
+}
