@@ -114,7 +114,7 @@ pub fn br_decap(ctx: TcContext) -> i32 {
     if encap::unwrap_for_forwarding(&ctx, &inner, cfg.mss, Counter::BrDecap).is_err() {
         return DROP;
     }
-    route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0
+    route::forward_unwrapped::<true>(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0
 }
 
 #[classifier]
@@ -150,13 +150,10 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         log::slow_path(&ctx, LOG_BR_ENCAP, Counter::SlowPathTtl, &ip);
         return PASS;
     }
-    if packet::decrement_ttl(&ctx, ETH_LEN, &ip).is_err() {
-        count(Counter::DropRewriteFailed);
-        return DROP;
-    }
-    encap::send_wrapped(
+    encap::send_wrapped::<true>(
         &ctx,
         &ip,
+        ip.w1_rewritten(true, ip.src()),
         cfg,
         &to_words(&ce),
         false,

@@ -22,7 +22,7 @@ use tunnel_ebpf::{
     encap::{self, Upper},
     log,
     maps::{NAT_IN, NAT_OUT, config},
-    nat::{self, Classified, DST_ADDR, SRC_ADDR},
+    nat::{self, Classified, DST_ADDR},
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, Outer6, PASS,
         eq_words,
@@ -47,7 +47,7 @@ fn lookup<V>(map: &HashMap<NatKey, V>, key: &NatKey) -> Option<*mut V> {
 
 #[classifier]
 pub fn ce_out(ctx: TcContext) -> i32 {
-    napt_out(&ctx, false)
+    napt_out::<false, true>(&ctx)
 }
 
 /// An lwB4 (a native client on a shared lease, RFC 7596), egress of its IPv6 interface: the
@@ -58,11 +58,14 @@ pub fn ce_out(ctx: TcContext) -> i32 {
 /// already did the forwarding (TTL) for routed packets.
 #[classifier]
 pub fn lwb4_out(ctx: TcContext) -> i32 {
-    napt_out(&ctx, true)
+    napt_out::<true, false>(&ctx)
 }
 
 #[inline(always)]
-fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
+/// `DIRECT`: how it writes the frame head (`tunnel_ebpf::head`): directly on the CE's LAN
+/// ingress, through the helper on the lwB4's egress.
+fn napt_out<const LWB4: bool, const DIRECT: bool>(ctx: &TcContext) -> i32 {
+    let lwb4 = LWB4;
     let Some(cfg) = config() else { return PASS };
     if packet::eth_proto(ctx) != Some(ETH_P_IP) {
         return PASS;
@@ -116,18 +119,16 @@ fn napt_out(ctx: &TcContext, lwb4: bool) -> i32 {
         nat::touch(&mut (*entry).last_seen_ns, &mut (*entry).flags, flow.flags);
         (*entry).ext_port
     };
-    // The TTL first (the CE forwards): its checksum update starts from the header as it
-    // arrived (`ip`); the address translation then adjusts the checksum in the packet in
-    // turn.
-    if (!lwb4 && packet::decrement_ttl(ctx, ETH_LEN, &ip).is_err())
-        || nat::rewrite(ctx, ETH_LEN, &ip, SRC_ADDR, cfg.ipv4, &flow, ext_port).is_err()
-    {
+    // The transport header now; the IPv4 header (the shared source, and the TTL when the CE
+    // forwards, with the checksum for both) goes in with the outer header.
+    if nat::rewrite_l4(ctx, ETH_LEN, &ip, ip.src(), cfg.ipv4, &flow, ext_port).is_err() {
         count(Counter::DropRewriteFailed);
         return DROP;
     }
-    encap::send_wrapped(
+    encap::send_wrapped::<DIRECT>(
         ctx,
         &ip,
+        ip.w1_rewritten(!lwb4, cfg.ipv4),
         cfg,
         &map_words(&cfg.remote),
         lwb4,
@@ -214,7 +215,7 @@ pub fn ce_in(ctx: TcContext) -> i32 {
     // Forwarding decrements the TTL from the header as it arrived (`inner`); the address
     // translation then adjusts the checksum in the packet in turn. The FIB lookup is for
     // `lan_ip` already, and a redirect takes effect only when the program returns.
-    let (verdict, _) = route::forward_unwrapped(&ctx, &inner, lan_ip, cfg.tun_ifindex);
+    let (verdict, _) = route::forward_unwrapped::<true>(&ctx, &inner, lan_ip, cfg.tun_ifindex);
     if verdict == DROP {
         return DROP;
     }

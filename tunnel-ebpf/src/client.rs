@@ -36,9 +36,10 @@ pub fn client_encap(ctx: TcContext) -> i32 {
         // Not the tunnel's traffic (the interface may carry native IPv4 too).
         return PASS;
     }
-    encap::send_wrapped(
+    encap::send_wrapped::<false>(
         &ctx,
         &ip,
+        ip.w1,
         cfg,
         &map_words(&cfg.remote),
         true,

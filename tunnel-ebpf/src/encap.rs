@@ -21,11 +21,12 @@ use crate::{
         IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, Outer6, RewriteFailed,
         segments, set_eth_proto,
     },
-    route::{self, Forward, Head},
+    head::{Head, write_from_proto70, write70},
+    route::{self, Forward},
     stats::{count, count_n},
 };
 
-/// The EtherType word of a [`Head`] without known MACs: IPv6's, at buffer bytes 14-15.
+/// The EtherType word of a head without known MACs: IPv6's, at buffer bytes 14-15.
 const IPV6_PROTO_WORD: u64 = (ETH_P_IPV6.to_be() as u64) << 48;
 
 /// The first eight bytes of the outer IPv6 header (version 6 with the inner TOS as traffic
@@ -41,20 +42,26 @@ fn outer_w0(tos: u8, payload: u16, hop_limit: u8) -> u64 {
 
 /// Puts an IPv6 header `src` → `dst` (next header 4) between the Ethernet header and the IPv4
 /// packet, with the EtherType, and with `eth` as the MAC header (the [`NextHop::eth`] layout)
-/// when the next hop is known, all in one store. GSO packets keep their segment size (the
-/// MSS already accounts for the tunnel).
+/// when the next hop is known, all in one write that also sets the inner header's bytes 8-15
+/// to `inner_w1` (TTL, protocol, checksum, source: [`Ipv4Info::w1_rewritten`] when the caller
+/// forwards or translates, else as they are). GSO packets keep their segment size (the MSS
+/// already accounts for the tunnel).
 ///
 /// [`NextHop::eth`]: tunnel_common::nexthop::NextHop::eth
 #[inline(always)]
-pub fn encapsulate(
+pub fn encapsulate<const DIRECT: bool>(
     ctx: &TcContext,
     src: &[u64; 2],
     dst: &[u64; 2],
     inner: &Ipv4Info,
+    inner_w1: u64,
     hop_limit: u8,
     eth: Option<[u64; 2]>,
 ) -> Result<(), RewriteFailed> {
     let w0 = outer_w0(inner.tos(), inner.tot_len, hop_limit);
+    let [s0, s1] = *src;
+    let [d0, d1] = *dst;
+    let i0 = inner.w0;
     ctx.adjust_room(
         IPV6_HEADER_LEN as i32,
         BPF_ADJ_ROOM_MAC,
@@ -62,8 +69,13 @@ pub fn encapsulate(
     )
     .map_err(|_| RewriteFailed)?;
     match eth {
-        Some([e0, e1]) => Head([e0, e1, w0, src[0], src[1], dst[0], dst[1]]).store(ctx, 54),
-        None => Head([0, IPV6_PROTO_WORD, w0, src[0], src[1], dst[0], dst[1]]).store_at(ctx, 12, 42),
+        Some([e0, e1]) => {
+            write70::<DIRECT>(ctx, &Head([e0, e1, w0, s0, s1, d0, d1, i0, inner_w1]))
+        }
+        None => write_from_proto70(
+            ctx,
+            &Head([0, IPV6_PROTO_WORD, w0, s0, s1, d0, d1, i0, inner_w1]),
+        ),
     }
 }
 
@@ -133,15 +145,17 @@ pub fn unwrap_for_forwarding(
 }
 
 /// Clamps the MSS of the IPv4 packet right after the Ethernet header to `mss` and wraps it
-/// in IPv6 `src` → `dst` (with `eth` as its MAC header, when known). Returns its segment
+/// in IPv6 `src` → `dst` (with `eth` as its MAC header, when known, and `inner_w1` as the
+/// inner header's bytes 8-15). Returns its segment
 /// count, to be counted once it is on its way; failures are counted here.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn wrap_clamped(
+pub fn wrap_clamped<const DIRECT: bool>(
     ctx: &TcContext,
     ip: &Ipv4Info,
     src: &[u64; 2],
     dst: &[u64; 2],
+    inner_w1: u64,
     mss: u16,
     hop_limit: u8,
     eth: Option<[u64; 2]>,
@@ -150,7 +164,7 @@ pub fn wrap_clamped(
         count(Counter::MssClamped);
     }
     let segs = segments(ctx);
-    if encapsulate(ctx, src, dst, ip, hop_limit, eth).is_err() {
+    if encapsulate::<DIRECT>(ctx, src, dst, ip, inner_w1, hop_limit, eth).is_err() {
         count(Counter::DropRewriteFailed);
         return Err(RewriteFailed);
     }
@@ -164,9 +178,11 @@ pub fn wrap_clamped(
 /// counted as `drop_no_route_to_client` and logged through `log_program`. Returns the verdict
 /// and the segments sent (0 when it was not).
 #[inline(always)]
-pub fn send_wrapped(
+#[allow(clippy::too_many_arguments)]
+pub fn send_wrapped<const DIRECT: bool>(
     ctx: &TcContext,
     ip: &Ipv4Info,
+    inner_w1: u64,
     cfg: &TunnelConfig,
     dst: &[u64; 2],
     egress: bool,
@@ -174,16 +190,17 @@ pub fn send_wrapped(
     log_program: u32,
 ) -> (i32, u64) {
     let src = map_words(&cfg.local);
-    send_wrapped_from(ctx, ip, cfg, &src, dst, egress, counter, log_program)
+    send_wrapped_from::<DIRECT>(ctx, ip, inner_w1, cfg, &src, dst, egress, counter, log_program)
 }
 
 /// [`send_wrapped`] from outer source `src` instead of `cfg.local` (an lwAFTR softwire's own
 /// AFTR address).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn send_wrapped_from(
+pub fn send_wrapped_from<const DIRECT: bool>(
     ctx: &TcContext,
     ip: &Ipv4Info,
+    inner_w1: u64,
     cfg: &TunnelConfig,
     src: &[u64; 2],
     dst: &[u64; 2],
@@ -192,7 +209,9 @@ pub fn send_wrapped_from(
     log_program: u32,
 ) -> (i32, u64) {
     let route = route::lookup_v6(ctx, src, dst, cfg.v6_ifindex);
-    let Ok(segs) = wrap_clamped(ctx, ip, src, dst, cfg.mss, cfg.hop_limit, route.eth()) else {
+    let eth = route.eth();
+    let Ok(segs) = wrap_clamped::<DIRECT>(ctx, ip, src, dst, inner_w1, cfg.mss, cfg.hop_limit, eth)
+    else {
         return (DROP, 0);
     };
     match route.send(ctx, cfg.v6_ifindex, egress) {

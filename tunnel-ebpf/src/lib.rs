@@ -5,6 +5,7 @@
 
 pub mod direct;
 pub mod encap;
+pub mod head;
 pub mod log;
 pub mod maps;
 pub mod mss;

@@ -2,12 +2,15 @@
 //! belongs to, and rewriting one address and one port with every checksum kept right.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use tunnel_common::mape::{NAT_FIN_RST, NAT_SEEN, NatKey, TOUCH_INTERVAL_NS};
 
-use crate::packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, RewriteFailed};
+use crate::{
+    direct::View,
+    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, RewriteFailed},
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -55,10 +58,18 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
     } else {
         (0, ip.src())
     };
+    // The transport header's first 14 bytes, straight from the packet when they are in its
+    // linear part (ports, ICMP type and id, TCP flags).
+    let v = View::of(ctx);
+    let l4h = v.at(off + l4, 14);
     match ip.proto() {
         proto @ (IPPROTO_TCP | IPPROTO_UDP) => {
-            let Ok(p) = ctx.load::<[u8; 4]>(off + l4) else {
-                return Classified::Other;
+            let p = match l4h {
+                Some(h) => h.w32(0).to_ne_bytes(),
+                None => match ctx.load::<[u8; 4]>(off + l4) {
+                    Ok(p) => p,
+                    Err(_) => return Classified::Other,
+                },
             };
             let src = u16::from_be_bytes([p[0], p[1]]);
             let dst = u16::from_be_bytes([p[2], p[3]]);
@@ -69,7 +80,11 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
             };
             let mut flags = NAT_SEEN;
             let csum_off = if proto == IPPROTO_TCP {
-                if let Ok(f) = ctx.load::<u8>(off + l4 + 13)
+                let tcp_flags = match l4h {
+                    Some(h) => Ok(h.u8(13)),
+                    None => ctx.load::<u8>(off + l4 + 13),
+                };
+                if let Ok(f) = tcp_flags
                     && f & (TCP_FIN | TCP_RST) != 0
                 {
                     flags |= NAT_FIN_RST;
@@ -94,8 +109,16 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
             })
         }
         IPPROTO_ICMP => {
-            let Ok(h) = ctx.load::<[u8; 6]>(off + l4) else {
-                return Classified::Other;
+            let h = match l4h {
+                Some(p) => {
+                    let [a, b, c, d] = p.w32(0).to_ne_bytes();
+                    let [e, f] = p.w16(4).to_ne_bytes();
+                    [a, b, c, d, e, f]
+                }
+                None => match ctx.load::<[u8; 6]>(off + l4) {
+                    Ok(h) => h,
+                    Err(_) => return Classified::Other,
+                },
             };
             let echo = if outbound {
                 ICMP_ECHO_REQUEST
@@ -147,27 +170,44 @@ pub fn rewrite(
     } else {
         ip.dst()
     };
+    if old_addr != new_addr {
+        ctx.store(off + addr_off, &new_addr, 0)
+            .map_err(|_| RewriteFailed)?;
+        ctx.l3_csum_replace(off + 10, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| RewriteFailed)?;
+    }
+    rewrite_l4(ctx, off, ip, old_addr, new_addr, flow, new_port)
+}
+
+/// The transport part of [`rewrite`]: the flow's port becomes `new_port`, and the transport
+/// checksum follows it and the address change `old_addr` → `new_addr` (its pseudo-header;
+/// the caller writes the IPv4 header). The checksum helpers know what the skb's checksum
+/// state (complete, partial, offloaded) needs.
+#[inline(always)]
+pub fn rewrite_l4(
+    ctx: &TcContext,
+    off: usize,
+    ip: &Ipv4Info,
+    old_addr: u32,
+    new_addr: u32,
+    flow: &Flow,
+    new_port: u16,
+) -> Result<(), RewriteFailed> {
     let udp = if ip.proto() == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
     let csum = off + flow.csum_off;
-    if old_addr != new_addr {
-        ctx.store(off + addr_off, &new_addr, 0)
-            .map_err(|_| RewriteFailed)?;
-        ctx.l3_csum_replace(off + 10, old_addr as u64, new_addr as u64, 4)
-            .map_err(|_| RewriteFailed)?;
-        // TCP and UDP checksums cover the addresses (pseudo-header); ICMP's does not.
-        if ip.proto() != IPPROTO_ICMP {
-            ctx.l4_csum_replace(
-                csum,
-                old_addr as u64,
-                new_addr as u64,
-                BPF_F_PSEUDO_HDR as u64 | udp | 4,
-            )
-            .map_err(|_| RewriteFailed)?;
-        }
+    // TCP and UDP checksums cover the addresses (pseudo-header); ICMP's does not.
+    if old_addr != new_addr && ip.proto() != IPPROTO_ICMP {
+        ctx.l4_csum_replace(
+            csum,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | udp | 4,
+        )
+        .map_err(|_| RewriteFailed)?;
     }
     if flow.port != new_port {
         let old = flow.port.to_be_bytes();
@@ -189,8 +229,9 @@ pub fn rewrite(
 /// [`TOUCH_INTERVAL_NS`] (the controller's garbage collection reads both).
 #[inline(always)]
 pub fn touch(last_seen: &mut u64, flags_field: &mut u16, flags: u16) {
+    // The coarse clock (a tick's resolution) is plenty for an idle timeout, and cheaper.
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Racing writers on other CPUs can only store the same kind of values.
     if now.wrapping_sub(*last_seen) > TOUCH_INTERVAL_NS {
         *last_seen = now;

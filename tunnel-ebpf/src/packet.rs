@@ -204,6 +204,40 @@ impl Ipv4Info {
         let check = ttl_decremented_checksum(self.check()).to_be();
         u32::from(self.ttl().wrapping_sub(1)) | u32::from(self.proto()) << 8 | u32::from(check) << 16
     }
+
+    /// Bytes 8-15 (TTL, protocol, checksum, source) as the header's second word, with the
+    /// TTL one lower when `decrement` and the source `src` (wire order), the checksum updated
+    /// for both.
+    #[inline(always)]
+    pub fn w1_rewritten(&self, decrement: bool, src: u32) -> u64 {
+        let low = if decrement {
+            self.ttl_decremented()
+        } else {
+            self.w1 as u32
+        };
+        let check = if src == self.src() {
+            (low >> 16) as u16
+        } else {
+            csum_replace4((low >> 16) as u16, self.src(), src)
+        };
+        u64::from(low & 0xffff | u32::from(check) << 16) | u64::from(src) << 32
+    }
+}
+
+/// A checksum field (as read from the packet, wire order) once the 32-bit field it covers
+/// changed from `old` to `new` (both as read from the packet): RFC 1624 eqn. 3,
+/// HC' = ~(~HC + ~m + m'), in ones' complement arithmetic, which gives the same bytes
+/// whichever byte order it is done in.
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// The outer IPv6 header of an encapsulated frame (at [`ETH_LEN`]), as words.

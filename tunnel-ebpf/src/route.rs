@@ -8,9 +8,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_store_bytes,
-    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use tunnel_common::{
@@ -21,6 +19,7 @@ use tunnel_common::{
 
 use crate::{
     direct::map_words,
+    head::{Head, write26},
     nexthop,
     packet::{DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, RewriteFailed, decrement_ttl, set_eth_proto},
     stats::count,
@@ -45,39 +44,6 @@ pub enum Forward {
     NoRoute,
     /// The route leads to `ifindex`, which the caller wants left to the kernel.
     Excluded,
-}
-
-/// A frame head as the programs write it, 8-aligned: two bytes of padding, then the frame
-/// from its first byte (the Ethernet header in buffer bytes 2-15), so that the IP header
-/// that follows starts at buffer byte 16 and its words are aligned. [`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) has the
-/// same padding, so the Ethernet header goes in as two words.
-#[repr(C, align(8))]
-pub struct Head(pub [u64; 7]);
-
-impl Head {
-    /// Writes the first `len` bytes of the frame (at most 54).
-    #[inline(always)]
-    pub fn store(&self, ctx: &TcContext, len: u32) -> Result<(), RewriteFailed> {
-        self.store_at(ctx, 0, len)
-    }
-
-    /// Writes `len` bytes of the frame from its byte `from` on (the MAC addresses kept when
-    /// `from` is 12).
-    #[inline(always)]
-    pub fn store_at(&self, ctx: &TcContext, from: u32, len: u32) -> Result<(), RewriteFailed> {
-        // SAFETY: the helper reads `len` bytes of this buffer from frame byte `from` (buffer
-        // byte `from` + 2); callers keep `from + len` within its 54 frame bytes.
-        let rc = unsafe {
-            bpf_skb_store_bytes(
-                ctx.skb.skb.cast(),
-                from,
-                (self.0.as_ptr() as *const u8).add(2 + from as usize).cast(),
-                len,
-                0,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(RewriteFailed) }
-    }
 }
 
 #[inline(always)]
@@ -256,12 +222,17 @@ pub fn v4_lookup(ifindex: u32, src: u32, dst: u32, tos: u8) -> bpf_fib_lookup {
     p
 }
 
-/// Writes the frame head of a forwarded IPv4 packet in one store: the Ethernet header `eth`
-/// ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout) and the first 12 bytes of the IPv4 header `ip` with the TTL
-/// decremented and the checksum to match.
+/// Writes the frame head of a forwarded IPv4 packet in one go: the Ethernet header `eth`
+/// ([`NextHop::eth`](tunnel_common::nexthop::NextHop::eth) layout) and the first 12 bytes of
+/// the IPv4 header `ip` with the TTL decremented and the checksum to match.
 #[inline(always)]
-fn write_head4(ctx: &TcContext, eth: [u64; 2], ip: &Ipv4Info) -> Result<(), RewriteFailed> {
-    Head([eth[0], eth[1], ip.w0, u64::from(ip.ttl_decremented()), 0, 0, 0]).store(ctx, 26)
+fn write_head4<const DIRECT: bool>(
+    ctx: &TcContext,
+    eth: [u64; 2],
+    ip: &Ipv4Info,
+) -> Result<(), RewriteFailed> {
+    let head = Head([eth[0], eth[1], ip.w0, u64::from(ip.ttl_decremented())]);
+    write26::<DIRECT>(ctx, &head)
 }
 
 /// Forwards the IPv4 packet that now follows the Ethernet header (just unwrapped by
@@ -272,7 +243,12 @@ fn write_head4(ctx: &TcContext, eth: [u64; 2], ip: &Ipv4Info) -> Result<(), Rewr
 /// unresolved routes, packets too big for the egress and expiring TTLs are left to the kernel
 /// (with the EtherType written). Returns the verdict and whether we redirected it.
 #[inline(always)]
-pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u32) -> (i32, bool) {
+pub fn forward_unwrapped<const DIRECT: bool>(
+    ctx: &TcContext,
+    inner: &Ipv4Info,
+    dst: u32,
+    exclude: u32,
+) -> (i32, bool) {
     if inner.ttl() <= 1 {
         count(Counter::SlowPathTtl);
         return (to_kernel(ctx), false);
@@ -284,7 +260,7 @@ pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u
         {
             return (to_kernel(ctx), false);
         }
-        if write_head4(ctx, map_words(&nh.eth), inner).is_err() {
+        if write_head4::<DIRECT>(ctx, map_words(&nh.eth), inner).is_err() {
             return (to_kernel(ctx), false);
         }
         // SAFETY: plain helper call.
@@ -307,7 +283,7 @@ pub fn forward_unwrapped(ctx: &TcContext, inner: &Ipv4Info, dst: u32, exclude: u
     }
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if write_head4(ctx, eth_of(&p, ETH_P_IP), inner).is_err() {
+            if write_head4::<DIRECT>(ctx, eth_of(&p, ETH_P_IP), inner).is_err() {
                 return (to_kernel(ctx), false);
             }
             // SAFETY: plain helper call.

@@ -103,7 +103,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
 
     // Forward it ourselves when the FIB has a plain route; the kernel handles the rest.
     let (verdict, redirected) =
-        route::forward_unwrapped(&ctx, &inner, inner.dst(), cfg.tun_ifindex);
+        route::forward_unwrapped::<true>(&ctx, &inner, inner.dst(), cfg.tun_ifindex);
     if redirected {
         count_n(Counter::DecapRedirected, segs);
     }
@@ -181,7 +181,7 @@ fn softwire_decap(ctx: &TcContext, cfg: &TunnelConfig, outer: &Outer6) -> i32 {
     if encap::unwrap_for_forwarding(ctx, &inner, cfg.mss, Counter::Decap).is_err() {
         return DROP;
     }
-    route::forward_unwrapped(ctx, &inner, inner.dst(), cfg.tun_ifindex).0
+    route::forward_unwrapped::<true>(ctx, &inner, inner.dst(), cfg.tun_ifindex).0
 }
 
 /// A checked packet from one softwire to the address `to` of others: re-encapsulated toward
@@ -231,14 +231,11 @@ fn hairpin(
     if encap::unwrap_counted(ctx, inner, cfg.mss, Counter::Decap).is_err() {
         return DROP;
     }
-    if packet::decrement_ttl(ctx, ETH_LEN, inner).is_err() {
-        count(Counter::DropRewriteFailed);
-        return DROP;
-    }
     count(Counter::Hairpinned);
-    let (verdict, _) = encap::send_wrapped_from(
+    let (verdict, _) = encap::send_wrapped_from::<true>(
         ctx,
         inner,
+        inner.w1_rewritten(true, inner.src()),
         cfg,
         &map_words(&sw.aftr),
         &map_words(&sw.b4),
@@ -409,13 +406,10 @@ fn encap_toward(
         log::slow_path(ctx, LOG_SERVER_ENCAP, Counter::SlowPathTtl, ip);
         return (PASS, 0);
     }
-    if packet::decrement_ttl(ctx, ETH_LEN, ip).is_err() {
-        count(Counter::DropRewriteFailed);
-        return (DROP, 0);
-    }
-    encap::send_wrapped_from(
+    encap::send_wrapped_from::<true>(
         ctx,
         ip,
+        ip.w1_rewritten(true, ip.src()),
         cfg,
         src,
         dst,

@@ -35,6 +35,7 @@ use tunnel_ctl::{
     dataplane::{
         self,
         fastpath::{Maps, v4_key},
+        nexthop::{NextHops, Resolved},
         nat::{BrRules, NatMaps},
         softwires::Softwires,
     },
@@ -109,10 +110,35 @@ fn routed_ns(lab: &mut Lab) -> Result<(Ns, u32)> {
 }
 
 /// A loaded object of its own (own pins), for one role's map contents.
-fn object(lab: &mut Lab, role: &str) -> Result<Ebpf> {
+fn object(lab: &mut Lab, role: &str) -> Result<(Ebpf, PathBuf)> {
     let instance = lab.instance(role);
     let pin_dir = PathBuf::from("/sys/fs/bpf/tunnel").join(instance);
-    dataplane::load(&pin_dir)
+    Ok((dataplane::load(&pin_dir)?, pin_dir))
+}
+
+/// The object's next-hop cache, on (as a daemon runs it), valid for the whole bench, holding
+/// the next hops toward `dsts` as the resolver found them (checked to be ones it forwards
+/// with).
+/// The resolver asks the FIB of the namespace it runs in: `ns`, where the programs run.
+fn cache(
+    ns: &Ns,
+    ebpf: &mut Ebpf,
+    pin_dir: &std::path::Path,
+    dsts: &[std::net::IpAddr],
+) -> Result<NextHops> {
+    let mut nh = NextHops::take(ebpf, pin_dir)?;
+    nh.set_enabled(true, true)?;
+    nh.keep_valid(Duration::from_secs(3600))?;
+    ns.enter(|| -> Result<()> {
+        for &dst in dsts {
+            match nh.resolve(dst)? {
+                Resolved::Forward(_) => {}
+                other => bail!("the next hop toward {dst} did not resolve: {other:?}"),
+            }
+        }
+        Ok(())
+    })??;
+    Ok(nh)
 }
 
 fn config(local: Ipv6Addr, remote: Ipv6Addr, ipv4: Ipv4Addr, v6_ifindex: u32) -> TunnelConfig {
@@ -145,12 +171,18 @@ fn server_maps(ebpf: &mut Ebpf, v6_index: u32) -> Result<Maps> {
 /// A server object whose decap map holds `n` bindings: the measured client's and `n` − 1
 /// others (2001:db8:2::/64 + i, written straight into `BIND_BY_V6`; the program only looks
 /// them up by source, so they share the lease and no packet is ever sent for them).
-fn server_with_bindings(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps)> {
+fn server_with_bindings(
+    lab: &mut Lab,
+    ns: &Ns,
+    n: u32,
+    v6_index: u32,
+) -> Result<(Ebpf, (Maps, NextHops))> {
     use std::os::fd::AsFd as _;
     let pin_dir =
         PathBuf::from("/sys/fs/bpf/tunnel").join(lab.instance(&format!("bench-server-{n}")));
     let mut ebpf = dataplane::load_sized(&pin_dir, &[(BIND_BY_V6, n.max(1024))])?;
     let mut maps = server_maps(&mut ebpf, v6_index)?;
+    let nexthops = cache(ns, &mut ebpf, &pin_dir, &[HOST.into()])?;
     maps.bind(CLIENT, LEASE)?;
     let others: Vec<[u8; 16]> = (1..n)
         .map(|i| (Ipv6Addr::from(0x2001_0db8_0002_u128 << 80 | u128::from(i))).octets())
@@ -162,7 +194,7 @@ fn server_with_bindings(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, M
     let by_v6 = aya::maps::MapData::from_pin(pin_dir.join(BIND_BY_V6))?;
     dataplane::batch::update(by_v6.fd().as_fd(), &others, &vec![binding; others.len()])
         .map_err(|e| anyhow::anyhow!("filling {BIND_BY_V6}: {e:?}"))?;
-    Ok((ebpf, maps))
+    Ok((ebpf, (maps, nexthops)))
 }
 
 /// Softwire `i` of the lwAFTR tables: 4,096 per address from 203.0.113.10 (psid-len 12,
@@ -174,7 +206,13 @@ fn softwire(i: u32) -> Softwire {
 }
 
 /// An lwAFTR object holding `n` softwires, and the packet of its last one (B4 → internet).
-fn lwaftr(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps, Softwires, Vec<u8>)> {
+#[allow(clippy::type_complexity)]
+fn lwaftr(
+    lab: &mut Lab,
+    ns: &Ns,
+    n: u32,
+    v6_index: u32,
+) -> Result<(Ebpf, (Maps, NextHops), Softwires, Vec<u8>)> {
     let pin_dir =
         PathBuf::from("/sys/fs/bpf/tunnel").join(lab.instance(&format!("bench-aftr-{n}")));
     let size = n.max(1024);
@@ -183,6 +221,7 @@ fn lwaftr(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps, Softwires
         &[(SOFTWIRES, size), (SHARED_ADDRS, size), (B4_ADDRS, size)],
     )?;
     let maps = server_maps(&mut ebpf, v6_index)?;
+    let nexthops = cache(ns, &mut ebpf, &pin_dir, &[HOST.into()])?;
     let mut table = Table::default();
     for i in 0..n {
         table.insert(softwire(i)).map_err(anyhow::Error::msg)?;
@@ -194,7 +233,7 @@ fn lwaftr(lab: &mut Lab, n: u32, v6_index: u32) -> Result<(Ebpf, Maps, Softwires
         SERVER_TUNNEL,
         &udp4(last.ipv4, 4096 * 5 + last.psid, HOST, 53),
     );
-    Ok((ebpf, maps, softwires, packet))
+    Ok((ebpf, (maps, nexthops), softwires, packet))
 }
 
 /// One program on one packet: checked once, then timed.
@@ -271,15 +310,21 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let (ns, v6_index) = routed_ns(&mut lab)?;
     INGRESS.store(v6_index, std::sync::atomic::Ordering::Relaxed);
 
-    // Server: one native binding.
-    let mut server = object(&mut lab, "bench-server")?;
+    // Server: one native binding; its next hops toward the client and the internet host.
+    let (mut server, server_pins) = object(&mut lab, "bench-server")?;
     let mut maps = server_maps(&mut server, v6_index)?;
     maps.bind(CLIENT, LEASE)?;
+    let _server_nh = cache(&ns, &mut server, &server_pins, &[HOST.into(), CLIENT.into()])?;
+    // The same programs asking the FIB for every packet (the cache off).
+    let (mut server_fib, _) = object(&mut lab, "bench-server-fib")?;
+    let mut fib_maps = server_maps(&mut server_fib, v6_index)?;
+    fib_maps.bind(CLIENT, LEASE)?;
 
     // CE: one established UDP mapping LAN_HOST:40000 → HOST:53 as SHARED:1680.
-    let mut ce = object(&mut lab, "bench-ce")?;
+    let (mut ce, ce_pins) = object(&mut lab, "bench-ce")?;
     let mut ce_cfg = Maps::take(&mut ce)?;
     ce_cfg.set_config(&config(CE, BR, SHARED, v6_index))?;
+    let _ce_nh = cache(&ns, &mut ce, &ce_pins, &[BR.into()])?;
     let mut nat = NatMaps::take(&mut ce)?;
     let out_key = NatKey {
         local_ip: v4_key(LAN_HOST),
@@ -309,7 +354,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     )?;
 
     // BR: the lab's rule.
-    let mut br = object(&mut lab, "bench-br")?;
+    let (mut br, br_pins) = object(&mut lab, "bench-br")?;
     let mut br_cfg = Maps::take(&mut br)?;
     br_cfg.set_config(&config(
         BR,
@@ -317,6 +362,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         Ipv4Addr::UNSPECIFIED,
         v6_index,
     ))?;
+    let _br_nh = cache(&ns, &mut br, &br_pins, &[HOST.into()])?;
     let rule = RULE
         .parse::<RuleSpec>()
         .map_err(anyhow::Error::msg)?
@@ -334,15 +380,17 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     )])?;
 
     // lwAFTR: 1,000 and 1,000,000 softwires (the decap cost with a big table).
-    let (aftr_1k, _aftr_1k_cfg, _aftr_1k_sw, packet_1k) = lwaftr(&mut lab, 1_000, v6_index)?;
+    let (aftr_1k, _aftr_1k_cfg, _aftr_1k_sw, packet_1k) = lwaftr(&mut lab, &ns, 1_000, v6_index)?;
     let (aftr_1m, _aftr_1m_cfg, _aftr_1m_sw, packet_1m) =
-        lwaftr(&mut lab, plan.softwires, v6_index)?;
+        lwaftr(&mut lab, &ns, plan.softwires, v6_index)?;
 
     // Server decap with 1,000 and with 1,000,000 bindings in its map.
-    let (server_1k, _server_1k_maps) = server_with_bindings(&mut lab, 1_000, v6_index)?;
-    let (server_1m, _server_1m_maps) = server_with_bindings(&mut lab, plan.softwires, v6_index)?;
+    let (server_1k, _server_1k_maps) = server_with_bindings(&mut lab, &ns, 1_000, v6_index)?;
+    let (server_1m, _server_1m_maps) = server_with_bindings(&mut lab, &ns, plan.softwires, v6_index)?;
 
-    let mut objects = [server, ce, br, aftr_1k, aftr_1m, server_1k, server_1m];
+    let mut objects = [
+        server, ce, br, aftr_1k, aftr_1m, server_1k, server_1m, server_fib,
+    ];
     let cases = [
         Case {
             name: "empty TC program",
@@ -353,7 +401,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_OK,
         },
         Case {
-            name: "server decap (binding + lease check, decap, FIB, redirect)",
+            name: "server decap (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 0,
             packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
@@ -361,7 +409,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
-            name: "server decap in XDP (binding + lease check, decap, FIB, redirect)",
+            name: "server decap in XDP (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP_XDP,
             ebpf: 0,
             packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
@@ -369,7 +417,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: XDP_REDIRECT,
         },
         Case {
-            name: "server encap (binding, encap, FIB, redirect)",
+            name: "server encap (binding, encap, next hop, redirect)",
             program: PROG_SERVER_ENCAP,
             ebpf: 0,
             packet: udp4(HOST, 53, LEASE, 40000),
@@ -393,7 +441,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
-            name: "server decap, 1,000 bindings (binding + lease check, decap, FIB, redirect)",
+            name: "server decap, 1,000 bindings (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 5,
             packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
@@ -401,7 +449,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
-            name: "server decap, big map (binding + lease check, decap, FIB, redirect)",
+            name: "server decap, big map (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 6,
             packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
@@ -409,7 +457,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
-            name: "lwAFTR decap, 1,000 softwires (softwire + B4 check, decap, FIB, redirect)",
+            name: "lwAFTR decap, 1,000 softwires (softwire + B4 check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 3,
             packet: packet_1k,
@@ -417,11 +465,27 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             verdict: TC_ACT_REDIRECT,
         },
         Case {
-            name: "lwAFTR decap, big table (softwire + B4 check, decap, FIB, redirect)",
+            name: "lwAFTR decap, big table (softwire + B4 check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 4,
             packet: packet_1m,
             counter: Some(Counter::Decap),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "server decap, FIB helper per packet (next-hop cache off)",
+            program: PROG_SERVER_DECAP,
+            ebpf: 7,
+            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            counter: Some(Counter::DecapRedirected),
+            verdict: TC_ACT_REDIRECT,
+        },
+        Case {
+            name: "server encap, FIB helper per packet (next-hop cache off)",
+            program: PROG_SERVER_ENCAP,
+            ebpf: 7,
+            packet: udp4(HOST, 53, LEASE, 40000),
+            counter: Some(Counter::Encap),
             verdict: TC_ACT_REDIRECT,
         },
     ];
@@ -513,7 +577,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     );
     report.note(format!(
         "lwAFTR decap (server_decap, no native binding for the B4, tail call to \
-         server_decap_softwire: split, softwire and B4 lookups, decap, FIB, redirect): \
+         server_decap_softwire: split, softwire and B4 lookups, decap, next hop, redirect): \
          {small:.0} ns with 1,000 softwires, {big:.0} ns with {} in the maps (the last \
          softwire of each table measured).",
         plan.softwires
