@@ -19,7 +19,10 @@ use tunnel_common::{
     },
     stats::Counter,
 };
-use tunnel_ctl::dataplane::{self, fastpath::Maps, fastpath::v4_key};
+use tunnel_ctl::{
+    dataplane::{self, fastpath::Maps, fastpath::v4_key, nexthop::Resolved},
+    nexthop::Family,
+};
 use tunnel_tests::Lab;
 
 const TC_ACT_OK: u32 = 0;
@@ -257,6 +260,7 @@ struct Fixture {
     lab: Lab,
     ebpf: Ebpf,
     maps: Maps,
+    pin_dir: std::path::PathBuf,
 }
 
 fn fixture(role: &str) -> Result<Fixture> {
@@ -265,7 +269,12 @@ fn fixture(role: &str) -> Result<Fixture> {
     let pin_dir = std::path::Path::new("/sys/fs/bpf/tunnel").join(&instance);
     let mut ebpf = dataplane::load(&pin_dir)?;
     let maps = Maps::take(&mut ebpf)?;
-    Ok(Fixture { lab, ebpf, maps })
+    Ok(Fixture {
+        lab,
+        ebpf,
+        maps,
+        pin_dir,
+    })
 }
 
 #[test]
@@ -274,6 +283,7 @@ fn server_decap_accepts_bound_clients_and_drops_each_violation() -> Result<()> {
         lab: _lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("decap")?;
     maps.set_config(&config(0))?;
     maps.bind(CLIENT, LEASE)?;
@@ -351,6 +361,7 @@ fn server_decap_walks_outer_extension_headers() -> Result<()> {
         lab: _lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("ext")?;
     maps.set_config(&config(0))?;
     maps.bind(CLIENT, LEASE)?;
@@ -437,6 +448,7 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
         mut lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("xdp")?;
     // A router namespace: packets arrive on v6; HOST is an on-link neighbour of v4.
     let ns = lab.ns("xdp")?;
@@ -532,6 +544,7 @@ fn decap_clamps_the_mss_of_syns_and_keeps_the_checksum_valid() -> Result<()> {
         lab: _lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("mss")?;
     maps.set_config(&config(0))?;
     maps.bind(CLIENT, LEASE)?;
@@ -564,6 +577,7 @@ fn server_encap_wraps_packets_to_native_leases_toward_the_client() -> Result<()>
         mut lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("encap")?;
     // A namespace where the client is an on-link neighbour of interface v6.
     let ns = lab.ns("encap")?;
@@ -639,6 +653,7 @@ fn client_programs_mirror_the_server() -> Result<()> {
         mut lab,
         mut ebpf,
         mut maps,
+        ..
     } = fixture("client")?;
     let ns = lab.ns("cli")?;
     let peer = lab.ns("gw")?;
@@ -697,5 +712,144 @@ fn client_programs_mirror_the_server() -> Result<()> {
     let spoof = in_ipv6(STRANGER, CLIENT, &down);
     let (verdict, out) = run(&mut ebpf, PROG_CLIENT_DECAP, &spoof)?;
     assert_eq!((verdict, out), (TC_ACT_OK, spoof));
+    Ok(())
+}
+
+/// The frame's destination MAC.
+fn dmac(frame: &[u8]) -> [u8; 6] {
+    frame[..6].try_into().unwrap()
+}
+
+#[test]
+fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() -> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+        pin_dir,
+    } = fixture("nexthop")?;
+    // A router: packets from clients arrive on v6, HOST is a neighbour on v4, CLIENT on v6.
+    let ns = lab.ns("nh")?;
+    let peer = lab.ns("nh-peer")?;
+    lab.veth(&ns, "v6", &peer, "p6")?;
+    lab.veth(&ns, "v4", &peer, "p4")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.ip("addr add 192.0.2.1/24 dev v4")?;
+    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    let neighbour = |ip: String, mac: &str, dev: &str| {
+        ns.ip(&format!(
+            "neigh replace {ip} lladdr {mac} dev {dev} nud permanent"
+        ))
+    };
+    neighbour(HOST.to_string(), "02:00:00:00:00:22", "v4")?;
+    neighbour(CLIENT.to_string(), "02:00:00:00:00:44", "v6")?;
+    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let v4 = ns.enter(|| nix::net::if_::if_nametoindex("v4"))??;
+    let (v4_mac, v6_mac) = (link_mac(&ns, "v4")?, link_mac(&ns, "v6")?);
+    maps.set_config(&config(v6))?;
+    maps.bind(CLIENT, LEASE)?;
+    let mut cache = dataplane::nexthop::NextHops::take(&mut ebpf, &pin_dir)?;
+    cache.set_enabled(true, true)?;
+    cache.keep_valid(std::time::Duration::from_secs(60))?;
+
+    // The resolver's answers are the FIB's: interface, the neighbour's MAC, our own.
+    let answer = ns.enter(|| cache.resolve(HOST.into()))??;
+    let Resolved::Forward(nh) = answer else {
+        bail!("HOST did not resolve: {answer:?}")
+    };
+    assert_eq!(
+        (nh.ifindex, &nh.eth[2..8], &nh.eth[8..14]),
+        (v4, &NEIGH_MAC[..], &v4_mac[..])
+    );
+    assert_eq!(&nh.eth[..2], &[0, 0]);
+    assert_eq!(&nh.eth[14..], &[0x08, 0x00]);
+    let answer = ns.enter(|| cache.resolve(CLIENT.into()))??;
+    let Resolved::Forward(nh) = answer else {
+        bail!("CLIENT did not resolve: {answer:?}")
+    };
+    assert_eq!(&nh.eth[2..8], &[2, 0, 0, 0, 0, 0x44]);
+    assert_eq!(&nh.eth[8..14], &v6_mac);
+    assert_eq!(&nh.eth[14..], &[0x86, 0xdd]);
+    // No route: an entry that leaves the packet to the kernel.
+    let nowhere = Ipv4Addr::new(203, 0, 113, 9);
+    let answer = ns.enter(|| cache.resolve(nowhere.into()))??;
+    assert!(matches!(answer, Resolved::Kernel(_)), "{answer:?}");
+
+    // The neighbours change behind the cache's back (no task watches here): the programs go
+    // on with what the cache says, and ask the FIB for nothing.
+    neighbour(HOST.to_string(), "02:00:00:00:00:33", "v4")?;
+    neighbour(CLIENT.to_string(), "02:00:00:00:00:55", "v6")?;
+    let inner = ipv4_udp(LEASE, HOST, b"hello");
+    let decap = in_ipv6(CLIENT, TUNNEL, &inner);
+    let encap = ethernet(EtherType::IPV4, &ipv4_udp(HOST, LEASE, b"back"));
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_forwarded(&ebpf, &before, &out, &inner, &v4_mac)?;
+    let (verdict, out) = ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &decap, v6))??;
+    assert_eq!((verdict, dmac(&out)), (XDP_REDIRECT, NEIGH_MAC));
+    let (verdict, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap, v4))??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        (dmac(&out), &out[6..12]),
+        ([2, 0, 0, 0, 0, 0x44], &v6_mac[..])
+    );
+    let (verdict, out) = ns.enter(|| {
+        run_tc_from(
+            &mut ebpf,
+            PROG_SERVER_DECAP,
+            &in_ipv6(CLIENT, TUNNEL, &ipv4_udp(LEASE, nowhere, b"x")),
+            v6,
+        )
+    })??;
+    assert_eq!(
+        (verdict, &out[12..14]),
+        (TC_ACT_OK, &[0x08, 0x00][..]),
+        "to the kernel"
+    );
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
+    assert!(cache.reported().is_empty());
+
+    // Retired: the FIB's answer (the new MACs), each destination reported once.
+    cache.invalidate()?;
+    let before = dataplane::stats::read(&ebpf)?;
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x33]);
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap, v4))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x55]);
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 2);
+    let mut reported = cache.reported();
+    reported.sort_by_key(|(_, a)| a.to_string());
+    assert_eq!(
+        reported,
+        vec![(Family::V4, HOST.into()), (Family::V6, CLIENT.into())]
+    );
+    // Resolved again: the new next hops, from the cache.
+    ns.enter(|| -> Result<()> {
+        cache.resolve(HOST.into())?;
+        cache.resolve(CLIENT.into())?;
+        Ok(())
+    })??;
+    neighbour(HOST.to_string(), "02:00:00:00:00:66", "v4")?;
+    let before = dataplane::stats::read(&ebpf)?;
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x33]);
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
+
+    // A controller that stops confirming (dead) or a cache turned off: the FIB, no reports.
+    cache.keep_valid(std::time::Duration::ZERO)?;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let before = dataplane::stats::read(&ebpf)?;
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x66], "expired: the FIB");
+    cache.keep_valid(std::time::Duration::from_secs(60))?;
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x33], "valid again: the cache");
+    cache.set_enabled(false, false)?;
+    let (_, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &decap, v6))??;
+    assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x66], "off: the FIB");
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
+    assert!(cache.reported().is_empty());
     Ok(())
 }

@@ -1105,5 +1105,28 @@ fn a_next_hop_change_under_a_native_ping_loses_at_most_3_pings_and_none_after() 
         redirected + 6 >= u64::from(PINGS),
         "the pings were not on the fast path: {redirected} redirected of {PINGS}"
     );
+    // The next-hop cache did the forwarding, and both changes retired it: the pings (and
+    // their replies) asked the FIB only in the moments after each change.
+    let moved = |name: &str| counter(&after, name) - counter(&before, name);
+    let (misses, retired, resolved) = (
+        moved("nexthop_cache_misses"),
+        moved("nexthop_invalidations"),
+        moved("nexthop_resolved"),
+    );
+    eprintln!(
+        "next-hop cache: {misses} packets asked the FIB, retired {retired} times, {resolved} \
+         resolutions"
+    );
+    let log = t.lab.daemon_log(&t.server_instance).unwrap_or_default();
+    assert!(
+        retired >= 2 && resolved >= 2,
+        "the changes did not retire the cache ({retired}) and fill it again ({resolved}); \
+         server log:\n{log}"
+    );
+    assert!(
+        misses <= 40,
+        "{misses} of {} packets asked the FIB: the cache did not answer",
+        2 * PINGS
+    );
     Ok(())
 }

@@ -144,6 +144,9 @@ counters! {
     /// Tunnel Encapsulation Limit that Linux ip6tnl adds): the options were removed and the
     /// packet decapsulated as usual.
     ExtHeadersRemoved = "ext_headers_removed",
+    /// Packets whose next hop the cache did not have (while it was on): they asked the FIB
+    /// helper, and the destination was reported to the controller.
+    NextHopMiss = "nexthop_cache_misses",
 }
 
 /// Number of slots in the stats map.

@@ -377,6 +377,9 @@ impl Netlink {
                         RuleAttribute::Protocol(_) => {}
                         // A mark of 0 with mask 0 matches everything (kernels report them).
                         RuleAttribute::FwMark(0) | RuleAttribute::FwMask(0) => {}
+                        // Unset suppressors are reported as -1.
+                        RuleAttribute::SuppressPrefixLen(u32::MAX)
+                        | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
                         _ => selective = true,
                     }
                 }
@@ -395,8 +398,14 @@ impl Netlink {
     pub async fn route_shapes(&self) -> Result<Vec<nexthop::Route>> {
         let mut out = Vec::new();
         for (msg, family) in [
-            (RouteMessageBuilder::<Ipv4Addr>::new().build(), nexthop::Family::V4),
-            (RouteMessageBuilder::<Ipv6Addr>::new().build(), nexthop::Family::V6),
+            (
+                RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                nexthop::Family::V4,
+            ),
+            (
+                RouteMessageBuilder::<Ipv6Addr>::new().build(),
+                nexthop::Family::V6,
+            ),
         ] {
             let mut routes = self.handle.route().get(msg).execute();
             while let Some(route) = routes.try_next().await.context("listing routes")? {
@@ -409,9 +418,7 @@ impl Netlink {
                 };
                 for attr in &route.attributes {
                     match attr {
-                        RouteAttribute::MultiPath(hops) if hops.len() > 1 => {
-                            shape.multipath = true
-                        }
+                        RouteAttribute::MultiPath(hops) if hops.len() > 1 => shape.multipath = true,
                         RouteAttribute::NhId(_) => shape.nexthop_object = true,
                         _ => {}
                     }
@@ -466,7 +473,11 @@ pub fn neighbour_of(
             | NeighbourState::Permanent
             | NeighbourState::Noarp
     );
-    Some((msg.header.ifindex, addr?, nexthop::Neighbour { lladdr, usable }))
+    Some((
+        msg.header.ifindex,
+        addr?,
+        nexthop::Neighbour { lladdr, usable },
+    ))
 }
 
 /// A change of the kernel's routing state, from the rtnetlink multicast groups the next-hop
@@ -488,9 +499,7 @@ pub enum RoutingEvent {
 pub fn watch_routing() -> Result<tokio::sync::mpsc::UnboundedReceiver<RoutingEvent>> {
     use futures::StreamExt as _;
     use rtnetlink::{
-        MulticastGroup,
-        packet_core::NetlinkPayload,
-        packet_route::RouteNetlinkMessage as M,
+        MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage as M,
     };
     let groups = [
         MulticastGroup::Link,

@@ -95,22 +95,46 @@ pub const TABLE_DEFAULT: u32 = 253;
 /// would: only when no policy rule but the kernel's own ones exists (then neither the
 /// source, the ingress interface, the TOS nor a mark changes the answer), no route has
 /// several next hops (the FIB picks one per flow) or a nexthop object (changed without a
-/// route event), and no route matches on TOS (IPv4) or source (IPv6).
-pub fn cacheable(rules: &[Rule], routes: &[Route]) -> (bool, bool) {
-    let family_ok = |family: Family| {
+/// route event), and no route matches on TOS (IPv4) or source (IPv6). For each family (IPv4,
+/// IPv6): None when it can, else why not (for the log).
+pub fn cacheable(rules: &[Rule], routes: &[Route]) -> (Option<String>, Option<String>) {
+    let why_not = |family: Family| -> Option<String> {
         let kernel_rules = match family {
-            Family::V4 => &[(0, TABLE_LOCAL), (32766, TABLE_MAIN), (32767, TABLE_DEFAULT)][..],
+            Family::V4 => &[
+                (0, TABLE_LOCAL),
+                (32766, TABLE_MAIN),
+                (32767, TABLE_DEFAULT),
+            ][..],
             Family::V6 => &[(0, TABLE_LOCAL), (32766, TABLE_MAIN)][..],
         };
-        let rules_ok = rules.iter().filter(|r| r.family == family).all(|r| {
-            !r.selective && kernel_rules.contains(&(r.priority, r.table))
-        });
-        let routes_ok = routes.iter().filter(|r| r.family == family).all(|r| {
-            !r.multipath && !r.nexthop_object && r.tos == 0 && r.src_len == 0
-        });
-        rules_ok && routes_ok
+        if let Some(r) = rules
+            .iter()
+            .filter(|r| r.family == family)
+            .find(|r| r.selective || !kernel_rules.contains(&(r.priority, r.table)))
+        {
+            return Some(format!(
+                "policy routing (rule {} to table {}{})",
+                r.priority,
+                r.table,
+                if r.selective { ", selective" } else { "" }
+            ));
+        }
+        let routes = || routes.iter().filter(|r| r.family == family);
+        if routes().any(|r| r.multipath) {
+            return Some("a route with several next hops".into());
+        }
+        if routes().any(|r| r.nexthop_object) {
+            return Some("a route through a nexthop object".into());
+        }
+        if routes().any(|r| r.tos != 0) {
+            return Some("a route that matches on TOS".into());
+        }
+        if routes().any(|r| r.src_len != 0) {
+            return Some("a source-specific route".into());
+        }
+        None
     };
-    (family_ok(Family::V4), family_ok(Family::V6))
+    (why_not(Family::V4), why_not(Family::V6))
 }
 
 /// How long a destination resolved in the current generation is not asked again (the
@@ -140,7 +164,11 @@ impl Misses {
     /// Whether to resolve `addr` now.
     pub fn take(&mut self, family: Family, addr: [u8; 16], generation: u32, now: Instant) -> bool {
         if let Some(seen) = self.seen.get(&(family, addr)) {
-            let hold = if seen.cached { RESOLVED_HOLD } else { RETRY_AFTER };
+            let hold = if seen.cached {
+                RESOLVED_HOLD
+            } else {
+                RETRY_AFTER
+            };
             if seen.generation == generation && now.duration_since(seen.at) < hold {
                 return false;
             }
@@ -211,12 +239,18 @@ mod tests {
         assert!(table.changed(3, GW, n(2, true)), "new MAC");
         assert!(table.changed(3, GW, n(2, false)), "failed");
         assert!(!table.changed(3, GW, n(2, false)), "still failed");
-        assert!(!table.changed(3, GW, n(2, true)), "usable again: nothing cached used it");
+        assert!(
+            !table.changed(3, GW, n(2, true)),
+            "usable again: nothing cached used it"
+        );
         assert!(table.removed(3, GW), "a usable one gone");
         assert!(table.removed(3, GW), "one never seen gone: we cannot know");
         table.changed(4, GW, n(1, false));
         assert!(!table.removed(4, GW), "an unusable one gone");
-        assert!(!table.changed(5, GW, n(9, true)), "other interface, first sight");
+        assert!(
+            !table.changed(5, GW, n(9, true)),
+            "other interface, first sight"
+        );
     }
 
     fn rule(family: Family, priority: u32, table: u32) -> Rule {
@@ -251,28 +285,35 @@ mod tests {
     #[test]
     fn the_cache_answers_only_where_the_destination_alone_decides() {
         let routes = vec![route(Family::V4), route(Family::V6)];
-        assert_eq!(cacheable(&kernel_rules(), &routes), (true, true));
+        let on = |(v4, v6): (Option<String>, Option<String>)| (v4.is_none(), v6.is_none());
+        assert_eq!(on(cacheable(&kernel_rules(), &routes)), (true, true));
 
         let mut rules = kernel_rules();
         rules.push(rule(Family::V4, 100, 10));
-        assert_eq!(cacheable(&rules, &routes), (false, true), "an extra IPv4 rule");
+        let (v4, v6) = cacheable(&rules, &routes);
+        assert_eq!(v4.as_deref(), Some("policy routing (rule 100 to table 10)"));
+        assert_eq!(v6, None);
 
         let mut rules = kernel_rules();
         rules[4].selective = true;
-        assert_eq!(cacheable(&rules, &routes), (true, false), "main with a selector");
+        assert_eq!(
+            on(cacheable(&rules, &routes)),
+            (true, false),
+            "main with a selector"
+        );
 
         let mut multi = routes.clone();
         multi[0].multipath = true;
-        assert_eq!(cacheable(&kernel_rules(), &multi), (false, true));
+        assert_eq!(on(cacheable(&kernel_rules(), &multi)), (false, true));
         let mut nh = routes.clone();
         nh[1].nexthop_object = true;
-        assert_eq!(cacheable(&kernel_rules(), &nh), (true, false));
+        assert_eq!(on(cacheable(&kernel_rules(), &nh)), (true, false));
         let mut tos = routes.clone();
         tos[0].tos = 0x10;
-        assert_eq!(cacheable(&kernel_rules(), &tos), (false, true));
+        assert_eq!(on(cacheable(&kernel_rules(), &tos)), (false, true));
         let mut from = routes;
         from[1].src_len = 64;
-        assert_eq!(cacheable(&kernel_rules(), &from), (true, false));
+        assert_eq!(on(cacheable(&kernel_rules(), &from)), (true, false));
     }
 
     #[test]
@@ -284,7 +325,10 @@ mod tests {
         misses.resolved(Family::V6, a, 7, t0, true);
         assert!(!misses.take(Family::V6, a, 7, t0 + Duration::from_millis(10)));
         assert!(!misses.take(Family::V6, a, 7, t0 + RESOLVED_HOLD / 2));
-        assert!(misses.take(Family::V6, a, 7, t0 + RESOLVED_HOLD), "evicted, perhaps");
+        assert!(
+            misses.take(Family::V6, a, 7, t0 + RESOLVED_HOLD),
+            "evicted, perhaps"
+        );
         assert!(misses.take(Family::V6, a, 8, t0), "a new generation");
         assert!(misses.take(Family::V4, a, 7, t0), "the other family");
 

@@ -22,7 +22,9 @@ use tunnel_ebpf::{
     log,
     maps::{BR_RULES, config},
     nat,
-    packet::{self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, Outer6, PASS, eq_words},
+    packet::{
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, Outer6, PASS, eq_words,
+    },
     route,
     stats::count,
 };

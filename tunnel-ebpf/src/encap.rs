@@ -15,13 +15,13 @@ use tunnel_common::{
 
 use crate::{
     direct::map_words,
+    head::{Head, write_from_proto70, write70},
     log,
     packet::{
         DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-        IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, Outer6, RewriteFailed,
-        segments, set_eth_proto,
+        IPPROTO_HOPOPTS, IPPROTO_IPIP, Ipv4Info, MAX_EXT_HEADERS, Outer6, RewriteFailed, segments,
+        set_eth_proto,
     },
-    head::{Head, write_from_proto70, write70},
     route::{self, Forward},
     stats::{count, count_n},
 };
@@ -69,9 +69,7 @@ pub fn encapsulate<const DIRECT: bool>(
     )
     .map_err(|_| RewriteFailed)?;
     match eth {
-        Some([e0, e1]) => {
-            write70::<DIRECT>(ctx, &Head([e0, e1, w0, s0, s1, d0, d1, i0, inner_w1]))
-        }
+        Some([e0, e1]) => write70::<DIRECT>(ctx, &Head([e0, e1, w0, s0, s1, d0, d1, i0, inner_w1])),
         None => write_from_proto70(
             ctx,
             &Head([0, IPV6_PROTO_WORD, w0, s0, s1, d0, d1, i0, inner_w1]),
@@ -190,7 +188,17 @@ pub fn send_wrapped<const DIRECT: bool>(
     log_program: u32,
 ) -> (i32, u64) {
     let src = map_words(&cfg.local);
-    send_wrapped_from::<DIRECT>(ctx, ip, inner_w1, cfg, &src, dst, egress, counter, log_program)
+    send_wrapped_from::<DIRECT>(
+        ctx,
+        ip,
+        inner_w1,
+        cfg,
+        &src,
+        dst,
+        egress,
+        counter,
+        log_program,
+    )
 }
 
 /// [`send_wrapped`] from outer source `src` instead of `cfg.local` (an lwAFTR softwire's own

@@ -106,12 +106,7 @@ pub fn dropped_ipip(
 /// (only when logging) from where they are without outer extension headers, 0 if the packet
 /// is too short.
 #[inline(always)]
-pub fn dropped_ipip_unparsed(
-    ctx: &TcContext,
-    program: u32,
-    reason: Counter,
-    outer_src: &[u64; 2],
-) {
+pub fn dropped_ipip_unparsed(ctx: &TcContext, program: u32, reason: Counter, outer_src: &[u64; 2]) {
     emit(ctx, program, reason, || LogEvent {
         outer_src: *Key16(*outer_src).bytes(),
         src: ctx.load::<u32>(INNER_OFF + 12).unwrap_or(0),

@@ -5,11 +5,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use tunnel_common::nexthop::{
-    MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState,
+use tunnel_common::{
+    nexthop::{MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState},
+    stats::Counter,
 };
 
-use crate::direct::Key16;
+use crate::{direct::Key16, stats::count};
 
 /// Named by `tunnel_common::names::NEXTHOPS_V4`.
 #[map]
@@ -56,9 +57,10 @@ fn current(family: u32) -> Option<(u32, u64)> {
 pub fn get4(dst: u32) -> Option<&'static NextHop> {
     let (generation, now) = current(NH_CACHE_V4)?;
     // SAFETY: the entry is read at once; the controller replaces entries whole.
-    match unsafe { NEXTHOPS_V4.get(&dst) } {
+    match unsafe { NEXTHOPS_V4.get(dst) } {
         Some(nh) if nh.generation == generation => Some(nh),
         _ => {
+            count(Counter::NextHopMiss);
             report(4, [u64::from(dst), 0], now);
             None
         }
@@ -74,6 +76,7 @@ pub fn get6(dst: &[u64; 2]) -> Option<&'static NextHop> {
     match unsafe { NEXTHOPS_V6.get(key.bytes()) } {
         Some(nh) if nh.generation == generation => Some(nh),
         _ => {
+            count(Counter::NextHopMiss);
             report(6, *dst, now);
             None
         }

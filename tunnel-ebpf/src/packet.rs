@@ -202,7 +202,9 @@ impl Ipv4Info {
     #[inline(always)]
     pub fn ttl_decremented(&self) -> u32 {
         let check = ttl_decremented_checksum(self.check()).to_be();
-        u32::from(self.ttl().wrapping_sub(1)) | u32::from(self.proto()) << 8 | u32::from(check) << 16
+        u32::from(self.ttl().wrapping_sub(1))
+            | u32::from(self.proto()) << 8
+            | u32::from(check) << 16
     }
 
     /// Bytes 8-15 (TTL, protocol, checksum, source) as the header's second word, with the

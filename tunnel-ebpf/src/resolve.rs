@@ -34,8 +34,18 @@ pub fn nexthop_resolve(ctx: TcContext) -> i32 {
     } else if q.family == 6 {
         let (s, d) = (to_words(&q.src), to_words(&q.dst));
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = [s[0] as u32, (s[0] >> 32) as u32, s[1] as u32, (s[1] >> 32) as u32];
-        p.__bindgen_anon_4.ipv6_dst = [d[0] as u32, (d[0] >> 32) as u32, d[1] as u32, (d[1] >> 32) as u32];
+        p.__bindgen_anon_3.ipv6_src = [
+            s[0] as u32,
+            (s[0] >> 32) as u32,
+            s[1] as u32,
+            (s[1] >> 32) as u32,
+        ];
+        p.__bindgen_anon_4.ipv6_dst = [
+            d[0] as u32,
+            (d[0] >> 32) as u32,
+            d[1] as u32,
+            (d[1] >> 32) as u32,
+        ];
     } else {
         q.rc = u32::MAX;
         return answer(&ctx, &q);

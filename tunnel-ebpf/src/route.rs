@@ -5,23 +5,21 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
+        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use tunnel_common::{
-    fastpath::IPV6_HEADER_LEN,
-    nexthop::NH_FORWARD,
-    stats::Counter,
-};
+use tunnel_common::{fastpath::IPV6_HEADER_LEN, nexthop::NH_FORWARD, stats::Counter};
 
 use crate::{
     direct::map_words,
     head::{Head, write26},
     nexthop,
-    packet::{DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, RewriteFailed, decrement_ttl, set_eth_proto},
+    packet::{
+        DROP, ETH_LEN, ETH_P_IP, Ipv4Info, PASS, RewriteFailed, decrement_ttl, set_eth_proto,
+    },
     stats::count,
 };
 
@@ -328,5 +326,10 @@ fn to_kernel(ctx: &TcContext) -> i32 {
 /// An address held as two words, as the FIB helper's four.
 #[inline(always)]
 fn halves(a: &[u64; 2]) -> [u32; 4] {
-    [a[0] as u32, (a[0] >> 32) as u32, a[1] as u32, (a[1] >> 32) as u32]
+    [
+        a[0] as u32,
+        (a[0] >> 32) as u32,
+        a[1] as u32,
+        (a[1] >> 32) as u32,
+    ]
 }

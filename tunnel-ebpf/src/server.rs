@@ -47,8 +47,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
     let Some(outer) = Outer6::load(&ctx) else {
         return PASS;
     };
-    if !eq_words(&outer.dst, &map_words(&cfg.local))
-        && !softwire::is_aftr(Key16(outer.dst).bytes())
+    if !eq_words(&outer.dst, &map_words(&cfg.local)) && !softwire::is_aftr(Key16(outer.dst).bytes())
     {
         return PASS;
     }

@@ -47,9 +47,7 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let outer_w0 = v.w64(ETH_LEN);
-    if (outer_w0 >> 48) as u8 != IPPROTO_IPIP
-        || v.addr6(ETH_LEN + 24) != map_words(&cfg.local)
-    {
+    if (outer_w0 >> 48) as u8 != IPPROTO_IPIP || v.addr6(ETH_LEN + 24) != map_words(&cfg.local) {
         return None;
     }
     let client = Key16(v.addr6(ETH_LEN + 8));
@@ -96,8 +94,12 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
             (map_words(&nh.eth), nh.ifindex)
         }
         None => {
-            let mut p: bpf_fib_lookup =
-                v4_lookup(ctx.ingress_ifindex() as u32, inner.src(), inner.dst(), inner.tos());
+            let mut p: bpf_fib_lookup = v4_lookup(
+                ctx.ingress_ifindex() as u32,
+                inner.src(),
+                inner.dst(),
+                inner.tos(),
+            );
             // SAFETY: the helper reads and writes `p`, whose size we pass.
             let rc = unsafe {
                 fib_lookup(

@@ -35,8 +35,8 @@ use tunnel_ctl::{
     dataplane::{
         self,
         fastpath::{Maps, v4_key},
-        nexthop::{NextHops, Resolved},
         nat::{BrRules, NatMaps},
+        nexthop::{NextHops, Resolved},
         softwires::Softwires,
     },
     mape::rule::{InterfaceId, RuleSpec},
@@ -314,7 +314,12 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let (mut server, server_pins) = object(&mut lab, "bench-server")?;
     let mut maps = server_maps(&mut server, v6_index)?;
     maps.bind(CLIENT, LEASE)?;
-    let _server_nh = cache(&ns, &mut server, &server_pins, &[HOST.into(), CLIENT.into()])?;
+    let _server_nh = cache(
+        &ns,
+        &mut server,
+        &server_pins,
+        &[HOST.into(), CLIENT.into()],
+    )?;
     // The same programs asking the FIB for every packet (the cache off).
     let (mut server_fib, _) = object(&mut lab, "bench-server-fib")?;
     let mut fib_maps = server_maps(&mut server_fib, v6_index)?;
@@ -386,7 +391,8 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
 
     // Server decap with 1,000 and with 1,000,000 bindings in its map.
     let (server_1k, _server_1k_maps) = server_with_bindings(&mut lab, &ns, 1_000, v6_index)?;
-    let (server_1m, _server_1m_maps) = server_with_bindings(&mut lab, &ns, plan.softwires, v6_index)?;
+    let (server_1m, _server_1m_maps) =
+        server_with_bindings(&mut lab, &ns, plan.softwires, v6_index)?;
 
     let mut objects = [
         server, ce, br, aftr_1k, aftr_1m, server_1k, server_1m, server_fib,

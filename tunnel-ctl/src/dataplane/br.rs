@@ -15,6 +15,7 @@ use tunnel_common::{
 use super::{
     fastpath::{Maps, v4_key},
     nat::BrRules,
+    nexthop::{self, NextHopTask},
     stats::{self, Counters},
     tc::{self, Direction},
 };
@@ -28,6 +29,7 @@ pub struct BrDevices<'a> {
 pub struct BrDataplane {
     ebpf: Mutex<Ebpf>,
     rules: Mutex<BrRules>,
+    nexthops: NextHopTask,
 }
 
 impl BrDataplane {
@@ -49,9 +51,11 @@ impl BrDataplane {
         ] {
             tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, pin_dir)?;
         }
+        let nexthops = nexthop::start(&mut ebpf, pin_dir)?;
         Ok(BrDataplane {
             ebpf: Mutex::new(ebpf),
             rules: Mutex::new(table),
+            nexthops,
         })
     }
 
@@ -65,7 +69,8 @@ impl BrDataplane {
 
     /// The programs' counters.
     pub fn counters(&self) -> Result<Counters> {
-        stats::read(&self.ebpf.lock().unwrap_or_else(|p| p.into_inner()))
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.nexthops.with_counters(stats::read(&ebpf)?))
     }
 }
 

@@ -170,6 +170,7 @@ fn map_values(entry: &Entry) -> (NatOut, NatIn) {
 pub struct CeDataplane {
     ebpf: Mutex<Ebpf>,
     nat: Mutex<Nat>,
+    nexthops: super::nexthop::NextHopTask,
 }
 
 impl CeDataplane {
@@ -194,9 +195,11 @@ impl CeDataplane {
         for (program, dev, direction) in devices.attachments() {
             tc::attach_pinned(&mut ebpf, program, dev, direction, pin_dir)?;
         }
+        let nexthops = super::nexthop::start(&mut ebpf, pin_dir)?;
         let dp = CeDataplane {
             ebpf: Mutex::new(ebpf),
             nat: Mutex::new(Nat { table, maps: nat }),
+            nexthops,
         };
         Ok((dp, adopted))
     }
@@ -305,6 +308,7 @@ impl CeDataplane {
 
     /// The programs' counters.
     pub fn counters(&self) -> Result<Counters> {
-        stats::read(&self.ebpf.lock().unwrap_or_else(|p| p.into_inner()))
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.nexthops.with_counters(stats::read(&ebpf)?))
     }
 }

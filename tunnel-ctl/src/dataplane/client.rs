@@ -65,6 +65,7 @@ pub struct NativePath {
     forward_lan: bool,
     /// On a shared lease: the lwB4 in place of the client programs.
     lwb4: tokio::sync::Mutex<Option<Lwb4>>,
+    nexthops: dataplane::nexthop::NextHopTask,
 }
 
 /// The client programs' attachments.
@@ -113,7 +114,9 @@ impl NativePath {
         for (program, direction) in CLIENT_PROGRAMS {
             tc::attach_pinned(&mut ebpf, program, v6_dev, direction, &pin_dir)?;
         }
+        let nexthops = dataplane::nexthop::start(&mut ebpf, &pin_dir)?;
         Ok(NativePath {
+            nexthops,
             v6_dev: v6_dev.to_owned(),
             v6_index,
             mac,
@@ -242,7 +245,8 @@ impl NativePath {
     }
 
     pub fn counters(&self) -> Result<Counters> {
-        dataplane::stats::read(&self.ebpf.lock().unwrap_or_else(|p| p.into_inner()))
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.nexthops.with_counters(dataplane::stats::read(&ebpf)?))
     }
 
     /// Clean shutdown: routes and address off the interface, programs detached, pins gone.

@@ -25,8 +25,8 @@ use tunnel_common::{
         TUNNEL_CONFIG,
     },
     nexthop::{
-        NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop,
-        NextHopMiss, NextHopQuery, NextHopState,
+        NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop, NextHopMiss,
+        NextHopQuery, NextHopState,
     },
 };
 
@@ -80,6 +80,8 @@ pub struct NextHops {
     /// questions' parameters).
     config: Array<MapData, TunnelConfig>,
     current: NextHopState,
+    /// Whether the task has said what it does yet.
+    started: bool,
     pub stats: Arc<NextHopStats>,
 }
 
@@ -119,6 +121,7 @@ impl NextHops {
             resolver,
             config,
             current,
+            started: false,
             stats: Arc::default(),
         })
     }
@@ -187,11 +190,11 @@ impl NextHops {
             }
         }
         let mut packet = vec![0u8; NEXTHOP_QUERY_OFF + size_of::<NextHopQuery>()];
-        packet[12..14].copy_from_slice(&if dst.is_ipv4() { 0x0800u16 } else { 0x86ddu16 }.to_be_bytes());
+        packet[12..14]
+            .copy_from_slice(&if dst.is_ipv4() { 0x0800u16 } else { 0x86ddu16 }.to_be_bytes());
         // SAFETY: NextHopQuery is plain old data without padding.
-        let bytes: &[u8] = unsafe {
-            std::slice::from_raw_parts((&raw const q).cast(), size_of::<NextHopQuery>())
-        };
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts((&raw const q).cast(), size_of::<NextHopQuery>()) };
         packet[NEXTHOP_QUERY_OFF..].copy_from_slice(bytes);
         let mut out = vec![0u8; packet.len() + 64];
         let opts = TestRunOptions {
@@ -204,7 +207,10 @@ impl NextHops {
             .test_run(opts)
             .context("running the next-hop resolver")?;
         if run.return_value != 0 {
-            bail!("the next-hop resolver refused the question (verdict {})", run.return_value);
+            bail!(
+                "the next-hop resolver refused the question (verdict {})",
+                run.return_value
+            );
         }
         let answer = out
             .get(NEXTHOP_QUERY_OFF..NEXTHOP_QUERY_OFF + size_of::<NextHopQuery>())
@@ -248,6 +254,12 @@ impl NextHops {
         })
     }
 
+    /// The misses the programs reported since the last call (for a cache that is not
+    /// [spawned](NextHops::spawn): tests and the bench).
+    pub fn reported(&mut self) -> Vec<(Family, IpAddr)> {
+        self.misses.as_mut().map(drain).unwrap_or_default()
+    }
+
     /// The entry the programs would use for `dst` now, if any.
     pub fn current_entry(&self, dst: IpAddr) -> Option<NextHop> {
         let entry = match dst {
@@ -287,17 +299,12 @@ impl NextHops {
             .ok_or_else(|| anyhow!("the miss ring is already read"))?;
         // SAFETY: the ring owns its descriptor, which stays open and the same for as long as
         // the AsyncFd (its owner) lives.
-        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| anyhow!("watching {NEXTHOP_MISSES}: {e}"))?;
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow!("watching {NEXTHOP_MISSES}: {e}"))?;
         let mut misses = Misses::default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut routes_changed = false;
-        let (v4, v6) = self.enabled();
-        info!(
-            "next-hop cache: IPv4 {}, IPv6 {}",
-            if v4 { "on" } else { "off (policy routing or multipath)" },
-            if v6 { "on" } else { "off (policy routing or multipath)" }
-        );
         loop {
             tokio::select! {
                 event = events.recv() => {
@@ -384,14 +391,16 @@ impl NextHops {
     async fn recheck(&mut self, nl: &Netlink) -> Result<()> {
         let (rules, routes) = (nl.rules().await?, nl.route_shapes().await?);
         let (v4, v6) = cacheable(&rules, &routes);
-        if (v4, v6) != self.enabled() {
-            info!(
-                "next-hop cache: IPv4 {}, IPv6 {}",
-                if v4 { "on" } else { "off" },
-                if v6 { "on" } else { "off" }
-            );
+        let (on4, on6) = (v4.is_none(), v6.is_none());
+        if (on4, on6) != self.enabled() || !self.started {
+            self.started = true;
+            let state = |why: Option<String>| match why {
+                None => "on".to_owned(),
+                Some(why) => format!("off ({why}: the FIB answers every packet)"),
+            };
+            info!("next-hop cache: IPv4 {}, IPv6 {}", state(v4), state(v6));
         }
-        self.set_enabled(v4, v6)
+        self.set_enabled(on4, on6)
     }
 
     /// The forwarding settings the FIB helper checks for the questions we ask (the IPv6
@@ -407,7 +416,7 @@ impl NextHops {
         ["ipv4", "ipv6"]
             .iter()
             .flat_map(|family| {
-                [format!("all"), name.clone()].map(|dev| {
+                ["all".to_string(), name.clone()].map(|dev| {
                     std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/{dev}/forwarding"))
                         .unwrap_or_default()
                 })
@@ -416,10 +425,25 @@ impl NextHops {
     }
 }
 
+/// Takes the cache out of a role's freshly loaded object and runs it (see
+/// [`NextHops::spawn`]); the role's handle keeps the result for as long as it runs.
+pub fn start(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<NextHopTask> {
+    let nexthops = NextHops::take(ebpf, pin_dir)?;
+    Ok(nexthops.spawn(Netlink::connect()?))
+}
+
 /// The running cache: its task stops when this is dropped.
 pub struct NextHopTask {
     task: JoinHandle<()>,
     pub stats: Arc<NextHopStats>,
+}
+
+impl NextHopTask {
+    /// The eBPF counters `base` with the cache's own (`nexthop_*`) added.
+    pub fn with_counters(&self, mut base: super::stats::Counters) -> super::stats::Counters {
+        base.extend(self.stats.snapshot());
+        base
+    }
 }
 
 impl Drop for NextHopTask {

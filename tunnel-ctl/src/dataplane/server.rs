@@ -29,6 +29,7 @@ use crate::{
     dataplane::{
         self, bpffs,
         fastpath::Maps,
+        nexthop::{self, NextHopTask},
         softwires::Softwires,
         stats::Counters,
         tc::{self, Direction},
@@ -77,6 +78,7 @@ pub struct Native {
     pub policy_icmp: u32,
     max_bindings: u32,
     softwires: Mutex<Softwires>,
+    nexthops: NextHopTask,
 }
 
 impl Native {
@@ -161,6 +163,7 @@ impl Native {
             .map(|(program, dev)| tc::link_pin_name(program, dev))
             .collect();
         bpffs::remove_other_links(&args.pin_dir, &keep)?;
+        let nexthops = nexthop::start(&mut ebpf, &args.pin_dir)?;
         let raw = Softwire::open(args.tunnel_addr)?;
         Ok(Native {
             tunnel_addr: args.tunnel_addr,
@@ -175,6 +178,7 @@ impl Native {
             policy_icmp: args.policy_icmp,
             max_bindings: args.max_bindings,
             softwires: Mutex::new(softwires),
+            nexthops,
         })
     }
 
@@ -245,7 +249,7 @@ impl Native {
 
     pub fn counters(&self) -> Result<Counters> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        dataplane::stats::read(&ebpf)
+        Ok(self.nexthops.with_counters(dataplane::stats::read(&ebpf)?))
     }
 
     /// Sends an IPv4 packet to a native client as IPv4-in-IPv6 from the tunnel address,
