@@ -45,10 +45,12 @@ pub struct NextHopState {
     /// [`NH_CACHE_V4`] | [`NH_CACHE_V6`]: which families the programs look up at all (off
     /// where the cache could not give the FIB's answer: policy routing, multipath routes).
     pub enabled: u32,
-    /// CLOCK_MONOTONIC (coarse) in ns until which the entries may be used. The controller
-    /// moves it on every second; a controller that died (nobody would retire entries on a
-    /// route change any more) leaves the fast path on the FIB within seconds.
-    pub valid_until_ns: u64,
+    /// The kernel's `jiffies` up to which the entries may be used. The controller moves it
+    /// on every second; a controller that died (nobody would retire entries on a route
+    /// change any more) leaves the fast path on the FIB within seconds. Jiffies because the
+    /// verifier turns `bpf_jiffies64` into one load, where a clock read cost the programs
+    /// 25-30 ns per packet.
+    pub valid_until_jiffies: u64,
 }
 
 pub const NH_CACHE_V4: u32 = 1;
@@ -85,6 +87,9 @@ pub struct NextHopQuery {
     /// Answer, when `rc` is 0: the next hop as the cache holds it (`generation` and `kind`
     /// left for the controller).
     pub answer: NextHop,
+    /// Answer, always: the kernel's `jiffies` (the controller's clock for
+    /// [`NextHopState::valid_until_jiffies`]).
+    pub jiffies: u64,
 }
 
 /// Where the query starts in the resolver's packet.
@@ -106,4 +111,4 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<NextHop>() == 16 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<NextHopState>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHopMiss>() == 24);
-const _: () = assert!(core::mem::size_of::<NextHopQuery>() == 16 + 32 + 32);
+const _: () = assert!(core::mem::size_of::<NextHopQuery>() == 16 + 32 + 32 + 8);

@@ -1,7 +1,7 @@
 //! The next-hop cache's side in the programs (`tunnel_common::nexthop`): look a destination
 //! up, and report the ones it does not answer. The controller writes every entry.
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_jiffies64,
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -30,22 +30,22 @@ pub static NEXTHOP_STATE: Array<NextHopState> = Array::with_max_entries(1, 0);
 pub static NEXTHOP_MISSES: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
 
 /// Named by `tunnel_common::names::NEXTHOP_MISS_LAST`: the last report of this CPU
-/// (destination, and the coarse clock's tick), so that a burst to one destination reports it
-/// once per tick.
+/// (destination, and the jiffy), so that a burst to one destination reports it once per
+/// tick.
 #[map]
 pub static NEXTHOP_MISS_LAST: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The generation entries must have, when the cache is on for `family` (and the controller
-/// is alive); with it, the coarse clock's reading.
+/// is alive); with it, `jiffies`.
 #[inline(always)]
 fn current(family: u32) -> Option<(u32, u64)> {
     let state = NEXTHOP_STATE.get(0)?;
     if state.enabled & family == 0 {
         return None;
     }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now > state.valid_until_ns {
+    // SAFETY: plain helper call (the verifier makes it a load of `jiffies`).
+    let now = unsafe { bpf_jiffies64() };
+    if now >= state.valid_until_jiffies {
         return None;
     }
     Some((state.generation, now))
@@ -83,8 +83,8 @@ pub fn get6(dst: &[u64; 2]) -> Option<&'static NextHop> {
     }
 }
 
-/// Tells the controller that `addr` missed, unless this CPU reported it already in this tick
-/// of the coarse clock. A full ring drops the report (the next miss reports again).
+/// Tells the controller that `addr` missed, unless this CPU reported it already in this
+/// jiffy. A full ring drops the report (the next miss reports again).
 #[inline(always)]
 fn report(family: u32, addr: [u64; 2], now: u64) {
     let Some(last) = NEXTHOP_MISS_LAST.get_ptr_mut(0) else {

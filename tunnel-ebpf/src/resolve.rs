@@ -7,7 +7,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64},
     macros::classifier,
     programs::TcContext,
 };
@@ -23,6 +23,8 @@ pub fn nexthop_resolve(ctx: TcContext) -> i32 {
     let Ok(mut q) = ctx.load::<NextHopQuery>(NEXTHOP_QUERY_OFF) else {
         return DROP;
     };
+    // SAFETY: plain helper call.
+    q.jiffies = unsafe { bpf_jiffies64() };
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut p: bpf_fib_lookup = unsafe { mem::zeroed() };
     p.ifindex = q.ifindex;

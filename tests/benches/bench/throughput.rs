@@ -366,6 +366,13 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     }
     plain_route_4over6(&t, &native)?;
     let _server = iperf_server(&t.internet)?;
+    if std::env::var_os("BENCH_LAB_HOLD").is_some() {
+        eprintln!(
+            "lab up: native client {}, in-band {}, core {}, server {}, internet {}",
+            native.name, inband.name, t.core.name, t.server.name, t.internet.name
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
     let _servers = (0..INBAND_CLIENTS)
         .map(|i| iperf_server_on(&t.internet, 5202 + i as u16))
         .collect::<Result<Vec<_>>>()?;
@@ -404,17 +411,28 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     // transmits each device of the path makes, and how many of them are GSO packets.
     // client v6 → core c<N>/srv → server up6 → inet0 → internet eth0, and back.
     let path = ["v6", "srv", "inet0", "eth0", "up6", "c1"];
-    for (label, dst) in [("plain TCP", PLAIN_DST), ("native TCP", TUNNEL_DST)] {
-        match xmits_during(&path, || tcp_gbps(&native, dst, s)) {
+    for (label, dst, streams) in [
+        ("plain TCP", PLAIN_DST, 1),
+        ("native TCP", TUNNEL_DST, 1),
+        ("plain 8 TCP streams", PLAIN_DST, 8),
+        ("native 8 TCP streams", TUNNEL_DST, 8),
+    ] {
+        match xmits_during(&path, || tcp_streams_gbps(&native, dst, s, streams)) {
             Ok(x) => report.note(xmits_text(label, &x)),
             Err(e) => report.note(format!("{label}: no transmit counts: {e:#}")),
         }
     }
     if crate::profile::enabled() {
         type Run<'a> = (&'a str, &'a Ns, &'a str, fn(&Ns, &str, u32) -> Result<f64>);
-        let runs: [Run; 6] = [
+        let runs: [Run; 8] = [
             ("plain TCP", &native, PLAIN_DST, tcp_gbps),
             ("native TCP", &native, TUNNEL_DST, tcp_gbps),
+            ("plain 8 TCP streams", &native, PLAIN_DST, |ns, dst, s| {
+                tcp_streams_gbps(ns, dst, s, 8)
+            }),
+            ("native 8 TCP streams", &native, TUNNEL_DST, |ns, dst, s| {
+                tcp_streams_gbps(ns, dst, s, 8)
+            }),
             ("in-band TCP", &inband, TUNNEL_DST, tcp_gbps),
             ("plain UDP", &native, PLAIN_DST, udp_kpps),
             ("native UDP", &native, TUNNEL_DST, udp_kpps),

@@ -82,6 +82,7 @@ pub struct NextHops {
     current: NextHopState,
     /// Whether the task has said what it does yet.
     started: bool,
+    clock: JiffyClock,
     pub stats: Arc<NextHopStats>,
 }
 
@@ -110,7 +111,7 @@ impl NextHops {
         let current = NextHopState {
             generation: previous.generation.wrapping_add(1),
             enabled: 0,
-            valid_until_ns: 0,
+            valid_until_jiffies: 0,
         };
         state.set(0, current, 0).context("writing NEXTHOP_STATE")?;
         Ok(NextHops {
@@ -122,6 +123,7 @@ impl NextHops {
             config,
             current,
             started: false,
+            clock: JiffyClock::default(),
             stats: Arc::default(),
         })
     }
@@ -157,7 +159,9 @@ impl NextHops {
 
     /// Lets the programs use the entries for `validity` from now.
     pub fn keep_valid(&mut self, validity: Duration) -> Result<()> {
-        self.current.valid_until_ns = coarse_now_ns()? + validity.as_nanos() as u64;
+        let now = self.ask_kernel(NextHopQuery::default())?.jiffies;
+        let hz = self.clock.hz(Instant::now(), now);
+        self.current.valid_until_jiffies = now + (validity.as_secs_f64() * hz).ceil() as u64;
         self.write_state()
     }
 
@@ -189,9 +193,14 @@ impl NextHops {
                 q.dst = a.octets();
             }
         }
+        self.ask_kernel(q)
+    }
+
+    /// Runs the resolver program on `q` (family 0: only the clock is read).
+    fn ask_kernel(&self, q: NextHopQuery) -> Result<NextHopQuery> {
         let mut packet = vec![0u8; NEXTHOP_QUERY_OFF + size_of::<NextHopQuery>()];
-        packet[12..14]
-            .copy_from_slice(&if dst.is_ipv4() { 0x0800u16 } else { 0x86ddu16 }.to_be_bytes());
+        let proto: u16 = if q.family == 6 { 0x86dd } else { 0x0800 };
+        packet[12..14].copy_from_slice(&proto.to_be_bytes());
         // SAFETY: NextHopQuery is plain old data without padding.
         let bytes: &[u8] =
             unsafe { std::slice::from_raw_parts((&raw const q).cast(), size_of::<NextHopQuery>()) };
@@ -474,9 +483,21 @@ fn drain(ring: &mut RingBuf<MapData>) -> Vec<(Family, IpAddr)> {
     out
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the programs' `bpf_ktime_get_coarse_ns`.
-fn coarse_now_ns() -> Result<u64> {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("reading CLOCK_MONOTONIC_COARSE")?;
-    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+/// The kernel's tick rate as seen from here: `jiffies` against our clock since the first
+/// reading. Until a second has passed it says 1,000 (the highest usual CONFIG_HZ), which
+/// makes a validity longer in real time on a slower kernel, never shorter than asked.
+#[derive(Debug, Default)]
+struct JiffyClock {
+    first: Option<(Instant, u64)>,
+}
+
+impl JiffyClock {
+    fn hz(&mut self, now: Instant, jiffies: u64) -> f64 {
+        let (t0, j0) = *self.first.get_or_insert((now, jiffies));
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs < 1.0 {
+            return 1000.0;
+        }
+        (jiffies.saturating_sub(j0) as f64 / secs).max(1.0)
+    }
 }
