@@ -49,6 +49,23 @@ impl MapRule {
     /// (IPv4 suffix, PSID), subnet id 0, interface id.
     #[inline(always)]
     pub fn ce_address(&self, ipv4: u32, psid: u16) -> [u8; 16] {
+        let [hi, lo] = self.ce_address_words(ipv4, psid);
+        let mut out = [0u8; 16];
+        let h = hi.to_ne_bytes();
+        let l = lo.to_ne_bytes();
+        let mut i = 0;
+        while i < 8 {
+            out[i] = h[i];
+            out[8 + i] = l[i];
+            i += 1;
+        }
+        out
+    }
+
+    /// [`MapRule::ce_address`] as two words in wire order (what loading the address's two
+    /// halves from memory gives), for the programs, which compare and write it as words.
+    #[inline(always)]
+    pub fn ce_address_words(&self, ipv4: u32, psid: u16) -> [u64; 2] {
         let q = 32u32.saturating_sub(self.ipv4_len as u32);
         let suffix = (ipv4 as u64) & low_bits(q);
         let k = self.psid_len() as u32;
@@ -60,16 +77,7 @@ impl MapRule {
             self.ipv6_hi | ea.checked_shl(64 - used).unwrap_or(0)
         };
         let lo = interface_id(self.iid_layout, ipv4, psid);
-        let mut out = [0u8; 16];
-        let h = hi.to_be_bytes();
-        let l = lo.to_be_bytes();
-        let mut i = 0;
-        while i < 8 {
-            out[i] = h[i];
-            out[8 + i] = l[i];
-            i += 1;
-        }
-        out
+        [hi.to_be(), lo.to_be()]
     }
 }
 

@@ -46,6 +46,9 @@ pub const NEXTHOP_MISSES: &str = "NEXTHOP_MISSES";
 /// Per-CPU array: when this CPU last reported a miss, and what (the reports' rate limit).
 pub const NEXTHOP_MISS_LAST: &str = "NEXTHOP_MISS_LAST";
 
+/// Array with one [`crate::nexthop::Clock`]: `jiffies` as CLOCK_MONOTONIC ns.
+pub const CLOCK: &str = "CLOCK";
+
 /// MAP-E CE: hash [`crate::mape::NatKey`] (LAN host, remote) → [`crate::mape::NatOut`].
 pub const NAT_OUT: &str = "NAT_OUT";
 /// MAP-E CE: hash [`crate::mape::NatKey`] (external port, remote) → [`crate::mape::NatIn`].
@@ -150,6 +153,7 @@ pub const ALL_MAPS: &[&str] = &[
     NEXTHOP_STATE,
     NEXTHOP_MISSES,
     NEXTHOP_MISS_LAST,
+    CLOCK,
     LOG_PROGS,
     LOG_EVENT,
     TAIL_PROGS,

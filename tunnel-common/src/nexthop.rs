@@ -56,6 +56,19 @@ pub struct NextHopState {
 pub const NH_CACHE_V4: u32 = 1;
 pub const NH_CACHE_V6: u32 = 2;
 
+/// The single entry of [`crate::names::CLOCK`]: the kernel's `jiffies` as CLOCK_MONOTONIC
+/// nanoseconds, `jiffies * ns_per_jiffy + offset_ns` (wrapping), to a tick's precision. The
+/// controller writes it every second once it knows the tick rate; until then (`ns_per_jiffy`
+/// 0) the programs read a clock. What the programs time with it (a NAPT mapping's last
+/// packet) only needs a tick's precision, and reading `jiffies` is one load where a clock
+/// read is a helper call of 25-30 ns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub ns_per_jiffy: u64,
+    pub offset_ns: u64,
+}
+
 /// One record of [`crate::names::NEXTHOP_MISSES`]: a destination the cache did not answer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,9 +119,11 @@ mod pod {
     unsafe impl aya::Pod for super::NextHopState {}
     unsafe impl aya::Pod for super::NextHopMiss {}
     unsafe impl aya::Pod for super::NextHopQuery {}
+    unsafe impl aya::Pod for super::Clock {}
 }
 
 const _: () = assert!(core::mem::size_of::<NextHop>() == 16 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<NextHopState>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHopMiss>() == 24);
+const _: () = assert!(core::mem::size_of::<Clock>() == 16);
 const _: () = assert!(core::mem::size_of::<NextHopQuery>() == 16 + 32 + 32 + 8);

@@ -17,7 +17,7 @@ use tunnel_common::{
     stats::Counter,
 };
 use tunnel_ebpf::{
-    direct::{map_words, to_words},
+    direct::map_words,
     encap::{self, Upper},
     log,
     maps::{BR_RULES, config},
@@ -95,17 +95,18 @@ pub fn br_decap(ctx: TcContext) -> i32 {
             log::dropped_ipip(&ctx, LOG_BR_DECAP, reason, &outer.src, &inner);
             return DROP;
         };
-        rule.psid_of(port).map(|psid| rule.ce_address(src, psid))
+        rule.psid_of(port)
+            .map(|psid| rule.ce_address_words(src, psid))
     } else {
         // A later fragment names no port: its CE must be one of the address's (the PSID its
         // address carries); the first fragment was checked for its port.
-        Some(rule.ce_address(src, psid_in(rule, &outer.src)))
+        Some(rule.ce_address_words(src, psid_in(rule, &outer.src)))
     };
-    if !expected.is_some_and(|e| eq_words(&to_words(&e), &outer.src)) {
+    if !expected.is_some_and(|e| eq_words(&e, &outer.src)) {
         // A CE that is who it says (its address matches the rule for the PSID it carries)
         // but used a port outside its set, or a source the rule does not give at all.
-        let own = rule.ce_address(src, psid_in(rule, &outer.src));
-        let reason = if eq_words(&to_words(&own), &outer.src) {
+        let own = rule.ce_address_words(src, psid_in(rule, &outer.src));
+        let reason = if eq_words(&own, &outer.src) {
             Counter::BrDropPortOutsideSet
         } else {
             Counter::BrDropSourceMismatch
@@ -141,7 +142,7 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         log::dropped_v4(&ctx, LOG_BR_ENCAP, Counter::BrDropNoPort, &ip);
         return DROP;
     };
-    let ce = rule.ce_address(u32::from_be(ip.dst()), psid);
+    let ce = rule.ce_address_words(u32::from_be(ip.dst()), psid);
     if packet::wire_len(&ctx, ETH_LEN, &ip) > cfg.inner_mtu as usize {
         // The kernel routes the rule prefixes to the TUN; the controller answers with ICMP
         // fragmentation-needed or fragments it.
@@ -157,7 +158,7 @@ pub fn br_encap(ctx: TcContext) -> i32 {
         &ip,
         ip.w1_rewritten(true, ip.src()),
         cfg,
-        &to_words(&ce),
+        &ce,
         false,
         Counter::BrEncap,
         LOG_BR_ENCAP,

@@ -121,7 +121,7 @@ fn napt_out<const LWB4: bool, const DIRECT: bool>(ctx: &TcContext) -> i32 {
     };
     // The transport header now; the IPv4 header (the shared source, and the TTL when the CE
     // forwards, with the checksum for both) goes in with the outer header.
-    if nat::rewrite_l4(ctx, ETH_LEN, &ip, ip.src(), cfg.ipv4, &flow, ext_port).is_err() {
+    if nat::rewrite_l4::<DIRECT>(ctx, ETH_LEN, &ip, ip.src(), cfg.ipv4, &flow, ext_port).is_err() {
         count(Counter::DropRewriteFailed);
         return DROP;
     }

@@ -98,6 +98,12 @@ impl View {
 pub struct Ptr(usize);
 
 impl Ptr {
+    /// The address, for direct writes within the checked length.
+    #[inline(always)]
+    pub fn addr(self) -> usize {
+        self.0
+    }
+
     /// The byte `k` bytes on (within the checked length).
     #[inline(always)]
     pub fn u8(self, k: usize) -> u8 {

@@ -2,7 +2,6 @@
 //! belongs to, and rewriting one address and one port with every checksum kept right.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::generated::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use tunnel_common::mape::{NAT_FIN_RST, NAT_SEEN, NatKey, TOUCH_INTERVAL_NS};
@@ -176,15 +175,16 @@ pub fn rewrite(
         ctx.l3_csum_replace(off + 10, old_addr as u64, new_addr as u64, 4)
             .map_err(|_| RewriteFailed)?;
     }
-    rewrite_l4(ctx, off, ip, old_addr, new_addr, flow, new_port)
+    rewrite_l4::<false>(ctx, off, ip, old_addr, new_addr, flow, new_port)
 }
 
 /// The transport part of [`rewrite`]: the flow's port becomes `new_port`, and the transport
 /// checksum follows it and the address change `old_addr` → `new_addr` (its pseudo-header;
 /// the caller writes the IPv4 header). The checksum helpers know what the skb's checksum
-/// state (complete, partial, offloaded) needs.
+/// state (complete, partial, offloaded) needs. `DIRECT`: the port is written straight into
+/// the packet (see `crate::head` for which programs may).
 #[inline(always)]
-pub fn rewrite_l4(
+pub fn rewrite_l4<const DIRECT: bool>(
     ctx: &TcContext,
     off: usize,
     ip: &Ipv4Info,
@@ -212,8 +212,14 @@ pub fn rewrite_l4(
     if flow.port != new_port {
         let old = flow.port.to_be_bytes();
         let new = new_port.to_be_bytes();
-        ctx.store(off + flow.port_off, &new, 0)
-            .map_err(|_| RewriteFailed)?;
+        let at = off + flow.port_off;
+        match View::of(ctx).at(at, 2) {
+            // SAFETY: two bytes the check just above found in the packet.
+            Some(p) if DIRECT => unsafe {
+                crate::direct::store16(p.addr(), u16::from_ne_bytes(new))
+            },
+            _ => ctx.store(at, &new, 0).map_err(|_| RewriteFailed)?,
+        }
         ctx.l4_csum_replace(
             csum,
             u16::from_ne_bytes(old) as u64,
@@ -229,9 +235,8 @@ pub fn rewrite_l4(
 /// [`TOUCH_INTERVAL_NS`] (the controller's garbage collection reads both).
 #[inline(always)]
 pub fn touch(last_seen: &mut u64, flags_field: &mut u16, flags: u16) {
-    // The coarse clock (a tick's resolution) is plenty for an idle timeout, and cheaper.
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A tick's resolution is plenty for an idle timeout.
+    let now = crate::nexthop::now_ns();
     // Racing writers on other CPUs can only store the same kind of values.
     if now.wrapping_sub(*last_seen) > TOUCH_INTERVAL_NS {
         *last_seen = now;
@@ -251,9 +256,15 @@ pub fn br_port(ctx: &TcContext, off: usize, ip: &Ipv4Info, from_ce: bool) -> Opt
         return None;
     }
     let l4 = off + ip.ihl;
+    // The ports (or ICMP type and id) straight from the packet when they are in its linear
+    // part.
+    let head = View::of(ctx).at(l4, 8);
     match ip.proto() {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let p = ctx.load::<[u8; 4]>(l4).ok()?;
+            let p = match head {
+                Some(h) => h.w32(0).to_ne_bytes(),
+                None => ctx.load::<[u8; 4]>(l4).ok()?,
+            };
             Some(if from_ce {
                 u16::from_be_bytes([p[0], p[1]])
             } else {
@@ -261,7 +272,14 @@ pub fn br_port(ctx: &TcContext, off: usize, ip: &Ipv4Info, from_ce: bool) -> Opt
             })
         }
         IPPROTO_ICMP => {
-            let h = ctx.load::<[u8; 6]>(l4).ok()?;
+            let h = match head {
+                Some(p) => {
+                    let [a, b, c, d] = p.w32(0).to_ne_bytes();
+                    let [e, f] = p.w16(4).to_ne_bytes();
+                    [a, b, c, d, e, f]
+                }
+                None => ctx.load::<[u8; 6]>(l4).ok()?,
+            };
             match h[0] {
                 ICMP_ECHO_REPLY | ICMP_ECHO_REQUEST => Some(u16::from_be_bytes([h[4], h[5]])),
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {

@@ -1,12 +1,12 @@
 //! The next-hop cache's side in the programs (`tunnel_common::nexthop`): look a destination
 //! up, and report the ones it does not answer. The controller writes every entry.
 use aya_ebpf::{
-    helpers::generated::bpf_jiffies64,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use tunnel_common::{
-    nexthop::{MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState},
+    nexthop::{Clock, MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState},
     stats::Counter,
 };
 
@@ -34,6 +34,25 @@ pub static NEXTHOP_MISSES: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
 /// tick.
 #[map]
 pub static NEXTHOP_MISS_LAST: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Named by `tunnel_common::names::CLOCK`.
+#[map]
+pub static CLOCK: Array<Clock> = Array::with_max_entries(1, 0);
+
+/// CLOCK_MONOTONIC in ns to a tick's precision: `jiffies` through the controller's
+/// [`CLOCK`], or a clock read until the controller has written it.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    match CLOCK.get(0) {
+        Some(c) if c.ns_per_jiffy != 0 => {
+            // SAFETY: plain helper call (a load of `jiffies` once verified).
+            let j = unsafe { bpf_jiffies64() };
+            j.wrapping_mul(c.ns_per_jiffy).wrapping_add(c.offset_ns)
+        }
+        // SAFETY: plain helper call.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
 
 /// The generation entries must have, when the cache is on for `family` (and the controller
 /// is alive); with it, `jiffies`.

@@ -128,6 +128,11 @@ fn cache(
 ) -> Result<NextHops> {
     let mut nh = NextHops::take(ebpf, pin_dir)?;
     nh.set_enabled(true, true)?;
+    // Twice, a second apart: the controller learns the tick rate from the first, and from
+    // the second on keeps the programs' jiffies clock (what NAPT times mappings with), as a
+    // running daemon does.
+    nh.keep_valid(Duration::from_secs(3600))?;
+    std::thread::sleep(Duration::from_millis(1100));
     nh.keep_valid(Duration::from_secs(3600))?;
     ns.enter(|| -> Result<()> {
         for &dst in dsts {

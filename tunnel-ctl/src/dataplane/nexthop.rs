@@ -21,12 +21,12 @@ use tracing::{debug, info, warn};
 use tunnel_common::{
     fastpath::TunnelConfig,
     names::{
-        NEXTHOP_MISSES, NEXTHOP_STATE, NEXTHOPS_V4, NEXTHOPS_V6, PROG_NEXTHOP_RESOLVE,
+        CLOCK, NEXTHOP_MISSES, NEXTHOP_STATE, NEXTHOPS_V4, NEXTHOPS_V6, PROG_NEXTHOP_RESOLVE,
         TUNNEL_CONFIG,
     },
     nexthop::{
-        NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop, NextHopMiss,
-        NextHopQuery, NextHopState,
+        Clock, NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop,
+        NextHopMiss, NextHopQuery, NextHopState,
     },
 };
 
@@ -76,6 +76,8 @@ pub struct NextHops {
     state: Array<MapData, NextHopState>,
     misses: Option<RingBuf<MapData>>,
     resolver: SchedClassifier,
+    /// `jiffies` as CLOCK_MONOTONIC ns for the programs.
+    clock_map: Array<MapData, Clock>,
     /// The object's configuration (read only: its interfaces and tunnel address are the
     /// questions' parameters).
     config: Array<MapData, TunnelConfig>,
@@ -119,6 +121,7 @@ impl NextHops {
             v6: take(ebpf, NEXTHOPS_V6)?,
             state,
             misses: Some(take(ebpf, NEXTHOP_MISSES)?),
+            clock_map: take(ebpf, CLOCK)?,
             resolver,
             config,
             current,
@@ -157,12 +160,24 @@ impl NextHops {
         Ok(())
     }
 
-    /// Lets the programs use the entries for `validity` from now.
+    /// Lets the programs use the entries for `validity` from now, and keeps their
+    /// `jiffies` clock ([`Clock`]) in step with CLOCK_MONOTONIC.
     pub fn keep_valid(&mut self, validity: Duration) -> Result<()> {
+        let before = mono_ns();
         let now = self.ask_kernel(NextHopQuery::default())?.jiffies;
+        let mono = before / 2 + mono_ns() / 2;
         let hz = self.clock.hz(Instant::now(), now);
         self.current.valid_until_jiffies = now + (validity.as_secs_f64() * hz).ceil() as u64;
-        self.write_state()
+        self.write_state()?;
+        if let Some(hz) = self.clock.known_hz() {
+            let ns_per_jiffy = 1_000_000_000 / hz;
+            let clock = Clock {
+                ns_per_jiffy,
+                offset_ns: mono.wrapping_sub(now.wrapping_mul(ns_per_jiffy)),
+            };
+            self.clock_map.set(0, clock, 0).context("writing CLOCK")?;
+        }
+        Ok(())
     }
 
     /// Retires every entry at once.
@@ -483,12 +498,20 @@ fn drain(ring: &mut RingBuf<MapData>) -> Vec<(Family, IpAddr)> {
     out
 }
 
+/// CLOCK_MONOTONIC in ns.
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// The kernel's tick rate as seen from here: `jiffies` against our clock since the first
 /// reading. Until a second has passed it says 1,000 (the highest usual CONFIG_HZ), which
 /// makes a validity longer in real time on a slower kernel, never shorter than asked.
 #[derive(Debug, Default)]
 struct JiffyClock {
     first: Option<(Instant, u64)>,
+    measured: Option<f64>,
 }
 
 impl JiffyClock {
@@ -498,6 +521,16 @@ impl JiffyClock {
         if secs < 1.0 {
             return 1000.0;
         }
-        (jiffies.saturating_sub(j0) as f64 / secs).max(1.0)
+        let hz = (jiffies.saturating_sub(j0) as f64 / secs).max(1.0);
+        self.measured = Some(hz);
+        hz
+    }
+
+    /// The kernel's CONFIG_HZ, once a second of measuring names one of the usual values.
+    fn known_hz(&self) -> Option<u64> {
+        let hz = self.measured?;
+        [100u64, 250, 300, 1000]
+            .into_iter()
+            .find(|&c| (hz - c as f64).abs() < c as f64 * 0.05)
     }
 }
