@@ -22,7 +22,7 @@ use tunnel_ebpf::{
     encap::{self, Upper},
     log,
     maps::{NAT_IN, NAT_OUT, config},
-    nat::{self, Classified, DST_ADDR},
+    nat::{self, Classified, DST_ADDR, KeyWords},
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, Outer6, PASS,
         eq_words,
@@ -34,14 +34,10 @@ use tunnel_ebpf::{
 /// The exact entry for `key`, else its wildcard (remote 0.0.0.0:0: port forwards and
 /// endpoint-independent mappings).
 #[inline(always)]
-fn lookup<V>(map: &HashMap<NatKey, V>, key: &NatKey) -> Option<*mut V> {
-    map.get_ptr_mut(key).or_else(|| {
-        let wildcard = NatKey {
-            remote_ip: 0,
-            remote_port: 0,
-            ..*key
-        };
-        map.get_ptr_mut(wildcard)
+fn lookup<V>(map: &HashMap<NatKey, V>, key: &KeyWords) -> Option<*mut V> {
+    map.get_ptr_mut(key.key()).or_else(|| {
+        let wildcard = key.wildcard();
+        map.get_ptr_mut(wildcard.key())
     })
 }
 

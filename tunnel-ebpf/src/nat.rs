@@ -26,7 +26,8 @@ pub const DST_ADDR: usize = 16;
 
 /// A packet that NAPT can translate by a map entry.
 pub struct Flow {
-    pub key: NatKey,
+    /// Its [`NatKey`], as two words (built without a byte-wise zeroing of the padding).
+    pub key: KeyWords,
     /// Offset, from the IPv4 header, of the port (or ICMP identifier) NAPT rewrites.
     pub port_off: usize,
     /// Its current value.
@@ -36,6 +37,42 @@ pub struct Flow {
     /// NAT flags this packet sets ([`NAT_FIN_RST`] for TCP FIN/RST).
     pub flags: u16,
 }
+
+/// A [`NatKey`] as two 8-aligned words: local and remote address; local port, remote port
+/// and protocol (host order ports, as the struct has them).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct KeyWords(pub [u64; 2]);
+
+impl KeyWords {
+    #[inline(always)]
+    pub fn new(local_ip: u32, remote_ip: u32, local_port: u16, remote_port: u16, proto: u8) -> Self {
+        KeyWords([
+            u64::from(local_ip) | u64::from(remote_ip) << 32,
+            u64::from(local_port) | u64::from(remote_port) << 16 | u64::from(proto) << 32,
+        ])
+    }
+
+    /// The key as the maps take it.
+    #[inline(always)]
+    pub fn key(&self) -> &NatKey {
+        // SAFETY: NatKey is 16 bytes of plain data in this layout (checked below), and these
+        // words are 8-aligned.
+        unsafe { &*(self.0.as_ptr() as *const NatKey) }
+    }
+
+    /// The same key with remote 0.0.0.0:0 (port forwards, endpoint-independent mappings).
+    #[inline(always)]
+    pub fn wildcard(&self) -> KeyWords {
+        KeyWords([self.0[0] & 0xffff_ffff, self.0[1] & !0xffff_0000])
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
+const _: () = assert!(core::mem::offset_of!(NatKey, remote_ip) == 4);
+const _: () = assert!(core::mem::offset_of!(NatKey, local_port) == 8);
+const _: () = assert!(core::mem::offset_of!(NatKey, remote_port) == 10);
+const _: () = assert!(core::mem::offset_of!(NatKey, proto) == 12);
 
 pub enum Classified {
     Flow(Flow),
@@ -93,14 +130,7 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
                 l4 + 6
             };
             Classified::Flow(Flow {
-                key: NatKey {
-                    local_ip,
-                    remote_ip,
-                    local_port,
-                    remote_port,
-                    proto,
-                    _pad: [0; 3],
-                },
+                key: KeyWords::new(local_ip, remote_ip, local_port, remote_port, proto),
                 port_off,
                 port: local_port,
                 csum_off,
@@ -128,14 +158,7 @@ pub fn classify(ctx: &TcContext, off: usize, ip: &Ipv4Info, outbound: bool) -> C
                 t if t == echo => {
                     let id = u16::from_be_bytes([h[4], h[5]]);
                     Classified::Flow(Flow {
-                        key: NatKey {
-                            local_ip,
-                            remote_ip,
-                            local_port: id,
-                            remote_port: 0,
-                            proto: IPPROTO_ICMP,
-                            _pad: [0; 3],
-                        },
+                        key: KeyWords::new(local_ip, remote_ip, id, 0, IPPROTO_ICMP),
                         port_off: l4 + 4,
                         port: id,
                         csum_off: l4 + 2,

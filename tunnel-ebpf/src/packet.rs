@@ -103,20 +103,24 @@ impl Ipv4Info {
         let (w0, w1, w2) = if v.holds(off + 20) {
             (v.w64(off), v.w64(off + 8), v.w32(off + 16))
         } else {
-            let mut buf = Words3([0; 3]);
-            // SAFETY: the helper writes at most 20 bytes into the 24-byte buffer.
+            // Not zeroed first: LLVM would do it with a call to memset on every packet.
+            let mut buf = core::mem::MaybeUninit::<Words3>::uninit();
+            // SAFETY: the helper writes 20 bytes into the 24-byte buffer (the first 20, which
+            // are all that is read: the third word's low half), or fails.
             let rc = unsafe {
                 bpf_skb_load_bytes(
                     ctx.skb.skb as *const _,
                     off as u32,
-                    buf.0.as_mut_ptr().cast(),
+                    buf.as_mut_ptr().cast(),
                     20,
                 )
             };
             if rc != 0 {
                 return Err(NotIpv4::Malformed);
             }
-            (buf.0[0], buf.0[1], buf.0[2] as u32)
+            // SAFETY: written by the helper (above).
+            let w = unsafe { buf.assume_init_ref() };
+            (w.0[0], w.0[1], w.0[2] as u32)
         };
         Self::from_words(w0, w1, w2)
     }
@@ -263,20 +267,25 @@ impl Outer6 {
                 dst: v.addr6(ETH_LEN + 24),
             });
         }
-        let mut buf = Words5([0; 5]);
-        // SAFETY: the helper writes 40 bytes into the 40-byte buffer.
+        let mut buf = core::mem::MaybeUninit::<Words5>::uninit();
+        // SAFETY: the helper writes 40 bytes into the 40-byte buffer, or fails.
         let rc = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,
                 ETH_LEN as u32,
-                buf.0.as_mut_ptr().cast(),
+                buf.as_mut_ptr().cast(),
                 40,
             )
         };
-        (rc == 0).then_some(Outer6 {
-            w0: buf.0[0],
-            src: [buf.0[1], buf.0[2]],
-            dst: [buf.0[3], buf.0[4]],
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: written by the helper (above).
+        let w = unsafe { buf.assume_init_ref() };
+        Some(Outer6 {
+            w0: w.0[0],
+            src: [w.0[1], w.0[2]],
+            dst: [w.0[3], w.0[4]],
         })
     }
 

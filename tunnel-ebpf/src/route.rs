@@ -110,7 +110,8 @@ pub fn lookup_v6(ctx: &TcContext, src: &[u64; 2], dst: &[u64; 2], oif: u32) -> V
             how: if known { V6_KNOWN } else { V6_KERNEL },
             eth: map_words(&nh.eth),
             ifindex: nh.ifindex,
-            gateway: [0; 4],
+            // Unused here; not zeros, which LLVM writes with a call to memset.
+            gateway: halves(dst),
         };
     }
     let mut p = zeroed();
