@@ -1130,3 +1130,58 @@ fn a_next_hop_change_under_a_native_ping_loses_at_most_3_pings_and_none_after() 
     );
     Ok(())
 }
+
+#[test]
+fn with_xdp_the_plain_case_is_decapsulated_in_xdp_and_a_restart_without_it_detaches_it()
+-> Result<()> {
+    let mut t = start(&["--xdp"])?;
+    // What a NIC gives XDP, the lab's veths must too: a veth takes XDP-redirected frames only
+    // with its peer's NAPI on (GRO, or an XDP program there), and frames arrive with their
+    // checksums complete (off the wire), not partial as a local stack hands them over a veth
+    // (XDP cannot complete those): the core computes them.
+    t.internet.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    t.core.run(&["ethtool", "-K", "srv", "tx", "off"])?;
+    let ns = t.client_ns()?;
+    let (_, _addr) = t.start_native_client(&ns, &[])?;
+    let xdp_attached = |t: &FourOverSix| -> Result<bool> {
+        Ok(t.server.ip("-d link show up6")?.contains("prog/xdp"))
+    };
+    assert!(xdp_attached(&t)?, "no XDP program on up6");
+
+    // Pings and a TCP transfer (its data: plain packets; its SYN: the TC program's, which
+    // clamps the MSS) go through, the XDP program taking the plain ones.
+    let before = t.server_stats()?;
+    assert_eq!(ns.ping(INTERNET_HOST, 20)?, 20, "pings with --xdp");
+    tcp_transfer(&ns, &t.internet, "192.0.2.2:9101".parse()?, 20 << 20, 7)?;
+    let after = t.server_stats()?;
+    let moved = |name: &str| counter(&after, name) - counter(&before, name);
+    let (xdp, decap) = (
+        moved("fastpath_xdp_decap_packets"),
+        moved("fastpath_decap_packets"),
+    );
+    eprintln!("--xdp: {xdp} of {decap} decapsulated packets went through XDP");
+    assert!(xdp >= 20, "the pings did not go through XDP ({xdp})");
+    assert!(
+        xdp * 10 >= decap * 9,
+        "XDP took only {xdp} of {decap} decapsulated packets"
+    );
+
+    // Without --xdp the XDP link goes (with its pin), and the TC program alone forwards.
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    t.server_args.retain(|a| a != "--xdp");
+    t.start_server()?;
+    assert!(!xdp_attached(&t)?, "the XDP program stayed on up6");
+    let before = t.server_stats()?;
+    let answered = (0..20)
+        .map(|_| ns.ping(INTERNET_HOST, 1))
+        .collect::<Result<Vec<_>>>()?;
+    let after = t.server_stats()?;
+    assert!(answered.iter().sum::<u32>() >= 18, "pings after the restart: {answered:?}");
+    assert_eq!(
+        counter(&after, "fastpath_xdp_decap_packets"),
+        counter(&before, "fastpath_xdp_decap_packets")
+    );
+    assert!(counter(&after, "fastpath_decap_redirected") > counter(&before, "fastpath_decap_redirected"));
+    Ok(())
+}

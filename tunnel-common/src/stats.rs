@@ -147,6 +147,9 @@ counters! {
     /// Packets whose next hop the cache did not have (while it was on): they asked the FIB
     /// helper, and the destination was reported to the controller.
     NextHopMiss = "nexthop_cache_misses",
+    /// Server (`--xdp`): packets decapsulated and redirected by the XDP program (also
+    /// counted in `fastpath_decap_packets` and `fastpath_decap_redirected`).
+    XdpDecap = "fastpath_xdp_decap_packets",
 }
 
 /// Number of slots in the stats map.

@@ -577,6 +577,18 @@ pub struct ServerArgs {
     #[arg(long, help_heading = "lwAFTR (shared addresses)")]
     pub no_hairpin: bool,
 
+    /// Native mode: also decapsulate in XDP on --v6-dev (the plain case: a bound client, its
+    /// lease as inner source, no IPv4 options, not a SYN, a known next hop), in the driver
+    /// when it has native XDP, ahead of the TC program that still handles everything else.
+    /// For NICs with native XDP, where --v4-dev must take XDP-redirected frames (most XDP
+    /// drivers). On veth (containers) it costs more than it saves: the peer loses its GSO,
+    /// so every hop before carries MTU-sized packets (`cargo xtask bench` measures both),
+    /// the --v4-dev veth's peer needs GRO on (else redirected frames are lost), and frames
+    /// must come with complete checksums (XDP cannot finish a partial one). Counted as
+    /// fastpath_xdp_decap_packets. Takes a restart.
+    #[arg(long, requires = "v6_dev")]
+    pub xdp: bool,
+
     /// Where leases are saved so that a restarted server re-adopts them.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tunnel")]
     pub state_dir: PathBuf,
@@ -1142,6 +1154,7 @@ impl From<ServerArgs> for config::ServerConfig {
             policy_icmp: a.policy_icmp,
             bindings: a.bindings,
             no_hairpin: a.no_hairpin,
+            xdp: a.xdp,
             share: a.share,
             psid_offset: a.psid_offset,
             state_dir: a.state_dir,

@@ -51,11 +51,9 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let client = Key16(v.addr6(ETH_LEN + 8));
+    // No native client: a B4's (softwires), or one to drop; the TC program decides.
     // SAFETY: copied out at once.
-    let Some(binding) = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied() else {
-        count(Counter::DropUnboundSource);
-        return Some(DROP);
-    };
+    let binding = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied()?;
     let inner = Ipv4Info::from_words(
         v.w64(INNER_OFF),
         v.w64(INNER_OFF + 8),
@@ -131,6 +129,7 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
     }
     count(Counter::Decap);
     count(Counter::DecapRedirected);
+    count(Counter::XdpDecap);
     count_client(binding.slot, true, 1, u64::from(len) - ETH_LEN as u64);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(ifindex, 0) } as u32)

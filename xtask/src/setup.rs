@@ -26,6 +26,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
+    // GRO on a veth (its NAPI) lets it take XDP-redirected frames: the --xdp test and bench.
+    ("ethtool", "ethtool"),
     // The bench counts transmits per device with `perf stat` on a tracepoint.
     ("perf", "linux-perf"),
 ];

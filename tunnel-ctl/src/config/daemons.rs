@@ -81,6 +81,8 @@ pub struct ServerConfig {
     /// `--bindings`: the static softwire table (lwAFTR).
     pub bindings: Option<PathBuf>,
     pub no_hairpin: bool,
+    /// `--xdp`: the server's decapsulation in XDP too.
+    pub xdp: bool,
     /// `--share`: clients per address (1: whole addresses).
     pub share: u16,
     pub psid_offset: u8,

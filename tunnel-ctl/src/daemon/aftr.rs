@@ -133,6 +133,7 @@ impl Aftr {
             ("v4-dev", &running.v4_dev, &new.v4_dev),
             ("tunnel-addr", &running.tunnel_addr, &new.tunnel_addr),
             ("no-hairpin", &running.no_hairpin, &new.no_hairpin),
+            ("xdp", &running.xdp, &new.xdp),
             ("max-bindings", &running.max_bindings, &new.max_bindings),
             ("metrics", &running.metrics, &new.metrics),
         ]);
@@ -189,6 +190,7 @@ pub async fn run(args: ServerConfig, source: super::Source<ServerConfig>) -> Res
             softwires: table,
             no_hairpin: args.no_hairpin,
             softwire_slow_path: true,
+            xdp: args.xdp,
         },
     )
     .await

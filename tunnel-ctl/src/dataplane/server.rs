@@ -21,7 +21,7 @@ use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
     names::{
         B4_ADDRS, BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, POLICY_EVENTS, PROG_SERVER_DECAP,
-        PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
+        PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
 };
 
@@ -61,6 +61,8 @@ pub struct NativeArgs<'a> {
     /// hands it fragments and too-big packets toward softwires (to `tun_index`), and leaves
     /// B4s' outer fragments to the kernel's reassembly.
     pub softwire_slow_path: bool,
+    /// `--xdp`: decapsulate the plain case in XDP on `v6_dev` too.
+    pub xdp: bool,
 }
 
 pub struct Native {
@@ -157,11 +159,17 @@ impl Native {
         for (program, dev) in links {
             tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, &args.pin_dir)?;
         }
-        // Links of an earlier run on other interfaces would go on forwarding from there.
-        let keep: Vec<String> = links
+        // Links of an earlier run on other interfaces (or an XDP link a run with --xdp left)
+        // would go on forwarding from there.
+        let mut keep: Vec<String> = links
             .iter()
             .map(|(program, dev)| tc::link_pin_name(program, dev))
             .collect();
+        if args.xdp {
+            tc::attach_xdp_pinned(&mut ebpf, PROG_SERVER_DECAP_XDP, args.v6_dev, &args.pin_dir)?;
+            keep.push(tc::link_pin_name(PROG_SERVER_DECAP_XDP, args.v6_dev));
+            info!("decapsulating in XDP on {} too (--xdp)", args.v6_dev);
+        }
         bpffs::remove_other_links(&args.pin_dir, &keep)?;
         let nexthops = nexthop::start(&mut ebpf, &args.pin_dir)?;
         let raw = Softwire::open(args.tunnel_addr)?;

@@ -1,4 +1,4 @@
-//! Attaching TC programs with TCX links that are pinned, so that a restarted controller re-adopts
+//! Attaching TC programs with TCX links (and the XDP program with an XDP link) that are pinned, so that a restarted controller re-adopts
 //! (atomically replaces) its predecessor's attachment instead of leaving a gap in forwarding.
 use std::{io, path::Path};
 
@@ -6,9 +6,10 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
+        xdp::XdpLink,
     },
     sys::SyscallError,
 };
@@ -97,6 +98,50 @@ pub fn attach_pinned(
     let fd_link: FdLink = link.try_into().context("TC link is not a TCX link")?;
     // The pin, not our fd, keeps the attachment alive; when re-adopting it already names this
     // link. Dropping `fd_link` (or the returned PinnedLink) only closes our descriptor.
+    if !pin_path.exists() {
+        fd_link
+            .pin(&pin_path)
+            .with_context(|| format!("pinning link at {}", pin_path.display()))?;
+    }
+    Ok(())
+}
+
+/// As [`attach_pinned`] for an XDP program on `iface` (native XDP where the driver has it,
+/// else generic), its link pinned as `<pin_dir>/link_<program>_<iface>`.
+pub fn attach_xdp_pinned(ebpf: &mut Ebpf, program: &str, iface: &str, pin_dir: &Path) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
+        .try_into()
+        .with_context(|| format!("{program} is not an XDP program"))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("verifier rejected {program}"))?;
+    }
+    let pin_path = pin_dir.join(link_pin_name(program, iface));
+    let link_id = match PinnedLink::from_pin(&pin_path) {
+        Ok(old) => {
+            let link: XdpLink = FdLink::from(old)
+                .try_into()
+                .context("pinned link is not an XDP link")?;
+            info!("re-adopting pinned XDP link of {program} on {iface}");
+            prog.attach_to_link(link)
+                .with_context(|| format!("replacing {program} on {iface}"))?
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            prog.attach(iface, XdpMode::default())
+                .with_context(|| format!("attaching {program} to {iface} (XDP)"))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening pinned link {}", pin_path.display()));
+        }
+    };
+    let link = prog.take_link(link_id)?;
+    let fd_link: FdLink = link
+        .try_into()
+        .context("XDP link is not a BPF link (a kernel without XDP links)")?;
     if !pin_path.exists() {
         fd_link
             .pin(&pin_path)

@@ -644,6 +644,7 @@ pub async fn run(args: ServerConfig, source: crate::daemon::Source<ServerConfig>
                     softwires,
                     no_hairpin: args.no_hairpin,
                     softwire_slow_path: true,
+                    xdp: args.xdp,
                 },
             )
             .await?,

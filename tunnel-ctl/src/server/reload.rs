@@ -233,6 +233,7 @@ fn restart_only(running: &ServerConfig, new: &ServerConfig) -> Changes {
         ("tunnel-addr", &r.tunnel_addr, &n.tunnel_addr),
         ("policy-icmp", &r.policy_icmp, &n.policy_icmp),
         ("no-hairpin", &r.no_hairpin, &n.no_hairpin),
+        ("xdp", &r.xdp, &n.xdp),
         ("share", &r.share, &n.share),
         ("psid-offset", &r.psid_offset, &n.psid_offset),
         ("state-dir", &r.state_dir, &n.state_dir),
