@@ -501,7 +501,11 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
     assert_forwarded(&ebpf, &before, &out, &inner, &v4_mac)?;
 
     // A bound client's spoofed inner source: dropped and counted as the TC program would.
-    let spoofed = in_ipv6(CLIENT, TUNNEL, &ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x"));
+    let spoofed = in_ipv6(
+        CLIENT,
+        TUNNEL,
+        &ipv4_udp(Ipv4Addr::new(198, 51, 100, 3), HOST, b"x"),
+    );
     let before = dataplane::stats::read(&ebpf)?;
     let (verdict, _) = ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &spoofed, v6))??;
     assert_eq!(verdict, XDP_DROP);
@@ -510,7 +514,8 @@ fn xdp_decap_forwards_the_plain_case_and_passes_the_rest_to_tc() -> Result<()> {
     // decides, here dropping it as unbound.
     let stranger = in_ipv6(STRANGER, TUNNEL, &inner);
     let before = dataplane::stats::read(&ebpf)?;
-    let (verdict, out) = ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &stranger, v6))??;
+    let (verdict, out) =
+        ns.enter(|| run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &stranger, v6))??;
     assert_eq!((verdict, &out), (XDP_PASS, &stranger));
     assert_eq!(delta(&ebpf, &before, Counter::DropUnboundSource), 0);
     let (verdict, _) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_DECAP, &stranger, v6))??;

@@ -1177,11 +1177,17 @@ fn with_xdp_the_plain_case_is_decapsulated_in_xdp_and_a_restart_without_it_detac
         .map(|_| ns.ping(INTERNET_HOST, 1))
         .collect::<Result<Vec<_>>>()?;
     let after = t.server_stats()?;
-    assert!(answered.iter().sum::<u32>() >= 18, "pings after the restart: {answered:?}");
+    assert!(
+        answered.iter().sum::<u32>() >= 18,
+        "pings after the restart: {answered:?}"
+    );
     assert_eq!(
         counter(&after, "fastpath_xdp_decap_packets"),
         counter(&before, "fastpath_xdp_decap_packets")
     );
-    assert!(counter(&after, "fastpath_decap_redirected") > counter(&before, "fastpath_decap_redirected"));
+    assert!(
+        counter(&after, "fastpath_decap_redirected")
+            > counter(&before, "fastpath_decap_redirected")
+    );
     Ok(())
 }

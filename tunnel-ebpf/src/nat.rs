@@ -46,7 +46,13 @@ pub struct KeyWords(pub [u64; 2]);
 
 impl KeyWords {
     #[inline(always)]
-    pub fn new(local_ip: u32, remote_ip: u32, local_port: u16, remote_port: u16, proto: u8) -> Self {
+    pub fn new(
+        local_ip: u32,
+        remote_ip: u32,
+        local_port: u16,
+        remote_port: u16,
+        proto: u8,
+    ) -> Self {
         KeyWords([
             u64::from(local_ip) | u64::from(remote_ip) << 32,
             u64::from(local_port) | u64::from(remote_port) << 16 | u64::from(proto) << 32,

@@ -354,7 +354,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         "192.0.2.53",
     ])?;
     let native = t.client_ns()?;
-    t.start_native_client(&native, &[])?;
+    let (native_instance, _) = t.start_native_client(&native, &[])?;
     let inband = t.client_ns()?;
     t.start_client(&inband, &[])?;
     // Seven more in-band clients for the eight-at-once run (the first is `inband`).
@@ -590,6 +590,91 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         threshold: 5.0,
         against: "in-band 102/103 over the TCP session".into(),
     });
+    xdp_rows(
+        plan,
+        report,
+        &mut t,
+        &native,
+        &native_instance,
+        (n_tcp, n_udp),
+    )
+}
+
+/// The server restarted with `--xdp`, native TCP and UDP next to plain routing in the same
+/// conditions: the lab's veths made as NIC-like as XDP needs (GRO at the internet host's
+/// veth, which makes it take redirected frames; complete checksums from the core, which XDP
+/// cannot finish) and, as on any veth with XDP, the core's veth toward the server without
+/// GSO. Reported next to the TC rows; no target (the default is TC, which measures best
+/// here).
+fn xdp_rows(
+    plan: &Plan,
+    report: &mut Report,
+    t: &mut FourOverSix,
+    native: &Ns,
+    native_instance: &str,
+    (tc_tcp, tc_udp): (f64, f64),
+) -> Result<()> {
+    t.internet.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    t.core.run(&["ethtool", "-K", "srv", "tx", "off"])?;
+    let instance = t.server_instance.clone();
+    if let Some(server) = t.lab.daemon(&instance) {
+        server.kill();
+    }
+    t.server_args.push("--xdp".into());
+    t.start_server()?;
+    t.wait_connected(native_instance, std::time::Duration::from_secs(30))?;
+    wait_for(
+        "pings through the XDP server",
+        std::time::Duration::from_secs(20),
+        || Ok((native.ping(TUNNEL_DST, 1)? == 1).then_some(())),
+    )?;
+    let s = plan.seconds;
+    let before = t.server_stats()?;
+    let (mut plain_tcp, mut xdp_tcp, mut plain_udp, mut xdp_udp) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=plan.rounds {
+        eprintln!("  4over6 --xdp round {round}/{}", plan.rounds);
+        plain_tcp.push(tcp_gbps(native, PLAIN_DST, s)?);
+        xdp_tcp.push(tcp_gbps(native, TUNNEL_DST, s)?);
+        plain_udp.push(udp_kpps(native, PLAIN_DST, s)?);
+        xdp_udp.push(udp_kpps(native, TUNNEL_DST, s)?);
+    }
+    let after = t.server_stats()?;
+    let moved = |name: &str| counter(&after, name) - counter(&before, name);
+    let sec = "throughput";
+    let p_tcp = report.figure(
+        sec,
+        "plain IPv4 routing, TCP (XDP lab settings)",
+        "Gbit/s",
+        plain_tcp,
+    );
+    let x_tcp = report.figure(
+        sec,
+        "4over6 native fast path, TCP, server --xdp",
+        "Gbit/s",
+        xdp_tcp,
+    );
+    let p_udp = report.figure(
+        sec,
+        "plain IPv4 routing, UDP 64 B (XDP lab settings)",
+        "kpps",
+        plain_udp,
+    );
+    let x_udp = report.figure(
+        sec,
+        "4over6 native fast path, UDP 64 B, server --xdp",
+        "kpps",
+        xdp_udp,
+    );
+    report.note(format!(
+        "server --xdp (GRO on the internet host's veth, the core's veth to the server without \
+         GSO and checksum offload, as XDP on veth needs): TCP {x_tcp:.2} Gbit/s ({:.2}x of plain \
+         routing in the same settings; TC: {tc_tcp:.2} Gbit/s), UDP 64 B {x_udp:.1} kpps ({:.2}x; \
+         TC: {tc_udp:.1} kpps). The XDP program decapsulated {} of {} packets.",
+        ratio(x_tcp, p_tcp),
+        ratio(x_udp, p_udp),
+        moved("fastpath_xdp_decap_packets"),
+        moved("fastpath_decap_packets"),
+    ));
     Ok(())
 }
 

@@ -108,7 +108,12 @@ pub fn attach_pinned(
 
 /// As [`attach_pinned`] for an XDP program on `iface` (native XDP where the driver has it,
 /// else generic), its link pinned as `<pin_dir>/link_<program>_<iface>`.
-pub fn attach_xdp_pinned(ebpf: &mut Ebpf, program: &str, iface: &str, pin_dir: &Path) -> Result<()> {
+pub fn attach_xdp_pinned(
+    ebpf: &mut Ebpf,
+    program: &str,
+    iface: &str,
+    pin_dir: &Path,
+) -> Result<()> {
     let prog: &mut Xdp = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
