@@ -857,3 +857,58 @@ fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() ->
     assert!(cache.reported().is_empty());
     Ok(())
 }
+
+#[test]
+fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+        pin_dir,
+    } = fixture("nh-out")?;
+    // A host that sends from its tunnel address but does not forward IPv6 (a client, or a
+    // server that forwards IPv4 only): CLIENT is behind a router on v6.
+    let ns = lab.ns("nhout")?;
+    let peer = lab.ns("nhout-peer")?;
+    lab.veth(&ns, "v6", &peer, "p6")?;
+    ns.ip("-6 addr add 2001:db8:ff::1/64 dev v6 nodad")?;
+    ns.ip("-6 route add 2001:db8:1::/64 via 2001:db8:ff::2")?;
+    ns.ip("-6 neigh replace 2001:db8:ff::2 lladdr 02:00:00:00:00:77 dev v6 nud reachable")?;
+    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let v6_mac = link_mac(&ns, "v6")?;
+    maps.set_config(&config(v6))?;
+    maps.bind(CLIENT, LEASE)?;
+    let mut cache = dataplane::nexthop::NextHops::take(&mut ebpf, &pin_dir)?;
+    cache.set_enabled(true, true)?;
+    cache.keep_valid(std::time::Duration::from_secs(60))?;
+
+    // The FIB helper refuses: IPv6 forwarding is off on v6.
+    let q = ns.enter(|| cache.ask(CLIENT.into()))??;
+    assert_eq!(q.rc, 5, "BPF_FIB_LKUP_RET_FWD_DISABLED");
+    // The controller asks the output path instead: the router's MAC, ours, v6.
+    let answer = ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let nl = tunnel_ctl::netlink::Netlink::connect()?;
+            cache.resolve_with(CLIENT.into(), &nl).await
+        })
+    })??;
+    let Resolved::Forward(nh) = answer else {
+        bail!("CLIENT did not resolve: {answer:?}")
+    };
+    assert_eq!((nh.ifindex, &nh.eth[2..8]), (v6, &[2, 0, 0, 0, 0, 0x77][..]));
+    assert_eq!((&nh.eth[8..14], &nh.eth[14..]), (&v6_mac[..], &[0x86, 0xdd][..]));
+    assert_eq!(nh.mtu, 1500);
+
+    // The programs encapsulate toward it with that MAC header and redirect, asking nothing.
+    let encap = ethernet(EtherType::IPV4, &ipv4_udp(HOST, LEASE, b"back"));
+    let before = dataplane::stats::read(&ebpf)?;
+    let (verdict, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap, 0))??;
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((dmac(&out), &out[6..12]), ([2, 0, 0, 0, 0, 0x77], &v6_mac[..]));
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
+    assert_eq!(delta(&ebpf, &before, Counter::Encap), 1);
+    Ok(())
+}

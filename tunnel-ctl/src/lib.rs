@@ -18,7 +18,7 @@ pub mod mape;
 pub(crate) mod metrics;
 pub mod mgmt;
 pub mod monitor;
-pub(crate) mod netlink;
+pub mod netlink;
 pub mod nexthop;
 pub(crate) mod packet;
 pub(crate) mod pool;

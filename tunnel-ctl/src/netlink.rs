@@ -442,6 +442,81 @@ impl Netlink {
     }
 }
 
+/// Where the kernel's output path sends an IPv6 packet: what the FIB helper would answer if
+/// IPv6 forwarding were on (it refuses every question on an interface without it: a client
+/// host, a server that forwards IPv4 only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputHop {
+    /// Out of `ifindex` to `dmac` from `smac`, packets of at most `mtu` bytes.
+    Forward {
+        ifindex: u32,
+        dmac: [u8; 6],
+        smac: [u8; 6],
+        mtu: u32,
+    },
+    /// A route that is not plain unicast (unreachable, blackhole, local, ...).
+    Kernel,
+    /// No usable neighbour entry yet.
+    Unresolved,
+}
+
+impl Netlink {
+    /// `ip -6 route get DST from SRC oif OIF`, and the neighbour entry and MAC that go with it.
+    pub async fn output_hop_v6(&self, dst: Ipv6Addr, src: Ipv6Addr, oif: u32) -> Result<OutputHop> {
+        use rtnetlink::packet_route::route::RouteType;
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, 128)
+            .source_prefix(src, 128)
+            .output_interface(oif)
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = routes
+            .try_next()
+            .await
+            .with_context(|| format!("looking up the route to {dst}"))?
+            .ok_or_else(|| anyhow!("no route to {dst}"))?;
+        if route.header.kind != RouteType::Unicast {
+            return Ok(OutputHop::Kernel);
+        }
+        let (mut gateway, mut ifindex, mut mtu) = (None, None, None);
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(*a),
+                RouteAttribute::Oif(i) => ifindex = Some(*i),
+                RouteAttribute::Metrics(metrics) => {
+                    for m in metrics {
+                        if let RouteMetric::Mtu(v) = m {
+                            mtu = Some(*v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let ifindex = ifindex.ok_or_else(|| anyhow!("the route to {dst} has no interface"))?;
+        let next = gateway.unwrap_or(dst);
+        let (dev_mtu, own) = self.mtu_and_mac(ifindex).await?;
+        let Ok(smac) = <[u8; 6]>::try_from(own.as_slice()) else {
+            return Ok(OutputHop::Kernel);
+        };
+        let dmac = self
+            .neighbours()
+            .await?
+            .into_iter()
+            .find(|(i, a, n)| *i == ifindex && *a == IpAddr::V6(next) && n.usable)
+            .and_then(|(_, _, n)| <[u8; 6]>::try_from(n.lladdr.as_slice()).ok());
+        Ok(match dmac {
+            Some(dmac) => OutputHop::Forward {
+                ifindex,
+                dmac,
+                smac,
+                mtu: mtu.unwrap_or(dev_mtu),
+            },
+            None => OutputHop::Unresolved,
+        })
+    }
+}
+
 /// A neighbour message as (interface, address, what the FIB reads of it); None for proxy
 /// entries and other families.
 pub fn neighbour_of(

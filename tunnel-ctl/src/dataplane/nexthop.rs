@@ -32,13 +32,14 @@ use tunnel_common::{
 
 use super::fastpath::take;
 use crate::{
-    netlink::{self, Netlink, RoutingEvent},
+    netlink::{self, Netlink, OutputHop, RoutingEvent},
     nexthop::{Family, Misses, Neighbours, cacheable},
 };
 
 /// `bpf_fib_lookup` flags and return codes (uapi/linux/bpf.h).
 const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 const BPF_FIB_LKUP_RET_SUCCESS: u32 = 0;
+const BPF_FIB_LKUP_RET_FWD_DISABLED: u32 = 5;
 const BPF_FIB_LKUP_RET_NO_NEIGH: u32 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: u32 = 8;
 
@@ -278,6 +279,53 @@ impl NextHops {
         })
     }
 
+    /// As [`NextHops::resolve`]; where the FIB helper refuses an IPv6 question because the
+    /// interface does not forward IPv6 (a client host, a server that forwards IPv4 only),
+    /// the output path's answer from rtnetlink instead: the programs only send from our own
+    /// tunnel address there, as the host's own output would.
+    pub async fn resolve_with(&mut self, dst: IpAddr, nl: &Netlink) -> Result<Resolved> {
+        let generation = self.current.generation;
+        let first = self.resolve(dst)?;
+        let (IpAddr::V6(v6), Resolved::Kernel(BPF_FIB_LKUP_RET_FWD_DISABLED)) = (dst, first) else {
+            return Ok(first);
+        };
+        let cfg = self.config.get(&0, 0).context("reading TUNNEL_CONFIG")?;
+        let hop = nl
+            .output_hop_v6(v6, Ipv6Addr::from(cfg.local), cfg.v6_ifindex)
+            .await?;
+        let entry = match hop {
+            OutputHop::Forward {
+                ifindex,
+                dmac,
+                smac,
+                mtu,
+            } => {
+                let mut eth = [0u8; 16];
+                eth[2..8].copy_from_slice(&dmac);
+                eth[8..14].copy_from_slice(&smac);
+                eth[14..].copy_from_slice(&0x86ddu16.to_be_bytes());
+                NextHop {
+                    eth,
+                    ifindex,
+                    mtu,
+                    generation,
+                    kind: NH_FORWARD,
+                }
+            }
+            OutputHop::Kernel => return Ok(first),
+            OutputHop::Unresolved => {
+                // The refusal written above would keep the programs off the cache: gone.
+                let _ = self.v6.remove(&v6.octets());
+                self.stats.nexthop_unresolved.inc();
+                return Ok(Resolved::Nothing(BPF_FIB_LKUP_RET_NO_NEIGH));
+            }
+        };
+        self.v6
+            .insert(v6.octets(), entry, 0)
+            .with_context(|| format!("writing the next hop of {dst}"))?;
+        Ok(Resolved::Forward(entry))
+    }
+
     /// The misses the programs reported since the last call (for a cache that is not
     /// [spawned](NextHops::spawn): tests and the bench).
     pub fn reported(&mut self) -> Vec<(Family, IpAddr)> {
@@ -381,7 +429,7 @@ impl NextHops {
                         if !misses.take(family, key, generation, now) {
                             continue;
                         }
-                        let cached = match self.resolve(addr) {
+                        let cached = match self.resolve_with(addr, nl).await {
                             Ok(Resolved::Forward(_) | Resolved::Kernel(_)) => true,
                             Ok(Resolved::Nothing(_)) => false,
                             Err(e) => {
