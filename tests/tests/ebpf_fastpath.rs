@@ -898,8 +898,14 @@ fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> 
     let Resolved::Forward(nh) = answer else {
         bail!("CLIENT did not resolve: {answer:?}")
     };
-    assert_eq!((nh.ifindex, &nh.eth[2..8]), (v6, &[2, 0, 0, 0, 0, 0x77][..]));
-    assert_eq!((&nh.eth[8..14], &nh.eth[14..]), (&v6_mac[..], &[0x86, 0xdd][..]));
+    assert_eq!(
+        (nh.ifindex, &nh.eth[2..8]),
+        (v6, &[2, 0, 0, 0, 0, 0x77][..])
+    );
+    assert_eq!(
+        (&nh.eth[8..14], &nh.eth[14..]),
+        (&v6_mac[..], &[0x86, 0xdd][..])
+    );
     assert_eq!(nh.mtu, 1500);
 
     // The programs encapsulate toward it with that MAC header and redirect, asking nothing.
@@ -907,7 +913,10 @@ fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> 
     let before = dataplane::stats::read(&ebpf)?;
     let (verdict, out) = ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap, 0))??;
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!((dmac(&out), &out[6..12]), ([2, 0, 0, 0, 0, 0x77], &v6_mac[..]));
+    assert_eq!(
+        (dmac(&out), &out[6..12]),
+        ([2, 0, 0, 0, 0, 0x77], &v6_mac[..])
+    );
     assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
     assert_eq!(delta(&ebpf, &before, Counter::Encap), 1);
     Ok(())

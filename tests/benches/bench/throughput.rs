@@ -378,6 +378,15 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     rr_server(&t.internet)?;
     let s = plan.seconds;
+    // TCP's behaviour here depends on the congestion control the namespaces inherit from the
+    // machine (BBR paces and models the path; CUBIC does neither): the report says which.
+    let cc = native
+        .run(&["sysctl", "-n", "net.ipv4.tcp_congestion_control"])
+        .unwrap_or_default();
+    report.note(format!(
+        "TCP runs use the machine's default congestion control: {} (net.ipv4.tcp_congestion_control).",
+        cc.trim()
+    ));
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
     let (mut plain_tcp8, mut native_tcp8) = (vec![], vec![]);
