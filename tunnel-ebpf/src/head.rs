@@ -45,22 +45,41 @@ impl<const N: usize> Head<N> {
     }
 }
 
+impl<const N: usize> Head<N> {
+    /// Writes frame bytes 0 to `8 * FULL + 6` straight into the packet when they are in its
+    /// linear part (the first word's last six bytes, then words 1 to `FULL` whole); false
+    /// when they are not.
+    #[inline(always)]
+    fn write_direct<const FULL: usize>(&self, ctx: &TcContext) -> bool {
+        let v = View::of(ctx);
+        if !v.holds(8 * FULL + 6) {
+            return false;
+        }
+        let w = &self.0;
+        // SAFETY: the bytes written were checked just above.
+        unsafe {
+            store16(v.addr(0), (w[0] >> 16) as u16);
+            store32(v.addr(2), (w[0] >> 32) as u32);
+            let mut k = 1;
+            while k <= FULL {
+                store64(v.addr(8 * k - 2), w[k]);
+                k += 1;
+            }
+        }
+        true
+    }
+}
+
 /// Frame bytes 0-25: Ethernet header and IPv4 bytes 0-11 (through the TTL, protocol and
 /// checksum), as a forwarded IPv4 packet gets them.
 #[inline(always)]
 pub fn write26<const DIRECT: bool>(ctx: &TcContext, h: &Head<4>) -> Result<(), RewriteFailed> {
-    if DIRECT {
+    // Bytes 0-21, then the last word's first four.
+    if DIRECT && h.write_direct::<2>(ctx) {
         let v = View::of(ctx);
         if v.holds(26) {
-            let w = &h.0;
-            // SAFETY: 26 bytes checked just above.
-            unsafe {
-                store16(v.addr(0), (w[0] >> 16) as u16);
-                store32(v.addr(2), (w[0] >> 32) as u32);
-                store64(v.addr(6), w[1]);
-                store64(v.addr(14), w[2]);
-                store32(v.addr(22), w[3] as u32);
-            }
+            // SAFETY: checked just above.
+            unsafe { store32(v.addr(22), h.0[3] as u32) };
             return Ok(());
         }
     }
@@ -71,25 +90,8 @@ pub fn write26<const DIRECT: bool>(ctx: &TcContext, h: &Head<4>) -> Result<(), R
 /// inside (through its source address), as an encapsulated packet gets them.
 #[inline(always)]
 pub fn write70<const DIRECT: bool>(ctx: &TcContext, h: &Head<9>) -> Result<(), RewriteFailed> {
-    if DIRECT {
-        let v = View::of(ctx);
-        if v.holds(70) {
-            let w = &h.0;
-            // SAFETY: 70 bytes checked just above.
-            unsafe {
-                store16(v.addr(0), (w[0] >> 16) as u16);
-                store32(v.addr(2), (w[0] >> 32) as u32);
-                store64(v.addr(6), w[1]);
-                store64(v.addr(14), w[2]);
-                store64(v.addr(22), w[3]);
-                store64(v.addr(30), w[4]);
-                store64(v.addr(38), w[5]);
-                store64(v.addr(46), w[6]);
-                store64(v.addr(54), w[7]);
-                store64(v.addr(62), w[8]);
-            }
-            return Ok(());
-        }
+    if DIRECT && h.write_direct::<8>(ctx) {
+        return Ok(());
     }
     h.store(ctx, 0, 70)
 }

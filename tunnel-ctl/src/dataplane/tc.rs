@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
         xdp::XdpLink,
@@ -53,21 +53,15 @@ pub fn attach_pinned(
     direction: Direction,
     pin_dir: &Path,
 ) -> Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-        .try_into()
-        .with_context(|| format!("{program} is not a TC program"))?;
+    let prog: &mut SchedClassifier = named(ebpf, program, "a TC")?;
     if prog.fd().is_err() {
         prog.load()
             .with_context(|| format!("verifier rejected {program}"))?;
     }
     let pin_path = pin_dir.join(link_pin_name(program, iface));
-    let link_id = match PinnedLink::from_pin(&pin_path) {
-        Ok(old) => {
-            let link = FdLink::from(old)
-                .try_into()
-                .context("pinned link is not a TC link")?;
+    let link_id = match pinned(&pin_path)? {
+        Some(old) => {
+            let link = old.try_into().context("pinned link is not a TC link")?;
             info!(
                 "re-adopting pinned {} link of {program} on {iface}",
                 direction.as_str()
@@ -75,10 +69,8 @@ pub fn attach_pinned(
             prog.attach_to_link(link)
                 .with_context(|| format!("replacing {program} on {iface}"))?
         }
-        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound =>
-        {
-            prog.attach_with_options(
+        None => prog
+            .attach_with_options(
                 iface,
                 direction.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -88,19 +80,44 @@ pub fn attach_pinned(
                     "attaching {program} to {iface} {} (does the interface exist?)",
                     direction.as_str()
                 )
-            })?
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("opening pinned link {}", pin_path.display()));
-        }
+            })?,
     };
     let link = prog.take_link(link_id)?;
-    let fd_link: FdLink = link.try_into().context("TC link is not a TCX link")?;
-    // The pin, not our fd, keeps the attachment alive; when re-adopting it already names this
-    // link. Dropping `fd_link` (or the returned PinnedLink) only closes our descriptor.
+    pin(
+        link.try_into().context("TC link is not a TCX link")?,
+        &pin_path,
+    )
+}
+
+/// The object's program `name`, of the type `kind` names.
+fn named<'a, T>(ebpf: &'a mut Ebpf, name: &str, kind: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("{name} is not {kind} program"))
+}
+
+/// The link pinned at `pin_path` by an earlier run, if any.
+fn pinned(pin_path: &Path) -> Result<Option<FdLink>> {
+    match PinnedLink::from_pin(pin_path) {
+        Ok(old) => Ok(Some(FdLink::from(old))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("opening pinned link {}", pin_path.display())),
+    }
+}
+
+/// Pins `link` at `pin_path` unless it is already there (a re-adopted link). The pin, not our
+/// fd, keeps the attachment alive; dropping `link` only closes our descriptor.
+fn pin(link: FdLink, pin_path: &Path) -> Result<()> {
     if !pin_path.exists() {
-        fd_link
-            .pin(&pin_path)
+        link.pin(pin_path)
             .with_context(|| format!("pinning link at {}", pin_path.display()))?;
     }
     Ok(())
@@ -114,43 +131,26 @@ pub fn attach_xdp_pinned(
     iface: &str,
     pin_dir: &Path,
 ) -> Result<()> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-        .try_into()
-        .with_context(|| format!("{program} is not an XDP program"))?;
+    let prog: &mut Xdp = named(ebpf, program, "an XDP")?;
     if prog.fd().is_err() {
         prog.load()
             .with_context(|| format!("verifier rejected {program}"))?;
     }
     let pin_path = pin_dir.join(link_pin_name(program, iface));
-    let link_id = match PinnedLink::from_pin(&pin_path) {
-        Ok(old) => {
-            let link: XdpLink = FdLink::from(old)
-                .try_into()
-                .context("pinned link is not an XDP link")?;
+    let link_id = match pinned(&pin_path)? {
+        Some(old) => {
+            let link: XdpLink = old.try_into().context("pinned link is not an XDP link")?;
             info!("re-adopting pinned XDP link of {program} on {iface}");
             prog.attach_to_link(link)
                 .with_context(|| format!("replacing {program} on {iface}"))?
         }
-        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound =>
-        {
-            prog.attach(iface, XdpMode::default())
-                .with_context(|| format!("attaching {program} to {iface} (XDP)"))?
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("opening pinned link {}", pin_path.display()));
-        }
+        None => prog
+            .attach(iface, XdpMode::default())
+            .with_context(|| format!("attaching {program} to {iface} (XDP)"))?,
     };
     let link = prog.take_link(link_id)?;
-    let fd_link: FdLink = link
+    let link = link
         .try_into()
         .context("XDP link is not a BPF link (a kernel without XDP links)")?;
-    if !pin_path.exists() {
-        fd_link
-            .pin(&pin_path)
-            .with_context(|| format!("pinning link at {}", pin_path.display()))?;
-    }
-    Ok(())
+    pin(link, &pin_path)
 }
