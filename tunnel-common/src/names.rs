@@ -89,6 +89,9 @@ pub const PROG_NEXTHOP_RESOLVE: &str = "nexthop_resolve";
 /// A TC program that does nothing: the baseline of `cargo xtask bench`'s per-packet cost.
 /// Never attached.
 pub const PROG_BENCH_EMPTY: &str = "bench_empty";
+/// An XDP program that does nothing: what an XDP run costs the bench's timer by itself.
+/// Never attached.
+pub const PROG_BENCH_EMPTY_XDP: &str = "bench_empty_xdp";
 
 /// Program array of the log programs ([`LOG_PROGRAMS`], by index), which the programs above
 /// tail-call to log a drop or a slow-path hand-off when logging is on (not pinned).
@@ -173,6 +176,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_BR_ENCAP,
     PROG_SERVER_DECAP_XDP,
     PROG_BENCH_EMPTY,
+    PROG_BENCH_EMPTY_XDP,
     PROG_NEXTHOP_RESOLVE,
     PROG_SERVER_DECAP_SOFTWIRE,
     PROG_SERVER_HAIRPIN,
