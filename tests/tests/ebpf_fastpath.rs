@@ -858,6 +858,98 @@ fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() ->
     Ok(())
 }
 
+/// The set of `addr` in the next-hop maps, as the programs compute it.
+fn nexthop_set(addr: Ipv6Addr) -> u32 {
+    let o = addr.octets();
+    let word = |i: usize| u64::from_ne_bytes(o[i..i + 8].try_into().expect("8 bytes"));
+    tunnel_common::nexthop::set_base([word(0), word(8)])
+}
+
+#[test]
+fn a_third_destination_in_a_set_takes_the_older_entry_and_the_evicted_one_asks_the_fib()
+-> Result<()> {
+    let Fixture {
+        mut lab,
+        mut ebpf,
+        mut maps,
+        pin_dir,
+    } = fixture("nh-set")?;
+    let ns = lab.ns("nhset")?;
+    let peer = lab.ns("nhset-peer")?;
+    lab.veth(&ns, "v6", &peer, "p6")?;
+    lab.veth(&ns, "v4", &peer, "p4")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.ip("addr add 192.0.2.1/24 dev v4")?;
+    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    ns.ip("-6 neigh replace 2001:db8:1::2 lladdr 02:00:00:00:00:44 dev v6 nud permanent")?;
+    ns.ip("-6 route add 2001:db8:2::/64 via 2001:db8:1::2")?;
+    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let v4 = ns.enter(|| nix::net::if_::if_nametoindex("v4"))??;
+    maps.set_config(&config(v6))?;
+
+    // Three clients behind the router whose addresses share a set of the IPv6 map.
+    let client =
+        |iid: u32| Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, (iid >> 16) as u16, iid as u16);
+    let mut by_set: std::collections::HashMap<u32, Vec<Ipv6Addr>> = Default::default();
+    let trio = (1..=1_000_000)
+        .find_map(|iid| {
+            let group = by_set.entry(nexthop_set(client(iid))).or_default();
+            group.push(client(iid));
+            <[Ipv6Addr; 3]>::try_from(group.as_slice()).ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no three addresses share a set"))?;
+    let leases = [10, 11, 12].map(|i| Ipv4Addr::new(198, 51, 100, i));
+    for (c, l) in trio.iter().zip(leases) {
+        maps.bind(*c, l)?;
+    }
+    let mut cache = dataplane::nexthop::NextHops::take(&mut ebpf, &pin_dir)?;
+    cache.set_enabled(true, true)?;
+    cache.keep_valid(std::time::Duration::from_secs(60))?;
+    let current = |cache: &dataplane::nexthop::NextHops| {
+        trio.map(|c| cache.current_entry(c.into()).is_some())
+    };
+    ns.enter(|| -> Result<()> {
+        for c in &trio {
+            let answer = cache.resolve((*c).into())?;
+            assert!(matches!(answer, Resolved::Forward(_)), "{c}: {answer:?}");
+        }
+        Ok(())
+    })??;
+    assert_eq!(
+        current(&cache),
+        [false, true, true],
+        "the third took the first's slot"
+    );
+
+    // Each client's packets: the cached two from the cache, the evicted one from the FIB (as
+    // well forwarded) and reported once.
+    let encap = |lease: Ipv4Addr| ethernet(EtherType::IPV4, &ipv4_udp(HOST, lease, b"back"));
+    let before = dataplane::stats::read(&ebpf)?;
+    for (i, lease) in leases.iter().enumerate() {
+        let (verdict, out) =
+            ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap(*lease), v4))??;
+        assert_eq!(
+            (verdict, dmac(&out)),
+            (TC_ACT_REDIRECT, [2, 0, 0, 0, 0, 0x44]),
+            "client {i}"
+        );
+    }
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 1);
+    assert_eq!(cache.reported(), vec![(Family::V6, trio[0].into())]);
+
+    // Resolved again, it takes the older of the other two: the second's.
+    ns.enter(|| cache.resolve(trio[0].into()))??;
+    assert_eq!(current(&cache), [true, false, true]);
+    let before = dataplane::stats::read(&ebpf)?;
+    for lease in &leases {
+        ns.enter(|| run_tc_from(&mut ebpf, PROG_SERVER_ENCAP, &encap(*lease), v4))??;
+    }
+    assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 1);
+    assert_eq!(cache.reported(), vec![(Family::V6, trio[1].into())]);
+    Ok(())
+}
+
 #[test]
 fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> Result<()> {
     let Fixture {

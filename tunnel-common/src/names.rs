@@ -34,10 +34,10 @@ pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
 /// Server: array with the time (ns) of the last policy event on each CPU (the rate limit).
 pub const POLICY_LAST: &str = "POLICY_LAST";
 
-/// LRU hash: IPv4 destination ([`crate::fastpath::Ipv4Key`]) → [`crate::nexthop::NextHop`]
-/// (not pinned: a new controller starts it empty).
+/// Array of [`crate::nexthop::NextHopSlot`], two-way set-associative by IPv4 destination
+/// ([`crate::nexthop::set_base`]; not pinned: a new controller starts it empty).
 pub const NEXTHOPS_V4: &str = "NEXTHOPS_V4";
-/// LRU hash: IPv6 destination ([`crate::fastpath::Ipv6Key`]) → [`crate::nexthop::NextHop`].
+/// As [`NEXTHOPS_V4`], by IPv6 destination.
 pub const NEXTHOPS_V6: &str = "NEXTHOPS_V6";
 /// Array with one [`crate::nexthop::NextHopState`].
 pub const NEXTHOP_STATE: &str = "NEXTHOP_STATE";

@@ -215,6 +215,51 @@ impl Misses {
     }
 }
 
+/// What a slot of a destination's set holds, as far as placing its entry goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotHolds {
+    /// This destination's entry (of any generation).
+    ThisDestination,
+    /// Another destination's entry of the current generation.
+    Other,
+    /// Nothing the programs would use: empty, or of an older generation.
+    Free,
+}
+
+/// Where entries go within their set (two slots, `tunnel_common::nexthop::set_base`): the
+/// slot that holds the destination already, else a free one, else the one written before the
+/// other, so that a third destination in a set takes the older entry's place.
+#[derive(Debug)]
+pub struct Placement {
+    /// Per set, the slot written before the other.
+    older: Vec<u8>,
+}
+
+const _: () = assert!(tunnel_common::nexthop::NEXTHOP_WAYS == 2);
+
+impl Placement {
+    pub fn new(sets: usize) -> Placement {
+        Placement {
+            older: vec![0; sets],
+        }
+    }
+
+    /// The slot (0 or 1) of `set` to write, and it counts as written.
+    pub fn choose(&mut self, set: usize, slots: [SlotHolds; 2]) -> usize {
+        let older = usize::from(self.older[set]);
+        let way = if let Some(w) = slots.iter().position(|s| *s == SlotHolds::ThisDestination) {
+            w
+        } else if let Some(w) = slots.iter().position(|s| *s == SlotHolds::Free) {
+            w
+        } else {
+            older
+        };
+        // The other slot is now the older one.
+        self.older[set] = (1 - way) as u8;
+        way
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -339,5 +384,20 @@ mod tests {
 
         misses.forget_older_than(t0 + Duration::from_secs(5), Duration::from_secs(1));
         assert!(misses.is_empty());
+    }
+
+    #[test]
+    fn an_entry_replaces_its_own_then_a_free_slot_then_the_older_of_two() {
+        use SlotHolds::*;
+        let mut p = Placement::new(4);
+        assert_eq!(p.choose(1, [Free, Free]), 0);
+        assert_eq!(p.choose(1, [Other, Free]), 1, "the free slot");
+        assert_eq!(p.choose(1, [Other, ThisDestination]), 1, "its own, again");
+        assert_eq!(p.choose(1, [ThisDestination, Other]), 0, "its own");
+        // Both slots taken by others: slot 1 was written before slot 0.
+        assert_eq!(p.choose(1, [Other, Other]), 1);
+        assert_eq!(p.choose(1, [Other, Other]), 0, "then the other one");
+        assert_eq!(p.choose(1, [Other, Other]), 1);
+        assert_eq!(p.choose(2, [Other, Other]), 0, "sets apart");
     }
 }

@@ -3,23 +3,29 @@
 use aya_ebpf::{
     helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use tunnel_common::{
-    nexthop::{Clock, MAX_NEXTHOPS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss, NextHopState},
+    nexthop::{
+        Clock, MAX_NEXTHOPS, NEXTHOP_WAYS, NH_CACHE_V4, NH_CACHE_V6, NextHop, NextHopMiss,
+        NextHopSlot, NextHopState, set_base,
+    },
     stats::Counter,
 };
 
-use crate::{direct::Key16, stats::count};
+use crate::{
+    direct::{Key16, map_words},
+    stats::count,
+};
 
-/// Named by `tunnel_common::names::NEXTHOPS_V4`.
+/// Named by `tunnel_common::names::NEXTHOPS_V4`: a two-way set-associative cache
+/// (`tunnel_common::nexthop::set_base`).
 #[map]
-pub static NEXTHOPS_V4: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(MAX_NEXTHOPS, 0);
+pub static NEXTHOPS_V4: Array<NextHopSlot> = Array::with_max_entries(MAX_NEXTHOPS, 0);
 
-/// Named by `tunnel_common::names::NEXTHOPS_V6`.
+/// Named by `tunnel_common::names::NEXTHOPS_V6`: as [`NEXTHOPS_V4`].
 #[map]
-pub static NEXTHOPS_V6: LruHashMap<[u8; 16], NextHop> =
-    LruHashMap::with_max_entries(MAX_NEXTHOPS, 0);
+pub static NEXTHOPS_V6: Array<NextHopSlot> = Array::with_max_entries(MAX_NEXTHOPS, 0);
 
 /// Named by `tunnel_common::names::NEXTHOP_STATE`.
 #[map]
@@ -70,36 +76,50 @@ fn current(family: u32) -> Option<(u32, u64)> {
     Some((state.generation, now))
 }
 
+/// The slot of `cache` holding `dst` (as words) in the current generation, if any: the two
+/// slots of its set, each an array lookup the verifier turns into a few instructions.
+#[inline(always)]
+fn find(
+    cache: &'static Array<NextHopSlot>,
+    dst: [u64; 2],
+    generation: u32,
+) -> Option<&'static NextHop> {
+    let base = set_base(dst);
+    for way in 0..NEXTHOP_WAYS {
+        if let Some(slot) = cache.get(base + way) {
+            let addr = map_words(&slot.addr);
+            if addr[0] == dst[0] && addr[1] == dst[1] && slot.hop.generation == generation {
+                return Some(&slot.hop);
+            }
+        }
+    }
+    None
+}
+
 /// The next hop toward `dst` (IPv4, wire order), when the cache has a current one; else the
 /// caller asks the FIB (and the miss has been reported).
 #[inline(always)]
 pub fn get4(dst: u32) -> Option<&'static NextHop> {
     let (generation, now) = current(NH_CACHE_V4)?;
-    // SAFETY: the entry is read at once; the controller replaces entries whole.
-    match unsafe { NEXTHOPS_V4.get(dst) } {
-        Some(nh) if nh.generation == generation => Some(nh),
-        _ => {
-            count(Counter::NextHopMiss);
-            report(4, [u64::from(dst), 0], now);
-            None
-        }
+    let words = [u64::from(dst), 0];
+    let found = find(&NEXTHOPS_V4, words, generation);
+    if found.is_none() {
+        count(Counter::NextHopMiss);
+        report(4, words, now);
     }
+    found
 }
 
 /// As [`get4`] for an IPv6 destination held as words.
 #[inline(always)]
 pub fn get6(dst: &[u64; 2]) -> Option<&'static NextHop> {
     let (generation, now) = current(NH_CACHE_V6)?;
-    let key = Key16(*dst);
-    // SAFETY: as in `get4`.
-    match unsafe { NEXTHOPS_V6.get(key.bytes()) } {
-        Some(nh) if nh.generation == generation => Some(nh),
-        _ => {
-            count(Counter::NextHopMiss);
-            report(6, *dst, now);
-            None
-        }
+    let found = find(&NEXTHOPS_V6, *dst, generation);
+    if found.is_none() {
+        count(Counter::NextHopMiss);
+        report(6, *dst, now);
     }
+    found
 }
 
 /// Tells the controller that `addr` missed, unless this CPU reported it already in this

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, RingBuf},
+    maps::{Array, Map, MapData, RingBuf},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
@@ -25,15 +25,15 @@ use tunnel_common::{
         TUNNEL_CONFIG,
     },
     nexthop::{
-        Clock, NEXTHOP_QUERY_OFF, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD, NH_KERNEL, NextHop,
-        NextHopMiss, NextHopQuery, NextHopState,
+        Clock, MAX_NEXTHOPS, NEXTHOP_QUERY_OFF, NEXTHOP_WAYS, NH_CACHE_V4, NH_CACHE_V6, NH_FORWARD,
+        NH_KERNEL, NextHop, NextHopMiss, NextHopQuery, NextHopSlot, NextHopState, set_base,
     },
 };
 
 use super::fastpath::take;
 use crate::{
     netlink::{self, Netlink, OutputHop, RoutingEvent},
-    nexthop::{Family, Misses, Neighbours, cacheable},
+    nexthop::{Family, Misses, Neighbours, Placement, SlotHolds, cacheable},
 };
 
 /// `bpf_fib_lookup` flags and return codes (uapi/linux/bpf.h).
@@ -72,8 +72,8 @@ pub enum Resolved {
 }
 
 pub struct NextHops {
-    v4: HashMap<MapData, u32, NextHop>,
-    v6: HashMap<MapData, [u8; 16], NextHop>,
+    v4: Cache,
+    v6: Cache,
     state: Array<MapData, NextHopState>,
     misses: Option<RingBuf<MapData>>,
     resolver: SchedClassifier,
@@ -118,8 +118,8 @@ impl NextHops {
         };
         state.set(0, current, 0).context("writing NEXTHOP_STATE")?;
         Ok(NextHops {
-            v4: take(ebpf, NEXTHOPS_V4)?,
-            v6: take(ebpf, NEXTHOPS_V6)?,
+            v4: Cache::new(take(ebpf, NEXTHOPS_V4)?),
+            v6: Cache::new(take(ebpf, NEXTHOPS_V6)?),
             state,
             misses: Some(take(ebpf, NEXTHOP_MISSES)?),
             clock_map: take(ebpf, CLOCK)?,
@@ -266,11 +266,9 @@ impl NextHops {
                 ..Default::default()
             },
         };
-        match dst {
-            IpAddr::V4(a) => self.v4.insert(u32::from_ne_bytes(a.octets()), entry, 0),
-            IpAddr::V6(a) => self.v6.insert(a.octets(), entry, 0),
-        }
-        .with_context(|| format!("writing the next hop of {dst}"))?;
+        self.cache(dst)
+            .insert(dst, entry)
+            .with_context(|| format!("writing the next hop of {dst}"))?;
         self.stats.nexthop_resolved.inc();
         Ok(if entry.kind == NH_FORWARD {
             Resolved::Forward(entry)
@@ -315,13 +313,13 @@ impl NextHops {
             OutputHop::Kernel => return Ok(first),
             OutputHop::Unresolved => {
                 // The refusal written above would keep the programs off the cache: gone.
-                let _ = self.v6.remove(&v6.octets());
+                let _ = self.v6.remove(dst);
                 self.stats.nexthop_unresolved.inc();
                 return Ok(Resolved::Nothing(BPF_FIB_LKUP_RET_NO_NEIGH));
             }
         };
         self.v6
-            .insert(v6.octets(), entry, 0)
+            .insert(dst, entry)
             .with_context(|| format!("writing the next hop of {dst}"))?;
         Ok(Resolved::Forward(entry))
     }
@@ -334,11 +332,24 @@ impl NextHops {
 
     /// The entry the programs would use for `dst` now, if any.
     pub fn current_entry(&self, dst: IpAddr) -> Option<NextHop> {
-        let entry = match dst {
-            IpAddr::V4(a) => self.v4.get(&u32::from_ne_bytes(a.octets()), 0).ok(),
-            IpAddr::V6(a) => self.v6.get(&a.octets(), 0).ok(),
-        }?;
-        (entry.generation == self.current.generation).then_some(entry)
+        let cache = match dst {
+            IpAddr::V4(_) => &self.v4,
+            IpAddr::V6(_) => &self.v6,
+        };
+        let generation = self.current.generation;
+        cache
+            .slots(dst)
+            .into_iter()
+            .flatten()
+            .find(|(_, s)| s.addr == key_of(dst) && s.hop.generation == generation)
+            .map(|(_, s)| s.hop)
+    }
+
+    fn cache(&mut self, dst: IpAddr) -> &mut Cache {
+        match dst {
+            IpAddr::V4(_) => &mut self.v4,
+            IpAddr::V6(_) => &mut self.v6,
+        }
     }
 
     /// Runs the cache for the rest of the daemon's life: turns it on where it can give the
@@ -417,14 +428,7 @@ impl NextHops {
                     let now = Instant::now();
                     for (family, addr) in reported {
                         self.stats.nexthop_misses_reported.inc();
-                        let key = match addr {
-                            IpAddr::V4(a) => {
-                                let mut k = [0u8; 16];
-                                k[..4].copy_from_slice(&a.octets());
-                                k
-                            }
-                            IpAddr::V6(a) => a.octets(),
-                        };
+                        let key = key_of(addr);
                         let generation = self.current.generation;
                         if !misses.take(family, key, generation, now) {
                             continue;
@@ -494,6 +498,78 @@ impl NextHops {
                 })
             })
             .collect()
+    }
+}
+
+/// One family's map: an array the programs read as a two-way set-associative cache
+/// (`tunnel_common::nexthop::set_base`); where an entry goes in its set is
+/// [`Placement`]'s decision.
+struct Cache {
+    map: Array<MapData, NextHopSlot>,
+    placement: Placement,
+}
+
+/// A destination as the maps hold it: the IPv6 address, or the IPv4 one in the first four
+/// bytes.
+fn key_of(dst: IpAddr) -> [u8; 16] {
+    match dst {
+        IpAddr::V4(a) => {
+            let mut k = [0u8; 16];
+            k[..4].copy_from_slice(&a.octets());
+            k
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The first slot of `dst`'s set, as the programs compute it (the address's bytes as
+/// native-endian words).
+fn set_of(dst: IpAddr) -> u32 {
+    let k = key_of(dst);
+    let word = |i: usize| u64::from_ne_bytes(k[i..i + 8].try_into().expect("8 bytes"));
+    set_base([word(0), word(8)])
+}
+
+impl Cache {
+    fn new(map: Array<MapData, NextHopSlot>) -> Cache {
+        Cache {
+            map,
+            placement: Placement::new((MAX_NEXTHOPS / NEXTHOP_WAYS) as usize),
+        }
+    }
+
+    /// The slots of `dst`'s set with their indices (None: unreadable).
+    fn slots(&self, dst: IpAddr) -> [Option<(u32, NextHopSlot)>; 2] {
+        let base = set_of(dst);
+        [base, base + 1].map(|i| self.map.get(&i, 0).ok().map(|s| (i, s)))
+    }
+
+    /// Writes `hop` for `dst` into its set.
+    fn insert(&mut self, dst: IpAddr, hop: NextHop) -> Result<()> {
+        let key = key_of(dst);
+        let slots = self.slots(dst).map(|s| match s {
+            Some((_, s)) if s.addr == key => SlotHolds::ThisDestination,
+            Some((_, s)) if s.hop.generation == hop.generation && s.hop.kind != 0 => {
+                SlotHolds::Other
+            }
+            _ => SlotHolds::Free,
+        });
+        let base = set_of(dst);
+        let way = self.placement.choose((base / NEXTHOP_WAYS) as usize, slots);
+        self.map
+            .set(base + way as u32, NextHopSlot { addr: key, hop }, 0)?;
+        Ok(())
+    }
+
+    /// Empties the slot holding `dst`, if one does.
+    fn remove(&mut self, dst: IpAddr) -> Result<()> {
+        let key = key_of(dst);
+        for (i, slot) in self.slots(dst).into_iter().flatten() {
+            if slot.addr == key {
+                self.map.set(i, NextHopSlot::default(), 0)?;
+            }
+        }
+        Ok(())
     }
 }
 
