@@ -170,13 +170,13 @@ mod tests {
             // Neighbouring IPv4 hosts, as wire-order words.
             let v4 = u32::from_ne_bytes((0xc633_6400u32 + i).to_be_bytes());
             let base = set_base([u64::from(v4), 0]);
-            assert!(base % NEXTHOP_WAYS == 0 && base + NEXTHOP_WAYS <= MAX_NEXTHOPS);
+            assert!(base.is_multiple_of(NEXTHOP_WAYS) && base + NEXTHOP_WAYS <= MAX_NEXTHOPS);
             let set = (base / NEXTHOP_WAYS) as usize;
             used[set / 64] |= 1 << (set % 64);
             // IPv6 hosts of one /64, differing in the interface identifier.
             let v6 = [0x2001_0db8_0000_0001u64.to_be(), u64::from(i).to_be()];
             let base = set_base(v6);
-            assert!(base % NEXTHOP_WAYS == 0 && base + NEXTHOP_WAYS <= MAX_NEXTHOPS);
+            assert!(base.is_multiple_of(NEXTHOP_WAYS) && base + NEXTHOP_WAYS <= MAX_NEXTHOPS);
         }
         // 4096 neighbours over 32768 sets: nearly all apart.
         let sets: u32 = used.iter().map(|w| w.count_ones()).sum();
