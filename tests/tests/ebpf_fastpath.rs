@@ -724,6 +724,23 @@ fn dmac(frame: &[u8]) -> [u8; 6] {
     frame[..6].try_into().unwrap()
 }
 
+/// A router namespace for the next-hop tests: packets from clients arrive on `v6`
+/// (2001:db8:1::1/64), IPv4 leaves by `v4` (192.0.2.1/24), forwarding on; its interfaces'
+/// indices.
+fn router(lab: &mut Lab, name: &str) -> Result<(tunnel_tests::Ns, u32, u32)> {
+    let ns = lab.ns(name)?;
+    let peer = lab.ns(&format!("{name}-peer"))?;
+    lab.veth(&ns, "v6", &peer, "p6")?;
+    lab.veth(&ns, "v4", &peer, "p4")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.ip("addr add 192.0.2.1/24 dev v4")?;
+    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
+    let v4 = ns.enter(|| nix::net::if_::if_nametoindex("v4"))??;
+    Ok((ns, v6, v4))
+}
+
 #[test]
 fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() -> Result<()> {
     let Fixture {
@@ -732,15 +749,8 @@ fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() ->
         mut maps,
         pin_dir,
     } = fixture("nexthop")?;
-    // A router: packets from clients arrive on v6, HOST is a neighbour on v4, CLIENT on v6.
-    let ns = lab.ns("nh")?;
-    let peer = lab.ns("nh-peer")?;
-    lab.veth(&ns, "v6", &peer, "p6")?;
-    lab.veth(&ns, "v4", &peer, "p4")?;
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    ns.ip("addr add 192.0.2.1/24 dev v4")?;
-    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    // HOST is a neighbour on v4, CLIENT on v6.
+    let (ns, v6, v4) = router(&mut lab, "nh")?;
     let neighbour = |ip: String, mac: &str, dev: &str| {
         ns.ip(&format!(
             "neigh replace {ip} lladdr {mac} dev {dev} nud permanent"
@@ -748,8 +758,6 @@ fn the_programs_forward_with_the_cached_next_hop_until_the_cache_is_retired() ->
     };
     neighbour(HOST.to_string(), "02:00:00:00:00:22", "v4")?;
     neighbour(CLIENT.to_string(), "02:00:00:00:00:44", "v6")?;
-    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
-    let v4 = ns.enter(|| nix::net::if_::if_nametoindex("v4"))??;
     let (v4_mac, v6_mac) = (link_mac(&ns, "v4")?, link_mac(&ns, "v6")?);
     maps.set_config(&config(v6))?;
     maps.bind(CLIENT, LEASE)?;
@@ -874,18 +882,9 @@ fn a_third_destination_in_a_set_takes_the_older_entry_and_the_evicted_one_asks_t
         mut maps,
         pin_dir,
     } = fixture("nh-set")?;
-    let ns = lab.ns("nhset")?;
-    let peer = lab.ns("nhset-peer")?;
-    lab.veth(&ns, "v6", &peer, "p6")?;
-    lab.veth(&ns, "v4", &peer, "p4")?;
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    ns.ip("addr add 192.0.2.1/24 dev v4")?;
-    ns.ip("-6 addr add 2001:db8:1::1/64 dev v6 nodad")?;
+    let (ns, v6, v4) = router(&mut lab, "nhset")?;
     ns.ip("-6 neigh replace 2001:db8:1::2 lladdr 02:00:00:00:00:44 dev v6 nud permanent")?;
     ns.ip("-6 route add 2001:db8:2::/64 via 2001:db8:1::2")?;
-    let v6 = ns.enter(|| nix::net::if_::if_nametoindex("v6"))??;
-    let v4 = ns.enter(|| nix::net::if_::if_nametoindex("v4"))??;
     maps.set_config(&config(v6))?;
 
     // Three clients behind the router whose addresses share a set of the IPv6 map.
