@@ -207,30 +207,50 @@ fn xmits_during(
     devices: &[&'static str],
     measure: impl FnOnce() -> Result<f64>,
 ) -> Result<Vec<Xmits>> {
+    let mut events = vec![];
+    for dev in devices {
+        events.push(("net:net_dev_start_xmit", format!("name == \"{dev}\"")));
+        events.push((
+            "net:net_dev_start_xmit",
+            format!("name == \"{dev}\" && gso_segs > 1"),
+        ));
+        // perf stat counts events, it does not sum a field: how many transmits are longer
+        // than one MTU stands in for their size.
+        events.push((
+            "net:net_dev_start_xmit",
+            format!("name == \"{dev}\" && len > 1514"),
+        ));
+    }
+    let (counts, secs) = counted_during(&events, measure)?;
+    Ok(devices
+        .iter()
+        .zip(counts.chunks(3))
+        .map(|(&device, c)| Xmits {
+            device,
+            per_s: c[0] / secs,
+            gso_share: if c[0] > 0.0 { c[1] / c[0] } else { 0.0 },
+            big_share: if c[0] > 0.0 { c[2] / c[0] } else { 0.0 },
+        })
+        .collect())
+}
+
+/// Runs `measure` while `perf stat -a` counts each (tracepoint, filter) of `events`; returns
+/// the counts in that order and the seconds `measure` took.
+fn counted_during(
+    events: &[(&str, String)],
+    measure: impl FnOnce() -> Result<f64>,
+) -> Result<(Vec<f64>, f64)> {
     if !std::path::Path::new("/sys/kernel/tracing/events/net").exists() {
         let _ = std::process::Command::new("mount")
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
             .status();
     }
     let mut argv: Vec<String> = vec!["stat".into(), "-x,".into(), "-a".into()];
-    for dev in devices {
-        for filter in [
-            format!("name == \"{dev}\""),
-            format!("name == \"{dev}\" && gso_segs > 1"),
-        ] {
-            argv.extend(["-e".into(), "net:net_dev_start_xmit".into()]);
-            argv.extend(["--filter".into(), filter]);
-        }
-        // perf stat counts events, it does not sum a field: how many transmits are longer
-        // than one MTU stands in for their size.
-        argv.extend(["-e".into(), "net:net_dev_start_xmit".into()]);
-        argv.extend([
-            "--filter".into(),
-            format!("name == \"{dev}\" && len > 1514"),
-        ]);
+    for (event, filter) in events {
+        argv.extend(["-e".into(), (*event).into(), "--filter".into(), filter.clone()]);
     }
     let out_path =
-        std::env::temp_dir().join(format!("tunnel-bench-xmits-{}.csv", std::process::id()));
+        std::env::temp_dir().join(format!("tunnel-bench-counts-{}.csv", std::process::id()));
     argv.extend(["-o".into(), out_path.display().to_string()]);
     let perf = std::process::Command::new("perf")
         .args(&argv)
@@ -253,26 +273,60 @@ fn xmits_during(
     let _ = std::fs::remove_file(&out_path);
     let counts: Vec<f64> = text
         .lines()
-        .filter(|l| l.contains("net_dev_start_xmit"))
+        .filter(|l| events.iter().any(|(event, _)| l.contains(event)))
         .filter_map(|l| l.split(',').next()?.trim().parse().ok())
         .collect();
-    if counts.len() != devices.len() * 3 {
+    if counts.len() != events.len() {
         bail!(
-            "perf stat ({status}) gave {} counts for {} devices:\n{text}",
+            "perf stat ({status}) gave {} counts for {} events:\n{text}",
             counts.len(),
-            devices.len()
+            events.len()
         );
     }
-    Ok(devices
-        .iter()
-        .zip(counts.chunks(3))
-        .map(|(&device, c)| Xmits {
-            device,
-            per_s: c[0] / secs,
-            gso_share: if c[0] > 0.0 { c[1] / c[0] } else { 0.0 },
-            big_share: if c[0] > 0.0 { c[2] / c[0] } else { 0.0 },
+    Ok((counts, secs))
+}
+
+/// The tracepoint filter that matches allocations made on behalf of `pskb_expand_head` (a
+/// packet's head copied into a bigger buffer): `kmem:kmalloc`'s call site lies inside that
+/// function, whose bounds /proc/kallsyms gives (root sees real addresses).
+fn head_realloc_filter() -> Result<String> {
+    let syms = std::fs::read_to_string("/proc/kallsyms").context("/proc/kallsyms")?;
+    let mut addrs: Vec<(u64, &str)> = syms
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let name = f.next()?;
+            (kind.eq_ignore_ascii_case("t") && f.next().is_none()).then_some((addr, name))
         })
-        .collect())
+        .collect();
+    addrs.sort_unstable();
+    let at = addrs
+        .iter()
+        .position(|&(_, n)| n == "pskb_expand_head")
+        .ok_or_else(|| anyhow!("no pskb_expand_head in /proc/kallsyms"))?;
+    let (lo, _) = addrs[at];
+    let hi = addrs[at + 1..]
+        .iter()
+        .map(|&(a, _)| a)
+        .find(|&a| a > lo)
+        .ok_or_else(|| anyhow!("no symbol after pskb_expand_head"))?;
+    if lo == 0 {
+        bail!("/proc/kallsyms hides addresses (kptr_restrict)");
+    }
+    Ok(format!("call_site >= {lo:#x} && call_site < {hi:#x}"))
+}
+
+/// Packets received and head reallocations during a UDP 64 B run from `ns` to `dst`.
+fn udp_head_reallocs(ns: &Ns, dst: &str, seconds: u32) -> Result<(f64, f64)> {
+    let filter = head_realloc_filter()?;
+    let mut packets = 0.0;
+    let (counts, _) = counted_during(&[("kmem:kmalloc", filter)], || {
+        packets = udp_received(ns, dst, seconds, &[])?.0;
+        Ok(packets)
+    })?;
+    Ok((packets, counts[0]))
 }
 
 fn xmits_text(label: &str, xmits: &[Xmits]) -> String {
@@ -302,13 +356,19 @@ fn udp_down_kpps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
 }
 
 fn udp_kpps_with(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<f64> {
+    let (packets, secs) = udp_received(ns, dst, seconds, extra)?;
+    Ok(packets / secs / 1e3)
+}
+
+/// UDP 64 B at full speed: packets received and over how many seconds.
+fn udp_received(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<(f64, f64)> {
     let mut argv = vec!["-u", "-b", "0", "-l", "64"];
     argv.extend_from_slice(extra);
     let end = iperf(ns, dst, seconds, &argv)?;
     let r = &end["sum_received"];
     let (bytes, secs) = (r["bytes"].as_f64(), r["seconds"].as_f64());
     match (bytes, secs) {
-        (Some(b), Some(s)) if s > 0.0 => Ok(b / 64.0 / s / 1e3),
+        (Some(b), Some(s)) if s > 0.0 => Ok((b / 64.0, s)),
         _ => Err(anyhow!("no sum_received in {end}")),
     }
 }
@@ -429,6 +489,18 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         match xmits_during(&path, || tcp_streams_gbps(&native, dst, s, streams)) {
             Ok(x) => report.note(xmits_text(label, &x)),
             Err(e) => report.note(format!("{label}: no transmit counts: {e:#}")),
+        }
+    }
+    // A packet whose head has less room than the 40 bytes of IPv6 is copied into a bigger
+    // one by bpf_skb_adjust_room: a UDP socket reserves only the device's link-layer room.
+    for (label, dst) in [("plain UDP 64 B", PLAIN_DST), ("native UDP 64 B", TUNNEL_DST)] {
+        match udp_head_reallocs(&native, dst, s) {
+            Ok((packets, reallocs)) => report.note(format!(
+                "{label}: {:.2} head reallocations (pskb_expand_head) per packet received \
+                 ({reallocs:.0} in {packets:.0})",
+                if packets > 0.0 { reallocs / packets } else { 0.0 }
+            )),
+            Err(e) => report.note(format!("{label}: no reallocation count: {e:#}")),
         }
     }
     if crate::profile::enabled() {
