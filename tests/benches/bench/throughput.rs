@@ -25,6 +25,10 @@ use crate::{
 /// The internet host's second address, reached without any tunnel.
 const PLAIN_DST: &str = "192.0.2.3";
 const TUNNEL_DST: &str = "192.0.2.2";
+/// A third address of the internet host, reached by plain routing with the tunnel's inner
+/// MTU on the client's route (the same MSS as the tunnel's TCP): information beside the
+/// targets, which stay against plain routing at the link's MTU.
+const PLAIN_AT_TUNNEL_MTU_DST: &str = "192.0.2.4";
 /// In-band clients in the all-at-once run.
 const INBAND_CLIENTS: usize = 8;
 
@@ -247,7 +251,12 @@ fn counted_during(
     }
     let mut argv: Vec<String> = vec!["stat".into(), "-x,".into(), "-a".into()];
     for (event, filter) in events {
-        argv.extend(["-e".into(), (*event).into(), "--filter".into(), filter.clone()]);
+        argv.extend([
+            "-e".into(),
+            (*event).into(),
+            "--filter".into(),
+            filter.clone(),
+        ]);
     }
     let out_path =
         std::env::temp_dir().join(format!("tunnel-bench-counts-{}.csv", std::process::id()));
@@ -380,8 +389,9 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
 }
 
 /// Adds the plain-routing path client → core → server → internet (192.0.2.3) next to the
-/// tunnel, on the same namespaces and veths.
-fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<()> {
+/// tunnel, on the same namespaces and veths, and a second one (192.0.2.4) whose route has the
+/// tunnel's inner MTU, which it returns.
+fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<u32> {
     client.ip("addr add 203.0.113.2/30 dev v6")?;
     t.core.ip("addr add 203.0.113.1/30 dev c1")?;
     t.core.ip("addr add 203.0.113.5/30 dev srv")?;
@@ -401,7 +411,23 @@ fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<()> {
     if client.ping(PLAIN_DST, 2)? == 0 {
         bail!("the plain-routing baseline path does not answer pings");
     }
-    Ok(())
+    // The native client's routes carry the tunnel's MTU (the link's less 40 bytes).
+    let routes = client.run(&["ip", "-4", "route", "show", "0.0.0.0/1"])?;
+    let mtu = routes
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok())
+        .ok_or_else(|| anyhow!("no MTU on the native client's route: {routes:?}"))?;
+    t.internet
+        .ip(&format!("addr add {PLAIN_AT_TUNNEL_MTU_DST}/24 dev eth0"))?;
+    client.ip(&format!(
+        "route add {PLAIN_AT_TUNNEL_MTU_DST}/32 via 203.0.113.1 src 203.0.113.2 mtu {mtu}"
+    ))?;
+    if client.ping(PLAIN_AT_TUNNEL_MTU_DST, 2)? == 0 {
+        bail!("the plain-routing path at the tunnel's MTU does not answer pings");
+    }
+    Ok(mtu)
 }
 
 fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
@@ -424,7 +450,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         t.start_client(&ns, &[])?;
         eight.push(ns);
     }
-    plain_route_4over6(&t, &native)?;
+    let tunnel_mtu = plain_route_4over6(&t, &native)?;
     let _server = iperf_server(&t.internet)?;
     if std::env::var_os("BENCH_LAB_HOLD").is_some() {
         eprintln!(
@@ -450,6 +476,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
     let (mut plain_tcp8, mut native_tcp8) = (vec![], vec![]);
+    let (mut plain_mtu_tcp, mut plain_mtu_tcp8) = (vec![], vec![]);
     let (mut plain_rr, mut native_rr) = (vec![], vec![]);
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
@@ -465,6 +492,8 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         inband_udp.push(udp_kpps(&inband, TUNNEL_DST, s)?);
         plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
         native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
+        plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
+        plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s, 8)?);
         plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
         native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
         plain_tcp_down.push(tcp_down_gbps(&native, PLAIN_DST, s)?);
@@ -493,12 +522,19 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     }
     // A packet whose head has less room than the 40 bytes of IPv6 is copied into a bigger
     // one by bpf_skb_adjust_room: a UDP socket reserves only the device's link-layer room.
-    for (label, dst) in [("plain UDP 64 B", PLAIN_DST), ("native UDP 64 B", TUNNEL_DST)] {
+    for (label, dst) in [
+        ("plain UDP 64 B", PLAIN_DST),
+        ("native UDP 64 B", TUNNEL_DST),
+    ] {
         match udp_head_reallocs(&native, dst, s) {
             Ok((packets, reallocs)) => report.note(format!(
                 "{label}: {:.2} head reallocations (pskb_expand_head) per packet received \
                  ({reallocs:.0} in {packets:.0})",
-                if packets > 0.0 { reallocs / packets } else { 0.0 }
+                if packets > 0.0 {
+                    reallocs / packets
+                } else {
+                    0.0
+                }
             )),
             Err(e) => report.note(format!("{label}: no reallocation count: {e:#}")),
         }
@@ -581,6 +617,31 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         "4over6 native fast path, 8 TCP streams",
         "Gbit/s",
         native_tcp8,
+    );
+    // Information: how much of the TCP gap is the tunnel's smaller MTU (MSS) alone.
+    let p_mtu_tcp = report.figure(
+        sec,
+        format!("plain IPv4 routing at the tunnel's MTU ({tunnel_mtu}), TCP"),
+        "Gbit/s",
+        plain_mtu_tcp,
+    );
+    let p_mtu_tcp8 = report.figure(
+        sec,
+        format!("plain IPv4 routing at the tunnel's MTU ({tunnel_mtu}), 8 TCP streams"),
+        "Gbit/s",
+        plain_mtu_tcp8,
+    );
+    report.figure(
+        sec,
+        "fast path TCP / plain routing at the tunnel's MTU",
+        "x",
+        vec![ratio(n_tcp, p_mtu_tcp)],
+    );
+    report.figure(
+        sec,
+        "fast path 8 TCP streams / plain routing at the tunnel's MTU",
+        "x",
+        vec![ratio(n_tcp8, p_mtu_tcp8)],
     );
     let p_rr = report.figure(
         sec,
