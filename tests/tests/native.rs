@@ -1191,3 +1191,49 @@ fn with_xdp_the_plain_case_is_decapsulated_in_xdp_and_a_restart_without_it_detac
     );
     Ok(())
 }
+
+#[test]
+fn a_client_whose_link_carries_less_than_the_servers_uses_its_own_inner_mtu() -> Result<()> {
+    let mut t = start(&[])?;
+    // The server's side of the IPv6 network takes 1540-byte packets: restarted, it announces
+    // an inner MTU of 1500.
+    t.server.ip("link set dev up6 mtu 1540")?;
+    t.core.ip("link set dev srv mtu 1540")?;
+    let instance = t.server_instance.clone();
+    t.lab.daemon(&instance).expect("server").kill();
+    t.start_server()?;
+
+    // A client on a 1540-byte link takes the announcement: full-size IPv4 with DF gets through.
+    let big = t.client_ns()?;
+    big.ip("link set dev v6 mtu 1540")?;
+    t.core.ip("link set dev c1 mtu 1540")?;
+    let (big_client, _) = t.start_native_client(&big, &[])?;
+    assert_eq!(client_inner_mtu(&t, &big_client)?, 1500);
+    let (replies, out) = big.ping_with(&["-M", "do", "-s", "1472"], INTERNET_HOST, 3)?;
+    assert_eq!(
+        replies,
+        Some(3),
+        "1500-byte DF pings over 1540-byte links:\n{out}"
+    );
+
+    // One on a 1500-byte link keeps to 1460: what fits goes through, a bigger DF packet is
+    // refused at the sender (not lost on the way), and TCP streams.
+    let small = t.client_ns()?;
+    let (small_client, _) = t.start_native_client(&small, &[])?;
+    assert_eq!(client_inner_mtu(&t, &small_client)?, 1460);
+    let (replies, out) = small.ping_with(&["-M", "do", "-s", "1432"], INTERNET_HOST, 3)?;
+    assert_eq!(replies, Some(3), "1460-byte DF pings:\n{out}");
+    let (replies, out) = small.ping_with(&["-M", "do", "-s", "1472"], INTERNET_HOST, 1)?;
+    assert!(
+        replies.unwrap_or(0) == 0 && out.contains("mtu=1460"),
+        "a 1500-byte DF ping should be refused locally with the route's MTU:\n{out}"
+    );
+    tcp_transfer(&small, &t.internet, "192.0.2.2:9101".parse()?, 4 << 20, 7)?;
+    Ok(())
+}
+
+/// The inner MTU a native client's status reports.
+fn client_inner_mtu(t: &FourOverSix, client: &str) -> Result<serde_json::Value> {
+    let status = t.lab.ctl_json("status", client)?;
+    Ok(status["native"]["configured"]["inner_mtu"].clone())
+}

@@ -184,13 +184,34 @@ impl NativePath {
     /// Configures the data path for `want`; nothing changes when it is already in place (a
     /// reconnect that got the same lease), so forwarding never stops for it.
     pub async fn apply(&self, nl: &Netlink, want: Applied) -> Result<()> {
+        // The server announces what fits its own IPv6 link; ours may carry less (a server on
+        // a 1540-byte link announces 1500 to clients on 1500-byte links too).
+        let announced = want.grant.mtu;
+        let own = nl
+            .inner_mtu(self.v6_index, &format!("--v6-dev {}", self.v6_dev))
+            .await?;
+        let want = Applied {
+            grant: NativeGrant {
+                mtu: announced.min(own),
+                ..want.grant
+            },
+            ..want
+        };
+        let mtu = want.grant.mtu;
         let old = self.applied();
         if old == Some(want) {
             return Ok(());
         }
+        if mtu < announced {
+            info!(
+                "the server announced inner MTU {announced}; {} carries only {mtu} inside IPv6",
+                self.v6_dev
+            );
+        }
         if want.grant.share.is_some() || old.is_some_and(|o| o.grant.share.is_some()) {
             self.programs(nl, want).await?;
         }
+
         if want.grant.share.is_none() {
             self.maps
                 .lock()
@@ -200,8 +221,8 @@ impl NativePath {
                     remote: want.grant.tunnel.octets(),
                     ipv4: v4_key(want.lease),
                     v6_ifindex: self.v6_index,
-                    inner_mtu: want.grant.mtu,
-                    mss: want.grant.mtu.saturating_sub(TCP_IPV4_OVERHEAD),
+                    inner_mtu: mtu,
+                    mss: mtu.saturating_sub(TCP_IPV4_OVERHEAD),
                     hop_limit: DEFAULT_HOP_LIMIT,
                     enabled: 1,
                     ..Default::default()
@@ -223,7 +244,7 @@ impl NativePath {
                     net.parse::<Ipv4Net>().expect("valid"),
                     SOFTWIRE_NEXT_HOP,
                     self.v6_index,
-                    u32::from(want.grant.mtu),
+                    u32::from(mtu),
                 )
                 .await?;
             }
@@ -238,7 +259,7 @@ impl NativePath {
                 .share
                 .map(|s| format!(" {s}"))
                 .unwrap_or_default(),
-            want.grant.mtu
+            mtu
         );
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(want);
         Ok(())
