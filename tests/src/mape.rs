@@ -78,6 +78,8 @@ pub struct MapeLab {
     pub br_instance: String,
     /// The CE's command line (to start it again the same way).
     pub ce_args: Vec<String>,
+    /// The BR's command line.
+    pub br_args: Vec<String>,
     from_config: bool,
     second: Option<SecondCe>,
 }
@@ -262,6 +264,7 @@ impl MapeLab {
             ce_instance,
             br_instance,
             ce_args: args.iter().map(|a| a.to_string()).collect(),
+            br_args: br_args.iter().map(|a| a.to_string()).collect(),
             from_config,
             second,
         })
@@ -291,6 +294,25 @@ impl MapeLab {
             self.lab.spawn_daemon_from_config(&ce, &instance, &args)?;
         } else {
             self.lab.spawn_daemon(&ce, &instance, &args)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the BR and starts it again with `args` as its command line (pinned programs
+    /// and maps keep forwarding in between, as after a crash).
+    pub fn restart_br(&mut self, args: Vec<String>) -> Result<()> {
+        let instance = self.br_instance.clone();
+        self.lab
+            .daemon(&instance)
+            .ok_or_else(|| anyhow!("no BR daemon"))?
+            .kill();
+        self.br_args = args;
+        let args: Vec<&str> = self.br_args.iter().map(String::as_str).collect();
+        let br = self.br.clone();
+        if self.from_config {
+            self.lab.spawn_daemon_from_config(&br, &instance, &args)?;
+        } else {
+            self.lab.spawn_daemon(&br, &instance, &args)?;
         }
         Ok(())
     }

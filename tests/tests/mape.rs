@@ -260,8 +260,17 @@ fn port_forward_reaches_the_lan_host_and_outside_ports_are_refused() -> Result<(
 
 #[test]
 fn br_drops_ports_outside_the_set_and_spoofed_sources() -> Result<()> {
-    use std::net::Ipv6Addr;
     let t = MapeLab::start(&RULE_252, &[])?;
+    let _counted = br_rule_checks(&t)?;
+    Ok(())
+}
+
+/// Sends the BR what its rule check must catch (a port of another CE's PSID, a port no CE
+/// owns, the right port from a wrong outer source) and then a legitimate datagram, which must
+/// be the first to reach the internet host; the BR counts the three drops. Returns the BR's
+/// counters' changes.
+fn br_rule_checks(t: &MapeLab) -> Result<impl Fn(&str) -> u64 + use<>> {
+    use std::net::Ipv6Addr;
     let sink = t
         .internet
         .enter(|| std::net::UdpSocket::bind(SocketAddrV4::new(INTERNET_HOST, 7000)))??;
@@ -277,10 +286,10 @@ fn br_drops_ports_outside_the_set_and_spoofed_sources() -> Result<()> {
         out
     };
     let before = t.br_stats()?;
-    send_ipip(&t, ce_addr, &inner(1232, b"bad port"))?; // PSID 0x34, not ours
-    send_ipip(&t, ce_addr, &inner(80, b"no psid"))?; // below 1024: no CE owns it
-    send_ipip(&t, spoofed, &inner(1680, b"spoofed"))?; // right port, wrong outer source
-    send_ipip(&t, ce_addr, &inner(1681, b"legit"))?;
+    send_ipip(t, ce_addr, &inner(1232, b"bad port"))?; // PSID 0x34, not ours
+    send_ipip(t, ce_addr, &inner(80, b"no psid"))?; // below 1024: no CE owns it
+    send_ipip(t, spoofed, &inner(1680, b"spoofed"))?; // right port, wrong outer source
+    send_ipip(t, ce_addr, &inner(1681, b"legit"))?;
     let mut buf = [0u8; 64];
     let (n, _) = sink
         .recv_from(&mut buf)
@@ -291,10 +300,10 @@ fn br_drops_ports_outside_the_set_and_spoofed_sources() -> Result<()> {
         "something else reached the internet first"
     );
     let after = t.br_stats()?;
-    let delta = |name: &str| stat(&after, name) - stat(&before, name);
-    assert_eq!(delta("mape_br_drop_port_outside_set"), 2, "{after}");
-    assert_eq!(delta("mape_br_drop_source_mismatch"), 1, "{after}");
-    Ok(())
+    let delta = move |name: &str| stat(&after, name) - stat(&before, name);
+    assert_eq!(delta("mape_br_drop_port_outside_set"), 2);
+    assert_eq!(delta("mape_br_drop_source_mismatch"), 1);
+    Ok(delta)
 }
 
 /// Sends `inner` as IPv4-in-IPv6 from the CE namespace with outer source `src` to the BR.
@@ -1288,5 +1297,57 @@ fn prefix_auto_from_the_lan_side_takes_the_delegated_prefix() -> Result<()> {
         std::net::Ipv4Addr::new(203, 0, 113, 19)
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+#[test]
+fn with_xdp_the_br_takes_the_plain_case_in_xdp_and_its_checks_still_hold() -> Result<()> {
+    let mut t = MapeLab::start(&RULE_252, &[])?;
+    let mut args = t.br_args.clone();
+    args.push("--xdp".into());
+    t.restart_br(args)?;
+    // What a NIC gives XDP, the lab's veths must too: the internet side takes redirected
+    // frames only with GRO on, and frames from the CE come with complete checksums.
+    t.internet.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    t.ce.run(&["ethtool", "-K", "wan0", "tx", "off"])?;
+    let xdp_attached =
+        |t: &MapeLab| -> Result<bool> { Ok(t.br.ip("-d link show ce0")?.contains("prog/xdp")) };
+    assert!(xdp_attached(&t)?, "no XDP program on ce0");
+
+    // The LAN host's TCP through the CE's NAPT: its data packets are the plain case.
+    let before = t.br_stats()?;
+    tcp_transfer(
+        &t.lan,
+        &t.internet,
+        SocketAddr::from((INTERNET_HOST, 5001)),
+        10 << 20,
+        9,
+    )?;
+    let after = t.br_stats()?;
+    let moved = |name: &str| stat(&after, name) - stat(&before, name);
+    let (xdp, decap) = (
+        moved("fastpath_xdp_decap_packets"),
+        moved("mape_br_decap_packets"),
+    );
+    eprintln!("--xdp: {xdp} of {decap} decapsulated packets went through XDP");
+    assert!(
+        xdp * 10 >= decap * 9 && xdp > 1000,
+        "XDP took {xdp} of {decap}"
+    );
+
+    // What the rule does not allow still goes to the TC program, which drops and counts it;
+    // the legitimate datagram goes through XDP.
+    let delta = br_rule_checks(&t)?;
+    assert_eq!(delta("fastpath_xdp_decap_packets"), 1);
+    assert_eq!(delta("mape_br_decap_packets"), 1);
+
+    // Without --xdp the XDP link goes, and the TC program alone forwards.
+    let mut args = t.br_args.clone();
+    args.retain(|a| a != "--xdp");
+    t.restart_br(args)?;
+    assert!(!xdp_attached(&t)?, "the XDP program stayed on ce0");
+    let delta = br_rule_checks(&t)?;
+    assert_eq!(delta("fastpath_xdp_decap_packets"), 0);
+    assert_eq!(delta("mape_br_decap_packets"), 1);
     Ok(())
 }

@@ -81,8 +81,11 @@ pub const PROG_BR_DECAP: &str = "br_decap";
 /// MAP-E BR, ingress of the IPv4 side: compute the CE address, encapsulate.
 pub const PROG_BR_ENCAP: &str = "br_encap";
 /// The server's IPv6-side decapsulation in XDP (the plain case only; everything else passes to
-/// [`PROG_SERVER_DECAP`]). Measured by `cargo xtask bench`; not attached by the controller.
+/// [`PROG_SERVER_DECAP`]). Attached with `server --xdp`; measured by `cargo xtask bench`.
 pub const PROG_SERVER_DECAP_XDP: &str = "server_decap_xdp";
+/// The BR's IPv6-side decapsulation in XDP (the plain case only; everything else passes to
+/// [`PROG_BR_DECAP`]). Attached with `br --xdp`; measured by `cargo xtask bench`.
+pub const PROG_BR_DECAP_XDP: &str = "br_decap_xdp";
 /// Run by the controller (BPF_PROG_TEST_RUN) to ask the FIB helper what the data path would
 /// get for a destination ([`crate::nexthop::NextHopQuery`]); never attached.
 pub const PROG_NEXTHOP_RESOLVE: &str = "nexthop_resolve";
@@ -175,6 +178,7 @@ pub const ALL_PROGRAMS: &[&str] = &[
     PROG_BR_DECAP,
     PROG_BR_ENCAP,
     PROG_SERVER_DECAP_XDP,
+    PROG_BR_DECAP_XDP,
     PROG_BENCH_EMPTY,
     PROG_BENCH_EMPTY_XDP,
     PROG_NEXTHOP_RESOLVE,

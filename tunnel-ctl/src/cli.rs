@@ -907,6 +907,16 @@ pub struct MapeBrArgs {
     #[arg(long, value_name = "NAME", default_value = "mapebr0", value_parser = crate::tundev::parse_name)]
     pub tun: String,
 
+    /// Also decapsulate in XDP on --v6-dev (the plain case: unfragmented TCP or UDP whose
+    /// outer source is the CE address the rule gives for its inner source and port, no IPv4
+    /// options, not a SYN, a known next hop), in the driver when it has native XDP, ahead of
+    /// the TC program that still handles, logs and counts everything else. For NICs with
+    /// native XDP, where --v4-dev must take XDP-redirected frames. On veth it costs more than
+    /// it saves (the peer loses its GSO, the --v4-dev veth's peer needs GRO on, and frames must
+    /// come with complete checksums). Counted as fastpath_xdp_decap_packets. Takes a restart.
+    #[arg(long)]
+    pub xdp: bool,
+
     #[command(flatten)]
     pub instance: InstanceArg,
 
@@ -1231,6 +1241,7 @@ impl From<MapeBrArgs> for config::BrConfig {
             rule: a.rule,
             interface_id: a.interface_id,
             tun: a.tun,
+            xdp: a.xdp,
             instance: a.instance.instance,
             metrics: a.metrics,
         }

@@ -9,7 +9,10 @@
 //! IPv4 side: a packet to an address that a rule covers goes to the CE address computed from
 //! its destination address and port.
 use aya_ebpf::{
-    helpers::generated::bpf_redirect, macros::classifier, maps::lpm_trie::Key, programs::TcContext,
+    helpers::generated::bpf_redirect,
+    macros::{classifier, xdp},
+    maps::lpm_trie::Key,
+    programs::{TcContext, XdpContext},
 };
 use tunnel_common::{
     mape::{IID_DRAFT03, MapRule},
@@ -23,11 +26,14 @@ use tunnel_ebpf::{
     maps::{BR_RULES, config},
     nat,
     packet::{
-        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, Ipv4Info, Outer6, PASS, eq_words,
+        self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_TCP, IPPROTO_UDP, Ipv4Info,
+        Outer6, PASS, eq_words,
     },
     route,
     stats::count,
 };
+
+use crate::server_xdp;
 
 /// The most specific rule covering `addr` (wire order).
 #[inline(always)]
@@ -118,6 +124,44 @@ pub fn br_decap(ctx: TcContext) -> i32 {
         return DROP;
     }
     route::forward_unwrapped::<true>(&ctx, &inner, inner.dst(), cfg.tun_ifindex).0
+}
+
+/// `br_decap_xdp`: the common case of [`br_decap`] in XDP, for the BR's IPv6 side on NICs
+/// with native XDP (`br --xdp`). It takes IPIP to the BR address whose outer source is the CE
+/// address the rule gives for the inner TCP or UDP source address and port, unfragmented, in
+/// the plain shape the server's XDP program takes ([`server_xdp::ipip_to`]), and forwards it
+/// the same way. Everything else, every packet to drop included, goes on to `br_decap`, which
+/// decides, logs and counts exactly as without XDP.
+#[xdp]
+pub fn br_decap_xdp(ctx: XdpContext) -> u32 {
+    decap_xdp(&ctx).unwrap_or(server_xdp::PASS)
+}
+
+#[inline(always)]
+fn decap_xdp(ctx: &XdpContext) -> Option<u32> {
+    let cfg = config()?;
+    let (v, inner) = server_xdp::ipip_to(ctx, &map_words(&cfg.local))?;
+    let proto = inner.proto();
+    if inner.fragment() || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return None;
+    }
+    if !v.holds(INNER_OFF + 24) {
+        return None;
+    }
+    let rule = rule_for(inner.src())?;
+    let port = u16::from_be(v.w16(INNER_OFF + 20));
+    let expected = rule.ce_address_words(u32::from_be(inner.src()), rule.psid_of(port)?);
+    if !eq_words(&expected, &v.addr6(ETH_LEN + 8)) {
+        return None;
+    }
+    let (ifindex, _) = match server_xdp::forward_unwrapped(ctx, &v, &inner, cfg.tun_ifindex)? {
+        Ok(out) => out,
+        Err(()) => return Some(server_xdp::DROP),
+    };
+    count(Counter::BrDecap);
+    count(Counter::XdpDecap);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
 
 #[classifier]

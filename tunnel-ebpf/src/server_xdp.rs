@@ -28,8 +28,8 @@ use tunnel_ebpf::{
     stats::count,
 };
 
-const PASS: u32 = xdp_action::XDP_PASS;
-const DROP: u32 = xdp_action::XDP_DROP;
+pub const PASS: u32 = xdp_action::XDP_PASS;
+pub const DROP: u32 = xdp_action::XDP_DROP;
 /// The TCP flags byte in the TCP header, and the SYN bit.
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
@@ -42,18 +42,41 @@ pub fn server_decap_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Option<u32> {
     let cfg = config()?;
+    let (v, inner) = ipip_to(ctx, &map_words(&cfg.local))?;
+    let client = Key16(v.addr6(ETH_LEN + 8));
+    // No native client: a B4's (softwires), or one to drop; the TC program decides.
+    // SAFETY: copied out at once.
+    let binding = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied()?;
+    if inner.src() != binding.ipv4 {
+        count(Counter::DropInnerSourceNotLease);
+        return Some(DROP);
+    }
+    let (ifindex, len) = match forward_unwrapped(ctx, &v, &inner, cfg.tun_ifindex)? {
+        Ok(out) => out,
+        Err(()) => return Some(DROP),
+    };
+    count(Counter::Decap);
+    count(Counter::DecapRedirected);
+    count(Counter::XdpDecap);
+    count_client(binding.slot, true, 1, u64::from(len) - ETH_LEN as u64);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// The plain case's frame: Ethernet + IPv6 (no extension header) carrying IPIP to `local`,
+/// the inner IPv4 header without options, TTL above 1, and for TCP not a SYN (MSS clamping is
+/// the TC program's); with `v` holding at least the inner header and, for TCP and UDP, the
+/// ports and TCP flags. None: not the plain case.
+#[inline(always)]
+pub fn ipip_to(ctx: &XdpContext, local: &[u64; 2]) -> Option<(View, Ipv4Info)> {
     let v = View::from_bounds(ctx.data(), ctx.data_end());
     if !v.holds(INNER_OFF + 20) || u16::from_be(v.w16(12)) != ETH_P_IPV6 {
         return None;
     }
     let outer_w0 = v.w64(ETH_LEN);
-    if (outer_w0 >> 48) as u8 != IPPROTO_IPIP || v.addr6(ETH_LEN + 24) != map_words(&cfg.local) {
+    if (outer_w0 >> 48) as u8 != IPPROTO_IPIP || v.addr6(ETH_LEN + 24) != *local {
         return None;
     }
-    let client = Key16(v.addr6(ETH_LEN + 8));
-    // No native client: a B4's (softwires), or one to drop; the TC program decides.
-    // SAFETY: copied out at once.
-    let binding = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied()?;
     let inner = Ipv4Info::from_words(
         v.w64(INNER_OFF),
         v.w64(INNER_OFF + 8),
@@ -61,14 +84,7 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
     )
     .ok()?;
     // Options and odd headers: the TC program sorts them out.
-    if inner.ihl != 20 {
-        return None;
-    }
-    if inner.src() != binding.ipv4 {
-        count(Counter::DropInnerSourceNotLease);
-        return Some(DROP);
-    }
-    if inner.ttl() <= 1 {
+    if inner.ihl != 20 || inner.ttl() <= 1 {
         return None;
     }
     if inner.proto() == IPPROTO_TCP {
@@ -79,14 +95,27 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
             return None; // MSS clamping is the TC program's
         }
     }
+    Some((v, inner))
+}
+
+/// Sends the inner packet of a plain-case frame on: with a next hop (cache or FIB) whose
+/// neighbour is resolved, that is not the TUN (`tun_ifindex`) and whose MTU it fits, the frame
+/// is rewritten in place (new Ethernet header over the end of the IPv6 header, TTL and
+/// checksum) and its start moved past the old headers. Returns the interface to redirect to
+/// and the new frame's length; None: leave the packet to the TC program; Err: the helper
+/// failed (drop).
+#[inline(always)]
+pub fn forward_unwrapped(
+    ctx: &XdpContext,
+    v: &View,
+    inner: &Ipv4Info,
+    tun_ifindex: u32,
+) -> Option<Result<(u32, u32), ()>> {
     // The frame once decapsulated: length, and where the new Ethernet header goes.
     let len = (ctx.data_end() - ctx.data()) as u32 - u32::from(IPV6_HEADER_LEN);
     let (eth, ifindex) = match nexthop::get4(inner.dst()) {
         Some(nh) => {
-            if nh.kind != NH_FORWARD
-                || nh.ifindex == cfg.tun_ifindex
-                || len > nh.mtu + ETH_LEN as u32
-            {
+            if nh.kind != NH_FORWARD || nh.ifindex == tun_ifindex || len > nh.mtu + ETH_LEN as u32 {
                 return None;
             }
             (map_words(&nh.eth), nh.ifindex)
@@ -107,7 +136,7 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
                     0,
                 )
             } as u32;
-            if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex == cfg.tun_ifindex {
+            if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex == tun_ifindex {
                 return None;
             }
             (eth_of(&p, ETH_P_IP), p.ifindex)
@@ -125,12 +154,7 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
     }
     // SAFETY: plain helper call; no packet pointer is used after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV6_HEADER_LEN as i32) } != 0 {
-        return Some(DROP);
+        return Some(Err(()));
     }
-    count(Counter::Decap);
-    count(Counter::DecapRedirected);
-    count(Counter::XdpDecap);
-    count_client(binding.slot, true, 1, u64::from(len) - ETH_LEN as u64);
-    // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect(ifindex, 0) } as u32)
+    Some(Ok((ifindex, len)))
 }

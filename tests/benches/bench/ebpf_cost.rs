@@ -26,8 +26,9 @@ use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatKey, NatOut},
     names::{
-        B4_ADDRS, BIND_BY_V6, PROG_BENCH_EMPTY, PROG_BENCH_EMPTY_XDP, PROG_BR_DECAP, PROG_CE_OUT,
-        PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
+        B4_ADDRS, BIND_BY_V6, PROG_BENCH_EMPTY, PROG_BENCH_EMPTY_XDP, PROG_BR_DECAP,
+        PROG_BR_DECAP_XDP, PROG_CE_OUT, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
+        PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
     stats::Counter,
 };
@@ -500,6 +501,15 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             counter: Some(Counter::Encap),
             verdict: TC_ACT_REDIRECT,
         },
+        // Information: what `br --xdp` attaches.
+        Case {
+            name: "BR rule check + decap in XDP",
+            program: PROG_BR_DECAP_XDP,
+            ebpf: 2,
+            packet: in_ipv6(CE, BR, &udp4(SHARED, EXT_PORT, HOST, 53)),
+            counter: Some(Counter::BrDecap),
+            verdict: XDP_REDIRECT,
+        },
         // Last, so the indices above hold: information beside the XDP row, no target.
         Case {
             name: "empty XDP program",
@@ -606,6 +616,13 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let (tc, xdp) = (results[1].1, results[2].1);
     let empty_xdp = results[results.len() - 1].1;
     report.figure(sec, "server decap, XDP / TC", "x", vec![xdp / tc]);
+    let (br_tc, br_xdp) = (results[5].1, results[results.len() - 2].1);
+    report.figure(
+        sec,
+        "BR rule check + decap, XDP / TC",
+        "x",
+        vec![br_xdp / br_tc],
+    );
     report.figure(
         sec,
         "server decap in XDP / empty XDP program",

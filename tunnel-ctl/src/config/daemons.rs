@@ -266,6 +266,8 @@ pub struct BrConfig {
     pub rule: Vec<RuleSpec>,
     pub interface_id: InterfaceId,
     pub tun: String,
+    /// `--xdp`: the BR's decapsulation in XDP too.
+    pub xdp: bool,
     pub instance: Instance,
     pub metrics: Option<SocketAddr>,
 }

@@ -128,6 +128,7 @@ impl Br {
             ("v4-dev", &running.v4_dev, &new.v4_dev),
             ("br-addr", &running.br_addr, &new.br_addr),
             ("tun", &running.tun, &new.tun),
+            ("xdp", &running.xdp, &new.xdp),
             ("metrics", &running.metrics, &new.metrics),
         ]);
         let old: Vec<Rule> = self.rules().clone();
@@ -230,6 +231,7 @@ pub async fn run(args: BrConfig, source: super::Source<BrConfig>) -> Result<()> 
         BrDevices {
             v6_dev: &args.v6_dev,
             v4_dev: &args.v4_dev,
+            xdp: args.xdp,
         },
     )?;
     let softwire = Softwire::open(args.br_addr)?;

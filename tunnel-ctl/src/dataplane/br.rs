@@ -1,18 +1,20 @@
 //! The MAP-E BR's data plane (SPEC §6): loads the object, writes the rules and the tunnel
-//! configuration, attaches `br_decap` (IPv6 side) and `br_encap` (IPv4 side). The only code
-//! that writes the BR's maps.
+//! configuration, attaches `br_decap` (IPv6 side, with `--xdp` also `br_decap_xdp` there) and
+//! `br_encap` (IPv4 side). The only code that writes the BR's maps.
 use std::{path::Path, sync::Mutex};
 
 use anyhow::Result;
 use aya::Ebpf;
 use ipnet::Ipv4Net;
+use tracing::info;
 use tunnel_common::{
     fastpath::TunnelConfig,
     mape::MapRule,
-    names::{PROG_BR_DECAP, PROG_BR_ENCAP},
+    names::{PROG_BR_DECAP, PROG_BR_DECAP_XDP, PROG_BR_ENCAP},
 };
 
 use super::{
+    bpffs,
     fastpath::{Maps, v4_key},
     nat::BrRules,
     nexthop::{self, NextHopTask},
@@ -24,6 +26,8 @@ use super::{
 pub struct BrDevices<'a> {
     pub v6_dev: &'a str,
     pub v4_dev: &'a str,
+    /// `--xdp`: the plain case decapsulated in XDP on `v6_dev` too.
+    pub xdp: bool,
 }
 
 pub struct BrDataplane {
@@ -45,12 +49,25 @@ impl BrDataplane {
         let mut table = BrRules::take(&mut ebpf)?;
         replace(&mut table, rules)?;
         maps.set_config(config)?;
-        for (program, dev) in [
+        let links = [
             (PROG_BR_DECAP, devices.v6_dev),
             (PROG_BR_ENCAP, devices.v4_dev),
-        ] {
+        ];
+        for (program, dev) in links {
             tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, pin_dir)?;
         }
+        // Links of an earlier run on other interfaces (or an XDP link a run with --xdp left)
+        // would go on forwarding from there.
+        let mut keep: Vec<String> = links
+            .iter()
+            .map(|(program, dev)| tc::link_pin_name(program, dev))
+            .collect();
+        if devices.xdp {
+            tc::attach_xdp_pinned(&mut ebpf, PROG_BR_DECAP_XDP, devices.v6_dev, pin_dir)?;
+            keep.push(tc::link_pin_name(PROG_BR_DECAP_XDP, devices.v6_dev));
+            info!("decapsulating in XDP on {} too (--xdp)", devices.v6_dev);
+        }
+        bpffs::remove_other_links(pin_dir, &keep)?;
         let nexthops = nexthop::start(&mut ebpf, pin_dir)?;
         Ok(BrDataplane {
             ebpf: Mutex::new(ebpf),
