@@ -288,14 +288,8 @@ impl MapeLab {
         } else {
             daemon.stop();
         }
-        let args: Vec<&str> = self.ce_args.iter().map(String::as_str).collect();
-        let ce = self.ce.clone();
-        if self.from_config {
-            self.lab.spawn_daemon_from_config(&ce, &instance, &args)?;
-        } else {
-            self.lab.spawn_daemon(&ce, &instance, &args)?;
-        }
-        Ok(())
+        let (ce, args) = (self.ce.clone(), self.ce_args.clone());
+        self.spawn(&ce, &instance, &args)
     }
 
     /// SIGKILLs the BR and starts it again with `args` as its command line (pinned programs
@@ -307,12 +301,17 @@ impl MapeLab {
             .ok_or_else(|| anyhow!("no BR daemon"))?
             .kill();
         self.br_args = args;
-        let args: Vec<&str> = self.br_args.iter().map(String::as_str).collect();
-        let br = self.br.clone();
+        let (br, args) = (self.br.clone(), self.br_args.clone());
+        self.spawn(&br, &instance, &args)
+    }
+
+    /// Starts daemon `instance` in `ns` with `args`, from a TOML file when the lab does.
+    fn spawn(&mut self, ns: &Ns, instance: &str, args: &[String]) -> Result<()> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         if self.from_config {
-            self.lab.spawn_daemon_from_config(&br, &instance, &args)?;
+            self.lab.spawn_daemon_from_config(ns, instance, &args)?;
         } else {
-            self.lab.spawn_daemon(&br, &instance, &args)?;
+            self.lab.spawn_daemon(ns, instance, &args)?;
         }
         Ok(())
     }

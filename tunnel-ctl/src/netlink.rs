@@ -12,7 +12,7 @@ use rtnetlink::{
         AddressFamily,
         link::LinkAttribute,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteFlags, RouteMetric},
+        route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric},
     },
 };
 
@@ -104,7 +104,7 @@ impl Netlink {
     }
 
     /// Adds the route, replacing one to the same prefix.
-    async fn replace_route(&self, msg: rtnetlink::packet_route::route::RouteMessage) -> Result<()> {
+    async fn replace_route(&self, msg: RouteMessage) -> Result<()> {
         Ok(self.handle.route().add(msg).replace().execute().await?)
     }
 
@@ -238,12 +238,7 @@ impl Netlink {
                 .destination_prefix(a, 128)
                 .build(),
         };
-        let mut routes = self.handle.route().get(msg).execute();
-        let route = routes
-            .try_next()
-            .await
-            .with_context(|| format!("looking up the route to {dest}"))?
-            .ok_or_else(|| anyhow!("no route to {dest}"))?;
+        let route = self.route_get(msg, dest).await?;
         let mut gateway = None;
         let mut oif = None;
         for attr in route.attributes {
@@ -258,6 +253,20 @@ impl Netlink {
             gateway,
             oif.ok_or_else(|| anyhow!("the route to {dest} has no interface"))?,
         ))
+    }
+
+    /// The kernel's answer to the route query `msg` (`ip route get`) for `dest`.
+    async fn route_get(
+        &self,
+        msg: RouteMessage,
+        dest: impl std::fmt::Display,
+    ) -> Result<RouteMessage> {
+        let mut routes = self.handle.route().get(msg).execute();
+        routes
+            .try_next()
+            .await
+            .with_context(|| format!("looking up the route to {dest}"))?
+            .ok_or_else(|| anyhow!("no route to {dest}"))
     }
 
     /// A host route to `dest` via `gateway` (or on-link) out of `index`, replacing any.
@@ -469,12 +478,7 @@ impl Netlink {
             .source_prefix(src, 128)
             .output_interface(oif)
             .build();
-        let mut routes = self.handle.route().get(msg).execute();
-        let route = routes
-            .try_next()
-            .await
-            .with_context(|| format!("looking up the route to {dst}"))?
-            .ok_or_else(|| anyhow!("no route to {dst}"))?;
+        let route = self.route_get(msg, dst).await?;
         if route.header.kind != RouteType::Unicast {
             return Ok(OutputHop::Kernel);
         }

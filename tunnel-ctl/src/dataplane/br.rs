@@ -6,7 +6,6 @@ use std::{path::Path, sync::Mutex};
 use anyhow::Result;
 use aya::Ebpf;
 use ipnet::Ipv4Net;
-use tracing::info;
 use tunnel_common::{
     fastpath::TunnelConfig,
     mape::MapRule,
@@ -14,12 +13,11 @@ use tunnel_common::{
 };
 
 use super::{
-    bpffs,
     fastpath::{Maps, v4_key},
     nat::BrRules,
     nexthop::{self, NextHopTask},
     stats::{self, Counters},
-    tc::{self, Direction},
+    tc,
 };
 
 /// Where the BR's programs go.
@@ -49,25 +47,15 @@ impl BrDataplane {
         let mut table = BrRules::take(&mut ebpf)?;
         replace(&mut table, rules)?;
         maps.set_config(config)?;
-        let links = [
-            (PROG_BR_DECAP, devices.v6_dev),
-            (PROG_BR_ENCAP, devices.v4_dev),
-        ];
-        for (program, dev) in links {
-            tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, pin_dir)?;
-        }
-        // Links of an earlier run on other interfaces (or an XDP link a run with --xdp left)
-        // would go on forwarding from there.
-        let mut keep: Vec<String> = links
-            .iter()
-            .map(|(program, dev)| tc::link_pin_name(program, dev))
-            .collect();
-        if devices.xdp {
-            tc::attach_xdp_pinned(&mut ebpf, PROG_BR_DECAP_XDP, devices.v6_dev, pin_dir)?;
-            keep.push(tc::link_pin_name(PROG_BR_DECAP_XDP, devices.v6_dev));
-            info!("decapsulating in XDP on {} too (--xdp)", devices.v6_dev);
-        }
-        bpffs::remove_other_links(pin_dir, &keep)?;
+        tc::attach_ingress_exactly(
+            &mut ebpf,
+            &[
+                (PROG_BR_DECAP, devices.v6_dev),
+                (PROG_BR_ENCAP, devices.v4_dev),
+            ],
+            devices.xdp.then_some((PROG_BR_DECAP_XDP, devices.v6_dev)),
+            pin_dir,
+        )?;
         let nexthops = nexthop::start(&mut ebpf, pin_dir)?;
         Ok(BrDataplane {
             ebpf: Mutex::new(ebpf),

@@ -211,7 +211,6 @@ impl NativePath {
         if want.grant.share.is_some() || old.is_some_and(|o| o.grant.share.is_some()) {
             self.programs(nl, want).await?;
         }
-
         if want.grant.share.is_none() {
             self.maps
                 .lock()

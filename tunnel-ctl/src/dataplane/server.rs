@@ -32,7 +32,7 @@ use crate::{
         nexthop::{self, NextHopTask},
         softwires::Softwires,
         stats::Counters,
-        tc::{self, Direction},
+        tc,
     },
     netlink::Netlink,
     server::softwires::Table,
@@ -152,25 +152,15 @@ impl Native {
                 args.pin_dir.display()
             );
         }
-        let links = [
-            (PROG_SERVER_DECAP, args.v6_dev),
-            (PROG_SERVER_ENCAP, args.v4_dev),
-        ];
-        for (program, dev) in links {
-            tc::attach_pinned(&mut ebpf, program, dev, Direction::Ingress, &args.pin_dir)?;
-        }
-        // Links of an earlier run on other interfaces (or an XDP link a run with --xdp left)
-        // would go on forwarding from there.
-        let mut keep: Vec<String> = links
-            .iter()
-            .map(|(program, dev)| tc::link_pin_name(program, dev))
-            .collect();
-        if args.xdp {
-            tc::attach_xdp_pinned(&mut ebpf, PROG_SERVER_DECAP_XDP, args.v6_dev, &args.pin_dir)?;
-            keep.push(tc::link_pin_name(PROG_SERVER_DECAP_XDP, args.v6_dev));
-            info!("decapsulating in XDP on {} too (--xdp)", args.v6_dev);
-        }
-        bpffs::remove_other_links(&args.pin_dir, &keep)?;
+        tc::attach_ingress_exactly(
+            &mut ebpf,
+            &[
+                (PROG_SERVER_DECAP, args.v6_dev),
+                (PROG_SERVER_ENCAP, args.v4_dev),
+            ],
+            args.xdp.then_some((PROG_SERVER_DECAP_XDP, args.v6_dev)),
+            &args.pin_dir,
+        )?;
         let nexthops = nexthop::start(&mut ebpf, &args.pin_dir)?;
         let raw = Softwire::open(args.tunnel_addr)?;
         Ok(Native {

@@ -89,6 +89,32 @@ pub fn attach_pinned(
     )
 }
 
+/// Attaches each `(program, iface)` of `ingress` on ingress and, when given, the XDP
+/// `(program, iface)`, all pinned in `pin_dir` (re-adopting an earlier run's links); then
+/// removes every other link pin there: links of an earlier run on interfaces this run does not
+/// use (or an XDP link a run with --xdp left) would go on forwarding from there.
+pub fn attach_ingress_exactly(
+    ebpf: &mut Ebpf,
+    ingress: &[(&str, &str)],
+    xdp: Option<(&str, &str)>,
+    pin_dir: &Path,
+) -> Result<()> {
+    for (program, iface) in ingress {
+        attach_pinned(ebpf, program, iface, Direction::Ingress, pin_dir)?;
+    }
+    let mut keep: Vec<String> = ingress
+        .iter()
+        .map(|(program, iface)| link_pin_name(program, iface))
+        .collect();
+    if let Some((program, iface)) = xdp {
+        attach_xdp_pinned(ebpf, program, iface, pin_dir)?;
+        keep.push(link_pin_name(program, iface));
+        info!("decapsulating in XDP on {iface} too (--xdp)");
+    }
+    super::bpffs::remove_other_links(pin_dir, &keep)?;
+    Ok(())
+}
+
 /// The object's program `name`, of the type `kind` names.
 fn named<'a, T>(ebpf: &'a mut Ebpf, name: &str, kind: &str) -> Result<&'a mut T>
 where
