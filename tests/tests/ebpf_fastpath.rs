@@ -12,15 +12,15 @@ use etherparse::{
     PacketBuilder, TcpHeaderSlice, TcpOptionElement,
 };
 use tunnel_common::{
-    fastpath::TunnelConfig,
+    fastpath::{BindCacheEntry, Binding4, TunnelConfig, bind_cache_base},
     names::{
-        PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
-        PROG_SERVER_ENCAP,
+        BIND_BY_V6, BIND_CACHE, PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP,
+        PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP,
     },
     stats::Counter,
 };
 use tunnel_ctl::{
-    dataplane::{self, fastpath::Maps, fastpath::v4_key, nexthop::Resolved},
+    dataplane::{self, bindcache::BindCache, fastpath::Maps, fastpath::v4_key, nexthop::Resolved},
     nexthop::Family,
 };
 use tunnel_tests::Lab;
@@ -1010,5 +1010,199 @@ fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> 
     );
     assert_eq!(delta(&ebpf, &before, Counter::NextHopMiss), 0);
     assert_eq!(delta(&ebpf, &before, Counter::Encap), 1);
+    Ok(())
+}
+
+/// Addresses of 2001:db8:1::/64 (other than CLIENT) in CLIENT's set of the binding cache.
+fn cache_set_mates(bits: u8, n: usize) -> Vec<Ipv6Addr> {
+    let set = |a: Ipv6Addr| {
+        let o = a.octets();
+        let w = |r: &[u8]| u64::from_ne_bytes(r.try_into().unwrap());
+        bind_cache_base([w(&o[..8]), w(&o[8..])], bits)
+    };
+    (3u16..)
+        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0x77, i))
+        .filter(|&a| set(a) == set(CLIENT))
+        .take(n)
+        .collect()
+}
+
+/// The binding cache (BIND_CACHE) that the decap programs read before hashing holds exactly
+/// what the hash holds: every bind, rebind and unbind shows in both programs' verdicts; a
+/// client whose set is full is answered by the hash; a new controller rebuilds it from the
+/// pinned hash. The programs' use of the cache itself is shown by making the hash say
+/// something else behind the cache's back (which the controller never does).
+#[test]
+fn the_decap_programs_answer_from_the_binding_cache_which_follows_every_change() -> Result<()> {
+    let Fixture {
+        lab: _lab,
+        mut ebpf,
+        mut maps,
+        pin_dir,
+    } = fixture("bindcache")?;
+    maps.set_config(&config(0))?;
+    let bits = maps.config()?.bind_cache_bits;
+    assert_eq!(bits, 16, "65,536 entries by default");
+    let lease2 = Ipv4Addr::new(198, 51, 100, 20);
+    let accepts = |ebpf: &mut Ebpf, client: Ipv6Addr, src: Ipv4Addr| -> Result<bool> {
+        let before = dataplane::stats::read(ebpf)?;
+        let packet = in_ipv6(client, TUNNEL, &ipv4_udp(src, HOST, b"x"));
+        let (verdict, _) = run(ebpf, PROG_SERVER_DECAP, &packet)?;
+        let decapsulated = delta(ebpf, &before, Counter::Decap) == 1;
+        assert_eq!(decapsulated, verdict == TC_ACT_OK, "verdict {verdict}");
+        Ok(decapsulated)
+    };
+
+    maps.bind(CLIENT, LEASE)?;
+    let cached = maps.cached(CLIENT).expect("a new binding is cached");
+    assert_eq!(cached.ipv4, v4_key(LEASE));
+    assert!(accepts(&mut ebpf, CLIENT, LEASE)?);
+    assert!(!accepts(&mut ebpf, CLIENT, lease2)?);
+
+    // Behind the cache's back, the hash now gives CLIENT lease2: both programs still judge
+    // by the cache (TC accepts LEASE; XDP drops lease2 as not the lease, where the hash
+    // would have let it through to TC).
+    let by_v6_pin = aya::maps::MapData::from_pin(pin_dir.join(BIND_BY_V6))?;
+    let mut by_v6: aya::maps::HashMap<_, [u8; 16], Binding4> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(by_v6_pin))?;
+    let real = by_v6.get(&CLIENT.octets(), 0)?;
+    by_v6.insert(
+        CLIENT.octets(),
+        Binding4 {
+            ipv4: v4_key(lease2),
+            ..real
+        },
+        0,
+    )?;
+    assert!(accepts(&mut ebpf, CLIENT, LEASE)?);
+    let before = dataplane::stats::read(&ebpf)?;
+    let lease2_packet = in_ipv6(CLIENT, TUNNEL, &ipv4_udp(lease2, HOST, b"x"));
+    let (verdict, _) = run_xdp(&mut ebpf, PROG_SERVER_DECAP_XDP, &lease2_packet, 0)?;
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(delta(&ebpf, &before, Counter::DropInnerSourceNotLease), 1);
+    by_v6.insert(CLIENT.octets(), real, 0)?;
+
+    // Unbind, then bind to another lease: the old lease is refused at once.
+    maps.unbind(CLIENT, LEASE)?;
+    assert_eq!(maps.cached(CLIENT), None);
+    assert!(!accepts(&mut ebpf, CLIENT, LEASE)?);
+    maps.bind(CLIENT, lease2)?;
+    assert_eq!(maps.cached(CLIENT).map(|b| b.ipv4), Some(v4_key(lease2)));
+    assert!(!accepts(&mut ebpf, CLIENT, LEASE)?);
+    assert!(accepts(&mut ebpf, CLIENT, lease2)?);
+
+    // A full set: the third client of it is not cached and is served by the hash.
+    let mates = cache_set_mates(bits, 2);
+    let leases = [
+        Ipv4Addr::new(198, 51, 100, 30),
+        Ipv4Addr::new(198, 51, 100, 31),
+    ];
+    for (&m, &l) in mates.iter().zip(&leases) {
+        maps.bind(m, l)?;
+    }
+    assert!(maps.cached(mates[0]).is_some());
+    assert_eq!(maps.cached(mates[1]), None, "the set holds two");
+    assert!(accepts(&mut ebpf, mates[1], leases[1])?);
+    assert!(!accepts(&mut ebpf, mates[1], leases[0])?);
+    // A place frees up: binding again (a renewal) caches it.
+    maps.unbind(mates[0], leases[0])?;
+    maps.bind(mates[1], leases[1])?;
+    assert!(maps.cached(mates[1]).is_some());
+    assert!(!accepts(&mut ebpf, mates[0], leases[0])?);
+
+    // A new controller on the same pins: the cache holds what the hash holds.
+    drop(maps);
+    let mut ebpf2 = dataplane::load(&pin_dir)?;
+    let maps2 = Maps::take(&mut ebpf2)?;
+    for (client, lease) in [(CLIENT, lease2), (mates[1], leases[1])] {
+        assert_eq!(maps2.cached(client).map(|b| b.ipv4), Some(v4_key(lease)));
+        assert!(accepts(&mut ebpf2, client, lease)?);
+    }
+    assert_eq!(maps2.cached(mates[0]), None);
+    Ok(())
+}
+
+/// The seqlock of a binding cache entry: while one CPU rewrites an entry in place between
+/// two clients (A → its lease, B → another) as fast as it can, the other runs the decap
+/// program on "A with B's lease" millions of times. The hash holds neither, so only a
+/// half-old, half-new entry could let one through: none may be decapsulated. (Without the
+/// seqlock's check this test sees them; the controller itself never rewrites an entry from
+/// one client to another, but an interrupted reader could straddle several writes.)
+#[test]
+fn a_binding_cache_entry_rewritten_under_traffic_is_never_read_half_old_half_new() -> Result<()> {
+    let Fixture {
+        lab: _lab,
+        mut ebpf,
+        mut maps,
+        pin_dir,
+    } = fixture("seqlock")?;
+    maps.set_config(&config(0))?;
+    let bits = maps.config()?.bind_cache_bits;
+    let [a, b] = [CLIENT, cache_set_mates(bits, 1)[0]];
+    let (lease_a, lease_b) = (LEASE, Ipv4Addr::new(198, 51, 100, 40));
+    let pinned = aya::maps::MapData::from_pin(pin_dir.join(BIND_CACHE))?;
+    let mut cache = BindCache::new(aya::maps::Array::try_from(aya::maps::Map::Array(pinned))?)?;
+    let entry = |client: Ipv6Addr, l: Ipv4Addr| BindCacheEntry {
+        client: client.octets(),
+        ipv4: v4_key(l),
+        slot: 7,
+        live: 1,
+        ..Default::default()
+    };
+    let (entry_a, entry_b) = (entry(a, lease_a), entry(b, lease_b));
+    let i = cache.set_of(&a.octets()).start;
+    // Positive control: the cache alone (no hash entry) gets A's packet through.
+    cache.write(i, &entry_a);
+    let ok = in_ipv6(a, TUNNEL, &ipv4_udp(lease_a, HOST, b"x"));
+    assert_eq!(run(&mut ebpf, PROG_SERVER_DECAP, &ok)?.0, TC_ACT_OK);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let forged = in_ipv6(a, TUNNEL, &ipv4_udp(lease_b, HOST, b"x"));
+    let before = dataplane::stats::read(&ebpf)?;
+    let runs: u64 = std::thread::scope(|s| -> Result<u64> {
+        let writer = s.spawn(|| {
+            let mut writes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                cache.write(i, &entry_b);
+                cache.write(i, &entry_a);
+                writes += 2;
+            }
+            writes
+        });
+        let prog: &mut SchedClassifier = ebpf.program_mut(PROG_SERVER_DECAP).unwrap().try_into()?;
+        let ctx = vec![0u8; 192];
+        let mut out = vec![0u8; forged.len() + 128];
+        let mut runs = 0;
+        let started = std::time::Instant::now();
+        // Bounded in count and in time.
+        for _ in 0..400 {
+            prog.test_run(TestRunOptions {
+                data_in: Some(&forged),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: 10_000,
+                ..Default::default()
+            })?;
+            runs += 10_000;
+            if started.elapsed() > std::time::Duration::from_secs(3) {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writer.join().expect("the writer thread");
+        assert!(
+            writes > 100_000,
+            "the entry was rewritten only {writes} times"
+        );
+        Ok(runs)
+    })?;
+    let counters = dataplane::stats::read(&ebpf)?;
+    let d = |c: Counter| counters[c.name()] - before[c.name()];
+    assert_eq!(d(Counter::Decap), 0, "a torn entry let A send as B");
+    assert_eq!(
+        d(Counter::DropUnboundSource) + d(Counter::DropInnerSourceNotLease),
+        runs,
+        "every run dropped"
+    );
     Ok(())
 }

@@ -36,6 +36,55 @@ pub struct Binding4 {
     pub slot: u32,
 }
 
+/// Entry of [`crate::names::BIND_CACHE`]: a client and its [`Binding4`], as in
+/// [`crate::names::BIND_BY_V6`], read by the programs without a hash.
+///
+/// An array value has no atomic update, so the entry is a seqlock: the controller (its only
+/// writer, through a shared mapping) makes `seq` odd, writes the rest, then makes `seq` even
+/// again, with release ordering between the steps; a program reads `seq`, the rest, and
+/// `seq` again (each read depending on the previous one's value, which orders them on every
+/// CPU) and uses the entry only when both reads are the same even number. A torn entry is
+/// thus never used, which matters because the binding is the anti-spoofing check.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindCacheEntry {
+    pub seq: u32,
+    pub slot: u32,
+    pub client: Ipv6Key,
+    pub ipv4: Ipv4Key,
+    pub psid: u16,
+    pub psid_len: u8,
+    /// Non-zero: the entry holds a binding (zero: empty; `client` means nothing).
+    pub live: u8,
+}
+
+/// Entries of a [`BindCacheEntry`] set.
+pub const BIND_CACHE_WAYS: u32 = 2;
+/// Most entries a binding cache gets (32 MiB): beyond that, the bindings that find no place
+/// are looked up in the hash as before.
+pub const BIND_CACHE_MAX_BITS: u8 = 20;
+
+/// log2 of the cache entries for `bindings` bindings: the next power of two (at least one
+/// set), at most 2^[`BIND_CACHE_MAX_BITS`].
+pub fn bind_cache_bits(bindings: u32) -> u8 {
+    let n = bindings.max(BIND_CACHE_WAYS).next_power_of_two();
+    (n.trailing_zeros() as u8).min(BIND_CACHE_MAX_BITS)
+}
+
+/// First entry of `client`'s set (its address as two native words, as read from the packet)
+/// in a cache of 2^`bits` entries (`bits` >= 1): Fibonacci hashing, whose high bits depend on
+/// every bit of the folded address.
+#[inline(always)]
+pub fn bind_cache_base(client: [u64; 2], bits: u8) -> u32 {
+    let x = client[0] ^ client[1];
+    let x = (x ^ (x >> 32)) as u32;
+    let set_bits = u32::from(bits) - 1;
+    if set_bits == 0 {
+        return 0;
+    }
+    (x.wrapping_mul(0x9E37_79B1) >> (32 - set_bits)) * BIND_CACHE_WAYS
+}
+
 /// Value of [`crate::names::BIND_BY_V4`]: where packets to a lease go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,7 +145,10 @@ pub struct TunnelConfig {
     /// the TUN, outer IPv6 fragments from B4s to the kernel's reassembly; zero: dropped and
     /// counted.
     pub softwire_slow_path: u8,
-    pub _pad: [u8; 2],
+    /// Server only: log2 of [`crate::names::BIND_CACHE`]'s entries; 0: no cache (every
+    /// lookup hashes).
+    pub bind_cache_bits: u8,
+    pub _pad: u8,
 }
 
 /// Key of [`crate::names::SOFTWIRES`]: a shared (or whole, `psid` 0 with length 0) IPv4
@@ -171,6 +223,7 @@ pub const MAX_AFTR_ADDRS: u32 = 64;
 mod pod {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, no padding (checked below).
     unsafe impl aya::Pod for super::Binding4 {}
+    unsafe impl aya::Pod for super::BindCacheEntry {}
     unsafe impl aya::Pod for super::Binding6 {}
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::ClientTraffic {}
@@ -183,11 +236,50 @@ mod pod {
 // No implicit padding: the sizes equal the sums of the fields.
 const _: () = assert!(core::mem::size_of::<Binding4>() == 12);
 const _: () = assert!(core::mem::size_of::<Binding6>() == 20);
+const _: () = assert!(core::mem::size_of::<BindCacheEntry>() == 32);
+// The binding cache's size in the object (a power of two, as every cache size).
+const _: () = assert!(MAX_BINDINGS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<ClientTraffic>() == 32);
-const _: () =
-    assert!(core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2 + 4);
+const _: () = assert!(
+    core::mem::size_of::<TunnelConfig>() == 16 + 16 + 4 + 4 + 4 + 2 + 2 + 1 + 1 + 2 + 1 + 1 + 1 + 1
+);
 const _: () = assert!(core::mem::size_of::<SoftwireKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SoftwireEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<SharedAddr>() == 4);
 const _: () = assert!(core::mem::size_of::<B4Key>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 8 + POLICY_QUOTE);
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn the_binding_cache_has_a_power_of_two_entries_from_one_set_to_its_cap() {
+        assert_eq!(bind_cache_bits(1), 1);
+        assert_eq!(bind_cache_bits(1_000), 10);
+        assert_eq!(bind_cache_bits(MAX_BINDINGS), 16);
+        assert_eq!(bind_cache_bits(MAX_BINDINGS + 1), 17);
+        assert_eq!(bind_cache_bits(4_194_304), BIND_CACHE_MAX_BITS);
+    }
+
+    #[test]
+    fn a_set_starts_on_a_way_boundary_inside_the_cache_and_sets_are_all_used() {
+        for bits in [1u8, 2, 10, 16, 20] {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..4096u64 {
+                let base = bind_cache_base([0x0000_0100_b80d_0120, i << 56 | 2], bits);
+                assert_eq!(base % BIND_CACHE_WAYS, 0);
+                assert!(base + BIND_CACHE_WAYS <= 1 << bits, "bits {bits}: {base}");
+                seen.insert(base);
+            }
+            // Addresses that differ in one byte spread over the sets.
+            let sets = (1u32 << bits) / BIND_CACHE_WAYS;
+            assert!(
+                seen.len() as u32 >= sets.min(256),
+                "bits {bits}: {} sets",
+                seen.len()
+            );
+        }
+    }
+}

@@ -10,6 +10,10 @@ pub const STATS_MAP: &str = "TUNNEL_STATS";
 pub const TUNNEL_CONFIG: &str = "TUNNEL_CONFIG";
 /// Hash: client tunnel IPv6 ([`crate::fastpath::Ipv6Key`]) → [`crate::fastpath::Binding4`].
 pub const BIND_BY_V6: &str = "BIND_BY_V6";
+/// Array of [`crate::fastpath::BindCacheEntry`], two-way set-associative by client IPv6
+/// ([`crate::fastpath::bind_cache_base`]): a copy of part of [`BIND_BY_V6`] that the server's
+/// decap programs read before hashing (mmapped by the controller, which writes every entry).
+pub const BIND_CACHE: &str = "BIND_CACHE";
 /// Hash: lease IPv4 ([`crate::fastpath::Ipv4Key`]) → [`crate::fastpath::Binding6`].
 pub const BIND_BY_V4: &str = "BIND_BY_V4";
 /// Per-CPU array: a binding's slot (in its [`crate::fastpath::Binding4`] and
@@ -143,6 +147,7 @@ pub const ALL_MAPS: &[&str] = &[
     STATS_MAP,
     TUNNEL_CONFIG,
     BIND_BY_V6,
+    BIND_CACHE,
     BIND_BY_V4,
     CLIENT_TRAFFIC,
     SOFTWIRES,

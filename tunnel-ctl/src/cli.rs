@@ -418,7 +418,8 @@ pub struct ServerArgs {
     /// Native mode: how many clients the fast path can bind (the size of each binding map;
     /// 1 to 4,194,304). A 105 beyond it is refused with 110 "the fast path is full". It
     /// sizes the lwAFTR's softwire maps too: a --bindings table of 1,000,000 softwires
-    /// needs --max-bindings 1000000.
+    /// needs --max-bindings 1000000. The binding cache the decap programs read first gets
+    /// as many entries (the next power of two; 32 bytes each, at most 1,048,576).
     #[arg(long, value_name = "N", default_value_t = tunnel_common::fastpath::MAX_BINDINGS,
           value_parser = clap::value_parser!(u32).range(1..=4_194_304), help_heading = "Limits")]
     pub max_bindings: u32,

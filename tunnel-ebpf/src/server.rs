@@ -27,7 +27,10 @@ use tunnel_ebpf::{
     direct::{Key16, map_words},
     encap::{self, Upper},
     log,
-    maps::{BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, config, count_client},
+    maps::{
+        BIND_BY_V4, BIND_BY_V6, POLICY_EVENTS, POLICY_LAST, TAIL_PROGS, binding_of, config,
+        count_client,
+    },
     nat,
     packet::{
         self, DROP, ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, Ipv4Info, NotIpv4,
@@ -69,8 +72,7 @@ pub fn server_decap(ctx: TcContext) -> i32 {
         }
         other => return other.drop_counted(),
     }
-    // SAFETY: the value is copied out before anything can change the map entry's meaning.
-    let Some(binding) = (unsafe { BIND_BY_V6.get(outer.src_key().bytes()) }).copied() else {
+    let Some(binding) = binding_of(outer.src, cfg.bind_cache_bits) else {
         // A B4's, perhaps: the softwire checks are a program of their own (the verifier
         // and the stack limit take each program alone), and this one's hot path stays as
         // it is.

@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use tunnel_common::{fastpath::IPV6_HEADER_LEN, nexthop::NH_FORWARD, stats::Counter};
 use tunnel_ebpf::{
-    direct::{Key16, View, map_words, store16, store32, store64},
-    maps::{BIND_BY_V6, config, count_client},
+    direct::{View, map_words, store16, store32, store64},
+    maps::{binding_of, config, count_client},
     nexthop,
     packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, INNER_OFF, IPPROTO_IPIP, IPPROTO_TCP, Ipv4Info},
     route::{eth_of, v4_lookup},
@@ -43,10 +43,8 @@ pub fn server_decap_xdp(ctx: XdpContext) -> u32 {
 fn decap(ctx: &XdpContext) -> Option<u32> {
     let cfg = config()?;
     let (v, inner) = ipip_to(ctx, &map_words(&cfg.local))?;
-    let client = Key16(v.addr6(ETH_LEN + 8));
     // No native client: a B4's (softwires), or one to drop; the TC program decides.
-    // SAFETY: copied out at once.
-    let binding = (unsafe { BIND_BY_V6.get(client.bytes()) }).copied()?;
+    let binding = binding_of(v.addr6(ETH_LEN + 8), cfg.bind_cache_bits)?;
     if inner.src() != binding.ipv4 {
         count(Counter::DropInnerSourceNotLease);
         return Some(DROP);

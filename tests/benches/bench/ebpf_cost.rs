@@ -26,7 +26,7 @@ use tunnel_common::{
     fastpath::TunnelConfig,
     mape::{NatIn, NatKey, NatOut},
     names::{
-        B4_ADDRS, BIND_BY_V6, PROG_BENCH_EMPTY, PROG_BENCH_EMPTY_XDP, PROG_BR_DECAP,
+        B4_ADDRS, BIND_BY_V6, BIND_CACHE, PROG_BENCH_EMPTY, PROG_BENCH_EMPTY_XDP, PROG_BR_DECAP,
         PROG_BR_DECAP_XDP, PROG_CE_OUT, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP,
         PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
@@ -177,23 +177,39 @@ fn server_maps(ebpf: &mut Ebpf, v6_index: u32) -> Result<Maps> {
 
 /// A server object whose decap map holds `n` bindings: the measured client's and `n` − 1
 /// others (2001:db8:2::/64 + i, written straight into `BIND_BY_V6`; the program only looks
-/// them up by source, so they share the lease and no packet is ever sent for them).
-fn server_with_bindings(
-    lab: &mut Lab,
-    ns: &Ns,
-    n: u32,
-    v6_index: u32,
-) -> Result<(Ebpf, (Maps, NextHops))> {
+/// them up by source, so they share the lease and no packet is ever sent for them). Its
+/// binding cache is sized as `--max-bindings n` sizes it and rebuilt from the map, as a
+/// controller starting on those pins does.
+struct Bindings {
+    ebpf: Ebpf,
+    _maps: (Maps, NextHops),
+    /// Bindings that found a place in the cache.
+    cached: usize,
+    /// A client the cache answers for, and one it has no room for (the hash answers).
+    hit: Ipv6Addr,
+    miss: Ipv6Addr,
+}
+
+fn server_with_bindings(lab: &mut Lab, ns: &Ns, n: u32, v6_index: u32) -> Result<Bindings> {
     use std::os::fd::AsFd as _;
     let pin_dir =
         PathBuf::from("/sys/fs/bpf/tunnel").join(lab.instance(&format!("bench-server-{n}")));
-    let mut ebpf = dataplane::load_sized(&pin_dir, &[(BIND_BY_V6, n.max(1024))])?;
+    let size = n.max(1024);
+    let mut ebpf = dataplane::load_sized(
+        &pin_dir,
+        &[
+            (BIND_BY_V6, size),
+            (
+                BIND_CACHE,
+                1 << tunnel_common::fastpath::bind_cache_bits(size),
+            ),
+        ],
+    )?;
     let mut maps = server_maps(&mut ebpf, v6_index)?;
     let nexthops = cache(ns, &mut ebpf, &pin_dir, &[HOST.into()])?;
     maps.bind(CLIENT, LEASE)?;
-    let others: Vec<[u8; 16]> = (1..n)
-        .map(|i| (Ipv6Addr::from(0x2001_0db8_0002_u128 << 80 | u128::from(i))).octets())
-        .collect();
+    let other = |i: u32| Ipv6Addr::from(0x2001_0db8_0002_u128 << 80 | u128::from(i));
+    let others: Vec<[u8; 16]> = (1..n).map(|i| other(i).octets()).collect();
     let binding = tunnel_common::fastpath::Binding4 {
         ipv4: v4_key(LEASE),
         ..Default::default()
@@ -201,7 +217,19 @@ fn server_with_bindings(
     let by_v6 = aya::maps::MapData::from_pin(pin_dir.join(BIND_BY_V6))?;
     dataplane::batch::update(by_v6.fd().as_fd(), &others, &vec![binding; others.len()])
         .map_err(|e| anyhow::anyhow!("filling {BIND_BY_V6}: {e:?}"))?;
-    Ok((ebpf, (maps, nexthops)))
+    let cached = maps.rebuild_cache();
+    let clients = || std::iter::once(CLIENT).chain((1..n).map(other));
+    let hit = clients()
+        .find(|&c| maps.cached(c).is_some())
+        .context("no binding in the cache")?;
+    let miss = clients().find(|&c| maps.cached(c).is_none()).unwrap_or(hit);
+    Ok(Bindings {
+        ebpf,
+        _maps: (maps, nexthops),
+        cached,
+        hit,
+        miss,
+    })
 }
 
 /// Softwire `i` of the lwAFTR tables: 4,096 per address from 203.0.113.10 (psid-len 12,
@@ -397,9 +425,19 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         lwaftr(&mut lab, &ns, plan.softwires, v6_index)?;
 
     // Server decap with 1,000 and with 1,000,000 bindings in its map.
-    let (server_1k, _server_1k_maps) = server_with_bindings(&mut lab, &ns, 1_000, v6_index)?;
-    let (server_1m, _server_1m_maps) =
-        server_with_bindings(&mut lab, &ns, plan.softwires, v6_index)?;
+    let Bindings {
+        ebpf: server_1k,
+        _maps: _server_1k_maps,
+        hit: hit_1k,
+        ..
+    } = server_with_bindings(&mut lab, &ns, 1_000, v6_index)?;
+    let Bindings {
+        ebpf: server_1m,
+        _maps: _server_1m_maps,
+        cached: cached_1m,
+        hit: hit_1m,
+        miss: miss_1m,
+    } = server_with_bindings(&mut lab, &ns, plan.softwires, v6_index)?;
 
     let mut objects = [
         server, ce, br, aftr_1k, aftr_1m, server_1k, server_1m, server_fib,
@@ -457,7 +495,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             name: "server decap, 1,000 bindings (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 5,
-            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            packet: in_ipv6(hit_1k, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
             counter: Some(Counter::DecapRedirected),
             verdict: TC_ACT_REDIRECT,
         },
@@ -465,7 +503,7 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             name: "server decap, big map (binding + lease check, decap, next hop, redirect)",
             program: PROG_SERVER_DECAP,
             ebpf: 6,
-            packet: in_ipv6(CLIENT, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            packet: in_ipv6(hit_1m, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
             counter: Some(Counter::DecapRedirected),
             verdict: TC_ACT_REDIRECT,
         },
@@ -499,6 +537,15 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             ebpf: 7,
             packet: udp4(HOST, 53, LEASE, 40000),
             counter: Some(Counter::Encap),
+            verdict: TC_ACT_REDIRECT,
+        },
+        // Information: a client the binding cache has no room for (the hash answers).
+        Case {
+            name: "server decap, big map, client not in the binding cache",
+            program: PROG_SERVER_DECAP,
+            ebpf: 6,
+            packet: in_ipv6(miss_1m, SERVER_TUNNEL, &udp4(LEASE, 40000, HOST, 53)),
+            counter: Some(Counter::DecapRedirected),
             verdict: TC_ACT_REDIRECT,
         },
         // Information: what `br --xdp` attaches.
@@ -592,10 +639,27 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         threshold: 1.1,
         against: format!("server decap with 1,000 bindings, {few:.0} ns"),
     });
+    let uncached = results[results.len() - 3].1;
+    report.figure(
+        sec,
+        "server decap, big map, client not in / in the binding cache",
+        "x",
+        vec![uncached / many],
+    );
     report.note(format!(
         "Server decap with {} bindings in BIND_BY_V6: {many:.0} ns against {few:.0} ns with \
-         1,000 (the same client and packet; the other bindings written straight into the map).",
-        plan.softwires
+         1,000, each for a client the binding cache answers for (the other bindings written \
+         straight into the map, the cache then rebuilt from it as a starting controller \
+         does). The cache (two-way, {} entries) holds {} of the {} bindings; {}",
+        grouped(plan.softwires),
+        grouped(1u32 << tunnel_common::fastpath::bind_cache_bits(plan.softwires.max(1024))),
+        grouped(cached_1m as u32),
+        grouped(plan.softwires),
+        if cached_1m < plan.softwires as usize {
+            format!("for one it has no room for, the hash answers: {uncached:.0} ns.")
+        } else {
+            "every binding found a place (the uncached row measures a cached client).".into()
+        }
     ));
     report.figure(
         sec,

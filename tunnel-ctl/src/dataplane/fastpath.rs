@@ -10,8 +10,10 @@ use aya::{
 };
 use tunnel_common::{
     fastpath::{Binding4, Binding6, ClientTraffic, Ipv4Key, Ipv6Key, TunnelConfig},
-    names::{BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, TUNNEL_CONFIG},
+    names::{BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, TUNNEL_CONFIG},
 };
+
+use super::bindcache::BindCache;
 
 pub use tunnel_common::fastpath::{v4_from_key, v4_key};
 
@@ -19,6 +21,8 @@ pub use tunnel_common::fastpath::{v4_from_key, v4_key};
 pub struct Maps {
     config: Array<MapData, TunnelConfig>,
     by_v6: HashMap<MapData, Ipv6Key, Binding4>,
+    /// Part of `by_v6` for the programs to read without hashing (see [`BindCache`]).
+    cache: BindCache,
     by_v4: HashMap<MapData, Ipv4Key, Binding6>,
     /// Each binding's traffic, per CPU, at the binding's slot (see [`ClientTraffic`]).
     traffic: PerCpuArray<MapData, ClientTraffic>,
@@ -43,12 +47,33 @@ impl Maps {
         Ok(Maps {
             config: take(ebpf, TUNNEL_CONFIG)?,
             by_v6: take(ebpf, BIND_BY_V6)?,
+            cache: BindCache::new(take(ebpf, BIND_CACHE)?)?,
             by_v4: take(ebpf, BIND_BY_V4)?,
             traffic: take(ebpf, CLIENT_TRAFFIC)?,
             free_slots: Vec::new(),
             next_slot: 0,
         }
-        .with_slots_in_use())
+        .with_slots_in_use()
+        .with_cache_rebuilt())
+    }
+
+    /// The cache made again from the (pinned) hash: a controller that died mid-write, or one
+    /// that ran without a cache, leaves nothing the hash does not hold.
+    fn with_cache_rebuilt(mut self) -> Maps {
+        self.rebuild_cache();
+        self
+    }
+
+    /// Makes the binding cache again from `BIND_BY_V6` (also for a map filled by other means,
+    /// as the bench does); returns how many bindings found a place.
+    pub fn rebuild_cache(&mut self) -> usize {
+        let bindings: Vec<(Ipv6Key, Binding4)> = self.by_v6.iter().filter_map(Result::ok).collect();
+        self.cache.rebuild(bindings)
+    }
+
+    /// What the programs' binding cache holds for `client` (None: they hash for it).
+    pub fn cached(&self, client: Ipv6Addr) -> Option<Binding4> {
+        self.cache.get(&client.octets())
     }
 
     /// Slot bookkeeping for bindings already in (pinned) maps: their slots are taken.
@@ -92,8 +117,13 @@ impl Maps {
             .context("reading the tunnel configuration")
     }
 
-    /// Writes the configuration; the programs act on it from the next packet on.
+    /// Writes the configuration (with the binding cache's size, which this handle knows);
+    /// the programs act on it from the next packet on.
     pub fn set_config(&mut self, cfg: &TunnelConfig) -> Result<()> {
+        let cfg = TunnelConfig {
+            bind_cache_bits: self.cache.bits(),
+            ..*cfg
+        };
         self.config
             .set(0, cfg, 0)
             .context("writing the tunnel configuration")
@@ -122,6 +152,11 @@ impl Maps {
     }
 
     fn write_binding(&mut self, client: Ipv6Addr, ipv4: Ipv4Addr, slot: u32) -> Result<()> {
+        let by_v6 = Binding4 {
+            ipv4: v4_key(ipv4),
+            slot,
+            ..Default::default()
+        };
         self.by_v4
             .insert(
                 v4_key(ipv4),
@@ -133,16 +168,11 @@ impl Maps {
             )
             .with_context(|| format!("binding {ipv4} → {client} (map {BIND_BY_V4} full?)"))?;
         self.by_v6
-            .insert(
-                client.octets(),
-                Binding4 {
-                    ipv4: v4_key(ipv4),
-                    slot,
-                    ..Default::default()
-                },
-                0,
-            )
-            .with_context(|| format!("binding {client} → {ipv4} (map {BIND_BY_V6} full?)"))
+            .insert(client.octets(), by_v6, 0)
+            .with_context(|| format!("binding {client} → {ipv4} (map {BIND_BY_V6} full?)"))?;
+        // After the hash: the cache never holds what the hash does not.
+        self.cache.put(&client.octets(), &by_v6);
+        Ok(())
     }
 
     /// Removes `client` ↔ `ipv4`; entries already gone are fine. Only removes an entry that
@@ -151,6 +181,7 @@ impl Maps {
         if let Ok(b) = self.by_v6.get(&client.octets(), 0)
             && b.ipv4 == v4_key(ipv4)
         {
+            self.cache.remove(&client.octets());
             remove_ok(self.by_v6.remove(&client.octets()))?;
         }
         if let Ok(b) = self.by_v4.get(&v4_key(ipv4), 0)
@@ -204,6 +235,7 @@ impl Maps {
         let v6: Vec<(Ipv6Key, Binding4)> = self.by_v6.iter().filter_map(Result::ok).collect();
         for (k, v) in v6 {
             if !keep(v4_from_key(v.ipv4), Ipv6Addr::from(k)) {
+                self.cache.remove(&k);
                 remove_ok(self.by_v6.remove(&k))?;
             }
         }

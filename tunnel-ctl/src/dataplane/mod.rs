@@ -4,6 +4,7 @@
 //! the rest of the controller goes through these handles.
 
 pub mod batch;
+pub mod bindcache;
 pub mod bpffs;
 pub mod br;
 pub mod ce;

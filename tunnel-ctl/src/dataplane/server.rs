@@ -18,10 +18,10 @@ use aya::{
 };
 use tracing::{info, warn};
 use tunnel_common::{
-    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig},
+    fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig, bind_cache_bits},
     names::{
-        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, CLIENT_TRAFFIC, POLICY_EVENTS, PROG_SERVER_DECAP,
-        PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
+        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, POLICY_EVENTS,
+        PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
 };
 
@@ -104,6 +104,7 @@ impl Native {
         let sizes = [
             (BIND_BY_V4, clients),
             (BIND_BY_V6, clients),
+            (BIND_CACHE, 1 << bind_cache_bits(clients)),
             (CLIENT_TRAFFIC, clients),
             (SOFTWIRES, args.max_bindings),
             (SHARED_ADDRS, args.max_bindings),
