@@ -846,7 +846,7 @@ fn plain_route_mape(m: &MapeLab) -> Result<()> {
 }
 
 fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
-    let m = MapeLab::start(&RULE_252, &[])?;
+    let mut m = MapeLab::start(&RULE_252, &[])?;
     plain_route_mape(&m)?;
     let _server = iperf_server(&m.internet)?;
     let s = plan.seconds;
@@ -886,5 +886,51 @@ fn mape(plan: &Plan, report: &mut Report) -> Result<()> {
         threshold: 1.00,
         against: "plain routing with nftables masquerade, same veths".into(),
     });
+    mape_br_xdp_rows(plan, report, &mut m, mape)
+}
+
+/// The BR restarted with `--xdp`, MAP-E next to the masquerade baseline in the same
+/// settings: the veths made as NIC-like as XDP needs (GRO at the internet host's veth, which
+/// makes it take redirected frames; complete checksums from the CE's WAN veth, which XDP
+/// cannot finish) and, as on any veth with XDP, the CE's WAN veth without GSO. Reported next
+/// to the TC rows; no target (the default is TC).
+fn mape_br_xdp_rows(plan: &Plan, report: &mut Report, m: &mut MapeLab, tc: f64) -> Result<()> {
+    let mut args = m.br_args.clone();
+    args.push("--xdp".into());
+    m.restart_br(args)?;
+    m.internet.run(&["ethtool", "-K", "eth0", "gro", "on"])?;
+    m.ce.run(&["ethtool", "-K", "wan0", "tx", "off"])?;
+    wait_for(
+        "pings through the XDP BR",
+        std::time::Duration::from_secs(20),
+        || Ok((m.lan.ping(TUNNEL_DST, 1)? == 1).then_some(())),
+    )?;
+    let s = plan.seconds;
+    let before = m.br_stats()?;
+    let (mut masq, mut xdp) = (vec![], vec![]);
+    for round in 1..=plan.rounds {
+        eprintln!("  MAP-E br --xdp round {round}/{}", plan.rounds);
+        masq.push(tcp_gbps(&m.lan, PLAIN_DST, s)?);
+        xdp.push(tcp_gbps(&m.lan, TUNNEL_DST, s)?);
+    }
+    let after = m.br_stats()?;
+    let moved = |name: &str| counter(&after, name) - counter(&before, name);
+    let sec = "throughput";
+    let masq = report.figure(
+        sec,
+        "plain routing + nftables masquerade, TCP (XDP lab settings)",
+        "Gbit/s",
+        masq,
+    );
+    let xdp = report.figure(sec, "MAP-E CE + BR --xdp, TCP", "Gbit/s", xdp);
+    report.note(format!(
+        "mape br --xdp (GRO on the internet host's veth, the CE's WAN veth without GSO and \
+         checksum offload, as XDP on veth needs): TCP {xdp:.2} Gbit/s ({:.2}x of masquerade \
+         routing in the same settings; TC: {tc:.2} Gbit/s). The XDP program decapsulated {} of \
+         {} packets.",
+        ratio(xdp, masq),
+        moved("fastpath_xdp_decap_packets"),
+        moved("mape_br_decap_packets"),
+    ));
     Ok(())
 }
