@@ -481,6 +481,9 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
     let mut inband_tcp8 = vec![];
+    // The server's session-queue drops during the in-band TCP downloads: tail drops at the
+    // cap, and CoDel's.
+    let (mut down_full, mut down_aqm, mut down_packets) = (0u64, 0u64, 0u64);
     let before = t.server_stats()?;
     for round in 1..=plan.rounds {
         eprintln!("  4over6 round {round}/{}", plan.rounds);
@@ -497,7 +500,13 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
         native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
         plain_tcp_down.push(tcp_down_gbps(&native, PLAIN_DST, s)?);
+        let q0 = t.server_stats()?;
         inband_tcp_down.push(tcp_down_gbps(&inband, TUNNEL_DST, s)?);
+        let q1 = t.server_stats()?;
+        let d = |name: &str| counter(&q1, name) - counter(&q0, name);
+        down_full += d("drop_session_queue_full");
+        down_aqm += d("drop_session_aqm");
+        down_packets += d("inband_packets_from_tun");
         plain_udp_down.push(udp_down_kpps(&native, PLAIN_DST, s)?);
         inband_udp_down.push(udp_down_kpps(&inband, TUNNEL_DST, s)?);
         let all: Vec<Ns> = std::iter::once(inband.clone())
@@ -720,6 +729,11 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
             against: "plain IPv4 routing, same veths, same direction".into(),
         });
     }
+    report.note(format!(
+        "in-band TCP downloads: the server queued {down_packets} packets for the session; \
+         {down_full} more were dropped at the session queue's cap (tail drops: the sender \
+         then retransmits) and {down_aqm} of the queued ones by CoDel."
+    ));
     report.note(format!(
         "in-band, {INBAND_CLIENTS} clients at once: {:.2}x of plain routing with 8 TCP streams",
         ratio(i_tcp8, p_tcp8)

@@ -40,6 +40,7 @@ use crate::{
 };
 
 pub(crate) mod admission;
+pub(crate) mod codel;
 pub(crate) mod inbound;
 pub(crate) mod ipv6;
 pub(crate) mod machine;
@@ -110,6 +111,7 @@ counters! {
         inbound_flows_untracked,
         proxy_ndp_errors,
         drop_session_queue_full,
+        drop_session_aqm,
         drop_tun_write_error,
         native_granted,
         native_refused,
@@ -1124,19 +1126,21 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
                 toward.push(t);
             }
         }
+        let now = std::time::Instant::now();
         for (t, frame) in toward.drain(..).zip(frames.drain(..)) {
-            deliver_from_tun(&server, t, frame).await;
+            deliver_from_tun(&server, t, frame, now).await;
         }
     }
 }
 
-/// Hands one packet from the TUN (made a 103: `frame`) on, as [`tun_reader`] routed it.
-async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes) {
+/// Hands one packet from the TUN (made a 103: `frame`, read at `now`) on, as [`tun_reader`]
+/// routed it.
+async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes, now: Instant) {
     let pkt = &frame[HEADER_LEN..];
     match toward {
         Toward::Session(tx) => {
             let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
-            if queue_for_session(server, &tx, frame) && v6 {
+            if queue_for_session(server, &tx, frame, now) && v6 {
                 server.stats.ipv6_packets_from_tun.inc();
             }
         }
@@ -1162,9 +1166,9 @@ async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes) {
 
 /// Queues a TUN packet (as its 103) for its session; a full queue drops it (that session's loss
 /// only). Whether it was queued.
-fn queue_for_session(server: &Server, tx: &QueueTx, frame: Bytes) -> bool {
+fn queue_for_session(server: &Server, tx: &QueueTx, frame: Bytes, now: Instant) -> bool {
     let len = (frame.len() - HEADER_LEN) as u64;
-    if tx.try_push(frame) {
+    if tx.try_push(frame, now) {
         server.stats.inband_packets_from_tun.inc();
         server.stats.inband_bytes_from_tun.add(len);
         true

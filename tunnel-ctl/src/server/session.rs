@@ -442,10 +442,14 @@ impl Driver {
                 frames.push(f);
             }
             next = if taken < WRITE_BATCH {
-                rx.try_recv()
+                rx.try_recv(now)
             } else {
                 None
             };
+        }
+        let aqm = rx.take_aqm_drops();
+        if aqm > 0 {
+            self.server.stats.drop_session_aqm.add(aqm);
         }
         if frames.is_empty() {
             return Ok(());
