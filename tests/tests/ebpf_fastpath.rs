@@ -12,7 +12,7 @@ use etherparse::{
     PacketBuilder, TcpHeaderSlice, TcpOptionElement,
 };
 use tunnel_common::{
-    fastpath::{BindCacheEntry, Binding4, TunnelConfig, bind_cache_base},
+    fastpath::{BindCacheEntry, Binding4, TunnelConfig, bind_cache_base, words16},
     names::{
         BIND_BY_V6, BIND_CACHE, PROG_CLIENT_DECAP, PROG_CLIENT_ENCAP, PROG_SERVER_DECAP,
         PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP,
@@ -1015,11 +1015,7 @@ fn without_ipv6_forwarding_the_controller_finds_the_output_next_hop_itself() -> 
 
 /// Addresses of 2001:db8:1::/64 (other than CLIENT) in CLIENT's set of the binding cache.
 fn cache_set_mates(bits: u8, n: usize) -> Vec<Ipv6Addr> {
-    let set = |a: Ipv6Addr| {
-        let o = a.octets();
-        let w = |r: &[u8]| u64::from_ne_bytes(r.try_into().unwrap());
-        bind_cache_base([w(&o[..8]), w(&o[8..])], bits)
-    };
+    let set = |a: Ipv6Addr| bind_cache_base(words16(&a.octets()), bits);
     (3u16..)
         .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0x77, i))
         .filter(|&a| set(a) == set(CLIENT))

@@ -58,6 +58,17 @@ pub struct BindCacheEntry {
     pub live: u8,
 }
 
+/// Sixteen bytes (an IPv6 address as on the wire) as the two native-order words a program
+/// reads them as.
+#[inline(always)]
+pub fn words16(a: &[u8; 16]) -> [u64; 2] {
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&a[..8]);
+    hi.copy_from_slice(&a[8..]);
+    [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
+}
+
 /// Entries of a [`BindCacheEntry`] set.
 pub const BIND_CACHE_WAYS: u32 = 2;
 /// Most entries a binding cache gets (32 MiB): beyond that, the bindings that find no place

@@ -139,14 +139,7 @@ pub fn map_words(a: &[u8; 16]) -> [u64; 2] {
 }
 
 /// Sixteen bytes anywhere (the stack included) as two words, byte by byte.
-#[inline(always)]
-pub fn to_words(a: &[u8; 16]) -> [u64; 2] {
-    let mut lo = [0u8; 8];
-    let mut hi = [0u8; 8];
-    lo.copy_from_slice(&a[..8]);
-    hi.copy_from_slice(&a[8..]);
-    [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
-}
+pub use tunnel_common::fastpath::words16 as to_words;
 
 /// Sixteen bytes as a map key, 8-aligned on the stack.
 #[repr(C, align(8))]

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, IterableMap as _, MapData};
 use tunnel_common::{
-    fastpath::{BIND_CACHE_WAYS, BindCacheEntry, Binding4, Ipv6Key, bind_cache_base},
+    fastpath::{BIND_CACHE_WAYS, BindCacheEntry, Binding4, Ipv6Key, bind_cache_base, words16},
     names::BIND_CACHE,
 };
 
@@ -107,7 +107,7 @@ impl BindCache {
 
     /// The entries of `client`'s set.
     pub fn set_of(&self, client: &Ipv6Key) -> std::ops::Range<u32> {
-        let base = bind_cache_base(client_words(client), self.bits());
+        let base = bind_cache_base(words16(client), self.bits());
         base..base + BIND_CACHE_WAYS
     }
 
@@ -219,7 +219,7 @@ impl BindCache {
         w.seq.store(odd, Ordering::Relaxed);
         // The odd `seq` is visible before any field changes.
         fence(Ordering::Release);
-        let c = client_words(&e.client);
+        let c = words16(&e.client);
         w.slot.store(e.slot, Ordering::Relaxed);
         w.client[0].store(c[0], Ordering::Relaxed);
         w.client[1].store(c[1], Ordering::Relaxed);
@@ -247,13 +247,4 @@ struct Words<'a> {
     slot: &'a AtomicU32,
     client: [&'a AtomicU64; 2],
     tail: &'a AtomicU64,
-}
-
-/// An address as the two native words the programs read from the packet.
-fn client_words(a: &Ipv6Key) -> [u64; 2] {
-    let mut lo = [0u8; 8];
-    let mut hi = [0u8; 8];
-    lo.copy_from_slice(&a[..8]);
-    hi.copy_from_slice(&a[8..]);
-    [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
