@@ -1126,7 +1126,7 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
                 toward.push(t);
             }
         }
-        let now = std::time::Instant::now();
+        let now = codel::stamp(Instant::now());
         for (t, frame) in toward.drain(..).zip(frames.drain(..)) {
             deliver_from_tun(&server, t, frame, now).await;
         }
@@ -1135,7 +1135,7 @@ async fn tun_reader(server: Arc<Server>, tun: Arc<Tun>) {
 
 /// Hands one packet from the TUN (made a 103: `frame`, read at `now`) on, as [`tun_reader`]
 /// routed it.
-async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes, now: Instant) {
+async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes, now: codel::Micros) {
     let pkt = &frame[HEADER_LEN..];
     match toward {
         Toward::Session(tx) => {
@@ -1166,7 +1166,7 @@ async fn deliver_from_tun(server: &Server, toward: Toward, frame: Bytes, now: In
 
 /// Queues a TUN packet (as its 103) for its session; a full queue drops it (that session's loss
 /// only). Whether it was queued.
-fn queue_for_session(server: &Server, tx: &QueueTx, frame: Bytes, now: Instant) -> bool {
+fn queue_for_session(server: &Server, tx: &QueueTx, frame: Bytes, now: codel::Micros) -> bool {
     let len = (frame.len() - HEADER_LEN) as u64;
     if tx.try_push(frame, now) {
         server.stats.inband_packets_from_tun.inc();

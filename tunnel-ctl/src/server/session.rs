@@ -442,7 +442,7 @@ impl Driver {
                 frames.push(f);
             }
             next = if taken < WRITE_BATCH {
-                rx.try_recv(now)
+                rx.try_recv(super::codel::stamp(now))
             } else {
                 None
             };
