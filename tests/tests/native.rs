@@ -948,12 +948,28 @@ fn max_bindings_sizes_the_fast_path_and_refuses_beyond_it() -> Result<()> {
     use tunnel_common::names;
     let mut t = start(&["--max-bindings", "1"])?;
     let dir = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT).join(&t.server_instance);
+    let entries = |dir: &std::path::Path, map: &str| -> Result<u32> {
+        Ok(MapInfo::from_pin(dir.join(map))?.max_entries())
+    };
     for map in [names::BIND_BY_V4, names::BIND_BY_V6] {
-        assert_eq!(MapInfo::from_pin(dir.join(map))?.max_entries(), 1, "{map}");
+        assert_eq!(entries(&dir, map)?, 1, "{map}");
+    }
+    // The NAPT maps are not the server's: one entry each.
+    for map in tunnel_ctl::dataplane::NAT_MAPS {
+        assert_eq!(entries(&dir, map)?, 1, "server {map}");
     }
     let first = t.client_ns()?;
-    t.start_native_client(&first, &[])?;
+    let (client, _) = t.start_native_client(&first, &[])?;
     assert_eq!(first.ping(INTERNET_HOST, 2)?, 2);
+    // A native client holds the server's maps with one entry each (tens of MB otherwise),
+    // and keeps its lwB4's NAPT maps at full size.
+    let client_dir = std::path::Path::new(tunnel_ctl::instance::PIN_ROOT).join(&client);
+    for map in tunnel_ctl::dataplane::SERVER_MAPS {
+        assert_eq!(entries(&client_dir, map)?, 1, "client {map}");
+    }
+    for map in tunnel_ctl::dataplane::NAT_MAPS {
+        assert!(entries(&client_dir, map)? > 1, "client {map}");
+    }
     let second = t.client_ns()?;
     let mut peer = tunnel_tests::fourover6::RawPeer::connect(&second)?;
     let lease = peer.lease()?;

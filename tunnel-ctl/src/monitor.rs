@@ -50,7 +50,8 @@ pub async fn run(args: MonitorConfig) -> Result<()> {
     let directions = args.directions.clone();
 
     let metrics = args.metrics;
-    let mut ebpf = dataplane::load(&pin_dir)?;
+    let mut ebpf =
+        dataplane::load_without(&pin_dir, &[dataplane::SERVER_MAPS, dataplane::NAT_MAPS])?;
     let _pins = bpffs::PinGuard(Some(pin_dir.clone()));
     for dev in &args.devs {
         for &direction in &directions {

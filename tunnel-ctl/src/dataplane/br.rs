@@ -42,7 +42,7 @@ impl BrDataplane {
         config: &TunnelConfig,
         devices: BrDevices<'_>,
     ) -> Result<BrDataplane> {
-        let mut ebpf = super::load(pin_dir)?;
+        let mut ebpf = super::load_without(pin_dir, &[super::SERVER_MAPS, super::NAT_MAPS])?;
         let mut maps = Maps::take(&mut ebpf)?;
         let mut table = BrRules::take(&mut ebpf)?;
         replace(&mut table, rules)?;

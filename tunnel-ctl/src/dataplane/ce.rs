@@ -187,7 +187,7 @@ impl CeDataplane {
         saved: &[Saved],
         now_ns: u64,
     ) -> Result<(CeDataplane, Adopted)> {
-        let mut ebpf = super::load(pin_dir)?;
+        let mut ebpf = super::load_without(pin_dir, &[super::SERVER_MAPS])?;
         let mut maps = Maps::take(&mut ebpf)?;
         let mut nat = NatMaps::take(&mut ebpf)?;
         let adopted = adopt(&mut table, &mut nat, saved, now_ns)?;

@@ -106,7 +106,8 @@ impl NativePath {
         if mac.len() != 6 {
             anyhow::bail!("--v6-dev {v6_dev} is not an Ethernet interface");
         }
-        let mut ebpf = dataplane::load(&pin_dir)?;
+        // The lwB4 (a shared lease) uses the NAPT maps; the server's are not needed.
+        let mut ebpf = dataplane::load_without(&pin_dir, &[dataplane::SERVER_MAPS])?;
         let maps = Maps::take(&mut ebpf)?;
         // An earlier run's lwB4 comes back with its session's 106, if the lease is shared
         // still; until then the client programs forward for a whole lease.

@@ -22,6 +22,30 @@ use super::bpffs;
 /// The eBPF object built from `tunnel-ebpf` by build.rs; embedded so there is one file to ship.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel"));
 
+/// Maps only a server (4over6 or lwAFTR) uses. Every other role loads them with one entry
+/// each ([`load_without`]): at their default sizes they take about 38 MB of kernel memory,
+/// which a CPE running a native client has better uses for.
+pub const SERVER_MAPS: &[&str] = &[
+    names::BIND_BY_V6,
+    names::BIND_CACHE,
+    names::BIND_BY_V4,
+    names::CLIENT_TRAFFIC,
+    names::SOFTWIRES,
+    names::SHARED_ADDRS,
+    names::B4_ADDRS,
+];
+/// Maps only a NAPT uses (the MAP-E CE's, and a native client's lwB4): about 13 MB.
+pub const NAT_MAPS: &[&str] = &[names::NAT_OUT, names::NAT_IN];
+
+/// As [`load`], with the maps of `unused` (lists such as [`SERVER_MAPS`]) holding one entry.
+pub fn load_without(pin_dir: &Path, unused: &[&[&str]]) -> Result<Ebpf> {
+    let sizes: Vec<(&str, u32)> = unused
+        .iter()
+        .flat_map(|l| l.iter().map(|&n| (n, 1)))
+        .collect();
+    load_sized(pin_dir, &sizes)
+}
+
 /// Loads the object. Maps declared as pinned are re-used from `pin_dir` when a previous run left
 /// them there (that is how counters and bindings survive a controller restart) and pinned there
 /// otherwise. Callers own the directory: `bpffs::remove_pins` on clean shutdown.

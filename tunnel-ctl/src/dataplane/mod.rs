@@ -18,4 +18,4 @@ pub mod softwires;
 pub mod stats;
 pub mod tc;
 
-pub use loader::{OBJECT, load, load_sized, log_ebpf_debug};
+pub use loader::{NAT_MAPS, OBJECT, SERVER_MAPS, load, load_sized, load_without, log_ebpf_debug};

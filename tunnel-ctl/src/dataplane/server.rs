@@ -20,8 +20,9 @@ use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig, bind_cache_bits},
     names::{
-        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, POLICY_EVENTS,
-        PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
+        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, NAT_IN, NAT_OUT,
+        POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS,
+        SOFTWIRES,
     },
 };
 
@@ -109,6 +110,9 @@ impl Native {
             (SOFTWIRES, args.max_bindings),
             (SHARED_ADDRS, args.max_bindings),
             (B4_ADDRS, args.max_bindings),
+            // The NAPT maps are the CE's and the lwB4's.
+            (NAT_OUT, 1),
+            (NAT_IN, 1),
         ];
         let mut ebpf = dataplane::load_sized(&args.pin_dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
