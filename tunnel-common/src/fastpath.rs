@@ -58,6 +58,41 @@ pub struct BindCacheEntry {
     pub live: u8,
 }
 
+impl BindCacheEntry {
+    /// The entry as the four 8-byte words of its memory, in order (the target is little
+    /// endian: the first field of each word is its low part).
+    #[inline(always)]
+    pub fn to_words(&self) -> [u64; 4] {
+        let c = words16(&self.client);
+        [
+            u64::from(self.seq) | u64::from(self.slot) << 32,
+            c[0],
+            c[1],
+            u64::from(self.ipv4)
+                | u64::from(self.psid) << 32
+                | u64::from(self.psid_len) << 48
+                | u64::from(self.live) << 56,
+        ]
+    }
+
+    /// The entry whose memory is the words `w` ([`BindCacheEntry::to_words`] reversed).
+    #[inline(always)]
+    pub fn from_words(w: [u64; 4]) -> BindCacheEntry {
+        let mut client = [0u8; 16];
+        client[..8].copy_from_slice(&w[1].to_ne_bytes());
+        client[8..].copy_from_slice(&w[2].to_ne_bytes());
+        BindCacheEntry {
+            seq: w[0] as u32,
+            slot: (w[0] >> 32) as u32,
+            client,
+            ipv4: w[3] as u32,
+            psid: (w[3] >> 32) as u16,
+            psid_len: (w[3] >> 48) as u8,
+            live: (w[3] >> 56) as u8,
+        }
+    }
+}
+
 /// Sixteen bytes (an IPv6 address as on the wire) as the two native-order words a program
 /// reads them as.
 #[inline(always)]
@@ -264,6 +299,25 @@ const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 8 + POLICY_QUOTE);
 mod tests {
     extern crate std;
     use super::*;
+
+    #[test]
+    fn a_cache_entry_is_the_words_of_its_memory_and_back() {
+        let e = BindCacheEntry {
+            seq: 6,
+            slot: 0x0102_0304,
+            client: [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            ipv4: 0xc633_6402,
+            psid: 0x1234,
+            psid_len: 6,
+            live: 1,
+        };
+        let w = e.to_words();
+        // SAFETY: `#[repr(C)]`, 32 bytes without padding (asserted above), every field an
+        // integer: its memory read as four words.
+        let memory: [u64; 4] = unsafe { core::mem::transmute(e) };
+        assert_eq!(w, memory);
+        assert_eq!(BindCacheEntry::from_words(w), e);
+    }
 
     #[test]
     fn the_binding_cache_has_a_power_of_two_entries_from_one_set_to_its_cap() {

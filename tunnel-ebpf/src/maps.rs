@@ -52,13 +52,13 @@ pub fn binding_of(client: [u64; 2], cache_bits: u8) -> Option<Bound> {
         for way in 0..BIND_CACHE_WAYS {
             if let Some(e) = BIND_CACHE.get_ptr(base + way) {
                 // SAFETY: a value of BIND_CACHE (32 readable bytes), from a successful lookup.
-                let [head, c0, c1, tail] = unsafe { read_seqlocked(e as usize) }?;
-                // Little endian: `head` is seq | slot << 32, `tail` ipv4 | psid << 32 |
-                // psid_len << 48 | live << 56.
-                if c0 == client[0] && c1 == client[1] && tail >> 56 != 0 {
+                let words = unsafe { read_seqlocked(e as usize) }?;
+                // The client compared as the words read; only the fields used are decoded.
+                let entry = BindCacheEntry::from_words(words);
+                if words[1] == client[0] && words[2] == client[1] && entry.live != 0 {
                     return Some(Bound {
-                        ipv4: tail as u32,
-                        slot: (head >> 32) as u32,
+                        ipv4: entry.ipv4,
+                        slot: entry.slot,
                     });
                 }
             }

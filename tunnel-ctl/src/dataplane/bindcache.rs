@@ -187,26 +187,15 @@ impl BindCache {
     /// Entry `i` when it holds a binding (the writer's own view: no concurrent write).
     fn read(&self, i: u32) -> Option<BindCacheEntry> {
         let w = self.words(i);
-        let tail = w.tail.load(Ordering::Relaxed);
-        if tail >> 56 == 0 {
-            return None;
-        }
-        let client = [
+        let head = u64::from(w.seq.load(Ordering::Relaxed))
+            | u64::from(w.slot.load(Ordering::Relaxed)) << 32;
+        let e = BindCacheEntry::from_words([
+            head,
             w.client[0].load(Ordering::Relaxed),
             w.client[1].load(Ordering::Relaxed),
-        ];
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&client[0].to_ne_bytes());
-        bytes[8..].copy_from_slice(&client[1].to_ne_bytes());
-        Some(BindCacheEntry {
-            seq: w.seq.load(Ordering::Relaxed),
-            slot: w.slot.load(Ordering::Relaxed),
-            client: bytes,
-            ipv4: tail as u32,
-            psid: (tail >> 32) as u16,
-            psid_len: (tail >> 48) as u8,
-            live: (tail >> 56) as u8,
-        })
+            w.tail.load(Ordering::Relaxed),
+        ]);
+        (e.live != 0).then_some(e)
     }
 
     /// Writes entry `i` under its seqlock (`e.seq` is ignored). [`BindCache::put`] and
@@ -219,17 +208,11 @@ impl BindCache {
         w.seq.store(odd, Ordering::Relaxed);
         // The odd `seq` is visible before any field changes.
         fence(Ordering::Release);
-        let c = words16(&e.client);
-        w.slot.store(e.slot, Ordering::Relaxed);
-        w.client[0].store(c[0], Ordering::Relaxed);
-        w.client[1].store(c[1], Ordering::Relaxed);
-        w.tail.store(
-            u64::from(e.ipv4)
-                | u64::from(e.psid) << 32
-                | u64::from(e.psid_len) << 48
-                | u64::from(e.live) << 56,
-            Ordering::Relaxed,
-        );
+        let [head, c0, c1, tail] = e.to_words();
+        w.slot.store((head >> 32) as u32, Ordering::Relaxed);
+        w.client[0].store(c0, Ordering::Relaxed);
+        w.client[1].store(c1, Ordering::Relaxed);
+        w.tail.store(tail, Ordering::Relaxed);
         // Every field is visible before the even `seq`.
         w.seq.store(odd.wrapping_add(1), Ordering::Release);
     }

@@ -81,9 +81,6 @@ impl QueueTx {
     /// exceed either bound (or the session is gone).
     pub fn try_push(&self, pkt: Bytes, at: Micros) -> bool {
         let s = &self.shared;
-        if s.closed.load(Ordering::Relaxed) {
-            return false;
-        }
         let n = pkt.len();
         if s.bytes.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
             s.bytes.fetch_sub(n, Ordering::Relaxed);
@@ -91,7 +88,9 @@ impl QueueTx {
         }
         let was_empty = {
             let mut q = s.lock();
-            if q.len() >= self.max_packets {
+            // Checked under the lock that the session's end takes to empty the queue, so
+            // nothing is queued after it.
+            if s.closed.load(Ordering::Relaxed) || q.len() >= self.max_packets {
                 drop(q);
                 s.bytes.fetch_sub(n, Ordering::Relaxed);
                 return false;
@@ -118,11 +117,8 @@ impl QueueRx {
     /// taken off the queue when it is returned or dropped.
     pub async fn recv(&mut self) -> Option<Bytes> {
         loop {
-            while let Some((pkt, at)) = self.pop() {
-                let now = super::codel::stamp(std::time::Instant::now());
-                if let Some(pkt) = self.take(pkt, at, now) {
-                    return Some(pkt);
-                }
+            if let Some(pkt) = self.try_recv(super::codel::stamp(std::time::Instant::now())) {
+                return Some(pkt);
             }
             self.shared.arrived.notified().await;
         }
@@ -167,8 +163,11 @@ impl QueueRx {
 impl Drop for QueueRx {
     /// The session is gone: refuse new packets and let the queued ones go.
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Relaxed);
-        let dropped = std::mem::take(&mut *self.shared.lock());
+        let dropped = {
+            let mut q = self.shared.lock();
+            self.shared.closed.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *q)
+        };
         let bytes: usize = dropped.iter().map(|(p, _)| p.len()).sum();
         self.shared.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
