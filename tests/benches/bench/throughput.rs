@@ -369,6 +369,40 @@ fn udp_kpps_with(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<f64
     Ok(packets / secs / 1e3)
 }
 
+/// UDP datagrams the receiving sockets of `ns` dropped because their buffer was full
+/// (`Udp: RcvbufErrors` of /proc/net/snmp, which is per namespace).
+fn udp_rcvbuf_errors(ns: &Ns) -> Result<u64> {
+    let snmp = ns.run(&["cat", "/proc/net/snmp"])?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        bail!("no Udp lines in /proc/net/snmp of {}", ns.name);
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow!("no Udp RcvbufErrors in /proc/net/snmp of {}", ns.name))
+}
+
+/// As [`udp_kpps_with`], also the datagrams that `receiver`'s sockets dropped meanwhile
+/// because their receive buffer was full.
+fn udp_kpps_rcvbuf_drops(
+    ns: &Ns,
+    receiver: &Ns,
+    dst: &str,
+    seconds: u32,
+    extra: &[&str],
+) -> Result<(f64, u64)> {
+    let before = udp_rcvbuf_errors(receiver)?;
+    let kpps = udp_kpps_with(ns, dst, seconds, extra)?;
+    Ok((kpps, udp_rcvbuf_errors(receiver)? - before))
+}
+
+/// iperf3's socket buffers (SO_SNDBUF and SO_RCVBUF, both ends) for the UDP runs that show
+/// what the path carries when the receiving application has room for bursts.
+const UDP_BIG_BUFFERS: &[&str] = &["-w", "4M"];
+
 /// UDP 64 B at full speed: packets received and over how many seconds.
 fn udp_received(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<(f64, f64)> {
     let mut argv = vec!["-u", "-b", "0", "-l", "64"];
@@ -481,6 +515,10 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
     let mut inband_tcp8 = vec![];
+    // The receiving sockets' buffer-full drops during the in-band UDP runs (upload, download).
+    let mut inband_udp_drops = (0u64, 0u64);
+    // UDP with big socket buffers: plain and in-band, upload then download.
+    let mut big: (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
     // The server's session-queue drops during the in-band TCP downloads: tail drops at the
     // cap, and CoDel's.
     let (mut down_full, mut down_aqm, mut down_packets) = (0u64, 0u64, 0u64);
@@ -492,7 +530,9 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         inband_tcp.push(tcp_gbps(&inband, TUNNEL_DST, s)?);
         plain_udp.push(udp_kpps(&native, PLAIN_DST, s)?);
         native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
-        inband_udp.push(udp_kpps(&inband, TUNNEL_DST, s)?);
+        let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &t.internet, TUNNEL_DST, s, &[])?;
+        inband_udp.push(kpps);
+        inband_udp_drops.0 += drops;
         plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
         native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
         plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
@@ -508,7 +548,22 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         down_aqm += d("drop_session_aqm");
         down_packets += d("inband_packets_from_tun");
         plain_udp_down.push(udp_down_kpps(&native, PLAIN_DST, s)?);
-        inband_udp_down.push(udp_down_kpps(&inband, TUNNEL_DST, s)?);
+        let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &inband, TUNNEL_DST, s, &["-R"])?;
+        inband_udp_down.push(kpps);
+        inband_udp_drops.1 += drops;
+        // Information: the same UDP runs with 4 MiB socket buffers at both ends.
+        for (samples, ns, dst, reverse) in [
+            (&mut big.0, &native, PLAIN_DST, false),
+            (&mut big.1, &inband, TUNNEL_DST, false),
+            (&mut big.2, &native, PLAIN_DST, true),
+            (&mut big.3, &inband, TUNNEL_DST, true),
+        ] {
+            let mut argv = UDP_BIG_BUFFERS.to_vec();
+            if reverse {
+                argv.push("-R");
+            }
+            samples.push(udp_kpps_with(ns, dst, s, &argv)?);
+        }
         let all: Vec<Ns> = std::iter::once(inband.clone())
             .chain(eight.iter().cloned())
             .collect();
@@ -733,6 +788,43 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         "in-band TCP downloads: the server queued {down_packets} packets for the session; \
          {down_full} more were dropped at the session queue's cap (tail drops: the sender \
          then retransmits) and {down_aqm} of the queued ones by CoDel."
+    ));
+    // Information beside the in-band UDP targets: where their packets are lost, and what the
+    // path carries when the receiving application has room for bursts.
+    let bufs = UDP_BIG_BUFFERS.join(" ");
+    let p_big = report.figure(
+        sec,
+        format!("plain IPv4 routing, UDP 64 B, iperf3 {bufs}"),
+        "kpps",
+        big.0,
+    );
+    let i_big = report.figure(
+        sec,
+        format!("4over6 in-band TUN, UDP 64 B, iperf3 {bufs}"),
+        "kpps",
+        big.1,
+    );
+    let p_big_down = report.figure(
+        sec,
+        format!("plain IPv4 routing, UDP 64 B download, iperf3 {bufs}"),
+        "kpps",
+        big.2,
+    );
+    let i_big_down = report.figure(
+        sec,
+        format!("4over6 in-band TUN, UDP 64 B download, iperf3 {bufs}"),
+        "kpps",
+        big.3,
+    );
+    report.note(format!(
+        "in-band UDP 64 B: the receiving iperf3's socket dropped {} datagrams (buffer full, \
+         Udp RcvbufErrors) in the upload runs and {} in the download runs. With {bufs} \
+         (socket buffers at both ends; information, not the target) in-band is {:.2}x of \
+         plain routing uploading and {:.2}x downloading.",
+        inband_udp_drops.0,
+        inband_udp_drops.1,
+        ratio(i_big, p_big),
+        ratio(i_big_down, p_big_down),
     ));
     report.note(format!(
         "in-band, {INBAND_CLIENTS} clients at once: {:.2}x of plain routing with 8 TCP streams",
