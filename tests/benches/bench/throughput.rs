@@ -518,7 +518,13 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     // The receiving sockets' buffer-full drops during the in-band UDP runs (upload, download).
     let mut inband_udp_drops = (0u64, 0u64);
     // UDP with big socket buffers: plain and in-band, upload then download.
-    let mut big: (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    let mut big = [
+        "plain IPv4 routing, UDP 64 B",
+        "4over6 in-band TUN, UDP 64 B",
+        "plain IPv4 routing, UDP 64 B download",
+        "4over6 in-band TUN, UDP 64 B download",
+    ]
+    .map(|name| (name, Vec::new()));
     // The server's session-queue drops during the in-band TCP downloads: tail drops at the
     // cap, and CoDel's.
     let (mut down_full, mut down_aqm, mut down_packets) = (0u64, 0u64, 0u64);
@@ -552,12 +558,12 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         inband_udp_down.push(kpps);
         inband_udp_drops.1 += drops;
         // Information: the same UDP runs with 4 MiB socket buffers at both ends.
-        for (samples, ns, dst, reverse) in [
-            (&mut big.0, &native, PLAIN_DST, false),
-            (&mut big.1, &inband, TUNNEL_DST, false),
-            (&mut big.2, &native, PLAIN_DST, true),
-            (&mut big.3, &inband, TUNNEL_DST, true),
-        ] {
+        for ((_, samples), (ns, dst, reverse)) in big.iter_mut().zip([
+            (&native, PLAIN_DST, false),
+            (&inband, TUNNEL_DST, false),
+            (&native, PLAIN_DST, true),
+            (&inband, TUNNEL_DST, true),
+        ]) {
             let mut argv = UDP_BIG_BUFFERS.to_vec();
             if reverse {
                 argv.push("-R");
@@ -792,30 +798,9 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     // Information beside the in-band UDP targets: where their packets are lost, and what the
     // path carries when the receiving application has room for bursts.
     let bufs = UDP_BIG_BUFFERS.join(" ");
-    let p_big = report.figure(
-        sec,
-        format!("plain IPv4 routing, UDP 64 B, iperf3 {bufs}"),
-        "kpps",
-        big.0,
-    );
-    let i_big = report.figure(
-        sec,
-        format!("4over6 in-band TUN, UDP 64 B, iperf3 {bufs}"),
-        "kpps",
-        big.1,
-    );
-    let p_big_down = report.figure(
-        sec,
-        format!("plain IPv4 routing, UDP 64 B download, iperf3 {bufs}"),
-        "kpps",
-        big.2,
-    );
-    let i_big_down = report.figure(
-        sec,
-        format!("4over6 in-band TUN, UDP 64 B download, iperf3 {bufs}"),
-        "kpps",
-        big.3,
-    );
+    let [p_big, i_big, p_big_down, i_big_down] = big.map(|(name, samples)| {
+        report.figure(sec, format!("{name}, iperf3 {bufs}"), "kpps", samples)
+    });
     report.note(format!(
         "in-band UDP 64 B: the receiving iperf3's socket dropped {} datagrams (buffer full, \
          Udp RcvbufErrors) in the upload runs and {} in the download runs. With {bufs} \
