@@ -254,9 +254,9 @@ enum RunOn {
     Main,
     /// A runtime of one thread: the client, whose session is one future (the TUN reader and
     /// the connection in one `select!`). A second worker only added wake-ups from one thread
-    /// to the other: in the bench's held lab, eight alternating runs each, the in-band
-    /// client on one thread gave UDP 64 B uploads of 132 kpps against 104 (medians), TCP
-    /// downloads of 5.56 Gbit/s against 4.75 and uploads of 5.27 against 4.95.
+    /// to the other: in the bench's held lab the in-band client on one thread gave UDP 64 B
+    /// uploads of 132 kpps against 104 (medians of eight alternating runs); TCP moved within
+    /// the noise (ten more: uploads 5.18 Gbit/s against 4.93, downloads 5.21 against 5.60).
     OneThread,
 }
 
