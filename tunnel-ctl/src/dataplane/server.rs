@@ -20,9 +20,8 @@ use tracing::{info, warn};
 use tunnel_common::{
     fastpath::{DEFAULT_HOP_LIMIT, TCP_IPV4_OVERHEAD, TunnelConfig, bind_cache_bits},
     names::{
-        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, NAT_IN, NAT_OUT,
-        POLICY_EVENTS, PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS,
-        SOFTWIRES,
+        B4_ADDRS, BIND_BY_V4, BIND_BY_V6, BIND_CACHE, CLIENT_TRAFFIC, POLICY_EVENTS,
+        PROG_SERVER_DECAP, PROG_SERVER_DECAP_XDP, PROG_SERVER_ENCAP, SHARED_ADDRS, SOFTWIRES,
     },
 };
 
@@ -102,7 +101,7 @@ impl Native {
         } else {
             1
         };
-        let sizes = [
+        let mut sizes = vec![
             (BIND_BY_V4, clients),
             (BIND_BY_V6, clients),
             (BIND_CACHE, 1 << bind_cache_bits(clients)),
@@ -110,10 +109,9 @@ impl Native {
             (SOFTWIRES, args.max_bindings),
             (SHARED_ADDRS, args.max_bindings),
             (B4_ADDRS, args.max_bindings),
-            // The NAPT maps are the CE's and the lwB4's.
-            (NAT_OUT, 1),
-            (NAT_IN, 1),
         ];
+        // The NAPT maps are the CE's and the lwB4's.
+        sizes.extend(dataplane::NAT_MAPS.iter().map(|&name| (name, 1)));
         let mut ebpf = dataplane::load_sized(&args.pin_dir, &sizes)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let previous = maps.config()?;
