@@ -768,6 +768,31 @@ pub fn wait_counter_deltas(
     })
 }
 
+/// `(name, value)` pairs of one protocol's line pair (`Ip`, `Tcp`, `Udp`, ...) in
+/// /proc/net/snmp of `ns` (the file is per namespace).
+pub fn snmp(ns: &Ns, proto: &str) -> Result<Vec<(String, u64)>> {
+    let text = ns.run(&["cat", "/proc/net/snmp"])?;
+    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("no {proto} lines in /proc/net/snmp of {}", ns.name);
+    };
+    Ok(names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .map(|(n, v)| (n.to_owned(), v.parse().unwrap_or(0)))
+        .collect())
+}
+
+/// The sum of `names` among `proto`'s counters in /proc/net/snmp of `ns`.
+pub fn snmp_sum(ns: &Ns, proto: &str, names: &[&str]) -> Result<u64> {
+    Ok(snmp(ns, proto)?
+        .into_iter()
+        .filter(|(n, _)| names.contains(&n.as_str()))
+        .map(|(_, v)| v)
+        .sum())
+}
+
 /// An integer counter from a `stats --json` object; panics with the object if it is missing.
 pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats[name]

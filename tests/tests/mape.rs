@@ -345,18 +345,14 @@ fn send_ipip(t: &MapeLab, src: std::net::Ipv6Addr, inner: &[u8]) -> Result<()> {
 
 /// LAN host's TCP segment counters (out, in) from /proc/net/snmp.
 fn tcp_segments(t: &MapeLab) -> Result<(u64, u64)> {
-    let snmp = t.lan.run(&["cat", "/proc/net/snmp"])?;
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (lines.next(), lines.next());
-    let (Some(names), Some(values)) = (names, values) else {
-        bail!("no Tcp lines in /proc/net/snmp");
+    let tcp = tunnel_tests::snmp(&t.lan, "Tcp")?;
+    let get = |name: &str| {
+        tcp.iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
+            .ok_or_else(|| anyhow::anyhow!("no Tcp {name} in /proc/net/snmp"))
     };
-    let map: BTreeMap<&str, u64> = names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .filter_map(|(n, v)| Some((n, v.parse().ok()?)))
-        .collect();
-    Ok((map["OutSegs"], map["InSegs"]))
+    Ok((get("OutSegs")?, get("InSegs")?))
 }
 
 #[test]

@@ -12,6 +12,7 @@ use etherparse::PacketBuilder;
 use tunnel_tests::{
     Ns, counter,
     fourover6::{FourOverSix, INTERNET_HOST, TUNNEL_ADDR, server_args},
+    snmp_sum,
     transfer::tcp_transfer,
     wait_for,
 };
@@ -535,29 +536,6 @@ fn bindings_follow_the_clients_and_are_gone_when_they_leave() -> Result<()> {
     assert!(stat(&t, "drop_no_lease_for_destination")? >= no_lease + 2);
     t.lab.daemon(&b).expect("client b").signal(libc::SIGCONT);
     Ok(())
-}
-
-/// `(name, value)` pairs of one protocol line pair in /proc/net/snmp of `ns`.
-fn snmp(ns: &Ns, proto: &str) -> Result<Vec<(String, u64)>> {
-    let text = ns.run(&["cat", "/proc/net/snmp"])?;
-    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        bail!("no {proto} lines in /proc/net/snmp");
-    };
-    Ok(names
-        .split_whitespace()
-        .skip(1)
-        .zip(values.split_whitespace().skip(1))
-        .map(|(n, v)| (n.to_owned(), v.parse().unwrap_or(0)))
-        .collect())
-}
-
-fn snmp_sum(ns: &Ns, proto: &str, names: &[&str]) -> Result<u64> {
-    Ok(snmp(ns, proto)?
-        .into_iter()
-        .filter(|(n, _)| names.contains(&n.as_str()))
-        .map(|(_, v)| v)
-        .sum())
 }
 
 #[test]

@@ -14,7 +14,7 @@ use tunnel_tests::{
     Ns, counter,
     fourover6::FourOverSix,
     mape::{MapeLab, RULE_252},
-    wait_for,
+    snmp_sum, wait_for,
 };
 
 use crate::{
@@ -369,22 +369,6 @@ fn udp_kpps_with(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<f64
     Ok(packets / secs / 1e3)
 }
 
-/// UDP datagrams the receiving sockets of `ns` dropped because their buffer was full
-/// (`Udp: RcvbufErrors` of /proc/net/snmp, which is per namespace).
-fn udp_rcvbuf_errors(ns: &Ns) -> Result<u64> {
-    let snmp = ns.run(&["cat", "/proc/net/snmp"])?;
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        bail!("no Udp lines in /proc/net/snmp of {}", ns.name);
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow!("no Udp RcvbufErrors in /proc/net/snmp of {}", ns.name))
-}
-
 /// As [`udp_kpps_with`], also the datagrams that `receiver`'s sockets dropped meanwhile
 /// because their receive buffer was full.
 fn udp_kpps_rcvbuf_drops(
@@ -394,9 +378,11 @@ fn udp_kpps_rcvbuf_drops(
     seconds: u32,
     extra: &[&str],
 ) -> Result<(f64, u64)> {
-    let before = udp_rcvbuf_errors(receiver)?;
+    // Udp RcvbufErrors: /proc/net/snmp is per namespace.
+    let drops = || snmp_sum(receiver, "Udp", &["RcvbufErrors"]);
+    let before = drops()?;
     let kpps = udp_kpps_with(ns, dst, seconds, extra)?;
-    Ok((kpps, udp_rcvbuf_errors(receiver)? - before))
+    Ok((kpps, drops()? - before))
 }
 
 /// iperf3's socket buffers (SO_SNDBUF and SO_RCVBUF, both ends) for the UDP runs that show
