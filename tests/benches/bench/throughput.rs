@@ -204,13 +204,33 @@ struct Xmits {
     big_share: f64,
 }
 
-/// Runs `measure` while `perf stat` counts, per device in `devices`, the transmits and those
-/// with more than one GSO segment (tracepoint filters, so nothing is copied to user space).
-/// Device names are matched in every namespace: the lab's are unique along the path.
-fn xmits_during(
-    devices: &[&'static str],
-    measure: impl FnOnce() -> Result<f64>,
-) -> Result<Vec<Xmits>> {
+/// One eBPF program's work during a run, from the kernel's run-time statistics.
+struct ProgRun {
+    /// The kernel's name for it (15 bytes at most).
+    name: String,
+    per_s: f64,
+    /// Average time per run.
+    ns: f64,
+}
+
+/// What a counted TCP run along the 4over6 path saw.
+struct PathRun {
+    gbps: f64,
+    xmits: Vec<Xmits>,
+    /// Times per second TCP armed a socket's pacing timer (`tcp_pace_kick`): a sender that
+    /// was ahead of its pacing rate and had to wait. Without the fq qdisc (not in this
+    /// kernel) TCP paces itself with one high-resolution timer per wait.
+    pacing_per_s: f64,
+    /// The eBPF programs that ran meanwhile (all of the machine's, ours are the only ones).
+    programs: Vec<ProgRun>,
+}
+
+/// Runs `measure` (a TCP run, Gbit/s) while `perf stat` counts, per device in `devices`, the
+/// transmits and those with more than one GSO segment (tracepoint filters, so nothing is
+/// copied to user space), and the senders' pacing waits; the kernel's BPF run-time statistics
+/// are on meanwhile. Device names are matched in every namespace: the lab's are unique along
+/// the path.
+fn path_run(devices: &[&'static str], measure: impl FnOnce() -> Result<f64>) -> Result<PathRun> {
     let mut events = vec![];
     for dev in devices {
         events.push(("net:net_dev_start_xmit", format!("name == \"{dev}\"")));
@@ -225,25 +245,75 @@ fn xmits_during(
             format!("name == \"{dev}\" && len > 1514"),
         ));
     }
-    let (counts, secs) = counted_during(&events, measure)?;
-    Ok(devices
-        .iter()
-        .zip(counts.chunks(3))
-        .map(|(&device, c)| Xmits {
-            device,
-            per_s: c[0] / secs,
-            gso_share: if c[0] > 0.0 { c[1] / c[0] } else { 0.0 },
-            big_share: if c[0] > 0.0 { c[2] / c[0] } else { 0.0 },
+    let (pace_kick, _) = kernel_function("tcp_pace_kick")?;
+    events.push(("timer:hrtimer_start", format!("function == {pace_kick:#x}")));
+    let ((gbps, programs), counts, secs) = counted_during(&events, || programs_during(measure))?;
+    let (per_device, pacing) = counts.split_at(3 * devices.len());
+    Ok(PathRun {
+        gbps,
+        xmits: devices
+            .iter()
+            .zip(per_device.chunks(3))
+            .map(|(&device, c)| Xmits {
+                device,
+                per_s: c[0] / secs,
+                gso_share: if c[0] > 0.0 { c[1] / c[0] } else { 0.0 },
+                big_share: if c[0] > 0.0 { c[2] / c[0] } else { 0.0 },
+            })
+            .collect(),
+        pacing_per_s: pacing[0] / secs,
+        programs,
+    })
+}
+
+/// Runs `measure` with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, held for
+/// the run: each program run then also reads the clock twice) and returns, for every loaded
+/// program name that ran meanwhile, its runs per second and average time per run.
+fn programs_during<T>(measure: impl FnOnce() -> Result<T>) -> Result<(T, Vec<ProgRun>)> {
+    use std::collections::{BTreeMap, HashMap};
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    let snapshot = || -> Result<HashMap<u32, (String, u64, u128)>> {
+        aya::programs::loaded_programs()
+            .map(|p| {
+                let p = p.context("listing loaded BPF programs")?;
+                let name = p.name_as_str().unwrap_or("(no name)").to_string();
+                Ok((p.id(), (name, p.run_count(), p.run_time().as_nanos())))
+            })
+            .collect()
+    };
+    let before = snapshot()?;
+    let started = std::time::Instant::now();
+    let value = measure()?;
+    let secs = started.elapsed().as_secs_f64();
+    // Summed by name: every lab role loads its own copy, and each namespace's programs are
+    // separate ones.
+    let mut by_name: BTreeMap<String, (u64, u128)> = BTreeMap::new();
+    for (id, (name, count, ns)) in snapshot()? {
+        let (count0, ns0) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+        let sum = by_name.entry(name).or_default();
+        sum.0 += count.saturating_sub(count0);
+        sum.1 += ns.saturating_sub(ns0);
+    }
+    let runs: Vec<ProgRun> = by_name
+        .into_iter()
+        .filter(|(_, (n, _))| *n > 0)
+        .map(|(name, (n, ns))| ProgRun {
+            name,
+            per_s: n as f64 / secs,
+            ns: ns as f64 / n as f64,
         })
-        .collect())
+        .collect();
+    Ok((value, runs))
 }
 
 /// Runs `measure` while `perf stat -a` counts each (tracepoint, filter) of `events`; returns
-/// the counts in that order and the seconds `measure` took.
-fn counted_during(
+/// what `measure` returned, the counts in the order of `events` and the seconds `measure`
+/// took.
+fn counted_during<T>(
     events: &[(&str, String)],
-    measure: impl FnOnce() -> Result<f64>,
-) -> Result<(Vec<f64>, f64)> {
+    measure: impl FnOnce() -> Result<T>,
+) -> Result<(T, Vec<f64>, f64)> {
     if !std::path::Path::new("/sys/kernel/tracing/events/net").exists() {
         let _ = std::process::Command::new("mount")
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
@@ -277,7 +347,7 @@ fn counted_during(
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(perf.0.id() as i32, libc::SIGINT) };
     let status = perf.0.wait()?;
-    result?;
+    let value = result?;
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
     let counts: Vec<f64> = text
@@ -292,13 +362,20 @@ fn counted_during(
             events.len()
         );
     }
-    Ok((counts, secs))
+    Ok((value, counts, secs))
 }
 
 /// The tracepoint filter that matches allocations made on behalf of `pskb_expand_head` (a
 /// packet's head copied into a bigger buffer): `kmem:kmalloc`'s call site lies inside that
-/// function, whose bounds /proc/kallsyms gives (root sees real addresses).
+/// function.
 fn head_realloc_filter() -> Result<String> {
+    let (lo, hi) = kernel_function("pskb_expand_head")?;
+    Ok(format!("call_site >= {lo:#x} && call_site < {hi:#x}"))
+}
+
+/// Where kernel function `name` starts and where the next one does, from /proc/kallsyms (root
+/// sees real addresses).
+fn kernel_function(name: &str) -> Result<(u64, u64)> {
     let syms = std::fs::read_to_string("/proc/kallsyms").context("/proc/kallsyms")?;
     let mut addrs: Vec<(u64, &str)> = syms
         .lines()
@@ -313,33 +390,32 @@ fn head_realloc_filter() -> Result<String> {
     addrs.sort_unstable();
     let at = addrs
         .iter()
-        .position(|&(_, n)| n == "pskb_expand_head")
-        .ok_or_else(|| anyhow!("no pskb_expand_head in /proc/kallsyms"))?;
+        .position(|&(_, n)| n == name)
+        .ok_or_else(|| anyhow!("no {name} in /proc/kallsyms"))?;
     let (lo, _) = addrs[at];
     let hi = addrs[at + 1..]
         .iter()
         .map(|&(a, _)| a)
         .find(|&a| a > lo)
-        .ok_or_else(|| anyhow!("no symbol after pskb_expand_head"))?;
+        .ok_or_else(|| anyhow!("no symbol after {name}"))?;
     if lo == 0 {
         bail!("/proc/kallsyms hides addresses (kptr_restrict)");
     }
-    Ok(format!("call_site >= {lo:#x} && call_site < {hi:#x}"))
+    Ok((lo, hi))
 }
 
 /// Packets received and head reallocations during a UDP 64 B run from `ns` to `dst`.
 fn udp_head_reallocs(ns: &Ns, dst: &str, seconds: u32) -> Result<(f64, f64)> {
     let filter = head_realloc_filter()?;
-    let mut packets = 0.0;
-    let (counts, _) = counted_during(&[("kmem:kmalloc", filter)], || {
-        packets = udp_received(ns, dst, seconds, &[])?.0;
-        Ok(packets)
+    let ((packets, _), counts, _) = counted_during(&[("kmem:kmalloc", filter)], || {
+        udp_received(ns, dst, seconds, &[])
     })?;
     Ok((packets, counts[0]))
 }
 
-fn xmits_text(label: &str, xmits: &[Xmits]) -> String {
-    let per_device: Vec<String> = xmits
+fn path_run_text(label: &str, run: &PathRun) -> String {
+    let per_device: Vec<String> = run
+        .xmits
         .iter()
         .map(|x| {
             format!(
@@ -351,7 +427,28 @@ fn xmits_text(label: &str, xmits: &[Xmits]) -> String {
             )
         })
         .collect();
-    format!("{label}: transmits per device: {}", per_device.join(", "))
+    // Programs that run on control events (a neighbour to resolve) are left out of the list,
+    // not out of the CPU share.
+    let programs: Vec<String> = run
+        .programs
+        .iter()
+        .filter(|p| p.per_s >= 100.0)
+        .map(|p| format!("{} {:.0}/s at {:.0} ns", p.name, p.per_s, p.ns))
+        .collect();
+    let cpu: f64 = run.programs.iter().map(|p| p.per_s * p.ns / 1e7).sum();
+    format!(
+        "{label}: {:.2} Gbit/s; the senders waited for their pacing rate {:.0} times/s \
+         (tcp_pace_kick timers armed); eBPF: {} ({cpu:.1}% of one CPU); transmits per \
+         device: {}",
+        run.gbps,
+        run.pacing_per_s,
+        if programs.is_empty() {
+            "none ran".to_string()
+        } else {
+            programs.join(", ")
+        },
+        per_device.join(", ")
+    )
 }
 
 /// UDP with 64-byte payloads at full speed, thousands of packets per second received.
@@ -561,8 +658,10 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
             .collect();
         inband_tcp8.push(tcp_clients_gbps(&all, TUNNEL_DST, s)?);
     }
-    // Separate runs (the tracepoint counting costs a little per transmit): how many
-    // transmits each device of the path makes, and how many of them are GSO packets.
+    // Separate runs (the tracepoint counting and the BPF statistics cost a little per
+    // packet): how many transmits each device of the path makes and how many of them are GSO
+    // packets, how often the senders waited for their pacing rate, and what the eBPF
+    // programs cost in live traffic. The paths:
     // client v6 → core c<N>/srv → server up6 → inet0 → internet eth0, and back.
     let path = ["v6", "srv", "inet0", "eth0", "up6", "c1"];
     for (label, dst, streams) in [
@@ -571,9 +670,9 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         ("plain 8 TCP streams", PLAIN_DST, 8),
         ("native 8 TCP streams", TUNNEL_DST, 8),
     ] {
-        match xmits_during(&path, || tcp_streams_gbps(&native, dst, s, streams)) {
-            Ok(x) => report.note(xmits_text(label, &x)),
-            Err(e) => report.note(format!("{label}: no transmit counts: {e:#}")),
+        match path_run(&path, || tcp_streams_gbps(&native, dst, s, streams)) {
+            Ok(run) => report.note(path_run_text(label, &run)),
+            Err(e) => report.note(format!("{label}: no path counts: {e:#}")),
         }
     }
     // A packet whose head has less room than the 40 bytes of IPv6 is copied into a bigger
