@@ -5,7 +5,10 @@
 //! repeat count would time the "not mine, pass" branch after the first run. Each figure is
 //! therefore the kernel-reported run time of N separate one-packet runs, averaged; the empty
 //! program is timed the same way, so the fixed cost of the timer around a run is in both
-//! sides of every ratio. The empty program's in-kernel `repeat` figure is reported as well.
+//! sides of every ratio. The N runs of each program are split into slices timed in turn with
+//! every other program's, and the figure is the median slice, so a noisy moment of the
+//! machine does not land on one program alone. The empty program's in-kernel `repeat` figure
+//! is reported as well.
 //!
 //! Every program runs in a namespace where its packet has a route and a resolved neighbour,
 //! so it takes its whole path: lookups, rewrite, checksums, FIB lookup, redirect. The first
@@ -331,6 +334,9 @@ fn run_once(ebpf: &mut Ebpf, program: &str, packet: &[u8], repeat: u32) -> Resul
     Ok((r.return_value, r.duration))
 }
 
+/// Slices each case's one-packet runs are timed in, taken in turn across the cases.
+const SLICES: u32 = 10;
+
 /// Mean kernel-reported ns of `calls` one-packet runs.
 fn time_per_call(ebpf: &mut Ebpf, program: &str, packet: &[u8], calls: u32) -> Result<f64> {
     let mut total = Duration::ZERO;
@@ -569,7 +575,11 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     ];
 
     let calls = plan.test_runs;
-    let mut results: Vec<(&'static str, f64)> = Vec::new();
+    // Every case is timed in SLICES slices taken in turn (case 1, 2, ... then again), each
+    // figure the median of its slices: a quiet or busy moment of the machine falls on all the
+    // cases alike, not on whichever one was being timed then.
+    let per_slice = (calls / SLICES).max(1);
+    let mut slices: Vec<Vec<f64>> = vec![Vec::with_capacity(SLICES as usize); cases.len()];
     ns.enter(|| -> Result<()> {
         for case in &cases {
             let ebpf = &mut objects[case.ebpf];
@@ -587,10 +597,18 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
                     );
                 }
             }
-            // Warm up, then time.
+            // Warm up.
             time_per_call(ebpf, case.program, &case.packet, calls.min(10_000) / 10)?;
-            results.push((case.name, time_per_call(ebpf, case.program, &case.packet, calls)?));
-            if crate::profile::enabled() {
+        }
+        for _ in 0..SLICES {
+            for (case, times) in cases.iter().zip(&mut slices) {
+                let ebpf = &mut objects[case.ebpf];
+                times.push(time_per_call(ebpf, case.program, &case.packet, per_slice)?);
+            }
+        }
+        if crate::profile::enabled() {
+            for case in &cases {
+                let ebpf = &mut objects[case.ebpf];
                 crate::profile::run(&format!("eBPF {}", short(case.name)), || {
                     time_per_call(ebpf, case.program, &case.packet, calls)
                 })?;
@@ -598,14 +616,19 @@ pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         }
         Ok(())
     })??;
+    let sec = "ebpf";
+    let results: Vec<(&'static str, f64)> = cases
+        .iter()
+        .zip(slices)
+        .map(|(case, times)| {
+            let value = report.figure(sec, format!("{}, ns/packet", case.name), "ns", times);
+            (case.name, value)
+        })
+        .collect();
     let (_, repeat_ns) =
         ns.enter(|| run_once(&mut objects[0], PROG_BENCH_EMPTY, &cases[0].packet, calls))??;
 
-    let sec = "ebpf";
     let empty = results[0].1;
-    for (name, ns_per) in &results {
-        report.figure(sec, format!("{name}, ns/packet"), "ns", vec![*ns_per]);
-    }
     report.figure(
         sec,
         "empty TC program, in-kernel repeat loop, ns/packet",
