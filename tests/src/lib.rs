@@ -768,29 +768,35 @@ pub fn wait_counter_deltas(
     })
 }
 
-/// `(name, value)` pairs of one protocol's line pair (`Ip`, `Tcp`, `Udp`, ...) in
-/// /proc/net/snmp of `ns` (the file is per namespace).
-pub fn snmp(ns: &Ns, proto: &str) -> Result<Vec<(String, u64)>> {
+/// The values of counters `names` of one protocol (`Ip`, `Tcp`, `Udp`, ...) in /proc/net/snmp
+/// of `ns` (the file is per namespace), in the order asked, read at one instant. A name the
+/// kernel does not list is an error, not a zero: a test asserting "none" must not pass on a
+/// counter that is not there.
+pub fn snmp(ns: &Ns, proto: &str, names: &[&str]) -> Result<Vec<u64>> {
     let text = ns.run(&["cat", "/proc/net/snmp"])?;
     let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        anyhow::bail!("no {proto} lines in /proc/net/snmp of {}", ns.name);
+    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {proto} lines in /proc/net/snmp of {}", ns.name);
     };
-    Ok(names
+    let row: Vec<(&str, &str)> = header
         .split_whitespace()
         .skip(1)
         .zip(values.split_whitespace().skip(1))
-        .map(|(n, v)| (n.to_owned(), v.parse().unwrap_or(0)))
-        .collect())
+        .collect();
+    names
+        .iter()
+        .map(|&name| {
+            row.iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.parse().ok())
+                .ok_or_else(|| anyhow!("no {proto} {name} in /proc/net/snmp of {}", ns.name))
+        })
+        .collect()
 }
 
-/// The sum of `names` among `proto`'s counters in /proc/net/snmp of `ns`.
+/// The sum of counters `names` of `proto` in /proc/net/snmp of `ns` (see [`snmp`]).
 pub fn snmp_sum(ns: &Ns, proto: &str, names: &[&str]) -> Result<u64> {
-    Ok(snmp(ns, proto)?
-        .into_iter()
-        .filter(|(n, _)| names.contains(&n.as_str()))
-        .map(|(_, v)| v)
-        .sum())
+    Ok(snmp(ns, proto, names)?.into_iter().sum())
 }
 
 /// An integer counter from a `stats --json` object; panics with the object if it is missing.

@@ -345,14 +345,8 @@ fn send_ipip(t: &MapeLab, src: std::net::Ipv6Addr, inner: &[u8]) -> Result<()> {
 
 /// LAN host's TCP segment counters (out, in) from /proc/net/snmp.
 fn tcp_segments(t: &MapeLab) -> Result<(u64, u64)> {
-    let tcp = tunnel_tests::snmp(&t.lan, "Tcp")?;
-    let get = |name: &str| {
-        tcp.iter()
-            .find(|(n, _)| n == name)
-            .map(|&(_, v)| v)
-            .ok_or_else(|| anyhow::anyhow!("no Tcp {name} in /proc/net/snmp"))
-    };
-    Ok((get("OutSegs")?, get("InSegs")?))
+    let tcp = tunnel_tests::snmp(&t.lan, "Tcp", &["OutSegs", "InSegs"])?;
+    Ok((tcp[0], tcp[1]))
 }
 
 #[test]
