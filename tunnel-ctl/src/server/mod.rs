@@ -423,7 +423,12 @@ impl Server {
 
     /// Milliseconds since the server started (cheap timestamps for liveness).
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// [`Server::now_ms`] for an instant already read.
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     /// Undoes the fast-path part of ended leases and schedules a lease-file write.
