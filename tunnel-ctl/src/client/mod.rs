@@ -545,9 +545,12 @@ async fn session(
             biased;
             () = tokio::time::sleep_until(wake) => m.handle_timeout(Instant::now()),
             item = framed.next() => {
-                // The 103s already read go together: one TUN write per flow.
+                // The 103s already read go together: one TUN write per flow. They arrived
+                // together too: one clock read for all of them (one per frame was 2% of the
+                // client's time in a download).
                 let mut item = Some(item);
                 let mut handled = 0;
+                let now = Instant::now();
                 while let Some(next) = item.take() {
                     match next {
                         None => m.handle_closed(),
@@ -555,7 +558,7 @@ async fn session(
                         Some(Ok(frame)) => {
                             let data =
                                 matches!(frame.kind, MsgType::DataReply | MsgType::Keepalive);
-                            m.handle_frame(frame, Instant::now());
+                            m.handle_frame(frame, now);
                             handled += 1;
                             if data && handled < FRAMES_PER_TUN_WRITE {
                                 item = futures::FutureExt::now_or_never(framed.next());
