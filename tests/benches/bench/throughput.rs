@@ -208,9 +208,9 @@ struct Xmits {
 struct ProgRun {
     /// The kernel's name for it (15 bytes at most).
     name: String,
-    per_s: f64,
-    /// Average time per run.
-    ns: f64,
+    runs: u64,
+    /// Their total time.
+    ns: u128,
 }
 
 /// What a counted TCP run along the 4over6 path saw.
@@ -223,6 +223,8 @@ struct PathRun {
     pacing_per_s: f64,
     /// The eBPF programs that ran meanwhile (all of the machine's, ours are the only ones).
     programs: Vec<ProgRun>,
+    /// How long the run took.
+    secs: f64,
 }
 
 /// Runs `measure` (a TCP run, Gbit/s) while `perf stat` counts, per device in `devices`, the
@@ -263,12 +265,13 @@ fn path_run(devices: &[&'static str], measure: impl FnOnce() -> Result<f64>) -> 
             .collect(),
         pacing_per_s: pacing[0] / secs,
         programs,
+        secs,
     })
 }
 
 /// Runs `measure` with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, held for
 /// the run: each program run then also reads the clock twice) and returns, for every loaded
-/// program name that ran meanwhile, its runs per second and average time per run.
+/// program name that ran meanwhile, its runs and their total time.
 fn programs_during<T>(measure: impl FnOnce() -> Result<T>) -> Result<(T, Vec<ProgRun>)> {
     use std::collections::{BTreeMap, HashMap};
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -283,9 +286,7 @@ fn programs_during<T>(measure: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Pro
             .collect()
     };
     let before = snapshot()?;
-    let started = std::time::Instant::now();
     let value = measure()?;
-    let secs = started.elapsed().as_secs_f64();
     // Summed by name: every lab role loads its own copy, and each namespace's programs are
     // separate ones.
     let mut by_name: BTreeMap<String, (u64, u128)> = BTreeMap::new();
@@ -298,11 +299,7 @@ fn programs_during<T>(measure: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Pro
     let runs: Vec<ProgRun> = by_name
         .into_iter()
         .filter(|(_, (n, _))| *n > 0)
-        .map(|(name, (n, ns))| ProgRun {
-            name,
-            per_s: n as f64 / secs,
-            ns: ns as f64 / n as f64,
-        })
+        .map(|(name, (runs, ns))| ProgRun { name, runs, ns })
         .collect();
     Ok((value, runs))
 }
@@ -432,10 +429,13 @@ fn path_run_text(label: &str, run: &PathRun) -> String {
     let programs: Vec<String> = run
         .programs
         .iter()
-        .filter(|p| p.per_s >= 100.0)
-        .map(|p| format!("{} {:.0}/s at {:.0} ns", p.name, p.per_s, p.ns))
+        .filter_map(|p| {
+            let (per_s, ns) = (p.runs as f64 / run.secs, p.ns as f64 / p.runs as f64);
+            (per_s >= 100.0).then(|| format!("{} {per_s:.0}/s at {ns:.0} ns", p.name))
+        })
         .collect();
-    let cpu: f64 = run.programs.iter().map(|p| p.per_s * p.ns / 1e7).sum();
+    // ns of program time per second, as a percentage of one CPU.
+    let cpu: f64 = run.programs.iter().map(|p| p.ns as f64).sum::<f64>() / run.secs / 1e7;
     format!(
         "{label}: {:.2} Gbit/s; the senders waited for their pacing rate {:.0} times/s \
          (tcp_pace_kick timers armed); eBPF: {} ({cpu:.1}% of one CPU); transmits per \
