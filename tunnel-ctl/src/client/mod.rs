@@ -36,9 +36,11 @@ use tracing::{info, warn};
 pub(crate) mod lwb4;
 pub(crate) mod machine;
 pub(crate) mod ra;
+mod yielding;
 
 use crate::dataplane::client::{Applied, NativePath};
 use machine::{Action, Uplink};
+use yielding::YieldPolicy;
 
 use crate::{
     config::{ClientConfig, ClientMode},
@@ -87,10 +89,6 @@ const UPLINK_QUEUE: usize = 512;
 const WRITE_BATCH: usize = 64;
 /// 103 frames handled before their packets go to the TUN: what one read of the socket brings.
 const FRAMES_PER_TUN_WRITE: usize = 64;
-/// A TUN write of at least this many packets of under [`SMALL_PACKET`] bytes on average is
-/// followed by a yield ([`burst_of_small_packets`]).
-const SMALL_BURST: u64 = 8;
-const SMALL_PACKET: u64 = 256;
 
 #[derive(Default)]
 struct Status {
@@ -498,6 +496,7 @@ async fn session(
     let mut framed = frame::framed(stream);
     let mut m = machine::Session::new(cfg, client.stats.clone(), Instant::now());
     let mut to_tun = client.tun.clone().map(tundev::Writer::new);
+    let mut yields = YieldPolicy::default();
     loop {
         while let Some(action) = m.next_action() {
             if let Action::ToTun(pkt) = &action {
@@ -508,7 +507,7 @@ async fn session(
                 continue;
             }
             // Whatever follows the packets waits for them.
-            flush_tun(client, &mut to_tun).await;
+            flush_tun(client, &mut to_tun, &mut yields).await;
             match action {
                 Action::Send(frame) => match write(&mut framed, timers.timeout, [frame]).await {
                     Ok(()) => client.stats.frames_out.inc(),
@@ -543,7 +542,7 @@ async fn session(
                 Action::Close(end) => return Err(anyhow!("{end}")),
             }
         }
-        flush_tun(client, &mut to_tun).await;
+        flush_tun(client, &mut to_tun, &mut yields).await;
         let wake = tokio::time::Instant::from_std(m.poll_timeout());
         tokio::select! {
             biased;
@@ -600,7 +599,7 @@ async fn session(
 }
 
 /// Writes the packets from the server that were pushed for the TUN.
-async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
+async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>, policy: &mut YieldPolicy) {
     let Some(w) = to_tun.as_mut().filter(|w| !w.is_empty()) else {
         return;
     };
@@ -609,26 +608,18 @@ async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
         Ok(_) => {
             client.stats.inband_packets_from_server.add(n);
             client.stats.inband_bytes_from_server.add(bytes);
-            if burst_of_small_packets(n, bytes) {
-                // The sockets these packets woke readers on have little room for small
-                // datagrams (iperf3's default holds about 256), and the kernel woke each reader
-                // onto this CPU expecting the writer to sleep; a relay that goes on writing
-                // would fill them first. Let the readers run now.
-                std::thread::yield_now();
+            // The readers this burst woke were put on this CPU: let them drain their
+            // sockets before the next one (yielding.rs), while that costs little.
+            if YieldPolicy::burst_of_small_packets(n, bytes) {
+                let start = Instant::now();
+                if policy.yield_now(start) {
+                    std::thread::yield_now();
+                    policy.yielded(start, start.elapsed());
+                }
             }
         }
         Err(_) => client.stats.drop_tun_write_error.inc(),
     }
-}
-
-/// Whether a TUN write of `packets` packets of `bytes` bytes in all was a burst of small
-/// ones: at least [`SMALL_BURST`] packets of under [`SMALL_PACKET`] bytes on average. After
-/// one the client gives up its CPU once (`sched_yield`): in the bench's UDP 64 B download the
-/// receiving application, woken onto the client's CPU, lost a third of the datagrams at its
-/// socket while it waited there for the client to leave (83% of its drops in a scheduler
-/// trace). TCP downloads write 64 KiB super-packets and do not pay for a yield.
-fn burst_of_small_packets(packets: u64, bytes: u64) -> bool {
-    packets >= SMALL_BURST && bytes < packets * SMALL_PACKET
 }
 
 /// Writes `frames` with one flush, within `timeout` (`Err(None)`: the peer stopped reading).
@@ -829,21 +820,4 @@ async fn configure_ipv6(
     );
     lock(configured).v6 = Some(lease.clone());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_burst_of_small_packets_gives_the_cpu_away() {
-        // 64 datagrams of 64 B (92 B IP packets): a UDP flood's burst.
-        assert!(burst_of_small_packets(64, 64 * 92));
-        assert!(burst_of_small_packets(8, 8 * 255));
-        // Fewer packets, or TCP's full-size segments and super-packets: no yield.
-        assert!(!burst_of_small_packets(7, 7 * 92));
-        assert!(!burst_of_small_packets(64, 64 * 1500));
-        assert!(!burst_of_small_packets(8, 8 * 256));
-        assert!(!burst_of_small_packets(0, 0));
-    }
 }
