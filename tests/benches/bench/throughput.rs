@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 use tunnel_tests::{
-    Ns, counter,
+    Lab, Ns, counter,
     fourover6::FourOverSix,
     mape::{MapeLab, RULE_252},
     snmp_sum, wait_for,
@@ -96,13 +96,54 @@ fn iperf_on(ns: &Ns, dst: &str, port: u16, seconds: u32, extra: &[&str]) -> Resu
         "5000",
     ];
     argv.extend_from_slice(extra);
+    let started = std::time::Instant::now();
     let out = ns.output(&argv)?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 {argv:?} printed no JSON"))?;
     if let Some(e) = v["error"].as_str() {
-        bail!("iperf3 to {dst} from {}: {e}", ns.name);
+        bail!(
+            "iperf3 to {dst} port {port} {extra:?} from {}: {e} (after {:.1} s)",
+            ns.name,
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(v["end"].clone())
+}
+
+/// Copies the daemons' logs of `lab` (removed with it) to `target/bench/failed/<lab id>/`,
+/// with each daemon's `stats --json` as it stands now, and says where in `error`: a failed
+/// run is otherwise gone with its lab.
+fn keep_daemon_logs(lab: &Lab, error: anyhow::Error) -> anyhow::Error {
+    let to = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bench/failed"
+    ))
+    .join(lab.id());
+    let copied = (|| -> Result<usize> {
+        std::fs::create_dir_all(&to)?;
+        let mut n = 0;
+        for entry in std::fs::read_dir(lab.dir())? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            std::fs::copy(&path, to.join(path.file_name().unwrap_or_default()))?;
+            n += 1;
+            // The log is named after its instance (a restarted daemon's as `<instance>.<n>`).
+            let Some(instance) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let stats = lab
+                .ctl_json("stats", instance)
+                .map_or_else(|e| format!("{e:#}"), |v| format!("{v:#}"));
+            std::fs::write(to.join(format!("{instance}.stats.json")), stats)?;
+        }
+        Ok(n)
+    })();
+    match copied {
+        Ok(n) => error.context(format!("{n} daemon logs kept in {}", to.display())),
+        Err(e) => error.context(format!("the daemon logs could not be kept: {e:#}")),
+    }
 }
 
 /// Single-stream TCP, Gbit/s received.
@@ -612,51 +653,57 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
     // cap, and CoDel's.
     let (mut down_full, mut down_aqm, mut down_packets) = (0u64, 0u64, 0u64);
     let before = t.server_stats()?;
-    for round in 1..=plan.rounds {
-        eprintln!("  4over6 round {round}/{}", plan.rounds);
-        plain_tcp.push(tcp_gbps(&native, PLAIN_DST, s)?);
-        native_tcp.push(tcp_gbps(&native, TUNNEL_DST, s)?);
-        inband_tcp.push(tcp_gbps(&inband, TUNNEL_DST, s)?);
-        plain_udp.push(udp_kpps(&native, PLAIN_DST, s)?);
-        native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
-        let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &t.internet, TUNNEL_DST, s, &[])?;
-        inband_udp.push(kpps);
-        inband_udp_drops.0 += drops;
-        plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
-        native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
-        plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
-        plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s, 8)?);
-        plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
-        native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
-        plain_tcp_down.push(tcp_down_gbps(&native, PLAIN_DST, s)?);
-        let q0 = t.server_stats()?;
-        inband_tcp_down.push(tcp_down_gbps(&inband, TUNNEL_DST, s)?);
-        let q1 = t.server_stats()?;
-        let d = |name: &str| counter(&q1, name) - counter(&q0, name);
-        down_full += d("drop_session_queue_full");
-        down_aqm += d("drop_session_aqm");
-        down_packets += d("inband_packets_from_tun");
-        plain_udp_down.push(udp_down_kpps(&native, PLAIN_DST, s)?);
-        let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &inband, TUNNEL_DST, s, &["-R"])?;
-        inband_udp_down.push(kpps);
-        inband_udp_drops.1 += drops;
-        // Information: the same UDP runs with 4 MiB socket buffers at both ends.
-        for ((_, samples), (ns, dst, reverse)) in big.iter_mut().zip([
-            (&native, PLAIN_DST, false),
-            (&inband, TUNNEL_DST, false),
-            (&native, PLAIN_DST, true),
-            (&inband, TUNNEL_DST, true),
-        ]) {
-            let mut argv = UDP_BIG_BUFFERS.to_vec();
-            if reverse {
-                argv.push("-R");
+    let rounds = (|| -> Result<()> {
+        for round in 1..=plan.rounds {
+            eprintln!("  4over6 round {round}/{}", plan.rounds);
+            plain_tcp.push(tcp_gbps(&native, PLAIN_DST, s)?);
+            native_tcp.push(tcp_gbps(&native, TUNNEL_DST, s)?);
+            inband_tcp.push(tcp_gbps(&inband, TUNNEL_DST, s)?);
+            plain_udp.push(udp_kpps(&native, PLAIN_DST, s)?);
+            native_udp.push(udp_kpps(&native, TUNNEL_DST, s)?);
+            let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &t.internet, TUNNEL_DST, s, &[])?;
+            inband_udp.push(kpps);
+            inband_udp_drops.0 += drops;
+            plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
+            native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
+            plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
+            plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s, 8)?);
+            plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s)?);
+            native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s)?);
+            plain_tcp_down.push(tcp_down_gbps(&native, PLAIN_DST, s)?);
+            let q0 = t.server_stats()?;
+            inband_tcp_down.push(tcp_down_gbps(&inband, TUNNEL_DST, s)?);
+            let q1 = t.server_stats()?;
+            let d = |name: &str| counter(&q1, name) - counter(&q0, name);
+            down_full += d("drop_session_queue_full");
+            down_aqm += d("drop_session_aqm");
+            down_packets += d("inband_packets_from_tun");
+            plain_udp_down.push(udp_down_kpps(&native, PLAIN_DST, s)?);
+            let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &inband, TUNNEL_DST, s, &["-R"])?;
+            inband_udp_down.push(kpps);
+            inband_udp_drops.1 += drops;
+            // Information: the same UDP runs with 4 MiB socket buffers at both ends.
+            for ((_, samples), (ns, dst, reverse)) in big.iter_mut().zip([
+                (&native, PLAIN_DST, false),
+                (&inband, TUNNEL_DST, false),
+                (&native, PLAIN_DST, true),
+                (&inband, TUNNEL_DST, true),
+            ]) {
+                let mut argv = UDP_BIG_BUFFERS.to_vec();
+                if reverse {
+                    argv.push("-R");
+                }
+                samples.push(udp_kpps_with(ns, dst, s, &argv)?);
             }
-            samples.push(udp_kpps_with(ns, dst, s, &argv)?);
+            let all: Vec<Ns> = std::iter::once(inband.clone())
+                .chain(eight.iter().cloned())
+                .collect();
+            inband_tcp8.push(tcp_clients_gbps(&all, TUNNEL_DST, s)?);
         }
-        let all: Vec<Ns> = std::iter::once(inband.clone())
-            .chain(eight.iter().cloned())
-            .collect();
-        inband_tcp8.push(tcp_clients_gbps(&all, TUNNEL_DST, s)?);
+        Ok(())
+    })();
+    if let Err(e) = rounds {
+        return Err(keep_daemon_logs(&t.lab, e));
     }
     // Separate runs (the tracepoint counting and the BPF statistics cost a little per
     // packet): how many transmits each device of the path makes and how many of them are GSO
