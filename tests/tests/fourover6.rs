@@ -575,3 +575,182 @@ fn a_tun_error_says_what_failed() -> Result<()> {
     assert!(!stderr.contains("needs root"), "{stderr}");
     Ok(())
 }
+
+/// A download the client cannot keep up with must not hold back what the client sends (its
+/// TCP acks, a test's end message): a server written from the SPEC §3 bytes floods 103s
+/// faster than any client takes them, while datagrams go up through the client's TUN once
+/// every 50 ms; each must reach the server while the flood still runs, and soon.
+#[test]
+fn a_download_flood_does_not_hold_back_the_clients_uploads() -> Result<()> {
+    use std::{
+        io::Read as _,
+        net::{TcpListener, UdpSocket},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+    const UPLOADS: u32 = 20;
+    const LEASE: &str = "198.51.100.77";
+    const FAR: &str = "192.0.2.9";
+    let mut t = FourOverSix::start(&server_args(&[]))?;
+    let ns = t.client_ns()?;
+    // The lab's server holds 5678; the flooding server listens next to it.
+    let listener = t
+        .server
+        .enter(|| TcpListener::bind("[2001:db8:100::1]:5679"))??;
+    listener.set_nonblocking(true)?;
+    let instance = t.lab.instance("flood-cl");
+    t.lab.spawn_daemon(
+        &ns,
+        &instance,
+        &["client", "--server", "[2001:db8:100::1]:5679"],
+    )?;
+    let conn = wait_for(
+        "the client to connect",
+        Duration::from_secs(10),
+        || match listener.accept() {
+            Ok((conn, _)) => Ok(Some(conn)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+    )?;
+    conn.set_nonblocking(false)?;
+    let mut peer = RawPeer { stream: conn };
+    let (kind, _) = peer.recv_skip_keepalive()?;
+    ensure!(kind == 100, "the client's first frame is {kind}, not 100");
+    peer.send(
+        101,
+        format!("{LEASE} 0.0.0.0 192.0.2.53 192.0.2.53 192.0.2.53").as_bytes(),
+    )?;
+    t.wait_connected(&instance, Duration::from_secs(10))?;
+    // The flood's datagrams land in a socket that is never read: the kernel drops them
+    // quietly once it is full (no port unreachable goes back up).
+    let _sink = ns.enter(|| UdpSocket::bind(format!("{LEASE}:9999")))??;
+
+    // 103s of 64-byte UDP datagrams, many to a write.
+    let mut flood = Vec::new();
+    for i in 0..512u16 {
+        let mut pkt = Vec::new();
+        PacketBuilder::ipv4(
+            FAR.parse::<Ipv4Addr>()?.octets(),
+            LEASE.parse::<Ipv4Addr>()?.octets(),
+            64,
+        )
+        .udp(9, 9999)
+        .write(&mut pkt, &[i as u8; 36])?;
+        flood.extend_from_slice(&((5 + pkt.len()) as u32).to_le_bytes());
+        flood.push(103);
+        flood.extend_from_slice(&pkt);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = peer.stream.try_clone()?;
+    writer.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let flooding = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frames = 0u64;
+            // Ends with the stop flag, or with an error once the test closes the connection.
+            while !stop.load(Ordering::Relaxed) && writer.write_all(&flood).is_ok() {
+                frames += 512;
+            }
+            frames
+        })
+    };
+    // The uploads as the server sees them: 102s carrying UDP to FAR:7, numbered.
+    let mut reader = peer.stream.try_clone()?;
+    reader.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let reading = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<Vec<(u32, Instant)>> {
+            let mut seen = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while seen.len() < UPLOADS as usize && Instant::now() < deadline {
+                let mut header = [0u8; 5];
+                match reader.read_exact(&mut header) {
+                    Ok(()) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                ensure!(
+                    (5..=4101).contains(&len),
+                    "the client sent a frame of length {len}"
+                );
+                let mut data = vec![0u8; len - 5];
+                reader.read_exact(&mut data)?;
+                if header[4] != 102 {
+                    continue;
+                }
+                if let Ok(pkt) = SlicedPacket::from_ip(&data)
+                    && let Some(TransportSlice::Udp(udp)) = pkt.transport
+                    && udp.destination_port() == 7
+                    && let Some(n) = std::str::from_utf8(udp.payload())
+                        .ok()
+                        .and_then(|s| s.strip_prefix("up "))
+                        .and_then(|s| s.parse().ok())
+                {
+                    seen.push((n, Instant::now()));
+                }
+            }
+            // The flood ends only now: what arrived, arrived while it ran.
+            stop.store(true, Ordering::Relaxed);
+            Ok(seen)
+        })
+    };
+
+    // Once the flood has reached the client, the uploads, one every 50 ms.
+    wait_for(
+        "the flood to reach the client",
+        Duration::from_secs(10),
+        || {
+            let stats = t.lab.ctl_json("stats", &instance)?;
+            Ok((counter(&stats, "inband_packets_from_server") > 10_000).then_some(()))
+        },
+    )?;
+    let up = ns.enter(|| UdpSocket::bind(format!("{LEASE}:0")))??;
+    let mut sent = Vec::new();
+    for n in 0..UPLOADS {
+        up.send_to(format!("up {n}").as_bytes(), format!("{FAR}:7"))?;
+        sent.push(Instant::now());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    stop.store(true, Ordering::Relaxed);
+    // The writer may be blocked on a full socket: ending the connection frees it.
+    let _ = peer.stream.shutdown(std::net::Shutdown::Both);
+    let frames = flooding
+        .join()
+        .map_err(|_| anyhow::anyhow!("flooder panicked"))?;
+    let seen = seen?;
+    let stats = t.lab.ctl_json("stats", &instance)?;
+    let delivered = counter(&stats, "inband_packets_from_server");
+    let delays: Vec<Duration> = seen
+        .iter()
+        .map(|&(n, at)| at.saturating_duration_since(sent[n as usize]))
+        .collect();
+    eprintln!("flood: {delivered} of {frames} 103s delivered to the TUN; upload delays {delays:?}");
+    assert_eq!(
+        seen.len(),
+        UPLOADS as usize,
+        "only {} of {UPLOADS} uploads reached the server while the download ran \
+         (received {:?}); the client's counters: {stats}",
+        seen.len(),
+        seen.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    let worst = delays.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_millis(500),
+        "an upload waited {worst:?} behind the download: {delays:?}"
+    );
+    Ok(())
+}

@@ -87,6 +87,11 @@ const UPLINK_QUEUE: usize = 512;
 const WRITE_BATCH: usize = 64;
 /// 103 frames handled before their packets go to the TUN: what one read of the socket brings.
 const FRAMES_PER_TUN_WRITE: usize = 64;
+/// The longest the session reads the server's frames without letting the TUN reader (the
+/// other half of the task) take its turn. A download keeps the connection readable, and
+/// tokio hands the task back only after 128 ready reads of up to 64 KiB each: up to a
+/// second of 64-byte datagrams, while the uploads (a TCP download's acks among them) wait.
+const READ_TURN: Duration = Duration::from_millis(1);
 
 #[derive(Default)]
 struct Status {
@@ -494,6 +499,7 @@ async fn session(
     let mut framed = frame::framed(stream);
     let mut m = machine::Session::new(cfg, client.stats.clone(), Instant::now());
     let mut to_tun = client.tun.clone().map(tundev::Writer::new);
+    let (mut turn, mut give_turn) = (Instant::now(), false);
     loop {
         while let Some(action) = m.next_action() {
             if let Action::ToTun(pkt) = &action {
@@ -540,9 +546,16 @@ async fn session(
             }
         }
         flush_tun(client, &mut to_tun).await;
+        if std::mem::take(&mut give_turn) {
+            // What was read has gone out; now the TUN reader's turn (READ_TURN).
+            tokio::task::yield_now().await;
+            turn = Instant::now();
+        }
         let wake = tokio::time::Instant::from_std(m.poll_timeout());
         tokio::select! {
-            biased;
+            // Not biased: while a download keeps the connection readable, a fixed order
+            // served it forever and left the TUN's packets (the uploads, TCP's acks among
+            // them) unsent until the flood stopped. The server's session is fair the same way.
             () = tokio::time::sleep_until(wake) => m.handle_timeout(Instant::now()),
             item = framed.next() => {
                 // The 103s already read go together: one TUN write per flow. They arrived
@@ -566,6 +579,7 @@ async fn session(
                         }
                     }
                 }
+                give_turn = now.duration_since(turn) >= READ_TURN;
             }
             Some(first) = rx.recv(), if m.is_established() => {
                 // Whole 102s from the TUN reader, written as they are.
