@@ -36,9 +36,11 @@ use tracing::{info, warn};
 pub(crate) mod lwb4;
 pub(crate) mod machine;
 pub(crate) mod ra;
+mod yielding;
 
 use crate::dataplane::client::{Applied, NativePath};
 use machine::{Action, Uplink};
+use yielding::YieldPolicy;
 
 use crate::{
     config::{ClientConfig, ClientMode},
@@ -499,6 +501,7 @@ async fn session(
     let mut framed = frame::framed(stream);
     let mut m = machine::Session::new(cfg, client.stats.clone(), Instant::now());
     let mut to_tun = client.tun.clone().map(tundev::Writer::new);
+    let mut yields = YieldPolicy::default();
     let (mut turn, mut give_turn) = (Instant::now(), false);
     loop {
         while let Some(action) = m.next_action() {
@@ -510,7 +513,7 @@ async fn session(
                 continue;
             }
             // Whatever follows the packets waits for them.
-            flush_tun(client, &mut to_tun).await;
+            flush_tun(client, &mut to_tun, &mut yields).await;
             match action {
                 Action::Send(frame) => match write(&mut framed, timers.timeout, [frame]).await {
                     Ok(()) => client.stats.frames_out.inc(),
@@ -545,7 +548,7 @@ async fn session(
                 Action::Close(end) => return Err(anyhow!("{end}")),
             }
         }
-        flush_tun(client, &mut to_tun).await;
+        flush_tun(client, &mut to_tun, &mut yields).await;
         if std::mem::take(&mut give_turn) {
             // What was read has gone out; now the TUN reader's turn (READ_TURN).
             tokio::task::yield_now().await;
@@ -610,7 +613,7 @@ async fn session(
 }
 
 /// Writes the packets from the server that were pushed for the TUN.
-async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
+async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>, policy: &mut YieldPolicy) {
     let Some(w) = to_tun.as_mut().filter(|w| !w.is_empty()) else {
         return;
     };
@@ -619,6 +622,15 @@ async fn flush_tun(client: &Client, to_tun: &mut Option<tundev::Writer>) {
         Ok(_) => {
             client.stats.inband_packets_from_server.add(n);
             client.stats.inband_bytes_from_server.add(bytes);
+            // The readers this burst woke were put on this CPU: let them drain their
+            // sockets before the next one (yielding.rs), while that costs little.
+            if YieldPolicy::burst_of_small_packets(n, bytes) {
+                let start = Instant::now();
+                if policy.yield_now(start) {
+                    std::thread::yield_now();
+                    policy.yielded(start, start.elapsed());
+                }
+            }
         }
         Err(_) => client.stats.drop_tun_write_error.inc(),
     }
