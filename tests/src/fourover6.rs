@@ -252,11 +252,17 @@ impl RawPeer {
     }
 
     pub fn send(&mut self, kind: u8, data: &[u8]) -> Result<()> {
+        self.stream.write_all(&Self::frame(kind, data))?;
+        Ok(())
+    }
+
+    /// One frame as SPEC §3 puts it on the wire: length (header included, little-endian),
+    /// type, data.
+    pub fn frame(kind: u8, data: &[u8]) -> Vec<u8> {
         let mut frame = ((5 + data.len()) as u32).to_le_bytes().to_vec();
         frame.push(kind);
         frame.extend_from_slice(data);
-        self.stream.write_all(&frame)?;
-        Ok(())
+        frame
     }
 
     /// Next frame, as (type, data).

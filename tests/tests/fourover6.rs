@@ -638,9 +638,7 @@ fn a_download_flood_does_not_hold_back_the_clients_uploads() -> Result<()> {
         )
         .udp(9, 9999)
         .write(&mut pkt, &[i as u8; 36])?;
-        flood.extend_from_slice(&((5 + pkt.len()) as u32).to_le_bytes());
-        flood.push(103);
-        flood.extend_from_slice(&pkt);
+        flood.extend(RawPeer::frame(103, &pkt));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut writer = peer.stream.try_clone()?;

@@ -112,7 +112,7 @@ fn run() -> Result<()> {
             "bench: throughput ({} rounds of {} s per run)",
             plan.rounds, plan.seconds
         );
-        throughput::run(&plan, &mut report).context("throughput")?;
+        throughput::run(&plan, &mut report, &out.join("failed")).context("throughput")?;
     }
     if want("control") {
         eprintln!("bench: control plane ({} sessions)", plan.sessions);

@@ -110,15 +110,11 @@ fn iperf_on(ns: &Ns, dst: &str, port: u16, seconds: u32, extra: &[&str]) -> Resu
     Ok(v["end"].clone())
 }
 
-/// Copies the daemons' logs of `lab` (removed with it) to `target/bench/failed/<lab id>/`,
-/// with each daemon's `stats --json` as it stands now, and says where in `error`: a failed
-/// run is otherwise gone with its lab.
-fn keep_daemon_logs(lab: &Lab, error: anyhow::Error) -> anyhow::Error {
-    let to = std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/bench/failed"
-    ))
-    .join(lab.id());
+/// Copies the daemons' logs of `lab` (removed with it) to `<failed>/<lab id>/` (by default
+/// `target/bench/failed/`, under `--out`), with each daemon's `stats --json` as it stands
+/// now, and says where in `error`: a failed run is otherwise gone with its lab.
+fn keep_daemon_logs(lab: &Lab, failed: &std::path::Path, error: anyhow::Error) -> anyhow::Error {
+    let to = failed.join(lab.id());
     let copied = (|| -> Result<usize> {
         std::fs::create_dir_all(&to)?;
         let mut n = 0;
@@ -130,7 +126,11 @@ fn keep_daemon_logs(lab: &Lab, error: anyhow::Error) -> anyhow::Error {
             std::fs::copy(&path, to.join(path.file_name().unwrap_or_default()))?;
             n += 1;
             // The log is named after its instance (a restarted daemon's as `<instance>.<n>`).
-            let Some(instance) = path.file_stem().and_then(|s| s.to_str()) else {
+            let Some(instance) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.split('.').next())
+            else {
                 continue;
             };
             let stats = lab
@@ -540,8 +540,9 @@ fn udp_received(ns: &Ns, dst: &str, seconds: u32, extra: &[&str]) -> Result<(f64
     }
 }
 
-pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {
-    fourover6(plan, report).context("4over6 throughput")?;
+/// `failed`: where a failed round leaves the daemons' logs ([`keep_daemon_logs`]).
+pub fn run(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Result<()> {
+    fourover6(plan, report, failed).context("4over6 throughput")?;
     mape(plan, report).context("MAP-E throughput")?;
     Ok(())
 }
@@ -588,7 +589,7 @@ fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<u32> {
     Ok(mtu)
 }
 
-fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
+fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Result<()> {
     let mut t = FourOverSix::start_native(&[
         "--pool",
         "198.51.100.2-198.51.100.20",
@@ -703,7 +704,7 @@ fn fourover6(plan: &Plan, report: &mut Report) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = rounds {
-        return Err(keep_daemon_logs(&t.lab, e));
+        return Err(keep_daemon_logs(&t.lab, failed, e));
     }
     // Separate runs (the tracepoint counting and the BPF statistics cost a little per
     // packet): how many transmits each device of the path makes and how many of them are GSO
