@@ -773,10 +773,22 @@ pub fn wait_counter_deltas(
 /// kernel does not list is an error, not a zero: a test asserting "none" must not pass on a
 /// counter that is not there.
 pub fn snmp(ns: &Ns, proto: &str, names: &[&str]) -> Result<Vec<u64>> {
-    let text = ns.run(&["cat", "/proc/net/snmp"])?;
+    proc_net_counters(ns, "/proc/net/snmp", proto, names)
+}
+
+/// As [`snmp`], from /proc/net/netstat (`TcpExt`, `IpExt`, ...: the kernel's extended
+/// counters, what `nstat` shows after the `snmp` ones).
+pub fn netstat(ns: &Ns, proto: &str, names: &[&str]) -> Result<Vec<u64>> {
+    proc_net_counters(ns, "/proc/net/netstat", proto, names)
+}
+
+/// Counters `names` of `proto` in `file`, one of the /proc/net files that list each
+/// protocol as a line of names followed by a line of values.
+fn proc_net_counters(ns: &Ns, file: &str, proto: &str, names: &[&str]) -> Result<Vec<u64>> {
+    let text = ns.run(&["cat", file])?;
     let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
     let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
-        bail!("no {proto} lines in /proc/net/snmp of {}", ns.name);
+        bail!("no {proto} lines in {file} of {}", ns.name);
     };
     let row: Vec<(&str, &str)> = header
         .split_whitespace()
@@ -789,7 +801,7 @@ pub fn snmp(ns: &Ns, proto: &str, names: &[&str]) -> Result<Vec<u64>> {
             row.iter()
                 .find(|(n, _)| *n == name)
                 .and_then(|(_, v)| v.parse().ok())
-                .ok_or_else(|| anyhow!("no {proto} {name} in /proc/net/snmp of {}", ns.name))
+                .ok_or_else(|| anyhow!("no {proto} {name} in {file} of {}", ns.name))
         })
         .collect()
 }

@@ -14,7 +14,7 @@ use tunnel_tests::{
     Lab, Ns, counter,
     fourover6::FourOverSix,
     mape::{MapeLab, RULE_252},
-    snmp_sum, wait_for,
+    netstat, snmp, snmp_sum, wait_for,
 };
 
 use crate::{
@@ -264,8 +264,44 @@ struct PathRun {
     pacing_per_s: f64,
     /// The eBPF programs that ran meanwhile (all of the machine's, ours are the only ones).
     programs: Vec<ProgRun>,
+    /// What TCP itself counted at both ends meanwhile.
+    tcp: TcpEvents,
     /// How long the run took.
     secs: f64,
+}
+
+/// TCP's own counters of a run, at the sender and at the receiver (all sockets of each
+/// namespace; the iperf3 flows are the only busy ones): a path that loses or reorders
+/// packets shows here before it shows in Gbit/s. The two CPUs forward in parallel, so some
+/// reordering is the lab's own, on every path.
+#[derive(Clone, Copy, Default)]
+struct TcpEvents {
+    /// Segments the senders retransmitted (`Tcp RetransSegs`).
+    retransmitted: u64,
+    /// Times the senders learned from SACKs that segments had been reordered
+    /// (`TcpExt TCPSACKReorder`).
+    reordered: u64,
+    /// Segments the receivers queued out of order (`TcpExt TCPOFOQueue`).
+    out_of_order: u64,
+}
+
+impl TcpEvents {
+    fn read(sender: &Ns, receiver: &Ns) -> Result<Self> {
+        // One value per name asked, or an error.
+        Ok(Self {
+            retransmitted: snmp(sender, "Tcp", &["RetransSegs"])?[0],
+            reordered: netstat(sender, "TcpExt", &["TCPSACKReorder"])?[0],
+            out_of_order: netstat(receiver, "TcpExt", &["TCPOFOQueue"])?[0],
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            retransmitted: self.retransmitted.saturating_sub(before.retransmitted),
+            reordered: self.reordered.saturating_sub(before.reordered),
+            out_of_order: self.out_of_order.saturating_sub(before.out_of_order),
+        }
+    }
 }
 
 /// Runs `measure` (a TCP run, Gbit/s) while `perf stat` counts, per device in `devices`, the
@@ -273,7 +309,11 @@ struct PathRun {
 /// copied to user space), and the senders' pacing waits; the kernel's BPF run-time statistics
 /// are on meanwhile. Device names are matched in every namespace: the lab's are unique along
 /// the path.
-fn path_run(devices: &[&'static str], measure: impl FnOnce() -> Result<f64>) -> Result<PathRun> {
+fn path_run(
+    devices: &[&'static str],
+    (sender, receiver): (&Ns, &Ns),
+    measure: impl FnOnce() -> Result<f64>,
+) -> Result<PathRun> {
     let mut events = vec![];
     for dev in devices {
         events.push(("net:net_dev_start_xmit", format!("name == \"{dev}\"")));
@@ -290,7 +330,9 @@ fn path_run(devices: &[&'static str], measure: impl FnOnce() -> Result<f64>) -> 
     }
     let (pace_kick, _) = kernel_function("tcp_pace_kick")?;
     events.push(("timer:hrtimer_start", format!("function == {pace_kick:#x}")));
+    let before = TcpEvents::read(sender, receiver)?;
     let ((gbps, programs), counts, secs) = counted_during(&events, || programs_during(measure))?;
+    let tcp = TcpEvents::read(sender, receiver)?.since(before);
     let (per_device, pacing) = counts.split_at(3 * devices.len());
     Ok(PathRun {
         gbps,
@@ -306,6 +348,7 @@ fn path_run(devices: &[&'static str], measure: impl FnOnce() -> Result<f64>) -> 
             .collect(),
         pacing_per_s: pacing[0] / secs,
         programs,
+        tcp,
         secs,
     })
 }
@@ -477,12 +520,17 @@ fn path_run_text(label: &str, run: &PathRun) -> String {
         .collect();
     // ns of program time per second, as a percentage of one CPU.
     let cpu: f64 = run.programs.iter().map(|p| p.ns as f64).sum::<f64>() / run.secs / 1e7;
+    let per_s = |n: u64| n as f64 / run.secs;
     format!(
         "{label}: {:.2} Gbit/s; the senders waited for their pacing rate {:.0} times/s \
-         (tcp_pace_kick timers armed); eBPF: {} ({cpu:.1}% of one CPU); transmits per \
-         device: {}",
+         (tcp_pace_kick timers armed), retransmitted {:.0} segments/s and saw {:.0} \
+         reorderings/s, the receivers queued {:.0} segments/s out of order; eBPF: {} \
+         ({cpu:.1}% of one CPU); transmits per device: {}",
         run.gbps,
         run.pacing_per_s,
+        per_s(run.tcp.retransmitted),
+        per_s(run.tcp.reordered),
+        per_s(run.tcp.out_of_order),
         if programs.is_empty() {
             "none ran".to_string()
         } else {
@@ -708,17 +756,25 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     }
     // Separate runs (the tracepoint counting and the BPF statistics cost a little per
     // packet): how many transmits each device of the path makes and how many of them are GSO
-    // packets, how often the senders waited for their pacing rate, and what the eBPF
-    // programs cost in live traffic. The paths:
+    // packets, how often the senders waited for their pacing rate, how often TCP saw
+    // reordering, and what the eBPF programs cost in live traffic; plain routing on a route
+    // with the tunnel's MTU too, which shows what the tunnel's MSS alone does. The paths:
     // client v6 → core c<N>/srv → server up6 → inet0 → internet eth0, and back.
     let path = ["v6", "srv", "inet0", "eth0", "up6", "c1"];
     for (label, dst, streams) in [
         ("plain TCP", PLAIN_DST, 1),
+        ("plain TCP at the tunnel's MTU", PLAIN_AT_TUNNEL_MTU_DST, 1),
         ("native TCP", TUNNEL_DST, 1),
         ("plain 8 TCP streams", PLAIN_DST, 8),
+        (
+            "plain 8 TCP streams at the tunnel's MTU",
+            PLAIN_AT_TUNNEL_MTU_DST,
+            8,
+        ),
         ("native 8 TCP streams", TUNNEL_DST, 8),
     ] {
-        match path_run(&path, || tcp_streams_gbps(&native, dst, s, streams)) {
+        let ends = (&native, &t.internet);
+        match path_run(&path, ends, || tcp_streams_gbps(&native, dst, s, streams)) {
             Ok(run) => report.note(path_run_text(label, &run)),
             Err(e) => report.note(format!("{label}: no path counts: {e:#}")),
         }
