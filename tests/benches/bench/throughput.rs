@@ -247,28 +247,18 @@ const RR_TWO_CPUS: RrCpus = RrCpus {
 
 /// Restricts the calling thread to `cpu`.
 fn pin_this_thread(cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data, all zeros is the empty set, CPU_SET writes inside it,
-    // and sched_setaffinity(0, ...) reads it for the calling thread.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("running a thread on CPU {cpu} (sched_setaffinity)"));
-    }
-    Ok(())
+    use nix::{sched::CpuSet, unistd::Pid};
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .and_then(|()| nix::sched::sched_setaffinity(Pid::from_raw(0), &set))
+        .with_context(|| format!("running a thread on CPU {cpu} (sched_setaffinity)"))
 }
 
 /// Whether this process may run on `cpu` (its affinity mask, as `taskset` or a cpuset set it).
 fn cpu_usable(cpu: usize) -> bool {
-    // SAFETY: as in pin_this_thread; sched_getaffinity writes the set it is given.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
-            && libc::CPU_ISSET(cpu, &set)
-    }
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .and_then(|set| set.is_set(cpu))
+        .unwrap_or(false)
 }
 
 /// TCP request/response with 1-byte messages, one at a time over one connection (what
