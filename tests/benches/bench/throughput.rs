@@ -186,9 +186,32 @@ fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
 
 /// `streams` parallel TCP streams, Gbit/s received by all of them together.
 fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32, streams: u32) -> Result<f64> {
+    tcp_streams_cc_gbps(ns, dst, seconds, streams, None)
+}
+
+/// [`tcp_streams_gbps`] with the senders' congestion control `cc` (iperf3 -C) instead of the
+/// machine's default.
+fn tcp_streams_cc_gbps(
+    ns: &Ns,
+    dst: &str,
+    seconds: u32,
+    streams: u32,
+    cc: Option<&str>,
+) -> Result<f64> {
     let parallel = streams.to_string();
-    let end = iperf(ns, dst, seconds, &["-P", &parallel])?;
+    let mut args = vec!["-P", &parallel];
+    args.extend(cc.iter().flat_map(|cc| ["-C", *cc]));
+    let end = iperf(ns, dst, seconds, &args)?;
     received_gbps(&end)
+}
+
+/// The congestion control of the information rows that leave BBR's pacing out: CUBIC, when
+/// the kernel offers it.
+const UNPACED_CC: &str = "cubic";
+
+fn cc_available(cc: &str) -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .is_ok_and(|list| list.split_whitespace().any(|c| c == cc))
 }
 
 /// Port of the request/response echo server in the internet namespace.
@@ -758,6 +781,11 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     let (mut plain_rr, mut native_rr) = (vec![], vec![]);
     let (mut plain_rr2, mut native_rr2) = (vec![], vec![]);
     let rr_two_cpus = cpu_usable(usize::from(RR_TWO_CPUS.server));
+    // Information: 8 streams with CUBIC, which does not pace, so the runs are CPU-bound and
+    // show what the path costs per byte; with BBR (this machine's default) the senders'
+    // pacing decides (see the notes on pacing waits).
+    let unpaced = (cc.trim() != UNPACED_CC && cc_available(UNPACED_CC)).then_some(UNPACED_CC);
+    let (mut plain_tcp8_unpaced, mut native_tcp8_unpaced) = (vec![], vec![]);
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
     let mut inband_tcp8 = vec![];
@@ -790,6 +818,10 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
             native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
             plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
             plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s, 8)?);
+            if unpaced.is_some() {
+                plain_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, PLAIN_DST, s, 8, unpaced)?);
+                native_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, TUNNEL_DST, s, 8, unpaced)?);
+            }
             plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s, RR_ONE_CPU)?);
             native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s, RR_ONE_CPU)?);
             if rr_two_cpus {
@@ -1005,6 +1037,41 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
          can cost far more than its 2.7% of bytes.",
         cc = cc.trim()
     ));
+    match unpaced {
+        Some(unpaced) => {
+            let p = report.figure(
+                sec,
+                format!("plain IPv4 routing, 8 TCP streams, {unpaced}"),
+                "Gbit/s",
+                plain_tcp8_unpaced,
+            );
+            let n = report.figure(
+                sec,
+                format!("4over6 native fast path, 8 TCP streams, {unpaced}"),
+                "Gbit/s",
+                native_tcp8_unpaced,
+            );
+            report.figure(
+                sec,
+                format!("fast path 8 TCP streams / plain routing, {unpaced}"),
+                "x",
+                vec![ratio(n, p)],
+            );
+            report.note(format!(
+                "8 TCP streams with {unpaced} (information): {n:.1} Gbit/s native against \
+                 {p:.1} plain ({:.2}x). {unpaced} does not pace, so these runs are bound by the \
+                 CPUs and show what the fast path costs per byte; the target's runs use the \
+                 machine's {cc}.",
+                ratio(n, p),
+                cc = cc.trim()
+            ));
+        }
+        None => report.note(format!(
+            "No 8-stream runs with {UNPACED_CC}: it is the machine's default already ({}), or \
+             the kernel does not offer it.",
+            cc.trim()
+        )),
+    }
     let p_rr = report.figure(
         sec,
         "plain IPv4 routing, TCP request/response 1 B, both ends on CPU 0",
