@@ -781,9 +781,10 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     let (mut plain_rr, mut native_rr) = (vec![], vec![]);
     let (mut plain_rr2, mut native_rr2) = (vec![], vec![]);
     let rr_two_cpus = cpu_usable(usize::from(RR_TWO_CPUS.server));
-    // Information: 8 streams with CUBIC, which does not pace, so the runs are CPU-bound and
-    // show what the path costs per byte; with BBR (this machine's default) the senders'
-    // pacing decides (see the notes on pacing waits).
+    // Information: 8 streams with CUBIC, whose pacing rate follows its window (1.2-2x a
+    // window per RTT) and so seldom holds the senders back: the runs are CPU-bound and show
+    // what the path costs per byte. With BBR (this machine's default) the senders pace to
+    // a bandwidth model, and pacing decides (see the notes on pacing waits).
     let unpaced = (cc.trim() != UNPACED_CC && cc_available(UNPACED_CC)).then_some(UNPACED_CC);
     let (mut plain_tcp8_unpaced, mut native_tcp8_unpaced) = (vec![], vec![]);
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
@@ -1059,9 +1060,9 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
             );
             report.note(format!(
                 "8 TCP streams with {unpaced} (information): {n:.1} Gbit/s native against \
-                 {p:.1} plain ({:.2}x). {unpaced} does not pace, so these runs are bound by the \
-                 CPUs and show what the fast path costs per byte; the target's runs use the \
-                 machine's {cc}.",
+                 {p:.1} plain ({:.2}x). {unpaced}'s pacing follows its window and seldom \
+                 holds the senders back, so these runs are bound by the CPUs and show what \
+                 the fast path costs per byte; the target's runs use the machine's {cc}.",
                 ratio(n, p),
                 cc = cc.trim()
             ));
