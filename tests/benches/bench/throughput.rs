@@ -731,6 +731,30 @@ fn plain_route_4over6(t: &FourOverSix, client: &Ns) -> Result<u32> {
     Ok(mtu)
 }
 
+/// Information rows in the throughput section for one kind of run: plain routing's and the
+/// native fast path's medians (`plain IPv4 routing, {what}`, `4over6 native fast path,
+/// {what}`) and their ratio, named `ratio_name`. Returns the three values.
+fn plain_native_figures(
+    report: &mut Report,
+    unit: &'static str,
+    what: &str,
+    ratio_name: &str,
+    plain: Vec<f64>,
+    native: Vec<f64>,
+) -> (f64, f64, f64) {
+    let sec = "throughput";
+    let p = report.figure(sec, format!("plain IPv4 routing, {what}"), unit, plain);
+    let n = report.figure(
+        sec,
+        format!("4over6 native fast path, {what}"),
+        unit,
+        native,
+    );
+    let x = ratio(n, p);
+    report.figure(sec, ratio_name, "x", vec![x]);
+    (p, n, x)
+}
+
 fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Result<()> {
     let mut t = FourOverSix::start_native(&[
         "--pool",
@@ -766,13 +790,15 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     rr_server(&t.internet)?;
     let s = plan.seconds;
     // TCP's behaviour here depends on the congestion control the namespaces inherit from the
-    // machine (BBR paces and models the path; CUBIC does neither): the report says which.
+    // machine (BBR paces to a model of the path; CUBIC's pacing follows its window): the
+    // report says which.
     let cc = native
         .run(&["sysctl", "-n", "net.ipv4.tcp_congestion_control"])
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     report.note(format!(
-        "TCP runs use the machine's default congestion control: {} (net.ipv4.tcp_congestion_control).",
-        cc.trim()
+        "TCP runs use the machine's default congestion control: {cc} (net.ipv4.tcp_congestion_control)."
     ));
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
@@ -785,7 +811,7 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     // window per RTT) and so seldom holds the senders back: the runs are CPU-bound and show
     // what the path costs per byte. With BBR (this machine's default) the senders pace to
     // a bandwidth model, and pacing decides (see the notes on pacing waits).
-    let unpaced = (cc.trim() != UNPACED_CC && cc_available(UNPACED_CC)).then_some(UNPACED_CC);
+    let unpaced = (cc != UNPACED_CC && cc_available(UNPACED_CC)).then_some(UNPACED_CC);
     let (mut plain_tcp8_unpaced, mut native_tcp8_unpaced) = (vec![], vec![]);
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
@@ -1035,42 +1061,28 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
          of plain routing with one TCP stream and {free_tcp8:.2}x with 8, in this run. That is \
          what a tunnel costing nothing but its 40-byte header would score against the TCP \
          targets (>= 0.95): with the machine's congestion control ({cc}), the smaller MSS \
-         can cost far more than its 2.7% of bytes.",
-        cc = cc.trim()
+         can cost far more than its 2.7% of bytes."
     ));
     match unpaced {
         Some(unpaced) => {
-            let p = report.figure(
-                sec,
-                format!("plain IPv4 routing, 8 TCP streams, {unpaced}"),
+            let (p, n, x) = plain_native_figures(
+                report,
                 "Gbit/s",
+                &format!("8 TCP streams, {unpaced}"),
+                &format!("fast path 8 TCP streams / plain routing, {unpaced}"),
                 plain_tcp8_unpaced,
-            );
-            let n = report.figure(
-                sec,
-                format!("4over6 native fast path, 8 TCP streams, {unpaced}"),
-                "Gbit/s",
                 native_tcp8_unpaced,
-            );
-            report.figure(
-                sec,
-                format!("fast path 8 TCP streams / plain routing, {unpaced}"),
-                "x",
-                vec![ratio(n, p)],
             );
             report.note(format!(
                 "8 TCP streams with {unpaced} (information): {n:.1} Gbit/s native against \
-                 {p:.1} plain ({:.2}x). {unpaced}'s pacing follows its window and seldom \
+                 {p:.1} plain ({x:.2}x). {unpaced}'s pacing follows its window and seldom \
                  holds the senders back, so these runs are bound by the CPUs and show what \
-                 the fast path costs per byte; the target's runs use the machine's {cc}.",
-                ratio(n, p),
-                cc = cc.trim()
+                 the fast path costs per byte; the target's runs use the machine's {cc}."
             ));
         }
         None => report.note(format!(
-            "No 8-stream runs with {UNPACED_CC}: it is the machine's default already ({}), or \
-             the kernel does not offer it.",
-            cc.trim()
+            "No 8-stream runs with {UNPACED_CC}: it is the machine's default already ({cc}), \
+             or the kernel does not offer it."
         )),
     }
     let p_rr = report.figure(
@@ -1086,23 +1098,13 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
         native_rr,
     );
     if rr_two_cpus {
-        let p_rr2 = report.figure(
-            sec,
-            "plain IPv4 routing, TCP request/response 1 B, ends on CPUs 0 and 1",
+        plain_native_figures(
+            report,
             "k transactions/s",
-            plain_rr2,
-        );
-        let n_rr2 = report.figure(
-            sec,
-            "4over6 native fast path, TCP request/response 1 B, ends on CPUs 0 and 1",
-            "k transactions/s",
-            native_rr2,
-        );
-        report.figure(
-            sec,
+            "TCP request/response 1 B, ends on CPUs 0 and 1",
             "fast path TCP request/response / plain routing, ends on CPUs 0 and 1",
-            "x",
-            vec![ratio(n_rr2, p_rr2)],
+            plain_rr2,
+            native_rr2,
         );
     } else {
         report.note(
