@@ -146,9 +146,13 @@ fn keep_daemon_logs(lab: &Lab, failed: &std::path::Path, error: anyhow::Error) -
     }
 }
 
+/// One kind of run from a namespace to a destination for some seconds: its figure.
+type Measure = fn(&Ns, &str, u32) -> Result<f64>;
+
 /// Single-stream TCP, Gbit/s received.
 fn tcp_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
-    tcp_streams_gbps(ns, dst, seconds, 1)
+    let end = iperf(ns, dst, seconds, &[])?;
+    received_gbps(&end)
 }
 
 /// Single-stream TCP from `dst` to `ns` (iperf3 -R: the far end sends), Gbit/s received.
@@ -164,16 +168,22 @@ fn received_gbps(end: &Value) -> Result<f64> {
         .ok_or_else(|| anyhow!("no sum_received in {end}"))
 }
 
-/// One TCP stream from each of `clients` at once (each to its own iperf3 server, ports from
-/// 5202 on), Gbit/s received by all of them together.
-fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
+/// One TCP stream from each of `senders` at once, each its own iperf3 process (to its own
+/// iperf3 server, ports from 5202 on) with `extra` flags, Gbit/s received by all of them
+/// together. A namespace may be given more than once.
+fn tcp_each_gbps<'a>(
+    senders: impl IntoIterator<Item = &'a Ns>,
+    dst: &str,
+    seconds: u32,
+    extra: &[&str],
+) -> Result<f64> {
     std::thread::scope(|scope| {
-        let runs: Vec<_> = clients
-            .iter()
+        let runs: Vec<_> = senders
+            .into_iter()
             .enumerate()
             .map(|(i, ns)| {
                 scope.spawn(move || {
-                    let end = iperf_on(ns, dst, 5202 + i as u16, seconds, &[])?;
+                    let end = iperf_on(ns, dst, 5202 + i as u16, seconds, extra)?;
                     received_gbps(&end)
                 })
             })
@@ -184,24 +194,35 @@ fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
     })
 }
 
-/// `streams` parallel TCP streams, Gbit/s received by all of them together.
-fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32, streams: u32) -> Result<f64> {
-    tcp_streams_cc_gbps(ns, dst, seconds, streams, None)
+/// One TCP stream from each of `clients` at once, Gbit/s received by all of them together.
+fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
+    tcp_each_gbps(clients, dst, seconds, &[])
+}
+
+/// The streams of the multi-stream runs. Each is its own iperf3 process: iperf3 3.12 (this
+/// Debian's) sends all the streams of one `-P` run from one thread, and where the scheduler
+/// put that thread and its receiver decided the result (plain routing alone measured 14 to 35
+/// Gbit/s from one run to the next); iperf3 3.16 and later give each stream its own thread.
+const STREAMS: usize = INBAND_CLIENTS;
+
+/// [`STREAMS`] parallel TCP streams from `ns`, one iperf3 process each, Gbit/s received by
+/// all of them together.
+fn tcp_streams_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    tcp_streams_cc_gbps(ns, dst, seconds, None)
 }
 
 /// [`tcp_streams_gbps`] with the senders' congestion control `cc` (iperf3 -C) instead of the
 /// machine's default.
-fn tcp_streams_cc_gbps(
-    ns: &Ns,
-    dst: &str,
-    seconds: u32,
-    streams: u32,
-    cc: Option<&str>,
-) -> Result<f64> {
-    let parallel = streams.to_string();
-    let mut args = vec!["-P", &parallel];
-    args.extend(cc.iter().flat_map(|cc| ["-C", *cc]));
-    let end = iperf(ns, dst, seconds, &args)?;
+fn tcp_streams_cc_gbps(ns: &Ns, dst: &str, seconds: u32, cc: Option<&str>) -> Result<f64> {
+    let extra: Vec<&str> = cc.iter().flat_map(|cc| ["-C", *cc]).collect();
+    tcp_each_gbps(std::iter::repeat_n(ns, STREAMS), dst, seconds, &extra)
+}
+
+/// [`STREAMS`] TCP streams from one iperf3 process (`-P`, one sending thread in iperf3 3.12):
+/// information beside the multi-stream target.
+fn tcp_one_process_streams_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64> {
+    let streams = STREAMS.to_string();
+    let end = iperf(ns, dst, seconds, &["-P", &streams])?;
     received_gbps(&end)
 }
 
@@ -803,6 +824,7 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     let (mut plain_tcp, mut native_tcp, mut inband_tcp) = (vec![], vec![], vec![]);
     let (mut plain_udp, mut native_udp, mut inband_udp) = (vec![], vec![], vec![]);
     let (mut plain_tcp8, mut native_tcp8) = (vec![], vec![]);
+    let (mut plain_tcp8_one, mut native_tcp8_one) = (vec![], vec![]);
     let (mut plain_mtu_tcp, mut plain_mtu_tcp8) = (vec![], vec![]);
     let (mut plain_rr, mut native_rr) = (vec![], vec![]);
     let (mut plain_rr2, mut native_rr2) = (vec![], vec![]);
@@ -841,13 +863,15 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
             let (kpps, drops) = udp_kpps_rcvbuf_drops(&inband, &t.internet, TUNNEL_DST, s, &[])?;
             inband_udp.push(kpps);
             inband_udp_drops.0 += drops;
-            plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s, 8)?);
-            native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s, 8)?);
+            plain_tcp8.push(tcp_streams_gbps(&native, PLAIN_DST, s)?);
+            native_tcp8.push(tcp_streams_gbps(&native, TUNNEL_DST, s)?);
+            plain_tcp8_one.push(tcp_one_process_streams_gbps(&native, PLAIN_DST, s)?);
+            native_tcp8_one.push(tcp_one_process_streams_gbps(&native, TUNNEL_DST, s)?);
             plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
-            plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s, 8)?);
+            plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
             if unpaced.is_some() {
-                plain_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, PLAIN_DST, s, 8, unpaced)?);
-                native_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, TUNNEL_DST, s, 8, unpaced)?);
+                plain_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, PLAIN_DST, s, unpaced)?);
+                native_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, TUNNEL_DST, s, unpaced)?);
             }
             plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s, RR_ONE_CPU)?);
             native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s, RR_ONE_CPU)?);
@@ -897,20 +921,25 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     // with the tunnel's MTU too, which shows what the tunnel's MSS alone does. The paths:
     // client v6 → core c<N>/srv → server up6 → inet0 → internet eth0, and back.
     let path = ["v6", "srv", "inet0", "eth0", "up6", "c1"];
-    for (label, dst, streams) in [
-        ("plain TCP", PLAIN_DST, 1),
-        ("plain TCP at the tunnel's MTU", PLAIN_AT_TUNNEL_MTU_DST, 1),
-        ("native TCP", TUNNEL_DST, 1),
-        ("plain 8 TCP streams", PLAIN_DST, 8),
+    let runs: [(&str, &str, Measure); 6] = [
+        ("plain TCP", PLAIN_DST, tcp_gbps),
+        (
+            "plain TCP at the tunnel's MTU",
+            PLAIN_AT_TUNNEL_MTU_DST,
+            tcp_gbps,
+        ),
+        ("native TCP", TUNNEL_DST, tcp_gbps),
+        ("plain 8 TCP streams", PLAIN_DST, tcp_streams_gbps),
         (
             "plain 8 TCP streams at the tunnel's MTU",
             PLAIN_AT_TUNNEL_MTU_DST,
-            8,
+            tcp_streams_gbps,
         ),
-        ("native 8 TCP streams", TUNNEL_DST, 8),
-    ] {
+        ("native 8 TCP streams", TUNNEL_DST, tcp_streams_gbps),
+    ];
+    for (label, dst, measure) in runs {
         let ends = (&native, &t.internet);
-        match path_run(&path, ends, || tcp_streams_gbps(&native, dst, s, streams)) {
+        match path_run(&path, ends, || measure(&native, dst, s)) {
             Ok(run) => report.note(path_run_text(label, &run)),
             Err(e) => report.note(format!("{label}: no path counts: {e:#}")),
         }
@@ -935,16 +964,17 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
         }
     }
     if crate::profile::enabled() {
-        type Run<'a> = (&'a str, &'a Ns, &'a str, fn(&Ns, &str, u32) -> Result<f64>);
+        type Run<'a> = (&'a str, &'a Ns, &'a str, Measure);
         let runs: [Run; 8] = [
             ("plain TCP", &native, PLAIN_DST, tcp_gbps),
             ("native TCP", &native, TUNNEL_DST, tcp_gbps),
-            ("plain 8 TCP streams", &native, PLAIN_DST, |ns, dst, s| {
-                tcp_streams_gbps(ns, dst, s, 8)
-            }),
-            ("native 8 TCP streams", &native, TUNNEL_DST, |ns, dst, s| {
-                tcp_streams_gbps(ns, dst, s, 8)
-            }),
+            ("plain 8 TCP streams", &native, PLAIN_DST, tcp_streams_gbps),
+            (
+                "native 8 TCP streams",
+                &native,
+                TUNNEL_DST,
+                tcp_streams_gbps,
+            ),
             ("in-band TCP", &inband, TUNNEL_DST, tcp_gbps),
             ("plain UDP", &native, PLAIN_DST, udp_kpps),
             ("native UDP", &native, TUNNEL_DST, udp_kpps),
@@ -1013,6 +1043,23 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
         "Gbit/s",
         native_tcp8,
     );
+    // Information: the same 8 streams from one iperf3 process, as this bench measured them
+    // up to 44f271c.
+    let (p1, n1, x1) = plain_native_figures(
+        report,
+        "Gbit/s",
+        "8 TCP streams from one iperf3 process (-P 8)",
+        "fast path 8 TCP streams from one iperf3 process / plain routing",
+        plain_tcp8_one,
+        native_tcp8_one,
+    );
+    report.note(format!(
+        "8 TCP streams: each from its own iperf3 process (the target's runs), and from one \
+         process (iperf3 -P 8, information): {n1:.1} Gbit/s native against {p1:.1} plain \
+         ({x1:.2}x). iperf3 3.12 sends every stream of a -P run from one thread, so where the \
+         scheduler puts that thread and its receiver on the two CPUs decides such a run more \
+         than the path does."
+    ));
     // Information: how much of the TCP gap is the tunnel's smaller MTU (MSS) alone.
     let p_mtu_tcp = report.figure(
         sec,
