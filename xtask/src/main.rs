@@ -56,7 +56,7 @@ enum Cmd {
     Demo,
     /// Throughput, eBPF per-packet cost and control-plane scale, each as a ratio against a
     /// baseline measured in the same run; writes target/bench/report.json and report.md.
-    /// Needs root. About 13 minutes; --quick (CI) under 2.
+    /// Needs root. About 14 minutes; --quick (CI) under 2.
     Bench {
         /// Short runs (one round, 1 s each, 1,000 sessions): checks the bench works.
         #[arg(long)]
