@@ -226,6 +226,42 @@ fn tcp_one_process_streams_gbps(ns: &Ns, dst: &str, seconds: u32) -> Result<f64>
     received_gbps(&end)
 }
 
+/// The machine's busy CPU time so far, in CPU-seconds (`/proc/stat`: user, nice, system, irq,
+/// softirq and steal of all CPUs).
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("reading /proc/stat")?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = f[..] else {
+        bail!("short cpu line in /proc/stat: {cpu}");
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((user + nice + system + irq + softirq + steal) as f64 / hz)
+}
+
+/// Runs `measure` (a TCP run of `seconds`, Gbit/s) and returns its figure and the machine's
+/// busy CPU time per Gbit it moved, in CPU-milliseconds: what a path costs per byte,
+/// whatever its throughput in that round. The whole machine counts (the lab's namespaces
+/// and both iperf3 ends); nothing else runs during the bench.
+fn with_cpu_per_gbit(seconds: u32, measure: impl FnOnce() -> Result<f64>) -> Result<(f64, f64)> {
+    let before = machine_busy_seconds()?;
+    let gbps = measure()?;
+    let busy = machine_busy_seconds()? - before;
+    let gbit = gbps * f64::from(seconds);
+    if gbit <= 0.0 {
+        bail!("the run moved nothing ({gbps} Gbit/s)");
+    }
+    Ok((gbps, 1000.0 * busy / gbit))
+}
+
 /// The congestion control of the information rows that leave BBR's pacing out: CUBIC, when
 /// the kernel offers it.
 const UNPACED_CC: &str = "cubic";
@@ -835,6 +871,8 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
     // a bandwidth model, and pacing decides (see the notes on pacing waits).
     let unpaced = (cc != UNPACED_CC && cc_available(UNPACED_CC)).then_some(UNPACED_CC);
     let (mut plain_tcp8_unpaced, mut native_tcp8_unpaced) = (vec![], vec![]);
+    // ... and the machine's busy CPU time per Gbit in those runs.
+    let (mut plain_cpu_unpaced, mut native_cpu_unpaced) = (vec![], vec![]);
     let (mut plain_tcp_down, mut inband_tcp_down) = (vec![], vec![]);
     let (mut plain_udp_down, mut inband_udp_down) = (vec![], vec![]);
     let mut inband_tcp8 = vec![];
@@ -870,8 +908,19 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
             plain_mtu_tcp.push(tcp_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
             plain_mtu_tcp8.push(tcp_streams_gbps(&native, PLAIN_AT_TUNNEL_MTU_DST, s)?);
             if unpaced.is_some() {
-                plain_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, PLAIN_DST, s, unpaced)?);
-                native_tcp8_unpaced.push(tcp_streams_cc_gbps(&native, TUNNEL_DST, s, unpaced)?);
+                for (dst, gbps, cpu) in [
+                    (PLAIN_DST, &mut plain_tcp8_unpaced, &mut plain_cpu_unpaced),
+                    (
+                        TUNNEL_DST,
+                        &mut native_tcp8_unpaced,
+                        &mut native_cpu_unpaced,
+                    ),
+                ] {
+                    let (g, c) =
+                        with_cpu_per_gbit(s, || tcp_streams_cc_gbps(&native, dst, s, unpaced))?;
+                    gbps.push(g);
+                    cpu.push(c);
+                }
             }
             plain_rr.push(tcp_rr_ktps(&native, PLAIN_DST, s, RR_ONE_CPU)?);
             native_rr.push(tcp_rr_ktps(&native, TUNNEL_DST, s, RR_ONE_CPU)?);
@@ -1120,11 +1169,21 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
                 plain_tcp8_unpaced,
                 native_tcp8_unpaced,
             );
+            let (pc, nc, xc) = plain_native_figures(
+                report,
+                "CPU ms/Gbit",
+                &format!("8 TCP streams, {unpaced}, the machine's busy CPU time per Gbit"),
+                &format!("fast path / plain routing, CPU time per Gbit, 8 TCP streams, {unpaced}"),
+                plain_cpu_unpaced,
+                native_cpu_unpaced,
+            );
             report.note(format!(
                 "8 TCP streams with {unpaced} (information): {n:.1} Gbit/s native against \
                  {p:.1} plain ({x:.2}x). {unpaced}'s pacing follows its window and seldom \
-                 holds the senders back, so these runs are bound by the CPUs and show what \
-                 the fast path costs per byte; the target's runs use the machine's {cc}."
+                 holds the senders back, so these runs are bound by the CPUs, and their \
+                 throughput swings by a fifth from round to round; what the fast path costs \
+                 per byte is the busy CPU time per Gbit of the same runs: {nc:.1} ms native \
+                 against {pc:.1} plain ({xc:.2}x). The target's runs use the machine's {cc}."
             ));
         }
         None => report.note(format!(
