@@ -248,9 +248,9 @@ fn machine_busy_seconds() -> Result<f64> {
 }
 
 /// Runs `measure` (a TCP run of `seconds`, Gbit/s) and returns its figure and the machine's
-/// busy CPU time per Gbit it moved, in CPU-milliseconds: what a path costs per byte,
-/// whatever its throughput in that round. The whole machine counts (the lab's namespaces
-/// and both iperf3 ends); nothing else runs during the bench.
+/// busy CPU time per Gbit it moved, in CPU-milliseconds, whatever its throughput in that
+/// round. The whole machine counts (the lab's namespaces, both iperf3 ends and their
+/// wake-ups); nothing else runs during the bench.
 fn with_cpu_per_gbit(seconds: u32, measure: impl FnOnce() -> Result<f64>) -> Result<(f64, f64)> {
     let before = machine_busy_seconds()?;
     let gbps = measure()?;
@@ -1181,9 +1181,12 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
                 "8 TCP streams with {unpaced} (information): {n:.1} Gbit/s native against \
                  {p:.1} plain ({x:.2}x). {unpaced}'s pacing follows its window and seldom \
                  holds the senders back, so these runs are bound by the CPUs, and their \
-                 throughput swings by a fifth from round to round; what the fast path costs \
-                 per byte is the busy CPU time per Gbit of the same runs: {nc:.1} ms native \
-                 against {pc:.1} plain ({xc:.2}x). The target's runs use the machine's {cc}."
+                 throughput swings by a fifth from round to round. The machine's busy CPU \
+                 time per Gbit in the same runs: {nc:.1} ms native against {pc:.1} plain \
+                 ({xc:.2}x). Both ends of every run share the bench's session, so one \
+                 scheduler autogroup, and these runs spend much of that time waking each \
+                 other across the CPUs, which makes every per-packet cost on the path count \
+                 more. The target's runs use the machine's {cc}."
             ));
         }
         None => report.note(format!(
