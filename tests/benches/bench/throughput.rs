@@ -1183,10 +1183,11 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
                  holds the senders back, so these runs are bound by the CPUs, and their \
                  throughput swings by a fifth from round to round. The machine's busy CPU \
                  time per Gbit in the same runs: {nc:.1} ms native against {pc:.1} plain \
-                 ({xc:.2}x). Both ends of every run share the bench's session, so one \
-                 scheduler autogroup, and these runs spend much of that time waking each \
-                 other across the CPUs, which makes every per-packet cost on the path count \
-                 more. The target's runs use the machine's {cc}."
+                 ({xc:.2}x). In these runs the two ends spend much of that time waking \
+                 each other across the CPUs, which makes every per-packet cost on the path \
+                 count more, and how the ends are started changes it (iperf3 servers started \
+                 with -D, each in a session of its own, ran them about twice as fast in a \
+                 held lab). The target's runs use the machine's {cc}."
             ));
         }
         None => report.note(format!(
