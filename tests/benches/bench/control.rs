@@ -97,9 +97,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    Ok(ticks / crate::clock_ticks_per_second())
 }
 
 pub fn run(plan: &Plan, report: &mut Report) -> Result<()> {

@@ -18,6 +18,12 @@ mod throughput;
 
 use report::Report;
 
+/// The kernel's clock ticks per second, the unit of `/proc` CPU times.
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
 /// How long and how often: `--quick` keeps CI's run under two minutes.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {

@@ -203,7 +203,7 @@ fn tcp_clients_gbps(clients: &[Ns], dst: &str, seconds: u32) -> Result<f64> {
 /// Debian's) sends all the streams of one `-P` run from one thread, and where the scheduler
 /// put that thread and its receiver decided the result (plain routing alone measured 14 to 35
 /// Gbit/s from one run to the next); iperf3 3.16 and later give each stream its own thread.
-const STREAMS: usize = INBAND_CLIENTS;
+const STREAMS: usize = 8;
 
 /// [`STREAMS`] parallel TCP streams from `ns`, one iperf3 process each, Gbit/s received by
 /// all of them together.
@@ -242,9 +242,7 @@ fn machine_busy_seconds() -> Result<f64> {
     let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = f[..] else {
         bail!("short cpu line in /proc/stat: {cpu}");
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((user + nice + system + irq + softirq + steal) as f64 / hz)
+    Ok((user + nice + system + irq + softirq + steal) as f64 / crate::clock_ticks_per_second())
 }
 
 /// Runs `measure` (a TCP run of `seconds`, Gbit/s) and returns its figure and the machine's
@@ -841,7 +839,8 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
         );
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
-    let _servers = (0..INBAND_CLIENTS)
+    // One server per sender of the all-at-once runs (the in-band clients, and the streams).
+    let _servers = (0..INBAND_CLIENTS.max(STREAMS))
         .map(|i| iperf_server_on(&t.internet, 5202 + i as u16))
         .collect::<Result<Vec<_>>>()?;
     rr_server(&t.internet)?;
@@ -1185,9 +1184,8 @@ fn fourover6(plan: &Plan, report: &mut Report, failed: &std::path::Path) -> Resu
                  time per Gbit in the same runs: {nc:.1} ms native against {pc:.1} plain \
                  ({xc:.2}x). In these runs the two ends spend much of that time waking \
                  each other across the CPUs, which makes every per-packet cost on the path \
-                 count more, and how the ends are started changes it (iperf3 servers started \
-                 with -D, each in a session of its own, ran them about twice as fast in a \
-                 held lab). The target's runs use the machine's {cc}."
+                 count more, and how the ends are started changes it (README, Benchmark). \
+                 The target's runs use the machine's {cc}."
             ));
         }
         None => report.note(format!(
